@@ -1,0 +1,60 @@
+//! Shared pieces of the benchmarks: deterministic synthetic inputs and a
+//! one-thread pool for per-core figures.
+
+use psi_core::record::{CivilDate, IdNumber, Record};
+
+/// The date the benchmarks validate birth dates against.
+pub const TODAY: CivilDate = CivilDate {
+    year: 2026,
+    month: 11,
+    day: 22,
+};
+
+const SURNAMES: [&str; 8] = ["王", "李", "张", "刘", "陈", "欧阳", "肖", "闫"];
+const GIVEN: [&str; 8] = ["伟", "芳", "娜", "秀英", "敏", "静", "丽", "强"];
+
+/// `n` distinct synthetic raw (name, ID) pairs, deterministic.
+#[must_use]
+pub fn raw_pairs(n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| {
+            let name = format!(
+                "{}{}{}",
+                SURNAMES[i % SURNAMES.len()],
+                GIVEN[(i / 8) % GIVEN.len()],
+                GIVEN[(i / 64) % GIVEN.len()]
+            );
+            let days = 7000 + (i as i64 * 7919) % 20_000;
+            let date = CivilDate::from_unix_days(days - 10_000);
+            let seq = (i % 1000) as u16;
+            let address = 110_101 + ((i / 1000) % 800) as u32;
+            let id = IdNumber::from_parts(address, date, seq, TODAY)
+                .map(|id| id.as_str().to_string())
+                .unwrap_or_default();
+            (name, id)
+        })
+        .collect()
+}
+
+/// Canonical encodings of `n` synthetic records.
+#[must_use]
+pub fn encoded_records(n: usize) -> Vec<Vec<u8>> {
+    raw_pairs(n)
+        .iter()
+        .filter_map(|(name, id)| Record::parse(name, id, TODAY).ok())
+        .map(|r| r.encode())
+        .collect()
+}
+
+/// A rayon pool with one thread: run work inside it for per-core figures.
+///
+/// # Panics
+/// If the thread cannot be spawned.
+#[must_use]
+#[allow(clippy::expect_used)]
+pub fn single_thread_pool() -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("a one-thread pool")
+}
