@@ -1,1 +1,35 @@
+//! `psi-client`: an institution's side of the private (name, ID) match
+//! service, as a library and a command line.
+//!
+//! - [`session`]: connect, pin the server's key and epoch, evaluate with
+//!   verified proofs, query buckets, sync the tag set.
+//! - [`batch`]: answer a CSV file row by row with bounded memory.
+//! - [`check`]: answer one pair.
+//! - [`pin`]: trust on first use, or a key given by flag.
 
+pub mod batch;
+pub mod check;
+pub mod cli;
+pub mod pin;
+pub mod session;
+
+pub use session::{ConnectOptions, Session};
+
+/// How membership is tested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueryMode {
+    /// Download the tag set once, refresh changed shards, test locally.
+    Sync,
+    /// No download: send the record's bucket, receive that bucket's tags.
+    Bucket,
+}
+
+/// Today's date in China Standard Time (UTC+8), against which birth dates
+/// are validated on both sides.
+#[must_use]
+pub fn today() -> psi_core::CivilDate {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    psi_core::CivilDate::from_unix_time(secs, 8 * 3600)
+}

@@ -1,1 +1,178 @@
+//! The gRPC contract of `proto/psi/v1/psi.proto` (package `psi.v1`), generated
+//! at build time, and conversions between its packed byte fields and
+//! `psi-core` types.
 
+pub mod v1 {
+    //! Generated messages, client and server of package `psi.v1`.
+    #![allow(
+        missing_docs,
+        clippy::all,
+        clippy::pedantic,
+        missing_debug_implementations
+    )]
+    tonic::include_proto!("psi.v1");
+}
+
+use psi_core::suite::ELEMENT_LEN;
+use psi_core::tagset::{Shard, TagSetHeader, TagSetParams};
+use psi_core::{BlindedElement, Error, EvaluatedElement};
+
+/// The encoded `FileDescriptorSet` of `psi.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/psi_v1_descriptor.bin"));
+
+/// The service name, for health checks.
+pub const SERVICE_NAME: &str = "psi.v1.Match";
+
+fn malformed(what: &'static str, reason: &'static str) -> Error {
+    Error::Malformed { what, reason }
+}
+
+/// Packs 32-byte elements back to back.
+pub fn pack<'a, I: IntoIterator<Item = &'a [u8; ELEMENT_LEN]>>(elements: I) -> Vec<u8> {
+    elements.into_iter().flatten().copied().collect()
+}
+
+fn unpack<T>(bytes: &[u8], make: fn([u8; ELEMENT_LEN]) -> T) -> Result<Vec<T>, Error> {
+    let chunks = bytes.chunks_exact(ELEMENT_LEN);
+    if !chunks.remainder().is_empty() {
+        return Err(malformed(
+            "packed elements",
+            "length is not a multiple of 32 bytes",
+        ));
+    }
+    chunks
+        .map(|c| {
+            <[u8; ELEMENT_LEN]>::try_from(c)
+                .map(make)
+                .map_err(|_| malformed("packed elements", "short element"))
+        })
+        .collect()
+}
+
+/// Reads packed blinded elements (their encodings are checked by the server step).
+///
+/// # Errors
+/// [`Error::Malformed`] if the length is not a multiple of 32.
+pub fn unpack_blinded(bytes: &[u8]) -> Result<Vec<BlindedElement>, Error> {
+    unpack(bytes, BlindedElement)
+}
+
+/// Reads packed evaluated elements.
+///
+/// # Errors
+/// [`Error::Malformed`] if the length is not a multiple of 32.
+pub fn unpack_evaluated(bytes: &[u8]) -> Result<Vec<EvaluatedElement>, Error> {
+    unpack(bytes, EvaluatedElement)
+}
+
+/// Packs tags as 8-byte big-endian integers.
+#[must_use]
+pub fn pack_tags(tags: &[u64]) -> Vec<u8> {
+    tags.iter().flat_map(|t| t.to_be_bytes()).collect()
+}
+
+/// Reads packed tags.
+///
+/// # Errors
+/// [`Error::Malformed`] if the length is not a multiple of 8.
+pub fn unpack_tags(bytes: &[u8]) -> Result<Vec<u64>, Error> {
+    let chunks = bytes.chunks_exact(8);
+    if !chunks.remainder().is_empty() {
+        return Err(malformed(
+            "packed tags",
+            "length is not a multiple of 8 bytes",
+        ));
+    }
+    Ok(chunks
+        .map(|c| <[u8; 8]>::try_from(c).map_or(0, u64::from_be_bytes))
+        .collect())
+}
+
+/// The manifest of a tag set: its header and every shard's digest and count.
+#[must_use]
+pub fn manifest_of(set: &psi_core::TagSet) -> v1::TagSetManifest {
+    let h = set.header();
+    v1::TagSetManifest {
+        key_epoch: h.epoch,
+        registry_version: h.registry_version,
+        count: h.count,
+        tag_bits: h.params.tag_bits.into(),
+        shard_bits: h.params.shard_bits.into(),
+        rice_bits: h.params.rice_bits.into(),
+        shard_digests: pack(set.shards().iter().map(Shard::digest)),
+        shard_counts: set.shards().iter().map(Shard::count).collect(),
+        root_digest: set.root_digest().to_vec(),
+    }
+}
+
+/// A manifest's header and shard digests, checked for consistent sizes.
+///
+/// # Errors
+/// [`Error::Malformed`] for out-of-range parameters or mismatched lists.
+pub fn manifest_parts(m: &v1::TagSetManifest) -> Result<(TagSetHeader, Vec<[u8; 32]>), Error> {
+    let bits =
+        |v: u32| u8::try_from(v).map_err(|_| malformed("manifest", "parameter out of range"));
+    let params = TagSetParams {
+        tag_bits: bits(m.tag_bits)?,
+        shard_bits: bits(m.shard_bits)?,
+        rice_bits: bits(m.rice_bits)?,
+    };
+    if params.shard_bits > 24 {
+        return Err(malformed("manifest", "too many shards"));
+    }
+    let digests = unpack(&m.shard_digests, |d| d)?;
+    if digests.len() != 1usize << params.shard_bits || m.shard_counts.len() != digests.len() {
+        return Err(malformed(
+            "manifest",
+            "shard lists do not match the shard count",
+        ));
+    }
+    let header = TagSetHeader {
+        params,
+        epoch: m.key_epoch,
+        registry_version: m.registry_version,
+        count: m.count,
+    };
+    Ok((header, digests))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_round_trips_and_rejects_ragged_input() {
+        let elems = [[1u8; 32], [2u8; 32]];
+        let packed = pack(elems.iter());
+        assert_eq!(packed.len(), 64);
+        let back = unpack_blinded(&packed).unwrap();
+        assert_eq!(back, vec![BlindedElement([1; 32]), BlindedElement([2; 32])]);
+        assert!(unpack_blinded(&packed[..63]).is_err());
+        assert_eq!(
+            unpack_tags(&pack_tags(&[1, u64::MAX])).unwrap(),
+            vec![1, u64::MAX]
+        );
+        assert!(unpack_tags(&[0; 9]).is_err());
+    }
+
+    #[test]
+    fn manifest_round_trips() {
+        let tags: Vec<psi_core::Tag> = (0..5000u64)
+            .map(|i| psi_core::Tag(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+            .collect();
+        let set = psi_core::TagSet::build(&tags, 3, 4).unwrap();
+        let m = manifest_of(&set);
+        let (header, digests) = manifest_parts(&m).unwrap();
+        assert_eq!(&header, set.header());
+        assert_eq!(digests.len(), set.shards().len());
+        let mut bad = m.clone();
+        bad.shard_counts.pop();
+        assert!(manifest_parts(&bad).is_err());
+    }
+
+    #[test]
+    fn descriptor_set_is_embedded() {
+        assert!(!FILE_DESCRIPTOR_SET.is_empty());
+    }
+}

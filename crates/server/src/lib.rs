@@ -1,1 +1,30 @@
+//! `psi-server`: the registry operator's side of the private (name, ID) match
+//! service. `main.rs` is thin; everything is here.
+//!
+//! - [`synth`]: synthetic registries for tests, demos and benchmarks.
+//! - [`keystore`], [`atomic_file`]: the OPRF key file, written atomically, mode 0600.
+//! - [`registry`]: `init` (CSV to encrypted snapshot) and snapshot loading.
+//! - [`service`], [`error`]: the `psi.v1.Match` gRPC service and its status codes.
+//! - [`config`], [`serve`]: configuration and the server's life cycle.
+//! - [`cli`], [`demo`]: the command line and the end-to-end demo.
 
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod atomic_file;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod keystore;
+pub mod registry;
+pub mod serve;
+pub mod service;
+pub mod synth;

@@ -1,0 +1,316 @@
+//! `psi-client batch`: one answer per CSV row, in input order, with bounded
+//! memory. Rows are read in chunks; each chunk is canonicalised, evaluated
+//! (several requests in flight) and written before later chunks pile up.
+//! The output goes to `OUTPUT.partial` and is renamed when complete.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use psi_core::{Record, TagLookup};
+use rayon::prelude::*;
+
+use crate::session::Session;
+use crate::{today, QueryMode};
+
+/// Options of a batch run.
+#[derive(Debug, Clone)]
+pub struct BatchOptions {
+    /// Input CSV with a header naming `name` and `id` (other columns pass through).
+    pub input: PathBuf,
+    /// Output CSV: the input's columns plus `result` and `error`.
+    pub output: PathBuf,
+    /// Sync or bucket mode.
+    pub mode: QueryMode,
+    /// Rows per chunk.
+    pub chunk_rows: usize,
+    /// Chunks in flight.
+    pub chunks_in_flight: usize,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// What a batch did.
+#[derive(Debug, Clone, Default)]
+pub struct BatchSummary {
+    /// Data rows.
+    pub rows: u64,
+    /// Rows answered `match`.
+    pub matched: u64,
+    /// Rows answered `no_match`.
+    pub no_match: u64,
+    /// Rows answered `invalid`.
+    pub invalid: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Registry version answered against.
+    pub registry_version: u64,
+    /// Key epoch answered under.
+    pub key_epoch: u64,
+    /// Tag-set shards downloaded by the sync before the batch (sync mode).
+    pub shards_fetched: usize,
+    /// Bytes downloaded by that sync.
+    pub bytes_synced: u64,
+}
+
+impl std::fmt::Display for BatchSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        write!(
+            f,
+            "{} rows: {} match, {} no_match, {} invalid in {:.2} s ({:.0} rows/s); registry version {}, key epoch {}",
+            self.rows,
+            self.matched,
+            self.no_match,
+            self.invalid,
+            secs,
+            self.rows as f64 / secs.max(1e-9),
+            self.registry_version,
+            self.key_epoch
+        )
+    }
+}
+
+enum Answer {
+    Match,
+    NoMatch,
+    Invalid(String),
+}
+
+struct Chunk {
+    rows: Vec<csv::ByteRecord>,
+    end_byte: u64,
+}
+
+/// Runs a batch. In sync mode the local tag set is refreshed first.
+///
+/// # Errors
+/// Unreadable input, a header without `name` or `id`, RPC or proof failures,
+/// I/O errors. On error no output file is left claiming completeness.
+pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary> {
+    let started = Instant::now();
+    let mut summary = BatchSummary {
+        registry_version: session.info().registry_version,
+        key_epoch: session.info().key_epoch,
+        ..BatchSummary::default()
+    };
+    let lookup: Option<Arc<TagLookup>> = match opts.mode {
+        QueryMode::Sync => {
+            let synced = session.sync().await?;
+            summary.shards_fetched = synced.shards_fetched;
+            summary.bytes_synced = synced.bytes_fetched;
+            summary.registry_version = synced.set.header().registry_version;
+            Some(Arc::new(synced.set.lookup()?))
+        }
+        QueryMode::Bucket => None,
+    };
+
+    let file_len = std::fs::metadata(&opts.input)
+        .with_context(|| format!("reading {}", opts.input.display()))?
+        .len();
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(&opts.input)
+        .with_context(|| format!("opening {}", opts.input.display()))?;
+    let headers = reader.byte_headers()?.clone();
+    let find = |want: &str| {
+        headers
+            .iter()
+            .position(|h| h.trim_ascii().eq_ignore_ascii_case(want.as_bytes()))
+    };
+    let (Some(name_col), Some(id_col)) = (find("name"), find("id")) else {
+        bail!(
+            "{} must start with a header naming the columns `name` and `id`",
+            opts.input.display()
+        );
+    };
+    if find("result").is_some() || find("error").is_some() {
+        bail!(
+            "{} already has a `result` or `error` column; rename it, the output adds these two",
+            opts.input.display()
+        );
+    }
+    let partial = partial_path(&opts.output);
+    let mut writer = csv::Writer::from_writer(BufWriter::new(
+        File::create(&partial).with_context(|| format!("creating {}", partial.display()))?,
+    ));
+    let mut out_headers = headers.clone();
+    out_headers.push_field(b"result");
+    out_headers.push_field(b"error");
+    writer.write_byte_record(&out_headers)?;
+
+    let bar = if opts.progress {
+        ProgressBar::new(file_len)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {percent:>3}% {msg} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+
+    // The reader runs on its own thread and stays at most a few chunks ahead.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Chunk>>(opts.chunks_in_flight.max(1));
+    let chunk_rows = opts.chunk_rows.max(1);
+    let reader_task = tokio::task::spawn_blocking(move || loop {
+        let mut rows = Vec::with_capacity(chunk_rows);
+        let mut record = csv::ByteRecord::new();
+        let mut failed = None;
+        while rows.len() < chunk_rows {
+            match reader.read_byte_record(&mut record) {
+                Ok(true) => rows.push(record.clone()),
+                Ok(false) => break,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let end_byte = reader.position().byte();
+        if let Some(e) = failed {
+            let _ = tx.blocking_send(Err(anyhow::Error::new(e).context("reading the input CSV")));
+            return;
+        }
+        if rows.is_empty() {
+            return;
+        }
+        if tx.blocking_send(Ok(Chunk { rows, end_byte })).is_err() {
+            return;
+        }
+    });
+
+    let today = today();
+    let mut answered = tokio_stream::wrappers::ReceiverStream::new(rx)
+        .map(|chunk| {
+            let lookup = lookup.clone();
+            async move {
+                let chunk = chunk?;
+                let answers = answer_chunk(
+                    session,
+                    lookup.as_deref(),
+                    &chunk.rows,
+                    name_col,
+                    id_col,
+                    today,
+                )
+                .await?;
+                Ok::<_, anyhow::Error>((chunk, answers))
+            }
+        })
+        .buffered(opts.chunks_in_flight.max(1));
+    while let Some(item) = answered.next().await {
+        let (chunk, answers) = item?;
+        for (row, answer) in chunk.rows.iter().zip(answers) {
+            let mut out = row.clone();
+            // Pad short rows so the added columns line up under their headers.
+            while out.len() < headers.len() {
+                out.push_field(b"");
+            }
+            let (result, error) = match answer {
+                Answer::Match => {
+                    summary.matched += 1;
+                    ("match", String::new())
+                }
+                Answer::NoMatch => {
+                    summary.no_match += 1;
+                    ("no_match", String::new())
+                }
+                Answer::Invalid(reason) => {
+                    summary.invalid += 1;
+                    ("invalid", reason)
+                }
+            };
+            out.push_field(result.as_bytes());
+            out.push_field(error.as_bytes());
+            writer.write_byte_record(&out)?;
+            summary.rows += 1;
+        }
+        bar.set_position(chunk.end_byte);
+        let rate = summary.rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!("{} rows, {rate:.0} rows/s", summary.rows));
+    }
+    reader_task.await.context("input reader")?;
+    bar.finish_and_clear();
+    let mut inner = writer
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", partial.display()))?;
+    inner.flush()?;
+    inner
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", partial.display()))?
+        .sync_all()?;
+    std::fs::rename(&partial, &opts.output).with_context(|| {
+        format!(
+            "renaming {} to {}",
+            partial.display(),
+            opts.output.display()
+        )
+    })?;
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+fn partial_path(output: &Path) -> PathBuf {
+    let mut name = output
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".partial");
+    output.with_file_name(name)
+}
+
+async fn answer_chunk(
+    session: &Session,
+    lookup: Option<&TagLookup>,
+    rows: &[csv::ByteRecord],
+    name_col: usize,
+    id_col: usize,
+    today: psi_core::CivilDate,
+) -> Result<Vec<Answer>> {
+    let parsed: Vec<Result<Record, String>> = rows
+        .par_iter()
+        .map(|row| {
+            let field = |i: usize, what: &str| {
+                let raw = row
+                    .get(i)
+                    .ok_or_else(|| format!("the row has no {what} field"))?;
+                std::str::from_utf8(raw).map_err(|_| format!("the {what} field is not valid UTF-8"))
+            };
+            let name = field(name_col, "name")?;
+            let id = field(id_col, "id")?;
+            Record::parse(name, id, today).map_err(|e| e.to_string())
+        })
+        .collect();
+    let valid: Vec<Record> = parsed
+        .iter()
+        .filter_map(|p| p.as_ref().ok().cloned())
+        .collect();
+    let mut found = match lookup {
+        Some(lookup) => {
+            let inputs: Vec<Vec<u8>> = valid.iter().map(Record::encode).collect();
+            let outputs = session.evaluate(inputs).await?;
+            outputs
+                .iter()
+                .map(|o| lookup.contains(o.tag()))
+                .collect::<Vec<_>>()
+        }
+        None => session.bucket_check(&valid).await?,
+    }
+    .into_iter();
+    parsed
+        .into_iter()
+        .map(|p| match p {
+            Ok(_) => match found.next() {
+                Some(true) => Ok(Answer::Match),
+                Some(false) => Ok(Answer::NoMatch),
+                None => bail!("fewer answers than valid rows"),
+            },
+            Err(reason) => Ok(Answer::Invalid(reason)),
+        })
+        .collect()
+}

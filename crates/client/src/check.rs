@@ -1,0 +1,47 @@
+//! One pair, one answer.
+
+use anyhow::Result;
+use psi_core::Record;
+
+use crate::session::Session;
+use crate::{today, QueryMode};
+
+/// The answer for one pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckOutcome {
+    /// The pair is in the registry.
+    Match,
+    /// It is not.
+    NoMatch,
+    /// The input is not a valid pair; nothing was sent.
+    Invalid(String),
+}
+
+/// Checks one (name, ID) pair. In sync mode the local tag set is refreshed first.
+///
+/// # Errors
+/// RPC or proof failures (an invalid input is an outcome, not an error).
+pub async fn check(
+    session: &Session,
+    name: &str,
+    id: &str,
+    mode: QueryMode,
+) -> Result<CheckOutcome> {
+    let record = match Record::parse(name, id, today()) {
+        Ok(r) => r,
+        Err(e) => return Ok(CheckOutcome::Invalid(e.to_string())),
+    };
+    let found = match mode {
+        QueryMode::Bucket => session.bucket_check(std::slice::from_ref(&record)).await?,
+        QueryMode::Sync => {
+            let lookup = session.sync().await?.set.lookup()?;
+            let outputs = session.evaluate(vec![record.encode()]).await?;
+            outputs.iter().map(|o| lookup.contains(o.tag())).collect()
+        }
+    };
+    Ok(if found.first() == Some(&true) {
+        CheckOutcome::Match
+    } else {
+        CheckOutcome::NoMatch
+    })
+}

@@ -1,0 +1,381 @@
+//! A verified session with one server: its pinned public key and epoch, and
+//! the three exchanges (evaluate, bucket query, tag-set sync). Every response
+//! is checked against the pinned epoch and every evaluation's proof is
+//! verified; a failure is an error, never a "no match".
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures::{StreamExt, TryStreamExt};
+use psi_core::suite::SUITE_ID;
+use psi_core::tagset::Shard;
+use psi_core::{Blinding, Client, Mode, Output, Proof, PublicKey, Record, TagSet};
+use psi_proto::v1::match_client::MatchClient;
+use psi_proto::v1::{
+    sync_tag_set_response, BucketQueryRequest, EvaluateRequest, GetServerInfoRequest, ServerInfo,
+    SyncTagSetRequest,
+};
+use psi_proto::{manifest_parts, pack, unpack_evaluated, unpack_tags};
+use rand_core::OsRng;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+use crate::pin::{self, Pinned};
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Server URL, e.g. `http://127.0.0.1:50051`.
+    pub server: String,
+    /// The server's public key in hex, if known out of band.
+    pub pin_key: Option<String>,
+    /// Where the known-servers file and tag-set caches live.
+    pub cache_dir: PathBuf,
+    /// Blinding path (both give the same answers).
+    pub blinding: Blinding,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+}
+
+/// A connected, pinned session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    grpc: MatchClient<Channel>,
+    info: ServerInfo,
+    core: Arc<Client>,
+    options: ConnectOptions,
+    /// How the key was pinned.
+    pub pinned: Pinned,
+}
+
+/// The result of a sync.
+#[derive(Debug)]
+pub struct SyncOutcome {
+    /// The verified tag set.
+    pub set: TagSet,
+    /// Shards downloaded (the others came from the cache).
+    pub shards_fetched: usize,
+    /// Shards in the set.
+    pub shards_total: usize,
+    /// Bytes received (manifest and shard data).
+    pub bytes_fetched: u64,
+}
+
+fn rpc_error(status: tonic::Status, what: &str) -> anyhow::Error {
+    match status.code() {
+        Code::FailedPrecondition => anyhow!(
+            "{what}: the server's key epoch changed ({}); re-run to re-pin and re-sync",
+            status.message()
+        ),
+        Code::Unavailable => anyhow!(
+            "{what}: the server is unavailable ({}); check the address or retry shortly",
+            status.message()
+        ),
+        _ => anyhow!("{what}: {} ({:?})", status.message(), status.code()),
+    }
+}
+
+impl Session {
+    /// Connects, reads `ServerInfo`, checks the ciphersuite and pins the key and epoch.
+    ///
+    /// # Errors
+    /// Unreachable server, unsupported ciphersuite, or a key that differs from the pin.
+    pub async fn connect(options: ConnectOptions) -> Result<Self> {
+        let endpoint = Endpoint::from_shared(options.server.clone()).with_context(|| {
+            format!(
+                "`{}` is not a server URL (e.g. http://127.0.0.1:50051)",
+                options.server
+            )
+        })?;
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", options.server))?;
+        let mut grpc = MatchClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let info = grpc
+            .get_server_info(GetServerInfoRequest {})
+            .await
+            .map_err(|s| rpc_error(s, "reading the server's parameters"))?
+            .into_inner();
+        if info.ciphersuite != SUITE_ID || info.oprf_mode != 1 {
+            bail!(
+                "the server speaks {} mode {}, this client only {SUITE_ID} VOPRF (mode 1)",
+                info.ciphersuite,
+                info.oprf_mode
+            );
+        }
+        let pk = PublicKey::from_bytes(&info.public_key)
+            .context("the server's public key is not a valid ristretto255 element")?;
+        let pinned = pin::check(
+            &options.server,
+            &pk.to_hex(),
+            info.key_epoch,
+            options.pin_key.as_deref(),
+            &options.cache_dir,
+        )?;
+        let core = Arc::new(Client::new(Mode::Voprf, pk));
+        Ok(Self {
+            grpc,
+            info,
+            core,
+            options,
+            pinned,
+        })
+    }
+
+    /// The server's parameters as read at connection.
+    #[must_use]
+    pub fn info(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    /// PRF outputs for encoded records, in order: blinded, sent in chunks of
+    /// the server's `max_batch` with several in flight, proofs verified.
+    ///
+    /// # Errors
+    /// RPC failures, a stale epoch, or a proof that does not verify.
+    pub async fn evaluate(&self, inputs: Vec<Vec<u8>>) -> Result<Vec<Output>> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let max = (self.info.max_batch as usize).clamp(1, psi_core::proof::MAX_PROOF_BATCH);
+        let mut chunks = Vec::new();
+        let mut rest = inputs;
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(max));
+            chunks.push(rest);
+            rest = tail;
+        }
+        let results: Vec<Vec<Output>> = futures::stream::iter(chunks)
+            .map(|chunk| self.evaluate_chunk(chunk))
+            .buffered(self.options.concurrency.max(1))
+            .try_collect()
+            .await?;
+        Ok(results.into_iter().flatten().collect())
+    }
+
+    async fn evaluate_chunk(&self, inputs: Vec<Vec<u8>>) -> Result<Vec<Output>> {
+        let core = Arc::clone(&self.core);
+        let blinding = self.options.blinding;
+        let (inputs, state, blinded) = on_cpu(move || {
+            let (state, blinded) = core.blind(&inputs, blinding, &mut OsRng)?;
+            Ok::<_, psi_core::Error>((inputs, state, blinded))
+        })
+        .await??;
+        let response = self
+            .grpc
+            .clone()
+            .evaluate(EvaluateRequest {
+                key_epoch: self.info.key_epoch,
+                blinded_elements: pack(blinded.iter().map(|b| &b.0)),
+            })
+            .await
+            .map_err(|s| rpc_error(s, "evaluating"))?
+            .into_inner();
+        self.check_epoch(response.key_epoch)?;
+        let evaluated = unpack_evaluated(&response.evaluated_elements)?;
+        let proof =
+            Proof::from_bytes(&response.proof).context("the server's proof is malformed")?;
+        let core = Arc::clone(&self.core);
+        on_cpu(move || core.finalize(state, &inputs, &evaluated, &proof))
+            .await?
+            .context("verifying the server's evaluation")
+    }
+
+    fn check_epoch(&self, epoch: u64) -> Result<()> {
+        if epoch != self.info.key_epoch {
+            bail!(
+                "the server answered under key epoch {epoch}, not the pinned epoch {}; refusing the answer",
+                self.info.key_epoch
+            );
+        }
+        Ok(())
+    }
+
+    /// Bucket mode: whether each record is in the registry, without a download.
+    ///
+    /// # Errors
+    /// As [`Session::evaluate`].
+    pub async fn bucket_check(&self, records: &[Record]) -> Result<Vec<bool>> {
+        let p = u8::try_from(self.info.bucket_prefix_bits).unwrap_or(32);
+        let max = (self.info.max_bucket_batch as usize).max(1);
+        let mut answers = Vec::with_capacity(records.len());
+        for chunk in records.chunks(max) {
+            let inputs: Vec<Vec<u8>> = chunk.iter().map(Record::encode).collect();
+            let buckets: Vec<u32> = chunk.iter().map(|r| r.bucket(p)).collect();
+            let core = Arc::clone(&self.core);
+            let blinding = self.options.blinding;
+            let (inputs, state, blinded) = on_cpu(move || {
+                let (state, blinded) = core.blind(&inputs, blinding, &mut OsRng)?;
+                Ok::<_, psi_core::Error>((inputs, state, blinded))
+            })
+            .await??;
+            let response = self
+                .grpc
+                .clone()
+                .bucket_query(BucketQueryRequest {
+                    key_epoch: self.info.key_epoch,
+                    blinded_elements: pack(blinded.iter().map(|b| &b.0)),
+                    buckets: buckets.clone(),
+                })
+                .await
+                .map_err(|s| rpc_error(s, "querying buckets"))?
+                .into_inner();
+            self.check_epoch(response.key_epoch)?;
+            let evaluated = unpack_evaluated(&response.evaluated_elements)?;
+            let proof =
+                Proof::from_bytes(&response.proof).context("the server's proof is malformed")?;
+            let core = Arc::clone(&self.core);
+            let outputs = on_cpu(move || core.finalize(state, &inputs, &evaluated, &proof))
+                .await?
+                .context("verifying the server's evaluation")?;
+            let mut tags_by_bucket = HashMap::new();
+            for b in response.buckets {
+                tags_by_bucket.insert(b.id, unpack_tags(&b.tags)?);
+            }
+            for (out, bucket) in outputs.iter().zip(&buckets) {
+                let tags = tags_by_bucket
+                    .get(bucket)
+                    .ok_or_else(|| anyhow!("the server left out bucket {bucket}"))?;
+                answers.push(tags.binary_search(&out.tag().0).is_ok());
+            }
+        }
+        Ok(answers)
+    }
+
+    /// Where this server's tag set is cached.
+    #[must_use]
+    pub fn cache_path(&self) -> PathBuf {
+        let key: String = psi_core::PublicKey::from_bytes(&self.info.public_key)
+            .map(|k| k.to_hex())
+            .unwrap_or_default()
+            .chars()
+            .take(16)
+            .collect();
+        self.options.cache_dir.join(format!("tagset-{key}.bin"))
+    }
+
+    /// Fetches or refreshes the local tag set: sends the digests of the
+    /// cached shards, receives only the others, verifies every digest and the
+    /// root, and replaces the cache atomically. A corrupt cache is refetched.
+    ///
+    /// # Errors
+    /// RPC failures, a digest mismatch, or I/O errors.
+    pub async fn sync(&self) -> Result<SyncOutcome> {
+        let path = self.cache_path();
+        let cached = match std::fs::read(&path) {
+            Ok(bytes) => match TagSet::from_bytes(&bytes) {
+                Ok(set) if set.header().epoch == self.info.key_epoch => Some(set),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(
+                        "cached tag set {} is unusable ({e}); fetching it again",
+                        path.display()
+                    );
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        let held = cached
+            .as_ref()
+            .map(|s| pack(s.shards().iter().map(Shard::digest)))
+            .unwrap_or_default();
+        let mut stream = self
+            .grpc
+            .clone()
+            .sync_tag_set(SyncTagSetRequest {
+                key_epoch: self.info.key_epoch,
+                held_digests: held,
+            })
+            .await
+            .map_err(|s| rpc_error(s, "syncing the tag set"))?
+            .into_inner();
+        let first = stream
+            .message()
+            .await
+            .map_err(|s| rpc_error(s, "syncing the tag set"))?
+            .and_then(|m| m.item);
+        let Some(sync_tag_set_response::Item::Manifest(manifest)) = first else {
+            bail!("the server's sync stream did not start with a manifest");
+        };
+        let mut bytes_fetched = prost::Message::encoded_len(&manifest) as u64;
+        let (header, digests) = manifest_parts(&manifest)?;
+        self.check_epoch(header.epoch)?;
+        let same_params = cached
+            .as_ref()
+            .is_some_and(|c| c.header().params == header.params);
+        let mut shards: Vec<Option<Shard>> = vec![None; digests.len()];
+        if same_params {
+            if let Some(c) = &cached {
+                for (i, s) in c.shards().iter().enumerate() {
+                    if digests.get(i) == Some(s.digest()) {
+                        if let Some(slot) = shards.get_mut(i) {
+                            *slot = Some(Shard::new(&header, i, s.count(), s.data().to_vec()));
+                        }
+                    }
+                }
+            }
+        }
+        let mut fetched = 0;
+        while let Some(msg) = stream
+            .message()
+            .await
+            .map_err(|s| rpc_error(s, "syncing the tag set"))?
+        {
+            let Some(sync_tag_set_response::Item::Shard(data)) = msg.item else {
+                bail!("unexpected message in the sync stream");
+            };
+            bytes_fetched += prost::Message::encoded_len(&data) as u64;
+            let i = data.index as usize;
+            let slot = shards
+                .get_mut(i)
+                .ok_or_else(|| anyhow!("the server sent shard {i}, beyond the manifest"))?;
+            *slot = Some(Shard::new(&header, i, data.count, data.data));
+            fetched += 1;
+        }
+        let shards: Vec<Shard> = shards
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| s.ok_or_else(|| anyhow!("shard {i} is neither cached nor sent")))
+            .collect::<Result<_>>()?;
+        let total = shards.len();
+        let set = TagSet::from_parts(header, shards, &digests).context("verifying the tag set")?;
+        if set.root_digest().as_slice() != manifest.root_digest.as_slice() {
+            bail!("the tag set's root digest does not match the manifest");
+        }
+        if fetched > 0 || cached.is_none() {
+            std::fs::create_dir_all(&self.options.cache_dir)
+                .with_context(|| format!("creating {}", self.options.cache_dir.display()))?;
+            write_atomically(&path, &set.to_bytes())?;
+        }
+        Ok(SyncOutcome {
+            set,
+            shards_fetched: fetched,
+            shards_total: total,
+            bytes_fetched,
+        })
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all())?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+/// Runs CPU-heavy work on the rayon pool and awaits it.
+pub(crate) async fn on_cpu<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    rayon::spawn(move || {
+        let _ = tx.send(work());
+    });
+    rx.await.map_err(|_| anyhow!("a worker thread failed"))
+}

@@ -1,0 +1,134 @@
+//! The `psi-server` command line.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::config::ServeArgs;
+use crate::registry::{self, today};
+use crate::synth::Generator;
+
+/// The registry operator's server of the private (name, ID) match service.
+#[derive(Debug, Parser)]
+#[command(name = "psi-server", version, about)]
+pub struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "PSI_LOG_JSON")]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a synthetic registry (people who do not exist) as CSV.
+    Generate {
+        /// Number of people.
+        #[arg(long)]
+        count: u64,
+        /// Seed: the same seed gives the same registry.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output CSV file (columns name,id).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Create the key if needed and encrypt a CSV registry into the data directory.
+    Init {
+        /// Registry CSV with a header naming the columns `name` and `id`.
+        #[arg(long)]
+        registry: PathBuf,
+        /// Data directory (created with mode 0700).
+        #[arg(long, env = "PSI_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Do not draw a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Serve the encrypted registry until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+    /// Run the whole job on synthetic data: generate, init, serve locally, and
+    /// check pairs with the client in both modes.
+    Demo {
+        /// Working directory for the demo's files.
+        #[arg(long, default_value = "demo-data")]
+        dir: PathBuf,
+        /// Registry size.
+        #[arg(long, default_value_t = 20_000)]
+        count: u64,
+    },
+}
+
+/// Runs a parsed command.
+///
+/// # Errors
+/// Whatever the command reports; the message says what to do.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate { count, seed, out } => generate(count, seed, &out),
+        Command::Init {
+            registry,
+            data_dir,
+            no_progress,
+        } => {
+            let report = tokio::task::spawn_blocking(move || {
+                registry::init(&registry, &data_dir, !no_progress)
+            })
+            .await??;
+            print_init(&report);
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let cfg = args.resolve()?;
+            let running = crate::serve::start(cfg).await?;
+            println!("psi-server listening on {}", running.local_addr);
+            running
+                .run_until(crate::serve::termination_signal())
+                .await
+        }
+        Command::Demo { dir, count } => crate::demo::run(&dir, count).await,
+    }
+}
+
+/// Writes `count` synthetic people to `out`.
+///
+/// # Errors
+/// I/O errors.
+pub fn generate(count: u64, seed: u64, out: &std::path::Path) -> Result<()> {
+    let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut w = csv::Writer::from_writer(BufWriter::new(file));
+    w.write_record(["name", "id"])?;
+    for p in Generator::new(seed, today())?.take(usize::try_from(count)?) {
+        w.write_record([p.name.as_str(), p.id.as_str()])?;
+    }
+    w.into_inner()
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?
+        .flush()?;
+    println!("wrote {count} synthetic people to {}", out.display());
+    Ok(())
+}
+
+/// Prints an init summary.
+pub fn print_init(r: &registry::InitReport) {
+    println!(
+        "registry version {} (key epoch {}{}): {} rows read, {} encrypted, {} rejected in {:.1} s; {} bucket prefix bits",
+        r.registry_version,
+        r.epoch,
+        if r.key_created { ", new key" } else { "" },
+        r.rows,
+        r.accepted,
+        r.rejected_total(),
+        r.elapsed.as_secs_f64(),
+        r.bucket_prefix_bits,
+    );
+    if r.rejected_total() > 0 {
+        for (reason, n) in &r.rejected {
+            println!("  rejected {n:>8}  {reason}");
+        }
+        println!("  rejected rows are listed in {}", r.report_path.display());
+    }
+}

@@ -1,0 +1,219 @@
+//! `serve` configuration from flags, environment variables (`PSI_*`) and an
+//! optional TOML file, in that order of precedence. Every error is reported
+//! before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::service::Limits;
+
+/// Flags and environment variables of `psi-server serve`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (keys: data_dir, listen, max_batch,
+    /// max_bucket_batch, max_message_bytes, request_timeout_secs).
+    #[arg(long, env = "PSI_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory made by `psi-server init`.
+    #[arg(long, env = "PSI_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:50051].
+    #[arg(long, env = "PSI_LISTEN")]
+    pub listen: Option<String>,
+    /// Most elements per Evaluate request [default: 4096, at most 65536].
+    #[arg(long, env = "PSI_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+    /// Most elements per BucketQuery request [default: 64].
+    #[arg(long, env = "PSI_MAX_BUCKET_BATCH")]
+    pub max_bucket_batch: Option<usize>,
+    /// Largest gRPC message in bytes [default: 16777216].
+    #[arg(long, env = "PSI_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Per-request timeout in seconds [default: 60].
+    #[arg(long, env = "PSI_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    max_batch: Option<usize>,
+    max_bucket_batch: Option<usize>,
+    max_message_bytes: Option<usize>,
+    request_timeout_secs: Option<u64>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Listen address (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Request limits.
+    pub limits: Limits,
+    /// Per-request timeout.
+    pub request_timeout: Duration,
+}
+
+impl ServeArgs {
+    /// Merges flags, environment and file, and validates the result.
+    ///
+    /// # Errors
+    /// An unreadable or invalid file, a bad address, limits out of range, or a
+    /// data directory without a key or snapshot.
+    pub fn resolve(self) -> Result<ServeConfig> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let defaults = Limits::default();
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .context("no data directory: pass --data-dir, set PSI_DATA_DIR, or set data_dir in the config file")?;
+        let listen_text = self
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:50051".to_string());
+        let listen: SocketAddr = listen_text.parse().with_context(|| {
+            format!("listen address `{listen_text}` is not IP:PORT (e.g. 127.0.0.1:50051)")
+        })?;
+        let limits = Limits {
+            max_batch: self
+                .max_batch
+                .or(file.max_batch)
+                .unwrap_or(defaults.max_batch),
+            max_bucket_batch: self
+                .max_bucket_batch
+                .or(file.max_bucket_batch)
+                .unwrap_or(defaults.max_bucket_batch),
+            max_message_bytes: self
+                .max_message_bytes
+                .or(file.max_message_bytes)
+                .unwrap_or(defaults.max_message_bytes),
+        };
+        if !(1..=psi_core::proof::MAX_PROOF_BATCH).contains(&limits.max_batch) {
+            bail!(
+                "max_batch must be between 1 and 65536, got {}",
+                limits.max_batch
+            );
+        }
+        if !(1..=1024).contains(&limits.max_bucket_batch) {
+            bail!(
+                "max_bucket_batch must be between 1 and 1024, got {}",
+                limits.max_bucket_batch
+            );
+        }
+        let needed = limits.max_batch * 32 + 1024;
+        if limits.max_message_bytes < needed.max(1 << 20) {
+            bail!(
+                "max_message_bytes {} is too small: at least {} for max_batch {} (and 1 MiB)",
+                limits.max_message_bytes,
+                needed.max(1 << 20),
+                limits.max_batch
+            );
+        }
+        let timeout = self
+            .request_timeout_secs
+            .or(file.request_timeout_secs)
+            .unwrap_or(60);
+        if timeout == 0 {
+            bail!("request_timeout_secs must be at least 1");
+        }
+        for file in [crate::keystore::KEY_FILE, crate::registry::SNAPSHOT_FILE] {
+            let p = data_dir.join(file);
+            if !p.exists() {
+                bail!(
+                    "{} is missing: run `psi-server init --registry FILE --data-dir {}` first",
+                    p.display(),
+                    data_dir.display()
+                );
+            }
+        }
+        Ok(ServeConfig {
+            data_dir,
+            listen,
+            limits,
+            request_timeout: Duration::from_secs(timeout),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data_dir() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(crate::keystore::KEY_FILE), b"x").unwrap();
+        std::fs::write(d.path().join(crate::registry::SNAPSHOT_FILE), b"x").unwrap();
+        d
+    }
+
+    #[test]
+    fn flags_override_the_file_and_errors_are_specific() {
+        let d = data_dir();
+        let cfg_path = d.path().join("psi.toml");
+        std::fs::write(
+            &cfg_path,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:7000\"\nmax_batch = 100\n",
+                d.path()
+            ),
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(cfg_path.clone()),
+            max_batch: Some(200),
+            ..ServeArgs::default()
+        };
+        let cfg = args.resolve().unwrap();
+        assert_eq!(cfg.listen.port(), 7000);
+        assert_eq!(cfg.limits.max_batch, 200);
+
+        let bad = ServeArgs {
+            listen: Some("localhost".into()),
+            data_dir: Some(d.path().into()),
+            ..ServeArgs::default()
+        };
+        assert!(bad
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("is not IP:PORT"));
+        let bad = ServeArgs {
+            max_batch: Some(70_000),
+            data_dir: Some(d.path().into()),
+            ..ServeArgs::default()
+        };
+        assert!(bad.resolve().unwrap_err().to_string().contains("max_batch"));
+        std::fs::write(&cfg_path, "listen_on = 1\n").unwrap();
+        let bad = ServeArgs {
+            config: Some(cfg_path),
+            ..ServeArgs::default()
+        };
+        assert!(format!("{:#}", bad.resolve().unwrap_err()).contains("unknown field"));
+        let empty = tempfile::tempdir().unwrap();
+        let bad = ServeArgs {
+            data_dir: Some(empty.path().into()),
+            ..ServeArgs::default()
+        };
+        assert!(bad
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("psi-server init"));
+    }
+}

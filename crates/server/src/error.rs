@@ -1,0 +1,42 @@
+//! The one mapping from the server's errors to gRPC status codes. Details
+//! that help the peer act go into the message; nothing secret or personal
+//! ever does (the service never sees names or ID numbers).
+
+use tonic::{Code, Status};
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The snapshot is still loading.
+    #[error("the registry is loading; retry shortly")]
+    Loading,
+    /// The request names another key epoch than the server's.
+    #[error("key epoch {client} is stale: the server is at epoch {server}; fetch ServerInfo, re-pin and re-sync")]
+    StaleEpoch {
+        /// Epoch in the request.
+        client: u64,
+        /// The server's epoch.
+        server: u64,
+    },
+    /// A malformed request.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A protocol step rejected the request's content.
+    #[error(transparent)]
+    Core(#[from] psi_core::Error),
+    /// The server failed internally.
+    #[error("internal error")]
+    Internal,
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        let code = match &e {
+            ServiceError::Loading => Code::Unavailable,
+            ServiceError::StaleEpoch { .. } => Code::FailedPrecondition,
+            ServiceError::InvalidArgument(_) | ServiceError::Core(_) => Code::InvalidArgument,
+            ServiceError::Internal => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}

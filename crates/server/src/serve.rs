@@ -1,0 +1,183 @@
+//! Running the server: bind, report NOT_SERVING while the snapshot loads,
+//! serve `psi.v1.Match` with health and reflection, and on shutdown stop
+//! accepting and drain in-flight requests.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use psi_proto::v1::match_server::MatchServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::config::ServeConfig;
+use crate::registry::Snapshot;
+use crate::service::{MatchService, State};
+
+/// A server running in this process.
+#[derive(Debug)]
+pub struct Running {
+    /// The bound address (useful with port 0).
+    pub local_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<()>>,
+}
+
+impl Running {
+    /// Stops accepting, drains in-flight requests, and waits for the end.
+    ///
+    /// # Errors
+    /// If serving failed.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.await.context("server task")?
+    }
+
+    /// Serves until `signal` resolves, then shuts down gracefully; returns
+    /// early if serving stops by itself (a snapshot that fails to load).
+    ///
+    /// # Errors
+    /// If loading the snapshot or serving failed.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            () = signal => {
+                if let Some(tx) = self.shutdown.take() {
+                    let _ = tx.send(());
+                }
+                (&mut self.task).await.context("server task")?
+            }
+            r = &mut self.task => r.context("server task")?,
+        }
+    }
+}
+
+/// Binds and starts serving; the snapshot loads in the background.
+///
+/// # Errors
+/// If the address cannot be bound.
+pub async fn start(cfg: ServeConfig) -> Result<Running> {
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let local_addr = listener.local_addr()?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(run(cfg, listener, rx));
+    Ok(Running {
+        local_addr,
+        shutdown: Some(tx),
+        task,
+    })
+}
+
+async fn run(cfg: ServeConfig, listener: TcpListener, stop: oneshot::Receiver<()>) -> Result<()> {
+    let state = Arc::new(State::new(cfg.limits));
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_not_serving::<MatchServer<MatchService>>()
+        .await;
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(psi_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let limit = cfg.limits.max_message_bytes;
+    let service = MatchServer::new(MatchService::new(Arc::clone(&state)))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+
+    let (load_failed_tx, load_failed_rx) = oneshot::channel::<anyhow::Error>();
+    let data_dir = cfg.data_dir.clone();
+    let loader_state = Arc::clone(&state);
+    let loader_reporter = reporter.clone();
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || Snapshot::load(&data_dir)).await {
+            Ok(Ok(snapshot)) => {
+                tracing::info!(
+                    epoch = snapshot.epoch,
+                    registry_version = snapshot.index.registry_version(),
+                    entries = snapshot.index.len(),
+                    load_ms = started.elapsed().as_millis() as u64,
+                    "registry loaded; serving"
+                );
+                loader_state.publish(snapshot);
+                loader_reporter
+                    .set_serving::<MatchServer<MatchService>>()
+                    .await;
+                loader_reporter
+                    .set_service_status("", ServingStatus::Serving)
+                    .await;
+            }
+            Ok(Err(e)) => {
+                let _ = load_failed_tx.send(e);
+            }
+            Err(e) => {
+                let _ = load_failed_tx.send(anyhow::anyhow!("loading task failed: {e}"));
+            }
+        }
+    });
+
+    let (failure_tx, mut failure_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
+    let stop_reporter = reporter.clone();
+    let signal = async move {
+        tokio::select! {
+            _ = stop => {}
+            Ok(e) = load_failed_rx => { let _ = failure_tx.send(e).await; }
+        }
+        // Tell load balancers first, then stop accepting; tonic drains in-flight calls.
+        stop_reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        stop_reporter
+            .set_not_serving::<MatchServer<MatchService>>()
+            .await;
+        tracing::info!("shutting down: draining in-flight requests");
+    };
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    tonic::transport::Server::builder()
+        .timeout(cfg.request_timeout)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .await
+        .context("serving")?;
+    if let Ok(e) = failure_rx.try_recv() {
+        return Err(e.context("loading the registry snapshot"));
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub fn termination_signal() -> impl Future<Output = ()> {
+    async {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The `psi.v1.Match` gRPC service. Handlers decode, call psi-core or the
+//! snapshot, and encode; the elliptic-curve work runs on the rayon pool, not
+//! on the async runtime's threads.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+
+use psi_core::suite::SUITE_ID;
+use psi_proto::v1::match_server::Match;
+use psi_proto::v1::{
+    sync_tag_set_response, Bucket, BucketQueryRequest, BucketQueryResponse, EvaluateRequest,
+    EvaluateResponse, GetServerInfoRequest, QueryMode, ServerInfo, ShardData, SyncTagSetRequest,
+    SyncTagSetResponse,
+};
+use psi_proto::{manifest_of, pack, pack_tags, unpack_blinded};
+use rand_core::OsRng;
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+use crate::error::ServiceError;
+use crate::registry::Snapshot;
+
+/// Request size limits, stated in `ServerInfo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Elements per `Evaluate` request.
+    pub max_batch: usize,
+    /// Elements per `BucketQuery` request.
+    pub max_bucket_batch: usize,
+    /// Largest message, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_batch: 4096,
+            max_bucket_batch: 64,
+            max_message_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Shared state: the current snapshot (absent while loading) and the limits.
+#[derive(Debug)]
+pub struct State {
+    snapshot: RwLock<Option<Arc<Snapshot>>>,
+    limits: Limits,
+}
+
+impl State {
+    /// A state with no snapshot yet.
+    #[must_use]
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            snapshot: RwLock::new(None),
+            limits,
+        }
+    }
+
+    /// Publishes a snapshot; requests already running keep the one they started with.
+    pub fn publish(&self, snapshot: Snapshot) {
+        let mut guard = self
+            .snapshot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *guard = Some(Arc::new(snapshot));
+    }
+
+    fn current(&self) -> Result<Arc<Snapshot>, ServiceError> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or(ServiceError::Loading)
+    }
+
+    /// The limits.
+    #[must_use]
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+}
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct MatchService {
+    state: Arc<State>,
+}
+
+impl MatchService {
+    /// A service over `state`.
+    #[must_use]
+    pub fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+
+    fn snapshot_for(&self, epoch: u64) -> Result<Arc<Snapshot>, ServiceError> {
+        let snap = self.state.current()?;
+        if epoch != snap.epoch {
+            return Err(ServiceError::StaleEpoch {
+                client: epoch,
+                server: snap.epoch,
+            });
+        }
+        Ok(snap)
+    }
+
+    fn check_batch(&self, n: usize, max: usize) -> Result<(), ServiceError> {
+        if n == 0 {
+            return Err(ServiceError::InvalidArgument("the batch is empty".into()));
+        }
+        if n > max {
+            return Err(ServiceError::InvalidArgument(format!(
+                "batch of {n} elements exceeds the maximum of {max}; split it"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Runs CPU-heavy work on the rayon pool and awaits it.
+async fn on_cpu<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ServiceError> {
+    let (tx, rx) = oneshot::channel();
+    rayon::spawn(move || {
+        let _ = tx.send(work());
+    });
+    rx.await.map_err(|_| ServiceError::Internal)
+}
+
+#[tonic::async_trait]
+impl Match for MatchService {
+    async fn get_server_info(
+        &self,
+        _request: Request<GetServerInfoRequest>,
+    ) -> Result<Response<ServerInfo>, Status> {
+        let snap = self.state.current()?;
+        let limits = self.state.limits;
+        let to_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(Response::new(ServerInfo {
+            ciphersuite: SUITE_ID.to_string(),
+            oprf_mode: 1,
+            public_key: snap.server.public_key().to_bytes().to_vec(),
+            key_epoch: snap.epoch,
+            registry_version: snap.index.registry_version(),
+            registry_size: snap.index.len() as u64,
+            bucket_prefix_bits: snap.index.prefix_bits().into(),
+            max_batch: to_u32(limits.max_batch),
+            max_bucket_batch: to_u32(limits.max_bucket_batch),
+            max_message_bytes: limits.max_message_bytes as u64,
+            modes: vec![QueryMode::Sync as i32, QueryMode::Bucket as i32],
+            tag_bits: snap.tagset.header().params.tag_bits.into(),
+        }))
+    }
+
+    async fn evaluate(
+        &self,
+        request: Request<EvaluateRequest>,
+    ) -> Result<Response<EvaluateResponse>, Status> {
+        let req = request.into_inner();
+        let snap = self.snapshot_for(req.key_epoch)?;
+        let blinded = unpack_blinded(&req.blinded_elements).map_err(ServiceError::from)?;
+        self.check_batch(blinded.len(), self.state.limits.max_batch)?;
+        let epoch = snap.epoch;
+        let evaluation = on_cpu(move || snap.server.blind_evaluate(&blinded, &mut OsRng))
+            .await?
+            .map_err(ServiceError::from)?;
+        let proof = evaluation.proof.ok_or(ServiceError::Internal)?;
+        Ok(Response::new(EvaluateResponse {
+            key_epoch: epoch,
+            evaluated_elements: pack(evaluation.elements.iter().map(|e| &e.0)),
+            proof: proof.to_bytes().to_vec(),
+        }))
+    }
+
+    async fn bucket_query(
+        &self,
+        request: Request<BucketQueryRequest>,
+    ) -> Result<Response<BucketQueryResponse>, Status> {
+        let req = request.into_inner();
+        let snap = self.snapshot_for(req.key_epoch)?;
+        let blinded = unpack_blinded(&req.blinded_elements).map_err(ServiceError::from)?;
+        self.check_batch(blinded.len(), self.state.limits.max_bucket_batch)?;
+        if req.buckets.len() != blinded.len() {
+            return Err(ServiceError::InvalidArgument(format!(
+                "{} buckets for {} elements",
+                req.buckets.len(),
+                blinded.len()
+            ))
+            .into());
+        }
+        let ids: BTreeSet<u32> = req.buckets.iter().copied().collect();
+        if ids.iter().any(|&b| snap.index.bucket(b).is_none()) {
+            return Err(ServiceError::InvalidArgument(format!(
+                "bucket id out of range: the registry uses {} prefix bits",
+                snap.index.prefix_bits()
+            ))
+            .into());
+        }
+        let work = Arc::clone(&snap);
+        let evaluation = on_cpu(move || work.server.blind_evaluate(&blinded, &mut OsRng))
+            .await?
+            .map_err(ServiceError::from)?;
+        let proof = evaluation.proof.ok_or(ServiceError::Internal)?;
+        let buckets = ids
+            .into_iter()
+            .map(|id| Bucket {
+                id,
+                tags: pack_tags(snap.index.bucket(id).unwrap_or(&[])),
+            })
+            .collect();
+        Ok(Response::new(BucketQueryResponse {
+            key_epoch: snap.epoch,
+            registry_version: snap.index.registry_version(),
+            evaluated_elements: pack(evaluation.elements.iter().map(|e| &e.0)),
+            proof: proof.to_bytes().to_vec(),
+            buckets,
+        }))
+    }
+
+    type SyncTagSetStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<SyncTagSetResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn sync_tag_set(
+        &self,
+        request: Request<SyncTagSetRequest>,
+    ) -> Result<Response<Self::SyncTagSetStream>, Status> {
+        let req = request.into_inner();
+        let snap = self.snapshot_for(req.key_epoch)?;
+        let held = req.held_digests;
+        if held.len() % 32 != 0 {
+            return Err(ServiceError::InvalidArgument(
+                "held_digests length is not a multiple of 32".into(),
+            )
+            .into());
+        }
+        let manifest = SyncTagSetResponse {
+            item: Some(sync_tag_set_response::Item::Manifest(manifest_of(
+                &snap.tagset,
+            ))),
+        };
+        let n = snap.tagset.shards().len();
+        let shards = (0..n).filter_map(move |i| {
+            let shard = snap.tagset.shards().get(i)?;
+            let has = held.get(i * 32..(i + 1) * 32);
+            if has == Some(shard.digest().as_slice()) {
+                return None;
+            }
+            Some(Ok(SyncTagSetResponse {
+                item: Some(sync_tag_set_response::Item::Shard(ShardData {
+                    index: u32::try_from(i).unwrap_or(u32::MAX),
+                    count: shard.count(),
+                    data: shard.data().to_vec(),
+                })),
+            }))
+        });
+        let stream = tokio_stream::iter(std::iter::once(Ok(manifest)).chain(shards));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
