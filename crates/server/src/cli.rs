@@ -86,9 +86,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let cfg = args.resolve()?;
             let running = crate::serve::start(cfg).await?;
             println!("psi-server listening on {}", running.local_addr);
-            running
-                .run_until(crate::serve::termination_signal())
-                .await
+            running.run_until(crate::serve::termination_signal()).await
         }
         Command::Demo { dir, count } => crate::demo::run(&dir, count).await,
     }

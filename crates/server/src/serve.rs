@@ -158,25 +158,16 @@ async fn run(cfg: ServeConfig, listener: TcpListener, stop: oneshot::Receiver<()
 }
 
 /// Resolves on SIGINT or SIGTERM.
-pub fn termination_signal() -> impl Future<Output = ()> {
-    async {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
+pub async fn termination_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
         }
-        #[cfg(not(unix))]
-        {
+        Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
     }

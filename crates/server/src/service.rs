@@ -231,7 +231,7 @@ impl Match for MatchService {
         let req = request.into_inner();
         let snap = self.snapshot_for(req.key_epoch)?;
         let held = req.held_digests;
-        if held.len() % 32 != 0 {
+        if !held.len().is_multiple_of(32) {
             return Err(ServiceError::InvalidArgument(
                 "held_digests length is not a multiple of 32".into(),
             )

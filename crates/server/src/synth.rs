@@ -122,16 +122,18 @@ const SURNAMES: &[(&str, u32)] = &[
     ("上官", 1),
 ];
 
-/// Common given-name characters, with a few rare ones (the last two are
-/// outside the BMP: CJK Extension B).
+/// Common given-name characters.
 const GIVEN: &[&str] = &[
     "伟", "芳", "娜", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "涛", "明",
     "超", "秀", "霞", "平", "刚", "桂", "英", "华", "玉", "兰", "萍", "红", "鹏", "辉", "建", "国",
     "文", "斌", "宇", "浩", "凯", "健", "俊", "帆", "帅", "旭", "宁", "龙", "林", "欣", "佳", "婷",
     "雪", "琳", "晨", "阳", "思", "雨", "梓", "涵", "子", "怡", "轩", "然", "博", "嘉", "晓", "海",
     "志", "春", "小", "云", "金", "荣", "新", "昊", "天", "一", "诺", "泽", "瑞", "晶", "颖", "慧",
-    "倩", "琴", "燕", "蕾", "薇", "琪", "璐", "瑶", "妍", "彤", "𠮷", "𪚥",
+    "倩", "琴", "燕", "蕾", "薇", "琪", "璐", "瑶", "妍", "彤",
 ];
+
+/// Rare given-name characters outside the BMP (CJK Extension B).
+const RARE_GIVEN: &[&str] = &["𠮷", "𪚥"];
 
 /// Syllables of transcribed minority names (joined with U+00B7).
 const MINORITY: &[&str] = &[
@@ -232,9 +234,9 @@ impl Generator {
         for _ in 0..given_len {
             // Rare characters about once in 500 names.
             let c = if self.rng.gen_ratio(1, 1000) {
-                self.pick(&GIVEN[GIVEN.len() - 2..])
+                self.pick(RARE_GIVEN)
             } else {
-                self.pick(&GIVEN[..GIVEN.len() - 2])
+                self.pick(GIVEN)
             };
             name.push_str(c);
         }

@@ -1,0 +1,227 @@
+//! The real binaries: `psi-server generate`, `init`, `serve`, then
+//! `psi-client batch`, `check` and `sync`, then SIGTERM and a clean exit.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn client_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_psi-client"))
+}
+
+/// `psi-server` sits beside `psi-client` in the target directory when the
+/// workspace is tested; build it if this crate is tested alone.
+fn server_bin() -> PathBuf {
+    let path = client_bin().with_file_name("psi-server");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "psi-server", "--bin", "psi-server"])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building psi-server");
+    }
+    path
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().expect("spawning");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
+fn serve(data_dir: &Path) -> (Server, String) {
+    let mut child = Command::new(server_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting psi-server");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("reading the address");
+    let addr = line.trim().rsplit(' ').next().expect("address").to_string();
+    (Server(child), format!("http://{addr}"))
+}
+
+#[test]
+fn init_serve_batch_check_with_the_real_binaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let registry = root.join("registry.csv");
+    let data = root.join("data");
+
+    let (code, out, err) = run(Command::new(server_bin())
+        .args(["generate", "--count", "2000", "--seed", "9", "--out"])
+        .arg(&registry));
+    assert_eq!(code, 0, "{out}{err}");
+    // Append a known pair and a bad row.
+    let mut text = std::fs::read_to_string(&registry).unwrap();
+    text.push_str("张伟,11010519491231002X\n坏行,123\n");
+    std::fs::write(&registry, text).unwrap();
+
+    let (code, out, err) = run(Command::new(server_bin())
+        .args(["init", "--no-progress", "--registry"])
+        .arg(&registry)
+        .arg("--data-dir")
+        .arg(&data));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("2002 rows read, 2001 encrypted, 1 rejected"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("坏行") && !out.contains("123,"),
+        "no personal data in the summary: {out}"
+    );
+
+    let (mut server, url) = serve(&data);
+    let cache = root.join("cache");
+    let client = |args: &[&str]| {
+        let mut c = Command::new(client_bin());
+        c.args(args)
+            .args(["--server", &url, "--cache-dir"])
+            .arg(&cache);
+        c
+    };
+    // Wait until the snapshot is loaded.
+    let started = Instant::now();
+    loop {
+        let (code, _, err) = run(&mut client(&[
+            "check",
+            "--name",
+            "张伟",
+            "--id",
+            "11010519491231002x",
+        ]));
+        if code == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "server never became ready: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, out, _) = run(&mut client(&[
+        "check",
+        "--name",
+        "张三",
+        "--id",
+        "11010519491231002X",
+    ]));
+    assert_eq!((code, out.trim()), (1, "no_match"));
+    let (code, out, _) = run(&mut client(&[
+        "check",
+        "--name",
+        "张伟",
+        "--id",
+        "110105194912310021",
+    ]));
+    assert_eq!(code, 2);
+    assert!(out.contains("check character should be X"), "{out}");
+    let (code, out, _) = run(&mut client(&[
+        "check",
+        "--mode",
+        "sync",
+        "--name",
+        "张伟",
+        "--id",
+        "11010519491231002X",
+    ]));
+    assert_eq!((code, out.trim()), (0, "match"));
+
+    let input = root.join("in.csv");
+    let mut first_rows = String::from("name,id,ref\n");
+    let reg = std::fs::read_to_string(&registry).unwrap();
+    for line in reg.lines().skip(1).take(50) {
+        first_rows.push_str(line);
+        first_rows.push_str(",r\n");
+    }
+    first_rows.push_str("王小二,830000199201300022,r\n");
+    std::fs::write(&input, first_rows).unwrap();
+    for mode in ["sync", "bucket"] {
+        let output = root.join(format!("out-{mode}.csv"));
+        let (code, out, err) = run(&mut client(&[
+            "batch",
+            "--no-progress",
+            "--mode",
+            mode,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ]));
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            err.contains("51 rows: 50 match, 1 no_match, 0 invalid"),
+            "{err}"
+        );
+        let answers = std::fs::read_to_string(&output).unwrap();
+        assert_eq!(answers.lines().count(), 52);
+        assert!(answers
+            .lines()
+            .next()
+            .unwrap()
+            .ends_with("name,id,ref,result,error"));
+    }
+    let (code, out, _) = run(&mut client(&["sync"]));
+    assert_eq!(code, 0);
+    assert!(out.contains("fetched 0 of"), "{out}");
+
+    // SIGTERM: the server drains and exits cleanly.
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn config_errors_are_reported_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(Command::new(server_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path()));
+    assert_eq!(code, 1);
+    assert!(err.contains("psi-server init"), "{err}");
+    let (code, _, err) = run(Command::new(client_bin())
+        .args([
+            "check",
+            "--server",
+            "http://127.0.0.1:1",
+            "--name",
+            "张伟",
+            "--id",
+            "11010519491231002X",
+            "--cache-dir",
+        ])
+        .arg(dir.path()));
+    assert_eq!(code, 2);
+    assert!(err.contains("connecting to http://127.0.0.1:1"), "{err}");
+}

@@ -1,0 +1,468 @@
+//! The whole check over gRPC with the real server in this process on
+//! 127.0.0.1:0: every kind of row in both modes, stale epochs, a wrong proof,
+//! hostile requests.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use psi_client::batch::{self, BatchOptions};
+use psi_client::check::{check, CheckOutcome};
+use psi_client::{ConnectOptions, QueryMode, Session};
+use psi_proto::v1::match_client::MatchClient;
+use psi_proto::v1::{BucketQueryRequest, EvaluateRequest, SyncTagSetRequest};
+use psi_server::config::ServeConfig;
+use psi_server::registry::{self, today};
+use psi_server::serve::{self, Running};
+use psi_server::service::Limits;
+use psi_server::synth::Generator;
+use tonic::Code;
+
+/// Registered pairs with synthetic names and the public specimen numbers.
+const REGISTERED: &[(&str, &str)] = &[
+    ("张伟", "11010519491231002X"),
+    ("李秀英", "440524188001010014"),
+    ("阿依古丽·买买提", "360426199101010071"),
+    ("欧阳娜娜", "440308199901101512"),
+    ("王𠮷", "810000199408230021"),
+    ("赵敏", "610104196209276908"),
+];
+
+fn write_registry(path: &Path, extra: usize) {
+    let mut w = csv::Writer::from_path(path).unwrap();
+    w.write_record(["id", "name", "branch"]).unwrap();
+    for (name, id) in REGISTERED {
+        w.write_record([*id, *name, "x"]).unwrap();
+    }
+    for p in Generator::new(42, today()).unwrap().take(extra) {
+        w.write_record([p.id.as_str(), p.name.as_str(), "y"])
+            .unwrap();
+    }
+    // Rows the init must reject and report.
+    w.write_record(["11010519491231002", "短号", "z"]).unwrap();
+    w.write_record(["11010519491231002X", "Zhang", "z"])
+        .unwrap();
+    w.flush().unwrap();
+}
+
+async fn start(data_dir: &Path, port: u16) -> Running {
+    serve::start(ServeConfig {
+        data_dir: data_dir.to_path_buf(),
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        limits: Limits {
+            max_batch: 64,
+            ..Limits::default()
+        },
+        request_timeout: Duration::from_secs(30),
+    })
+    .await
+    .unwrap()
+}
+
+async fn connect(url: &str, cache: &Path, pin: Option<String>) -> anyhow::Result<Session> {
+    let opts = ConnectOptions {
+        server: url.to_string(),
+        pin_key: pin,
+        cache_dir: cache.to_path_buf(),
+        blinding: psi_core::Blinding::Additive,
+        concurrency: 3,
+    };
+    let mut last = None;
+    for _ in 0..100 {
+        match Session::connect(opts.clone()).await {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if format!("{e:#}").contains("unavailable")
+                    || format!("{e:#}").contains("connecting") =>
+            {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap())
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    data_dir: PathBuf,
+    running: Running,
+    url: String,
+}
+
+async fn fixture(extra: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let csv = root.join("registry.csv");
+    write_registry(&csv, extra);
+    let data_dir = root.join("data");
+    let report = registry::init(&csv, &data_dir, false).unwrap();
+    assert_eq!(report.accepted, (REGISTERED.len() + extra) as u64);
+    assert_eq!(report.rejected_total(), 2);
+    let running = start(&data_dir, 0).await;
+    let url = format!("http://{}", running.local_addr);
+    Fixture {
+        _dir: dir,
+        root,
+        data_dir,
+        running,
+        url,
+    }
+}
+
+/// (note, name, id, expected result)
+fn queries() -> Vec<(&'static str, String, String, &'static str)> {
+    vec![
+        ("exact", "张伟".into(), "11010519491231002X".into(), "match"),
+        (
+            "lower-case x",
+            "张伟".into(),
+            "11010519491231002x".into(),
+            "match",
+        ),
+        (
+            "full-width digits",
+            "李秀英".into(),
+            "４４０５２４１８８００１０１００１４".into(),
+            "match",
+        ),
+        (
+            "spaces everywhere",
+            " 李 秀\u{3000}英 ".into(),
+            " 440524 18800101 0014 ".into(),
+            "match",
+        ),
+        (
+            "katakana middle dot",
+            "阿依古丽・买买提".into(),
+            "360426199101010071".into(),
+            "match",
+        ),
+        (
+            "ascii dot",
+            "阿依古丽.买买提".into(),
+            "360426199101010071".into(),
+            "match",
+        ),
+        (
+            "outside the BMP",
+            "王𠮷".into(),
+            "810000199408230021".into(),
+            "match",
+        ),
+        (
+            "legacy 15 digits",
+            "赵敏".into(),
+            "610104620927690".into(),
+            "match",
+        ),
+        (
+            "same ID, other name",
+            "张伟伟".into(),
+            "11010519491231002X".into(),
+            "no_match",
+        ),
+        (
+            "traditional variant is another name",
+            "歐陽娜娜".into(),
+            "440308199901101512".into(),
+            "no_match",
+        ),
+        (
+            "unregistered",
+            "钱多多".into(),
+            "830000199201300022".into(),
+            "no_match",
+        ),
+        (
+            "bad check character",
+            "张伟".into(),
+            "110105194912310021".into(),
+            "invalid",
+        ),
+        (
+            "latin name",
+            "Zhang Wei".into(),
+            "11010519491231002X".into(),
+            "invalid",
+        ),
+        (
+            "no such date",
+            "张伟".into(),
+            "110105199902300027".into(),
+            "invalid",
+        ),
+        ("empty id", "张伟".into(), String::new(), "invalid"),
+    ]
+}
+
+fn write_queries(path: &Path, repeat: usize) -> Vec<&'static str> {
+    let mut w = csv::Writer::from_path(path).unwrap();
+    w.write_record(["row", "name", "note", "id"]).unwrap();
+    let mut expected = Vec::new();
+    for r in 0..repeat {
+        for (i, (note, name, id, want)) in queries().into_iter().enumerate() {
+            w.write_record([format!("{r}-{i}").as_str(), &name, note, &id])
+                .unwrap();
+            expected.push(want);
+        }
+    }
+    w.flush().unwrap();
+    expected
+}
+
+fn read_output(path: &Path) -> Vec<csv::StringRecord> {
+    let mut r = csv::Reader::from_path(path).unwrap();
+    let headers = r.headers().unwrap().clone();
+    assert_eq!(
+        headers.iter().collect::<Vec<_>>(),
+        ["row", "name", "note", "id", "result", "error"]
+    );
+    r.records().map(Result::unwrap).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_answers_every_row_in_both_modes() {
+    let f = fixture(3000).await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let input = f.root.join("queries.csv");
+    // Enough rows for several chunks and several requests per chunk.
+    let expected = write_queries(&input, 20);
+    for mode in [QueryMode::Sync, QueryMode::Bucket] {
+        let output = f.root.join(format!("out-{mode:?}.csv"));
+        let summary = batch::run(
+            &session,
+            &BatchOptions {
+                input: input.clone(),
+                output: output.clone(),
+                mode,
+                chunk_rows: 100,
+                chunks_in_flight: 2,
+                progress: false,
+            },
+        )
+        .await
+        .unwrap();
+        let rows = read_output(&output);
+        assert_eq!(rows.len(), expected.len());
+        assert_eq!(summary.rows as usize, expected.len());
+        for (i, (row, want)) in rows.iter().zip(&expected).enumerate() {
+            let (r, q) = (i / 15, i % 15);
+            assert_eq!(&row[0], format!("{r}-{q}"), "row order and pass-through");
+            assert_eq!(&row[2], queries()[q].0, "pass-through column");
+            assert_eq!(&row[4], *want, "{mode:?}: {} ({})", queries()[q].0, &row[5]);
+            assert_eq!(row[5].is_empty(), *want != "invalid");
+        }
+        assert!(!f.root.join(format!("out-{mode:?}.csv.partial")).exists());
+    }
+    // The second sync fetches nothing: the cache is current.
+    let again = session.sync().await.unwrap();
+    assert_eq!(again.shards_fetched, 0);
+    // Single checks.
+    assert_eq!(
+        check(&session, "张伟", "11010519491231002x", QueryMode::Bucket)
+            .await
+            .unwrap(),
+        CheckOutcome::Match
+    );
+    assert_eq!(
+        check(&session, "张伟", "11010519491231002x", QueryMode::Sync)
+            .await
+            .unwrap(),
+        CheckOutcome::Match
+    );
+    assert_eq!(
+        check(&session, "张三", "11010519491231002X", QueryMode::Bucket)
+            .await
+            .unwrap(),
+        CheckOutcome::NoMatch
+    );
+    assert!(matches!(
+        check(&session, "张伟", "123", QueryMode::Bucket)
+            .await
+            .unwrap(),
+        CheckOutcome::Invalid(_)
+    ));
+    f.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
+    let f = fixture(100).await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let epoch = session.info().key_epoch;
+    let mut raw = MatchClient::connect(f.url.clone()).await.unwrap();
+    let good = psi_proto::pack([&curve25519_dalek_basepoint()]);
+
+    let stale = raw
+        .evaluate(EvaluateRequest {
+            key_epoch: epoch + 1,
+            blinded_elements: good.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    assert!(stale.message().contains("stale"));
+    let stale = raw
+        .bucket_query(BucketQueryRequest {
+            key_epoch: epoch + 1,
+            blinded_elements: good.clone(),
+            buckets: vec![0],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    let stale = raw
+        .sync_tag_set(SyncTagSetRequest {
+            key_epoch: 0,
+            held_digests: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (vec![], "empty"),
+        (vec![0u8; 33], "multiple of 32"),
+        (vec![0u8; 32], "identity"),
+        (vec![0xffu8; 32], "canonical"),
+        (good.repeat(65), "exceeds the maximum of 64"),
+    ];
+    for (bytes, want) in cases {
+        let e = raw
+            .evaluate(EvaluateRequest {
+                key_epoch: epoch,
+                blinded_elements: bytes,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{want}");
+        assert!(
+            e.message().contains(want),
+            "{} should mention {want}",
+            e.message()
+        );
+    }
+    let e = raw
+        .bucket_query(BucketQueryRequest {
+            key_epoch: epoch,
+            blinded_elements: good.clone(),
+            buckets: vec![1 << 20],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = raw
+        .bucket_query(BucketQueryRequest {
+            key_epoch: epoch,
+            blinded_elements: good.clone(),
+            buckets: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // The server is still up and answering.
+    assert!(raw
+        .evaluate(EvaluateRequest {
+            key_epoch: epoch,
+            blinded_elements: good
+        })
+        .await
+        .is_ok());
+    f.running.shutdown().await.unwrap();
+}
+
+fn curve25519_dalek_basepoint() -> [u8; 32] {
+    // Any valid non-identity element: the encoding of a record's blinded element.
+    let server = psi_core::Server::new(
+        psi_core::Mode::Voprf,
+        psi_core::ServerKey::generate(&mut rand_core::OsRng),
+    );
+    let client = psi_core::Client::new(psi_core::Mode::Voprf, *server.public_key());
+    let (_, blinded) = client
+        .blind(&[b"x"], psi_core::Blinding::Additive, &mut rand_core::OsRng)
+        .unwrap();
+    blinded[0].0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_proof_is_an_error_never_a_no_match() {
+    // The session pins server A's key; then another server with another key
+    // (same epoch number) takes A's port. Its proofs cannot verify.
+    let f = fixture(50).await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let port = f.running.local_addr.port();
+    f.running.shutdown().await.unwrap();
+
+    let other = tempfile::tempdir().unwrap();
+    let csv = other.path().join("r.csv");
+    write_registry(&csv, 50);
+    registry::init(&csv, &other.path().join("data"), false).unwrap();
+    let impostor = start(&other.path().join("data"), port).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let record = psi_core::Record::parse("张伟", "11010519491231002X", today()).unwrap();
+    let err = session.evaluate(vec![record.encode()]).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("proof does not verify"),
+        "{err:#}"
+    );
+    let err = session.bucket_check(&[record]).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("proof does not verify"),
+        "{err:#}"
+    );
+    // A fresh connection notices the changed key at once.
+    let err = connect(&f.url, &f.root.join("cache"), None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("pinned key"), "{err:#}");
+    impostor.shutdown().await.unwrap();
+    drop(f.data_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_cache_is_refetched_and_reports_hold_no_personal_data() {
+    let f = fixture(3000).await;
+    let cache = f.root.join("cache");
+    let session = connect(&f.url, &cache, None).await.unwrap();
+    let first = session.sync().await.unwrap();
+    assert_eq!(first.shards_fetched, first.shards_total);
+    let path = session.cache_path();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&path, bytes).unwrap();
+    let repaired = session.sync().await.unwrap();
+    assert_eq!(repaired.set.root_digest(), first.set.root_digest());
+
+    // Neither the data directory nor the client cache holds a name or an ID.
+    for dir in [&f.data_dir, &cache] {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let content = std::fs::read(entry.unwrap().path()).unwrap();
+            for (name, id) in REGISTERED {
+                assert!(
+                    !contains(&content, name.as_bytes()),
+                    "a name in {}",
+                    dir.display()
+                );
+                assert!(
+                    !contains(&content, id.as_bytes()),
+                    "an ID in {}",
+                    dir.display()
+                );
+            }
+        }
+    }
+    let report = std::fs::read_to_string(f.data_dir.join(registry::REPORT_FILE)).unwrap();
+    assert!(
+        report.contains("wrong length") && report.contains("Latin letter"),
+        "{report}"
+    );
+    f.running.shutdown().await.unwrap();
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
