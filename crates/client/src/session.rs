@@ -90,6 +90,7 @@ impl Session {
             )
         })?;
         let channel = endpoint
+            .tcp_nodelay(true)
             .connect()
             .await
             .with_context(|| format!("connecting to {}", options.server))?;

@@ -11,7 +11,6 @@ use psi_proto::v1::match_server::MatchServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::config::ServeConfig;
@@ -148,7 +147,13 @@ async fn run(cfg: ServeConfig, listener: TcpListener, stop: oneshot::Receiver<()
         .add_service(health)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .serve_with_incoming_shutdown(
+            // Without TCP_NODELAY small responses wait for delayed ACKs (~40 ms).
+            tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(std::time::Duration::from_secs(60))),
+            signal,
+        )
         .await
         .context("serving")?;
     if let Ok(e) = failure_rx.try_recv() {
