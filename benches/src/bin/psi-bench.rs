@@ -87,6 +87,7 @@ async fn main() -> Result<()> {
         listen: "127.0.0.1:0".parse()?,
         limits: Limits::default(),
         request_timeout: Duration::from_secs(120),
+        tls: None,
     })
     .await?;
     let url = format!("http://{}", running.local_addr);
@@ -98,6 +99,7 @@ async fn main() -> Result<()> {
         cache_dir,
         blinding: psi_core::Blinding::Additive,
         concurrency: 4,
+        tls: None,
     };
     let session = loop {
         match Session::connect(options.clone()).await {

@@ -3,14 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use psi_core::Blinding;
 
 use crate::batch::{self, BatchOptions};
 use crate::check::{check, CheckOutcome};
 use crate::pin::Pinned;
-use crate::session::{ConnectOptions, Session};
+use crate::session::{ClientTls, ConnectOptions, Session};
 use crate::QueryMode;
 
 /// Ask whether (name, ID) pairs are in the registry without revealing them.
@@ -38,10 +38,29 @@ pub struct ServerArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
+    /// The operator's CA certificate (PEM), for an https:// server.
+    #[arg(long, env = "PSI_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This institution's certificate (PEM), issued by `psi-server ca issue`.
+    #[arg(long, env = "PSI_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This institution's private key (PEM).
+    #[arg(long, env = "PSI_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ServerArgs {
-    fn options(&self) -> ConnectOptions {
+    fn options(&self) -> Result<ConnectOptions> {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let tls = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(ClientTls {
+                ca: read(ca)?,
+                cert: read(cert)?,
+                key: read(key)?,
+            }),
+            _ => None,
+        };
         let cache_dir = self.cache_dir.clone().unwrap_or_else(|| {
             std::env::var_os("XDG_CACHE_HOME")
                 .map(PathBuf::from)
@@ -49,13 +68,14 @@ impl ServerArgs {
                 .unwrap_or_else(|| PathBuf::from("."))
                 .join("psi-client")
         });
-        ConnectOptions {
+        Ok(ConnectOptions {
             server: self.server.clone(),
             pin_key: self.pin_key.clone(),
             cache_dir,
             blinding: Blinding::Additive,
             concurrency: self.concurrency,
-        }
+            tls,
+        })
     }
 }
 
@@ -104,7 +124,7 @@ pub enum Command {
 }
 
 async fn connect(args: &ServerArgs) -> Result<Session> {
-    let session = Session::connect(args.options()).await?;
+    let session = Session::connect(args.options()?).await?;
     if session.pinned == Pinned::FirstUse {
         eprintln!(
             "note: trusting {}'s public key {} (epoch {}) on first use; compare it with the key the operator published",

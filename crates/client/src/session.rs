@@ -37,6 +37,25 @@ pub struct ConnectOptions {
     pub blinding: Blinding,
     /// Requests in flight at once.
     pub concurrency: usize,
+    /// Mutual TLS (an `https://` server URL).
+    pub tls: Option<ClientTls>,
+}
+
+/// PEM contents for mutual TLS.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// The operator's CA certificate.
+    pub ca: Vec<u8>,
+    /// The institution's certificate.
+    pub cert: Vec<u8>,
+    /// The institution's private key.
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTls(..)")
+    }
 }
 
 /// A connected, pinned session.
@@ -83,12 +102,21 @@ impl Session {
     /// # Errors
     /// Unreachable server, unsupported ciphersuite, or a key that differs from the pin.
     pub async fn connect(options: ConnectOptions) -> Result<Self> {
-        let endpoint = Endpoint::from_shared(options.server.clone()).with_context(|| {
+        let mut endpoint = Endpoint::from_shared(options.server.clone()).with_context(|| {
             format!(
                 "`{}` is not a server URL (e.g. http://127.0.0.1:50051)",
                 options.server
             )
         })?;
+        if let Some(tls) = &options.tls {
+            endpoint = endpoint
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca))
+                        .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key)),
+                )
+                .context("configuring TLS")?;
+        }
         let channel = endpoint
             .tcp_nodelay(true)
             .connect()

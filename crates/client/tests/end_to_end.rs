@@ -53,6 +53,7 @@ async fn start(data_dir: &Path, port: u16) -> Running {
             ..Limits::default()
         },
         request_timeout: Duration::from_secs(30),
+        tls: None,
     })
     .await
     .unwrap()
@@ -65,6 +66,7 @@ async fn connect(url: &str, cache: &Path, pin: Option<String>) -> anyhow::Result
         cache_dir: cache.to_path_buf(),
         blinding: psi_core::Blinding::Additive,
         concurrency: 3,
+        tls: None,
     };
     let mut last = None;
     for _ in 0..100 {

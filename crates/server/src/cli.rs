@@ -51,6 +51,9 @@ pub enum Command {
     },
     /// Serve the encrypted registry until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// A local certificate authority for mutual TLS.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Run the whole job on synthetic data: generate, init, serve locally, and
     /// check pairs with the client in both modes.
     Demo {
@@ -60,6 +63,32 @@ pub enum Command {
         /// Registry size.
         #[arg(long, default_value_t = 20_000)]
         count: u64,
+    },
+}
+
+/// `psi-server ca` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create the operator's CA and the server's certificate.
+    Init {
+        /// Directory for ca.pem, ca.key, server.pem, server.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS names and IP addresses clients reach the server at.
+        #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        server_names: Vec<String>,
+    },
+    /// Issue an institution's client certificate.
+    Issue {
+        /// The CA's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Institution id (becomes the certificate's common name).
+        #[arg(long)]
+        institution: String,
+        /// Where to write INSTITUTION.pem and INSTITUTION.key [default: the CA's directory].
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
     },
 }
 
@@ -87,6 +116,33 @@ pub async fn run(cli: Cli) -> Result<()> {
             let running = crate::serve::start(cfg).await?;
             println!("psi-server listening on {}", running.local_addr);
             running.run_until(crate::serve::termination_signal()).await
+        }
+        Command::Ca(CaCommand::Init { dir, server_names }) => {
+            crate::ca::init(&dir, &server_names)?;
+            println!(
+                "CA and server certificate for {} written to {}; serve with --tls-cert {} --tls-key {} --client-ca {}",
+                server_names.join(", "),
+                dir.display(),
+                dir.join(crate::ca::SERVER_CERT).display(),
+                dir.join(crate::ca::SERVER_KEY).display(),
+                dir.join(crate::ca::CA_CERT).display()
+            );
+            Ok(())
+        }
+        Command::Ca(CaCommand::Issue {
+            dir,
+            institution,
+            out_dir,
+        }) => {
+            let out = out_dir.unwrap_or_else(|| dir.clone());
+            let (cert, key) = crate::ca::issue(&dir, &institution, &out)?;
+            println!(
+                "certificate for institution {institution}: {} (key {}); give both and {} to the institution",
+                cert.display(),
+                key.display(),
+                dir.join(crate::ca::CA_CERT).display()
+            );
+            Ok(())
         }
         Command::Demo { dir, count } => crate::demo::run(&dir, count).await,
     }

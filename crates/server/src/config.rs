@@ -36,6 +36,20 @@ pub struct ServeArgs {
     /// Per-request timeout in seconds [default: 60].
     #[arg(long, env = "PSI_REQUEST_TIMEOUT_SECS")]
     pub request_timeout_secs: Option<u64>,
+    /// Server certificate (PEM) for TLS; with --tls-key and --client-ca,
+    /// every client must present a certificate issued by that CA.
+    #[arg(long, env = "PSI_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "PSI_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that issues institutions' client certificates.
+    #[arg(long, env = "PSI_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Serve without TLS on an address other than loopback: anyone on the
+    /// network can then query without an identity. For testing only.
+    #[arg(long)]
+    pub insecure_plaintext_non_loopback: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -47,6 +61,26 @@ struct FileConfig {
     max_bucket_batch: Option<usize>,
     max_message_bytes: Option<usize>,
     request_timeout_secs: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+}
+
+/// PEM contents for mutual TLS, read before anything binds.
+#[derive(Clone)]
+pub struct TlsFiles {
+    /// Server certificate chain.
+    pub cert: Vec<u8>,
+    /// Server private key.
+    pub key: Vec<u8>,
+    /// CA of the institutions' client certificates.
+    pub client_ca: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsFiles(..)")
+    }
 }
 
 /// A validated configuration.
@@ -60,6 +94,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// Mutual TLS; `None` serves plaintext (loopback unless explicitly allowed).
+    pub tls: Option<TlsFiles>,
 }
 
 impl ServeArgs {
@@ -142,11 +178,32 @@ impl ServeArgs {
                 );
             }
         }
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let tls = match (
+            self.tls_cert.or(file.tls_cert),
+            self.tls_key.or(file.tls_key),
+            self.client_ca.or(file.client_ca),
+        ) {
+            (Some(cert), Some(key), Some(ca)) => Some(TlsFiles {
+                cert: read(&cert)?,
+                key: read(&key)?,
+                client_ca: read(&ca)?,
+            }),
+            (None, None, None) => None,
+            _ => bail!("TLS needs all three of --tls-cert, --tls-key and --client-ca (see `psi-server ca init`)"),
+        };
+        if tls.is_none() && !listen.ip().is_loopback() && !self.insecure_plaintext_non_loopback {
+            bail!(
+                "refusing to serve plaintext on {listen}, which is not a loopback address: institutions would be unauthenticated. Pass --tls-cert, --tls-key and --client-ca (see `psi-server ca init`), or --insecure-plaintext-non-loopback for a test network"
+            );
+        }
         Ok(ServeConfig {
             data_dir,
             listen,
             limits,
             request_timeout: Duration::from_secs(timeout),
+            tls,
         })
     }
 }
@@ -201,10 +258,36 @@ mod tests {
         assert!(bad.resolve().unwrap_err().to_string().contains("max_batch"));
         std::fs::write(&cfg_path, "listen_on = 1\n").unwrap();
         let bad = ServeArgs {
-            config: Some(cfg_path),
+            config: Some(cfg_path.clone()),
             ..ServeArgs::default()
         };
         assert!(format!("{:#}", bad.resolve().unwrap_err()).contains("unknown field"));
+        let open = ServeArgs {
+            listen: Some("0.0.0.0:7000".into()),
+            data_dir: Some(d.path().into()),
+            ..ServeArgs::default()
+        };
+        assert!(open
+            .clone()
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("not a loopback address"));
+        let allowed = ServeArgs {
+            insecure_plaintext_non_loopback: true,
+            ..open
+        };
+        assert!(allowed.resolve().is_ok());
+        let half_tls = ServeArgs {
+            tls_cert: Some(cfg_path.clone()),
+            data_dir: Some(d.path().into()),
+            ..ServeArgs::default()
+        };
+        assert!(half_tls
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("all three"));
         let empty = tempfile::tempdir().unwrap();
         let bad = ServeArgs {
             data_dir: Some(empty.path().into()),

@@ -158,6 +158,7 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
         listen: "127.0.0.1:0".parse()?,
         limits: Limits::default(),
         request_timeout: Duration::from_secs(60),
+        tls: None,
     })
     .await?;
     let url = format!("http://{}", running.local_addr);
@@ -189,6 +190,7 @@ async fn client_side(dir: &Path, url: &str, count: u64) -> Result<()> {
         cache_dir,
         blinding: psi_core::Blinding::Additive,
         concurrency: 4,
+        tls: None,
     };
     let mut attempts = 0;
     let session = loop {

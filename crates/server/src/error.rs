@@ -18,6 +18,11 @@ pub enum ServiceError {
         /// The server's epoch.
         server: u64,
     },
+    /// No valid client certificate under mutual TLS.
+    #[error(
+        "a client certificate issued by the operator's CA, naming the institution, is required"
+    )]
+    Unauthenticated,
     /// A malformed request.
     #[error("{0}")]
     InvalidArgument(String),
@@ -35,6 +40,7 @@ impl From<ServiceError> for Status {
             ServiceError::Loading => Code::Unavailable,
             ServiceError::StaleEpoch { .. } => Code::FailedPrecondition,
             ServiceError::InvalidArgument(_) | ServiceError::Core(_) => Code::InvalidArgument,
+            ServiceError::Unauthenticated => Code::Unauthenticated,
             ServiceError::Internal => Code::Internal,
         };
         Status::new(code, e.to_string())

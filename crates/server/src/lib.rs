@@ -5,7 +5,7 @@
 //! - [`keystore`], [`atomic_file`]: the OPRF key file, written atomically, mode 0600.
 //! - [`registry`]: `init` (CSV to encrypted snapshot) and snapshot loading.
 //! - [`service`], [`error`]: the `psi.v1.Match` gRPC service and its status codes.
-//! - [`config`], [`serve`]: configuration and the server's life cycle.
+//! - [`config`], [`serve`], [`ca`]: configuration, mutual TLS, and the server's life cycle.
 //! - [`cli`], [`demo`]: the command line and the end-to-end demo.
 
 #![cfg_attr(
@@ -19,6 +19,7 @@
 )]
 
 pub mod atomic_file;
+pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -75,7 +75,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
 }
 
 async fn run(cfg: ServeConfig, listener: TcpListener, stop: oneshot::Receiver<()>) -> Result<()> {
-    let state = Arc::new(State::new(cfg.limits));
+    let state = Arc::new(State::new(cfg.limits, cfg.tls.is_some()));
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_not_serving::<MatchServer<MatchService>>()
@@ -141,8 +141,18 @@ async fn run(cfg: ServeConfig, listener: TcpListener, stop: oneshot::Receiver<()
             .await;
         tracing::info!("shutting down: draining in-flight requests");
     };
-    tracing::info!(addr = %listener.local_addr()?, "listening");
-    tonic::transport::Server::builder()
+    tracing::info!(addr = %listener.local_addr()?, tls = cfg.tls.is_some(), "listening");
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.tls {
+        builder = builder
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key))
+                    .client_ca_root(tonic::transport::Certificate::from_pem(&tls.client_ca)),
+            )
+            .context("configuring TLS")?;
+    }
+    builder
         .timeout(cfg.request_timeout)
         .add_service(health)
         .add_service(reflection)

@@ -41,20 +41,27 @@ impl Default for Limits {
     }
 }
 
-/// Shared state: the current snapshot (absent while loading) and the limits.
+/// Shared state: the current snapshot (absent while loading), the limits,
+/// and whether clients authenticate with certificates.
 #[derive(Debug)]
 pub struct State {
     snapshot: RwLock<Option<Arc<Snapshot>>>,
     limits: Limits,
+    mutual_tls: bool,
 }
 
+/// The institution of a plaintext (loopback) connection.
+pub const LOCAL_INSTITUTION: &str = "local";
+
 impl State {
-    /// A state with no snapshot yet.
+    /// A state with no snapshot yet. With `mutual_tls`, every request must
+    /// carry a client certificate naming an institution.
     #[must_use]
-    pub fn new(limits: Limits) -> Self {
+    pub fn new(limits: Limits, mutual_tls: bool) -> Self {
         Self {
             snapshot: RwLock::new(None),
             limits,
+            mutual_tls,
         }
     }
 
@@ -93,6 +100,17 @@ impl MatchService {
     #[must_use]
     pub fn new(state: Arc<State>) -> Self {
         Self { state }
+    }
+
+    /// The institution behind a request: its client certificate's common name
+    /// under mutual TLS, [`LOCAL_INSTITUTION`] on plaintext loopback.
+    fn institution<T>(&self, request: &Request<T>) -> Result<String, ServiceError> {
+        if !self.state.mutual_tls {
+            return Ok(LOCAL_INSTITUTION.to_string());
+        }
+        let certs = request.peer_certs().ok_or(ServiceError::Unauthenticated)?;
+        let leaf = certs.first().ok_or(ServiceError::Unauthenticated)?;
+        crate::ca::institution_of(leaf).map_err(|_| ServiceError::Unauthenticated)
     }
 
     fn snapshot_for(&self, epoch: u64) -> Result<Arc<Snapshot>, ServiceError> {
@@ -159,65 +177,24 @@ impl Match for MatchService {
         &self,
         request: Request<EvaluateRequest>,
     ) -> Result<Response<EvaluateResponse>, Status> {
+        let institution = self.institution(&request)?;
         let req = request.into_inner();
-        let snap = self.snapshot_for(req.key_epoch)?;
-        let blinded = unpack_blinded(&req.blinded_elements).map_err(ServiceError::from)?;
-        self.check_batch(blinded.len(), self.state.limits.max_batch)?;
-        let epoch = snap.epoch;
-        let evaluation = on_cpu(move || snap.server.blind_evaluate(&blinded, &mut OsRng))
-            .await?
-            .map_err(ServiceError::from)?;
-        let proof = evaluation.proof.ok_or(ServiceError::Internal)?;
-        Ok(Response::new(EvaluateResponse {
-            key_epoch: epoch,
-            evaluated_elements: pack(evaluation.elements.iter().map(|e| &e.0)),
-            proof: proof.to_bytes().to_vec(),
-        }))
+        let elements = req.blinded_elements.len() / 32;
+        let result = self.evaluate_inner(req).await;
+        log_request(&institution, "Evaluate", elements, &result);
+        result.map(Response::new).map_err(Status::from)
     }
 
     async fn bucket_query(
         &self,
         request: Request<BucketQueryRequest>,
     ) -> Result<Response<BucketQueryResponse>, Status> {
+        let institution = self.institution(&request)?;
         let req = request.into_inner();
-        let snap = self.snapshot_for(req.key_epoch)?;
-        let blinded = unpack_blinded(&req.blinded_elements).map_err(ServiceError::from)?;
-        self.check_batch(blinded.len(), self.state.limits.max_bucket_batch)?;
-        if req.buckets.len() != blinded.len() {
-            return Err(ServiceError::InvalidArgument(format!(
-                "{} buckets for {} elements",
-                req.buckets.len(),
-                blinded.len()
-            ))
-            .into());
-        }
-        let ids: BTreeSet<u32> = req.buckets.iter().copied().collect();
-        if ids.iter().any(|&b| snap.index.bucket(b).is_none()) {
-            return Err(ServiceError::InvalidArgument(format!(
-                "bucket id out of range: the registry uses {} prefix bits",
-                snap.index.prefix_bits()
-            ))
-            .into());
-        }
-        let work = Arc::clone(&snap);
-        let evaluation = on_cpu(move || work.server.blind_evaluate(&blinded, &mut OsRng))
-            .await?
-            .map_err(ServiceError::from)?;
-        let proof = evaluation.proof.ok_or(ServiceError::Internal)?;
-        let buckets = ids
-            .into_iter()
-            .map(|id| Bucket {
-                id,
-                tags: pack_tags(snap.index.bucket(id).unwrap_or(&[])),
-            })
-            .collect();
-        Ok(Response::new(BucketQueryResponse {
-            key_epoch: snap.epoch,
-            registry_version: snap.index.registry_version(),
-            evaluated_elements: pack(evaluation.elements.iter().map(|e| &e.0)),
-            proof: proof.to_bytes().to_vec(),
-            buckets,
-        }))
+        let elements = req.blinded_elements.len() / 32;
+        let result = self.bucket_query_inner(req).await;
+        log_request(&institution, "BucketQuery", elements, &result);
+        result.map(Response::new).map_err(Status::from)
     }
 
     type SyncTagSetStream = std::pin::Pin<
@@ -228,14 +205,92 @@ impl Match for MatchService {
         &self,
         request: Request<SyncTagSetRequest>,
     ) -> Result<Response<Self::SyncTagSetStream>, Status> {
-        let req = request.into_inner();
+        let institution = self.institution(&request)?;
+        let result = self.sync_tag_set_inner(request.into_inner());
+        log_request(&institution, "SyncTagSet", 0, &result);
+        result.map(Response::new).map_err(Status::from)
+    }
+}
+
+/// One log line per request: institution, method, element count, outcome.
+/// Never blinded elements, tags, names or ID numbers.
+fn log_request<T>(
+    institution: &str,
+    method: &str,
+    elements: usize,
+    result: &Result<T, ServiceError>,
+) {
+    match result {
+        Ok(_) => tracing::info!(institution, method, elements, outcome = "ok", "request"),
+        Err(e) => tracing::warn!(institution, method, elements, outcome = %e, "request refused"),
+    }
+}
+
+impl MatchService {
+    async fn evaluate_inner(&self, req: EvaluateRequest) -> Result<EvaluateResponse, ServiceError> {
+        let snap = self.snapshot_for(req.key_epoch)?;
+        let blinded = unpack_blinded(&req.blinded_elements)?;
+        self.check_batch(blinded.len(), self.state.limits.max_batch)?;
+        let epoch = snap.epoch;
+        let evaluation = on_cpu(move || snap.server.blind_evaluate(&blinded, &mut OsRng)).await??;
+        let proof = evaluation.proof.ok_or(ServiceError::Internal)?;
+        Ok(EvaluateResponse {
+            key_epoch: epoch,
+            evaluated_elements: pack(evaluation.elements.iter().map(|e| &e.0)),
+            proof: proof.to_bytes().to_vec(),
+        })
+    }
+
+    async fn bucket_query_inner(
+        &self,
+        req: BucketQueryRequest,
+    ) -> Result<BucketQueryResponse, ServiceError> {
+        let snap = self.snapshot_for(req.key_epoch)?;
+        let blinded = unpack_blinded(&req.blinded_elements)?;
+        self.check_batch(blinded.len(), self.state.limits.max_bucket_batch)?;
+        if req.buckets.len() != blinded.len() {
+            return Err(ServiceError::InvalidArgument(format!(
+                "{} buckets for {} elements",
+                req.buckets.len(),
+                blinded.len()
+            )));
+        }
+        let ids: BTreeSet<u32> = req.buckets.iter().copied().collect();
+        if ids.iter().any(|&b| snap.index.bucket(b).is_none()) {
+            return Err(ServiceError::InvalidArgument(format!(
+                "bucket id out of range: the registry uses {} prefix bits",
+                snap.index.prefix_bits()
+            )));
+        }
+        let work = Arc::clone(&snap);
+        let evaluation = on_cpu(move || work.server.blind_evaluate(&blinded, &mut OsRng)).await??;
+        let proof = evaluation.proof.ok_or(ServiceError::Internal)?;
+        let buckets = ids
+            .into_iter()
+            .map(|id| Bucket {
+                id,
+                tags: pack_tags(snap.index.bucket(id).unwrap_or(&[])),
+            })
+            .collect();
+        Ok(BucketQueryResponse {
+            key_epoch: snap.epoch,
+            registry_version: snap.index.registry_version(),
+            evaluated_elements: pack(evaluation.elements.iter().map(|e| &e.0)),
+            proof: proof.to_bytes().to_vec(),
+            buckets,
+        })
+    }
+
+    fn sync_tag_set_inner(
+        &self,
+        req: SyncTagSetRequest,
+    ) -> Result<<Self as Match>::SyncTagSetStream, ServiceError> {
         let snap = self.snapshot_for(req.key_epoch)?;
         let held = req.held_digests;
         if !held.len().is_multiple_of(32) {
             return Err(ServiceError::InvalidArgument(
                 "held_digests length is not a multiple of 32".into(),
-            )
-            .into());
+            ));
         }
         let manifest = SyncTagSetResponse {
             item: Some(sync_tag_set_response::Item::Manifest(manifest_of(
@@ -258,6 +313,6 @@ impl Match for MatchService {
             }))
         });
         let stream = tokio_stream::iter(std::iter::once(Ok(manifest)).chain(shards));
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Box::pin(stream))
     }
 }
