@@ -88,6 +88,7 @@ async fn main() -> Result<()> {
         limits: Limits::default(),
         request_timeout: Duration::from_secs(120),
         tls: None,
+        audit_db: data_dir.join(psi_server::audit::AUDIT_FILE),
     })
     .await?;
     let url = format!("http://{}", running.local_addr);
@@ -100,6 +101,7 @@ async fn main() -> Result<()> {
         blinding: psi_core::Blinding::Additive,
         concurrency: 4,
         tls: None,
+        purpose: "benchmark".to_string(),
     };
     let session = loop {
         match Session::connect(options.clone()).await {

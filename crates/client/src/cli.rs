@@ -38,6 +38,10 @@ pub struct ServerArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
+    /// Why these pairs are checked: the purpose code your authorisation names
+    /// (e.g. kyc-onboarding); recorded in the operator's audit trail.
+    #[arg(long, env = "PSI_PURPOSE")]
+    pub purpose: String,
     /// The operator's CA certificate (PEM), for an https:// server.
     #[arg(long, env = "PSI_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
     pub tls_ca: Option<PathBuf>,
@@ -75,6 +79,7 @@ impl ServerArgs {
             blinding: Blinding::Additive,
             concurrency: self.concurrency,
             tls,
+            purpose: self.purpose.clone(),
         })
     }
 }

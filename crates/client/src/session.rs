@@ -24,6 +24,9 @@ use tonic::Code;
 
 use crate::pin::{self, Pinned};
 
+/// The gRPC metadata key of the declared purpose (the server's `PURPOSE_HEADER`).
+pub const PURPOSE_HEADER: &str = "x-psi-purpose";
+
 /// How to connect.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -39,6 +42,9 @@ pub struct ConnectOptions {
     pub concurrency: usize,
     /// Mutual TLS (an `https://` server URL).
     pub tls: Option<ClientTls>,
+    /// The declared purpose of the queries (a code the operator allows, e.g.
+    /// `kyc-onboarding`), sent with every request and kept in the server's audit trail.
+    pub purpose: String,
 }
 
 /// PEM contents for mutual TLS.
@@ -97,6 +103,15 @@ fn rpc_error(status: tonic::Status, what: &str) -> anyhow::Error {
 }
 
 impl Session {
+    /// A request carrying the declared purpose.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Ok(value) = self.options.purpose.parse() {
+            request.metadata_mut().insert(PURPOSE_HEADER, value);
+        }
+        request
+    }
+
     /// Connects, reads `ServerInfo`, checks the ciphersuite and pins the key and epoch.
     ///
     /// # Errors
@@ -198,10 +213,10 @@ impl Session {
         let response = self
             .grpc
             .clone()
-            .evaluate(EvaluateRequest {
+            .evaluate(self.request(EvaluateRequest {
                 key_epoch: self.info.key_epoch,
                 blinded_elements: pack(blinded.iter().map(|b| &b.0)),
-            })
+            }))
             .await
             .map_err(|s| rpc_error(s, "evaluating"))?
             .into_inner();
@@ -246,11 +261,11 @@ impl Session {
             let response = self
                 .grpc
                 .clone()
-                .bucket_query(BucketQueryRequest {
+                .bucket_query(self.request(BucketQueryRequest {
                     key_epoch: self.info.key_epoch,
                     blinded_elements: pack(blinded.iter().map(|b| &b.0)),
                     buckets: buckets.clone(),
-                })
+                }))
                 .await
                 .map_err(|s| rpc_error(s, "querying buckets"))?
                 .into_inner();
@@ -317,10 +332,10 @@ impl Session {
         let mut stream = self
             .grpc
             .clone()
-            .sync_tag_set(SyncTagSetRequest {
+            .sync_tag_set(self.request(SyncTagSetRequest {
                 key_epoch: self.info.key_epoch,
                 held_digests: held,
-            })
+            }))
             .await
             .map_err(|s| rpc_error(s, "syncing the tag set"))?
             .into_inner();

@@ -95,7 +95,13 @@ fn init_serve_batch_check_with_the_real_binaries() {
     let client = |args: &[&str]| {
         let mut c = Command::new(client_bin());
         c.args(args)
-            .args(["--server", &url, "--cache-dir"])
+            .args([
+                "--server",
+                &url,
+                "--purpose",
+                "kyc-onboarding",
+                "--cache-dir",
+            ])
             .arg(&cache);
         c
     };
@@ -184,6 +190,74 @@ fn init_serve_batch_check_with_the_real_binaries() {
     assert_eq!(code, 0);
     assert!(out.contains("fetched 0 of"), "{out}");
 
+    // Every request is in the audit trail, which verifies; no personal data in it.
+    let audit_db = data.join("audit.sqlite");
+    let (code, out, err) = run(Command::new(server_bin())
+        .args(["audit", "verify", "--db"])
+        .arg(&audit_db));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("audit chain intact"), "{out}");
+    let (code, out, _) = run(Command::new(server_bin())
+        .args([
+            "audit",
+            "export",
+            "--format",
+            "csv",
+            "--institution",
+            "local",
+            "--db",
+        ])
+        .arg(&audit_db));
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .skip(1)
+            .all(|l| l.contains(",local,kyc-onboarding,")),
+        "{out}"
+    );
+    assert!(
+        out.contains(",Evaluate,sync,") && out.contains(",BucketQuery,bucket,"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("张伟") && !out.contains("11010519491231002"),
+        "{out}"
+    );
+
+    // Every request is in the audit trail, which verifies; no personal data in it.
+    let audit_db = data.join("audit.sqlite");
+    let (code, out, err) = run(Command::new(server_bin())
+        .args(["audit", "verify", "--db"])
+        .arg(&audit_db));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("audit chain intact"), "{out}");
+    let (code, out, _) = run(Command::new(server_bin())
+        .args([
+            "audit",
+            "export",
+            "--format",
+            "csv",
+            "--institution",
+            "local",
+            "--db",
+        ])
+        .arg(&audit_db));
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .skip(1)
+            .all(|l| l.contains(",local,kyc-onboarding,")),
+        "{out}"
+    );
+    assert!(
+        out.contains(",Evaluate,sync,") && out.contains(",BucketQuery,bucket,"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("张伟") && !out.contains("11010519491231002"),
+        "{out}"
+    );
+
     // SIGTERM: the server drains and exits cleanly.
     let pid = server.0.id().to_string();
     assert!(Command::new("kill")
@@ -215,6 +289,8 @@ fn config_errors_are_reported_before_binding() {
             "check",
             "--server",
             "http://127.0.0.1:1",
+            "--purpose",
+            "kyc",
             "--name",
             "张伟",
             "--id",

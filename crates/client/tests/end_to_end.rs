@@ -54,6 +54,7 @@ async fn start(data_dir: &Path, port: u16) -> Running {
         },
         request_timeout: Duration::from_secs(30),
         tls: None,
+        audit_db: data_dir.join(psi_server::audit::AUDIT_FILE),
     })
     .await
     .unwrap()
@@ -67,6 +68,7 @@ async fn connect(url: &str, cache: &Path, pin: Option<String>) -> anyhow::Result
         blinding: psi_core::Blinding::Additive,
         concurrency: 3,
         tls: None,
+        purpose: "kyc-onboarding".to_string(),
     };
     let mut last = None;
     for _ in 0..100 {
@@ -258,6 +260,40 @@ async fn batch_answers_every_row_in_both_modes() {
         }
         assert!(!f.root.join(format!("out-{mode:?}.csv.partial")).exists());
     }
+    // One audit record per request, durable before the answer: the Evaluate
+    // records add up to the valid rows, and the chain verifies.
+    let audit_db = f.data_dir.join(psi_server::audit::AUDIT_FILE);
+    let v = psi_server::audit::verify(&audit_db).unwrap();
+    let mut out = Vec::new();
+    psi_server::audit::export(
+        &audit_db,
+        &Default::default(),
+        psi_server::audit::Format::Json,
+        &mut out,
+    )
+    .unwrap();
+    let records: Vec<serde_json::Value> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len() as u64, v.records);
+    let valid_rows = expected.iter().filter(|w| **w != "invalid").count() as u64;
+    let evaluated: u64 = records
+        .iter()
+        .filter(|r| r["method"] == "Evaluate")
+        .map(|r| r["elements"].as_u64().unwrap())
+        .sum();
+    let bucketed: u64 = records
+        .iter()
+        .filter(|r| r["method"] == "BucketQuery")
+        .map(|r| r["elements"].as_u64().unwrap())
+        .sum();
+    assert_eq!((evaluated, bucketed), (valid_rows, valid_rows));
+    assert!(records.iter().all(|r| r["institution"] == "local"
+        && r["purpose"] == "kyc-onboarding"
+        && r["outcome"] == "ok"));
+
     // The second sync fetches nothing: the cache is current.
     let again = session.sync().await.unwrap();
     assert_eq!(again.shards_fetched, 0);
@@ -298,28 +334,28 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
     let good = psi_proto::pack([&curve25519_dalek_basepoint()]);
 
     let stale = raw
-        .evaluate(EvaluateRequest {
+        .evaluate(with_purpose(EvaluateRequest {
             key_epoch: epoch + 1,
             blinded_elements: good.clone(),
-        })
+        }))
         .await
         .unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition);
     assert!(stale.message().contains("stale"));
     let stale = raw
-        .bucket_query(BucketQueryRequest {
+        .bucket_query(with_purpose(BucketQueryRequest {
             key_epoch: epoch + 1,
             blinded_elements: good.clone(),
             buckets: vec![0],
-        })
+        }))
         .await
         .unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition);
     let stale = raw
-        .sync_tag_set(SyncTagSetRequest {
+        .sync_tag_set(with_purpose(SyncTagSetRequest {
             key_epoch: 0,
             held_digests: vec![],
-        })
+        }))
         .await
         .unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition);
@@ -333,10 +369,10 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
     ];
     for (bytes, want) in cases {
         let e = raw
-            .evaluate(EvaluateRequest {
+            .evaluate(with_purpose(EvaluateRequest {
                 key_epoch: epoch,
                 blinded_elements: bytes,
-            })
+            }))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{want}");
@@ -347,32 +383,60 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
         );
     }
     let e = raw
-        .bucket_query(BucketQueryRequest {
+        .bucket_query(with_purpose(BucketQueryRequest {
             key_epoch: epoch,
             blinded_elements: good.clone(),
             buckets: vec![1 << 20],
-        })
+        }))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let e = raw
-        .bucket_query(BucketQueryRequest {
+        .bucket_query(with_purpose(BucketQueryRequest {
             key_epoch: epoch,
             blinded_elements: good.clone(),
             buckets: vec![],
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // No declared purpose: refused, and recorded as refused.
+    let e = raw
+        .evaluate(EvaluateRequest {
+            key_epoch: epoch,
+            blinded_elements: good.clone(),
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("purpose"), "{}", e.message());
+    let mut bad = with_purpose(EvaluateRequest {
+        key_epoch: epoch,
+        blinded_elements: good.clone(),
+    });
+    bad.metadata_mut()
+        .insert("x-psi-purpose", "Not A Code!".parse().unwrap());
+    assert_eq!(
+        raw.evaluate(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     // The server is still up and answering.
     assert!(raw
-        .evaluate(EvaluateRequest {
+        .evaluate(with_purpose(EvaluateRequest {
             key_epoch: epoch,
             blinded_elements: good
-        })
+        }))
         .await
         .is_ok());
     f.running.shutdown().await.unwrap();
+}
+
+/// A raw request with a declared purpose, as every query must carry.
+fn with_purpose<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("x-psi-purpose", "kyc-onboarding".parse().unwrap());
+    r
 }
 
 fn curve25519_dalek_basepoint() -> [u8; 32] {

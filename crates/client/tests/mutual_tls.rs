@@ -22,6 +22,7 @@ fn options(url: &str, cache: &Path, tls: Option<ClientTls>) -> ConnectOptions {
         blinding: psi_core::Blinding::Additive,
         concurrency: 2,
         tls,
+        purpose: "kyc-onboarding".to_string(),
     }
 }
 
@@ -45,6 +46,7 @@ async fn only_certificates_from_the_operators_ca_are_served() {
         listen: "127.0.0.1:0".parse().unwrap(),
         limits: Limits::default(),
         request_timeout: Duration::from_secs(30),
+        audit_db: root.join("audit.sqlite"),
         tls: Some(TlsFiles {
             cert: read(&ca_dir.join(ca::SERVER_CERT)),
             key: read(&ca_dir.join(ca::SERVER_KEY)),

@@ -54,6 +54,9 @@ pub enum Command {
     /// A local certificate authority for mutual TLS.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Check or export the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Run the whole job on synthetic data: generate, init, serve locally, and
     /// check pairs with the client in both modes.
     Demo {
@@ -89,6 +92,35 @@ pub enum CaCommand {
         /// Where to write INSTITUTION.pem and INSTITUTION.key [default: the CA's directory].
         #[arg(long)]
         out_dir: Option<PathBuf>,
+    },
+}
+
+/// `psi-server audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Walk the hash chain; report the first edited, deleted or reordered record.
+    Verify {
+        /// The audit database.
+        #[arg(long, env = "PSI_AUDIT_DB")]
+        db: PathBuf,
+    },
+    /// Export records, oldest first.
+    Export {
+        /// The audit database.
+        #[arg(long, env = "PSI_AUDIT_DB")]
+        db: PathBuf,
+        /// Only this institution.
+        #[arg(long)]
+        institution: Option<String>,
+        /// From this time (RFC 3339, e.g. 2026-11-01T00:00:00Z).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        since: Option<std::time::SystemTime>,
+        /// Until this time, exclusive (RFC 3339).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        until: Option<std::time::SystemTime>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = crate::audit::Format::Csv)]
+        format: crate::audit::Format,
     },
 }
 
@@ -142,6 +174,32 @@ pub async fn run(cli: Cli) -> Result<()> {
                 key.display(),
                 dir.join(crate::ca::CA_CERT).display()
             );
+            Ok(())
+        }
+        Command::Audit(AuditCommand::Verify { db }) => {
+            let v = crate::audit::verify(&db)?;
+            println!(
+                "audit chain intact: {} records; head {} (keep this value outside the database to detect truncation)",
+                v.records, v.head
+            );
+            Ok(())
+        }
+        Command::Audit(AuditCommand::Export {
+            db,
+            institution,
+            since,
+            until,
+            format,
+        }) => {
+            let filter = crate::audit::ExportFilter {
+                institution,
+                since,
+                until,
+            };
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            let n = crate::audit::export(&db, &filter, format, &mut out)?;
+            eprintln!("exported {n} records");
             Ok(())
         }
         Command::Demo { dir, count } => crate::demo::run(&dir, count).await,

@@ -46,6 +46,9 @@ pub struct ServeArgs {
     /// CA certificate (PEM) that issues institutions' client certificates.
     #[arg(long, env = "PSI_CLIENT_CA")]
     pub client_ca: Option<PathBuf>,
+    /// Audit database [default: DATA_DIR/audit.sqlite].
+    #[arg(long, env = "PSI_AUDIT_DB")]
+    pub audit_db: Option<PathBuf>,
     /// Serve without TLS on an address other than loopback: anyone on the
     /// network can then query without an identity. For testing only.
     #[arg(long)]
@@ -64,6 +67,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
+    audit_db: Option<PathBuf>,
 }
 
 /// PEM contents for mutual TLS, read before anything binds.
@@ -96,6 +100,8 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     /// Mutual TLS; `None` serves plaintext (loopback unless explicitly allowed).
     pub tls: Option<TlsFiles>,
+    /// The audit database.
+    pub audit_db: PathBuf,
 }
 
 impl ServeArgs {
@@ -198,12 +204,17 @@ impl ServeArgs {
                 "refusing to serve plaintext on {listen}, which is not a loopback address: institutions would be unauthenticated. Pass --tls-cert, --tls-key and --client-ca (see `psi-server ca init`), or --insecure-plaintext-non-loopback for a test network"
             );
         }
+        let audit_db = self
+            .audit_db
+            .or(file.audit_db)
+            .unwrap_or_else(|| data_dir.join(crate::audit::AUDIT_FILE));
         Ok(ServeConfig {
             data_dir,
             listen,
             limits,
             request_timeout: Duration::from_secs(timeout),
             tls,
+            audit_db,
         })
     }
 }

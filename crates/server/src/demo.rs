@@ -159,6 +159,7 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
         limits: Limits::default(),
         request_timeout: Duration::from_secs(60),
         tls: None,
+        audit_db: data_dir.join(crate::audit::AUDIT_FILE),
     })
     .await?;
     let url = format!("http://{}", running.local_addr);
@@ -191,6 +192,7 @@ async fn client_side(dir: &Path, url: &str, count: u64) -> Result<()> {
         blinding: psi_core::Blinding::Additive,
         concurrency: 4,
         tls: None,
+        purpose: "demo".to_string(),
     };
     let mut attempts = 0;
     let session = loop {

@@ -34,15 +34,22 @@ pub enum ServiceError {
     Internal,
 }
 
-impl From<ServiceError> for Status {
-    fn from(e: ServiceError) -> Self {
-        let code = match &e {
+impl ServiceError {
+    /// The gRPC status code of this error.
+    #[must_use]
+    pub fn code(&self) -> Code {
+        match self {
             ServiceError::Loading => Code::Unavailable,
             ServiceError::StaleEpoch { .. } => Code::FailedPrecondition,
             ServiceError::InvalidArgument(_) | ServiceError::Core(_) => Code::InvalidArgument,
             ServiceError::Unauthenticated => Code::Unauthenticated,
             ServiceError::Internal => Code::Internal,
-        };
-        Status::new(code, e.to_string())
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        Status::new(e.code(), e.to_string())
     }
 }

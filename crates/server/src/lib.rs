@@ -4,7 +4,8 @@
 //! - [`synth`]: synthetic registries for tests, demos and benchmarks.
 //! - [`keystore`], [`atomic_file`]: the OPRF key file, written atomically, mode 0600.
 //! - [`registry`]: `init` (CSV to encrypted snapshot) and snapshot loading.
-//! - [`service`], [`error`]: the `psi.v1.Match` gRPC service and its status codes.
+//! - [`service`], [`error`], [`audit`]: the `psi.v1.Match` gRPC service, its status
+//!   codes, and the hash-chained audit trail of every request.
 //! - [`config`], [`serve`], [`ca`]: configuration, mutual TLS, and the server's life cycle.
 //! - [`cli`], [`demo`]: the command line and the end-to-end demo.
 
@@ -19,6 +20,7 @@
 )]
 
 pub mod atomic_file;
+pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;

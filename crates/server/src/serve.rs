@@ -61,12 +61,14 @@ impl Running {
 /// # Errors
 /// If the address cannot be bound.
 pub async fn start(cfg: ServeConfig) -> Result<Running> {
+    // The audit trail opens before the port binds: no unaudited answers.
+    let audit = crate::audit::AuditLog::open(&cfg.audit_db)?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let local_addr = listener.local_addr()?;
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(run(cfg, listener, rx));
+    let task = tokio::spawn(run(cfg, listener, audit, rx));
     Ok(Running {
         local_addr,
         shutdown: Some(tx),
@@ -74,8 +76,13 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
     })
 }
 
-async fn run(cfg: ServeConfig, listener: TcpListener, stop: oneshot::Receiver<()>) -> Result<()> {
-    let state = Arc::new(State::new(cfg.limits, cfg.tls.is_some()));
+async fn run(
+    cfg: ServeConfig,
+    listener: TcpListener,
+    audit: crate::audit::AuditLog,
+    stop: oneshot::Receiver<()>,
+) -> Result<()> {
+    let state = Arc::new(State::new(cfg.limits, cfg.tls.is_some(), audit));
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_not_serving::<MatchServer<MatchService>>()

@@ -17,8 +17,21 @@ use rand_core::OsRng;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
+use crate::audit::{AuditLog, Entry};
 use crate::error::ServiceError;
 use crate::registry::Snapshot;
+
+/// The gRPC metadata key that carries a request's declared purpose code.
+pub const PURPOSE_HEADER: &str = "x-psi-purpose";
+
+/// Whether `code` is a well-formed purpose code: 1 to 32 of `a-z 0-9 _ -`.
+#[must_use]
+pub fn is_valid_purpose(code: &str) -> bool {
+    (1..=32).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+}
 
 /// Request size limits, stated in `ServerInfo`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +61,7 @@ pub struct State {
     snapshot: RwLock<Option<Arc<Snapshot>>>,
     limits: Limits,
     mutual_tls: bool,
+    audit: AuditLog,
 }
 
 /// The institution of a plaintext (loopback) connection.
@@ -57,11 +71,12 @@ impl State {
     /// A state with no snapshot yet. With `mutual_tls`, every request must
     /// carry a client certificate naming an institution.
     #[must_use]
-    pub fn new(limits: Limits, mutual_tls: bool) -> Self {
+    pub fn new(limits: Limits, mutual_tls: bool, audit: AuditLog) -> Self {
         Self {
             snapshot: RwLock::new(None),
             limits,
             mutual_tls,
+            audit,
         }
     }
 
@@ -100,6 +115,68 @@ impl MatchService {
     #[must_use]
     pub fn new(state: Arc<State>) -> Self {
         Self { state }
+    }
+
+    /// Who asks and why: the institution and the declared purpose.
+    fn caller<T>(&self, request: &Request<T>) -> Caller {
+        let purpose = request
+            .metadata()
+            .get(PURPOSE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .filter(|p| is_valid_purpose(p))
+            .ok_or_else(|| {
+                ServiceError::InvalidArgument(format!(
+                    "declare the purpose of the query in the `{PURPOSE_HEADER}` header: 1 to 32 of a-z, 0-9, '_' or '-' (psi-client --purpose CODE)"
+                ))
+            });
+        Caller {
+            institution: self.institution(request),
+            purpose,
+        }
+    }
+
+    /// Runs `work` for `caller` and records the request in the audit trail;
+    /// the answer is released only once its record is durable.
+    async fn accounted<T>(
+        &self,
+        caller: Caller,
+        method: &str,
+        mode: &str,
+        elements: usize,
+        work: impl std::future::Future<Output = Result<T, ServiceError>>,
+    ) -> Result<T, Status> {
+        let mut entry = Entry::now(
+            caller.institution.as_deref().unwrap_or("unauthenticated"),
+            caller.purpose.as_deref().unwrap_or(""),
+            method,
+            mode,
+        );
+        entry.elements = elements as u64;
+        let result = match (caller.institution, caller.purpose) {
+            (Err(e), _) | (_, Err(e)) => Err(e),
+            (Ok(_), Ok(_)) => work.await,
+        };
+        if let Ok(snap) = self.state.current() {
+            entry.key_epoch = snap.epoch;
+            entry.registry_version = snap.index.registry_version();
+        }
+        entry.outcome = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("{:?}", e.code()),
+        };
+        let (institution, request_id) = (entry.institution.clone(), entry.request_id.clone());
+        if let Err(e) = self.state.audit.append(entry).await {
+            tracing::error!(%request_id, "answer withheld: {e:#}");
+            return Err(ServiceError::Internal.into());
+        }
+        match &result {
+            Ok(_) => tracing::info!(institution, method, elements, %request_id, "request"),
+            Err(e) => {
+                tracing::warn!(institution, method, elements, %request_id, outcome = %e, "request refused")
+            }
+        }
+        result.map_err(Status::from)
     }
 
     /// The institution behind a request: its client certificate's common name
@@ -177,24 +254,36 @@ impl Match for MatchService {
         &self,
         request: Request<EvaluateRequest>,
     ) -> Result<Response<EvaluateResponse>, Status> {
-        let institution = self.institution(&request)?;
+        let caller = self.caller(&request);
         let req = request.into_inner();
         let elements = req.blinded_elements.len() / 32;
-        let result = self.evaluate_inner(req).await;
-        log_request(&institution, "Evaluate", elements, &result);
-        result.map(Response::new).map_err(Status::from)
+        self.accounted(
+            caller,
+            "Evaluate",
+            "sync",
+            elements,
+            self.evaluate_inner(req),
+        )
+        .await
+        .map(Response::new)
     }
 
     async fn bucket_query(
         &self,
         request: Request<BucketQueryRequest>,
     ) -> Result<Response<BucketQueryResponse>, Status> {
-        let institution = self.institution(&request)?;
+        let caller = self.caller(&request);
         let req = request.into_inner();
         let elements = req.blinded_elements.len() / 32;
-        let result = self.bucket_query_inner(req).await;
-        log_request(&institution, "BucketQuery", elements, &result);
-        result.map(Response::new).map_err(Status::from)
+        self.accounted(
+            caller,
+            "BucketQuery",
+            "bucket",
+            elements,
+            self.bucket_query_inner(req),
+        )
+        .await
+        .map(Response::new)
     }
 
     type SyncTagSetStream = std::pin::Pin<
@@ -205,25 +294,20 @@ impl Match for MatchService {
         &self,
         request: Request<SyncTagSetRequest>,
     ) -> Result<Response<Self::SyncTagSetStream>, Status> {
-        let institution = self.institution(&request)?;
-        let result = self.sync_tag_set_inner(request.into_inner());
-        log_request(&institution, "SyncTagSet", 0, &result);
-        result.map(Response::new).map_err(Status::from)
+        let caller = self.caller(&request);
+        let req = request.into_inner();
+        self.accounted(caller, "SyncTagSet", "sync", 0, async {
+            self.sync_tag_set_inner(req)
+        })
+        .await
+        .map(Response::new)
     }
 }
 
-/// One log line per request: institution, method, element count, outcome.
-/// Never blinded elements, tags, names or ID numbers.
-fn log_request<T>(
-    institution: &str,
-    method: &str,
-    elements: usize,
-    result: &Result<T, ServiceError>,
-) {
-    match result {
-        Ok(_) => tracing::info!(institution, method, elements, outcome = "ok", "request"),
-        Err(e) => tracing::warn!(institution, method, elements, outcome = %e, "request refused"),
-    }
+/// Who asks and why, each possibly refused.
+struct Caller {
+    institution: Result<String, ServiceError>,
+    purpose: Result<String, ServiceError>,
 }
 
 impl MatchService {
