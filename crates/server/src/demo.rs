@@ -166,7 +166,15 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
     println!("   listening on {url}");
     let result = client_side(dir, &url, count).await;
     running.shutdown().await?;
-    result
+    result?;
+    let audit_db = data_dir.join(crate::audit::AUDIT_FILE);
+    let v = crate::audit::verify(&audit_db)?;
+    println!(
+        "7. the operator's audit trail holds {} records (institution, purpose, counts; no names or IDs), chain intact:\n   psi-server audit export --db {}",
+        v.records,
+        audit_db.display()
+    );
+    Ok(())
 }
 
 async fn client_side(dir: &Path, url: &str, count: u64) -> Result<()> {
