@@ -89,6 +89,7 @@ async fn main() -> Result<()> {
         request_timeout: Duration::from_secs(120),
         tls: None,
         audit_db: data_dir.join(psi_server::audit::AUDIT_FILE),
+        policy: None,
     })
     .await?;
     let url = format!("http://{}", running.local_addr);

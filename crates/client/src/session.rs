@@ -102,6 +102,44 @@ fn rpc_error(status: tonic::Status, what: &str) -> anyhow::Error {
     }
 }
 
+/// The longest server-requested wait the client sits out by itself; a longer
+/// one (a daily cap) is an error saying when to come back.
+pub const MAX_QUOTA_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs an RPC; on `RESOURCE_EXHAUSTED` waits the server's `retry-after-ms`
+/// and sends the same request again, so no row is lost or answered twice.
+async fn with_quota_retry<T, F, Fut>(what: &str, mut call: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    loop {
+        match call().await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                let wait = status
+                    .metadata()
+                    .get("retry-after-ms")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(std::time::Duration::from_millis);
+                match wait {
+                    Some(wait) if wait <= MAX_QUOTA_WAIT => {
+                        tracing::warn!(
+                            "{what}: {}; waiting {:.1} s, then resuming",
+                            status.message(),
+                            wait.as_secs_f64()
+                        );
+                        tokio::time::sleep(wait).await;
+                    }
+                    _ => return Err(rpc_error(status, what)),
+                }
+            }
+            Err(status) => return Err(rpc_error(status, what)),
+        }
+    }
+}
+
 impl Session {
     /// A request carrying the declared purpose.
     fn request<T>(&self, message: T) -> tonic::Request<T> {
@@ -210,16 +248,16 @@ impl Session {
             Ok::<_, psi_core::Error>((inputs, state, blinded))
         })
         .await??;
-        let response = self
-            .grpc
-            .clone()
-            .evaluate(self.request(EvaluateRequest {
-                key_epoch: self.info.key_epoch,
-                blinded_elements: pack(blinded.iter().map(|b| &b.0)),
-            }))
-            .await
-            .map_err(|s| rpc_error(s, "evaluating"))?
-            .into_inner();
+        let message = EvaluateRequest {
+            key_epoch: self.info.key_epoch,
+            blinded_elements: pack(blinded.iter().map(|b| &b.0)),
+        };
+        let response = with_quota_retry("evaluating", || {
+            let mut grpc = self.grpc.clone();
+            let request = self.request(message.clone());
+            async move { grpc.evaluate(request).await }
+        })
+        .await?;
         self.check_epoch(response.key_epoch)?;
         let evaluated = unpack_evaluated(&response.evaluated_elements)?;
         let proof =
@@ -258,17 +296,17 @@ impl Session {
                 Ok::<_, psi_core::Error>((inputs, state, blinded))
             })
             .await??;
-            let response = self
-                .grpc
-                .clone()
-                .bucket_query(self.request(BucketQueryRequest {
-                    key_epoch: self.info.key_epoch,
-                    blinded_elements: pack(blinded.iter().map(|b| &b.0)),
-                    buckets: buckets.clone(),
-                }))
-                .await
-                .map_err(|s| rpc_error(s, "querying buckets"))?
-                .into_inner();
+            let message = BucketQueryRequest {
+                key_epoch: self.info.key_epoch,
+                blinded_elements: pack(blinded.iter().map(|b| &b.0)),
+                buckets: buckets.clone(),
+            };
+            let response = with_quota_retry("querying buckets", || {
+                let mut grpc = self.grpc.clone();
+                let request = self.request(message.clone());
+                async move { grpc.bucket_query(request).await }
+            })
+            .await?;
             self.check_epoch(response.key_epoch)?;
             let evaluated = unpack_evaluated(&response.evaluated_elements)?;
             let proof =
@@ -329,16 +367,16 @@ impl Session {
             .as_ref()
             .map(|s| pack(s.shards().iter().map(Shard::digest)))
             .unwrap_or_default();
-        let mut stream = self
-            .grpc
-            .clone()
-            .sync_tag_set(self.request(SyncTagSetRequest {
-                key_epoch: self.info.key_epoch,
-                held_digests: held,
-            }))
-            .await
-            .map_err(|s| rpc_error(s, "syncing the tag set"))?
-            .into_inner();
+        let message = SyncTagSetRequest {
+            key_epoch: self.info.key_epoch,
+            held_digests: held,
+        };
+        let mut stream = with_quota_retry("syncing the tag set", || {
+            let mut grpc = self.grpc.clone();
+            let request = self.request(message.clone());
+            async move { grpc.sync_tag_set(request).await }
+        })
+        .await?;
         let first = stream
             .message()
             .await

@@ -301,3 +301,98 @@ fn config_errors_are_reported_before_binding() {
     assert_eq!(code, 2);
     assert!(err.contains("connecting to http://127.0.0.1:1"), "{err}");
 }
+
+#[test]
+fn sighup_reloads_the_policy_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let registry = root.join("registry.csv");
+    std::fs::write(&registry, "name,id\n张伟,11010519491231002X\n").unwrap();
+    let data = root.join("data");
+    let (code, out, err) = run(Command::new(server_bin())
+        .args(["init", "--no-progress", "--registry"])
+        .arg(&registry)
+        .arg("--data-dir")
+        .arg(&data));
+    assert_eq!(code, 0, "{out}{err}");
+    let policy = root.join("policy.toml");
+    let rules = |purposes: &str| {
+        format!("[institutions.local]\nmodes = [\"bucket\", \"sync\"]\npurposes = [{purposes}]\nrate_per_second = 1000\ndaily_cap = 100000\nmax_batch = 64\n")
+    };
+    std::fs::write(&policy, rules("\"kyc-onboarding\"")).unwrap();
+    let mut child = Command::new(server_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .arg("--policy")
+        .arg(&policy)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = format!("http://{}", line.trim().rsplit(' ').next().unwrap());
+    let server = Server(child);
+    let check = |purpose: &str| {
+        run(Command::new(client_bin())
+            .args([
+                "check",
+                "--name",
+                "张伟",
+                "--id",
+                "11010519491231002X",
+                "--server",
+                &url,
+                "--purpose",
+                purpose,
+                "--cache-dir",
+            ])
+            .arg(root.join("cache")))
+    };
+    let started = Instant::now();
+    while check("kyc-onboarding").0 != 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "server never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, _, err) = check("aml-recheck");
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("purpose aml-recheck is not authorised"),
+        "{err}"
+    );
+
+    std::fs::write(&policy, rules("\"kyc-onboarding\", \"aml-recheck\"")).unwrap();
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let started = Instant::now();
+    loop {
+        let (code, out, _) = check("aml-recheck");
+        if code == 0 {
+            assert_eq!(out.trim(), "match");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the policy was not reloaded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A broken file keeps the policy in force.
+    std::fs::write(&policy, "not toml [").unwrap();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(check("aml-recheck").0, 0);
+}

@@ -45,6 +45,16 @@ fn write_registry(path: &Path, extra: usize) {
 }
 
 async fn start(data_dir: &Path, port: u16) -> Running {
+    start_with_policy(data_dir, port, None).await
+}
+
+async fn start_with_policy(data_dir: &Path, port: u16, policy: Option<&str>) -> Running {
+    let policy = policy.map(|text| {
+        let path = data_dir.join("policy.toml");
+        std::fs::write(&path, text).unwrap();
+        let p = psi_server::policy::Policy::load(&path).unwrap();
+        (path, p)
+    });
     serve::start(ServeConfig {
         data_dir: data_dir.to_path_buf(),
         listen: format!("127.0.0.1:{port}").parse().unwrap(),
@@ -55,6 +65,7 @@ async fn start(data_dir: &Path, port: u16) -> Running {
         request_timeout: Duration::from_secs(30),
         tls: None,
         audit_db: data_dir.join(psi_server::audit::AUDIT_FILE),
+        policy,
     })
     .await
     .unwrap()
@@ -606,4 +617,128 @@ async fn a_snapshot_that_fails_to_load_stops_the_server_with_the_reason() {
     let running = start(&data, 0).await;
     let err = running.run_until(std::future::pending()).await.unwrap_err();
     assert!(format!("{err:#}").contains("bucket index"), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_limits_modes_purposes_and_rates_and_the_client_waits_it_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let csv = root.join("registry.csv");
+    write_registry(&csv, 200);
+    let data = root.join("data");
+    registry::init(&csv, &data, false).unwrap();
+    let policy = r#"
+[institutions.local]
+modes = ["sync"]
+purposes = ["kyc-onboarding"]
+rate_per_second = 60
+daily_cap = 100000
+max_batch = 64
+"#;
+    let running = start_with_policy(&data, 0, Some(policy)).await;
+    let url = format!("http://{}", running.local_addr);
+    let session = connect(&url, &root.join("cache"), None).await.unwrap();
+
+    // 240 valid rows at 60 elements per second: the client is told to wait,
+    // waits, and still answers every row exactly once, in order.
+    let input = root.join("q.csv");
+    let expected = write_queries(&input, 20);
+    let output = root.join("out.csv");
+    batch::run(
+        &session,
+        &BatchOptions {
+            input,
+            output: output.clone(),
+            mode: QueryMode::Sync,
+            chunk_rows: 64,
+            chunks_in_flight: 2,
+            progress: false,
+        },
+    )
+    .await
+    .unwrap();
+    let rows = read_output(&output);
+    assert_eq!(rows.len(), expected.len());
+    for (row, want) in rows.iter().zip(&expected) {
+        assert_eq!(&row[4], *want);
+    }
+    // The audit trail shows the refusals and that each valid row was
+    // evaluated exactly once.
+    let mut out = Vec::new();
+    psi_server::audit::export(
+        &data.join(psi_server::audit::AUDIT_FILE),
+        &Default::default(),
+        psi_server::audit::Format::Json,
+        &mut out,
+    )
+    .unwrap();
+    let records: Vec<serde_json::Value> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records.iter().any(|r| r["outcome"] == "ResourceExhausted"),
+        "the rate limit must have applied"
+    );
+    let answered: u64 = records
+        .iter()
+        .filter(|r| r["method"] == "Evaluate" && r["outcome"] == "ok")
+        .map(|r| r["elements"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        answered,
+        expected.iter().filter(|w| **w != "invalid").count() as u64
+    );
+
+    // Bucket mode is not allowed for this institution.
+    let err = check(&session, "张伟", "11010519491231002X", QueryMode::Bucket)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("may not use bucket mode"),
+        "{err:#}"
+    );
+    // Nor another purpose.
+    let mut raw = MatchClient::connect(url.clone()).await.unwrap();
+    let mut req = with_purpose(EvaluateRequest {
+        key_epoch: session.info().key_epoch,
+        blinded_elements: psi_proto::pack([&curve25519_dalek_basepoint()]),
+    });
+    req.metadata_mut()
+        .insert("x-psi-purpose", "marketing".parse().unwrap());
+    let e = raw.evaluate(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("purpose marketing is not authorised"));
+    // Exhausting the rate by hand shows the retry delay to the peer.
+    let many =
+        psi_proto::pack(std::iter::repeat_n(&curve25519_dalek_basepoint(), 64).collect::<Vec<_>>());
+    let mut exhausted = None;
+    for _ in 0..4 {
+        let r = raw
+            .evaluate(with_purpose(EvaluateRequest {
+                key_epoch: session.info().key_epoch,
+                blinded_elements: many.clone(),
+            }))
+            .await;
+        if let Err(e) = r {
+            exhausted = Some(e);
+            break;
+        }
+    }
+    let e = exhausted.expect("the rate limit is reached");
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.metadata().get("retry-after-ms").is_some());
+    running.shutdown().await.unwrap();
+
+    // An institution missing from the policy is refused outright.
+    let running = start_with_policy(&data, 0, Some("[institutions.bank-001]\nmodes=[\"sync\"]\npurposes=[\"kyc-onboarding\"]\nrate_per_second=10\ndaily_cap=10\nmax_batch=10\n")).await;
+    let url = format!("http://{}", running.local_addr);
+    let session = connect(&url, &root.join("cache"), None).await.unwrap();
+    let err = session.sync().await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("institution local is not authorised"),
+        "{err:#}"
+    );
+    running.shutdown().await.unwrap();
 }

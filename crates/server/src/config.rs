@@ -46,6 +46,11 @@ pub struct ServeArgs {
     /// CA certificate (PEM) that issues institutions' client certificates.
     #[arg(long, env = "PSI_CLIENT_CA")]
     pub client_ca: Option<PathBuf>,
+    /// Policy file: which institutions may query, for which purposes, in
+    /// which modes, how much (re-read on SIGHUP). Without it every caller
+    /// that passes authentication is served without limits.
+    #[arg(long, env = "PSI_POLICY")]
+    pub policy: Option<PathBuf>,
     /// Audit database [default: DATA_DIR/audit.sqlite].
     #[arg(long, env = "PSI_AUDIT_DB")]
     pub audit_db: Option<PathBuf>,
@@ -68,6 +73,7 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
     audit_db: Option<PathBuf>,
+    policy: Option<PathBuf>,
 }
 
 /// PEM contents for mutual TLS, read before anything binds.
@@ -102,6 +108,8 @@ pub struct ServeConfig {
     pub tls: Option<TlsFiles>,
     /// The audit database.
     pub audit_db: PathBuf,
+    /// The policy file and its content, if any.
+    pub policy: Option<(PathBuf, crate::policy::Policy)>,
 }
 
 impl ServeArgs {
@@ -208,6 +216,13 @@ impl ServeArgs {
             .audit_db
             .or(file.audit_db)
             .unwrap_or_else(|| data_dir.join(crate::audit::AUDIT_FILE));
+        let policy = match self.policy.or(file.policy) {
+            Some(path) => {
+                let p = crate::policy::Policy::load(&path)?;
+                Some((path, p))
+            }
+            None => None,
+        };
         Ok(ServeConfig {
             data_dir,
             listen,
@@ -215,6 +230,7 @@ impl ServeArgs {
             request_timeout: Duration::from_secs(timeout),
             tls,
             audit_db,
+            policy,
         })
     }
 }

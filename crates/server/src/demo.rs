@@ -160,6 +160,7 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
         request_timeout: Duration::from_secs(60),
         tls: None,
         audit_db: data_dir.join(crate::audit::AUDIT_FILE),
+        policy: None,
     })
     .await?;
     let url = format!("http://{}", running.local_addr);

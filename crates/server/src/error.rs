@@ -23,6 +23,17 @@ pub enum ServiceError {
         "a client certificate issued by the operator's CA, naming the institution, is required"
     )]
     Unauthenticated,
+    /// The institution may not do this (unknown, or a mode or purpose not allowed).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A quota is used up; retry after the delay.
+    #[error("quota exhausted: {what}; retry in {:.1} s", retry_after.as_secs_f64())]
+    QuotaExhausted {
+        /// Which limit.
+        what: String,
+        /// When to retry.
+        retry_after: std::time::Duration,
+    },
     /// A malformed request.
     #[error("{0}")]
     InvalidArgument(String),
@@ -43,13 +54,24 @@ impl ServiceError {
             ServiceError::StaleEpoch { .. } => Code::FailedPrecondition,
             ServiceError::InvalidArgument(_) | ServiceError::Core(_) => Code::InvalidArgument,
             ServiceError::Unauthenticated => Code::Unauthenticated,
+            ServiceError::PermissionDenied(_) => Code::PermissionDenied,
+            ServiceError::QuotaExhausted { .. } => Code::ResourceExhausted,
             ServiceError::Internal => Code::Internal,
         }
     }
 }
 
+/// Metadata key of the retry delay, in milliseconds, on `RESOURCE_EXHAUSTED`.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
-        Status::new(e.code(), e.to_string())
+        let mut status = Status::new(e.code(), e.to_string());
+        if let ServiceError::QuotaExhausted { retry_after, .. } = &e {
+            if let Ok(v) = retry_after.as_millis().max(1).to_string().parse() {
+                status.metadata_mut().insert(RETRY_AFTER_MS, v);
+            }
+        }
+        status
     }
 }

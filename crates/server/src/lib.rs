@@ -6,6 +6,7 @@
 //! - [`registry`]: `init` (CSV to encrypted snapshot) and snapshot loading.
 //! - [`service`], [`error`], [`audit`]: the `psi.v1.Match` gRPC service, its status
 //!   codes, and the hash-chained audit trail of every request.
+//! - [`policy`]: per-institution modes, purposes, rates and daily caps.
 //! - [`config`], [`serve`], [`ca`]: configuration, mutual TLS, and the server's life cycle.
 //! - [`cli`], [`demo`]: the command line and the end-to-end demo.
 
@@ -27,6 +28,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod keystore;
+pub mod policy;
 pub mod registry;
 pub mod serve;
 pub mod service;

@@ -82,7 +82,18 @@ async fn run(
     audit: crate::audit::AuditLog,
     stop: oneshot::Receiver<()>,
 ) -> Result<()> {
-    let state = Arc::new(State::new(cfg.limits, cfg.tls.is_some(), audit));
+    let enforcer = Arc::new(crate::policy::Enforcer::new(
+        cfg.policy.as_ref().map(|(_, p)| p.clone()),
+    ));
+    match &cfg.policy {
+        Some((path, _)) => {
+            tokio::spawn(reload_on_sighup(path.clone(), Arc::clone(&enforcer)));
+        }
+        None => {
+            tracing::warn!("no policy file: every authenticated caller is served without limits")
+        }
+    }
+    let state = Arc::new(State::new(cfg.limits, cfg.tls.is_some(), audit, enforcer));
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_not_serving::<MatchServer<MatchService>>()
@@ -177,6 +188,26 @@ async fn run(
         return Err(e.context("loading the registry snapshot"));
     }
     Ok(())
+}
+
+/// Re-reads the policy on every SIGHUP; a bad file keeps the policy in force.
+async fn reload_on_sighup(path: std::path::PathBuf, enforcer: Arc<crate::policy::Enforcer>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot listen for SIGHUP: the policy will not be reloaded");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match crate::policy::Policy::load(&path) {
+            Ok(p) => {
+                enforcer.replace(p);
+                tracing::info!(path = %path.display(), "policy reloaded");
+            }
+            Err(e) => {
+                tracing::error!("policy not reloaded, the previous one stays in force: {e:#}")
+            }
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::{AuditLog, Entry};
 use crate::error::ServiceError;
+use crate::policy::Enforcer;
 use crate::registry::Snapshot;
 
 /// The gRPC metadata key that carries a request's declared purpose code.
@@ -62,6 +63,7 @@ pub struct State {
     limits: Limits,
     mutual_tls: bool,
     audit: AuditLog,
+    enforcer: Arc<Enforcer>,
 }
 
 /// The institution of a plaintext (loopback) connection.
@@ -71,12 +73,13 @@ impl State {
     /// A state with no snapshot yet. With `mutual_tls`, every request must
     /// carry a client certificate naming an institution.
     #[must_use]
-    pub fn new(limits: Limits, mutual_tls: bool, audit: AuditLog) -> Self {
+    pub fn new(limits: Limits, mutual_tls: bool, audit: AuditLog, enforcer: Arc<Enforcer>) -> Self {
         Self {
             snapshot: RwLock::new(None),
             limits,
             mutual_tls,
             audit,
+            enforcer,
         }
     }
 
@@ -155,7 +158,16 @@ impl MatchService {
         entry.elements = elements as u64;
         let result = match (caller.institution, caller.purpose) {
             (Err(e), _) | (_, Err(e)) => Err(e),
-            (Ok(_), Ok(_)) => work.await,
+            (Ok(institution), Ok(purpose)) => {
+                match self
+                    .state
+                    .enforcer
+                    .admit(&institution, mode, &purpose, elements as u64)
+                {
+                    Ok(()) => work.await,
+                    Err(e) => Err(e),
+                }
+            }
         };
         if let Ok(snap) = self.state.current() {
             entry.key_epoch = snap.epoch;
