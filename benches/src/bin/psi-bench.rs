@@ -143,6 +143,7 @@ async fn main() -> Result<()> {
             chunk_rows: 8192,
             chunks_in_flight: 2,
             progress: false,
+            resume: false,
         },
     )
     .await?;

@@ -33,6 +33,8 @@ pub struct BatchOptions {
     pub chunks_in_flight: usize,
     /// Draw a progress bar on stderr.
     pub progress: bool,
+    /// Continue an interrupted run from `OUTPUT.partial`.
+    pub resume: bool,
 }
 
 /// What a batch did.
@@ -56,6 +58,8 @@ pub struct BatchSummary {
     pub shards_fetched: usize,
     /// Bytes downloaded by that sync.
     pub bytes_synced: u64,
+    /// Rows taken over from an interrupted run (`--resume`).
+    pub resumed_rows: u64,
 }
 
 impl std::fmt::Display for BatchSummary {
@@ -63,7 +67,8 @@ impl std::fmt::Display for BatchSummary {
         let secs = self.elapsed.as_secs_f64();
         write!(
             f,
-            "{} rows: {} match, {} no_match, {} invalid in {:.2} s ({:.0} rows/s); registry version {}, key epoch {}",
+            "{}{} rows: {} match, {} no_match, {} invalid in {:.2} s ({:.0} rows/s); registry version {}, key epoch {}",
+            if self.resumed_rows > 0 { format!("resumed after {} rows; ", self.resumed_rows) } else { String::new() },
             self.rows,
             self.matched,
             self.no_match,
@@ -136,13 +141,41 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         );
     }
     let partial = partial_path(&opts.output);
-    let mut writer = csv::Writer::from_writer(BufWriter::new(
-        File::create(&partial).with_context(|| format!("creating {}", partial.display()))?,
-    ));
     let mut out_headers = headers.clone();
     out_headers.push_field(b"result");
     out_headers.push_field(b"error");
-    writer.write_byte_record(&out_headers)?;
+    let done_rows = if partial.exists() {
+        if !opts.resume {
+            bail!(
+                "{} exists from an interrupted run: pass --resume to continue it, or delete it",
+                partial.display()
+            );
+        }
+        resume_point(&partial, &out_headers)?
+    } else {
+        0
+    };
+    summary.resumed_rows = done_rows;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&partial)
+        .with_context(|| format!("opening {}", partial.display()))?;
+    let mut writer = csv::Writer::from_writer(BufWriter::new(file));
+    if done_rows == 0 && std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) == 0 {
+        writer.write_byte_record(&out_headers)?;
+    }
+    // Rows already answered by the interrupted run are skipped, not re-asked.
+    let mut skip = csv::ByteRecord::new();
+    for _ in 0..done_rows {
+        if !reader.read_byte_record(&mut skip)? {
+            bail!(
+                "{} holds more rows than {}: it is not this input's output",
+                partial.display(),
+                opts.input.display()
+            );
+        }
+    }
 
     let bar = if opts.progress {
         ProgressBar::new(file_len)
@@ -230,6 +263,9 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
             writer.write_byte_record(&out)?;
             summary.rows += 1;
         }
+        // Each chunk reaches the file before the next: an interrupted run
+        // loses at most the chunks in flight, which --resume asks again.
+        writer.flush()?;
         bar.set_position(chunk.end_byte);
         let rate = summary.rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!("{} rows, {rate:.0} rows/s", summary.rows));
@@ -253,6 +289,40 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
     })?;
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+/// Cuts `partial` back to its last complete row and returns how many data
+/// rows it holds. A row is complete when its line ended and it has every
+/// column; anything after the first incomplete row is discarded.
+fn resume_point(partial: &Path, headers: &csv::ByteRecord) -> Result<u64> {
+    let bytes = std::fs::read(partial).with_context(|| format!("reading {}", partial.display()))?;
+    let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(bytes.get(..end).unwrap_or(&[]));
+    if reader.byte_headers().ok() != Some(headers) {
+        bail!(
+            "{} does not start with this input's header plus result,error; not resuming",
+            partial.display()
+        );
+    }
+    let mut rows = 0u64;
+    let mut keep = reader.position().byte();
+    let mut record = csv::ByteRecord::new();
+    while let Ok(true) = reader.read_byte_record(&mut record) {
+        if record.len() != headers.len() {
+            break;
+        }
+        rows += 1;
+        keep = reader.position().byte();
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(partial)
+        .with_context(|| format!("opening {}", partial.display()))?;
+    file.set_len(keep)?;
+    file.sync_all()?;
+    Ok(rows)
 }
 
 fn partial_path(output: &Path) -> PathBuf {

@@ -120,6 +120,10 @@ pub enum Command {
         /// Do not draw a progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Continue an interrupted run from OUTPUT.partial: rows already
+        /// written are kept and not asked again.
+        #[arg(long)]
+        resume: bool,
     },
     /// Fetch or refresh the local tag set.
     Sync {
@@ -185,6 +189,7 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
             mode,
             chunk_rows,
             no_progress,
+            resume,
         } => {
             let session = connect(&server).await?;
             let summary = batch::run(
@@ -196,6 +201,7 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
                     chunk_rows,
                     chunks_in_flight: 2,
                     progress: !no_progress,
+                    resume,
                 },
             )
             .await?;

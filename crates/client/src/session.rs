@@ -106,13 +106,21 @@ fn rpc_error(status: tonic::Status, what: &str) -> anyhow::Error {
 /// one (a daily cap) is an error saying when to come back.
 pub const MAX_QUOTA_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// Runs an RPC; on `RESOURCE_EXHAUSTED` waits the server's `retry-after-ms`
-/// and sends the same request again, so no row is lost or answered twice.
-async fn with_quota_retry<T, F, Fut>(what: &str, mut call: F) -> Result<T>
+/// How long the client keeps retrying an unavailable server (a restart, a
+/// load balancer moving it) before giving up.
+pub const MAX_UNAVAILABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs an RPC and sends the same request again when the server asks to wait
+/// (`RESOURCE_EXHAUSTED` with `retry-after-ms`, up to [`MAX_QUOTA_WAIT`]) or is
+/// unavailable (backing off, up to [`MAX_UNAVAILABLE_WAIT`] in all). The
+/// caller's rows wait for the answer, so none is lost or answered twice.
+async fn with_retry<T, F, Fut>(what: &str, mut call: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
+    let mut unavailable_for = std::time::Duration::ZERO;
+    let mut backoff = std::time::Duration::from_millis(100);
     loop {
         match call().await {
             Ok(response) => return Ok(response.into_inner()),
@@ -134,6 +142,18 @@ where
                     }
                     _ => return Err(rpc_error(status, what)),
                 }
+            }
+            Err(status)
+                if status.code() == Code::Unavailable && unavailable_for < MAX_UNAVAILABLE_WAIT =>
+            {
+                tracing::warn!(
+                    "{what}: server unavailable ({}); retrying in {:.1} s",
+                    status.message(),
+                    backoff.as_secs_f64()
+                );
+                tokio::time::sleep(backoff).await;
+                unavailable_for += backoff;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
             }
             Err(status) => return Err(rpc_error(status, what)),
         }
@@ -252,7 +272,7 @@ impl Session {
             key_epoch: self.info.key_epoch,
             blinded_elements: pack(blinded.iter().map(|b| &b.0)),
         };
-        let response = with_quota_retry("evaluating", || {
+        let response = with_retry("evaluating", || {
             let mut grpc = self.grpc.clone();
             let request = self.request(message.clone());
             async move { grpc.evaluate(request).await }
@@ -301,7 +321,7 @@ impl Session {
                 blinded_elements: pack(blinded.iter().map(|b| &b.0)),
                 buckets: buckets.clone(),
             };
-            let response = with_quota_retry("querying buckets", || {
+            let response = with_retry("querying buckets", || {
                 let mut grpc = self.grpc.clone();
                 let request = self.request(message.clone());
                 async move { grpc.bucket_query(request).await }
@@ -371,7 +391,7 @@ impl Session {
             key_epoch: self.info.key_epoch,
             held_digests: held,
         };
-        let mut stream = with_quota_retry("syncing the tag set", || {
+        let mut stream = with_retry("syncing the tag set", || {
             let mut grpc = self.grpc.clone();
             let request = self.request(message.clone());
             async move { grpc.sync_tag_set(request).await }

@@ -396,3 +396,122 @@ fn sighup_reloads_the_policy_without_a_restart() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(check("aml-recheck").0, 0);
 }
+
+#[test]
+fn a_killed_batch_resumes_with_every_row_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let registry = root.join("registry.csv");
+    let (code, _, err) = run(Command::new(server_bin())
+        .args(["generate", "--count", "400", "--seed", "3", "--out"])
+        .arg(&registry));
+    assert_eq!(code, 0, "{err}");
+    let data = root.join("data");
+    let (code, _, err) = run(Command::new(server_bin())
+        .args(["init", "--no-progress", "--registry"])
+        .arg(&registry)
+        .arg("--data-dir")
+        .arg(&data));
+    assert_eq!(code, 0, "{err}");
+    // 400 registered rows, numbered; a slow rate keeps the batch running.
+    let input = root.join("in.csv");
+    let mut text = String::from("n,name,id\n");
+    for (i, line) in std::fs::read_to_string(&registry)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .enumerate()
+    {
+        text.push_str(&format!("{i},{line}\n"));
+    }
+    std::fs::write(&input, text).unwrap();
+    let policy = root.join("policy.toml");
+    std::fs::write(&policy, "[institutions.local]\nmodes=[\"sync\"]\npurposes=[\"kyc-onboarding\"]\nrate_per_second=100\ndaily_cap=100000\nmax_batch=64\n").unwrap();
+    let mut child = Command::new(server_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .arg("--policy")
+        .arg(&policy)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = format!("http://{}", line.trim().rsplit(' ').next().unwrap());
+    let _server = Server(child);
+    let output = root.join("out.csv");
+    let partial = root.join("out.csv.partial");
+    let batch = |resume: bool| {
+        let mut c = Command::new(client_bin());
+        c.args([
+            "batch",
+            "--no-progress",
+            "--chunk-rows",
+            "40",
+            "--server",
+            &url,
+            "--purpose",
+            "kyc-onboarding",
+            "--input",
+        ])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .arg("--cache-dir")
+        .arg(root.join("cache"));
+        if resume {
+            c.arg("--resume");
+        }
+        c
+    };
+    // Start, wait until some rows are on disk, then SIGKILL the client.
+    let mut started = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while started.is_none() {
+        let mut client = batch(false)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        loop {
+            let lines = std::fs::read_to_string(&partial)
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            if lines > 41 {
+                client.kill().unwrap();
+                client.wait().unwrap();
+                started = Some(lines);
+                break;
+            }
+            if let Some(status) = client.try_wait().unwrap() {
+                // Not ready yet (snapshot loading): try again.
+                assert!(
+                    !status.success(),
+                    "the batch finished before it could be interrupted"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "no progress");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert!(!output.exists());
+    // Without --resume the leftover is not silently overwritten.
+    let (code, _, err) = run(&mut batch(false));
+    assert_eq!(code, 2);
+    assert!(err.contains("--resume"), "{err}");
+    let (code, _, err) = run(&mut batch(true));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("resumed after"), "{err}");
+    let mut r = csv::Reader::from_path(&output).unwrap();
+    let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 400);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(&row[0], i.to_string(), "each row once, in order");
+        assert_eq!(&row[3], "match");
+    }
+    assert!(!partial.exists());
+}

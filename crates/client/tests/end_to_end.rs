@@ -255,6 +255,7 @@ async fn batch_answers_every_row_in_both_modes() {
                 chunk_rows: 100,
                 chunks_in_flight: 2,
                 progress: false,
+                resume: false,
             },
         )
         .await
@@ -653,6 +654,7 @@ max_batch = 64
             chunk_rows: 64,
             chunks_in_flight: 2,
             progress: false,
+            resume: false,
         },
     )
     .await
@@ -741,4 +743,69 @@ max_batch = 64
         "{err:#}"
     );
     running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_mid_batch_is_ridden_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let csv = root.join("registry.csv");
+    write_registry(&csv, 100);
+    let data = root.join("data");
+    registry::init(&csv, &data, false).unwrap();
+    // A slow rate keeps the batch running for a few seconds.
+    let slow = "[institutions.local]\nmodes=[\"sync\"]\npurposes=[\"kyc-onboarding\"]\nrate_per_second=60\ndaily_cap=100000\nmax_batch=64\n";
+    let first = start_with_policy(&data, 0, Some(slow)).await;
+    let port = first.local_addr.port();
+    let url = format!("http://{}", first.local_addr);
+    let session = connect(&url, &root.join("cache"), None).await.unwrap();
+    let input = root.join("q.csv");
+    let expected = write_queries(&input, 20);
+    let output = root.join("out.csv");
+    let opts = BatchOptions {
+        input,
+        output: output.clone(),
+        mode: QueryMode::Sync,
+        chunk_rows: 32,
+        chunks_in_flight: 2,
+        progress: false,
+        resume: false,
+    };
+    let batch = tokio::spawn(async move { batch::run(&session, &opts).await });
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The same data directory (same key and epoch) on the same port, with its
+    // own audit database so that we can see it served the rest.
+    let policy_path = data.join("policy.toml");
+    let second = serve::start(ServeConfig {
+        data_dir: data.clone(),
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        limits: Limits {
+            max_batch: 64,
+            ..Limits::default()
+        },
+        request_timeout: Duration::from_secs(30),
+        tls: None,
+        audit_db: root.join("second-audit.sqlite"),
+        policy: Some((
+            policy_path.clone(),
+            psi_server::policy::Policy::load(&policy_path).unwrap(),
+        )),
+    })
+    .await
+    .unwrap();
+    let summary = batch.await.unwrap().unwrap();
+    assert_eq!(summary.rows as usize, expected.len());
+    let rows = read_output(&output);
+    for (row, want) in rows.iter().zip(&expected) {
+        assert_eq!(&row[4], *want);
+    }
+    second.shutdown().await.unwrap();
+    let v = psi_server::audit::verify(&root.join("second-audit.sqlite")).unwrap();
+    assert!(
+        v.records > 0,
+        "the restarted server answered part of the batch"
+    );
 }

@@ -236,6 +236,7 @@ async fn client_side(dir: &Path, url: &str, count: u64) -> Result<()> {
                 chunk_rows: 4096,
                 chunks_in_flight: 2,
                 progress: false,
+                resume: false,
             },
         )
         .await?;
