@@ -3,7 +3,6 @@
 //! (several requests in flight) and written before later chunks pile up.
 //! The output goes to `OUTPUT.partial` and is renamed when complete.
 
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
