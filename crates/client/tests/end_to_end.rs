@@ -809,3 +809,64 @@ async fn a_server_restart_mid_batch_is_ridden_out() {
         "the restarted server answered part of the batch"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_and_request_floods_are_refused_and_the_server_stays_up() {
+    let f = fixture(10).await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let epoch = session.info().key_epoch;
+    let mut raw = MatchClient::connect(f.url.clone()).await.unwrap();
+    // 17 MiB: over the server's 16 MiB message limit.
+    let huge = vec![1u8; 17 << 20];
+    let e = raw
+        .evaluate(with_purpose(EvaluateRequest {
+            key_epoch: epoch,
+            blinded_elements: huge,
+        }))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
+        ),
+        "{e:?}"
+    );
+    // 128 requests at once from one institution (limit 16): some are refused
+    // with RESOURCE_EXHAUSTED and a retry delay, none fails otherwise.
+    let good =
+        psi_proto::pack(std::iter::repeat_n(&curve25519_dalek_basepoint(), 64).collect::<Vec<_>>());
+    let calls = (0..128).map(|_| {
+        let mut c = raw.clone();
+        let body = good.clone();
+        async move {
+            c.evaluate(with_purpose(EvaluateRequest {
+                key_epoch: epoch,
+                blinded_elements: body,
+            }))
+            .await
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        refused
+            .iter()
+            .all(|e| e.code() == Code::ResourceExhausted
+                && e.metadata().get("retry-after-ms").is_some()),
+        "{refused:?}"
+    );
+    assert!(
+        !refused.is_empty(),
+        "the per-institution limit must have applied"
+    );
+    assert!(results.iter().any(Result::is_ok));
+    // Still serving.
+    assert_eq!(
+        check(&session, "张伟", "11010519491231002X", QueryMode::Bucket)
+            .await
+            .unwrap(),
+        CheckOutcome::Match
+    );
+    f.running.shutdown().await.unwrap();
+}

@@ -36,6 +36,27 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     result
 }
 
+/// Removes temporary files that a killed writer left in `dir` (names made
+/// by [`write_atomically`]: `.NAME.tmp-PID`). Returns how many it removed.
+///
+/// # Errors
+/// An unreadable directory.
+pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = name.starts_with('.')
+            && name
+                .rsplit_once(".tmp-")
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        if stale && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()

@@ -36,6 +36,9 @@ pub struct ServeArgs {
     /// Per-request timeout in seconds [default: 60].
     #[arg(long, env = "PSI_REQUEST_TIMEOUT_SECS")]
     pub request_timeout_secs: Option<u64>,
+    /// Requests one institution may have in flight at once [default: 16].
+    #[arg(long, env = "PSI_MAX_CONCURRENT_PER_INSTITUTION")]
+    pub max_concurrent_per_institution: Option<usize>,
     /// Server certificate (PEM) for TLS; with --tls-key and --client-ca,
     /// every client must present a certificate issued by that CA.
     #[arg(long, env = "PSI_TLS_CERT")]
@@ -69,6 +72,7 @@ struct FileConfig {
     max_bucket_batch: Option<usize>,
     max_message_bytes: Option<usize>,
     request_timeout_secs: Option<u64>,
+    max_concurrent_per_institution: Option<usize>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
@@ -153,7 +157,14 @@ impl ServeArgs {
                 .max_message_bytes
                 .or(file.max_message_bytes)
                 .unwrap_or(defaults.max_message_bytes),
+            max_concurrent_per_institution: self
+                .max_concurrent_per_institution
+                .or(file.max_concurrent_per_institution)
+                .unwrap_or(defaults.max_concurrent_per_institution),
         };
+        if limits.max_concurrent_per_institution == 0 {
+            bail!("max_concurrent_per_institution must be at least 1");
+        }
         if !(1..=psi_core::proof::MAX_PROOF_BATCH).contains(&limits.max_batch) {
             bail!(
                 "max_batch must be between 1 and 65536, got {}",

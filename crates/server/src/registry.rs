@@ -140,6 +140,10 @@ pub fn init(registry: &Path, data_dir: &Path, show_progress: bool) -> Result<Ini
         .mode(0o700)
         .create(data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let stale = crate::atomic_file::remove_stale_temps(data_dir)?;
+    if stale > 0 {
+        tracing::warn!(stale, "removed temporary files left by an interrupted run");
+    }
     let (key, key_created) = keystore::load_or_create(data_dir)?;
     let epoch = key.epoch;
     let server = Server::new(Mode::Voprf, key.key);

@@ -43,6 +43,8 @@ pub struct Limits {
     pub max_bucket_batch: usize,
     /// Largest message, in bytes.
     pub max_message_bytes: usize,
+    /// Requests one institution may have in flight at once.
+    pub max_concurrent_per_institution: usize,
 }
 
 impl Default for Limits {
@@ -51,6 +53,7 @@ impl Default for Limits {
             max_batch: 4096,
             max_bucket_batch: 64,
             max_message_bytes: 16 << 20,
+            max_concurrent_per_institution: 16,
         }
     }
 }
@@ -64,6 +67,7 @@ pub struct State {
     mutual_tls: bool,
     audit: AuditLog,
     enforcer: Arc<Enforcer>,
+    in_flight: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 /// The institution of a plaintext (loopback) connection.
@@ -80,7 +84,26 @@ impl State {
             mutual_tls,
             audit,
             enforcer,
+            in_flight: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// A slot among the institution's concurrent requests, or a refusal.
+    fn slot(&self, institution: &str) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
+        let limit = self.limits.max_concurrent_per_institution;
+        let semaphore = Arc::clone(
+            self.in_flight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(institution.to_string())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(limit))),
+        );
+        semaphore
+            .try_acquire_owned()
+            .map_err(|_| ServiceError::QuotaExhausted {
+                what: format!("{limit} concurrent requests per institution"),
+                retry_after: std::time::Duration::from_millis(200),
+            })
     }
 
     /// Publishes a snapshot; requests already running keep the one they started with.
@@ -159,12 +182,15 @@ impl MatchService {
         let result = match (caller.institution, caller.purpose) {
             (Err(e), _) | (_, Err(e)) => Err(e),
             (Ok(institution), Ok(purpose)) => {
-                match self
-                    .state
-                    .enforcer
-                    .admit(&institution, mode, &purpose, elements as u64)
-                {
-                    Ok(()) => work.await,
+                let admitted = self.state.slot(&institution).and_then(|slot| {
+                    self.state
+                        .enforcer
+                        .admit(&institution, mode, &purpose, elements as u64)
+                        .map(|()| slot)
+                });
+                match admitted {
+                    // The slot is held until the work is done.
+                    Ok(_slot) => work.await,
                     Err(e) => Err(e),
                 }
             }

@@ -77,3 +77,55 @@ fn ca_commands_make_a_working_set_of_files() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("letters, digits"));
 }
+
+#[test]
+fn init_killed_at_any_point_leaves_a_loadable_snapshot_and_reruns() {
+    use psi_server::registry::Snapshot;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("registry.csv");
+    let data = dir.path().join("data");
+    let status = server()
+        .args(["generate", "--count", "30000", "--seed", "1", "--out"])
+        .arg(&registry)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let init = || {
+        let mut c = server();
+        c.args(["init", "--no-progress", "--registry"])
+            .arg(&registry)
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    };
+    assert!(init().status().unwrap().success());
+    let first = Snapshot::load(&data).unwrap();
+    let pk = first.server.public_key().to_bytes();
+    for delay_ms in [5u64, 40, 120, 300, 600] {
+        let mut child = init().spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        // Whatever point it died at: the key is intact and a whole snapshot loads.
+        let snap = Snapshot::load(&data)
+            .unwrap_or_else(|e| panic!("after a kill at {delay_ms} ms: {e:#}"));
+        assert_eq!(
+            snap.server.public_key().to_bytes(),
+            pk,
+            "the key never changes"
+        );
+        assert_eq!(snap.index.len(), 30_000);
+    }
+    // A rerun completes and cleans up what the killed runs left behind.
+    assert!(init().status().unwrap().success());
+    let last = Snapshot::load(&data).unwrap();
+    assert!(last.index.registry_version() > first.index.registry_version());
+    let leftovers: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
