@@ -90,6 +90,7 @@ async fn main() -> Result<()> {
         tls: None,
         audit_db: data_dir.join(psi_server::audit::AUDIT_FILE),
         policy: None,
+        admin_listen: None,
     })
     .await?;
     let url = format!("http://{}", running.local_addr);

@@ -66,6 +66,7 @@ async fn start_with_policy(data_dir: &Path, port: u16, policy: Option<&str>) -> 
         tls: None,
         audit_db: data_dir.join(psi_server::audit::AUDIT_FILE),
         policy,
+        admin_listen: Some("127.0.0.1:0".parse().unwrap()),
     })
     .await
     .unwrap()
@@ -793,6 +794,7 @@ async fn a_server_restart_mid_batch_is_ridden_out() {
             policy_path.clone(),
             psi_server::policy::Policy::load(&policy_path).unwrap(),
         )),
+        admin_listen: None,
     })
     .await
     .unwrap();
@@ -868,5 +870,50 @@ async fn oversized_messages_and_request_floods_are_refused_and_the_server_stays_
             .unwrap(),
         CheckOutcome::Match
     );
+    f.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_elements_and_refusals_on_the_admin_port() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture(10).await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    check(&session, "张伟", "11010519491231002X", QueryMode::Bucket)
+        .await
+        .unwrap();
+    let mut raw = MatchClient::connect(f.url.clone()).await.unwrap();
+    let _ = raw
+        .evaluate(with_purpose(EvaluateRequest {
+            key_epoch: 999,
+            blinded_elements: vec![],
+        }))
+        .await;
+    let admin = f.running.admin_addr.expect("admin address");
+    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains(
+            r#"psi_requests_total{method="BucketQuery",institution="local",outcome="ok"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"psi_elements_total{method="BucketQuery",institution="local",outcome="ok"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(text.contains(r#"outcome="FailedPrecondition""#), "{text}");
+    assert!(
+        text.contains("psi_audit_write_duration_seconds_count"),
+        "{text}"
+    );
+    assert!(!text.contains("张伟") && !text.contains("11010519491231002"));
     f.running.shutdown().await.unwrap();
 }

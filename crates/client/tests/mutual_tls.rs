@@ -48,6 +48,7 @@ async fn only_certificates_from_the_operators_ca_are_served() {
         request_timeout: Duration::from_secs(30),
         audit_db: root.join("audit.sqlite"),
         policy: None,
+        admin_listen: None,
         tls: Some(TlsFiles {
             cert: read(&ca_dir.join(ca::SERVER_CERT)),
             key: read(&ca_dir.join(ca::SERVER_KEY)),

@@ -147,6 +147,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             let cfg = args.resolve()?;
             let running = crate::serve::start(cfg).await?;
             println!("psi-server listening on {}", running.local_addr);
+            if let Some(admin) = running.admin_addr {
+                tracing::info!(%admin, "metrics at http://{admin}/metrics");
+            }
             running.run_until(crate::serve::termination_signal()).await
         }
         Command::Ca(CaCommand::Init { dir, server_names }) => {

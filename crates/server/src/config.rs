@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// that passes authentication is served without limits.
     #[arg(long, env = "PSI_POLICY")]
     pub policy: Option<PathBuf>,
+    /// Address of the admin endpoint serving Prometheus metrics at /metrics
+    /// (e.g. 127.0.0.1:9090); none by default.
+    #[arg(long, env = "PSI_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
     /// Audit database [default: DATA_DIR/audit.sqlite].
     #[arg(long, env = "PSI_AUDIT_DB")]
     pub audit_db: Option<PathBuf>,
@@ -78,6 +82,7 @@ struct FileConfig {
     client_ca: Option<PathBuf>,
     audit_db: Option<PathBuf>,
     policy: Option<PathBuf>,
+    admin_listen: Option<String>,
 }
 
 /// PEM contents for mutual TLS, read before anything binds.
@@ -114,6 +119,8 @@ pub struct ServeConfig {
     pub audit_db: PathBuf,
     /// The policy file and its content, if any.
     pub policy: Option<(PathBuf, crate::policy::Policy)>,
+    /// The admin (metrics) address, if any.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl ServeArgs {
@@ -234,6 +241,12 @@ impl ServeArgs {
             }
             None => None,
         };
+        let admin_listen = match self.admin_listen.or(file.admin_listen) {
+            Some(text) => Some(text.parse::<SocketAddr>().with_context(|| {
+                format!("admin address `{text}` is not IP:PORT (e.g. 127.0.0.1:9090)")
+            })?),
+            None => None,
+        };
         Ok(ServeConfig {
             data_dir,
             listen,
@@ -242,6 +255,7 @@ impl ServeArgs {
             tls,
             audit_db,
             policy,
+            admin_listen,
         })
     }
 }

@@ -161,6 +161,7 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
         tls: None,
         audit_db: data_dir.join(crate::audit::AUDIT_FILE),
         policy: None,
+        admin_listen: None,
     })
     .await?;
     let url = format!("http://{}", running.local_addr);

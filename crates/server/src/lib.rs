@@ -7,6 +7,7 @@
 //! - [`service`], [`error`], [`audit`]: the `psi.v1.Match` gRPC service, its status
 //!   codes, and the hash-chained audit trail of every request.
 //! - [`policy`]: per-institution modes, purposes, rates and daily caps.
+//! - [`metrics`]: Prometheus metrics on the admin address.
 //! - [`config`], [`serve`], [`ca`]: configuration, mutual TLS, and the server's life cycle.
 //! - [`cli`], [`demo`]: the command line and the end-to-end demo.
 
@@ -28,6 +29,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod keystore;
+pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod serve;

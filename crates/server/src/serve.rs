@@ -22,6 +22,8 @@ use crate::service::{MatchService, State};
 pub struct Running {
     /// The bound address (useful with port 0).
     pub local_addr: SocketAddr,
+    /// The bound admin (metrics) address, if configured.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<()>>,
 }
@@ -67,10 +69,26 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let local_addr = listener.local_addr()?;
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(run(cfg, listener, audit, rx));
+    let (admin_stop_tx, admin_stop_rx) = oneshot::channel::<()>();
+    let admin_addr = match cfg.admin_listen {
+        Some(addr) => Some(
+            crate::metrics::serve_admin(addr, Arc::clone(&metrics), async {
+                let _ = admin_stop_rx.await;
+            })
+            .await?,
+        ),
+        None => None,
+    };
+    let task = tokio::spawn(async move {
+        let result = run(cfg, listener, audit, metrics, rx).await;
+        let _ = admin_stop_tx.send(());
+        result
+    });
     Ok(Running {
         local_addr,
+        admin_addr,
         shutdown: Some(tx),
         task,
     })
@@ -80,6 +98,7 @@ async fn run(
     cfg: ServeConfig,
     listener: TcpListener,
     audit: crate::audit::AuditLog,
+    metrics: Arc<crate::metrics::Metrics>,
     stop: oneshot::Receiver<()>,
 ) -> Result<()> {
     let enforcer = Arc::new(crate::policy::Enforcer::new(
@@ -93,7 +112,13 @@ async fn run(
             tracing::warn!("no policy file: every authenticated caller is served without limits")
         }
     }
-    let state = Arc::new(State::new(cfg.limits, cfg.tls.is_some(), audit, enforcer));
+    let state = Arc::new(State::new(
+        cfg.limits,
+        cfg.tls.is_some(),
+        audit,
+        enforcer,
+        metrics,
+    ));
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_not_serving::<MatchServer<MatchService>>()

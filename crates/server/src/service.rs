@@ -67,6 +67,7 @@ pub struct State {
     mutual_tls: bool,
     audit: AuditLog,
     enforcer: Arc<Enforcer>,
+    metrics: Arc<crate::metrics::Metrics>,
     in_flight: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
@@ -77,13 +78,20 @@ impl State {
     /// A state with no snapshot yet. With `mutual_tls`, every request must
     /// carry a client certificate naming an institution.
     #[must_use]
-    pub fn new(limits: Limits, mutual_tls: bool, audit: AuditLog, enforcer: Arc<Enforcer>) -> Self {
+    pub fn new(
+        limits: Limits,
+        mutual_tls: bool,
+        audit: AuditLog,
+        enforcer: Arc<Enforcer>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             snapshot: RwLock::new(None),
             limits,
             mutual_tls,
             audit,
             enforcer,
+            metrics,
             in_flight: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -172,6 +180,7 @@ impl MatchService {
         elements: usize,
         work: impl std::future::Future<Output = Result<T, ServiceError>>,
     ) -> Result<T, Status> {
+        let received = std::time::Instant::now();
         let mut entry = Entry::now(
             caller.institution.as_deref().unwrap_or("unauthenticated"),
             caller.purpose.as_deref().unwrap_or(""),
@@ -203,8 +212,22 @@ impl MatchService {
             Ok(_) => "ok".to_string(),
             Err(e) => format!("{:?}", e.code()),
         };
-        let (institution, request_id) = (entry.institution.clone(), entry.request_id.clone());
-        if let Err(e) = self.state.audit.append(entry).await {
+        let (institution, request_id, outcome) = (
+            entry.institution.clone(),
+            entry.request_id.clone(),
+            entry.outcome.clone(),
+        );
+        let audit_started = std::time::Instant::now();
+        let audited = self.state.audit.append(entry).await;
+        self.state.metrics.audit_write(audit_started.elapsed());
+        self.state.metrics.request(
+            method,
+            &institution,
+            &outcome,
+            elements as u64,
+            received.elapsed(),
+        );
+        if let Err(e) = audited {
             tracing::error!(%request_id, "answer withheld: {e:#}");
             return Err(ServiceError::Internal.into());
         }

@@ -1,0 +1,161 @@
+//! Prometheus metrics, served on a separate admin address (`--admin-listen`)
+//! at `/metrics`: requests, elements, latency and refusals by method,
+//! institution and outcome, and the audit write latency. Institution ids are
+//! labels; names, ID numbers and tags never are.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of a request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// gRPC method.
+    pub method: String,
+    /// Institution id.
+    pub institution: String,
+    /// `ok` or the status code.
+    pub outcome: String,
+}
+
+/// Labels of a latency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    /// gRPC method.
+    pub method: String,
+}
+
+/// The server's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    elements: Family<RequestLabels, Counter>,
+    latency: Family<MethodLabels, Histogram>,
+    audit_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("psi");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let elements = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+        });
+        let audit_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "requests",
+            "Requests by method, institution and outcome (refusals by status code, e.g. ResourceExhausted for quotas)",
+            requests.clone(),
+        );
+        registry.register(
+            "elements",
+            "Elements (OPRF evaluations) requested, by method, institution and outcome",
+            elements.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from receipt to answer, by method",
+            latency.clone(),
+        );
+        registry.register(
+            "audit_write_duration_seconds",
+            "Time until a request's audit record is durable",
+            audit_latency.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            elements,
+            latency,
+            audit_latency,
+        }
+    }
+}
+
+impl Metrics {
+    /// Records one request.
+    pub fn request(
+        &self,
+        method: &str,
+        institution: &str,
+        outcome: &str,
+        elements: u64,
+        took: Duration,
+    ) {
+        let labels = RequestLabels {
+            method: method.to_string(),
+            institution: institution.to_string(),
+            outcome: outcome.to_string(),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.elements.get_or_create(&labels).inc_by(elements);
+        self.latency
+            .get_or_create(&MethodLabels {
+                method: method.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records one audit write.
+    pub fn audit_write(&self, took: Duration) {
+        self.audit_latency.observe(took.as_secs_f64());
+    }
+
+    /// The text exposition format.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `/metrics` on `addr` until `stop` resolves. Returns the bound address.
+///
+/// # Errors
+/// If the address cannot be bound.
+pub async fn serve_admin(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the admin address {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!("admin server failed: {e}");
+        }
+    });
+    Ok(bound)
+}
