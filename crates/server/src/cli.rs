@@ -50,7 +50,7 @@ pub enum Command {
         no_progress: bool,
     },
     /// Serve the encrypted registry until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// A local certificate authority for mutual TLS.
     #[command(subcommand)]
     Ca(CaCommand),
