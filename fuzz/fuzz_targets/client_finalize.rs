@@ -3,10 +3,18 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use psi_core::{Blinding, Client, Mode, Proof, ServerKey};
+use std::sync::OnceLock;
+
+fn client() -> &'static Client {
+    static C: OnceLock<Client> = OnceLock::new();
+    C.get_or_init(|| {
+        let key = ServerKey::from_bytes(&[9; 32]).expect("a valid key");
+        Client::new(Mode::Voprf, *key.public_key())
+    })
+}
 
 fuzz_target!(|data: &[u8]| {
-    let key = ServerKey::from_bytes(&[9; 32]).expect("a valid key");
-    let client = Client::new(Mode::Voprf, *key.public_key());
+    let client = client();
     let (proof, rest) = data.split_at(data.len().min(64));
     let Ok(evaluated) = psi_proto::unpack_evaluated(rest) else { return };
     if evaluated.is_empty() || evaluated.len() > 16 {
