@@ -42,12 +42,14 @@ impl Drop for Server {
     }
 }
 
+/// Starts `psi-server serve`; its log goes to `data_dir/../server.log`.
 fn serve(data_dir: &Path) -> (Server, String) {
+    let log = std::fs::File::create(data_dir.with_file_name("server.log")).expect("log file");
     let mut child = Command::new(server_bin())
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("starting psi-server");
     let stdout = child.stdout.take().expect("stdout");
@@ -257,6 +259,30 @@ fn init_serve_batch_check_with_the_real_binaries() {
         !out.contains("张伟") && !out.contains("11010519491231002"),
         "{out}"
     );
+
+    // The server's log names institutions and counts, never a pair.
+    let log = std::fs::read_to_string(root.join("server.log")).unwrap();
+    assert!(log.contains("institution=\"local\""), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "no terminal colour codes in a log file"
+    );
+    for needle in [
+        "张伟",
+        "张三",
+        "11010519491231002",
+        "王小二",
+        "830000199201300022",
+    ] {
+        assert!(!log.contains(needle), "the log holds {needle}");
+    }
+    for line in reg.lines().skip(1).take(50) {
+        let (name, id) = line.split_once(',').unwrap();
+        assert!(
+            !log.contains(name) && !log.contains(id),
+            "the log holds a registry pair"
+        );
+    }
 
     // SIGTERM: the server drains and exits cleanly.
     let pid = server.0.id().to_string();

@@ -917,3 +917,85 @@ async fn metrics_count_requests_elements_and_refusals_on_the_admin_port() {
     assert!(!text.contains("张伟") && !text.contains("11010519491231002"));
     f.running.shutdown().await.unwrap();
 }
+
+/// Sends raw bytes as a gRPC message body, to test what the server does with
+/// bytes that are not a protobuf message.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        let mut out = vec![0; src.remaining()];
+        src.copy_to_slice(&mut out);
+        Ok(Some(out))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_protobuf_is_refused_and_the_server_stays_up() {
+    let f = fixture(10).await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(f.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    for garbage in [
+        vec![0xff; 7],
+        vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f],
+        b"not protobuf at all".to_vec(),
+    ] {
+        grpc.ready().await.unwrap();
+        let e = grpc
+            .unary::<Vec<u8>, Vec<u8>, _>(
+                with_purpose(garbage),
+                tonic::codegen::http::uri::PathAndQuery::from_static("/psi.v1.Match/Evaluate"),
+                RawCodec,
+            )
+            .await
+            .unwrap_err();
+        // tonic reports undecodable messages as INTERNAL "failed to decode".
+        assert!(e.message().contains("decode"), "{e:?}");
+    }
+    assert_eq!(
+        check(&session, "张伟", "11010519491231002X", QueryMode::Bucket)
+            .await
+            .unwrap(),
+        CheckOutcome::Match
+    );
+    f.running.shutdown().await.unwrap();
+}

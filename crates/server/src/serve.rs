@@ -197,6 +197,9 @@ async fn run(
     }
     builder
         .timeout(cfg.request_timeout)
+        // Stalled peers: ping idle connections, drop those that do not answer.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(health)
         .add_service(reflection)
         .add_service(service)
