@@ -9,10 +9,14 @@
 //! record is durable (`synchronous = FULL`) before its answer is sent, and
 //! concurrent requests share one transaction and one fsync.
 //!
-//! Records are never pruned by this server. A chain proves the order and
-//! integrity of the records it holds; a truncated tail is detected only
-//! against an externally kept head (`audit verify` prints the head hash and
-//! count for the operator to log elsewhere).
+//! The server never prunes by itself. `psi-server audit prune --before T`
+//! removes the oldest records only when all of them are older than the
+//! retention (3 years by default); an anchor row keeps the sequence number and
+//! hash the remaining chain continues from, so it still verifies. A chain
+//! proves the order and integrity of the records it holds; a truncated tail
+//! (or a forged anchor) is detected only against externally kept heads
+//! (`audit verify` prints the head hash and count for the operator to log
+//! elsewhere).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -26,6 +30,8 @@ use tokio::sync::oneshot;
 
 /// The audit database's default file name inside the data directory.
 pub const AUDIT_FILE: &str = "audit.sqlite";
+/// Default retention: records younger than this are never pruned (3 years).
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(3 * 366 * 86_400);
 const MAX_GROUP: usize = 512;
 
 /// One request, as recorded.
@@ -122,7 +128,13 @@ fn open(path: &Path) -> Result<Connection> {
              prev_hash BLOB NOT NULL,
              hash BLOB NOT NULL
          );
-         CREATE INDEX IF NOT EXISTS audit_by_institution ON audit (institution, time_unix_ms);",
+         CREATE INDEX IF NOT EXISTS audit_by_institution ON audit (institution, time_unix_ms);
+         CREATE TABLE IF NOT EXISTS audit_anchor (
+             id INTEGER PRIMARY KEY CHECK (id = 1),
+             next_seq INTEGER NOT NULL,
+             prev_hash BLOB NOT NULL,
+             pruned_at_unix_ms INTEGER NOT NULL
+         );",
     )
     .with_context(|| format!("preparing audit database {}", path.display()))?;
     Ok(conn)
@@ -286,6 +298,70 @@ const SELECT: &str =
     "SELECT seq, time_unix_ms, institution, purpose, method, mode, elements, outcome,
                              request_id, key_epoch, registry_version, prev_hash, hash FROM audit";
 
+/// The anchor left by a prune: the first sequence number kept and the hash
+/// the chain continues from.
+fn anchor(conn: &Connection) -> Result<Option<(i64, Vec<u8>)>> {
+    match conn.query_row(
+        "SELECT next_seq, prev_hash FROM audit_anchor WHERE id = 1",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    ) {
+        Ok(a) => Ok(Some(a)),
+        Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes the records older than `before`, if all of them are older than
+/// `retention` at `now`, keeping the chain verifiable. Returns how many it removed.
+///
+/// # Errors
+/// `before` inside the retention period (nothing is removed), or database errors.
+pub fn prune(path: &Path, before: SystemTime, retention: Duration, now: SystemTime) -> Result<u64> {
+    let oldest_allowed = now.checked_sub(retention).unwrap_or(UNIX_EPOCH);
+    if before > oldest_allowed {
+        bail!(
+            "refusing to prune records from the last {} days (the retention period): choose a time before {}",
+            retention.as_secs() / 86_400,
+            humantime::format_rfc3339_seconds(oldest_allowed)
+        );
+    }
+    let mut conn = open(path)?;
+    let tx = conn.transaction()?;
+    // The records to remove are the prefix of the chain before the first
+    // record at or after `before` (all of them if there is none).
+    let first_kept: Option<i64> = tx.query_row(
+        "SELECT MIN(seq) FROM audit WHERE time_unix_ms >= ?1",
+        params![unix_ms(before)],
+        |r| r.get(0),
+    )?;
+    let last_removed: Option<i64> = match first_kept {
+        Some(kept) => tx.query_row(
+            "SELECT MAX(seq) FROM audit WHERE seq < ?1",
+            params![kept],
+            |r| r.get(0),
+        )?,
+        None => tx.query_row("SELECT MAX(seq) FROM audit", [], |r| r.get(0))?,
+    };
+    let Some(last_seq) = last_removed else {
+        return Ok(0);
+    };
+    let last_hash: Vec<u8> = tx.query_row(
+        "SELECT hash FROM audit WHERE seq = ?1",
+        params![last_seq],
+        |r| r.get(0),
+    )?;
+    let removed = tx.execute("DELETE FROM audit WHERE seq <= ?1", params![last_seq])?;
+    tx.execute(
+        "INSERT INTO audit_anchor (id, next_seq, prev_hash, pruned_at_unix_ms) VALUES (1, ?1, ?2, ?3)
+         ON CONFLICT (id) DO UPDATE SET next_seq = excluded.next_seq, prev_hash = excluded.prev_hash,
+                                        pruned_at_unix_ms = excluded.pruned_at_unix_ms",
+        params![last_seq + 1, last_hash, unix_ms(now)],
+    )?;
+    tx.commit()?;
+    Ok(removed as u64)
+}
+
 /// Walks the chain from the first record.
 ///
 /// # Errors
@@ -295,10 +371,9 @@ pub fn verify(path: &Path) -> Result<Verification> {
         bail!("no audit database at {}", path.display());
     }
     let conn = open(path)?;
+    let (mut expected_seq, mut prev) = anchor(&conn)?.unwrap_or((1, vec![0u8; 32]));
     let mut stmt = conn.prepare(&format!("{SELECT} ORDER BY seq"))?;
     let mut rows = stmt.query([])?;
-    let mut prev = vec![0u8; 32];
-    let mut expected_seq = 1i64;
     let mut records = 0u64;
     while let Some(row) = rows.next()? {
         let (seq, entry, prev_hash, hash) = read_entry(row)?;
@@ -498,6 +573,45 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("audit chain broken at record 12"));
+    }
+
+    #[tokio::test]
+    async fn prune_respects_retention_and_keeps_the_chain_verifiable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(AUDIT_FILE);
+        let log = AuditLog::open(&path).unwrap();
+        // Ten records a day apart, starting 2020-01-01.
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_577_836_800);
+        for day in 0..10u64 {
+            let mut e = Entry::now("bank-a", "kyc", "Evaluate", "sync");
+            e.time_unix_ms = unix_ms(t0 + Duration::from_secs(day * 86_400));
+            log.append(e).await.unwrap();
+        }
+        let now = t0 + Duration::from_secs(4 * 366 * 86_400);
+        // Inside the retention period: refused, nothing removed.
+        let recent = now - Duration::from_secs(86_400);
+        assert!(prune(&path, recent, DEFAULT_RETENTION, now)
+            .unwrap_err()
+            .to_string()
+            .contains("retention"));
+        assert_eq!(verify(&path).unwrap().records, 10);
+        // The first four days go; the chain still verifies from record 5.
+        let before = t0 + Duration::from_secs(4 * 86_400);
+        assert_eq!(prune(&path, before, DEFAULT_RETENTION, now).unwrap(), 4);
+        assert_eq!(verify(&path).unwrap().records, 6);
+        assert_eq!(prune(&path, before, DEFAULT_RETENTION, now).unwrap(), 0);
+        // Appending continues the chain after the prune.
+        log.append(Entry::now("bank-a", "kyc", "Evaluate", "sync"))
+            .await
+            .unwrap();
+        assert_eq!(verify(&path).unwrap().records, 7);
+        // Deleting the first kept record is still detected.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("DELETE FROM audit WHERE seq = 5", []).unwrap();
+        assert!(verify(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("record 5 is missing"));
     }
 
     #[tokio::test]

@@ -104,6 +104,18 @@ pub enum AuditCommand {
         #[arg(long, env = "PSI_AUDIT_DB")]
         db: PathBuf,
     },
+    /// Remove records older than a time, never any younger than the retention.
+    Prune {
+        /// The audit database.
+        #[arg(long, env = "PSI_AUDIT_DB")]
+        db: PathBuf,
+        /// Remove records before this time (RFC 3339).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        before: std::time::SystemTime,
+        /// Retention in days: records younger than this are never removed.
+        #[arg(long, default_value_t = 1098)]
+        retention_days: u64,
+    },
     /// Export records, oldest first.
     Export {
         /// The audit database.
@@ -177,6 +189,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                 key.display(),
                 dir.join(crate::ca::CA_CERT).display()
             );
+            Ok(())
+        }
+        Command::Audit(AuditCommand::Prune {
+            db,
+            before,
+            retention_days,
+        }) => {
+            let retention = std::time::Duration::from_secs(retention_days.saturating_mul(86_400));
+            let n = crate::audit::prune(&db, before, retention, std::time::SystemTime::now())?;
+            println!("removed {n} audit records; the remaining chain still verifies (psi-server audit verify)");
             Ok(())
         }
         Command::Audit(AuditCommand::Verify { db }) => {
