@@ -105,12 +105,7 @@ async fn main() -> Result<()> {
         tls: None,
         purpose: "benchmark".to_string(),
     };
-    let session = loop {
-        match Session::connect(options.clone()).await {
-            Ok(s) => break s,
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    };
+    let session = Session::connect_when_ready(options.clone(), Duration::from_secs(60)).await?;
 
     eprintln!("first sync");
     let t = Instant::now();

@@ -104,17 +104,7 @@ async fn main() -> Result<()> {
             tls: Some(t),
             purpose: "load-test".into(),
         };
-        let started = Instant::now();
-        let session = loop {
-            match Session::connect(opts.clone()).await {
-                Ok(s) => break s,
-                // Not ready yet (the snapshot loads after the port binds).
-                Err(_) if started.elapsed() < Duration::from_secs(30) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let session = Session::connect_when_ready(opts, Duration::from_secs(30)).await?;
         sessions.push(session);
     }
     eprintln!(

@@ -11,7 +11,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use psi_core::suite::SUITE_ID;
 use psi_core::tagset::Shard;
-use psi_core::{Blinding, Client, Mode, Output, Proof, PublicKey, Record, TagSet};
+use psi_core::{
+    BlindState, BlindedElement, Blinding, Client, Mode, Output, Proof, PublicKey, Record, TagSet,
+};
 use psi_proto::v1::match_client::MatchClient;
 use psi_proto::v1::{
     sync_tag_set_response, BucketQueryRequest, EvaluateRequest, GetServerInfoRequest, ServerInfo,
@@ -229,6 +231,31 @@ impl Session {
         })
     }
 
+    /// Connects, waiting up to `patience` for a server that is still
+    /// starting (not yet listening, or `UNAVAILABLE` while its snapshot loads).
+    ///
+    /// # Errors
+    /// As [`Session::connect`], or the last error once `patience` has passed.
+    pub async fn connect_when_ready(
+        options: ConnectOptions,
+        patience: std::time::Duration,
+    ) -> Result<Self> {
+        let started = std::time::Instant::now();
+        loop {
+            match Self::connect(options.clone()).await {
+                Ok(session) => return Ok(session),
+                Err(e) => {
+                    let text = format!("{e:#}");
+                    let starting = text.contains("unavailable") || text.contains("connecting to");
+                    if !starting || started.elapsed() >= patience {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
     /// The server's parameters as read at connection.
     #[must_use]
     pub fn info(&self) -> &ServerInfo {
@@ -261,13 +288,7 @@ impl Session {
     }
 
     async fn evaluate_chunk(&self, inputs: Vec<Vec<u8>>) -> Result<Vec<Output>> {
-        let core = Arc::clone(&self.core);
-        let blinding = self.options.blinding;
-        let (inputs, state, blinded) = on_cpu(move || {
-            let (state, blinded) = core.blind(&inputs, blinding, &mut OsRng)?;
-            Ok::<_, psi_core::Error>((inputs, state, blinded))
-        })
-        .await??;
+        let (inputs, state, blinded) = self.blind(inputs).await?;
         let message = EvaluateRequest {
             key_epoch: self.info.key_epoch,
             blinded_elements: pack(blinded.iter().map(|b| &b.0)),
@@ -278,10 +299,43 @@ impl Session {
             async move { grpc.evaluate(request).await }
         })
         .await?;
-        self.check_epoch(response.key_epoch)?;
-        let evaluated = unpack_evaluated(&response.evaluated_elements)?;
-        let proof =
-            Proof::from_bytes(&response.proof).context("the server's proof is malformed")?;
+        self.finalize(
+            state,
+            inputs,
+            response.key_epoch,
+            &response.evaluated_elements,
+            &response.proof,
+        )
+        .await
+    }
+
+    /// Blinds `inputs` on the rayon pool; returns them with the state and the blinded elements.
+    async fn blind(
+        &self,
+        inputs: Vec<Vec<u8>>,
+    ) -> Result<(Vec<Vec<u8>>, BlindState, Vec<BlindedElement>)> {
+        let core = Arc::clone(&self.core);
+        let blinding = self.options.blinding;
+        let (inputs, state, blinded) = on_cpu(move || {
+            let (state, blinded) = core.blind(&inputs, blinding, &mut OsRng)?;
+            Ok::<_, psi_core::Error>((inputs, state, blinded))
+        })
+        .await??;
+        Ok((inputs, state, blinded))
+    }
+
+    /// Checks an answer's epoch, verifies its proof and unblinds, on the rayon pool.
+    async fn finalize(
+        &self,
+        state: BlindState,
+        inputs: Vec<Vec<u8>>,
+        epoch: u64,
+        evaluated: &[u8],
+        proof: &[u8],
+    ) -> Result<Vec<Output>> {
+        self.check_epoch(epoch)?;
+        let evaluated = unpack_evaluated(evaluated)?;
+        let proof = Proof::from_bytes(proof).context("the server's proof is malformed")?;
         let core = Arc::clone(&self.core);
         on_cpu(move || core.finalize(state, &inputs, &evaluated, &proof))
             .await?
@@ -309,13 +363,7 @@ impl Session {
         for chunk in records.chunks(max) {
             let inputs: Vec<Vec<u8>> = chunk.iter().map(Record::encode).collect();
             let buckets: Vec<u32> = chunk.iter().map(|r| r.bucket(p)).collect();
-            let core = Arc::clone(&self.core);
-            let blinding = self.options.blinding;
-            let (inputs, state, blinded) = on_cpu(move || {
-                let (state, blinded) = core.blind(&inputs, blinding, &mut OsRng)?;
-                Ok::<_, psi_core::Error>((inputs, state, blinded))
-            })
-            .await??;
+            let (inputs, state, blinded) = self.blind(inputs).await?;
             let message = BucketQueryRequest {
                 key_epoch: self.info.key_epoch,
                 blinded_elements: pack(blinded.iter().map(|b| &b.0)),
@@ -327,14 +375,15 @@ impl Session {
                 async move { grpc.bucket_query(request).await }
             })
             .await?;
-            self.check_epoch(response.key_epoch)?;
-            let evaluated = unpack_evaluated(&response.evaluated_elements)?;
-            let proof =
-                Proof::from_bytes(&response.proof).context("the server's proof is malformed")?;
-            let core = Arc::clone(&self.core);
-            let outputs = on_cpu(move || core.finalize(state, &inputs, &evaluated, &proof))
-                .await?
-                .context("verifying the server's evaluation")?;
+            let outputs = self
+                .finalize(
+                    state,
+                    inputs,
+                    response.key_epoch,
+                    &response.evaluated_elements,
+                    &response.proof,
+                )
+                .await?;
             let mut tags_by_bucket = HashMap::new();
             for b in response.buckets {
                 tags_by_bucket.insert(b.id, unpack_tags(&b.tags)?);

@@ -42,12 +42,18 @@ impl Drop for Server {
     }
 }
 
-/// Starts `psi-server serve`; its log goes to `data_dir/../server.log`.
-fn serve(data_dir: &Path) -> (Server, String) {
+/// Starts `psi-server serve` (with a policy file if given); its log goes to
+/// `data_dir/../server.log`. Returns the process and the URL it listens at.
+fn serve(data_dir: &Path, policy: Option<&Path>) -> (Server, String) {
     let log = std::fs::File::create(data_dir.with_file_name("server.log")).expect("log file");
-    let mut child = Command::new(server_bin())
+    let mut command = Command::new(server_bin());
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
+        .arg(data_dir);
+    if let Some(policy) = policy {
+        command.arg("--policy").arg(policy);
+    }
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
@@ -92,7 +98,7 @@ fn init_serve_batch_check_with_the_real_binaries() {
         "no personal data in the summary: {out}"
     );
 
-    let (mut server, url) = serve(&data);
+    let (mut server, url) = serve(&data, None);
     let cache = root.join("cache");
     let client = |args: &[&str]| {
         let mut c = Command::new(client_bin());
@@ -346,21 +352,7 @@ fn sighup_reloads_the_policy_without_a_restart() {
         format!("[institutions.local]\nmodes = [\"bucket\", \"sync\"]\npurposes = [{purposes}]\nrate_per_second = 1000\ndaily_cap = 100000\nmax_batch = 64\n")
     };
     std::fs::write(&policy, rules("\"kyc-onboarding\"")).unwrap();
-    let mut child = Command::new(server_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .arg("--policy")
-        .arg(&policy)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = format!("http://{}", line.trim().rsplit(' ').next().unwrap());
-    let server = Server(child);
+    let (server, url) = serve(&data, Some(&policy));
     let check = |purpose: &str| {
         run(Command::new(client_bin())
             .args([
@@ -453,21 +445,7 @@ fn a_killed_batch_resumes_with_every_row_exactly_once() {
     std::fs::write(&input, text).unwrap();
     let policy = root.join("policy.toml");
     std::fs::write(&policy, "[institutions.local]\nmodes=[\"sync\"]\npurposes=[\"kyc-onboarding\"]\nrate_per_second=100\ndaily_cap=100000\nmax_batch=64\n").unwrap();
-    let mut child = Command::new(server_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .arg("--policy")
-        .arg(&policy)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = format!("http://{}", line.trim().rsplit(' ').next().unwrap());
-    let _server = Server(child);
+    let (_server, url) = serve(&data, Some(&policy));
     let output = root.join("out.csv");
     let partial = root.join("out.csv.partial");
     let batch = |resume: bool| {

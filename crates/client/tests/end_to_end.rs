@@ -82,21 +82,7 @@ async fn connect(url: &str, cache: &Path, pin: Option<String>) -> anyhow::Result
         tls: None,
         purpose: "kyc-onboarding".to_string(),
     };
-    let mut last = None;
-    for _ in 0..100 {
-        match Session::connect(opts.clone()).await {
-            Ok(s) => return Ok(s),
-            Err(e)
-                if format!("{e:#}").contains("unavailable")
-                    || format!("{e:#}").contains("connecting") =>
-            {
-                last = Some(e);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last.unwrap())
+    Session::connect_when_ready(opts, Duration::from_secs(10)).await
 }
 
 struct Fixture {
@@ -228,6 +214,23 @@ fn write_queries(path: &Path, repeat: usize) -> Vec<&'static str> {
     expected
 }
 
+/// Every audit record, oldest first, as JSON objects.
+fn audit_records(path: &Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    psi_server::audit::export(
+        path,
+        &Default::default(),
+        psi_server::audit::Format::Json,
+        &mut out,
+    )
+    .unwrap();
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn read_output(path: &Path) -> Vec<csv::StringRecord> {
     let mut r = csv::Reader::from_path(path).unwrap();
     let headers = r.headers().unwrap().clone();
@@ -277,19 +280,7 @@ async fn batch_answers_every_row_in_both_modes() {
     // records add up to the valid rows, and the chain verifies.
     let audit_db = f.data_dir.join(psi_server::audit::AUDIT_FILE);
     let v = psi_server::audit::verify(&audit_db).unwrap();
-    let mut out = Vec::new();
-    psi_server::audit::export(
-        &audit_db,
-        &Default::default(),
-        psi_server::audit::Format::Json,
-        &mut out,
-    )
-    .unwrap();
-    let records: Vec<serde_json::Value> = String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = audit_records(&audit_db);
     assert_eq!(records.len() as u64, v.records);
     let valid_rows = expected.iter().filter(|w| **w != "invalid").count() as u64;
     let evaluated: u64 = records
@@ -667,19 +658,7 @@ max_batch = 64
     }
     // The audit trail shows the refusals and that each valid row was
     // evaluated exactly once.
-    let mut out = Vec::new();
-    psi_server::audit::export(
-        &data.join(psi_server::audit::AUDIT_FILE),
-        &Default::default(),
-        psi_server::audit::Format::Json,
-        &mut out,
-    )
-    .unwrap();
-    let records: Vec<serde_json::Value> = String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = audit_records(&data.join(psi_server::audit::AUDIT_FILE));
     assert!(
         records.iter().any(|r| r["outcome"] == "ResourceExhausted"),
         "the rate limit must have applied"

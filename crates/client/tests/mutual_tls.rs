@@ -65,22 +65,12 @@ async fn only_certificates_from_the_operators_ca_are_served() {
         cert: read(&cert),
         key: read(&key),
     };
-    let mut session = None;
-    let mut last = String::new();
-    for _ in 0..100 {
-        match Session::connect(options(&url, &root.join("cache"), Some(good.clone()))).await {
-            Ok(s) => {
-                session = Some(s);
-                break;
-            }
-            Err(e) => {
-                last = format!("{e:#}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    let session = session
-        .unwrap_or_else(|| panic!("the institution with a valid certificate connects: {last}"));
+    let session = Session::connect_when_ready(
+        options(&url, &root.join("cache"), Some(good.clone())),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the institution with a valid certificate connects");
     assert_eq!(
         check(&session, "张伟", "11010519491231002X", QueryMode::Bucket)
             .await

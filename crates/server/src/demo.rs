@@ -192,7 +192,7 @@ async fn client_side(dir: &Path, url: &str, count: u64) -> Result<()> {
     }
     w.flush()?;
 
-    // Wait for the snapshot to load (the server answers Unavailable until then).
+    // The snapshot loads after the port binds: wait for it.
     let cache_dir = dir.join("client-cache");
     let _ = std::fs::remove_dir_all(&cache_dir);
     let options = ConnectOptions {
@@ -204,18 +204,7 @@ async fn client_side(dir: &Path, url: &str, count: u64) -> Result<()> {
         tls: None,
         purpose: "demo".to_string(),
     };
-    let mut attempts = 0;
-    let session = loop {
-        match Session::connect(options.clone()).await {
-            Ok(s) => break s,
-            Err(e) if attempts < 100 => {
-                attempts += 1;
-                tracing::debug!("server not ready: {e:#}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    let session = Session::connect_when_ready(options, Duration::from_secs(10)).await?;
     println!(
         "4. client connected; pinned public key {} (epoch {})",
         psi_core::PublicKey::from_bytes(&session.info().public_key)?.to_hex(),
