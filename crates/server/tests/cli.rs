@@ -129,3 +129,21 @@ fn init_killed_at_any_point_leaves_a_loadable_snapshot_and_reruns() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn the_readme_demo_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = server()
+        .args(["demo", "--count", "3000", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("all answers as expected."), "{stdout}");
+    assert!(stdout.contains("chain intact"), "{stdout}");
+}
