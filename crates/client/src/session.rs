@@ -26,8 +26,7 @@ use tonic::Code;
 
 use crate::pin::{self, Pinned};
 
-/// The gRPC metadata key of the declared purpose (the server's `PURPOSE_HEADER`).
-pub const PURPOSE_HEADER: &str = "x-psi-purpose";
+use psi_proto::{PURPOSE_HEADER, RETRY_AFTER_MS};
 
 /// How to connect.
 #[derive(Debug, Clone)]
@@ -129,7 +128,7 @@ where
             Err(status) if status.code() == Code::ResourceExhausted => {
                 let wait = status
                     .metadata()
-                    .get("retry-after-ms")
+                    .get(RETRY_AFTER_MS)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<u64>().ok())
                     .map(std::time::Duration::from_millis);

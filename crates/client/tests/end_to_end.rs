@@ -419,7 +419,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
         blinded_elements: good.clone(),
     });
     bad.metadata_mut()
-        .insert("x-psi-purpose", "Not A Code!".parse().unwrap());
+        .insert(psi_proto::PURPOSE_HEADER, "Not A Code!".parse().unwrap());
     assert_eq!(
         raw.evaluate(bad).await.unwrap_err().code(),
         Code::InvalidArgument
@@ -439,7 +439,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
 fn with_purpose<T>(message: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.metadata_mut()
-        .insert("x-psi-purpose", "kyc-onboarding".parse().unwrap());
+        .insert(psi_proto::PURPOSE_HEADER, "kyc-onboarding".parse().unwrap());
     r
 }
 
@@ -688,7 +688,7 @@ max_batch = 64
         blinded_elements: psi_proto::pack([&curve25519_dalek_basepoint()]),
     });
     req.metadata_mut()
-        .insert("x-psi-purpose", "marketing".parse().unwrap());
+        .insert(psi_proto::PURPOSE_HEADER, "marketing".parse().unwrap());
     let e = raw.evaluate(req).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("purpose marketing is not authorised"));
@@ -710,7 +710,7 @@ max_batch = 64
     }
     let e = exhausted.expect("the rate limit is reached");
     assert_eq!(e.code(), Code::ResourceExhausted);
-    assert!(e.metadata().get("retry-after-ms").is_some());
+    assert!(e.metadata().get(psi_proto::RETRY_AFTER_MS).is_some());
     running.shutdown().await.unwrap();
 
     // An institution missing from the policy is refused outright.
@@ -831,10 +831,8 @@ async fn oversized_messages_and_request_floods_are_refused_and_the_server_stays_
     let results = futures::future::join_all(calls).await;
     let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(
-        refused
-            .iter()
-            .all(|e| e.code() == Code::ResourceExhausted
-                && e.metadata().get("retry-after-ms").is_some()),
+        refused.iter().all(|e| e.code() == Code::ResourceExhausted
+            && e.metadata().get(psi_proto::RETRY_AFTER_MS).is_some()),
         "{refused:?}"
     );
     assert!(

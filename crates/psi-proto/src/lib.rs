@@ -21,6 +21,12 @@ use psi_core::{BlindedElement, Error, EvaluatedElement};
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/psi_v1_descriptor.bin"));
 
+/// gRPC metadata key carrying a request's declared purpose code.
+pub const PURPOSE_HEADER: &str = "x-psi-purpose";
+
+/// gRPC metadata key of the retry delay, in milliseconds, on `RESOURCE_EXHAUSTED`.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
 /// The service name, for health checks.
 pub const SERVICE_NAME: &str = "psi.v1.Match";
 

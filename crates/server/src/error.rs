@@ -2,6 +2,7 @@
 //! that help the peer act go into the message; nothing secret or personal
 //! ever does (the service never sees names or ID numbers).
 
+use psi_proto::RETRY_AFTER_MS;
 use tonic::{Code, Status};
 
 /// Why a request was refused.
@@ -60,9 +61,6 @@ impl ServiceError {
         }
     }
 }
-
-/// Metadata key of the retry delay, in milliseconds, on `RESOURCE_EXHAUSTED`.
-pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {

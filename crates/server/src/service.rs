@@ -22,8 +22,7 @@ use crate::error::ServiceError;
 use crate::policy::Enforcer;
 use crate::registry::Snapshot;
 
-/// The gRPC metadata key that carries a request's declared purpose code.
-pub const PURPOSE_HEADER: &str = "x-psi-purpose";
+pub use psi_proto::PURPOSE_HEADER;
 
 /// Whether `code` is a well-formed purpose code: 1 to 32 of `a-z 0-9 _ -`.
 #[must_use]
