@@ -156,6 +156,19 @@ impl BucketIndex {
         self.tags.iter().map(|&t| Tag(t))
     }
 
+    /// Every `(bucket, tag)` pair, bucket by bucket (an update rebuilds the
+    /// index from these).
+    pub fn entries(&self) -> impl Iterator<Item = (u32, Tag)> + '_ {
+        self.offsets.windows(2).enumerate().flat_map(move |(b, w)| {
+            let run = match w {
+                [a, z] => self.tags.get(*a as usize..*z as usize).unwrap_or(&[]),
+                _ => &[],
+            };
+            let id = u32::try_from(b).unwrap_or(u32::MAX);
+            run.iter().map(move |&t| (id, Tag(t)))
+        })
+    }
+
     /// The sorted tags of bucket `id`, or `None` if `id` has more bits than
     /// the prefix.
     #[must_use]
@@ -304,6 +317,8 @@ mod tests {
         assert_eq!(index.bucket(4), None);
         let back = BucketIndex::from_bytes(&index.to_bytes()).unwrap();
         assert_eq!(back, index);
+        let entries: Vec<(u32, u64)> = index.entries().map(|(b, t)| (b, t.0)).collect();
+        assert_eq!(entries, [(0, 7), (1, 9), (2, 1), (3, 10), (3, 30), (3, 50)]);
         assert!(BucketIndex::build(1, &[2], &[Tag(1)], 0, 0).is_err());
     }
 

@@ -8,6 +8,7 @@
 //!   additive blinding path for the client and a batched-encoding evaluation
 //!   path for the server.
 //! - [`record`]: canonical (name, ID number) records, the OPRF input.
+//! - [`rotation`]: the retiring key's endorsement of its successor.
 //! - [`tag`], [`tagset`], [`bucket`]: how the server's encrypted registry is
 //!   held and shipped in the sync and bucket modes.
 //!
@@ -30,6 +31,7 @@ pub mod key;
 pub mod proof;
 pub mod record;
 mod rice;
+pub mod rotation;
 pub mod server;
 pub mod suite;
 pub mod tag;

@@ -373,48 +373,103 @@ impl TagSet {
         out
     }
 
+    /// The set after a registry update: `removed` values taken out, `added`
+    /// put in (values as [`TagSetParams::value`] gives them), under the same
+    /// parameters and epoch. Only the shards the change touches are re-coded;
+    /// the others keep their data and digests.
+    ///
+    /// # Errors
+    /// [`Error::Malformed`] for a value of more than `tag_bits` bits or a shard
+    /// that does not decode.
+    pub fn apply_delta(
+        &self,
+        added: &[u64],
+        removed: &[u64],
+        registry_version: u64,
+    ) -> Result<Self> {
+        let p = self.header.params;
+        let limit = match p.tag_bits {
+            64.. => u64::MAX,
+            b => (1u64 << b) - 1,
+        };
+        if added.iter().chain(removed).any(|&v| v > limit) {
+            return Err(malformed(
+                "a delta value has more bits than the tag set keeps",
+            ));
+        }
+        let mut touched: std::collections::BTreeMap<usize, (Vec<u64>, Vec<u64>)> =
+            std::collections::BTreeMap::new();
+        for &v in added {
+            touched.entry(p.shard_of(v)).or_default().0.push(v);
+        }
+        for &v in removed {
+            touched.entry(p.shard_of(v)).or_default().1.push(v);
+        }
+        let header = TagSetHeader {
+            registry_version,
+            ..self.header
+        };
+        let low_mask = low_mask(p);
+        let mut shards = self.shards.clone();
+        for (index, (add, mut remove)) in touched {
+            let shard = shards
+                .get_mut(index)
+                .ok_or_else(|| malformed("shard out of range"))?;
+            let high = (index as u64)
+                .checked_shl(u32::from(p.low_bits()))
+                .unwrap_or(0);
+            let mut values: Vec<u64> = decode_shard(p, shard)?
+                .into_iter()
+                .map(|low| high | low)
+                .collect();
+            remove.sort_unstable();
+            values.retain(|v| remove.binary_search(v).is_err());
+            values.extend(add);
+            values.sort_unstable();
+            values.dedup();
+            let lows: Vec<u64> = values.iter().map(|v| v & low_mask).collect();
+            let count = u32::try_from(lows.len()).map_err(|_| malformed("shard too large"))?;
+            *shard = Shard::new(&header, index, count, rice::encode(&lows, p.rice_bits));
+        }
+        let header = TagSetHeader {
+            count: shards.iter().map(|s| u64::from(s.count)).sum(),
+            ..header
+        };
+        let root = root_digest(&header, &shards);
+        Ok(Self {
+            header,
+            shards,
+            root,
+        })
+    }
+
+    /// Reads what can be trusted of a damaged serialised set: the header and,
+    /// for each shard, the shard if its data is present, matches its digest
+    /// and decodes, else `None`. `None` overall when not even the header and
+    /// shard table are readable. A sync then refetches only the missing shards.
+    #[must_use]
+    pub fn salvage(bytes: &[u8]) -> Option<(TagSetHeader, Vec<Option<Shard>>)> {
+        let (header, _root, table, mut r) = read_head(bytes).ok()?;
+        let shards = table
+            .into_iter()
+            .enumerate()
+            .map(|(index, (count, len, digest))| {
+                let data = r.take(len).ok()?.to_vec();
+                let shard = Shard::new(&header, index, count, data);
+                (shard.digest == digest && decode_shard(header.params, &shard).is_ok())
+                    .then_some(shard)
+            })
+            .collect();
+        Some((header, shards))
+    }
+
     /// Reads a serialised set, verifying every digest and the root.
     ///
     /// # Errors
     /// [`Error::Malformed`], [`Error::UnsupportedVersion`], [`Error::DigestMismatch`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(bytes);
-        if r.take(8)? != TAGSET_MAGIC {
-            return Err(malformed("not a tag set (bad magic)"));
-        }
-        let version = r.u16()?;
-        if version != TAGSET_VERSION {
-            return Err(Error::UnsupportedVersion {
-                what: WHAT,
-                got: version,
-                supported: TAGSET_VERSION,
-            });
-        }
-        let p = r.take(4)?;
-        let params = match p {
-            [tag_bits, shard_bits, rice_bits, 0] => TagSetParams {
-                tag_bits: *tag_bits,
-                shard_bits: *shard_bits,
-                rice_bits: *rice_bits,
-            },
-            _ => return Err(malformed("reserved byte set")),
-        }
-        .validate()?;
-        let header = TagSetHeader {
-            params,
-            epoch: r.u64()?,
-            registry_version: r.u64()?,
-            count: r.u64()?,
-        };
-        let root: [u8; 32] = r.array()?;
-        let n = params.shard_count();
-        let mut table = Vec::with_capacity(n);
-        for _ in 0..n {
-            let count = r.u32()?;
-            let len = r.u32()? as usize;
-            let digest: [u8; 32] = r.array()?;
-            table.push((count, len, digest));
-        }
+        let (header, root, table, mut r) = read_head(bytes)?;
+        let n = table.len();
         let mut shards = Vec::with_capacity(n);
         let mut digests = Vec::with_capacity(n);
         for (index, (count, len, digest)) in table.into_iter().enumerate() {
@@ -431,6 +486,52 @@ impl TagSet {
         }
         Ok(set)
     }
+}
+
+/// A shard table entry: value count, data length, digest.
+type TableEntry = (u32, usize, [u8; 32]);
+
+/// Reads the fixed header and the shard table; returns the reader positioned
+/// at the shard data.
+fn read_head(bytes: &[u8]) -> Result<(TagSetHeader, [u8; 32], Vec<TableEntry>, Reader<'_>)> {
+    let mut r = Reader::new(bytes);
+    if r.take(8)? != TAGSET_MAGIC {
+        return Err(malformed("not a tag set (bad magic)"));
+    }
+    let version = r.u16()?;
+    if version != TAGSET_VERSION {
+        return Err(Error::UnsupportedVersion {
+            what: WHAT,
+            got: version,
+            supported: TAGSET_VERSION,
+        });
+    }
+    let p = r.take(4)?;
+    let params = match p {
+        [tag_bits, shard_bits, rice_bits, 0] => TagSetParams {
+            tag_bits: *tag_bits,
+            shard_bits: *shard_bits,
+            rice_bits: *rice_bits,
+        },
+        _ => return Err(malformed("reserved byte set")),
+    }
+    .validate()?;
+    let header = TagSetHeader {
+        params,
+        epoch: r.u64()?,
+        registry_version: r.u64()?,
+        count: r.u64()?,
+    };
+    let root: [u8; 32] = r.array()?;
+    let n = params.shard_count();
+    let mut table = Vec::with_capacity(n);
+    for _ in 0..n {
+        let count = r.u32()?;
+        let len = r.u32()? as usize;
+        let digest: [u8; 32] = r.array()?;
+        table.push((count, len, digest));
+    }
+    Ok((header, root, table, r))
 }
 
 fn low_mask(p: TagSetParams) -> u64 {
@@ -627,10 +728,56 @@ mod tests {
         assert_ne!(v1.root_digest(), v2.root_digest());
     }
 
+    #[test]
+    fn a_delta_gives_the_same_set_as_a_rebuild() {
+        let tags = random_tags(30_000);
+        let v1 = TagSet::build(&tags, 4, 1).unwrap();
+        let p = v1.header().params;
+        let (gone, kept) = tags.split_at(300);
+        let fresh = random_tags(300);
+        let mut after: Vec<Tag> = kept.to_vec();
+        after.extend(&fresh);
+        let rebuilt = TagSet::build_with(p, &after, 4, 2).unwrap();
+        let added: Vec<u64> = fresh.iter().map(|&t| p.value(t)).collect();
+        let removed: Vec<u64> = gone.iter().map(|&t| p.value(t)).collect();
+        let patched = v1.apply_delta(&added, &removed, 2).unwrap();
+        assert_eq!(patched, rebuilt);
+        assert_eq!(patched.len(), 30_000);
+        // Removing what is absent and adding what is present change nothing.
+        let same = patched.apply_delta(&added[..5], &removed[..5], 3).unwrap();
+        assert_eq!(same.shards(), patched.shards());
+        // A value wider than the tag bits is refused.
+        assert!(v1.apply_delta(&[u64::MAX], &[], 2).is_err());
+    }
+
+    #[test]
+    fn salvage_keeps_the_good_shards_of_a_damaged_file() {
+        let set = TagSet::build(&random_tags(40_000), 1, 1).unwrap();
+        let n = set.shards().len();
+        let bytes = set.to_bytes();
+        let (header, shards) = TagSet::salvage(&bytes).unwrap();
+        assert_eq!(header, *set.header());
+        assert!(shards.iter().all(Option::is_some));
+        // One flipped byte in the last shard's data: only that shard is lost.
+        let mut bad = bytes.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x40;
+        let (_, shards) = TagSet::salvage(&bad).unwrap();
+        assert_eq!(shards.iter().filter(|s| s.is_none()).count(), 1);
+        assert!(shards[n - 1].is_none());
+        // Truncated: the shards past the cut are lost, the others kept.
+        let cut = bytes.len() - set.shards()[n - 1].data().len() - set.shards()[n - 2].data().len();
+        let (_, shards) = TagSet::salvage(&bytes[..cut + 3]).unwrap();
+        assert_eq!(shards.iter().filter(|s| s.is_none()).count(), 2);
+        // Not even a header: nothing to salvage.
+        assert!(TagSet::salvage(&bytes[..20]).is_none());
+    }
+
     proptest! {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(data in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = TagSet::from_bytes(&data);
+            let _ = TagSet::salvage(&data);
         }
 
         #[test]
