@@ -79,7 +79,7 @@ async fn main() -> Result<()> {
     eprintln!("init");
     let (csv_path, dd) = (registry_csv.clone(), data_dir.clone());
     let report =
-        tokio::task::spawn_blocking(move || registry::init(&csv_path, &dd, false)).await??;
+        tokio::task::spawn_blocking(move || registry::init(&psi_server::source::Source::csv(csv_path), &dd, false)).await??;
     let init_seconds = report.elapsed.as_secs_f64();
 
     let running = psi_server::serve::start(ServeConfig {
@@ -87,6 +87,7 @@ async fn main() -> Result<()> {
         listen: "127.0.0.1:0".parse()?,
         limits: Limits::default(),
         request_timeout: Duration::from_secs(120),
+        reload_interval: Duration::from_millis(200),
         tls: None,
         audit_db: data_dir.join(psi_server::audit::AUDIT_FILE),
         policy: None,
@@ -140,6 +141,8 @@ async fn main() -> Result<()> {
             chunks_in_flight: 2,
             progress: false,
             resume: false,
+            max_cache_age: std::time::Duration::from_secs(24 * 3600),
+            no_sync: false,
         },
     )
     .await?;
@@ -163,7 +166,7 @@ async fn main() -> Result<()> {
     let results = Results {
         registry_size: args.registry_size,
         init_seconds,
-        init_rows_per_second: report.rows as f64 / init_seconds,
+        init_rows_per_second: report.counts.rows as f64 / init_seconds,
         snapshot_bytes: std::fs::metadata(data_dir.join(registry::SNAPSHOT_FILE))?.len(),
         first_sync_seconds,
         first_sync_bytes: synced.bytes_fetched,

@@ -51,7 +51,7 @@ async fn main() -> Result<()> {
     let registry_csv = args.dir.join("registry.csv");
     psi_server::cli::generate(args.registry_size, 11, &registry_csv)?;
     let data = args.dir.join("data");
-    registry::init(&registry_csv, &data, false)?;
+    registry::init(&psi_server::source::Source::csv(&registry_csv), &data, false)?;
 
     let ca = args.dir.join("ca");
     psi_server::ca::init(&ca, &["127.0.0.1".to_string()])?;
@@ -77,6 +77,7 @@ async fn main() -> Result<()> {
         listen: "127.0.0.1:0".parse()?,
         limits: Limits::default(),
         request_timeout: Duration::from_secs(30),
+        reload_interval: Duration::from_millis(2000),
         tls: Some(TlsFiles {
             cert: std::fs::read(ca.join("server.pem"))?,
             key: std::fs::read(ca.join("server.key"))?,

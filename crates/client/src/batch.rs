@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use psi_core::{Record, TagLookup};
 use rayon::prelude::*;
 
-use crate::session::Session;
+use crate::session::{is_stale_epoch, Session};
 use crate::{today, QueryMode};
 
 /// Options of a batch run.
@@ -34,6 +34,12 @@ pub struct BatchOptions {
     pub progress: bool,
     /// Continue an interrupted run from `OUTPUT.partial`.
     pub resume: bool,
+    /// Sync mode: the oldest a tag set may be (since the server last
+    /// confirmed it current) to answer from; an older one is re-synced, or
+    /// with `no_sync` refused.
+    pub max_cache_age: Duration,
+    /// Sync mode: answer from the cached tag set without syncing first.
+    pub no_sync: bool,
 }
 
 /// What a batch did.
@@ -49,13 +55,17 @@ pub struct BatchSummary {
     pub invalid: u64,
     /// Wall time.
     pub elapsed: Duration,
-    /// Registry version answered against.
+    /// The registry version the first chunk was answered against.
+    pub first_registry_version: u64,
+    /// The registry version the last chunk was answered against.
     pub registry_version: u64,
-    /// Key epoch answered under.
+    /// The key epoch of the first chunk.
+    pub first_key_epoch: u64,
+    /// The key epoch of the last chunk (a rotation during the batch moves it).
     pub key_epoch: u64,
-    /// Tag-set shards downloaded by the sync before the batch (sync mode).
+    /// Tag-set shards downloaded by the syncs of the batch (sync mode).
     pub shards_fetched: usize,
-    /// Bytes downloaded by that sync.
+    /// Bytes downloaded by those syncs.
     pub bytes_synced: u64,
     /// Rows taken over from an interrupted run (`--resume`).
     pub resumed_rows: u64,
@@ -66,7 +76,7 @@ impl std::fmt::Display for BatchSummary {
         let secs = self.elapsed.as_secs_f64();
         write!(
             f,
-            "{}{} rows: {} match, {} no_match, {} invalid in {:.2} s ({:.0} rows/s); registry version {}, key epoch {}",
+            "{}{} rows: {} match, {} no_match, {} invalid in {:.2} s ({:.0} rows/s); answered against registry version {}, key epoch {}",
             if self.resumed_rows > 0 { format!("resumed after {} rows; ", self.resumed_rows) } else { String::new() },
             self.rows,
             self.matched,
@@ -74,9 +84,134 @@ impl std::fmt::Display for BatchSummary {
             self.invalid,
             secs,
             self.rows as f64 / secs.max(1e-9),
-            self.registry_version,
-            self.key_epoch
+            span(self.first_registry_version, self.registry_version),
+            span(self.first_key_epoch, self.key_epoch)
         )
+    }
+}
+
+fn span(first: u64, last: u64) -> String {
+    if first == last {
+        last.to_string()
+    } else {
+        format!("{first} to {last}")
+    }
+}
+
+/// What a chunk is answered against: a session (one key epoch) and, in sync
+/// mode, the tag set of one registry version.
+struct View {
+    session: Session,
+    lookup: Option<Arc<TagLookup>>,
+    version: u64,
+    epoch: u64,
+    confirmed: Instant,
+}
+
+/// The current view, refreshed when the tag set gets older than the maximum
+/// age and replaced when the server rotates its key.
+struct Views {
+    current: tokio::sync::Mutex<Arc<View>>,
+    mode: QueryMode,
+    max_age: Duration,
+    no_sync: bool,
+    shards_fetched: std::sync::atomic::AtomicUsize,
+    bytes_synced: std::sync::atomic::AtomicU64,
+}
+
+impl Views {
+    async fn open(session: Session, opts: &BatchOptions) -> Result<Self> {
+        let views = Self {
+            current: tokio::sync::Mutex::new(Arc::new(View {
+                version: session.info().registry_version,
+                epoch: session.info().key_epoch,
+                session: session.clone(),
+                lookup: None,
+                confirmed: Instant::now(),
+            })),
+            mode: opts.mode,
+            max_age: opts.max_cache_age,
+            no_sync: opts.no_sync,
+            shards_fetched: 0.into(),
+            bytes_synced: 0.into(),
+        };
+        if opts.mode == QueryMode::Sync {
+            let view = if opts.no_sync {
+                let set = session.cached(opts.max_cache_age)?;
+                View {
+                    version: set.header().registry_version,
+                    epoch: set.header().epoch,
+                    lookup: Some(Arc::new(set.lookup()?)),
+                    session,
+                    confirmed: Instant::now(),
+                }
+            } else {
+                views.synced(session).await?
+            };
+            *views.current.lock().await = Arc::new(view);
+        }
+        Ok(views)
+    }
+
+    async fn synced(&self, session: Session) -> Result<View> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let synced = session.sync().await?;
+        self.shards_fetched
+            .fetch_add(synced.shards_fetched, Relaxed);
+        self.bytes_synced.fetch_add(synced.bytes_fetched, Relaxed);
+        Ok(View {
+            version: synced.set.header().registry_version,
+            epoch: synced.set.header().epoch,
+            lookup: Some(Arc::new(synced.set.lookup()?)),
+            session,
+            confirmed: Instant::now(),
+        })
+    }
+
+    /// The view to answer the next chunk with.
+    async fn get(&self) -> Result<Arc<View>> {
+        let mut current = self.current.lock().await;
+        if self.mode == QueryMode::Sync && current.confirmed.elapsed() > self.max_age {
+            if self.no_sync {
+                bail!(
+                    "the cached tag set (registry version {}) is now older than the maximum age of {}; run again without --no-sync",
+                    current.version,
+                    humantime::format_duration(self.max_age)
+                );
+            }
+            *current = Arc::new(self.synced(current.session.clone()).await?);
+        }
+        Ok(Arc::clone(&current))
+    }
+
+    /// After the server refused `stale`'s key epoch: reconnect (following
+    /// the endorsed rotation), re-sync, and return the new view; a chunk
+    /// that failed alongside gets the view the first one made.
+    async fn rotated(&self, stale: &View) -> Result<Arc<View>> {
+        let mut current = self.current.lock().await;
+        if current.epoch == stale.epoch {
+            let session = current.session.reconnect().await?;
+            tracing::warn!(
+                "the server rotated its key from epoch {} to {}; re-synced, continuing",
+                stale.epoch,
+                session.info().key_epoch
+            );
+            *current = Arc::new(match self.mode {
+                QueryMode::Sync if self.no_sync => bail!(
+                    "the server rotated its key to epoch {}: the cached tag set is of no use; run again without --no-sync",
+                    session.info().key_epoch
+                ),
+                QueryMode::Sync => self.synced(session).await?,
+                QueryMode::Bucket => View {
+                    version: session.info().registry_version,
+                    epoch: session.info().key_epoch,
+                    session,
+                    lookup: None,
+                    confirmed: Instant::now(),
+                },
+            });
+        }
+        Ok(Arc::clone(&current))
     }
 }
 
@@ -98,21 +233,15 @@ struct Chunk {
 /// I/O errors. On error no output file is left claiming completeness.
 pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary> {
     let started = Instant::now();
-    let mut summary = BatchSummary {
-        registry_version: session.info().registry_version,
-        key_epoch: session.info().key_epoch,
-        ..BatchSummary::default()
-    };
-    let lookup: Option<Arc<TagLookup>> = match opts.mode {
-        QueryMode::Sync => {
-            let synced = session.sync().await?;
-            summary.shards_fetched = synced.shards_fetched;
-            summary.bytes_synced = synced.bytes_fetched;
-            summary.registry_version = synced.set.header().registry_version;
-            Some(Arc::new(synced.set.lookup()?))
-        }
-        QueryMode::Bucket => None,
-    };
+    let views = Views::open(session.clone(), opts).await?;
+    let mut summary = BatchSummary::default();
+    {
+        let first = views.get().await?;
+        summary.first_registry_version = first.version;
+        summary.registry_version = first.version;
+        summary.first_key_epoch = first.epoch;
+        summary.key_epoch = first.epoch;
+    }
 
     let file_len = std::fs::metadata(&opts.input)
         .with_context(|| format!("reading {}", opts.input.display()))?
@@ -219,24 +348,39 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
     let today = today();
     let mut answered = tokio_stream::wrappers::ReceiverStream::new(rx)
         .map(|chunk| {
-            let lookup = lookup.clone();
+            let views = &views;
             async move {
                 let chunk = chunk?;
-                let answers = answer_chunk(
-                    session,
-                    lookup.as_deref(),
-                    &chunk.rows,
-                    name_col,
-                    id_col,
-                    today,
-                )
-                .await?;
-                Ok::<_, anyhow::Error>((chunk, answers))
+                let mut view = views.get().await?;
+                let mut rotations = 0;
+                loop {
+                    let answered = answer_chunk(
+                        &view.session,
+                        view.lookup.as_deref(),
+                        &chunk.rows,
+                        name_col,
+                        id_col,
+                        today,
+                    )
+                    .await;
+                    match answered {
+                        Ok(answers) => return Ok::<_, anyhow::Error>((chunk, answers, view)),
+                        // A key rotation: ask again under the new epoch,
+                        // against the tag set of that epoch.
+                        Err(e) if is_stale_epoch(&e) && rotations < 3 => {
+                            rotations += 1;
+                            view = views.rotated(&view).await?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         })
         .buffered(opts.chunks_in_flight.max(1));
     while let Some(item) = answered.next().await {
-        let (chunk, answers) = item?;
+        let (chunk, answers, view) = item?;
+        summary.registry_version = view.version;
+        summary.key_epoch = view.epoch;
         for (row, answer) in chunk.rows.iter().zip(answers) {
             let mut out = row.clone();
             // Pad short rows so the added columns line up under their headers.
@@ -286,6 +430,12 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
             opts.output.display()
         )
     })?;
+    summary.shards_fetched = views
+        .shards_fetched
+        .load(std::sync::atomic::Ordering::Relaxed);
+    summary.bytes_synced = views
+        .bytes_synced
+        .load(std::sync::atomic::Ordering::Relaxed);
     summary.elapsed = started.elapsed();
     Ok(summary)
 }

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use psi_core::Record;
 
-use crate::session::Session;
+use crate::session::{is_stale_epoch, Session};
 use crate::{today, QueryMode};
 
 /// The answer for one pair.
@@ -31,8 +31,18 @@ pub async fn check(
         Ok(r) => r,
         Err(e) => return Ok(CheckOutcome::Invalid(e.to_string())),
     };
+    match check_record(session, &record, mode).await {
+        // The server rotated its key: follow the endorsed rotation, ask again.
+        Err(e) if is_stale_epoch(&e) => {
+            check_record(&session.reconnect().await?, &record, mode).await
+        }
+        answered => answered,
+    }
+}
+
+async fn check_record(session: &Session, record: &Record, mode: QueryMode) -> Result<CheckOutcome> {
     let found = match mode {
-        QueryMode::Bucket => session.bucket_check(std::slice::from_ref(&record)).await?,
+        QueryMode::Bucket => session.bucket_check(std::slice::from_ref(record)).await?,
         QueryMode::Sync => {
             let lookup = session.sync().await?.set.lookup()?;
             let outputs = session.evaluate(vec![record.encode()]).await?;

@@ -124,6 +124,15 @@ pub enum Command {
         /// written are kept and not asked again.
         #[arg(long)]
         resume: bool,
+        /// Sync mode: the oldest the tag set may be, since the server last
+        /// confirmed it current, to answer from; during a long batch an
+        /// older one is re-synced.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        max_cache_age: std::time::Duration,
+        /// Sync mode: answer from the cached tag set without syncing first;
+        /// refused if it is older than --max-cache-age.
+        #[arg(long)]
+        no_sync: bool,
     },
     /// Fetch or refresh the local tag set.
     Sync {
@@ -190,6 +199,8 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
             chunk_rows,
             no_progress,
             resume,
+            max_cache_age,
+            no_sync,
         } => {
             let session = connect(&server).await?;
             let summary = batch::run(
@@ -202,6 +213,8 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
                     chunks_in_flight: 2,
                     progress: !no_progress,
                     resume,
+                    max_cache_age,
+                    no_sync,
                 },
             )
             .await?;
@@ -212,9 +225,10 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
             let session = connect(&server).await?;
             let s = session.sync().await?;
             println!(
-                "tag set of registry version {} ({} entries): fetched {} of {} shards, {} bytes; cached at {}",
+                "tag set of registry version {} ({} entries): {}fetched {} of {} shards, {} bytes; cached at {}",
                 s.set.header().registry_version,
                 s.set.len(),
+                if s.delta_applied { "applied the delta since the cached version, " } else { "" },
                 s.shards_fetched,
                 s.shards_total,
                 s.bytes_fetched,

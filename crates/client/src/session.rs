@@ -9,15 +9,16 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::{StreamExt, TryStreamExt};
+use psi_core::rotation::KeyStep;
 use psi_core::suite::SUITE_ID;
-use psi_core::tagset::Shard;
+use psi_core::tagset::{Shard, TagSetHeader};
 use psi_core::{
     BlindState, BlindedElement, Blinding, Client, Mode, Output, Proof, PublicKey, Record, TagSet,
 };
 use psi_proto::v1::match_client::MatchClient;
 use psi_proto::v1::{
     sync_tag_set_response, BucketQueryRequest, EvaluateRequest, GetServerInfoRequest, ServerInfo,
-    SyncTagSetRequest,
+    ShardData, SyncTagSetRequest, TagSetDelta, TagSetManifest,
 };
 use psi_proto::{manifest_parts, pack, unpack_evaluated, unpack_tags};
 use rand_core::OsRng;
@@ -85,16 +86,34 @@ pub struct SyncOutcome {
     pub shards_fetched: usize,
     /// Shards in the set.
     pub shards_total: usize,
-    /// Bytes received (manifest and shard data).
+    /// Bytes received (manifest, delta and shard data).
     pub bytes_fetched: u64,
+    /// Whether the server sent the delta since the cached version.
+    pub delta_applied: bool,
+}
+
+/// The server moved to a new key epoch (a key rotation): reconnect, follow
+/// the endorsed key history, re-sync, and ask again.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: the server's key epoch changed ({message}); reconnect to follow the rotation and re-sync")]
+pub struct StaleEpoch {
+    what: String,
+    message: String,
+}
+
+/// Whether `e` says the server rotated its key.
+#[must_use]
+pub fn is_stale_epoch(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<StaleEpoch>().is_some())
 }
 
 fn rpc_error(status: tonic::Status, what: &str) -> anyhow::Error {
     match status.code() {
-        Code::FailedPrecondition => anyhow!(
-            "{what}: the server's key epoch changed ({}); re-run to re-pin and re-sync",
-            status.message()
-        ),
+        Code::FailedPrecondition => StaleEpoch {
+            what: what.to_string(),
+            message: status.message().to_string(),
+        }
+        .into(),
         Code::Unavailable => anyhow!(
             "{what}: the server is unavailable ({}); check the address or retry shortly",
             status.message()
@@ -213,13 +232,37 @@ impl Session {
         }
         let pk = PublicKey::from_bytes(&info.public_key)
             .context("the server's public key is not a valid ristretto255 element")?;
+        let history = info
+            .key_history
+            .iter()
+            .map(|s| {
+                Ok(KeyStep {
+                    epoch: s.epoch,
+                    public_key: PublicKey::from_bytes(&s.public_key)
+                        .context("the server's key history holds an invalid key")?,
+                    endorsement: s
+                        .endorsement
+                        .as_slice()
+                        .try_into()
+                        .context("the server's key history holds a malformed endorsement")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let pinned = pin::check(
             &options.server,
-            &pk.to_hex(),
+            &pk,
             info.key_epoch,
+            &history,
             options.pin_key.as_deref(),
             &options.cache_dir,
         )?;
+        if let Pinned::Rotated { from_epoch } = pinned {
+            tracing::warn!(
+                "{}: key rotated from epoch {from_epoch} to {}; the new key is endorsed by the pinned one and is now pinned",
+                options.server,
+                info.key_epoch
+            );
+        }
         let core = Arc::new(Client::new(Mode::Voprf, pk));
         Ok(Self {
             grpc,
@@ -253,6 +296,15 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// A new session with the same options: after a key rotation, it reads
+    /// the new key and epoch and follows the endorsed history from the pin.
+    ///
+    /// # Errors
+    /// As [`Session::connect`].
+    pub async fn reconnect(&self) -> Result<Self> {
+        Self::connect(self.options.clone()).await
     }
 
     /// The server's parameters as read at connection.
@@ -409,35 +461,190 @@ impl Session {
         self.options.cache_dir.join(format!("tagset-{key}.bin"))
     }
 
-    /// Fetches or refreshes the local tag set: sends the digests of the
-    /// cached shards, receives only the others, verifies every digest and the
-    /// root, and replaces the cache atomically. A corrupt cache is refetched.
+    /// Fetches or refreshes the local tag set and replaces the cache
+    /// atomically. With an intact cache of an older version the server sends
+    /// the delta since that version; otherwise the cached shards' digests
+    /// tell it which shards to send. Every shard is checked against the
+    /// manifest: a damaged or truncated cache, or a delta that does not
+    /// reproduce a shard, costs only a refetch of the shards that are wrong.
     ///
     /// # Errors
     /// RPC failures, a digest mismatch, or I/O errors.
     pub async fn sync(&self) -> Result<SyncOutcome> {
         let path = self.cache_path();
-        let cached = match std::fs::read(&path) {
-            Ok(bytes) => match TagSet::from_bytes(&bytes) {
-                Ok(set) if set.header().epoch == self.info.key_epoch => Some(set),
-                Ok(_) => None,
-                Err(e) => {
-                    tracing::warn!(
-                        "cached tag set {} is unusable ({e}); fetching it again",
-                        path.display()
+        let salvaged = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| TagSet::salvage(&bytes))
+            .filter(|(h, _)| h.epoch == self.info.key_epoch);
+        let intact: Option<TagSet> = salvaged.as_ref().and_then(|(header, shards)| {
+            let shards: Option<Vec<Shard>> = shards.iter().cloned().collect();
+            let shards = shards?;
+            let digests: Vec<[u8; 32]> = shards.iter().map(|s| *s.digest()).collect();
+            TagSet::from_parts(*header, shards, &digests).ok()
+        });
+        let damaged = salvaged.as_ref().map_or(0, |(_, shards)| {
+            shards.iter().filter(|s| s.is_none()).count()
+        });
+        if damaged > 0 {
+            tracing::warn!(
+                "cached tag set {}: {damaged} damaged or missing shards; fetching only those",
+                path.display()
+            );
+        }
+        let held: Vec<Option<Shard>> = salvaged.map(|(_, s)| s).unwrap_or_default();
+        let first = self
+            .fetch(
+                intact.as_ref().map_or(0, |s| s.header().registry_version),
+                &held,
+            )
+            .await?;
+        let mut bytes_fetched = first.bytes;
+        let header = first.header;
+        let digests = first.digests.clone();
+        let same_params = |h: &TagSetHeader| h.params == header.params && h.epoch == header.epoch;
+        // Start from what we hold: the cache patched by the delta, or the
+        // cached shards; keep each only where it matches the manifest.
+        let mut delta_applied = false;
+        let base: Vec<Option<Shard>> = match (&first.delta, &intact) {
+            (Some(delta), Some(set)) if same_params(set.header()) => {
+                if delta.from_version != set.header().registry_version {
+                    bail!(
+                        "the server sent a delta from version {}, not the held {}",
+                        delta.from_version,
+                        set.header().registry_version
                     );
-                    None
                 }
-            },
-            Err(_) => None,
+                let added = unpack_tags(&delta.added)?;
+                let removed = unpack_tags(&delta.removed)?;
+                let patched = set
+                    .apply_delta(&added, &removed, delta.to_version)
+                    .context("applying the registry delta")?;
+                delta_applied = true;
+                patched.shards().iter().cloned().map(Some).collect()
+            }
+            (Some(_), _) => bail!("the server sent a delta the client did not ask for"),
+            (None, _)
+                if held.len() == digests.len()
+                    && intact.as_ref().is_none_or(|s| same_params(s.header())) =>
+            {
+                held
+            }
+            (None, _) => vec![None; digests.len()],
         };
-        let held = cached
+        let mut shards: Vec<Option<Shard>> = base
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.filter(|s| digests.get(i) == Some(s.digest()))
+                    .map(|s| Shard::new(&header, i, s.count(), s.data().to_vec()))
+            })
+            .collect();
+        shards.resize(digests.len(), None);
+        let mut fetched = 0;
+        for data in first.shards {
+            fetched += place(&mut shards, &header, data)?;
+        }
+        let missing = shards.iter().filter(|s| s.is_none()).count();
+        if missing > 0 && delta_applied {
+            // The delta did not reproduce some shards: fetch those.
+            tracing::warn!(
+                "{missing} shards differ from the manifest after the delta; fetching them"
+            );
+            let second = self.fetch(0, &shards).await?;
+            if second.header != header || second.digests != digests {
+                bail!("the registry changed during the sync; run it again");
+            }
+            bytes_fetched += second.bytes;
+            for data in second.shards {
+                fetched += place(&mut shards, &header, data)?;
+            }
+        }
+        let shards: Vec<Shard> = shards
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| s.ok_or_else(|| anyhow!("shard {i} is neither cached nor sent")))
+            .collect::<Result<_>>()?;
+        let total = shards.len();
+        let set = TagSet::from_parts(header, shards, &digests).context("verifying the tag set")?;
+        if set.root_digest().as_slice() != first.manifest.root_digest.as_slice() {
+            bail!("the tag set's root digest does not match the manifest");
+        }
+        let unchanged = intact
             .as_ref()
-            .map(|s| pack(s.shards().iter().map(Shard::digest)))
+            .is_some_and(|c| c.root_digest() == set.root_digest());
+        if unchanged {
+            // Confirmed current: the cache's age starts again.
+            std::fs::File::options()
+                .append(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+                .with_context(|| format!("touching {}", path.display()))?;
+        } else {
+            std::fs::create_dir_all(&self.options.cache_dir)
+                .with_context(|| format!("creating {}", self.options.cache_dir.display()))?;
+            write_atomically(&path, &set.to_bytes())?;
+        }
+        Ok(SyncOutcome {
+            set,
+            shards_fetched: fetched,
+            shards_total: total,
+            bytes_fetched,
+            delta_applied,
+        })
+    }
+
+    /// The cached tag set without contacting the server, if it was last
+    /// confirmed current (synced) at most `max_age` ago.
+    ///
+    /// # Errors
+    /// No usable cache for this key, or one older than `max_age`.
+    pub fn cached(&self, max_age: std::time::Duration) -> Result<TagSet> {
+        let path = self.cache_path();
+        let bytes = std::fs::read(&path)
+            .with_context(|| format!("no cached tag set at {}: sync first", path.display()))?;
+        let set = TagSet::from_bytes(&bytes).with_context(|| {
+            format!(
+                "the cached tag set {} is damaged: sync again",
+                path.display()
+            )
+        })?;
+        if set.header().epoch != self.info.key_epoch {
+            bail!(
+                "the cached tag set is of key epoch {}, the server is at {}: sync again",
+                set.header().epoch,
+                self.info.key_epoch
+            );
+        }
+        let age = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
             .unwrap_or_default();
+        if age > max_age {
+            bail!(
+                "the cached tag set (registry version {}) was last confirmed {} ago, more than the maximum age of {}; sync again",
+                set.header().registry_version,
+                humantime::format_duration(std::time::Duration::from_secs(age.as_secs())),
+                humantime::format_duration(max_age)
+            );
+        }
+        Ok(set)
+    }
+
+    /// One `SyncTagSet` exchange: the manifest, then the delta or the shards.
+    async fn fetch(&self, held_version: u64, held: &[Option<Shard>]) -> Result<Fetched> {
+        let held_digests = if held.is_empty() {
+            Vec::new()
+        } else {
+            pack(
+                held.iter()
+                    .map(|s| s.as_ref().map_or(&[0u8; 32], Shard::digest)),
+            )
+        };
         let message = SyncTagSetRequest {
             key_epoch: self.info.key_epoch,
-            held_digests: held,
+            held_digests,
+            held_version,
         };
         let mut stream = with_retry("syncing the tag set", || {
             let mut grpc = self.grpc.clone();
@@ -453,63 +660,66 @@ impl Session {
         let Some(sync_tag_set_response::Item::Manifest(manifest)) = first else {
             bail!("the server's sync stream did not start with a manifest");
         };
-        let mut bytes_fetched = prost::Message::encoded_len(&manifest) as u64;
+        let mut bytes = prost::Message::encoded_len(&manifest) as u64;
         let (header, digests) = manifest_parts(&manifest)?;
         self.check_epoch(header.epoch)?;
-        let same_params = cached
-            .as_ref()
-            .is_some_and(|c| c.header().params == header.params);
-        let mut shards: Vec<Option<Shard>> = vec![None; digests.len()];
-        if same_params {
-            if let Some(c) = &cached {
-                for (i, s) in c.shards().iter().enumerate() {
-                    if digests.get(i) == Some(s.digest()) {
-                        if let Some(slot) = shards.get_mut(i) {
-                            *slot = Some(Shard::new(&header, i, s.count(), s.data().to_vec()));
-                        }
-                    }
-                }
-            }
-        }
-        let mut fetched = 0;
+        let mut shards = Vec::new();
+        let mut delta = None;
         while let Some(msg) = stream
             .message()
             .await
             .map_err(|s| rpc_error(s, "syncing the tag set"))?
         {
-            let Some(sync_tag_set_response::Item::Shard(data)) = msg.item else {
-                bail!("unexpected message in the sync stream");
-            };
-            bytes_fetched += prost::Message::encoded_len(&data) as u64;
-            let i = data.index as usize;
-            let slot = shards
-                .get_mut(i)
-                .ok_or_else(|| anyhow!("the server sent shard {i}, beyond the manifest"))?;
-            *slot = Some(Shard::new(&header, i, data.count, data.data));
-            fetched += 1;
+            match msg.item {
+                Some(sync_tag_set_response::Item::Shard(data)) => {
+                    bytes += prost::Message::encoded_len(&data) as u64;
+                    shards.push(data);
+                }
+                Some(sync_tag_set_response::Item::Delta(d))
+                    if delta.is_none() && shards.is_empty() =>
+                {
+                    bytes += prost::Message::encoded_len(&d) as u64;
+                    if d.to_version != header.registry_version {
+                        bail!(
+                            "the server's delta leads to version {}, its manifest is of {}",
+                            d.to_version,
+                            header.registry_version
+                        );
+                    }
+                    delta = Some(d);
+                }
+                _ => bail!("unexpected message in the sync stream"),
+            }
         }
-        let shards: Vec<Shard> = shards
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| s.ok_or_else(|| anyhow!("shard {i} is neither cached nor sent")))
-            .collect::<Result<_>>()?;
-        let total = shards.len();
-        let set = TagSet::from_parts(header, shards, &digests).context("verifying the tag set")?;
-        if set.root_digest().as_slice() != manifest.root_digest.as_slice() {
-            bail!("the tag set's root digest does not match the manifest");
-        }
-        if fetched > 0 || cached.is_none() {
-            std::fs::create_dir_all(&self.options.cache_dir)
-                .with_context(|| format!("creating {}", self.options.cache_dir.display()))?;
-            write_atomically(&path, &set.to_bytes())?;
-        }
-        Ok(SyncOutcome {
-            set,
-            shards_fetched: fetched,
-            shards_total: total,
-            bytes_fetched,
+        Ok(Fetched {
+            manifest,
+            header,
+            digests,
+            shards,
+            delta,
+            bytes,
         })
     }
+}
+
+/// What one sync exchange brought.
+struct Fetched {
+    manifest: TagSetManifest,
+    header: TagSetHeader,
+    digests: Vec<[u8; 32]>,
+    shards: Vec<ShardData>,
+    delta: Option<TagSetDelta>,
+    bytes: u64,
+}
+
+/// Puts a received shard in its slot; returns 1.
+fn place(shards: &mut [Option<Shard>], header: &TagSetHeader, data: ShardData) -> Result<usize> {
+    let i = data.index as usize;
+    let slot = shards
+        .get_mut(i)
+        .ok_or_else(|| anyhow!("the server sent shard {i}, beyond the manifest"))?;
+    *slot = Some(Shard::new(header, i, data.count, data.data));
+    Ok(1)
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {

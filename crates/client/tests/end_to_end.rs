@@ -11,6 +11,7 @@ use psi_client::{ConnectOptions, QueryMode, Session};
 use psi_proto::v1::match_client::MatchClient;
 use psi_proto::v1::{BucketQueryRequest, EvaluateRequest, SyncTagSetRequest};
 use psi_server::config::ServeConfig;
+use psi_server::source::Source;
 use psi_server::registry::{self, today};
 use psi_server::serve::{self, Running};
 use psi_server::service::Limits;
@@ -63,6 +64,7 @@ async fn start_with_policy(data_dir: &Path, port: u16, policy: Option<&str>) -> 
             ..Limits::default()
         },
         request_timeout: Duration::from_secs(30),
+        reload_interval: Duration::from_millis(50),
         tls: None,
         audit_db: data_dir.join(psi_server::audit::AUDIT_FILE),
         policy,
@@ -99,9 +101,9 @@ async fn fixture(extra: usize) -> Fixture {
     let csv = root.join("registry.csv");
     write_registry(&csv, extra);
     let data_dir = root.join("data");
-    let report = registry::init(&csv, &data_dir, false).unwrap();
-    assert_eq!(report.accepted, (REGISTERED.len() + extra) as u64);
-    assert_eq!(report.rejected_total(), 2);
+    let report = registry::init(&Source::csv(&csv), &data_dir, false).unwrap();
+    assert_eq!(report.counts.accepted, (REGISTERED.len() + extra) as u64);
+    assert_eq!(report.counts.rejected_total(), 2);
     let running = start(&data_dir, 0).await;
     let url = format!("http://{}", running.local_addr);
     Fixture {
@@ -260,6 +262,8 @@ async fn batch_answers_every_row_in_both_modes() {
                 chunks_in_flight: 2,
                 progress: false,
                 resume: false,
+                max_cache_age: std::time::Duration::from_secs(24 * 3600),
+                no_sync: false,
             },
         )
         .await
@@ -359,6 +363,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
         .sync_tag_set(with_purpose(SyncTagSetRequest {
             key_epoch: 0,
             held_digests: vec![],
+            held_version: 0,
         }))
         .await
         .unwrap_err();
@@ -468,7 +473,7 @@ async fn a_wrong_proof_is_an_error_never_a_no_match() {
     let other = tempfile::tempdir().unwrap();
     let csv = other.path().join("r.csv");
     write_registry(&csv, 50);
-    registry::init(&csv, &other.path().join("data"), false).unwrap();
+    registry::init(&Source::csv(&csv), &other.path().join("data"), false).unwrap();
     let impostor = start(&other.path().join("data"), port).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -601,7 +606,7 @@ async fn a_snapshot_that_fails_to_load_stops_the_server_with_the_reason() {
     let csv = dir.path().join("r.csv");
     write_registry(&csv, 10);
     let data = dir.path().join("data");
-    registry::init(&csv, &data, false).unwrap();
+    registry::init(&Source::csv(&csv), &data, false).unwrap();
     std::fs::write(
         data.join(registry::SNAPSHOT_FILE),
         b"PSIBKT\0\x01 truncated",
@@ -619,7 +624,7 @@ async fn policy_limits_modes_purposes_and_rates_and_the_client_waits_it_out() {
     let csv = root.join("registry.csv");
     write_registry(&csv, 200);
     let data = root.join("data");
-    registry::init(&csv, &data, false).unwrap();
+    registry::init(&Source::csv(&csv), &data, false).unwrap();
     let policy = r#"
 [institutions.local]
 modes = ["sync"]
@@ -647,6 +652,8 @@ max_batch = 64
             chunks_in_flight: 2,
             progress: false,
             resume: false,
+            max_cache_age: std::time::Duration::from_secs(24 * 3600),
+            no_sync: false,
         },
     )
     .await
@@ -732,7 +739,7 @@ async fn a_server_restart_mid_batch_is_ridden_out() {
     let csv = root.join("registry.csv");
     write_registry(&csv, 100);
     let data = root.join("data");
-    registry::init(&csv, &data, false).unwrap();
+    registry::init(&Source::csv(&csv), &data, false).unwrap();
     // A slow rate keeps the batch running for a few seconds.
     let slow = "[institutions.local]\nmodes=[\"sync\"]\npurposes=[\"kyc-onboarding\"]\nrate_per_second=60\ndaily_cap=100000\nmax_batch=64\n";
     let first = start_with_policy(&data, 0, Some(slow)).await;
@@ -750,6 +757,8 @@ async fn a_server_restart_mid_batch_is_ridden_out() {
         chunks_in_flight: 2,
         progress: false,
         resume: false,
+        max_cache_age: std::time::Duration::from_secs(24 * 3600),
+        no_sync: false,
     };
     let batch = tokio::spawn(async move { batch::run(&session, &opts).await });
 
@@ -767,6 +776,7 @@ async fn a_server_restart_mid_batch_is_ridden_out() {
             ..Limits::default()
         },
         request_timeout: Duration::from_secs(30),
+        reload_interval: Duration::from_millis(50),
         tls: None,
         audit_db: root.join("second-audit.sqlite"),
         policy: Some((

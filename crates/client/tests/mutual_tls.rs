@@ -8,6 +8,7 @@ use psi_client::check::{check, CheckOutcome};
 use psi_client::session::ClientTls;
 use psi_client::{ConnectOptions, QueryMode, Session};
 use psi_server::config::{ServeConfig, TlsFiles};
+use psi_server::source::Source;
 use psi_server::{ca, registry, serve, service::Limits};
 
 fn read(p: &Path) -> Vec<u8> {
@@ -40,12 +41,13 @@ async fn only_certificates_from_the_operators_ca_are_served() {
     let csv = root.join("registry.csv");
     std::fs::write(&csv, "name,id\n张伟,11010519491231002X\n").unwrap();
     let data = root.join("data");
-    registry::init(&csv, &data, false).unwrap();
+    registry::init(&Source::csv(&csv), &data, false).unwrap();
     let running = serve::start(ServeConfig {
         data_dir: data,
         listen: "127.0.0.1:0".parse().unwrap(),
         limits: Limits::default(),
         request_timeout: Duration::from_secs(30),
+        reload_interval: Duration::from_millis(2000),
         audit_db: root.join("audit.sqlite"),
         policy: None,
         admin_listen: None,

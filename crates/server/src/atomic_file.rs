@@ -28,7 +28,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
             .with_context(|| format!("syncing {}", tmp.display()))?;
         fs::rename(&tmp, path)
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        sync_dir(path)
+        sync_parent_dir(path)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -65,7 +65,11 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
-fn sync_dir(path: &Path) -> Result<()> {
+/// Syncs the directory holding `path`, so that a rename or removal there is durable.
+///
+/// # Errors
+/// I/O errors.
+pub fn sync_parent_dir(path: &Path) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

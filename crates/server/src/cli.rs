@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::ServeArgs;
 use crate::registry::{self, today};
+use crate::source::Source;
 use crate::synth::Generator;
 
 /// The registry operator's server of the private (name, ID) match service.
@@ -37,14 +38,50 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Create the key if needed and encrypt a CSV registry into the data directory.
+    /// Create the key if needed and encrypt a registry into the data
+    /// directory as a new registry version (replacing the whole registry).
     Init {
-        /// Registry CSV with a header naming the columns `name` and `id`.
+        /// Registry CSV with a header naming the name and ID columns; with
+        /// --postgres, a query (`SELECT name, id FROM ...`) or a table name.
         #[arg(long)]
-        registry: PathBuf,
+        registry: String,
+        #[command(flatten)]
+        source: SourceArgs,
         /// Data directory (created with mode 0700).
         #[arg(long, env = "PSI_DATA_DIR")]
         data_dir: PathBuf,
+        /// Do not draw a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Add and remove records as a new registry version; a running server
+    /// publishes it without restarting.
+    Update {
+        /// Records to add: a CSV file, or with --postgres a query or table.
+        #[arg(long)]
+        add: Option<String>,
+        /// Records to remove: a CSV file, or with --postgres a query or table.
+        #[arg(long)]
+        remove: Option<String>,
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Data directory.
+        #[arg(long, env = "PSI_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Do not draw a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Create a new key epoch, re-encrypt the registry under it while the old
+    /// epoch keeps serving, and switch; the old key is destroyed after the
+    /// grace period.
+    RotateKey {
+        /// Data directory.
+        #[arg(long, env = "PSI_DATA_DIR")]
+        data_dir: PathBuf,
+        /// How long the retired key file is kept before it is destroyed.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        grace_period: std::time::Duration,
         /// Do not draw a progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -67,6 +104,33 @@ pub enum Command {
         #[arg(long, default_value_t = 20_000)]
         count: u64,
     },
+}
+
+/// Where registry rows come from when not a CSV file.
+#[derive(Debug, clap::Args)]
+pub struct SourceArgs {
+    /// Read from PostgreSQL (a connection string such as
+    /// `host=/run/postgresql dbname=registry` or `postgres://user@host/db`)
+    /// through a server-side cursor, instead of CSV files.
+    #[arg(long, env = "PSI_POSTGRES")]
+    postgres: Option<String>,
+    /// The name column (CSV header or table column).
+    #[arg(long, default_value = crate::source::NAME_COLUMN)]
+    name_column: String,
+    /// The ID number column (CSV header or table column).
+    #[arg(long, default_value = crate::source::ID_COLUMN)]
+    id_column: String,
+}
+
+impl SourceArgs {
+    fn source(&self, value: &str) -> Result<Source> {
+        Source::from_arg(
+            value,
+            self.postgres.as_deref(),
+            &self.name_column,
+            &self.id_column,
+        )
+    }
 }
 
 /// `psi-server ca` subcommands.
@@ -145,14 +209,64 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Generate { count, seed, out } => generate(count, seed, &out),
         Command::Init {
             registry,
+            source,
             data_dir,
             no_progress,
         } => {
+            let source = source.source(&registry)?;
             let report = tokio::task::spawn_blocking(move || {
-                registry::init(&registry, &data_dir, !no_progress)
+                registry::init(&source, &data_dir, !no_progress)
             })
             .await??;
             print_init(&report);
+            Ok(())
+        }
+        Command::Update {
+            add,
+            remove,
+            source,
+            data_dir,
+            no_progress,
+        } => {
+            let add = add.map(|a| source.source(&a)).transpose()?;
+            let remove = remove.map(|r| source.source(&r)).transpose()?;
+            let r = tokio::task::spawn_blocking(move || {
+                registry::update(add.as_ref(), remove.as_ref(), &data_dir, !no_progress)
+            })
+            .await??;
+            println!(
+                "registry version {} (key epoch {}): {} added, {} already present, {} removed, {} not found; {} records; {:.1} s",
+                r.registry_version,
+                r.epoch,
+                r.added,
+                r.already_present,
+                r.removed,
+                r.not_found,
+                r.records,
+                r.elapsed.as_secs_f64()
+            );
+            print_rejected("add", &r.add, &r.report_path);
+            print_rejected("remove", &r.remove, &r.report_path);
+            Ok(())
+        }
+        Command::RotateKey {
+            data_dir,
+            grace_period,
+            no_progress,
+        } => {
+            let r = tokio::task::spawn_blocking(move || {
+                registry::rotate_key(&data_dir, grace_period, !no_progress)
+            })
+            .await??;
+            println!(
+                "key epoch {} -> {}: {} records re-encrypted as registry version {} in {:.1} s; the old key is destroyed after {}",
+                r.old_epoch,
+                r.epoch,
+                r.records,
+                r.registry_version,
+                r.elapsed.as_secs_f64(),
+                humantime::format_duration(r.old_key_destroyed_after)
+            );
             Ok(())
         }
         Command::Serve(args) => {
@@ -256,16 +370,25 @@ pub fn print_init(r: &registry::InitReport) {
         r.registry_version,
         r.epoch,
         if r.key_created { ", new key" } else { "" },
-        r.rows,
-        r.accepted,
-        r.rejected_total(),
+        r.counts.rows,
+        r.counts.accepted,
+        r.counts.rejected_total(),
         r.elapsed.as_secs_f64(),
         r.bucket_prefix_bits,
     );
-    if r.rejected_total() > 0 {
-        for (reason, n) in &r.rejected {
+    print_rejected("registry", &r.counts, &r.report_path);
+}
+
+fn print_rejected(label: &str, counts: &registry::RowCounts, report: &std::path::Path) {
+    if counts.rejected_total() > 0 {
+        println!(
+            "{label}: {} rows read, {} rejected:",
+            counts.rows,
+            counts.rejected_total()
+        );
+        for (reason, n) in &counts.rejected {
             println!("  rejected {n:>8}  {reason}");
         }
-        println!("  rejected rows are listed in {}", r.report_path.display());
+        println!("  rejected rows are listed in {}", report.display());
     }
 }

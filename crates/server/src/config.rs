@@ -36,6 +36,10 @@ pub struct ServeArgs {
     /// Per-request timeout in seconds [default: 60].
     #[arg(long, env = "PSI_REQUEST_TIMEOUT_SECS")]
     pub request_timeout_secs: Option<u64>,
+    /// How often to look for a new registry version or key epoch in the
+    /// data directory, in milliseconds [default: 2000].
+    #[arg(long, env = "PSI_RELOAD_INTERVAL_MS")]
+    pub reload_interval_ms: Option<u64>,
     /// Requests one institution may have in flight at once [default: 16].
     #[arg(long, env = "PSI_MAX_CONCURRENT_PER_INSTITUTION")]
     pub max_concurrent_per_institution: Option<usize>,
@@ -76,6 +80,7 @@ struct FileConfig {
     max_bucket_batch: Option<usize>,
     max_message_bytes: Option<usize>,
     request_timeout_secs: Option<u64>,
+    reload_interval_ms: Option<u64>,
     max_concurrent_per_institution: Option<usize>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -113,6 +118,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// How often the data directory is checked for a new registry version.
+    pub reload_interval: Duration,
     /// Mutual TLS; `None` serves plaintext (loopback unless explicitly allowed).
     pub tls: Option<TlsFiles>,
     /// The audit database.
@@ -200,8 +207,15 @@ impl ServeArgs {
         if timeout == 0 {
             bail!("request_timeout_secs must be at least 1");
         }
-        for file in [crate::keystore::KEY_FILE, crate::registry::SNAPSHOT_FILE] {
-            let p = data_dir.join(file);
+        let reload_ms = self
+            .reload_interval_ms
+            .or(file.reload_interval_ms)
+            .unwrap_or(2000);
+        if reload_ms < 10 {
+            bail!("reload_interval_ms must be at least 10");
+        }
+        {
+            let p = data_dir.join(crate::registry::SNAPSHOT_FILE);
             if !p.exists() {
                 bail!(
                     "{} is missing: run `psi-server init --registry FILE --data-dir {}` first",
@@ -252,6 +266,7 @@ impl ServeArgs {
             listen,
             limits,
             request_timeout: Duration::from_secs(timeout),
+            reload_interval: Duration::from_millis(reload_ms),
             tls,
             audit_db,
             policy,
@@ -266,7 +281,6 @@ mod tests {
 
     fn data_dir() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join(crate::keystore::KEY_FILE), b"x").unwrap();
         std::fs::write(d.path().join(crate::registry::SNAPSHOT_FILE), b"x").unwrap();
         d
     }

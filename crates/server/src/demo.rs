@@ -148,8 +148,10 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
 
     println!("2. encrypting it under the server's OPRF key");
     let (csv_path, data) = (registry_csv.clone(), data_dir.clone());
-    let report =
-        tokio::task::spawn_blocking(move || registry::init(&csv_path, &data, true)).await??;
+    let report = tokio::task::spawn_blocking(move || {
+        registry::init(&crate::source::Source::csv(csv_path), &data, true)
+    })
+    .await??;
     crate::cli::print_init(&report);
 
     println!("3. starting psi-server on a local port");
@@ -158,6 +160,7 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
         listen: "127.0.0.1:0".parse()?,
         limits: Limits::default(),
         request_timeout: Duration::from_secs(60),
+        reload_interval: Duration::from_millis(2000),
         tls: None,
         audit_db: data_dir.join(crate::audit::AUDIT_FILE),
         policy: None,
@@ -227,6 +230,8 @@ async fn client_side(dir: &Path, url: &str, count: u64) -> Result<()> {
                 chunks_in_flight: 2,
                 progress: false,
                 resume: false,
+                max_cache_age: std::time::Duration::from_secs(24 * 3600),
+                no_sync: false,
             },
         )
         .await?;

@@ -1,13 +1,22 @@
-//! The OPRF key file: `DIR/oprf.key`, mode 0600, written atomically, holding
-//! the key epoch and the secret scalar. The key appears nowhere else: not in
-//! logs, errors or Debug output.
+//! The OPRF key files: `DIR/oprf-epoch-N.key`, one per key epoch, mode 0600,
+//! written atomically, holding the epoch and the secret scalar. The key
+//! appears nowhere else: not in logs, errors or Debug output.
+//!
+//! A rotation retires the previous epoch's file by renaming it to
+//! `oprf-epoch-N.retired-until-T.key` (T in Unix seconds); [`sweep`] destroys
+//! it (overwritten with zeros, synced, removed) once T has passed. The
+//! public history of keys, each endorsed by its predecessor, is
+//! `DIR/key-history.txt`.
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use psi_core::ServerKey;
+use psi_core::rotation::KeyStep;
+use psi_core::{PublicKey, ServerKey};
 use rand_core::OsRng;
 use zeroize::Zeroizing;
 
@@ -15,8 +24,10 @@ use crate::atomic_file::write_atomically;
 
 const MAGIC: &[u8; 8] = b"PSIKEY\x00\x01";
 const FILE_LEN: usize = 8 + 8 + 32;
-/// The key file's name inside the data directory.
-pub const KEY_FILE: &str = "oprf.key";
+/// The public key history's name inside the data directory.
+pub const HISTORY_FILE: &str = "key-history.txt";
+/// How long a retired key is kept when nobody says otherwise.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// The server's key with its epoch.
 #[derive(Debug)]
@@ -27,28 +38,65 @@ pub struct EpochKey {
     pub key: ServerKey,
 }
 
-/// Path of the key file in `data_dir`.
+/// Path of the key file of `epoch` in `data_dir`.
 #[must_use]
-pub fn key_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(KEY_FILE)
+pub fn key_path(data_dir: &Path, epoch: u64) -> PathBuf {
+    data_dir.join(format!("oprf-epoch-{epoch}.key"))
 }
 
-/// Loads the key, or creates epoch 1 with a fresh random key if there is none.
-/// Returns whether it was created.
+/// The highest epoch with a live (not retired) key file.
 ///
 /// # Errors
-/// An unreadable, malformed or group/world-readable key file.
-pub fn load_or_create(data_dir: &Path) -> Result<(EpochKey, bool)> {
-    let path = key_path(data_dir);
-    if path.exists() {
-        return Ok((load(data_dir)?, false));
+/// An unreadable directory.
+pub fn latest_epoch(data_dir: &Path) -> Result<Option<u64>> {
+    Ok(key_files(data_dir)?
+        .into_iter()
+        .filter(|(_, retired, _)| retired.is_none())
+        .map(|(epoch, _, _)| epoch)
+        .max())
+}
+
+/// Key files in `data_dir`: epoch, retired-until time (if retired), path.
+fn key_files(data_dir: &Path) -> Result<Vec<(u64, Option<u64>, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(data_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", data_dir.display())),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("oprf-epoch-"))
+            .and_then(|n| n.strip_suffix(".key"))
+        else {
+            continue;
+        };
+        let (epoch, retired) = match rest.split_once(".retired-until-") {
+            Some((e, t)) => (e.parse().ok(), t.parse().ok().map(Some)),
+            None => (rest.parse().ok(), Some(None)),
+        };
+        if let (Some(epoch), Some(retired)) = (epoch, retired) {
+            out.push((epoch, retired, entry.path()));
+        }
     }
+    Ok(out)
+}
+
+/// Creates the key of `epoch` with a fresh random scalar (replacing a file
+/// a crashed rotation left behind; it never served).
+///
+/// # Errors
+/// I/O errors.
+pub fn create(data_dir: &Path, epoch: u64) -> Result<EpochKey> {
     let key = EpochKey {
-        epoch: 1,
+        epoch,
         key: ServerKey::generate(&mut OsRng),
     };
     store(data_dir, &key)?;
-    Ok((key, true))
+    Ok(key)
 }
 
 /// Writes the key file atomically with mode 0600.
@@ -60,15 +108,138 @@ pub fn store(data_dir: &Path, key: &EpochKey) -> Result<()> {
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&key.epoch.to_be_bytes());
     bytes.extend_from_slice(key.key.to_bytes().as_slice());
-    write_atomically(&key_path(data_dir), &bytes, 0o600)
+    write_atomically(&key_path(data_dir, key.epoch), &bytes, 0o600)
 }
 
-/// Loads the key file.
+/// Retires the key of `epoch`: it is destroyed by the first [`sweep`] after
+/// `grace` has passed.
 ///
 /// # Errors
-/// Missing, unreadable, malformed, or readable by group or others.
-pub fn load(data_dir: &Path) -> Result<EpochKey> {
-    let path = key_path(data_dir);
+/// I/O errors.
+pub fn retire(data_dir: &Path, epoch: u64, grace: Duration) -> Result<()> {
+    let from = key_path(data_dir, epoch);
+    let until = unix_secs(SystemTime::now() + grace);
+    let to = data_dir.join(format!("oprf-epoch-{epoch}.retired-until-{until}.key"));
+    fs::rename(&from, &to).with_context(|| format!("retiring {}", from.display()))?;
+    crate::atomic_file::sync_parent_dir(&to)
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Destroys retired keys whose grace period is over, and retires (with the
+/// default grace) live keys of epochs before `current` that a crash left
+/// unretired. Returns the epochs destroyed.
+///
+/// # Errors
+/// I/O errors.
+pub fn sweep(data_dir: &Path, current: u64, now: SystemTime) -> Result<Vec<u64>> {
+    let mut destroyed = Vec::new();
+    for (epoch, retired, path) in key_files(data_dir)? {
+        match retired {
+            None if epoch < current => retire(data_dir, epoch, DEFAULT_GRACE)?,
+            Some(until) if until <= unix_secs(now) => {
+                destroy(&path)?;
+                destroyed.push(epoch);
+            }
+            _ => {}
+        }
+    }
+    Ok(destroyed)
+}
+
+/// Overwrites a key file with zeros, syncs it, then removes it.
+fn destroy(path: &Path) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let len = f.metadata()?.len();
+    f.write_all(&vec![0u8; usize::try_from(len).unwrap_or(FILE_LEN)])?;
+    f.sync_all()?;
+    drop(f);
+    fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    crate::atomic_file::sync_parent_dir(path)
+}
+
+/// The public key history: each rotation's new key and epoch with the
+/// retiring key's endorsement, oldest first.
+///
+/// # Errors
+/// A malformed file.
+pub fn load_history(data_dir: &Path) -> Result<Vec<KeyStep>> {
+    let path = data_dir.join(HISTORY_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|line| {
+            let mut parts = line.split_whitespace();
+            let (Some(epoch), Some(pk), Some(endorsement)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                bail!("{}: malformed line `{line}`", path.display());
+            };
+            let endorsement: [u8; 64] = hex_bytes(endorsement)
+                .and_then(|b| b.try_into().ok())
+                .with_context(|| format!("{}: bad endorsement", path.display()))?;
+            Ok(KeyStep {
+                epoch: epoch
+                    .parse()
+                    .with_context(|| format!("{}: bad epoch", path.display()))?,
+                public_key: hex_bytes(pk)
+                    .and_then(|b| PublicKey::from_bytes(&b).ok())
+                    .with_context(|| format!("{}: bad public key", path.display()))?,
+                endorsement,
+            })
+        })
+        .collect()
+}
+
+/// Adds a step to the history (atomically), replacing a step of the same
+/// epoch that a crashed rotation left behind.
+///
+/// # Errors
+/// I/O errors.
+pub fn append_history(data_dir: &Path, step: &KeyStep) -> Result<()> {
+    let mut steps = load_history(data_dir)?;
+    steps.retain(|s| s.epoch < step.epoch);
+    steps.push(*step);
+    let mut text = String::from("# epoch public-key endorsement-by-the-previous-key (public)\n");
+    for s in &steps {
+        text.push_str(&format!(
+            "{} {} {}\n",
+            s.epoch,
+            s.public_key.to_hex(),
+            s.endorsement
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ));
+    }
+    write_atomically(&data_dir.join(HISTORY_FILE), text.as_bytes(), 0o644)
+}
+
+fn hex_bytes(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
+}
+
+/// Loads the key file of `epoch`.
+///
+/// # Errors
+/// Missing, unreadable, malformed, of another epoch, or readable by group or others.
+pub fn load(data_dir: &Path, key_epoch: u64) -> Result<EpochKey> {
+    let path = key_path(data_dir, key_epoch);
     let meta = fs::metadata(&path).with_context(|| {
         format!(
             "no key file at {} (run `psi-server init` first)",
@@ -90,6 +261,9 @@ pub fn load(data_dir: &Path) -> Result<EpochKey> {
         bail!("{} is not a psi-server key file", path.display());
     }
     let epoch = u64::from_be_bytes(epoch.try_into()?);
+    if epoch != key_epoch {
+        bail!("{} holds the key of epoch {epoch}", path.display());
+    }
     let secret: Zeroizing<[u8; 32]> = Zeroizing::new(secret.try_into()?);
     let key = ServerKey::from_bytes(&secret)
         .map_err(|_| anyhow::anyhow!("{} holds an invalid key", path.display()))?;
@@ -101,15 +275,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn created_once_then_loaded_with_mode_0600() {
+    fn created_then_loaded_with_mode_0600() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, created) = load_or_create(dir.path()).unwrap();
-        assert!(created);
-        let (b, created) = load_or_create(dir.path()).unwrap();
-        assert!(!created);
+        assert_eq!(latest_epoch(dir.path()).unwrap(), None);
+        let a = create(dir.path(), 1).unwrap();
+        let b = load(dir.path(), 1).unwrap();
         assert_eq!(a.key.public_key(), b.key.public_key());
-        assert_eq!(a.epoch, 1);
-        let mode = fs::metadata(key_path(dir.path()))
+        assert_eq!(latest_epoch(dir.path()).unwrap(), Some(1));
+        assert!(load(dir.path(), 2).is_err());
+        let mode = fs::metadata(key_path(dir.path(), 1))
             .unwrap()
             .permissions()
             .mode()
@@ -121,15 +295,75 @@ mod tests {
     #[test]
     fn loose_permissions_and_garbage_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        load_or_create(dir.path()).unwrap();
-        let p = key_path(dir.path());
+        create(dir.path(), 1).unwrap();
+        let p = key_path(dir.path(), 1);
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(load(dir.path())
+        assert!(load(dir.path(), 1)
             .unwrap_err()
             .to_string()
             .contains("chmod 600"));
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         fs::write(&p, b"garbage").unwrap();
-        assert!(load(dir.path()).is_err());
+        assert!(load(dir.path(), 1).is_err());
+    }
+
+    #[test]
+    fn retired_keys_are_destroyed_after_their_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        create(dir.path(), 1).unwrap();
+        create(dir.path(), 2).unwrap();
+        create(dir.path(), 3).unwrap();
+        retire(dir.path(), 1, Duration::from_secs(60)).unwrap();
+        assert!(load(dir.path(), 1).is_err(), "a retired key is not loaded");
+        assert_eq!(latest_epoch(dir.path()).unwrap(), Some(3));
+        // Epoch 2 was left live by a crash: the sweep retires it.
+        assert!(sweep(dir.path(), 3, SystemTime::now()).unwrap().is_empty());
+        assert!(!key_path(dir.path(), 2).exists());
+        assert_eq!(key_files(dir.path()).unwrap().len(), 3);
+        let later = SystemTime::now() + Duration::from_secs(61);
+        assert_eq!(sweep(dir.path(), 3, later).unwrap(), vec![1]);
+        let much_later = SystemTime::now() + DEFAULT_GRACE + Duration::from_secs(1);
+        assert_eq!(sweep(dir.path(), 3, much_later).unwrap(), vec![2]);
+        assert_eq!(key_files(dir.path()).unwrap().len(), 1);
+        assert!(load(dir.path(), 3).is_ok());
+    }
+
+    #[test]
+    fn the_history_round_trips_and_replaces_a_crashed_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let k1 = create(dir.path(), 1).unwrap();
+        let k2 = create(dir.path(), 2).unwrap();
+        let step = |epoch, new: &EpochKey| KeyStep {
+            epoch,
+            public_key: *new.key.public_key(),
+            endorsement: psi_core::rotation::endorse(
+                &k1.key,
+                1,
+                new.key.public_key(),
+                epoch,
+                &mut OsRng,
+            ),
+        };
+        append_history(dir.path(), &step(2, &k1)).unwrap();
+        append_history(dir.path(), &step(2, &k2)).unwrap();
+        let h = load_history(dir.path()).unwrap();
+        assert_eq!(
+            h,
+            vec![step(2, &k2)]
+                .iter()
+                .map(|s| KeyStep {
+                    endorsement: h[0].endorsement,
+                    ..*s
+                })
+                .collect::<Vec<_>>()
+        );
+        psi_core::rotation::verify(
+            k1.key.public_key(),
+            1,
+            k2.key.public_key(),
+            2,
+            &h[0].endorsement,
+        )
+        .unwrap();
     }
 }

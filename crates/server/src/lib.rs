@@ -2,8 +2,12 @@
 //! service. `main.rs` is thin; everything is here.
 //!
 //! - [`synth`]: synthetic registries for tests, demos and benchmarks.
-//! - [`keystore`], [`atomic_file`]: the OPRF key file, written atomically, mode 0600.
-//! - [`registry`]: `init` (CSV to encrypted snapshot) and snapshot loading.
+//! - [`keystore`], [`atomic_file`]: the OPRF key files per epoch (mode 0600),
+//!   their retirement after a rotation, and the endorsed key history.
+//! - [`source`]: registry rows from a CSV file or a PostgreSQL cursor.
+//! - [`registry`], [`records`], [`delta`]: `init`, `update` and `rotate_key`
+//!   (new registry versions and key epochs), the canonical record store, the
+//!   per-version deltas for incremental sync, and snapshot loading.
 //! - [`service`], [`error`], [`audit`]: the `psi.v1.Match` gRPC service, its status
 //!   codes, and the hash-chained audit trail of every request.
 //! - [`policy`]: per-institution modes, purposes, rates and daily caps.
@@ -26,12 +30,15 @@ pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod delta;
 pub mod demo;
 pub mod error;
 pub mod keystore;
 pub mod metrics;
 pub mod policy;
+pub mod records;
 pub mod registry;
 pub mod serve;
 pub mod service;
+pub mod source;
 pub mod synth;

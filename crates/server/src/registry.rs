@@ -1,36 +1,50 @@
-//! The registry store: `init` turns a CSV registry into the encrypted
-//! snapshot (the bucket index of all tags, from which the sync tag set is
-//! derived), and `Snapshot::load` reads it back for serving.
+//! The registry store: `init` turns a registry source into the encrypted
+//! snapshot, `update` adds and removes records as a new registry version,
+//! `rotate_key` re-encrypts everything under a new key epoch, and
+//! `Snapshot::load` reads the current version back for serving.
 //!
-//! Data directory:
-//! - `oprf.key`: the key and its epoch (mode 0600; see `keystore`).
-//! - `registry.bkt`: the bucket index (tags grouped by bucket), written atomically.
-//! - `rejected-rows.csv`: the last init's rejected rows: row, field, reason;
-//!   never a name or an ID number.
+//! Data directory (everything written atomically; see also `keystore`,
+//! `records`, `delta`):
+//! - `registry.bkt`: the bucket index of all tags of the current version and
+//!   epoch. Replacing it is the commit point of every change: a server
+//!   watching the directory publishes the new version.
+//! - `oprf-epoch-N.key`: the key of each live epoch (mode 0600).
+//! - `key-history.txt`: each rotation's new public key, endorsed by the old key.
+//! - `records.bin`: the canonical records (mode 0600), for updates and rotation.
+//! - `deltas/`: what recent versions added and removed, for incremental sync.
+//! - `rejected-rows.csv`: the last run's rejected rows: source, row, field,
+//!   reason; never a name or an ID number.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use psi_core::bucket::prefix_bits_for;
 use psi_core::record::bucket_of_encoding;
+use psi_core::rotation::{self, KeyStep};
 use psi_core::{BucketIndex, CivilDate, Error as CoreError, Mode, Record, Server, Tag, TagSet};
+use rand_core::OsRng;
 use rayon::prelude::*;
 
 use crate::atomic_file::write_atomically;
-use crate::keystore;
+use crate::delta::Delta;
+use crate::keystore::{self, EpochKey};
+use crate::records::Records;
+use crate::source::Source;
 
 /// The snapshot file's name inside the data directory.
 pub const SNAPSHOT_FILE: &str = "registry.bkt";
 /// The rejected-rows report's name inside the data directory.
 pub const REPORT_FILE: &str = "rejected-rows.csv";
+const LOCK_FILE: &str = ".lock";
 const CHUNK_ROWS: usize = 1 << 16;
 
-/// What the server serves: the key and the encrypted registry of one epoch.
+/// What the server serves: the key and the encrypted registry of one epoch
+/// and version.
 #[derive(Debug)]
 pub struct Snapshot {
     /// The VOPRF server with the epoch's key.
@@ -41,54 +55,91 @@ pub struct Snapshot {
     pub index: BucketIndex,
     /// The tag set (sync mode), derived from the index's tags.
     pub tagset: TagSet,
+    /// Recent versions' changes, oldest first (incremental sync).
+    pub deltas: Vec<Delta>,
+    /// The endorsed key history (public).
+    pub history: Vec<KeyStep>,
 }
 
 impl Snapshot {
-    /// Loads the key and the snapshot and builds the tag set.
+    /// Loads the current version, the key of its epoch, its deltas and the
+    /// key history, and builds the tag set.
     ///
     /// # Errors
-    /// Missing or corrupt files, or a snapshot of another key epoch.
+    /// Missing or corrupt files.
     pub fn load(data_dir: &Path) -> Result<Self> {
-        let key = keystore::load(data_dir)?;
-        let path = data_dir.join(SNAPSHOT_FILE);
-        let bytes = fs::read(&path)
-            .with_context(|| format!("reading {} (run `psi-server init` first)", path.display()))?;
-        let index = BucketIndex::from_bytes(&bytes)
-            .with_context(|| format!("loading {}", path.display()))?;
-        if index.epoch() != key.epoch {
-            bail!(
-                "snapshot {} is of key epoch {} but the key is of epoch {}; rerun `psi-server init`",
-                path.display(),
-                index.epoch(),
-                key.epoch
-            );
-        }
+        let index = read_index(data_dir)?.with_context(|| {
+            format!(
+                "{} has no registry (run `psi-server init` first)",
+                data_dir.display()
+            )
+        })?;
+        let key = keystore::load(data_dir, index.epoch())?;
         let tags: Vec<Tag> = index.tags().collect();
         let tagset = TagSet::build(&tags, key.epoch, index.registry_version())?;
         Ok(Self {
             server: Server::new(Mode::Voprf, key.key),
             epoch: key.epoch,
+            deltas: Delta::load(data_dir, key.epoch, index.registry_version())?,
+            history: keystore::load_history(data_dir)?,
             index,
             tagset,
         })
     }
 }
 
-/// What `init` did.
+/// Identifies the snapshot file's current content (a commit replaces the
+/// file, so the inode changes): a watcher reloads when it changes.
+#[must_use]
+pub fn snapshot_stamp(data_dir: &Path) -> Option<(u64, u64, SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(data_dir.join(SNAPSHOT_FILE)).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()?))
+}
+
+fn read_index(data_dir: &Path) -> Result<Option<BucketIndex>> {
+    let path = data_dir.join(SNAPSHOT_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => BucketIndex::from_bytes(&bytes)
+            .map(Some)
+            .with_context(|| format!("loading {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Row counts of a run, by outcome.
 #[derive(Debug, Clone, Default)]
-pub struct InitReport {
+pub struct RowCounts {
     /// Data rows read.
     pub rows: u64,
-    /// Rows encrypted into the registry.
+    /// Rows that passed validation.
     pub accepted: u64,
     /// Rows rejected, by field and reason.
     pub rejected: BTreeMap<String, u64>,
+}
+
+impl RowCounts {
+    /// Total rejected rows.
+    #[must_use]
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+}
+
+/// What `init` did.
+#[derive(Debug, Clone, Default)]
+pub struct InitReport {
+    /// Rows read, accepted, rejected.
+    pub counts: RowCounts,
     /// Whether a new key was created.
     pub key_created: bool,
     /// The key epoch.
     pub epoch: u64,
     /// The new registry version.
     pub registry_version: u64,
+    /// Distinct records in the registry.
+    pub records: u64,
     /// Bucket prefix bits chosen.
     pub bucket_prefix_bits: u8,
     /// Where the rejected rows are listed.
@@ -97,12 +148,48 @@ pub struct InitReport {
     pub elapsed: Duration,
 }
 
-impl InitReport {
-    /// Total rejected rows.
-    #[must_use]
-    pub fn rejected_total(&self) -> u64 {
-        self.rejected.values().sum()
-    }
+/// What `update` did.
+#[derive(Debug, Clone, Default)]
+pub struct UpdateReport {
+    /// Rows of the add source.
+    pub add: RowCounts,
+    /// Rows of the remove source.
+    pub remove: RowCounts,
+    /// Records added.
+    pub added: u64,
+    /// Rows to add that were already registered.
+    pub already_present: u64,
+    /// Records removed.
+    pub removed: u64,
+    /// Rows to remove that were not registered.
+    pub not_found: u64,
+    /// Records in the new version.
+    pub records: u64,
+    /// The key epoch.
+    pub epoch: u64,
+    /// The new registry version.
+    pub registry_version: u64,
+    /// Where the rejected rows are listed.
+    pub report_path: PathBuf,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// What `rotate_key` did.
+#[derive(Debug, Clone, Default)]
+pub struct RotateReport {
+    /// The retired epoch.
+    pub old_epoch: u64,
+    /// The new epoch.
+    pub epoch: u64,
+    /// The new registry version.
+    pub registry_version: u64,
+    /// Records re-encrypted.
+    pub records: u64,
+    /// When the old key file is destroyed.
+    pub old_key_destroyed_after: Duration,
+    /// Wall time.
+    pub elapsed: Duration,
 }
 
 /// Today's date in China Standard Time, for birth-date validation (the
@@ -110,12 +197,6 @@ impl InitReport {
 #[must_use]
 pub fn today() -> CivilDate {
     psi_client::today()
-}
-
-struct Row {
-    line: u64,
-    name: Option<String>,
-    id: Option<String>,
 }
 
 /// A rejected row's field and reason: never the value itself.
@@ -127,98 +208,90 @@ fn rejection(e: &CoreError) -> (&'static str, String) {
     }
 }
 
-/// Validates, canonicalises and encrypts every row of `registry` (a CSV file
-/// with a header naming the columns `name` and `id`) on all cores, and writes
-/// the snapshot into `data_dir` atomically. Creates the key if there is none.
-///
-/// # Errors
-/// Unreadable input, a header without `name` or `id`, I/O errors.
-pub fn init(registry: &Path, data_dir: &Path, show_progress: bool) -> Result<InitReport> {
-    let started = Instant::now();
+/// Takes the data directory's lock: one writer (init, update, rotate-key)
+/// at a time. Released when the returned file is dropped.
+fn lock(data_dir: &Path) -> Result<fs::File> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let path = data_dir.join(LOCK_FILE);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => bail!(
+            "another init, update or rotate-key is running on {}",
+            data_dir.display()
+        ),
+        Err(fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
     let stale = crate::atomic_file::remove_stale_temps(data_dir)?;
     if stale > 0 {
         tracing::warn!(stale, "removed temporary files left by an interrupted run");
     }
-    let (key, key_created) = keystore::load_or_create(data_dir)?;
-    let epoch = key.epoch;
-    let server = Server::new(Mode::Voprf, key.key);
-    let previous_version = fs::read(data_dir.join(SNAPSHOT_FILE))
-        .ok()
-        .and_then(|b| BucketIndex::from_bytes(&b).ok())
-        .map_or(0, |i| i.registry_version());
+    Ok(file)
+}
 
-    let file_len = fs::metadata(registry)
-        .with_context(|| format!("reading {}", registry.display()))?
-        .len();
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_path(registry)
-        .with_context(|| format!("opening {}", registry.display()))?;
-    let headers = reader
-        .byte_headers()
-        .with_context(|| format!("reading the header of {}", registry.display()))?
-        .clone();
-    let column = |want: &str| {
-        headers
-            .iter()
-            .position(|h| h.trim_ascii().eq_ignore_ascii_case(want.as_bytes()))
-            .with_context(|| {
-                format!(
-                    "{} has no `{want}` column: its first line must name the columns `name` and `id`",
-                    registry.display()
-                )
-            })
-    };
-    let (name_col, id_col) = (column("name")?, column("id")?);
-
-    let bar = if show_progress {
-        ProgressBar::new(file_len)
-    } else {
-        ProgressBar::hidden()
+fn bar(show: bool, len: Option<u64>, what: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let (bar, template) = match len {
+        Some(n) => (
+            ProgressBar::new(n),
+            format!("{what} {{bar:40}} {{percent:>3}}% {{msg}} ({{elapsed}}, ETA {{eta}})"),
+        ),
+        None => (
+            ProgressBar::new_spinner(),
+            format!("{what} {{spinner}} {{msg}} ({{elapsed}})"),
+        ),
     };
     bar.set_style(
-        ProgressStyle::with_template(
-            "encrypting {bar:40} {bytes}/{total_bytes} {msg} ({elapsed}, ETA {eta})",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    bar
+}
 
-    let report_path = data_dir.join(REPORT_FILE);
-    let mut rejected_rows = csv::Writer::from_writer(Vec::new());
-    rejected_rows.write_record(["row", "field", "reason"])?;
-    let mut report = InitReport {
-        key_created,
-        epoch,
-        report_path: report_path.clone(),
-        ..InitReport::default()
-    };
+/// Records, tags and bucket hashes of a source's accepted rows.
+#[derive(Default)]
+struct Encrypted {
+    records: Records,
+    tags: Vec<Tag>,
+    hashes: Vec<u32>,
+}
+
+/// Reads `source`, validates and canonicalises every row and encrypts the
+/// accepted ones with `server`, all on all cores, a chunk at a time. Rejected
+/// rows go to `rejected` as (label, row, field, reason).
+fn encrypt_source(
+    source: &Source,
+    label: &str,
+    server: &Server,
+    rejected: &mut csv::Writer<Vec<u8>>,
+    show_progress: bool,
+) -> Result<(Encrypted, RowCounts)> {
+    let mut reader = source.open()?;
+    let (_, total) = reader.progress();
+    let bar = bar(show_progress, total, "encrypting");
     let today = today();
-    let mut tags: Vec<Tag> = Vec::new();
-    let mut hashes: Vec<u32> = Vec::new();
-    let mut record = csv::ByteRecord::new();
+    let mut out = Encrypted::default();
+    let mut counts = RowCounts::default();
     loop {
-        let mut rows = Vec::with_capacity(CHUNK_ROWS);
-        while rows.len() < CHUNK_ROWS && reader.read_byte_record(&mut record)? {
-            let field = |i: usize| {
-                record
-                    .get(i)
-                    .and_then(|f| std::str::from_utf8(f).ok().map(str::to_owned))
-            };
-            rows.push(Row {
-                line: record.position().map_or(0, csv::Position::line),
-                name: field(name_col),
-                id: field(id_col),
-            });
-        }
+        let rows = reader
+            .next_chunk(CHUNK_ROWS)
+            .with_context(|| format!("reading {}", source.describe()))?;
         if rows.is_empty() {
             break;
         }
-        report.rows += rows.len() as u64;
+        counts.rows += rows.len() as u64;
         let parsed: Vec<Result<Vec<u8>, (&'static str, String)>> = rows
             .par_iter()
             .map(|r| match (&r.name, &r.id) {
@@ -234,8 +307,13 @@ pub fn init(registry: &Path, data_dir: &Path, show_progress: bool) -> Result<Ini
             match p {
                 Ok(encoded) => accepted.push(encoded),
                 Err((field, reason)) => {
-                    rejected_rows.write_record([row.line.to_string().as_str(), field, &reason])?;
-                    *report
+                    rejected.write_record([
+                        label,
+                        row.line.to_string().as_str(),
+                        field,
+                        &reason,
+                    ])?;
+                    *counts
                         .rejected
                         .entry(format!("{field}: {reason}"))
                         .or_default() += 1;
@@ -243,25 +321,263 @@ pub fn init(registry: &Path, data_dir: &Path, show_progress: bool) -> Result<Ini
             }
         }
         let outputs = server.evaluate_batch(&accepted)?;
-        tags.extend(outputs.iter().map(psi_core::Output::tag));
-        hashes.par_extend(accepted.par_iter().map(|e| bucket_of_encoding(e, 32)));
-        report.accepted += accepted.len() as u64;
-        bar.set_position(reader.position().byte());
-        bar.set_message(format!("{} rows", report.rows));
+        out.tags.extend(outputs.iter().map(psi_core::Output::tag));
+        out.hashes
+            .par_extend(accepted.par_iter().map(|e| bucket_of_encoding(e, 32)));
+        for e in &accepted {
+            out.records.push(e)?;
+        }
+        counts.accepted += accepted.len() as u64;
+        let (done, _) = reader.progress();
+        bar.set_position(done);
+        bar.set_message(format!("{} rows", counts.rows));
     }
     bar.finish_and_clear();
+    Ok((out, counts))
+}
 
-    let p = prefix_bits_for(report.accepted);
-    let buckets: Vec<u32> = hashes
+fn report_writer() -> Result<csv::Writer<Vec<u8>>> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["source", "row", "field", "reason"])?;
+    Ok(w)
+}
+
+fn buckets_of(hashes: &[u32], p: u8) -> Vec<u32> {
+    hashes
         .par_iter()
         .map(|h| if p == 0 { 0 } else { h >> (32 - u32::from(p)) })
-        .collect();
-    drop(hashes);
-    report.registry_version = previous_version + 1;
-    report.bucket_prefix_bits = p;
-    let index = BucketIndex::build(p, &buckets, &tags, epoch, report.registry_version)?;
-    write_atomically(&report_path, &rejected_rows.into_inner()?, 0o600)?;
+        .collect()
+}
+
+/// Drops repeated records (a person listed twice), keeping the first.
+fn dedup(enc: Encrypted) -> Encrypted {
+    let mut seen = HashSet::with_capacity(enc.tags.len());
+    let mut out = Encrypted {
+        records: Records::new(0),
+        tags: Vec::with_capacity(enc.tags.len()),
+        hashes: Vec::with_capacity(enc.hashes.len()),
+    };
+    for ((r, t), h) in enc.records.iter().zip(&enc.tags).zip(&enc.hashes) {
+        if seen.insert(t.0) {
+            // Lengths were checked when the record was first pushed.
+            let _ = out.records.push(r);
+            out.tags.push(*t);
+            out.hashes.push(*h);
+        }
+    }
+    out
+}
+
+/// Validates, canonicalises and encrypts every row of `source` on all cores
+/// and writes a new registry version into `data_dir` (created if needed),
+/// replacing the whole registry. Creates the key if there is none.
+///
+/// # Errors
+/// Unreadable input, a source without the name and ID columns, I/O errors.
+pub fn init(source: &Source, data_dir: &Path, show_progress: bool) -> Result<InitReport> {
+    let started = Instant::now();
+    let _lock = lock(data_dir)?;
+    let previous = read_index(data_dir)?;
+    let (key, key_created) = match (&previous, keystore::latest_epoch(data_dir)?) {
+        (Some(index), _) => (keystore::load(data_dir, index.epoch())?, false),
+        (None, Some(epoch)) => (keystore::load(data_dir, epoch)?, false),
+        (None, None) => (keystore::create(data_dir, 1)?, true),
+    };
+    let epoch = key.epoch;
+    let server = Server::new(Mode::Voprf, key.key);
+    let report_path = data_dir.join(REPORT_FILE);
+    let mut rejected = report_writer()?;
+    let (enc, counts) = encrypt_source(source, "registry", &server, &mut rejected, show_progress)?;
+    let enc = dedup(enc);
+    let version = previous.as_ref().map_or(0, BucketIndex::registry_version) + 1;
+    let p = prefix_bits_for(enc.tags.len() as u64);
+    let index = BucketIndex::build(p, &buckets_of(&enc.hashes, p), &enc.tags, epoch, version)?;
+    let mut records = enc.records;
+    records.version = version;
+    records.write(data_dir)?;
+    if let Some(prev) = previous.filter(|i| i.epoch() == epoch) {
+        let old: Vec<Tag> = prev.tags().collect();
+        Delta::between(epoch, prev.registry_version(), version, &old, &enc.tags).store(data_dir)?;
+    }
+    write_atomically(&report_path, &rejected.into_inner()?, 0o600)?;
     write_atomically(&data_dir.join(SNAPSHOT_FILE), &index.to_bytes(), 0o600)?;
+    keystore::sweep(data_dir, epoch, SystemTime::now())?;
+    Ok(InitReport {
+        counts,
+        key_created,
+        epoch,
+        registry_version: version,
+        records: records.len(),
+        bucket_prefix_bits: p,
+        report_path,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Adds the records of `add` and removes those of `remove` (same row
+/// contract and validation as `init`) as a new registry version, written
+/// atomically; a running server publishes it within its reload interval.
+/// The bucket prefix stays that of the epoch.
+///
+/// # Errors
+/// No registry yet, unreadable input, I/O errors.
+pub fn update(
+    add: Option<&Source>,
+    remove: Option<&Source>,
+    data_dir: &Path,
+    show_progress: bool,
+) -> Result<UpdateReport> {
+    let started = Instant::now();
+    if add.is_none() && remove.is_none() {
+        bail!("nothing to do: give --add, --remove or both");
+    }
+    let _lock = lock(data_dir)?;
+    let index = read_index(data_dir)?.with_context(|| {
+        format!(
+            "{} has no registry: run `psi-server init` first",
+            data_dir.display()
+        )
+    })?;
+    let EpochKey { epoch, key } = keystore::load(data_dir, index.epoch())?;
+    let server = Server::new(Mode::Voprf, key);
+    let records = Records::read(data_dir)?;
+    let report_path = data_dir.join(REPORT_FILE);
+    let mut rejected = report_writer()?;
+    let mut report = UpdateReport {
+        epoch,
+        report_path: report_path.clone(),
+        ..UpdateReport::default()
+    };
+    let mut run = |source: Option<&Source>, label: &str| -> Result<(Encrypted, RowCounts)> {
+        match source {
+            Some(s) => encrypt_source(s, label, &server, &mut rejected, show_progress),
+            None => Ok((Encrypted::default(), RowCounts::default())),
+        }
+    };
+    let (gone, remove_counts) = run(remove, "remove")?;
+    let (fresh, add_counts) = run(add, "add")?;
+    report.remove = remove_counts;
+    report.add = add_counts;
+
+    let p = index.prefix_bits();
+    let removed_tags: HashSet<u64> = gone.tags.iter().map(|t| t.0).collect();
+    let old: Vec<(u32, Tag)> = index.entries().collect();
+    let present: HashSet<u64> = old.iter().map(|(_, t)| t.0).collect();
+    report.removed = removed_tags.iter().filter(|t| present.contains(t)).count() as u64;
+    report.not_found = removed_tags.len() as u64 - report.removed;
+    let mut buckets = Vec::with_capacity(old.len() + fresh.tags.len());
+    let mut tags = Vec::with_capacity(old.len() + fresh.tags.len());
+    for (b, t) in &old {
+        if !removed_tags.contains(&t.0) {
+            buckets.push(*b);
+            tags.push(*t);
+        }
+    }
+    let mut kept: HashSet<u64> = tags.iter().map(|t| t.0).collect();
+    let fresh_buckets = buckets_of(&fresh.hashes, p);
+    let mut added_records = Vec::new();
+    for ((t, b), r) in fresh
+        .tags
+        .iter()
+        .zip(&fresh_buckets)
+        .zip(fresh.records.iter())
+    {
+        if removed_tags.contains(&t.0) {
+            continue; // listed in both files: the removal wins
+        }
+        if kept.insert(t.0) {
+            buckets.push(*b);
+            tags.push(*t);
+            added_records.push(r.to_vec());
+            report.added += 1;
+        } else if present.contains(&t.0) {
+            report.already_present += 1;
+        }
+    }
+    let version = index.registry_version() + 1;
+    let new_index = BucketIndex::build(p, &buckets, &tags, epoch, version)?;
+    let removed_records: HashSet<&[u8]> = gone.records.iter().collect();
+    let new_records = records.updated(&removed_records, &added_records, version)?;
+    report.records = new_records.len();
+    new_records.write(data_dir)?;
+    let old_tags: Vec<Tag> = old.iter().map(|(_, t)| *t).collect();
+    Delta::between(epoch, index.registry_version(), version, &old_tags, &tags).store(data_dir)?;
+    write_atomically(&report_path, &rejected.into_inner()?, 0o600)?;
+    write_atomically(&data_dir.join(SNAPSHOT_FILE), &new_index.to_bytes(), 0o600)?;
+    report.registry_version = version;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Rotates the key: creates epoch N+1, re-encrypts every record under it on
+/// all cores (a running server keeps serving epoch N meanwhile), records the
+/// old key's endorsement of the new one, then switches atomically. The old
+/// key file is retired and destroyed once `grace` has passed.
+///
+/// # Errors
+/// No registry yet, a record store out of step with the registry, I/O errors.
+pub fn rotate_key(data_dir: &Path, grace: Duration, show_progress: bool) -> Result<RotateReport> {
+    let started = Instant::now();
+    let _lock = lock(data_dir)?;
+    let index = read_index(data_dir)?.with_context(|| {
+        format!(
+            "{} has no registry: run `psi-server init` first",
+            data_dir.display()
+        )
+    })?;
+    let old = keystore::load(data_dir, index.epoch())?;
+    let mut records = Records::read(data_dir)?;
+    if records.version != index.registry_version() {
+        bail!(
+            "records.bin is of registry version {} but registry.bkt of version {}: an update was interrupted; rerun it first",
+            records.version,
+            index.registry_version()
+        );
+    }
+    let epoch = old.epoch + 1;
+    let new = keystore::create(data_dir, epoch)?;
+    let endorsement =
+        rotation::endorse(&old.key, old.epoch, new.key.public_key(), epoch, &mut OsRng);
+    let step = KeyStep {
+        epoch,
+        public_key: *new.key.public_key(),
+        endorsement,
+    };
+    drop(old);
+    let server = Server::new(Mode::Voprf, new.key);
+    let bar = bar(show_progress, Some(records.len()), "re-encrypting");
+    let mut tags = Vec::with_capacity(usize::try_from(records.len()).unwrap_or(0));
+    let mut hashes = Vec::with_capacity(tags.capacity());
+    let all: Vec<&[u8]> = records.iter().collect();
+    for chunk in all.chunks(CHUNK_ROWS) {
+        tags.extend(
+            server
+                .evaluate_batch(chunk)?
+                .iter()
+                .map(psi_core::Output::tag),
+        );
+        hashes.par_extend(chunk.par_iter().map(|e| bucket_of_encoding(e, 32)));
+        bar.inc(chunk.len() as u64);
+    }
+    drop(all);
+    bar.finish_and_clear();
+    let version = index.registry_version() + 1;
+    let p = prefix_bits_for(tags.len() as u64);
+    let new_index = BucketIndex::build(p, &buckets_of(&hashes, p), &tags, epoch, version)?;
+    keystore::append_history(data_dir, &step)?;
+    records.version = version;
+    records.write(data_dir)?;
+    // The commit point: from here the new epoch is the registry's.
+    write_atomically(&data_dir.join(SNAPSHOT_FILE), &new_index.to_bytes(), 0o600)?;
+    Delta::remove_all(data_dir)?;
+    keystore::retire(data_dir, index.epoch(), grace)?;
+    keystore::sweep(data_dir, epoch, SystemTime::now())?;
+    Ok(RotateReport {
+        old_epoch: index.epoch(),
+        epoch,
+        registry_version: version,
+        records: records.len(),
+        old_key_destroyed_after: grace,
+        elapsed: started.elapsed(),
+    })
 }

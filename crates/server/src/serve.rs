@@ -140,17 +140,11 @@ async fn run(
     let data_dir = cfg.data_dir.clone();
     let loader_state = Arc::clone(&state);
     let loader_reporter = reporter.clone();
+    let reload_interval = cfg.reload_interval;
     tokio::spawn(async move {
-        let started = std::time::Instant::now();
-        match tokio::task::spawn_blocking(move || Snapshot::load(&data_dir)).await {
-            Ok(Ok(snapshot)) => {
-                tracing::info!(
-                    epoch = snapshot.epoch,
-                    registry_version = snapshot.index.registry_version(),
-                    entries = snapshot.index.len(),
-                    load_ms = started.elapsed().as_millis() as u64,
-                    "registry loaded; serving"
-                );
+        let stamp = crate::registry::snapshot_stamp(&data_dir);
+        match load(&data_dir).await {
+            Ok(snapshot) => {
                 loader_state.publish(snapshot);
                 loader_reporter
                     .set_serving::<MatchServer<MatchService>>()
@@ -158,12 +152,10 @@ async fn run(
                 loader_reporter
                     .set_service_status("", ServingStatus::Serving)
                     .await;
-            }
-            Ok(Err(e)) => {
-                let _ = load_failed_tx.send(e);
+                watch(data_dir, loader_state, stamp, reload_interval).await;
             }
             Err(e) => {
-                let _ = load_failed_tx.send(anyhow::anyhow!("loading task failed: {e}"));
+                let _ = load_failed_tx.send(e);
             }
         }
     });
@@ -216,6 +208,68 @@ async fn run(
         return Err(e.context("loading the registry snapshot"));
     }
     Ok(())
+}
+
+/// Loads the snapshot off the async threads and logs what it is.
+async fn load(data_dir: &std::path::Path) -> Result<Snapshot> {
+    let started = std::time::Instant::now();
+    let dir = data_dir.to_path_buf();
+    let snapshot = tokio::task::spawn_blocking(move || Snapshot::load(&dir))
+        .await
+        .map_err(|e| anyhow::anyhow!("loading task failed: {e}"))??;
+    tracing::info!(
+        epoch = snapshot.epoch,
+        registry_version = snapshot.index.registry_version(),
+        entries = snapshot.index.len(),
+        deltas = snapshot.deltas.len(),
+        load_ms = started.elapsed().as_millis() as u64,
+        "registry loaded; serving"
+    );
+    Ok(snapshot)
+}
+
+/// Watches the data directory: when `update`, `init` or `rotate-key` commits
+/// a new snapshot, loads and publishes it (requests in flight finish on the
+/// one they started with; the previous key is dropped, and zeroized, with
+/// the last of them). A snapshot that fails to load is logged and the
+/// current one kept. Also destroys retired keys whose grace period is over.
+async fn watch(
+    data_dir: std::path::PathBuf,
+    state: Arc<State>,
+    mut stamp: Option<(u64, u64, std::time::SystemTime)>,
+    interval: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = crate::registry::snapshot_stamp(&data_dir);
+        if now.is_some() && now != stamp {
+            stamp = now;
+            match load(&data_dir).await {
+                Ok(snapshot) => state.publish(snapshot),
+                Err(e) => tracing::error!(
+                    "a new registry snapshot failed to load; still serving the previous one: {e:#}"
+                ),
+            }
+        }
+        if let Ok(current) = state.current_epoch() {
+            let dir = data_dir.clone();
+            let swept = tokio::task::spawn_blocking(move || {
+                crate::keystore::sweep(&dir, current, std::time::SystemTime::now())
+            })
+            .await;
+            match swept {
+                Ok(Ok(destroyed)) => {
+                    for epoch in destroyed {
+                        tracing::info!(epoch, "retired key destroyed after its grace period");
+                    }
+                }
+                Ok(Err(e)) => tracing::error!("sweeping retired keys: {e:#}"),
+                Err(e) => tracing::error!("sweeping retired keys: {e}"),
+            }
+        }
+    }
 }
 
 /// Re-reads the policy on every SIGHUP; a bad file keeps the policy in force.

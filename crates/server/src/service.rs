@@ -9,8 +9,8 @@ use psi_core::suite::SUITE_ID;
 use psi_proto::v1::match_server::Match;
 use psi_proto::v1::{
     sync_tag_set_response, Bucket, BucketQueryRequest, BucketQueryResponse, EvaluateRequest,
-    EvaluateResponse, GetServerInfoRequest, QueryMode, ServerInfo, ShardData, SyncTagSetRequest,
-    SyncTagSetResponse,
+    EvaluateResponse, GetServerInfoRequest, KeyStep, QueryMode, ServerInfo, ShardData,
+    SyncTagSetRequest, SyncTagSetResponse, TagSetDelta,
 };
 use psi_proto::{manifest_of, pack, pack_tags, unpack_blinded};
 use rand_core::OsRng;
@@ -120,6 +120,14 @@ impl State {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *guard = Some(Arc::new(snapshot));
+    }
+
+    /// The key epoch being served.
+    ///
+    /// # Errors
+    /// Unavailable while no snapshot is loaded.
+    pub fn current_epoch(&self) -> Result<u64, ServiceError> {
+        self.current().map(|s| s.epoch)
     }
 
     fn current(&self) -> Result<Arc<Snapshot>, ServiceError> {
@@ -307,6 +315,16 @@ impl Match for MatchService {
             max_message_bytes: limits.max_message_bytes as u64,
             modes: vec![QueryMode::Sync as i32, QueryMode::Bucket as i32],
             tag_bits: snap.tagset.header().params.tag_bits.into(),
+            key_history: snap
+                .history
+                .iter()
+                .filter(|s| s.epoch <= snap.epoch)
+                .map(|s| KeyStep {
+                    epoch: s.epoch,
+                    public_key: s.public_key.to_bytes().to_vec(),
+                    endorsement: s.endorsement.to_vec(),
+                })
+                .collect(),
         }))
     }
 
@@ -425,6 +443,36 @@ impl MatchService {
         })
     }
 
+    /// The net change since `held` as tag-set values, if the deltas reach
+    /// back that far and it is smaller than half the whole set.
+    fn delta_since(&self, snap: &Snapshot, held: u64) -> Option<TagSetDelta> {
+        let current = snap.tagset.header().registry_version;
+        if held == 0 || held >= current {
+            return None;
+        }
+        let (added, removed) = crate::delta::Delta::compose(&snap.deltas, held)?;
+        let bytes = 8 * (added.len() + removed.len());
+        let whole: usize = snap.tagset.shards().iter().map(|s| s.data().len()).sum();
+        if bytes > whole / 2 || bytes > self.state.limits.max_message_bytes / 2 {
+            return None;
+        }
+        let params = snap.tagset.header().params;
+        let values = |tags: Vec<u64>| {
+            let mut v: Vec<u64> = tags
+                .into_iter()
+                .map(|t| params.value(psi_core::Tag(t)))
+                .collect();
+            v.sort_unstable();
+            pack_tags(&v)
+        };
+        Some(TagSetDelta {
+            from_version: held,
+            to_version: current,
+            added: values(added),
+            removed: values(removed),
+        })
+    }
+
     fn sync_tag_set_inner(
         &self,
         req: SyncTagSetRequest,
@@ -441,6 +489,12 @@ impl MatchService {
                 &snap.tagset,
             ))),
         };
+        if let Some(delta) = self.delta_since(&snap, req.held_version) {
+            let delta = SyncTagSetResponse {
+                item: Some(sync_tag_set_response::Item::Delta(delta)),
+            };
+            return Ok(Box::pin(tokio_stream::iter([Ok(manifest), Ok(delta)])));
+        }
         let n = snap.tagset.shards().len();
         let shards = (0..n).filter_map(move |i| {
             let shard = snap.tagset.shards().get(i)?;
