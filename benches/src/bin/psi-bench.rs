@@ -78,8 +78,10 @@ async fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&data_dir);
     eprintln!("init");
     let (csv_path, dd) = (registry_csv.clone(), data_dir.clone());
-    let report =
-        tokio::task::spawn_blocking(move || registry::init(&psi_server::source::Source::csv(csv_path), &dd, false)).await??;
+    let report = tokio::task::spawn_blocking(move || {
+        registry::init(&psi_server::source::Source::csv(csv_path), &dd, false)
+    })
+    .await??;
     let init_seconds = report.elapsed.as_secs_f64();
 
     let running = psi_server::serve::start(ServeConfig {

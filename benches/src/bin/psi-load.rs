@@ -51,7 +51,11 @@ async fn main() -> Result<()> {
     let registry_csv = args.dir.join("registry.csv");
     psi_server::cli::generate(args.registry_size, 11, &registry_csv)?;
     let data = args.dir.join("data");
-    registry::init(&psi_server::source::Source::csv(&registry_csv), &data, false)?;
+    registry::init(
+        &psi_server::source::Source::csv(&registry_csv),
+        &data,
+        false,
+    )?;
 
     let ca = args.dir.join("ca");
     psi_server::ca::init(&ca, &["127.0.0.1".to_string()])?;

@@ -146,7 +146,13 @@ impl Views {
                     confirmed: Instant::now(),
                 }
             } else {
-                views.synced(session).await?
+                match views.synced(session.clone()).await {
+                    // Rotated since the session connected: follow it.
+                    Err(e) if is_stale_epoch(&e) => {
+                        views.synced(session.reconnect().await?).await?
+                    }
+                    synced => synced?,
+                }
             };
             *views.current.lock().await = Arc::new(view);
         }

@@ -7,14 +7,15 @@ use std::time::Duration;
 
 use psi_client::batch::{self, BatchOptions};
 use psi_client::check::{check, CheckOutcome};
+use psi_client::pin::Pinned;
 use psi_client::{ConnectOptions, QueryMode, Session};
 use psi_proto::v1::match_client::MatchClient;
 use psi_proto::v1::{BucketQueryRequest, EvaluateRequest, SyncTagSetRequest};
 use psi_server::config::ServeConfig;
-use psi_server::source::Source;
 use psi_server::registry::{self, today};
 use psi_server::serve::{self, Running};
 use psi_server::service::Limits;
+use psi_server::source::Source;
 use psi_server::synth::Generator;
 use tonic::Code;
 
@@ -511,11 +512,33 @@ async fn corrupt_cache_is_refetched_and_reports_hold_no_personal_data() {
     std::fs::write(&path, bytes).unwrap();
     let repaired = session.sync().await.unwrap();
     assert_eq!(repaired.set.root_digest(), first.set.root_digest());
+    assert_eq!(
+        repaired.shards_fetched, 1,
+        "only the damaged shard is fetched"
+    );
+    // Truncated: only the shards past the cut are fetched again.
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+    let repaired = session.sync().await.unwrap();
+    assert_eq!(repaired.set.root_digest(), first.set.root_digest());
+    assert_eq!(repaired.shards_fetched, 1);
 
-    // Neither the data directory nor the client cache holds a name or an ID.
+    // The canonical records are kept for updates and rotation, readable by
+    // the operator only; no other file of the data directory, and nothing
+    // in the client cache, holds a name or an ID.
+    let records = f.data_dir.join(psi_server::records::RECORDS_FILE);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&records).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
     for dir in [&f.data_dir, &cache] {
         for entry in std::fs::read_dir(dir).unwrap() {
-            let content = std::fs::read(entry.unwrap().path()).unwrap();
+            let path = entry.unwrap().path();
+            if path == records || path.is_dir() {
+                continue;
+            }
+            let content = std::fs::read(&path).unwrap();
             for (name, id) in REGISTERED {
                 assert!(
                     !contains(&content, name.as_bytes()),
@@ -984,5 +1007,284 @@ async fn malformed_protobuf_is_refused_and_the_server_stays_up() {
             .unwrap(),
         CheckOutcome::Match
     );
+    f.running.shutdown().await.unwrap();
+}
+
+/// A synthetic person who is not in the fixture's registry.
+fn newcomer() -> (String, String) {
+    let p = Generator::new(4242, today()).unwrap().next().unwrap();
+    (p.name, p.id)
+}
+
+fn write_pairs(path: &Path, pairs: &[(&str, &str)]) {
+    let mut w = csv::Writer::from_path(path).unwrap();
+    w.write_record(["name", "id"]).unwrap();
+    for (name, id) in pairs {
+        w.write_record([*name, *id]).unwrap();
+    }
+    w.flush().unwrap();
+}
+
+async fn answers(session: &Session, pairs: &[(&str, &str)], mode: QueryMode) -> Vec<CheckOutcome> {
+    let mut out = Vec::new();
+    for (name, id) in pairs {
+        out.push(check(session, name, id, mode).await.unwrap());
+    }
+    out
+}
+
+/// Waits until the server publishes `version` (its reload interval is 50 ms here).
+async fn reconnect_at(session: &Session, version: u64) -> Session {
+    for _ in 0..200 {
+        let s = session.reconnect().await.unwrap();
+        if s.info().registry_version >= version {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the server did not publish registry version {version}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_are_published_live_and_synced_as_deltas() {
+    let f = fixture(3000).await;
+    let cache = f.root.join("cache");
+    let session = connect(&f.url, &cache, None).await.unwrap();
+    let full = session.sync().await.unwrap();
+    let (new_name, new_id) = newcomer();
+    let pairs = [
+        ("张伟", "11010519491231002X"),
+        (new_name.as_str(), new_id.as_str()),
+    ];
+    for mode in [QueryMode::Sync, QueryMode::Bucket] {
+        assert_eq!(
+            answers(&session, &pairs, mode).await,
+            [CheckOutcome::Match, CheckOutcome::NoMatch]
+        );
+    }
+
+    // Add the newcomer, remove 张伟, plus a row already present, one not
+    // registered and one invalid.
+    let add = f.root.join("add.csv");
+    let remove = f.root.join("remove.csv");
+    write_pairs(
+        &add,
+        &[pairs[1], ("赵敏", "610104196209276908"), ("Zhang", "x")],
+    );
+    let stranger = Generator::new(999, today()).unwrap().next().unwrap();
+    write_pairs(&remove, &[pairs[0], (&stranger.name, &stranger.id)]);
+    let r = registry::update(
+        Some(&Source::csv(&add)),
+        Some(&Source::csv(&remove)),
+        &f.data_dir,
+        false,
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            r.added,
+            r.already_present,
+            r.removed,
+            r.not_found,
+            r.registry_version
+        ),
+        (1, 1, 1, 1, 2)
+    );
+    assert_eq!(r.add.rejected_total(), 1);
+    let report = std::fs::read_to_string(&r.report_path).unwrap();
+    assert!(
+        report.starts_with("source,row,field,reason\nadd,4,name,"),
+        "{report}"
+    );
+
+    // The running server publishes version 2 by itself: both modes see it.
+    let session = reconnect_at(&session, 2).await;
+    assert_eq!(
+        answers(&session, &pairs, QueryMode::Bucket).await,
+        [CheckOutcome::NoMatch, CheckOutcome::Match]
+    );
+    let synced = session.sync().await.unwrap();
+    assert!(synced.delta_applied);
+    assert_eq!(synced.set.header().registry_version, 2);
+    assert_eq!(synced.shards_fetched, 0);
+    assert!(
+        synced.bytes_fetched * 20 < full.bytes_fetched,
+        "{} bytes for the delta, {} for the whole set",
+        synced.bytes_fetched,
+        full.bytes_fetched
+    );
+    assert_eq!(
+        answers(&session, &pairs, QueryMode::Sync).await,
+        [CheckOutcome::NoMatch, CheckOutcome::Match]
+    );
+    // A client two versions behind gets both deltas composed.
+    write_pairs(&add, &[pairs[0]]);
+    registry::update(Some(&Source::csv(&add)), None, &f.data_dir, false).unwrap();
+    let session = reconnect_at(&session, 3).await;
+    let v3 = session.sync().await.unwrap();
+    assert!(v3.delta_applied);
+    assert!(v3.set.lookup().is_ok());
+    assert_eq!(
+        answers(&session, &pairs, QueryMode::Sync).await,
+        [CheckOutcome::Match, CheckOutcome::Match]
+    );
+    f.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_during_updates_answers_every_row_correctly() {
+    let f = fixture(2000).await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let input = f.root.join("queries.csv");
+    let expected = write_queries(&input, 40);
+    let data_dir = f.data_dir.clone();
+    let root = f.root.clone();
+    // Updates that touch none of the queried people, while the batch runs
+    // and re-syncs before every chunk (maximum age zero).
+    let updater = tokio::task::spawn_blocking(move || {
+        let people: Vec<_> = Generator::new(77, today()).unwrap().take(50).collect();
+        for (i, p) in people.iter().enumerate() {
+            let add = root.join(format!("add-{i}.csv"));
+            write_pairs(&add, &[(p.name.as_str(), p.id.as_str())]);
+            registry::update(Some(&Source::csv(&add)), None, &data_dir, false).unwrap();
+        }
+    });
+    let summary = batch::run(
+        &session,
+        &BatchOptions {
+            input,
+            output: f.root.join("out.csv"),
+            mode: QueryMode::Sync,
+            chunk_rows: 32,
+            chunks_in_flight: 2,
+            progress: false,
+            resume: false,
+            max_cache_age: Duration::ZERO,
+            no_sync: false,
+        },
+    )
+    .await
+    .unwrap();
+    updater.await.unwrap();
+    let got: Vec<String> = read_output(&f.root.join("out.csv"))
+        .iter()
+        .map(|r| r.get(r.len() - 2).unwrap().to_string())
+        .collect();
+    assert_eq!(got, expected);
+    assert!(summary.registry_version >= summary.first_registry_version);
+    assert!(summary
+        .to_string()
+        .contains("answered against registry version"));
+    f.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotation_is_followed_by_checks_and_batches() {
+    let f = fixture(1500).await;
+    let cache = f.root.join("cache");
+    let session = connect(&f.url, &cache, None).await.unwrap();
+    session.sync().await.unwrap();
+    let old_key = session.info().public_key.clone();
+    // Rotate with no grace: the retired key is destroyed at the server's next sweep.
+    let r = registry::rotate_key(&f.data_dir, Duration::ZERO, false).unwrap();
+    assert_eq!((r.old_epoch, r.epoch), (1, 2));
+    let input = f.root.join("queries.csv");
+    let expected = write_queries(&input, 10);
+    for _ in 0..200 {
+        if session.reconnect().await.unwrap().info().key_epoch == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // The session still holds epoch 1: the server refuses it, the batch
+    // reconnects, follows the endorsement, re-syncs and answers correctly.
+    let summary = batch::run(
+        &session,
+        &BatchOptions {
+            input,
+            output: f.root.join("out.csv"),
+            mode: QueryMode::Sync,
+            chunk_rows: 16,
+            chunks_in_flight: 2,
+            progress: false,
+            resume: false,
+            max_cache_age: Duration::from_secs(3600),
+            no_sync: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.key_epoch, 2);
+    let got: Vec<String> = read_output(&f.root.join("out.csv"))
+        .iter()
+        .map(|r| r.get(r.len() - 2).unwrap().to_string())
+        .collect();
+    assert_eq!(got, expected);
+    // Single checks in both modes follow it too.
+    let pairs = [("张伟", "11010519491231002X")];
+    for mode in [QueryMode::Bucket, QueryMode::Sync] {
+        assert_eq!(answers(&session, &pairs, mode).await, [CheckOutcome::Match]);
+    }
+    // The pin moved to the new key; the old key file is gone.
+    let fresh = connect(&f.url, &cache, None).await.unwrap();
+    assert_eq!(fresh.pinned, Pinned::Known);
+    assert_ne!(fresh.info().public_key, old_key);
+    assert_eq!(fresh.info().key_history.len(), 1);
+    let mut gone = false;
+    for _ in 0..200 {
+        gone = !std::fs::read_dir(&f.data_dir).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("oprf-epoch-1")
+        });
+        if gone {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(gone, "the retired key outlived its grace period");
+    f.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_older_than_the_maximum_age_is_refused() {
+    let f = fixture(500).await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    session.sync().await.unwrap();
+    let input = f.root.join("queries.csv");
+    let expected = write_queries(&input, 1);
+    let opts = |no_sync: bool| BatchOptions {
+        input: input.clone(),
+        output: f.root.join("out.csv"),
+        mode: QueryMode::Sync,
+        chunk_rows: 64,
+        chunks_in_flight: 1,
+        progress: false,
+        resume: false,
+        max_cache_age: Duration::from_secs(3600),
+        no_sync,
+    };
+    // Fresh enough: answered from the cache without a sync.
+    let summary = batch::run(&session, &opts(true)).await.unwrap();
+    assert_eq!(summary.bytes_synced, 0);
+    assert_eq!(read_output(&f.root.join("out.csv")).len(), expected.len());
+    // Two hours old: refused, naming the age and the limit.
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    std::fs::File::options()
+        .append(true)
+        .open(session.cache_path())
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+    let err = batch::run(&session, &opts(true)).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("more than the maximum age of 1h"),
+        "{err:#}"
+    );
+    // Syncing confirms it current again.
+    let summary = batch::run(&session, &opts(false)).await.unwrap();
+    assert!(summary.bytes_synced > 0);
+    batch::run(&session, &opts(true)).await.unwrap();
     f.running.shutdown().await.unwrap();
 }
