@@ -264,13 +264,16 @@ impl RowReader for PgRows {
         let mut rows = Vec::with_capacity(fetched.len());
         for r in &fetched {
             self.rows += 1;
+            // NULL is an empty field, as in a CSV file.
             let text = |i: usize| -> Result<Option<String>> {
-                r.try_get::<_, Option<String>>(i).with_context(|| {
-                    format!(
-                        "column {} of the query is not text: cast it with ::text",
-                        i + 1
-                    )
-                })
+                r.try_get::<_, Option<String>>(i)
+                    .map(|v| Some(v.unwrap_or_default()))
+                    .with_context(|| {
+                        format!(
+                            "column {} of the query is not text: cast it with ::text",
+                            i + 1
+                        )
+                    })
             };
             rows.push(Row {
                 line: self.rows,
