@@ -71,7 +71,9 @@ pub fn check(
             return Ok(Pinned::Known);
         }
         let endorsed = ep.parse::<u64>().ok().and_then(|old_epoch| {
-            let old = hex(old_hex).and_then(|b| PublicKey::from_bytes(&b).ok())?;
+            let old = hex::decode(old_hex)
+                .ok()
+                .and_then(|b| PublicKey::from_bytes(&b).ok())?;
             rotation::verify_chain(&old, old_epoch, key, epoch, history)
                 .ok()
                 .map(|()| old_epoch)
@@ -106,13 +108,6 @@ pub fn check(
     writeln!(f, "{server} {key_hex} {epoch}")
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(Pinned::FirstUse)
-}
-
-fn hex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect()
 }
 
 #[cfg(test)]

@@ -181,7 +181,7 @@ fn parse(bytes: &[u8]) -> Result<Delta> {
         .unwrap_or(&[])
         .chunks_exact(8)
         .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])));
-    if bytes.get(..8) != Some(MAGIC.as_slice()) || (bytes.len() - 8) % 8 != 0 {
+    if bytes.get(..8) != Some(MAGIC.as_slice()) || !(bytes.len() - 8).is_multiple_of(8) {
         bail!("not a delta file");
     }
     let mut next = || words.next().context("truncated delta file");

@@ -184,14 +184,16 @@ pub fn load_history(data_dir: &Path) -> Result<Vec<KeyStep>> {
             else {
                 bail!("{}: malformed line `{line}`", path.display());
             };
-            let endorsement: [u8; 64] = hex_bytes(endorsement)
+            let endorsement: [u8; 64] = hex::decode(endorsement)
+                .ok()
                 .and_then(|b| b.try_into().ok())
                 .with_context(|| format!("{}: bad endorsement", path.display()))?;
             Ok(KeyStep {
                 epoch: epoch
                     .parse()
                     .with_context(|| format!("{}: bad epoch", path.display()))?,
-                public_key: hex_bytes(pk)
+                public_key: hex::decode(pk)
+                    .ok()
                     .and_then(|b| PublicKey::from_bytes(&b).ok())
                     .with_context(|| format!("{}: bad public key", path.display()))?,
                 endorsement,
@@ -215,23 +217,10 @@ pub fn append_history(data_dir: &Path, step: &KeyStep) -> Result<()> {
             "{} {} {}\n",
             s.epoch,
             s.public_key.to_hex(),
-            s.endorsement
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
+            hex::encode(s.endorsement)
         ));
     }
     write_atomically(&data_dir.join(HISTORY_FILE), text.as_bytes(), 0o644)
-}
-
-fn hex_bytes(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect()
 }
 
 /// Loads the key file of `epoch`.
@@ -349,7 +338,7 @@ mod tests {
         let h = load_history(dir.path()).unwrap();
         assert_eq!(
             h,
-            vec![step(2, &k2)]
+            [step(2, &k2)]
                 .iter()
                 .map(|s| KeyStep {
                     endorsement: h[0].endorsement,
