@@ -36,6 +36,10 @@ struct Args {
     /// Working directory (the registry CSV is reused if present).
     #[arg(long, default_value = "target/psi-bench")]
     dir: PathBuf,
+    /// Percentage of the registry removed, and the same number of new people
+    /// added, in the update phase (0: skip the update and rotation phases).
+    #[arg(long, default_value_t = 1.0)]
+    update_percent: f64,
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -56,6 +60,15 @@ struct Results {
     check_p50_ms: f64,
     check_p95_ms: f64,
     check_p99_ms: f64,
+    update_removed: u64,
+    update_added: u64,
+    update_seconds: f64,
+    update_publish_seconds: f64,
+    update_sync_bytes: u64,
+    update_sync_fraction_of_full: f64,
+    update_sync_seconds: f64,
+    rotation_seconds: f64,
+    rotation_resync_bytes: u64,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -163,6 +176,18 @@ async fn main() -> Result<()> {
         );
     }
     latencies.sort();
+
+    let mut update = UpdatePhase::default();
+    if args.update_percent > 0.0 {
+        update = update_phase(
+            &args,
+            &registry_csv,
+            &data_dir,
+            &session,
+            synced.bytes_fetched,
+        )
+        .await?;
+    }
     running.shutdown().await?;
 
     let results = Results {
@@ -179,6 +204,15 @@ async fn main() -> Result<()> {
         check_p50_ms: percentile(&latencies, 0.50),
         check_p95_ms: percentile(&latencies, 0.95),
         check_p99_ms: percentile(&latencies, 0.99),
+        update_removed: update.removed,
+        update_added: update.added,
+        update_seconds: update.seconds,
+        update_publish_seconds: update.publish_seconds,
+        update_sync_bytes: update.sync_bytes,
+        update_sync_fraction_of_full: update.sync_bytes as f64 / synced.bytes_fetched as f64,
+        update_sync_seconds: update.sync_seconds,
+        rotation_seconds: update.rotation_seconds,
+        rotation_resync_bytes: update.resync_bytes,
     };
     let json = serde_json::to_string_pretty(&results)?;
     println!("{json}");
@@ -186,4 +220,108 @@ async fn main() -> Result<()> {
         std::fs::write(&path, &json).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+#[derive(Debug, Default)]
+struct UpdatePhase {
+    removed: u64,
+    added: u64,
+    seconds: f64,
+    publish_seconds: f64,
+    sync_bytes: u64,
+    sync_seconds: f64,
+    rotation_seconds: f64,
+    resync_bytes: u64,
+}
+
+/// Waits until the running server serves `pred`, returning a fresh session.
+async fn until(session: &Session, pred: impl Fn(&Session) -> bool) -> Result<Session> {
+    for _ in 0..6000 {
+        let s = session.reconnect().await?;
+        if pred(&s) {
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    anyhow::bail!("the server did not publish the change within 60 s")
+}
+
+/// Removes `update_percent`% of the registry and adds as many new people,
+/// times the update, its publication by the running server and the
+/// client's incremental sync; then rotates the key and times that and the
+/// full re-sync it forces.
+async fn update_phase(
+    args: &Args,
+    registry_csv: &std::path::Path,
+    data_dir: &std::path::Path,
+    session: &Session,
+    full_bytes: u64,
+) -> Result<UpdatePhase> {
+    let n = ((args.registry_size as f64) * args.update_percent / 100.0).round() as usize;
+    let add = args.dir.join("update-add.csv");
+    let remove = args.dir.join("update-remove.csv");
+    {
+        let mut w = csv::Writer::from_path(&remove)?;
+        w.write_record(["name", "id"])?;
+        for rec in csv::Reader::from_path(registry_csv)?.records().take(n) {
+            let rec = rec?;
+            w.write_record([rec.get(0).unwrap_or(""), rec.get(1).unwrap_or("")])?;
+        }
+        w.flush()?;
+        let mut w = csv::Writer::from_path(&add)?;
+        w.write_record(["name", "id"])?;
+        for p in Generator::new(2024, today())?.take(n) {
+            w.write_record([p.name.as_str(), p.id.as_str()])?;
+        }
+        w.flush()?;
+    }
+    eprintln!("update: remove {n}, add {n}");
+    let version = session.info().registry_version;
+    let t = Instant::now();
+    let dd = data_dir.to_path_buf();
+    let report = tokio::task::spawn_blocking(move || {
+        registry::update(
+            Some(&psi_server::source::Source::csv(&add)),
+            Some(&psi_server::source::Source::csv(&remove)),
+            &dd,
+            false,
+        )
+    })
+    .await??;
+    let seconds = t.elapsed().as_secs_f64();
+    let published = until(session, |s| s.info().registry_version > version).await?;
+    let publish_seconds = t.elapsed().as_secs_f64() - seconds;
+    let t = Instant::now();
+    let synced = published.sync().await?;
+    let sync_seconds = t.elapsed().as_secs_f64();
+    anyhow::ensure!(synced.delta_applied, "the update was not synced as a delta");
+    eprintln!(
+        "update: {} removed, {} added in {seconds:.2} s; delta sync {} bytes ({:.2}% of the full {full_bytes})",
+        report.removed,
+        report.added,
+        synced.bytes_fetched,
+        100.0 * synced.bytes_fetched as f64 / full_bytes as f64
+    );
+
+    eprintln!("rotate-key");
+    let epoch = published.info().key_epoch;
+    let t = Instant::now();
+    let dd = data_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        registry::rotate_key(&dd, Duration::from_secs(3600), false)
+    })
+    .await??;
+    let rotation_seconds = t.elapsed().as_secs_f64();
+    let rotated = until(&published, |s| s.info().key_epoch > epoch).await?;
+    let resync = rotated.sync().await?;
+    Ok(UpdatePhase {
+        removed: report.removed,
+        added: report.added,
+        seconds,
+        publish_seconds,
+        sync_bytes: synced.bytes_fetched,
+        sync_seconds,
+        rotation_seconds,
+        resync_bytes: resync.bytes_fetched,
+    })
 }
