@@ -1,5 +1,11 @@
-//! Shared pieces of the benchmarks: deterministic synthetic inputs and a
-//! one-thread pool for per-core figures.
+//! Shared pieces of the benchmarks: deterministic synthetic inputs, a
+//! one-thread pool for per-core figures, and the sweep harness behind
+//! `psi-bench` ([`sweep`] points, [`costs`] per element beside the
+//! baselines, [`report`] tables, charts and BENCHMARKS.md).
+
+pub mod costs;
+pub mod report;
+pub mod sweep;
 
 use psi_core::record::{CivilDate, IdNumber, Record};
 

@@ -1,14 +1,23 @@
-//! `psi-bench e2e`: the end-to-end harness. It generates a synthetic registry,
-//! times `init`, serves it in this process on loopback, and measures the first
-//! sync (time and bytes), a sync-mode batch (rows/s after the sync) and
-//! single bucket-mode checks (latency percentiles of the request itself).
-//! Client and server share the machine's cores, as they would in a test lab.
+//! `psi-bench`: the benchmark harness.
+//!
+//! - `psi-bench sweep [--quick]`: the parameter sweep researchers run: every
+//!   point in a process of its own against a real `psi-server` process,
+//!   OpenMined PSI and the in-process baselines in the same run; writes
+//!   JSON, CSV and SVG charts and rewrites the generated section of
+//!   BENCHMARKS.md.
+//! - `psi-bench point`: one point of the sweep (the sweep runs these).
+//! - `psi-bench report`: regenerates the charts and BENCHMARKS.md from a
+//!   sweep's JSON.
+//! - `psi-bench e2e`: one registry served in this process: init, first sync,
+//!   a sync-mode batch, bucket checks, then an update and a key rotation.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use psi_bench::report::{OpenMined, Sweep};
+use psi_bench::sweep::PointSpec;
 use psi_client::batch::{self, BatchOptions};
 use psi_client::check::check;
 use psi_client::{ConnectOptions, QueryMode, Session};
@@ -21,9 +30,80 @@ use serde::Serialize;
 #[derive(Debug, Parser)]
 #[command(
     name = "psi-bench",
-    about = "End-to-end benchmark of the private match service"
+    about = "Benchmarks of the private match service: sweeps, baselines, charts"
 )]
-struct Args {
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// The parameter sweep with baselines, charts and BENCHMARKS.md.
+    Sweep(SweepArgs),
+    /// One point of the sweep, printed as JSON (the sweep runs these).
+    Point {
+        /// The point, as JSON.
+        #[arg(long)]
+        spec: String,
+        /// Working directory (registries and data directories are reused).
+        #[arg(long, default_value = "target/psi-bench")]
+        dir: PathBuf,
+    },
+    /// Regenerate the charts and BENCHMARKS.md from a sweep's JSON.
+    Report {
+        /// The sweep's output directory (holding sweep.json).
+        #[arg(long, default_value = "benches/results")]
+        out: PathBuf,
+        /// The file whose generated section is rewritten.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        benchmarks_md: PathBuf,
+    },
+    /// One registry served in this process, with the update and rotation phases.
+    E2e(E2eArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SweepArgs {
+    /// The smoke-test profile: small registries, few queries (< 3 min).
+    #[arg(long)]
+    quick: bool,
+    /// Registry sizes [default: 1000,10000,100000,1000000; quick: 1000,10000].
+    #[arg(long, value_delimiter = ',')]
+    sizes: Vec<u64>,
+    /// Batch rows per point, at most N [default: 100000; quick: 1000].
+    #[arg(long)]
+    queries: Option<u64>,
+    /// Rows of the bucket-mode batch (it downloads a bucket per row) [default: 10000; quick: 200].
+    #[arg(long)]
+    bucket_queries: Option<u64>,
+    /// Thread counts (server and client alike) swept at the thread-sweep size.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Single checks timed per point [default: 300; quick: 50].
+    #[arg(long)]
+    checks: Option<usize>,
+    /// Largest registry OpenMined PSI is run at (its setup costs ~95 us per entry)
+    /// [default: 1000000; quick: 1000].
+    #[arg(long)]
+    openmined_max: Option<u64>,
+    /// Skip OpenMined PSI (it needs Python 3 and PyPI for its venv).
+    #[arg(long)]
+    no_openmined: bool,
+    /// Working directory for registries and data directories.
+    #[arg(long, default_value = "target/psi-bench")]
+    dir: PathBuf,
+    /// Where sweep.json, points.csv and the charts go [default:
+    /// benches/results; quick: target/psi-bench/quick].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Rewrite this file's generated section [default: BENCHMARKS.md; quick: none].
+    #[arg(long)]
+    benchmarks_md: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct E2eArgs {
     /// Registry size.
     #[arg(long, default_value_t = 1_000_000)]
     registry_size: u64,
@@ -76,9 +156,34 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let args = Args::parse();
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Point { spec, dir } => {
+            let spec: PointSpec = serde_json::from_str(&spec).context("parsing --spec")?;
+            // The client's threads: this process's rayon pool.
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(spec.client_threads.max(1))
+                .build_global()
+                .context("sizing the thread pool")?;
+            let result = tokio::runtime::Runtime::new()?
+                .block_on(psi_bench::sweep::run_point(&dir, &spec))?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Cmd::Sweep(args) => sweep(&args),
+        Cmd::Report { out, benchmarks_md } => {
+            let sweep: Sweep = serde_json::from_str(
+                &std::fs::read_to_string(out.join("sweep.json"))
+                    .with_context(|| format!("reading {}", out.join("sweep.json").display()))?,
+            )?;
+            publish(&sweep, &out, Some(&benchmarks_md))
+        }
+        Cmd::E2e(args) => tokio::runtime::Runtime::new()?.block_on(e2e(args)),
+    }
+}
+
+async fn e2e(args: E2eArgs) -> Result<()> {
     std::fs::create_dir_all(&args.dir)?;
     let registry_csv = args
         .dir
@@ -251,7 +356,7 @@ async fn until(session: &Session, pred: impl Fn(&Session) -> bool) -> Result<Ses
 /// client's incremental sync; then rotates the key and times that and the
 /// full re-sync it forces.
 async fn update_phase(
-    args: &Args,
+    args: &E2eArgs,
     registry_csv: &std::path::Path,
     data_dir: &std::path::Path,
     session: &Session,
@@ -324,4 +429,218 @@ async fn update_phase(
         rotation_seconds,
         resync_bytes: resync.bytes_fetched,
     })
+}
+
+/// Writes the outputs and, if asked, the generated section of BENCHMARKS.md.
+fn publish(
+    sweep: &Sweep,
+    out: &std::path::Path,
+    benchmarks_md: Option<&std::path::Path>,
+) -> Result<()> {
+    sweep.write(out)?;
+    print!("{}", sweep.ratio_lines());
+    println!("{}", sweep.communication_model());
+    if let Some(md) = benchmarks_md {
+        // Chart links relative to the Markdown file.
+        let base = md.parent().unwrap_or(std::path::Path::new(""));
+        let rel = out.strip_prefix(base).unwrap_or(out);
+        let charts: String = ["throughput", "latency", "bytes", "per-element"]
+            .iter()
+            .map(|c| format!("![{c}]({}/{c}.svg)\n", rel.display()))
+            .collect();
+        psi_bench::report::rewrite_benchmarks(md, &sweep.markdown(&charts))?;
+        println!("rewrote the generated section of {}", md.display());
+    }
+    println!("results in {}", out.display());
+    Ok(())
+}
+
+fn sweep(args: &SweepArgs) -> Result<()> {
+    let started = Instant::now();
+    let quick = args.quick;
+    let sizes = if args.sizes.is_empty() {
+        if quick {
+            vec![1_000, 10_000]
+        } else {
+            vec![1_000, 10_000, 100_000, 1_000_000]
+        }
+    } else {
+        args.sizes.clone()
+    };
+    let queries = args.queries.unwrap_or(if quick { 1_000 } else { 100_000 });
+    let bucket_queries = args
+        .bucket_queries
+        .unwrap_or(if quick { 200 } else { 10_000 });
+    let checks = args.checks.unwrap_or(if quick { 50 } else { 300 });
+    let openmined_max = args
+        .openmined_max
+        .unwrap_or(if quick { 1_000 } else { 1_000_000 });
+    let out = args.out.clone().unwrap_or_else(|| {
+        if quick {
+            args.dir.join("quick")
+        } else {
+            PathBuf::from("benches/results")
+        }
+    });
+    let benchmarks_md = args
+        .benchmarks_md
+        .clone()
+        .or_else(|| (!quick).then(|| PathBuf::from("BENCHMARKS.md")));
+    let max_threads = args.threads.iter().copied().max().unwrap_or(1);
+    let thread_size = sizes
+        .iter()
+        .copied()
+        .filter(|&n| n <= 100_000)
+        .max()
+        .unwrap_or(sizes[0]);
+
+    // Every (N, mode) at full threads; the thread sweep and the other
+    // blinding path at one size.
+    let mut specs = Vec::new();
+    for &n in &sizes {
+        for mode in ["sync", "bucket"] {
+            let q = if mode == "sync" {
+                queries
+            } else {
+                bucket_queries
+            };
+            specs.push(PointSpec {
+                registry_size: n,
+                queries: q.min(n).max(2),
+                mode: mode.into(),
+                server_threads: max_threads,
+                client_threads: max_threads,
+                blinding: "additive".into(),
+                checks,
+            });
+        }
+    }
+    for &t in args.threads.iter().filter(|&&t| t != max_threads) {
+        specs.push(PointSpec {
+            registry_size: thread_size,
+            queries: queries.min(thread_size).max(2),
+            mode: "sync".into(),
+            server_threads: t,
+            client_threads: t,
+            blinding: "additive".into(),
+            checks,
+        });
+    }
+    specs.push(PointSpec {
+        registry_size: thread_size,
+        queries: queries.min(thread_size).max(2),
+        mode: "sync".into(),
+        server_threads: max_threads,
+        client_threads: max_threads,
+        blinding: "multiplicative".into(),
+        checks,
+    });
+
+    let om_sizes: Vec<u64> = sizes
+        .iter()
+        .copied()
+        .filter(|&n| n <= openmined_max)
+        .collect();
+    let bar = indicatif::ProgressBar::new((specs.len() + om_sizes.len() + 1) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} {msg} ({elapsed}, ETA {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let exe = std::env::current_exe()?;
+    let mut points = Vec::new();
+    for spec in &specs {
+        bar.set_message(format!(
+            "N={} {} threads {} {}",
+            spec.registry_size, spec.mode, spec.server_threads, spec.blinding
+        ));
+        let output = std::process::Command::new(&exe)
+            .args(["point", "--spec", &serde_json::to_string(spec)?, "--dir"])
+            .arg(&args.dir)
+            .output()?;
+        if !output.status.success() {
+            anyhow::bail!(
+                "point {spec:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        // The result is the last line (generating a registry prints a line first).
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let last = stdout.lines().last().unwrap_or("");
+        points.push(serde_json::from_str(last).context("reading a point's result")?);
+        bar.inc(1);
+    }
+
+    bar.set_message("one-core costs, ours and the in-process baselines");
+    let core = psi_bench::costs::measure(1000, if quick { 3 } else { 9 });
+    bar.inc(1);
+
+    let mut openmined = Vec::new();
+    let mut openmined_skipped = args.no_openmined.then(|| "--no-openmined".to_string());
+    let script = PathBuf::from("benches/baselines/run-openmined.sh");
+    if openmined_skipped.is_none() && !script.exists() {
+        openmined_skipped = Some(format!(
+            "{} not found (run from the repository root)",
+            script.display()
+        ));
+    }
+    for &n in &om_sizes {
+        if openmined_skipped.is_some() {
+            break;
+        }
+        bar.set_message(format!("OpenMined PSI at N={n}"));
+        let q = queries.min(n).min(10_000).max(2).to_string();
+        let output = std::process::Command::new("bash")
+            .arg(&script)
+            .args([
+                "--registry",
+                &n.to_string(),
+                "--queries",
+                &q,
+                "--repeats",
+                if quick { "1" } else { "3" },
+            ])
+            .output();
+        match output {
+            Ok(o) if o.status.success() => {
+                openmined.push(serde_json::from_slice::<OpenMined>(&o.stdout)?)
+            }
+            Ok(o) => {
+                openmined_skipped = Some(format!(
+                    "the OpenMined script failed: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                ));
+            }
+            Err(e) => openmined_skipped = Some(format!("cannot run bash: {e}")),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if let Some(why) = &openmined_skipped {
+        eprintln!("OpenMined PSI not measured: {why}");
+    }
+
+    let command = std::env::args()
+        .enumerate()
+        .map(|(i, a)| if i == 0 { "psi-bench".to_string() } else { a })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let sweep = Sweep {
+        command: format!(
+            "cargo run --release -p psi-bench --bin psi-bench -- {}",
+            command.trim_start_matches("psi-bench ")
+        ),
+        date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        machine: psi_bench::report::machine(),
+        points,
+        core,
+        openmined,
+        openmined_skipped,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    publish(&sweep, &out, benchmarks_md.as_deref())
 }
