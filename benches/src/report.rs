@@ -563,3 +563,122 @@ fn bar_chart(path: &Path, title: &str, bars: &[(&str, f64)]) -> Result<()> {
 fn draw<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing a chart: {e:?}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(mode: &str, check_bytes: f64, per_query: f64, sync_bytes: u64) -> PointResult {
+        PointResult {
+            registry_size: 1000,
+            mode: mode.into(),
+            server_threads: 2,
+            client_threads: 2,
+            blinding: "additive".into(),
+            check_wire_bytes: check_bytes,
+            wire_bytes_per_query: per_query,
+            sync_bytes,
+            ..PointResult::default()
+        }
+    }
+
+    #[test]
+    fn the_communication_model_adds_round_trips_and_transfer_time() {
+        let sweep = Sweep {
+            points: vec![
+                point("sync", 0.0, 100.0, 1_250_000),
+                point("bucket", 12_500.0, 1000.0, 0),
+            ],
+            ..Sweep::default()
+        };
+        let model = sweep.communication_model();
+        // 10 Mbit/s: 50 ms + 12,500 B x 8 / 10^7 = 60 ms; sync 1.25 MB: 0.05 + 1 s;
+        // 10^6 rows of 100 B: 0.05 + 80 s; of 1000 B: 0.05 + 800 s.
+        assert!(
+            model.contains("| 10 Mbit/s | 60.0 ms | 50.1 ms | 1.05 s | 80.0 s | 800.0 s |"),
+            "{model}"
+        );
+        assert!(
+            model.contains("| 1 Gbit/s | 50.1 ms | 50.0 ms | 0.06 s | 0.9 s | 8.1 s |"),
+            "{model}"
+        );
+    }
+
+    #[test]
+    fn ratios_say_whether_targets_are_met() {
+        let sweep = Sweep {
+            core: CoreCosts {
+                floor_us: 30.0,
+                server_with_proof_us: 45.0,
+                client_additive_verified_us: 50.0,
+                setup_record_to_tag_us: 40.0,
+                ..CoreCosts::default()
+            },
+            openmined: vec![OpenMined {
+                registry: 10,
+                server_response_us: 100.0,
+                client_total_us: 100.0,
+                server_setup_us: 100.0,
+                ..OpenMined::default()
+            }],
+            ..Sweep::default()
+        };
+        let lines = sweep.ratio_lines();
+        assert!(
+            lines.contains("= 1.500x (target <= 1.3: MISSED)"),
+            "{lines}"
+        );
+        assert!(lines.contains("= 0.450x (target <= 0.5: met)"), "{lines}");
+        assert!(lines.contains("= 0.500x (target <= 0.7: met)"), "{lines}");
+    }
+
+    #[test]
+    fn the_generated_section_is_replaced_and_the_rest_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = dir.path().join("BENCHMARKS.md");
+        std::fs::write(&md, "# Benchmarks\n\nintro\n\n## Older section\n\nkept\n").unwrap();
+        rewrite_benchmarks(&md, "first run").unwrap();
+        let once = std::fs::read_to_string(&md).unwrap();
+        assert!(
+            once.starts_with("# Benchmarks\n\nintro\n\n<!-- psi-bench"),
+            "{once}"
+        );
+        assert!(once.contains("first run") && once.ends_with("## Older section\n\nkept\n"));
+        rewrite_benchmarks(&md, "second run").unwrap();
+        let twice = std::fs::read_to_string(&md).unwrap();
+        assert!(!twice.contains("first run") && twice.contains("second run"));
+        assert_eq!(twice.matches(BEGIN).count(), 1);
+        assert!(twice.ends_with("## Older section\n\nkept\n"));
+    }
+
+    #[test]
+    fn charts_are_written_as_svg() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = point("sync", 9000.0, 64.0, 4000);
+        let mut b = point("bucket", 9000.0, 900.0, 0);
+        for p in [&mut a, &mut b] {
+            p.rows_per_second = 1000.0;
+            p.check_p50_ms = 1.0;
+            p.check_p95_ms = 1.2;
+            p.check_p99_ms = 1.5;
+        }
+        let mut bigger = a.clone();
+        bigger.registry_size = 10_000;
+        let sweep = Sweep {
+            points: vec![a, b, bigger],
+            core: CoreCosts {
+                floor_us: 30.0,
+                server_with_proof_us: 40.0,
+                ..CoreCosts::default()
+            },
+            ..Sweep::default()
+        };
+        sweep.write(dir.path()).unwrap();
+        for chart in ["throughput", "latency", "bytes", "per-element"] {
+            let svg = std::fs::read_to_string(dir.path().join(format!("{chart}.svg"))).unwrap();
+            assert!(svg.starts_with("<svg") && svg.contains("<text"), "{chart}");
+        }
+        let csv = std::fs::read_to_string(dir.path().join("points.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 4);
+    }
+}

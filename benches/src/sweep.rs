@@ -207,7 +207,13 @@ pub fn prepare_registry(dir: &Path, n: u64) -> Result<(PathBuf, PathBuf, f64)> {
     if !csv.exists() {
         psi_server::cli::generate(n, 1, &csv)?;
     }
-    let data = dir.join(format!("data-{n}"));
+    // Per build profile: a cached init time must come from the same build.
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let data = dir.join(format!("data-{n}-{profile}"));
     let timing = data.join("init-seconds.txt");
     if let Ok(t) = std::fs::read_to_string(&timing) {
         if data.join(psi_server::registry::SNAPSHOT_FILE).exists() {
@@ -393,4 +399,48 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
     r.client_peak_rss_bytes = status_bytes("self", "VmHWM:");
     drop(server);
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_relay_counts_bytes_both_ways() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // An upstream that answers every 10 bytes with 25.
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = upstream.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            let mut buf = [0u8; 10];
+            while s.read_exact(&mut buf).await.is_ok() {
+                s.write_all(&[7u8; 25]).await.unwrap();
+            }
+        });
+        let (relay, relay_addr) = Relay::start(addr).await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(relay_addr).await.unwrap();
+        let mut back = [0u8; 25];
+        for _ in 0..4 {
+            c.write_all(&[1u8; 10]).await.unwrap();
+            c.read_exact(&mut back).await.unwrap();
+        }
+        assert_eq!(relay.up.load(Relaxed), 40);
+        assert_eq!(relay.down.load(Relaxed), 100);
+        assert_eq!(relay.total(), 140);
+    }
+
+    #[test]
+    fn cpu_and_memory_of_this_process_are_read_from_proc() {
+        let before = cpu_seconds("self").unwrap();
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(200) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        assert!(cpu_seconds("self").unwrap() - before >= 0.1);
+        let rss = status_bytes("self", "VmRSS:");
+        assert!(status_bytes("self", "VmHWM:") >= rss);
+        assert!(status_bytes("self", "VmRSS:") > 1 << 20);
+    }
 }

@@ -68,7 +68,7 @@ struct SweepArgs {
     /// The smoke-test profile: small registries, few queries (< 3 min).
     #[arg(long)]
     quick: bool,
-    /// Registry sizes [default: 1000,10000,100000,1000000; quick: 1000,10000].
+    /// Registry sizes [default: 1000,10000,100000,1000000,10000000; quick: 1000,10000].
     #[arg(long, value_delimiter = ',')]
     sizes: Vec<u64>,
     /// Batch rows per point, at most N [default: 100000; quick: 1000].
@@ -87,6 +87,10 @@ struct SweepArgs {
     /// [default: 1000000; quick: 1000].
     #[arg(long)]
     openmined_max: Option<u64>,
+    /// Elements per batch of the one-core cost measurements [default: the
+    /// server's default max_batch, the chunk size clients send].
+    #[arg(long)]
+    core_batch: Option<usize>,
     /// Skip OpenMined PSI (it needs Python 3 and PyPI for its venv).
     #[arg(long)]
     no_openmined: bool,
@@ -462,7 +466,7 @@ fn sweep(args: &SweepArgs) -> Result<()> {
         if quick {
             vec![1_000, 10_000]
         } else {
-            vec![1_000, 10_000, 100_000, 1_000_000]
+            vec![1_000, 10_000, 100_000, 1_000_000, 10_000_000]
         }
     } else {
         args.sizes.clone()
@@ -573,7 +577,10 @@ fn sweep(args: &SweepArgs) -> Result<()> {
     }
 
     bar.set_message("one-core costs, ours and the in-process baselines");
-    let core = psi_bench::costs::measure(1000, if quick { 3 } else { 9 });
+    let core_batch = args
+        .core_batch
+        .unwrap_or(psi_server::service::Limits::default().max_batch);
+    let core = psi_bench::costs::measure(core_batch, if quick { 3 } else { 9 });
     bar.inc(1);
 
     let mut openmined = Vec::new();
@@ -590,7 +597,7 @@ fn sweep(args: &SweepArgs) -> Result<()> {
             break;
         }
         bar.set_message(format!("OpenMined PSI at N={n}"));
-        let q = queries.min(n).min(10_000).max(2).to_string();
+        let q = queries.min(n).clamp(2, 10_000).to_string();
         let output = std::process::Command::new("bash")
             .arg(&script)
             .args([
