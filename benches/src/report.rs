@@ -304,7 +304,7 @@ impl Sweep {
         let rtt = 0.050;
         let mut s = format!(
             "Registry of {largest} entries; time = round trips x 50 ms + bytes x 8 / bandwidth (bytes measured on the wire, HTTP/2 framing included; CPU time not included).\n\n\
-             | link | bucket check ({:.0} B) | sync-mode check after the download ({:.0} B) | first sync ({:.2} MB) | 10^6 rows, sync mode | 10^6 rows, bucket mode |\n|---|---|---|---|---|---|\n",
+             | link | single bucket-mode check ({:.0} B) | one row of a sync-mode batch, after the download ({:.0} B) | first sync ({:.2} MB) | 10^6 rows, sync mode | 10^6 rows, bucket mode |\n|---|---|---|---|---|---|\n",
             bucket.check_wire_bytes,
             sync.wire_bytes_per_query,
             sync.sync_bytes as f64 / 1e6,
@@ -366,7 +366,7 @@ impl Sweep {
         let c = &self.core;
         let _ = writeln!(
             s,
-            "\nCPU per row counts everything the process did during the batch (both cores; the client's includes reading and writing the CSV). Memory per entry is the server's resident size after loading divided by N, so small registries show the fixed overhead.\n\n### Per element, one core, batches of {} (ours and the baselines in the same run)\n\n| step | us/element |\n|---|---|",
+            "\nCPU per row counts everything the process did during the batch (both cores; the client's includes reading and writing the CSV), read from /proc in 10 ms ticks: coarse for batches under ~10^4 rows. Memory per entry is the server's resident size after loading divided by N, so small registries show the fixed overhead. Wire bytes include gRPC and HTTP/2 framing; a bucket-mode row downloads its bucket's tags (8 bytes each, ~1024-2047 per bucket) shared by the rows of the same request that fall in it.\n\n### Per element, one core, batches of {} (ours and the baselines in the same run)\n\n| step | us/element |\n|---|---|",
             c.batch
         );
         for (what, us) in [

@@ -68,12 +68,7 @@ impl Snapshot {
     /// # Errors
     /// Missing or corrupt files.
     pub fn load(data_dir: &Path) -> Result<Self> {
-        let index = read_index(data_dir)?.with_context(|| {
-            format!(
-                "{} has no registry (run `psi-server init` first)",
-                data_dir.display()
-            )
-        })?;
+        let index = current_index(data_dir)?;
         let key = keystore::load(data_dir, index.epoch())?;
         let tags: Vec<Tag> = index.tags().collect();
         let tagset = TagSet::build(&tags, key.epoch, index.registry_version())?;
@@ -95,6 +90,16 @@ pub fn snapshot_stamp(data_dir: &Path) -> Option<(u64, u64, SystemTime)> {
     use std::os::unix::fs::MetadataExt;
     let m = fs::metadata(data_dir.join(SNAPSHOT_FILE)).ok()?;
     Some((m.ino(), m.len(), m.modified().ok()?))
+}
+
+/// The current registry version's index; an error if there is none yet.
+fn current_index(data_dir: &Path) -> Result<BucketIndex> {
+    read_index(data_dir)?.with_context(|| {
+        format!(
+            "{} has no registry: run `psi-server init` first",
+            data_dir.display()
+        )
+    })
 }
 
 fn read_index(data_dir: &Path) -> Result<Option<BucketIndex>> {
@@ -432,12 +437,7 @@ pub fn update(
         bail!("nothing to do: give --add, --remove or both");
     }
     let _lock = lock(data_dir)?;
-    let index = read_index(data_dir)?.with_context(|| {
-        format!(
-            "{} has no registry: run `psi-server init` first",
-            data_dir.display()
-        )
-    })?;
+    let index = current_index(data_dir)?;
     let EpochKey { epoch, key } = keystore::load(data_dir, index.epoch())?;
     let server = Server::new(Mode::Voprf, key);
     let records = Records::read(data_dir)?;
@@ -519,12 +519,7 @@ pub fn update(
 pub fn rotate_key(data_dir: &Path, grace: Duration, show_progress: bool) -> Result<RotateReport> {
     let started = Instant::now();
     let _lock = lock(data_dir)?;
-    let index = read_index(data_dir)?.with_context(|| {
-        format!(
-            "{} has no registry: run `psi-server init` first",
-            data_dir.display()
-        )
-    })?;
+    let index = current_index(data_dir)?;
     let old = keystore::load(data_dir, index.epoch())?;
     let mut records = Records::read(data_dir)?;
     if records.version != index.registry_version() {
