@@ -536,13 +536,16 @@ fn bar_chart(path: &Path, title: &str, bars: &[(&str, f64)]) -> Result<()> {
         .margin(16)
         .x_label_area_size(36)
         .y_label_area_size(260)
-        .build_cartesian_2d(0.0..max * 1.15, 0..bars.len())
+        .build_cartesian_2d(0.0..max * 1.15, (0..bars.len()).into_segmented())
         .map_err(draw)?;
     chart
         .configure_mesh()
         .disable_y_mesh()
-        .y_labels(bars.len())
-        .y_label_formatter(&|i| bars.get(*i).map_or(String::new(), |b| b.0.to_string()))
+        .y_labels(bars.len() + 1)
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => bars.get(*i).map_or(String::new(), |b| b.0.to_string()),
+            _ => String::new(),
+        })
         .x_desc("microseconds per element")
         .draw()
         .map_err(draw)?;
@@ -553,7 +556,15 @@ fn bar_chart(path: &Path, title: &str, bars: &[(&str, f64)]) -> Result<()> {
             } else {
                 BLACK.mix(0.35)
             };
-            Rectangle::new([(0.0, i), (*v, i + 1)], color.filled())
+            let mut bar = Rectangle::new(
+                [
+                    (0.0, SegmentValue::Exact(i)),
+                    (*v, SegmentValue::Exact(i + 1)),
+                ],
+                color.filled(),
+            );
+            bar.set_margin(4, 4, 0, 0);
+            bar
         }))
         .map_err(draw)?;
     root.present().map_err(draw)?;
