@@ -522,7 +522,9 @@ impl Session {
                 delta_applied = true;
                 patched.shards().iter().cloned().map(Some).collect()
             }
-            (Some(_), _) => bail!("the server sent a delta the client did not ask for"),
+            // The set's parameters changed with the registry's size (or the
+            // cache is gone): the delta cannot be applied; fetch the shards.
+            (Some(_), _) => vec![None; digests.len()],
             (None, _)
                 if held.len() == digests.len()
                     && intact.as_ref().is_none_or(|s| same_params(s.header())) =>
@@ -545,8 +547,9 @@ impl Session {
             fetched += place(&mut shards, &header, data)?;
         }
         let missing = shards.iter().filter(|s| s.is_none()).count();
-        if missing > 0 && delta_applied {
-            // The delta did not reproduce some shards: fetch those.
+        if missing > 0 && first.delta.is_some() {
+            // The delta did not reproduce some shards, or could not be
+            // applied: fetch those.
             tracing::warn!(
                 "{missing} shards differ from the manifest after the delta; fetching them"
             );

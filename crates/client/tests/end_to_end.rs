@@ -1288,3 +1288,30 @@ async fn a_cache_older_than_the_maximum_age_is_refused() {
     batch::run(&session, &opts(true)).await.unwrap();
     f.running.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_outgrows_its_tag_parameters_is_synced_in_full() {
+    // 3,006 entries keep 44-bit values; past 4,096 they become 45-bit, so
+    // the delta cannot be applied to the cached set: the shards are fetched.
+    let f = fixture(3000).await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let before = session.sync().await.unwrap();
+    let add = f.root.join("add.csv");
+    let people: Vec<_> = Generator::new(31, today()).unwrap().take(1200).collect();
+    let pairs: Vec<(&str, &str)> = people
+        .iter()
+        .map(|p| (p.name.as_str(), p.id.as_str()))
+        .collect();
+    write_pairs(&add, &pairs);
+    let r = registry::update(Some(&Source::csv(&add)), None, &f.data_dir, false).unwrap();
+    assert!(r.records > 4096, "{}", r.records);
+    let session = reconnect_at(&session, 2).await;
+    let after = session.sync().await.unwrap();
+    assert_ne!(after.set.header().params, before.set.header().params);
+    assert_eq!(after.shards_fetched, after.shards_total);
+    assert_eq!(
+        answers(&session, &pairs[..3], QueryMode::Sync).await,
+        [CheckOutcome::Match, CheckOutcome::Match, CheckOutcome::Match]
+    );
+    f.running.shutdown().await.unwrap();
+}

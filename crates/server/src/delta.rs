@@ -62,14 +62,14 @@ impl Delta {
         }
     }
 
-    /// The net change from `from` to the last delta's version, if the deltas
-    /// chain without a gap from `from`.
+    /// The net change from version `from` to version `to`, if the deltas
+    /// lead from one to the other without a gap.
     #[must_use]
-    pub fn compose(deltas: &[Delta], from: u64) -> Option<(Vec<u64>, Vec<u64>)> {
+    pub fn compose(deltas: &[Delta], from: u64, to: u64) -> Option<(Vec<u64>, Vec<u64>)> {
         let mut added: HashSet<u64> = HashSet::new();
         let mut removed: HashSet<u64> = HashSet::new();
         let mut at = from;
-        for d in deltas.iter().filter(|d| d.from >= from) {
+        for d in deltas.iter().filter(|d| d.from >= from && d.to <= to) {
             if d.from != at {
                 return None;
             }
@@ -85,7 +85,8 @@ impl Delta {
             }
             at = d.to;
         }
-        (at != from).then(|| (added.into_iter().collect(), removed.into_iter().collect()))
+        (at == to && to != from)
+            .then(|| (added.into_iter().collect(), removed.into_iter().collect()))
     }
 
     fn path(data_dir: &Path, epoch: u64, from: u64, to: u64) -> PathBuf {
@@ -242,13 +243,21 @@ mod tests {
         let loaded = Delta::load(dir.path(), 3, 3).unwrap();
         assert_eq!(loaded, vec![d1.clone(), d2.clone()]);
         assert_eq!(Delta::load(dir.path(), 3, 2).unwrap(), vec![d1.clone()]);
-        let (mut add, mut rem) = Delta::compose(&loaded, 1).unwrap();
+        let (mut add, mut rem) = Delta::compose(&loaded, 1, 3).unwrap();
         add.sort_unstable();
         rem.sort_unstable();
         // 1 removed then re-added: no change; 2 and 4 gone in the end.
         assert_eq!((add, rem), (vec![5], vec![2]));
-        assert!(Delta::compose(&loaded, 3).is_none(), "nothing to send");
-        assert!(Delta::compose(&loaded[1..], 1).is_none(), "a gap");
+        assert_eq!(Delta::compose(&loaded, 2, 3).unwrap().0, vec![1, 5]);
+        assert!(Delta::compose(&loaded, 3, 3).is_none(), "nothing to send");
+        assert!(
+            Delta::compose(&loaded[1..], 1, 3).is_none(),
+            "a gap at the start"
+        );
+        assert!(
+            Delta::compose(&loaded[..1], 1, 3).is_none(),
+            "short of the target"
+        );
         // A new epoch's delta removes the old epoch's.
         Delta::between(4, 3, 4, &[], &t(&[9]))
             .store(dir.path())

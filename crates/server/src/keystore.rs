@@ -112,16 +112,22 @@ pub fn store(data_dir: &Path, key: &EpochKey) -> Result<()> {
 }
 
 /// Retires the key of `epoch`: it is destroyed by the first [`sweep`] after
-/// `grace` has passed.
+/// `grace` has passed. A key already retired (a running server's sweep may
+/// get there first, with the default grace) gets this grace instead; a key
+/// already destroyed is left so.
 ///
 /// # Errors
 /// I/O errors.
 pub fn retire(data_dir: &Path, epoch: u64, grace: Duration) -> Result<()> {
-    let from = key_path(data_dir, epoch);
     let until = unix_secs(SystemTime::now() + grace);
     let to = data_dir.join(format!("oprf-epoch-{epoch}.retired-until-{until}.key"));
-    fs::rename(&from, &to).with_context(|| format!("retiring {}", from.display()))?;
-    crate::atomic_file::sync_parent_dir(&to)
+    for (e, _, from) in key_files(data_dir)? {
+        if e == epoch && from != to {
+            fs::rename(&from, &to).with_context(|| format!("retiring {}", from.display()))?;
+            crate::atomic_file::sync_parent_dir(&to)?;
+        }
+    }
+    Ok(())
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
@@ -315,6 +321,12 @@ mod tests {
         assert_eq!(sweep(dir.path(), 3, much_later).unwrap(), vec![2]);
         assert_eq!(key_files(dir.path()).unwrap().len(), 1);
         assert!(load(dir.path(), 3).is_ok());
+        // Retiring again (a sweep got there first) sets the new grace.
+        retire(dir.path(), 3, DEFAULT_GRACE).unwrap();
+        retire(dir.path(), 3, Duration::ZERO).unwrap();
+        assert_eq!(key_files(dir.path()).unwrap().len(), 1);
+        assert_eq!(sweep(dir.path(), 4, SystemTime::now()).unwrap(), vec![3]);
+        retire(dir.path(), 3, Duration::ZERO).unwrap();
     }
 
     #[test]

@@ -450,7 +450,7 @@ impl MatchService {
         if held == 0 || held >= current {
             return None;
         }
-        let (added, removed) = crate::delta::Delta::compose(&snap.deltas, held)?;
+        let (added, removed) = crate::delta::Delta::compose(&snap.deltas, held, current)?;
         let bytes = 8 * (added.len() + removed.len());
         let whole: usize = snap.tagset.shards().iter().map(|s| s.data().len()).sum();
         if bytes > whole / 2 || bytes > self.state.limits.max_message_bytes / 2 {
