@@ -1311,7 +1311,11 @@ async fn a_registry_that_outgrows_its_tag_parameters_is_synced_in_full() {
     assert_eq!(after.shards_fetched, after.shards_total);
     assert_eq!(
         answers(&session, &pairs[..3], QueryMode::Sync).await,
-        [CheckOutcome::Match, CheckOutcome::Match, CheckOutcome::Match]
+        [
+            CheckOutcome::Match,
+            CheckOutcome::Match,
+            CheckOutcome::Match
+        ]
     );
     f.running.shutdown().await.unwrap();
 }
