@@ -141,7 +141,7 @@ async fn run(
     let loader_state = Arc::clone(&state);
     let loader_reporter = reporter.clone();
     let reload_interval = cfg.reload_interval;
-    tokio::spawn(async move {
+    let loader = tokio::spawn(async move {
         let stamp = crate::registry::snapshot_stamp(&data_dir);
         match load(&data_dir).await {
             Ok(snapshot) => {
@@ -187,7 +187,7 @@ async fn run(
             )
             .context("configuring TLS")?;
     }
-    builder
+    let served = builder
         .timeout(cfg.request_timeout)
         // Stalled peers: ping idle connections, drop those that do not answer.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
@@ -203,7 +203,10 @@ async fn run(
             signal,
         )
         .await
-        .context("serving")?;
+        .context("serving");
+    // The loader turned watcher stops with the server.
+    loader.abort();
+    served?;
     if let Ok(e) = failure_rx.try_recv() {
         return Err(e.context("loading the registry snapshot"));
     }
