@@ -62,8 +62,8 @@ impl Delta {
         }
     }
 
-    /// The net change from version `from` to version `to`, if the deltas
-    /// lead from one to the other without a gap.
+    /// The net change from version `from` to version `to` (added, removed;
+    /// each sorted), if the deltas lead from one to the other without a gap.
     #[must_use]
     pub fn compose(deltas: &[Delta], from: u64, to: u64) -> Option<(Vec<u64>, Vec<u64>)> {
         let mut added: HashSet<u64> = HashSet::new();
@@ -85,8 +85,12 @@ impl Delta {
             }
             at = d.to;
         }
-        (at == to && to != from)
-            .then(|| (added.into_iter().collect(), removed.into_iter().collect()))
+        let sorted = |set: HashSet<u64>| {
+            let mut v: Vec<u64> = set.into_iter().collect();
+            v.sort_unstable();
+            v
+        };
+        (at == to && to != from).then(|| (sorted(added), sorted(removed)))
     }
 
     fn path(data_dir: &Path, epoch: u64, from: u64, to: u64) -> PathBuf {
@@ -243,9 +247,7 @@ mod tests {
         let loaded = Delta::load(dir.path(), 3, 3).unwrap();
         assert_eq!(loaded, vec![d1.clone(), d2.clone()]);
         assert_eq!(Delta::load(dir.path(), 3, 2).unwrap(), vec![d1.clone()]);
-        let (mut add, mut rem) = Delta::compose(&loaded, 1, 3).unwrap();
-        add.sort_unstable();
-        rem.sort_unstable();
+        let (add, rem) = Delta::compose(&loaded, 1, 3).unwrap();
         // 1 removed then re-added: no change; 2 and 4 gone in the end.
         assert_eq!((add, rem), (vec![5], vec![2]));
         assert_eq!(Delta::compose(&loaded, 2, 3).unwrap().0, vec![1, 5]);
