@@ -94,9 +94,7 @@ pub fn check(
                 }
             })
             .collect();
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-        fs::write(&tmp, rewritten).with_context(|| format!("writing {}", tmp.display()))?;
-        fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+        crate::session::write_atomically(&path, rewritten.as_bytes())?;
         return Ok(Pinned::Rotated { from_epoch });
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -725,7 +725,8 @@ fn place(shards: &mut [Option<Shard>], header: &TagSetHeader, data: ShardData) -
     Ok(1)
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Replaces `path` with `bytes` through a synced temporary file and a rename.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::File::open(&tmp).and_then(|f| f.sync_all())?;

@@ -374,9 +374,13 @@ impl Match for MatchService {
     ) -> Result<Response<Self::SyncTagSetStream>, Status> {
         let caller = self.caller(&request);
         let req = request.into_inner();
-        self.accounted(caller, "SyncTagSet", "sync", 0, async {
-            self.sync_tag_set_inner(req)
-        })
+        self.accounted(
+            caller,
+            "SyncTagSet",
+            "sync",
+            0,
+            self.sync_tag_set_inner(req),
+        )
         .await
         .map(Response::new)
     }
@@ -443,37 +447,7 @@ impl MatchService {
         })
     }
 
-    /// The net change since `held` as tag-set values, if the deltas reach
-    /// back that far and it is smaller than half the whole set.
-    fn delta_since(&self, snap: &Snapshot, held: u64) -> Option<TagSetDelta> {
-        let current = snap.tagset.header().registry_version;
-        if held == 0 || held >= current {
-            return None;
-        }
-        let (added, removed) = crate::delta::Delta::compose(&snap.deltas, held, current)?;
-        let bytes = 8 * (added.len() + removed.len());
-        let whole: usize = snap.tagset.shards().iter().map(|s| s.data().len()).sum();
-        if bytes > whole / 2 || bytes > self.state.limits.max_message_bytes / 2 {
-            return None;
-        }
-        let params = snap.tagset.header().params;
-        let values = |tags: Vec<u64>| {
-            let mut v: Vec<u64> = tags
-                .into_iter()
-                .map(|t| params.value(psi_core::Tag(t)))
-                .collect();
-            v.sort_unstable();
-            pack_tags(&v)
-        };
-        Some(TagSetDelta {
-            from_version: held,
-            to_version: current,
-            added: values(added),
-            removed: values(removed),
-        })
-    }
-
-    fn sync_tag_set_inner(
+    async fn sync_tag_set_inner(
         &self,
         req: SyncTagSetRequest,
     ) -> Result<<Self as Match>::SyncTagSetStream, ServiceError> {
@@ -489,7 +463,11 @@ impl MatchService {
                 &snap.tagset,
             ))),
         };
-        if let Some(delta) = self.delta_since(&snap, req.held_version) {
+        // Composing the deltas is O(changes): off the async threads.
+        let max_bytes = self.state.limits.max_message_bytes / 2;
+        let work = Arc::clone(&snap);
+        let delta = on_cpu(move || delta_since(&work, req.held_version, max_bytes)).await?;
+        if let Some(delta) = delta {
             let delta = SyncTagSetResponse {
                 item: Some(sync_tag_set_response::Item::Delta(delta)),
             };
@@ -513,4 +491,34 @@ impl MatchService {
         let stream = tokio_stream::iter(std::iter::once(Ok(manifest)).chain(shards));
         Ok(Box::pin(stream))
     }
+}
+
+/// The net change since `held` as tag-set values, if the deltas reach back
+/// that far and it is smaller than half the whole set and `max_bytes`.
+fn delta_since(snap: &Snapshot, held: u64, max_bytes: usize) -> Option<TagSetDelta> {
+    let current = snap.tagset.header().registry_version;
+    if held == 0 || held >= current {
+        return None;
+    }
+    let (added, removed) = crate::delta::Delta::compose(&snap.deltas, held, current)?;
+    let bytes = 8 * (added.len() + removed.len());
+    let whole: usize = snap.tagset.shards().iter().map(|s| s.data().len()).sum();
+    if bytes > whole / 2 || bytes > max_bytes {
+        return None;
+    }
+    let params = snap.tagset.header().params;
+    let values = |tags: Vec<u64>| {
+        let mut v: Vec<u64> = tags
+            .into_iter()
+            .map(|t| params.value(psi_core::Tag(t)))
+            .collect();
+        v.sort_unstable();
+        pack_tags(&v)
+    };
+    Some(TagSetDelta {
+        from_version: held,
+        to_version: current,
+        added: values(added),
+        removed: values(removed),
+    })
 }
