@@ -248,7 +248,32 @@ impl Drop for ServerProcess {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+/// Writes a batch input of `queries` rows: the registry's first half of them
+/// (registered people), then as many synthetic outsiders.
+///
+/// # Errors
+/// I/O or CSV errors.
+pub fn write_queries(registry_csv: &Path, queries: u64, path: &Path) -> Result<()> {
+    let mut w = csv::Writer::from_path(path)?;
+    w.write_record(["name", "id"])?;
+    let half = queries / 2;
+    for rec in csv::Reader::from_path(registry_csv)?
+        .records()
+        .take(usize::try_from(half)?)
+    {
+        let rec = rec?;
+        w.write_record([rec.get(0).unwrap_or(""), rec.get(1).unwrap_or("")])?;
+    }
+    for p in Generator::new(999, today())?.take(usize::try_from(queries - half)?) {
+        w.write_record([p.name.as_str(), p.id.as_str()])?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// The `p` quantile of sorted latencies, in milliseconds.
+#[must_use]
+pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
@@ -336,24 +361,8 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
         r.sync_bytes = relay.total() - before;
     }
 
-    // The batch: half registered people, half not.
     let input = cache.path().join("queries.csv");
-    {
-        let mut w = csv::Writer::from_path(&input)?;
-        w.write_record(["name", "id"])?;
-        let half = spec.queries / 2;
-        for rec in csv::Reader::from_path(&csv)?
-            .records()
-            .take(usize::try_from(half)?)
-        {
-            let rec = rec?;
-            w.write_record([rec.get(0).unwrap_or(""), rec.get(1).unwrap_or("")])?;
-        }
-        for p in Generator::new(999, today())?.take(usize::try_from(spec.queries - half)?) {
-            w.write_record([p.name.as_str(), p.id.as_str()])?;
-        }
-        w.flush()?;
-    }
+    write_queries(&csv, spec.queries, &input)?;
     let (server_cpu, client_cpu, bytes) = (cpu_seconds(&pid)?, cpu_seconds("self")?, relay.total());
     let summary = batch::run(
         &session,

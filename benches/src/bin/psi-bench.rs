@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use psi_bench::report::{OpenMined, Sweep};
-use psi_bench::sweep::PointSpec;
+use psi_bench::sweep::{percentile, PointSpec};
 use psi_client::batch::{self, BatchOptions};
 use psi_client::check::check;
 use psi_client::{ConnectOptions, QueryMode, Session};
@@ -155,11 +155,6 @@ struct Results {
     rotation_resync_bytes: u64,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -240,20 +235,7 @@ async fn e2e(args: E2eArgs) -> Result<()> {
     // Half registered people (the registry's first rows), half outsiders.
     let input = args.dir.join("queries.csv");
     let output = args.dir.join("answers.csv");
-    {
-        let mut w = csv::Writer::from_path(&input)?;
-        w.write_record(["name", "id"])?;
-        let half = args.queries / 2;
-        let mut reg = csv::Reader::from_path(&registry_csv)?;
-        for rec in reg.records().take(usize::try_from(half)?) {
-            let rec = rec?;
-            w.write_record([rec.get(0).unwrap_or(""), rec.get(1).unwrap_or("")])?;
-        }
-        for p in Generator::new(999, today())?.take(usize::try_from(args.queries - half)?) {
-            w.write_record([p.name.as_str(), p.id.as_str()])?;
-        }
-        w.flush()?;
-    }
+    psi_bench::sweep::write_queries(&registry_csv, args.queries, &input)?;
     eprintln!("batch of {} rows, sync mode", args.queries);
     let summary = batch::run(
         &session,
