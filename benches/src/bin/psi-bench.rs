@@ -211,6 +211,7 @@ async fn e2e(args: E2eArgs) -> Result<()> {
         audit_db: data_dir.join(psi_server::audit::AUDIT_FILE),
         policy: None,
         admin_listen: None,
+        net: Default::default(),
     })
     .await?;
     let url = format!("http://{}", running.local_addr);

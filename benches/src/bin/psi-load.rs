@@ -93,6 +93,7 @@ async fn main() -> Result<()> {
             psi_server::policy::Policy::load(&policy_path)?,
         )),
         admin_listen: None,
+        net: Default::default(),
     })
     .await?;
     let url = format!("https://{}", running.local_addr);

@@ -70,6 +70,7 @@ async fn start_with_policy(data_dir: &Path, port: u16, policy: Option<&str>) -> 
         audit_db: data_dir.join(psi_server::audit::AUDIT_FILE),
         policy,
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
+        net: Default::default(),
     })
     .await
     .unwrap()
@@ -807,6 +808,7 @@ async fn a_server_restart_mid_batch_is_ridden_out() {
             psi_server::policy::Policy::load(&policy_path).unwrap(),
         )),
         admin_listen: None,
+        net: Default::default(),
     })
     .await
     .unwrap();

@@ -51,6 +51,7 @@ async fn only_certificates_from_the_operators_ca_are_served() {
         audit_db: root.join("audit.sqlite"),
         policy: None,
         admin_listen: None,
+        net: Default::default(),
         tls: Some(TlsFiles {
             cert: read(&ca_dir.join(ca::SERVER_CERT)),
             key: read(&ca_dir.join(ca::SERVER_KEY)),

@@ -107,6 +107,9 @@ pub enum Error {
     /// A parameter is outside its allowed range.
     #[error("invalid parameter: {0}")]
     InvalidParameter(&'static str),
+    /// The caller asked the work to stop (its peer went away or its deadline passed).
+    #[error("the work was cancelled")]
+    Cancelled,
 }
 
 /// Result with [`Error`].

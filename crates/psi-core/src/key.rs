@@ -17,9 +17,23 @@ use crate::suite::{decode_scalar, hash_to_scalar_dst, random_scalar, Mode};
 /// Not `Clone`, not `Debug`-printable, zeroized on drop: the registry's secrecy
 /// rests on this value.
 pub struct ServerKey {
+    // Boxed: moving a `ServerKey` (into a `Server`, a snapshot, an `Arc`)
+    // moves a pointer, so the scalars live in one place that is zeroized
+    // on drop, and no stale copy is left behind by a move.
+    secret: Box<Secret>,
+    public: PublicKey,
+}
+
+struct Secret {
     sk: Scalar,
     half_sk: Scalar,
-    public: PublicKey,
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.sk.zeroize();
+        self.half_sk.zeroize();
+    }
 }
 
 impl ServerKey {
@@ -37,9 +51,11 @@ impl ServerKey {
         let info_len = crate::suite::check_input_len(info)?;
         let dst = mode.derive_key_pair_dst();
         for counter in 0..=255u8 {
-            let sk = hash_to_scalar_dst(&[seed, &info_len, info, &[counter]], dst);
+            let mut sk = hash_to_scalar_dst(&[seed, &info_len, info, &[counter]], dst);
             if sk != Scalar::ZERO {
-                return Ok(Self::from_scalar(sk));
+                let key = Self::from_scalar(sk);
+                sk.zeroize();
+                return Ok(key);
             }
         }
         Err(Error::DeriveKeyPair)
@@ -50,19 +66,26 @@ impl ServerKey {
     /// # Errors
     /// [`Error::InvalidScalar`] unless the bytes are a canonical non-zero scalar.
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self> {
-        let sk = decode_scalar(bytes)?;
+        let mut sk = decode_scalar(bytes)?;
         if sk == Scalar::ZERO {
             return Err(Error::InvalidScalar);
         }
-        Ok(Self::from_scalar(sk))
+        let key = Self::from_scalar(sk);
+        sk.zeroize();
+        Ok(key)
     }
 
-    fn from_scalar(sk: Scalar) -> Self {
-        let half_sk = sk * Scalar::from(2u8).invert();
-        let point = RISTRETTO_BASEPOINT_TABLE * &sk;
-        Self {
+    fn from_scalar(mut sk: Scalar) -> Self {
+        let mut secret = Box::new(Secret {
             sk,
-            half_sk,
+            half_sk: Scalar::ZERO,
+        });
+        // `Scalar` is `Copy`: clear the caller's copy once it is boxed.
+        sk.zeroize();
+        secret.half_sk = secret.sk * Scalar::from(2u8).invert();
+        let point = RISTRETTO_BASEPOINT_TABLE * &secret.sk;
+        Self {
+            secret,
             public: PublicKey::from_point(point),
         }
     }
@@ -70,7 +93,7 @@ impl ServerKey {
     /// The 32-byte encoding, for the key file only. The buffer is zeroized when dropped.
     #[must_use]
     pub fn to_bytes(&self) -> Zeroizing<[u8; 32]> {
-        Zeroizing::new(self.sk.to_bytes())
+        Zeroizing::new(self.secret.sk.to_bytes())
     }
 
     /// The public key `pkS`.
@@ -80,18 +103,11 @@ impl ServerKey {
     }
 
     pub(crate) fn scalar(&self) -> &Scalar {
-        &self.sk
+        &self.secret.sk
     }
 
     pub(crate) fn half_scalar(&self) -> &Scalar {
-        &self.half_sk
-    }
-}
-
-impl Drop for ServerKey {
-    fn drop(&mut self) {
-        self.sk.zeroize();
-        self.half_sk.zeroize();
+        &self.secret.half_sk
     }
 }
 

@@ -80,7 +80,27 @@ impl Server {
             Mode::Voprf => Some(random_scalar(rng)),
             Mode::Oprf => None,
         };
-        self.blind_evaluate_with(blinded, r.as_ref())
+        self.blind_evaluate_with(blinded, r.as_ref(), &|| false)
+    }
+
+    /// [`Server::blind_evaluate`] that gives up when `stop` returns true: it
+    /// is asked before each chunk of [`CHUNK`] elements and before the proof,
+    /// so a cancelled request costs at most one chunk per core after `stop`
+    /// turns true.
+    ///
+    /// # Errors
+    /// As [`Server::blind_evaluate`], and [`Error::Cancelled`].
+    pub fn blind_evaluate_until<R: CryptoRngCore + ?Sized>(
+        &self,
+        blinded: &[BlindedElement],
+        rng: &mut R,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Evaluation> {
+        let r = match self.mode {
+            Mode::Voprf => Some(random_scalar(rng)),
+            Mode::Oprf => None,
+        };
+        self.blind_evaluate_with(blinded, r.as_ref(), stop)
     }
 
     /// `BlindEvaluate` without the proof, whatever the mode: the bare
@@ -92,7 +112,7 @@ impl Server {
         &self,
         blinded: &[BlindedElement],
     ) -> Result<Vec<EvaluatedElement>> {
-        Ok(self.blind_evaluate_with(blinded, None)?.elements)
+        Ok(self.blind_evaluate_with(blinded, None, &|| false)?.elements)
     }
 
     /// The evaluation with the proof's random scalar given (`None`: no proof).
@@ -100,6 +120,7 @@ impl Server {
         &self,
         blinded: &[BlindedElement],
         proof_r: Option<&Scalar>,
+        stop: &(dyn Fn() -> bool + Sync),
     ) -> Result<Evaluation> {
         check_batch_len(blinded.len())?;
         let half = self.key.half_scalar();
@@ -107,6 +128,9 @@ impl Server {
             .par_chunks(CHUNK)
             .enumerate()
             .map(|(c, chunk)| {
+                if stop() {
+                    return Err(Error::Cancelled);
+                }
                 let points = chunk
                     .iter()
                     .enumerate()
@@ -125,6 +149,9 @@ impl Server {
         for (p, e) in chunks {
             points.extend(p);
             evaluated.extend(e);
+        }
+        if stop() {
+            return Err(Error::Cancelled);
         }
         let proof = match proof_r {
             Some(r) => {

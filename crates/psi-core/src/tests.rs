@@ -147,7 +147,7 @@ fn rfc_vectors_every_step() {
             assert_eq!(got, want, "{mode:?} BlindedElement");
             // BlindEvaluate (with the vector's proof randomness in VOPRF mode)
             let r = v.opt("ProofRandomScalar").map(|r| scalar(&r[0]));
-            let evaluation = server.blind_evaluate_with(&blinded, r.as_ref()).unwrap();
+            let evaluation = server.blind_evaluate_with(&blinded, r.as_ref(), &|| false).unwrap();
             let want: Vec<&[u8]> = v
                 .get("EvaluationElement")
                 .iter()
@@ -271,6 +271,39 @@ fn server_rejects_bad_elements_with_their_index() {
         server.blind_evaluate(&too_many, &mut OsRng),
         Err(Error::BatchTooLarge { .. })
     ));
+}
+
+#[test]
+fn a_stopped_evaluation_gives_up_between_chunks() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (server, _) = voprf_pair();
+    let good =
+        BlindedElement(curve25519_dalek::constants::RISTRETTO_BASEPOINT_COMPRESSED.to_bytes());
+    let batch = vec![good; 4096];
+    assert_eq!(
+        server
+            .blind_evaluate_until(&batch, &mut OsRng, &|| true)
+            .unwrap_err(),
+        Error::Cancelled
+    );
+    // Asked once per chunk and once before the proof; stopping after the
+    // first answer leaves the rest of the batch undone.
+    let asked = AtomicUsize::new(0);
+    let stop = || asked.fetch_add(1, Ordering::SeqCst) >= 1;
+    assert_eq!(
+        server
+            .blind_evaluate_until(&batch, &mut OsRng, &stop)
+            .unwrap_err(),
+        Error::Cancelled
+    );
+    let asked = AtomicUsize::new(0);
+    let count = || {
+        asked.fetch_add(1, Ordering::SeqCst);
+        false
+    };
+    let done = server.blind_evaluate_until(&batch, &mut OsRng, &count).unwrap();
+    assert_eq!(done.elements.len(), 4096);
+    assert_eq!(asked.load(Ordering::SeqCst), 4096 / 256 + 1);
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! at build time, and conversions between its packed byte fields and
 //! `psi-core` types.
 
+pub mod codec;
+
 pub mod v1 {
     //! Generated messages, client and server of package `psi.v1`.
     #![allow(

@@ -173,6 +173,15 @@ impl AuditLog {
         &self.path
     }
 
+    /// Hands a record to the writer without waiting for it: for refusals
+    /// recorded when their request is already gone.
+    pub fn submit(&self, entry: Entry) {
+        let (done, _) = oneshot::channel();
+        if self.tx.send((entry, done)).is_err() {
+            tracing::error!("the audit writer has stopped: a refusal went unrecorded");
+        }
+    }
+
     /// Appends a record and waits until it is durable. Returns its sequence number.
     ///
     /// # Errors

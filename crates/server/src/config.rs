@@ -9,13 +9,14 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use crate::connection::NetLimits;
 use crate::service::Limits;
 
 /// Flags and environment variables of `psi-server serve`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServeArgs {
-    /// TOML configuration file (keys: data_dir, listen, max_batch,
-    /// max_bucket_batch, max_message_bytes, request_timeout_secs).
+    /// TOML configuration file: the keys of these flags in snake case
+    /// (data_dir, listen, max_batch, ...), the connection limits in a `[net]` table.
     #[arg(long, env = "PSI_CONFIG")]
     pub config: Option<PathBuf>,
     /// Data directory made by `psi-server init`.
@@ -69,6 +70,145 @@ pub struct ServeArgs {
     /// network can then query without an identity. For testing only.
     #[arg(long)]
     pub insecure_plaintext_non_loopback: bool,
+    /// Connection, stream, buffer and time limits (the `[net]` table of the
+    /// config file).
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// The connection, stream, buffer and time limits of `serve`: flags,
+/// `PSI_*` variables, or keys of the config file's `[net]` table. Defaults
+/// in [`NetLimits::default`]; docs/SECURITY.md has the table.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetArgs {
+    /// Connections open at once, in total [default: 512; lowered to fit the
+    /// open-file limit].
+    #[arg(long, env = "PSI_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Connections open at once from one IP address [default: 64].
+    #[arg(long, env = "PSI_MAX_CONNECTIONS_PER_PEER")]
+    pub max_connections_per_peer: Option<usize>,
+    /// HTTP/2 streams (requests) open at once per connection [default: 32].
+    #[arg(long, env = "PSI_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+    /// Time from accepting a connection to its first request (TCP, TLS and
+    /// HTTP/2 handshakes) [default: 10s].
+    #[arg(long, env = "PSI_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Option<String>,
+    /// Time a connection may stay open with no request [default: 2m].
+    #[arg(long, env = "PSI_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+    /// Time to receive a whole request body [default: 30s].
+    #[arg(long, env = "PSI_BODY_TIMEOUT")]
+    pub body_timeout: Option<String>,
+    /// A request's whole life, its response stream and flow-control stalls
+    /// included; past it the connection is closed [default: 5m].
+    #[arg(long, env = "PSI_STREAM_TIMEOUT")]
+    pub stream_timeout: Option<String>,
+    /// Bytes of request bodies held by requests in progress, server-wide
+    /// [default: 268435456].
+    #[arg(long, env = "PSI_BUFFER_BUDGET_BYTES")]
+    pub buffer_budget_bytes: Option<usize>,
+    /// The same, per connection [default: 33554432].
+    #[arg(long, env = "PSI_CONNECTION_BUFFER_BYTES")]
+    pub connection_buffer_bytes: Option<usize>,
+    /// Largest header list (all metadata) of one request [default: 16384].
+    #[arg(long, env = "PSI_MAX_HEADER_LIST_BYTES")]
+    pub max_header_list_bytes: Option<u32>,
+    /// HTTP/2 receive window per stream [default: 262144].
+    #[arg(long, env = "PSI_STREAM_WINDOW_BYTES")]
+    pub stream_window_bytes: Option<u32>,
+    /// HTTP/2 receive window per connection [default: 1048576].
+    #[arg(long, env = "PSI_CONNECTION_WINDOW_BYTES")]
+    pub connection_window_bytes: Option<u32>,
+}
+
+impl NetArgs {
+    /// These settings where given, else `file`'s, else the defaults, checked.
+    ///
+    /// # Errors
+    /// A zero limit, an unreadable duration, or a window HTTP/2 does not allow.
+    pub fn resolve(self, file: NetArgs, max_message_bytes: usize) -> Result<NetLimits> {
+        let d = NetLimits::default();
+        let duration = |flag: Option<String>, file: Option<String>, name: &str, default: Duration| {
+            match flag.or(file) {
+                None => Ok(default),
+                Some(text) => {
+                    let v = humantime::parse_duration(&text).with_context(|| {
+                        format!("{name} `{text}` is not a duration (e.g. 10s, 500ms, 2m)")
+                    })?;
+                    if v.is_zero() {
+                        bail!("{name} must be more than zero");
+                    }
+                    Ok(v)
+                }
+            }
+        };
+        let net = NetLimits {
+            max_connections: self.max_connections.or(file.max_connections).unwrap_or(d.max_connections),
+            max_connections_per_peer: self
+                .max_connections_per_peer
+                .or(file.max_connections_per_peer)
+                .unwrap_or(d.max_connections_per_peer),
+            max_concurrent_streams: self
+                .max_concurrent_streams
+                .or(file.max_concurrent_streams)
+                .unwrap_or(d.max_concurrent_streams),
+            handshake_timeout: duration(self.handshake_timeout, file.handshake_timeout, "handshake_timeout", d.handshake_timeout)?,
+            idle_timeout: duration(self.idle_timeout, file.idle_timeout, "idle_timeout", d.idle_timeout)?,
+            body_timeout: duration(self.body_timeout, file.body_timeout, "body_timeout", d.body_timeout)?,
+            stream_timeout: duration(self.stream_timeout, file.stream_timeout, "stream_timeout", d.stream_timeout)?,
+            buffer_budget_bytes: self
+                .buffer_budget_bytes
+                .or(file.buffer_budget_bytes)
+                .unwrap_or(d.buffer_budget_bytes),
+            connection_buffer_bytes: self
+                .connection_buffer_bytes
+                .or(file.connection_buffer_bytes)
+                .unwrap_or(d.connection_buffer_bytes),
+            max_header_list_bytes: self
+                .max_header_list_bytes
+                .or(file.max_header_list_bytes)
+                .unwrap_or(d.max_header_list_bytes),
+            stream_window_bytes: self
+                .stream_window_bytes
+                .or(file.stream_window_bytes)
+                .unwrap_or(d.stream_window_bytes),
+            connection_window_bytes: self
+                .connection_window_bytes
+                .or(file.connection_window_bytes)
+                .unwrap_or(d.connection_window_bytes),
+        };
+        for (name, v) in [
+            ("max_connections", net.max_connections),
+            ("max_connections_per_peer", net.max_connections_per_peer),
+            ("max_concurrent_streams", net.max_concurrent_streams as usize),
+        ] {
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if net.connection_buffer_bytes < max_message_bytes || net.buffer_budget_bytes < max_message_bytes {
+            bail!(
+                "buffer_budget_bytes ({}) and connection_buffer_bytes ({}) must each hold at least one message of max_message_bytes ({})",
+                net.buffer_budget_bytes, net.connection_buffer_bytes, max_message_bytes
+            );
+        }
+        if net.max_header_list_bytes < 1024 {
+            bail!("max_header_list_bytes must be at least 1024");
+        }
+        // HTTP/2 windows: at least the 16 KiB of one frame, at most 2^31 - 1.
+        for (name, v) in [
+            ("stream_window_bytes", net.stream_window_bytes),
+            ("connection_window_bytes", net.connection_window_bytes),
+        ] {
+            if !(16_384..=0x7fff_ffff).contains(&v) {
+                bail!("{name} must be between 16384 and 2147483647, got {v}");
+            }
+        }
+        Ok(net)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +228,8 @@ struct FileConfig {
     audit_db: Option<PathBuf>,
     policy: Option<PathBuf>,
     admin_listen: Option<String>,
+    #[serde(default)]
+    net: NetArgs,
 }
 
 /// PEM contents for mutual TLS, read before anything binds.
@@ -128,6 +270,8 @@ pub struct ServeConfig {
     pub policy: Option<(PathBuf, crate::policy::Policy)>,
     /// The admin (metrics) address, if any.
     pub admin_listen: Option<SocketAddr>,
+    /// Connection, stream, buffer and time limits.
+    pub net: NetLimits,
 }
 
 impl ServeArgs {
@@ -261,7 +405,9 @@ impl ServeArgs {
             })?),
             None => None,
         };
+        let net = self.net.resolve(file.net, limits.max_message_bytes)?;
         Ok(ServeConfig {
+            net,
             data_dir,
             listen,
             limits,

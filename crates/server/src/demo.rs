@@ -165,6 +165,7 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
         audit_db: data_dir.join(crate::audit::AUDIT_FILE),
         policy: None,
         admin_listen: None,
+        net: Default::default(),
     })
     .await?;
     let url = format!("http://{}", running.local_addr);

@@ -53,6 +53,7 @@ impl ServiceError {
         match self {
             ServiceError::Loading => Code::Unavailable,
             ServiceError::StaleEpoch { .. } => Code::FailedPrecondition,
+            ServiceError::Core(psi_core::Error::Cancelled) => Code::Cancelled,
             ServiceError::InvalidArgument(_) | ServiceError::Core(_) => Code::InvalidArgument,
             ServiceError::Unauthenticated => Code::Unauthenticated,
             ServiceError::PermissionDenied(_) => Code::PermissionDenied,

@@ -10,6 +10,9 @@
 //!   per-version deltas for incremental sync, and snapshot loading.
 //! - [`service`], [`error`], [`audit`]: the `psi.v1.Match` gRPC service, its status
 //!   codes, and the hash-chained audit trail of every request.
+//! - [`connection`], [`admission`]: every peer bounded: connections, streams,
+//!   bytes buffered, handshake/idle/body/answer/stream deadlines, cancelled
+//!   work stopped, and every refusal audited.
 //! - [`policy`]: per-institution modes, purposes, rates and daily caps.
 //! - [`metrics`]: Prometheus metrics on the admin address.
 //! - [`config`], [`serve`], [`ca`]: configuration, mutual TLS, and the server's life cycle.
@@ -25,11 +28,13 @@
     )
 )]
 
+pub mod admission;
 pub mod atomic_file;
 pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod connection;
 pub mod delta;
 pub mod demo;
 pub mod error;

@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -32,10 +33,20 @@ pub struct MethodLabels {
     pub method: String,
 }
 
+/// Labels of a connection event.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Which limit or timeout.
+    pub reason: String,
+}
+
 /// The server's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    connections: Gauge,
+    connections_refused: Family<ReasonLabels, Counter>,
+    connections_closed: Family<ReasonLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     elements: Family<RequestLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
@@ -51,6 +62,20 @@ impl Default for Metrics {
             Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
         });
         let audit_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        let connections = Gauge::default();
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        let connections_closed = Family::<ReasonLabels, Counter>::default();
+        registry.register("connections", "Connections open", connections.clone());
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept, by the limit they were over (max_connections, max_connections_per_peer, accept_exhausted: out of file descriptors)",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections closed by the server, by timeout (handshake_timeout, idle_timeout, stream_timeout)",
+            connections_closed.clone(),
+        );
         registry.register(
             "requests",
             "Requests by method, institution and outcome (refusals by status code, e.g. ResourceExhausted for quotas)",
@@ -73,6 +98,9 @@ impl Default for Metrics {
         );
         Self {
             registry,
+            connections,
+            connections_refused,
+            connections_closed,
             requests,
             elements,
             latency,
@@ -103,6 +131,29 @@ impl Metrics {
                 method: method.to_string(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// A connection opened (`1`) or closed (`-1`).
+    pub fn connections_open(&self, change: i64) {
+        self.connections.inc_by(change);
+    }
+
+    /// A connection refused at accept.
+    pub fn connection_refused(&self, reason: &str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// A connection closed by a timeout.
+    pub fn connection_closed(&self, reason: &str) {
+        self.connections_closed
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     /// Records one audit write.

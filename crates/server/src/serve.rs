@@ -177,29 +177,39 @@ async fn run(
         tracing::info!("shutting down: draining in-flight requests");
     };
     tracing::info!(addr = %listener.local_addr()?, tls = cfg.tls.is_some(), "listening");
+    let net = cfg.net.fitted_to_open_file_limit();
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &cfg.tls {
         builder = builder
             .tls_config(
                 tonic::transport::ServerTlsConfig::new()
                     .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key))
-                    .client_ca_root(tonic::transport::Certificate::from_pem(&tls.client_ca)),
+                    .client_ca_root(tonic::transport::Certificate::from_pem(&tls.client_ca))
+                    .timeout(net.handshake_timeout),
             )
             .context("configuring TLS")?;
     }
+    let metrics = state.metrics_arc();
     let served = builder
-        .timeout(cfg.request_timeout)
+        .max_concurrent_streams(net.max_concurrent_streams)
+        .http2_max_header_list_size(net.max_header_list_bytes)
+        .initial_stream_window_size(net.stream_window_bytes)
+        .initial_connection_window_size(net.connection_window_bytes)
         // Stalled peers: ping idle connections, drop those that do not answer.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        // Body limits, byte budgets, concurrency slots, deadlines and the
+        // audit of refusals, before tonic buffers anything.
+        .layer(crate::admission::AdmissionLayer::new(
+            Arc::clone(&state),
+            net,
+            cfg.request_timeout,
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(service)
         .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY small responses wait for delayed ACKs (~40 ms).
-            tonic::transport::server::TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(std::time::Duration::from_secs(60))),
+            crate::connection::incoming(listener, net, metrics),
             signal,
         )
         .await

@@ -96,7 +96,7 @@ impl State {
     }
 
     /// A slot among the institution's concurrent requests, or a refusal.
-    fn slot(&self, institution: &str) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
+    pub(crate) fn slot(&self, institution: &str) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
         let limit = self.limits.max_concurrent_per_institution;
         let semaphore = Arc::clone(
             self.in_flight
@@ -138,10 +138,51 @@ impl State {
             .ok_or(ServiceError::Loading)
     }
 
+    /// The registry version being served.
+    ///
+    /// # Errors
+    /// Unavailable while no snapshot is loaded.
+    pub fn registry_version(&self) -> Result<u64, ServiceError> {
+        self.current().map(|s| s.index.registry_version())
+    }
+
     /// The limits.
     #[must_use]
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// The audit trail.
+    #[must_use]
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// The metrics.
+    #[must_use]
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The metrics, shared.
+    #[must_use]
+    pub fn metrics_arc(&self) -> Arc<crate::metrics::Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// The institution behind a request: its client certificate's common
+    /// name under mutual TLS, [`LOCAL_INSTITUTION`] on plaintext loopback.
+    ///
+    /// # Errors
+    /// Unauthenticated under mutual TLS without a usable certificate.
+    pub fn institution_of(&self, extensions: &tonic::Extensions) -> Result<String, ServiceError> {
+        if !self.mutual_tls {
+            return Ok(LOCAL_INSTITUTION.to_string());
+        }
+        let certs =
+            crate::connection::peer_certs(extensions).ok_or(ServiceError::Unauthenticated)?;
+        let leaf = certs.first().ok_or(ServiceError::Unauthenticated)?;
+        crate::ca::institution_of(leaf).map_err(|_| ServiceError::Unauthenticated)
     }
 }
 
@@ -172,13 +213,19 @@ impl MatchService {
                 ))
             });
         Caller {
-            institution: self.institution(request),
+            institution: self.state.institution_of(request.extensions()),
             purpose,
+            note: request
+                .extensions()
+                .get::<Arc<crate::admission::RequestNote>>()
+                .cloned(),
         }
     }
 
     /// Runs `work` for `caller` and records the request in the audit trail;
-    /// the answer is released only once its record is durable.
+    /// the answer is released only once its record is durable. (The
+    /// institution's concurrency slot was taken by the admission layer,
+    /// which holds it until the response, stream included, ends.)
     async fn accounted<T>(
         &self,
         caller: Caller,
@@ -195,18 +242,18 @@ impl MatchService {
             mode,
         );
         entry.elements = elements as u64;
+        if let Some(note) = &caller.note {
+            note.set_elements(entry.elements);
+        }
         let result = match (caller.institution, caller.purpose) {
             (Err(e), _) | (_, Err(e)) => Err(e),
             (Ok(institution), Ok(purpose)) => {
-                let admitted = self.state.slot(&institution).and_then(|slot| {
-                    self.state
-                        .enforcer
-                        .admit(&institution, mode, &purpose, elements as u64)
-                        .map(|()| slot)
-                });
-                match admitted {
-                    // The slot is held until the work is done.
-                    Ok(_slot) => work.await,
+                match self
+                    .state
+                    .enforcer
+                    .admit(&institution, mode, &purpose, elements as u64)
+                {
+                    Ok(()) => work.await,
                     Err(e) => Err(e),
                 }
             }
@@ -225,6 +272,11 @@ impl MatchService {
             entry.outcome.clone(),
         );
         let audit_started = std::time::Instant::now();
+        // From here the record is this handler's to write, even if the
+        // request is cancelled while it waits for the write.
+        if let Some(note) = &caller.note {
+            note.audited();
+        }
         let audited = self.state.audit.append(entry).await;
         self.state.metrics.audit_write(audit_started.elapsed());
         self.state.metrics.request(
@@ -245,17 +297,6 @@ impl MatchService {
             }
         }
         result.map_err(Status::from)
-    }
-
-    /// The institution behind a request: its client certificate's common name
-    /// under mutual TLS, [`LOCAL_INSTITUTION`] on plaintext loopback.
-    fn institution<T>(&self, request: &Request<T>) -> Result<String, ServiceError> {
-        if !self.state.mutual_tls {
-            return Ok(LOCAL_INSTITUTION.to_string());
-        }
-        let certs = request.peer_certs().ok_or(ServiceError::Unauthenticated)?;
-        let leaf = certs.first().ok_or(ServiceError::Unauthenticated)?;
-        crate::ca::institution_of(leaf).map_err(|_| ServiceError::Unauthenticated)
     }
 
     fn snapshot_for(&self, epoch: u64) -> Result<Arc<Snapshot>, ServiceError> {
@@ -282,13 +323,16 @@ impl MatchService {
     }
 }
 
-/// Runs CPU-heavy work on the rayon pool and awaits it.
+/// Runs CPU-heavy work on the rayon pool and awaits it. The work is given
+/// a `stop` test that turns true once nobody awaits the result any more
+/// (the request was cancelled or timed out), to give up between chunks.
 async fn on_cpu<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
+    work: impl FnOnce(&(dyn Fn() -> bool + Sync)) -> T + Send + 'static,
 ) -> Result<T, ServiceError> {
     let (tx, rx) = oneshot::channel();
     rayon::spawn(move || {
-        let _ = tx.send(work());
+        let result = work(&|| tx.is_closed());
+        let _ = tx.send(result);
     });
     rx.await.map_err(|_| ServiceError::Internal)
 }
@@ -386,10 +430,11 @@ impl Match for MatchService {
     }
 }
 
-/// Who asks and why, each possibly refused.
+/// Who asks and why, each possibly refused, and the admission layer's note.
 struct Caller {
     institution: Result<String, ServiceError>,
     purpose: Result<String, ServiceError>,
+    note: Option<Arc<crate::admission::RequestNote>>,
 }
 
 impl MatchService {
@@ -398,7 +443,11 @@ impl MatchService {
         let blinded = unpack_blinded(&req.blinded_elements)?;
         self.check_batch(blinded.len(), self.state.limits.max_batch)?;
         let epoch = snap.epoch;
-        let evaluation = on_cpu(move || snap.server.blind_evaluate(&blinded, &mut OsRng)).await??;
+        let evaluation = on_cpu(move |stop| {
+            snap.server
+                .blind_evaluate_until(&blinded, &mut OsRng, stop)
+        })
+        .await??;
         let proof = evaluation.proof.ok_or(ServiceError::Internal)?;
         Ok(EvaluateResponse {
             key_epoch: epoch,
@@ -429,7 +478,11 @@ impl MatchService {
             )));
         }
         let work = Arc::clone(&snap);
-        let evaluation = on_cpu(move || work.server.blind_evaluate(&blinded, &mut OsRng)).await??;
+        let evaluation = on_cpu(move |stop| {
+            work.server
+                .blind_evaluate_until(&blinded, &mut OsRng, stop)
+        })
+        .await??;
         let proof = evaluation.proof.ok_or(ServiceError::Internal)?;
         let buckets = ids
             .into_iter()
@@ -466,7 +519,7 @@ impl MatchService {
         // Composing the deltas is O(changes): off the async threads.
         let max_bytes = self.state.limits.max_message_bytes / 2;
         let work = Arc::clone(&snap);
-        let delta = on_cpu(move || delta_since(&work, req.held_version, max_bytes)).await?;
+        let delta = on_cpu(move |_| delta_since(&work, req.held_version, max_bytes)).await?;
         if let Some(delta) = delta {
             let delta = SyncTagSetResponse {
                 item: Some(sync_tag_set_response::Item::Delta(delta)),

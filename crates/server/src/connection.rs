@@ -1,0 +1,644 @@
+//! Connections: the accept loop and what every connection is held to.
+//!
+//! - Connections are counted in total and per peer address; one over either
+//!   limit is closed as soon as it is accepted.
+//! - Running out of file descriptors (or socket buffers) does not spin the
+//!   accept loop: it backs off (10 ms doubling to 1 s) and says so, at most
+//!   once a second.
+//! - A connection must open its first request within the handshake timeout
+//!   (TCP, TLS, the HTTP/2 preface: whatever the peer is slow at), and is
+//!   closed after the idle timeout with no request open.
+//! - Every request registers a deadline (its whole life, response stream
+//!   and flow-control stalls included); a connection still carrying a
+//!   request past its deadline is closed, which frees everything that
+//!   request held.
+//!
+//! The checks live in the connection's I/O ([`GuardedIo`]), the one place
+//! that is polled whatever the peer does; requests see their connection
+//! through [`PeerInfo`] in their extensions.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::task::AtomicWaker;
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, Sleep};
+
+use crate::metrics::Metrics;
+
+/// Limits on connections, streams, buffers and time: every peer is bounded.
+/// Each is a `serve` setting (flag, `PSI_*` variable or config file key of
+/// the same name); docs/SECURITY.md says what a peer can still do within them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetLimits {
+    /// Connections open at once, in total (lowered to fit the open-file limit).
+    pub max_connections: usize,
+    /// Connections open at once from one peer IP address.
+    pub max_connections_per_peer: usize,
+    /// HTTP/2 streams (requests) open at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Time from accepting a connection to its first request.
+    pub handshake_timeout: Duration,
+    /// Time a connection may stay open with no request open.
+    pub idle_timeout: Duration,
+    /// Time from a request's start to the end of its request body.
+    pub body_timeout: Duration,
+    /// A request's whole life, its response (stream) and any flow-control
+    /// stall included; past it the connection is closed.
+    pub stream_timeout: Duration,
+    /// Bytes of request bodies received and held by requests in progress,
+    /// server-wide.
+    pub buffer_budget_bytes: usize,
+    /// The same, per connection.
+    pub connection_buffer_bytes: usize,
+    /// Largest HTTP/2 header list (all metadata of one request).
+    pub max_header_list_bytes: u32,
+    /// HTTP/2 receive window per stream: bytes a peer may send that the
+    /// server has not read yet.
+    pub stream_window_bytes: u32,
+    /// HTTP/2 receive window per connection.
+    pub connection_window_bytes: u32,
+}
+
+impl Default for NetLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            max_connections_per_peer: 64,
+            max_concurrent_streams: 32,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            body_timeout: Duration::from_secs(30),
+            stream_timeout: Duration::from_secs(300),
+            buffer_budget_bytes: 256 << 20,
+            connection_buffer_bytes: 32 << 20,
+            max_header_list_bytes: 16 << 10,
+            stream_window_bytes: 256 << 10,
+            connection_window_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Descriptors kept free for the data directory, the audit database and
+/// the admin endpoint when `max_connections` is fitted to the open-file limit.
+const RESERVED_DESCRIPTORS: u64 = 64;
+
+impl NetLimits {
+    /// `max_connections` lowered, if needed, so that the connections and
+    /// [`RESERVED_DESCRIPTORS`] fit under the process's open-file limit.
+    #[must_use]
+    pub fn fitted_to_open_file_limit(mut self) -> Self {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        if let Some(limit) = limit {
+            let room = usize::try_from(limit.saturating_sub(RESERVED_DESCRIPTORS)).unwrap_or(usize::MAX);
+            if self.max_connections > room {
+                tracing::warn!(
+                    open_file_limit = limit,
+                    max_connections = room.max(1),
+                    "max_connections lowered to fit the open-file limit (raise it with `ulimit -n` or LimitNOFILE=)"
+                );
+                self.max_connections = room.max(1);
+            }
+        }
+        self
+    }
+}
+
+/// Why a connection was closed by the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    Handshake,
+    Idle,
+    Stream,
+}
+
+impl Closed {
+    fn label(self) -> &'static str {
+        match self {
+            Closed::Handshake => "handshake_timeout",
+            Closed::Idle => "idle_timeout",
+            Closed::Stream => "stream_timeout",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Times {
+    open_requests: usize,
+    requested: bool,
+    idle_since: Instant,
+    next_request: u64,
+    /// Deadlines of the open requests.
+    deadlines: BTreeSet<(Instant, u64)>,
+}
+
+/// One connection, shared by its I/O and its requests.
+#[derive(Debug)]
+pub struct Conn {
+    peer: SocketAddr,
+    opened: Instant,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+    times: Mutex<Times>,
+    closed: Mutex<Option<Closed>>,
+    waker: AtomicWaker,
+    buffered: AtomicUsize,
+}
+
+impl Conn {
+    fn new(peer: SocketAddr, limits: &NetLimits) -> Self {
+        let now = Instant::now();
+        Self {
+            peer,
+            opened: now,
+            handshake_timeout: limits.handshake_timeout,
+            idle_timeout: limits.idle_timeout,
+            times: Mutex::new(Times {
+                open_requests: 0,
+                requested: false,
+                idle_since: now,
+                next_request: 0,
+                deadlines: BTreeSet::new(),
+            }),
+            closed: Mutex::new(None),
+            waker: AtomicWaker::new(),
+            buffered: AtomicUsize::new(0),
+        }
+    }
+
+    /// The peer's address.
+    #[must_use]
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    fn times(&self) -> std::sync::MutexGuard<'_, Times> {
+        self.times.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A request opens: until the returned guard drops the connection is
+    /// not idle, and if it is still open at `deadline` the connection is closed.
+    #[must_use]
+    pub fn open_request(self: &Arc<Self>, deadline: Instant) -> OpenRequest {
+        let key = {
+            let mut t = self.times();
+            t.open_requests += 1;
+            t.requested = true;
+            t.next_request += 1;
+            let key = (deadline, t.next_request);
+            t.deadlines.insert(key);
+            key
+        };
+        // The I/O re-arms its timer for the new state.
+        self.waker.wake();
+        OpenRequest {
+            conn: Arc::clone(self),
+            key,
+        }
+    }
+
+    /// Adds `n` bytes to this connection's buffered total if it stays within `max`.
+    #[must_use]
+    pub fn try_buffer(&self, n: usize, max: usize) -> bool {
+        let before = self.buffered.fetch_add(n, Ordering::AcqRel);
+        if before.saturating_add(n) > max {
+            self.buffered.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Releases `n` bytes taken with [`Conn::try_buffer`].
+    pub fn release(&self, n: usize) {
+        self.buffered.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// The next moment the connection must be closed at, and why.
+    fn deadline(&self) -> Option<(Instant, Closed)> {
+        let t = self.times();
+        let stream = t.deadlines.first().map(|(at, _)| (*at, Closed::Stream));
+        let quiet = if t.open_requests > 0 {
+            None
+        } else if t.requested {
+            Some((t.idle_since + self.idle_timeout, Closed::Idle))
+        } else {
+            Some((self.opened + self.handshake_timeout, Closed::Handshake))
+        };
+        match (stream, quiet) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// A request open on a connection; dropping it closes the request.
+#[derive(Debug)]
+pub struct OpenRequest {
+    conn: Arc<Conn>,
+    key: (Instant, u64),
+}
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        {
+            let mut t = self.conn.times();
+            t.deadlines.remove(&self.key);
+            t.open_requests = t.open_requests.saturating_sub(1);
+            if t.open_requests == 0 {
+                t.idle_since = Instant::now();
+            }
+        }
+        self.conn.waker.wake();
+    }
+}
+
+/// What a request knows of its connection (in place of tonic's `TcpConnectInfo`).
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// The peer's address.
+    pub remote_addr: SocketAddr,
+    /// The connection.
+    pub conn: Arc<Conn>,
+}
+
+/// The connection of a request, on plaintext or TLS.
+#[must_use]
+pub fn peer_info(extensions: &tonic::codegen::http::Extensions) -> Option<&PeerInfo> {
+    extensions.get::<PeerInfo>().or_else(|| {
+        extensions
+            .get::<tonic::transport::server::TlsConnectInfo<PeerInfo>>()
+            .map(tonic::transport::server::TlsConnectInfo::get_ref)
+    })
+}
+
+/// The client certificate chain of a request's TLS connection.
+#[must_use]
+pub fn peer_certs(
+    extensions: &tonic::codegen::http::Extensions,
+) -> Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>> {
+    extensions
+        .get::<tonic::transport::server::TlsConnectInfo<PeerInfo>>()
+        .and_then(tonic::transport::server::TlsConnectInfo::peer_certs)
+}
+
+/// A connection's socket with its timeouts enforced.
+#[derive(Debug)]
+pub struct GuardedIo {
+    io: TcpStream,
+    conn: Arc<Conn>,
+    timer: Pin<Box<Sleep>>,
+    metrics: Arc<Metrics>,
+    _counted: Counted,
+}
+
+impl GuardedIo {
+    /// Fails once the connection is past one of its deadlines; otherwise
+    /// arms the timer for the next one (and registers for wake-ups when a
+    /// request opens or closes).
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        self.conn.waker.register(cx.waker());
+        if let Some(why) = *self.conn.closed.lock().unwrap_or_else(PoisonError::into_inner) {
+            return Err(timed_out(why));
+        }
+        let Some((at, why)) = self.conn.deadline() else {
+            return Ok(());
+        };
+        let due = if Instant::now() >= at {
+            true
+        } else {
+            if self.timer.deadline() != at {
+                self.timer.as_mut().reset(at);
+            }
+            self.timer.as_mut().poll(cx).is_ready()
+        };
+        if !due {
+            return Ok(());
+        }
+        *self.conn.closed.lock().unwrap_or_else(PoisonError::into_inner) = Some(why);
+        self.metrics.connection_closed(why.label());
+        tracing::debug!(peer = %self.conn.peer, reason = why.label(), "connection closed");
+        Err(timed_out(why))
+    }
+}
+
+fn timed_out(why: Closed) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, why.label())
+}
+
+impl AsyncRead for GuardedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for GuardedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for GuardedIo {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        PeerInfo {
+            remote_addr: self.conn.peer,
+            conn: Arc::clone(&self.conn),
+        }
+    }
+}
+
+/// Open connections, in total and per peer address.
+#[derive(Debug, Default)]
+struct Census {
+    total: AtomicUsize,
+    per_peer: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One counted connection; uncounted when dropped.
+#[derive(Debug)]
+struct Counted {
+    census: Arc<Census>,
+    ip: IpAddr,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.census.total.fetch_sub(1, Ordering::AcqRel);
+        let mut per_peer = self
+            .census
+            .per_peer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = per_peer.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_peer.remove(&self.ip);
+            }
+        }
+        self.metrics.connections_open(-1);
+    }
+}
+
+impl Census {
+    /// Counts a new connection from `ip`, or says which limit it is over.
+    fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        limits: &NetLimits,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Counted, &'static str> {
+        let mut per_peer = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.total.load(Ordering::Acquire) >= limits.max_connections {
+            return Err("max_connections");
+        }
+        let n = per_peer.entry(ip).or_insert(0);
+        if *n >= limits.max_connections_per_peer {
+            return Err("max_connections_per_peer");
+        }
+        *n += 1;
+        self.total.fetch_add(1, Ordering::AcqRel);
+        metrics.connections_open(1);
+        Ok(Counted {
+            census: Arc::clone(self),
+            ip,
+            metrics: Arc::clone(metrics),
+        })
+    }
+}
+
+/// Logs at most once per period.
+#[derive(Debug)]
+struct Throttle {
+    period_ms: u64,
+    last_ms: AtomicU64,
+    origin: Instant,
+}
+
+impl Throttle {
+    fn new(period: Duration) -> Self {
+        Self {
+            period_ms: u64::try_from(period.as_millis()).unwrap_or(u64::MAX),
+            last_ms: AtomicU64::new(0),
+            origin: Instant::now(),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        // Milliseconds since `origin`, plus one: 0 means "never logged".
+        let now = u64::try_from(self.origin.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= self.period_ms)
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// Whether an accept error means the process or the system ran out of
+/// something that only time (closing connections) gives back.
+fn is_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == rustix::io::Errno::MFILE.raw_os_error()
+            || code == rustix::io::Errno::NFILE.raw_os_error()
+            || code == rustix::io::Errno::NOBUFS.raw_os_error()
+            || code == rustix::io::Errno::NOMEM.raw_os_error()
+    )
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+struct Acceptor {
+    listener: TcpListener,
+    limits: NetLimits,
+    census: Arc<Census>,
+    metrics: Arc<Metrics>,
+    backoff: Duration,
+    refused_log: Throttle,
+    exhausted_log: Throttle,
+}
+
+impl Acceptor {
+    async fn next(&mut self) -> GuardedIo {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, peer)) => {
+                    self.backoff = BACKOFF_MIN;
+                    match self.census.admit(peer.ip(), &self.limits, &self.metrics) {
+                        Ok(counted) => return self.guard(stream, peer, counted),
+                        Err(limit) => {
+                            // Closed at once: the peer sees a reset, not a hang.
+                            drop(stream);
+                            self.metrics.connection_refused(limit);
+                            if self.refused_log.ready() {
+                                tracing::warn!(peer = %peer.ip(), limit, "connection refused: over its limit (logged at most every 10 s)");
+                            }
+                        }
+                    }
+                }
+                Err(e) if is_exhaustion(&e) => {
+                    self.metrics.connection_refused("accept_exhausted");
+                    if self.exhausted_log.ready() {
+                        tracing::warn!(
+                            "cannot accept connections ({e}); backing off {} ms (raise the open-file limit or lower max_connections)",
+                            self.backoff.as_millis()
+                        );
+                    }
+                    tokio::time::sleep(self.backoff).await;
+                    self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                }
+                // ECONNABORTED and the like concern one connection only.
+                Err(e) => tracing::debug!("accept failed: {e}"),
+            }
+        }
+    }
+
+    fn guard(&self, stream: TcpStream, peer: SocketAddr, counted: Counted) -> GuardedIo {
+        // Without TCP_NODELAY small responses wait for delayed ACKs (~40 ms).
+        let _ = stream.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        let conn = Arc::new(Conn::new(peer, &self.limits));
+        let at = conn.opened + conn.handshake_timeout;
+        GuardedIo {
+            io: stream,
+            conn,
+            timer: Box::pin(tokio::time::sleep_until(at)),
+            metrics: Arc::clone(&self.metrics),
+            _counted: counted,
+        }
+    }
+}
+
+/// The accepted connections of `listener`, counted, limited and guarded.
+pub fn incoming(
+    listener: TcpListener,
+    limits: NetLimits,
+    metrics: Arc<Metrics>,
+) -> impl Stream<Item = Result<GuardedIo, io::Error>> {
+    let acceptor = Acceptor {
+        listener,
+        limits,
+        census: Arc::new(Census::default()),
+        metrics,
+        backoff: BACKOFF_MIN,
+        refused_log: Throttle::new(Duration::from_secs(10)),
+        exhausted_log: Throttle::new(Duration::from_secs(1)),
+    };
+    futures::stream::unfold(acceptor, |mut acceptor| async move {
+        let io = acceptor.next().await;
+        Some((Ok(io), acceptor))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_census_holds_both_limits_and_forgets_closed_connections() {
+        let limits = NetLimits {
+            max_connections: 3,
+            max_connections_per_peer: 2,
+            ..NetLimits::default()
+        };
+        let metrics = Arc::new(Metrics::default());
+        let census = Arc::new(Census::default());
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let a1 = census.admit(a, &limits, &metrics).unwrap();
+        let _a2 = census.admit(a, &limits, &metrics).unwrap();
+        assert_eq!(
+            census.admit(a, &limits, &metrics).unwrap_err(),
+            "max_connections_per_peer"
+        );
+        let _b1 = census.admit(b, &limits, &metrics).unwrap();
+        assert_eq!(
+            census.admit(b, &limits, &metrics).unwrap_err(),
+            "max_connections"
+        );
+        drop(a1);
+        assert!(census.admit(b, &limits, &metrics).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_follow_the_requests() {
+        let limits = NetLimits::default();
+        let conn = Arc::new(Conn::new("127.0.0.1:1".parse().unwrap(), &limits));
+        let (at, why) = conn.deadline().unwrap();
+        assert_eq!((at, why), (conn.opened + limits.handshake_timeout, Closed::Handshake));
+        let far = Instant::now() + Duration::from_secs(1000);
+        let near = Instant::now() + Duration::from_secs(5);
+        let first = conn.open_request(far);
+        assert_eq!(conn.deadline(), Some((far, Closed::Stream)));
+        let second = conn.open_request(near);
+        assert_eq!(conn.deadline(), Some((near, Closed::Stream)));
+        drop(second);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        drop(first);
+        let idle_from = Instant::now();
+        assert_eq!(
+            conn.deadline(),
+            Some((idle_from + limits.idle_timeout, Closed::Idle))
+        );
+    }
+
+    #[test]
+    fn buffered_bytes_stay_within_the_connection_limit() {
+        let conn = Conn::new("127.0.0.1:1".parse().unwrap(), &NetLimits::default());
+        assert!(conn.try_buffer(60, 100));
+        assert!(!conn.try_buffer(41, 100));
+        assert!(conn.try_buffer(40, 100));
+        conn.release(100);
+        assert!(conn.try_buffer(100, 100));
+    }
+}
