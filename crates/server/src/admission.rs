@@ -40,11 +40,17 @@ use crate::service::{State, PURPOSE_HEADER};
 /// handler notes the element count and that it wrote the audit record.
 #[derive(Debug, Default)]
 pub struct RequestNote {
+    reached: AtomicBool,
     audited: AtomicBool,
     elements: AtomicU64,
 }
 
 impl RequestNote {
+    /// The handler has the decoded request.
+    pub fn reached(&self) {
+        self.reached.store(true, Ordering::Release);
+    }
+
     /// The request's element count, once decoded.
     pub fn set_elements(&self, n: u64) {
         self.elements.store(n, Ordering::Relaxed);
@@ -214,6 +220,7 @@ impl Shared {
         });
         match tokio::time::timeout_at(deadline, inner.call(req)).await {
             Ok(Ok(response)) => {
+                let response = malformed_is_invalid(response, &path, &note);
                 tracker.saw_headers(response.headers());
                 Ok(response.map(|body| {
                     Body::new(TrackedBody {
@@ -245,6 +252,21 @@ impl Shared {
             }
         }
         true
+    }
+}
+
+/// tonic answers `INTERNAL` to a body that ends inside a message (or a bad
+/// compression flag) before any handler runs; for our methods that is a
+/// malformed request: `INVALID_ARGUMENT`.
+fn malformed_is_invalid(response: Response<Body>, path: &str, note: &RequestNote) -> Response<Body> {
+    if !path.starts_with("/psi.v1.Match/") || note.reached.load(Ordering::Acquire) {
+        return response;
+    }
+    match Status::from_header_map(response.headers()) {
+        Some(status) if status.code() == Code::Internal => {
+            Status::invalid_argument(format!("malformed request: {}", status.message())).into_http()
+        }
+        _ => response,
     }
 }
 

@@ -201,6 +201,13 @@ impl MatchService {
 
     /// Who asks and why: the institution and the declared purpose.
     fn caller<T>(&self, request: &Request<T>) -> Caller {
+        let note = request
+            .extensions()
+            .get::<Arc<crate::admission::RequestNote>>()
+            .cloned();
+        if let Some(note) = &note {
+            note.reached();
+        }
         let purpose = request
             .metadata()
             .get(PURPOSE_HEADER)
@@ -215,10 +222,7 @@ impl MatchService {
         Caller {
             institution: self.state.institution_of(request.extensions()),
             purpose,
-            note: request
-                .extensions()
-                .get::<Arc<crate::admission::RequestNote>>()
-                .cloned(),
+            note,
         }
     }
 
