@@ -63,7 +63,7 @@ async fn main() -> Result<()> {
     let mut tls = Vec::new();
     for i in 0..args.institutions {
         let id = format!("inst-{i:03}");
-        let (cert, key) = psi_server::ca::issue(&ca, &id, &ca)?;
+        let (cert, key) = psi_server::ca::issue(&ca, &id, &ca, false)?;
         tls.push(ClientTls {
             ca: std::fs::read(ca.join("ca.pem"))?,
             cert: std::fs::read(cert)?,

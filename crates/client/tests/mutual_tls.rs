@@ -33,10 +33,11 @@ async fn only_certificates_from_the_operators_ca_are_served() {
     let root = dir.path();
     let ca_dir = root.join("ca");
     ca::init(&ca_dir, &["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let (cert, key) = ca::issue(&ca_dir, "bank-001", &root.join("bank")).unwrap();
+    let (cert, key) = ca::issue(&ca_dir, "bank-001", &root.join("bank"), false).unwrap();
     let rogue_dir = root.join("rogue-ca");
     ca::init(&rogue_dir, &["localhost".into()]).unwrap();
-    let (rogue_cert, rogue_key) = ca::issue(&rogue_dir, "bank-001", &root.join("rogue")).unwrap();
+    let (rogue_cert, rogue_key) =
+        ca::issue(&rogue_dir, "bank-001", &root.join("rogue"), false).unwrap();
 
     let csv = root.join("registry.csv");
     std::fs::write(&csv, "name,id\n张伟,11010519491231002X\n").unwrap();

@@ -147,7 +147,9 @@ fn rfc_vectors_every_step() {
             assert_eq!(got, want, "{mode:?} BlindedElement");
             // BlindEvaluate (with the vector's proof randomness in VOPRF mode)
             let r = v.opt("ProofRandomScalar").map(|r| scalar(&r[0]));
-            let evaluation = server.blind_evaluate_with(&blinded, r.as_ref(), &|| false).unwrap();
+            let evaluation = server
+                .blind_evaluate_with(&blinded, r.as_ref(), &|| false)
+                .unwrap();
             let want: Vec<&[u8]> = v
                 .get("EvaluationElement")
                 .iter()
@@ -301,7 +303,9 @@ fn a_stopped_evaluation_gives_up_between_chunks() {
         asked.fetch_add(1, Ordering::SeqCst);
         false
     };
-    let done = server.blind_evaluate_until(&batch, &mut OsRng, &count).unwrap();
+    let done = server
+        .blind_evaluate_until(&batch, &mut OsRng, &count)
+        .unwrap();
     assert_eq!(done.elements.len(), 4096);
     assert_eq!(asked.load(Ordering::SeqCst), 4096 / 256 + 1);
 }

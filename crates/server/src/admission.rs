@@ -140,10 +140,7 @@ pub struct Admission<S> {
 
 impl<S> tower_service::Service<Request<Body>> for Admission<S>
 where
-    S: tower_service::Service<Request<Body>, Response = Response<Body>>
-        + Clone
-        + Send
-        + 'static,
+    S: tower_service::Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
@@ -258,7 +255,11 @@ impl Shared {
 /// tonic answers `INTERNAL` to a body that ends inside a message (or a bad
 /// compression flag) before any handler runs; for our methods that is a
 /// malformed request: `INVALID_ARGUMENT`.
-fn malformed_is_invalid(response: Response<Body>, path: &str, note: &RequestNote) -> Response<Body> {
+fn malformed_is_invalid(
+    response: Response<Body>,
+    path: &str,
+    note: &RequestNote,
+) -> Response<Body> {
     if !path.starts_with("/psi.v1.Match/") || note.reached.load(Ordering::Acquire) {
         return response;
     }
@@ -427,8 +428,8 @@ impl Drop for Tracker {
             .unwrap_or_else(PoisonError::into_inner)
             .unwrap_or_else(|| {
                 // Dropped before it ended: the client went away, or a deadline passed.
-                let late = self.client_deadline.is_some_and(|d| now >= d)
-                    || now >= self.stream_deadline;
+                let late =
+                    self.client_deadline.is_some_and(|d| now >= d) || now >= self.stream_deadline;
                 if late {
                     Code::DeadlineExceeded
                 } else {
@@ -581,12 +582,21 @@ mod tests {
     #[test]
     fn body_limits_follow_the_batch_limits() {
         let limits = crate::service::Limits::default();
-        assert_eq!(body_limit("/psi.v1.Match/Evaluate", &limits), 4096 * 32 + 64);
-        assert_eq!(body_limit("/psi.v1.Match/BucketQuery", &limits), 64 * 37 + 64);
+        assert_eq!(
+            body_limit("/psi.v1.Match/Evaluate", &limits),
+            4096 * 32 + 64
+        );
+        assert_eq!(
+            body_limit("/psi.v1.Match/BucketQuery", &limits),
+            64 * 37 + 64
+        );
         assert_eq!(
             body_limit("/psi.v1.Match/SyncTagSet", &limits),
             (16 << 20) + 64
         );
-        assert_eq!(body_limit("/grpc.health.v1.Health/Check", &limits), SMALL_BODY);
+        assert_eq!(
+            body_limit("/grpc.health.v1.Health/Check", &limits),
+            SMALL_BODY
+        );
     }
 }

@@ -27,6 +27,9 @@ pub const SERVER_CERT: &str = "server.pem";
 /// The server key's file name.
 pub const SERVER_KEY: &str = "server.key";
 
+/// Institution ids that would name the CA's or the server's files.
+const RESERVED: [&str; 2] = ["ca", "server"];
+
 /// Whether `id` is a valid institution id: 1 to 64 of `A-Z a-z 0-9 . _ -`.
 #[must_use]
 pub fn is_valid_institution(id: &str) -> bool {
@@ -86,10 +89,32 @@ pub fn init(dir: &Path, server_names: &[String]) -> Result<()> {
 /// into `out_dir`. Returns the certificate and key paths.
 ///
 /// # Errors
-/// An invalid institution id, a missing CA, or I/O errors.
-pub fn issue(dir: &Path, institution: &str, out_dir: &Path) -> Result<(PathBuf, PathBuf)> {
+/// An invalid or reserved institution id, an institution that already has
+/// a key in `out_dir` (unless `replace`), a missing CA, or I/O errors.
+pub fn issue(
+    dir: &Path,
+    institution: &str,
+    out_dir: &Path,
+    replace: bool,
+) -> Result<(PathBuf, PathBuf)> {
     if !is_valid_institution(institution) {
         bail!("institution id `{institution}` must be 1 to 64 letters, digits, '.', '_' or '-'");
+    }
+    // The CA's and the server's own files are ca.* and server.*: an
+    // institution of that name would overwrite them.
+    if RESERVED.iter().any(|r| r.eq_ignore_ascii_case(institution)) {
+        bail!(
+            "institution id `{institution}` is reserved: the CA's and the server's files are named {}",
+            [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY].join(", ")
+        );
+    }
+    let cert_path = out_dir.join(format!("{institution}.pem"));
+    let key_path = out_dir.join(format!("{institution}.key"));
+    if !replace && (key_path.exists() || cert_path.exists()) {
+        bail!(
+            "{} already exists: institution {institution} has a certificate; pass --replace to issue a new key and certificate in its place",
+            key_path.display()
+        );
     }
     let ca_pem = std::fs::read_to_string(dir.join(CA_CERT)).with_context(|| {
         format!(
@@ -110,8 +135,6 @@ pub fn issue(dir: &Path, institution: &str, out_dir: &Path) -> Result<(PathBuf, 
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let cert = params.signed_by(&key, &issuer)?;
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let cert_path = out_dir.join(format!("{institution}.pem"));
-    let key_path = out_dir.join(format!("{institution}.key"));
     write_atomically(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
     write_atomically(&cert_path, cert.pem().as_bytes(), 0o644)?;
     Ok((cert_path, key_path))
@@ -145,7 +168,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), &["localhost".into(), "127.0.0.1".into()]).unwrap();
         assert!(init(dir.path(), &[]).is_err(), "never overwrites a CA");
-        let (cert, key) = issue(dir.path(), "bank-001", &dir.path().join("out")).unwrap();
+        let (cert, key) = issue(dir.path(), "bank-001", &dir.path().join("out"), false).unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
@@ -157,7 +180,26 @@ mod tests {
             .1
             .contents;
         assert_eq!(institution_of(&der).unwrap(), "bank-001");
-        assert!(issue(dir.path(), "bad id!", dir.path()).is_err());
+        assert!(issue(dir.path(), "bad id!", dir.path(), false).is_err());
+        // Never the CA's or the server's files, never an existing key
+        // without --replace.
+        let ca_key = std::fs::read(dir.path().join(CA_KEY)).unwrap();
+        let server_key = std::fs::read(dir.path().join(SERVER_KEY)).unwrap();
+        for reserved in ["ca", "server", "CA", "Server"] {
+            let err = issue(dir.path(), reserved, dir.path(), true).unwrap_err();
+            assert!(err.to_string().contains("reserved"), "{err}");
+        }
+        assert_eq!(std::fs::read(dir.path().join(CA_KEY)).unwrap(), ca_key);
+        assert_eq!(
+            std::fs::read(dir.path().join(SERVER_KEY)).unwrap(),
+            server_key
+        );
+        let first = std::fs::read(&key).unwrap();
+        let err = issue(dir.path(), "bank-001", &dir.path().join("out"), false).unwrap_err();
+        assert!(err.to_string().contains("--replace"), "{err}");
+        assert_eq!(std::fs::read(&key).unwrap(), first);
+        issue(dir.path(), "bank-001", &dir.path().join("out"), true).unwrap();
+        assert_ne!(std::fs::read(&key).unwrap(), first);
         assert!(institution_of(b"garbage").is_err());
     }
 }

@@ -47,6 +47,8 @@ pub enum Command {
         registry: String,
         #[command(flatten)]
         source: SourceArgs,
+        #[command(flatten)]
+        guard: GuardArgs,
         /// Data directory (created with mode 0700).
         #[arg(long, env = "PSI_DATA_DIR")]
         data_dir: PathBuf,
@@ -65,6 +67,8 @@ pub enum Command {
         remove: Option<String>,
         #[command(flatten)]
         source: SourceArgs,
+        #[command(flatten)]
+        guard: GuardArgs,
         /// Data directory.
         #[arg(long, env = "PSI_DATA_DIR")]
         data_dir: PathBuf,
@@ -133,6 +137,40 @@ impl SourceArgs {
     }
 }
 
+/// What a new registry version must look like to be published.
+#[derive(Debug, clap::Args)]
+pub struct GuardArgs {
+    /// Refuse to publish when more than this fraction of a source's rows
+    /// is rejected (swapped columns, the wrong file).
+    #[arg(long, default_value_t = 0.01)]
+    max_rejected_fraction: f64,
+    /// Refuse to publish a version with more than this fraction fewer
+    /// records than the previous one.
+    #[arg(long, default_value_t = 0.10)]
+    max_shrink: f64,
+    /// Publish whatever the counts (even an empty registry).
+    #[arg(long)]
+    force: bool,
+}
+
+impl GuardArgs {
+    fn guard(&self) -> Result<registry::PublishGuard> {
+        for (name, v) in [
+            ("--max-rejected-fraction", self.max_rejected_fraction),
+            ("--max-shrink", self.max_shrink),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                anyhow::bail!("{name} must be between 0 and 1, got {v}");
+            }
+        }
+        Ok(registry::PublishGuard {
+            max_rejected_fraction: self.max_rejected_fraction,
+            max_shrink_fraction: self.max_shrink,
+            force: self.force,
+        })
+    }
+}
+
 /// `psi-server ca` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
@@ -156,6 +194,9 @@ pub enum CaCommand {
         /// Where to write INSTITUTION.pem and INSTITUTION.key [default: the CA's directory].
         #[arg(long)]
         out_dir: Option<PathBuf>,
+        /// Replace the institution's existing key and certificate.
+        #[arg(long)]
+        replace: bool,
     },
 }
 
@@ -210,12 +251,14 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Init {
             registry,
             source,
+            guard,
             data_dir,
             no_progress,
         } => {
             let source = source.source(&registry)?;
+            let guard = guard.guard()?;
             let report = tokio::task::spawn_blocking(move || {
-                registry::init(&source, &data_dir, !no_progress)
+                registry::init_guarded(&source, &data_dir, !no_progress, &guard)
             })
             .await??;
             print_init(&report);
@@ -225,13 +268,21 @@ pub async fn run(cli: Cli) -> Result<()> {
             add,
             remove,
             source,
+            guard,
             data_dir,
             no_progress,
         } => {
             let add = add.map(|a| source.source(&a)).transpose()?;
             let remove = remove.map(|r| source.source(&r)).transpose()?;
+            let guard = guard.guard()?;
             let r = tokio::task::spawn_blocking(move || {
-                registry::update(add.as_ref(), remove.as_ref(), &data_dir, !no_progress)
+                registry::update_guarded(
+                    add.as_ref(),
+                    remove.as_ref(),
+                    &data_dir,
+                    !no_progress,
+                    &guard,
+                )
             })
             .await??;
             println!(
@@ -294,9 +345,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             dir,
             institution,
             out_dir,
+            replace,
         }) => {
             let out = out_dir.unwrap_or_else(|| dir.clone());
-            let (cert, key) = crate::ca::issue(&dir, &institution, &out)?;
+            let (cert, key) = crate::ca::issue(&dir, &institution, &out, replace)?;
             println!(
                 "certificate for institution {institution}: {} (key {}); give both and {} to the institution",
                 cert.display(),
@@ -366,13 +418,15 @@ pub fn generate(count: u64, seed: u64, out: &std::path::Path) -> Result<()> {
 /// Prints an init summary.
 pub fn print_init(r: &registry::InitReport) {
     println!(
-        "registry version {} (key epoch {}{}): {} rows read, {} encrypted, {} rejected in {:.1} s; {} bucket prefix bits",
+        "registry version {} (key epoch {}{}): {} rows read, {} accepted, {} rejected, {} duplicates kept once; {} records in {:.1} s; {} bucket prefix bits",
         r.registry_version,
         r.epoch,
         if r.key_created { ", new key" } else { "" },
         r.counts.rows,
         r.counts.accepted,
         r.counts.rejected_total(),
+        r.duplicates,
+        r.records,
         r.elapsed.as_secs_f64(),
         r.bucket_prefix_bits,
     );

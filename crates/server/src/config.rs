@@ -131,8 +131,10 @@ impl NetArgs {
     /// A zero limit, an unreadable duration, or a window HTTP/2 does not allow.
     pub fn resolve(self, file: NetArgs, max_message_bytes: usize) -> Result<NetLimits> {
         let d = NetLimits::default();
-        let duration = |flag: Option<String>, file: Option<String>, name: &str, default: Duration| {
-            match flag.or(file) {
+        let duration =
+            |flag: Option<String>, file: Option<String>, name: &str, default: Duration| match flag
+                .or(file)
+            {
                 None => Ok(default),
                 Some(text) => {
                     let v = humantime::parse_duration(&text).with_context(|| {
@@ -143,10 +145,12 @@ impl NetArgs {
                     }
                     Ok(v)
                 }
-            }
-        };
+            };
         let net = NetLimits {
-            max_connections: self.max_connections.or(file.max_connections).unwrap_or(d.max_connections),
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
             max_connections_per_peer: self
                 .max_connections_per_peer
                 .or(file.max_connections_per_peer)
@@ -155,10 +159,30 @@ impl NetArgs {
                 .max_concurrent_streams
                 .or(file.max_concurrent_streams)
                 .unwrap_or(d.max_concurrent_streams),
-            handshake_timeout: duration(self.handshake_timeout, file.handshake_timeout, "handshake_timeout", d.handshake_timeout)?,
-            idle_timeout: duration(self.idle_timeout, file.idle_timeout, "idle_timeout", d.idle_timeout)?,
-            body_timeout: duration(self.body_timeout, file.body_timeout, "body_timeout", d.body_timeout)?,
-            stream_timeout: duration(self.stream_timeout, file.stream_timeout, "stream_timeout", d.stream_timeout)?,
+            handshake_timeout: duration(
+                self.handshake_timeout,
+                file.handshake_timeout,
+                "handshake_timeout",
+                d.handshake_timeout,
+            )?,
+            idle_timeout: duration(
+                self.idle_timeout,
+                file.idle_timeout,
+                "idle_timeout",
+                d.idle_timeout,
+            )?,
+            body_timeout: duration(
+                self.body_timeout,
+                file.body_timeout,
+                "body_timeout",
+                d.body_timeout,
+            )?,
+            stream_timeout: duration(
+                self.stream_timeout,
+                file.stream_timeout,
+                "stream_timeout",
+                d.stream_timeout,
+            )?,
             buffer_budget_bytes: self
                 .buffer_budget_bytes
                 .or(file.buffer_budget_bytes)
@@ -183,13 +207,18 @@ impl NetArgs {
         for (name, v) in [
             ("max_connections", net.max_connections),
             ("max_connections_per_peer", net.max_connections_per_peer),
-            ("max_concurrent_streams", net.max_concurrent_streams as usize),
+            (
+                "max_concurrent_streams",
+                net.max_concurrent_streams as usize,
+            ),
         ] {
             if v == 0 {
                 bail!("{name} must be at least 1");
             }
         }
-        if net.connection_buffer_bytes < max_message_bytes || net.buffer_budget_bytes < max_message_bytes {
+        if net.connection_buffer_bytes < max_message_bytes
+            || net.buffer_budget_bytes < max_message_bytes
+        {
             bail!(
                 "buffer_budget_bytes ({}) and connection_buffer_bytes ({}) must each hold at least one message of max_message_bytes ({})",
                 net.buffer_budget_bytes, net.connection_buffer_bytes, max_message_bytes

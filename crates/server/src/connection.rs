@@ -18,10 +18,10 @@
 //! through [`PeerInfo`] in their extensions.
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -99,7 +99,8 @@ impl NetLimits {
     pub fn fitted_to_open_file_limit(mut self) -> Self {
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
         if let Some(limit) = limit {
-            let room = usize::try_from(limit.saturating_sub(RESERVED_DESCRIPTORS)).unwrap_or(usize::MAX);
+            let room =
+                usize::try_from(limit.saturating_sub(RESERVED_DESCRIPTORS)).unwrap_or(usize::MAX);
             if self.max_connections > room {
                 tracing::warn!(
                     open_file_limit = limit,
@@ -306,7 +307,12 @@ impl GuardedIo {
     /// request opens or closes).
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         self.conn.waker.register(cx.waker());
-        if let Some(why) = *self.conn.closed.lock().unwrap_or_else(PoisonError::into_inner) {
+        if let Some(why) = *self
+            .conn
+            .closed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
             return Err(timed_out(why));
         }
         let Some((at, why)) = self.conn.deadline() else {
@@ -323,7 +329,11 @@ impl GuardedIo {
         if !due {
             return Ok(());
         }
-        *self.conn.closed.lock().unwrap_or_else(PoisonError::into_inner) = Some(why);
+        *self
+            .conn
+            .closed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(why);
         self.metrics.connection_closed(why.label());
         tracing::debug!(peer = %self.conn.peer, reason = why.label(), "connection closed");
         Err(timed_out(why))
@@ -615,7 +625,10 @@ mod tests {
         let limits = NetLimits::default();
         let conn = Arc::new(Conn::new("127.0.0.1:1".parse().unwrap(), &limits));
         let (at, why) = conn.deadline().unwrap();
-        assert_eq!((at, why), (conn.opened + limits.handshake_timeout, Closed::Handshake));
+        assert_eq!(
+            (at, why),
+            (conn.opened + limits.handshake_timeout, Closed::Handshake)
+        );
         let far = Instant::now() + Duration::from_secs(1000);
         let near = Instant::now() + Duration::from_secs(5);
         let first = conn.open_request(far);

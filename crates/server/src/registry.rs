@@ -113,6 +113,93 @@ fn read_index(data_dir: &Path) -> Result<Option<BucketIndex>> {
     }
 }
 
+/// What a new registry version must look like to be published without
+/// `--force`: a slip (swapped columns, the wrong file, a header-only
+/// export) must not silently empty the registry that institutions are
+/// answered from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PublishGuard {
+    /// Largest fraction of a source's rows that may be rejected.
+    pub max_rejected_fraction: f64,
+    /// Largest fraction of the previous version's records that may
+    /// disappear in one new version.
+    pub max_shrink_fraction: f64,
+    /// Publish whatever the counts (still never a source with no rows read
+    /// by accident: that needs `force` too).
+    pub force: bool,
+}
+
+impl Default for PublishGuard {
+    fn default() -> Self {
+        Self {
+            max_rejected_fraction: 0.01,
+            max_shrink_fraction: 0.10,
+            force: false,
+        }
+    }
+}
+
+impl PublishGuard {
+    /// Publishes anything.
+    #[must_use]
+    pub fn force() -> Self {
+        Self {
+            force: true,
+            ..Self::default()
+        }
+    }
+
+    /// Refuses `label`'s rows when none was accepted or too many were rejected.
+    fn check_rows(&self, label: &str, counts: &RowCounts) -> Result<()> {
+        if self.force || counts.rows == 0 && label != "registry" {
+            return Ok(());
+        }
+        let rejected = counts.rejected_total();
+        let top = counts
+            .rejected
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(reason, n)| format!(" (most often: {reason}, {n} rows)"))
+            .unwrap_or_default();
+        if counts.accepted == 0 {
+            bail!(
+                "refusing to publish: the {label} source gave no valid row ({} rows read, {rejected} rejected{top}). \
+                 Check the file and its columns (--name-column, --id-column); pass --force to publish anyway",
+                counts.rows
+            );
+        }
+        let fraction = rejected as f64 / counts.rows as f64;
+        if fraction > self.max_rejected_fraction {
+            bail!(
+                "refusing to publish: {rejected} of {} rows of the {label} source rejected ({:.2}%, over --max-rejected-fraction {}){top}. \
+                 Fix the source, raise the limit, or pass --force",
+                counts.rows,
+                fraction * 100.0,
+                self.max_rejected_fraction
+            );
+        }
+        Ok(())
+    }
+
+    /// Refuses a new version that loses more than the allowed fraction of
+    /// the previous one's records.
+    fn check_shrink(&self, previous: u64, next: u64) -> Result<()> {
+        if self.force || previous == 0 || next >= previous {
+            return Ok(());
+        }
+        let lost = (previous - next) as f64 / previous as f64;
+        if lost > self.max_shrink_fraction {
+            bail!(
+                "refusing to publish: the registry would fall from {previous} to {next} records ({:.2}% fewer, over --max-shrink {}). \
+                 Pass --force if that is intended",
+                lost * 100.0,
+                self.max_shrink_fraction
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Row counts of a run, by outcome.
 #[derive(Debug, Clone, Default)]
 pub struct RowCounts {
@@ -145,6 +232,8 @@ pub struct InitReport {
     pub registry_version: u64,
     /// Distinct records in the registry.
     pub records: u64,
+    /// Accepted rows that repeated an earlier row's record (kept once).
+    pub duplicates: u64,
     /// Bucket prefix bits chosen.
     pub bucket_prefix_bits: u8,
     /// Where the rejected rows are listed.
@@ -214,13 +303,23 @@ fn rejection(e: &CoreError) -> (&'static str, String) {
 }
 
 /// Takes the data directory's lock: one writer (init, update, rotate-key)
-/// at a time. Released when the returned file is dropped.
-fn lock(data_dir: &Path) -> Result<fs::File> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(data_dir)
-        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+/// at a time. Released when the returned file is dropped. Only `init`
+/// creates the directory; `update` and `rotate-key` need an existing
+/// registry, so a mistyped path is an error, not a new empty directory.
+fn lock(data_dir: &Path, create: bool) -> Result<fs::File> {
+    if create {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    } else if !data_dir.join(SNAPSHOT_FILE).is_file() {
+        bail!(
+            "{} holds no registry ({} is missing): check the path, or run `psi-server init` first",
+            data_dir.display(),
+            SNAPSHOT_FILE
+        );
+    }
     let path = data_dir.join(LOCK_FILE);
     let file = fs::OpenOptions::new()
         .create(true)
@@ -380,8 +479,23 @@ fn dedup(enc: Encrypted) -> Encrypted {
 /// # Errors
 /// Unreadable input, a source without the name and ID columns, I/O errors.
 pub fn init(source: &Source, data_dir: &Path, show_progress: bool) -> Result<InitReport> {
+    init_guarded(source, data_dir, show_progress, &PublishGuard::default())
+}
+
+/// [`init`] held to `guard`: a source with too many rejected rows, or a
+/// registry that shrinks too much, is refused before anything is published
+/// (the rejected-rows report is still written, to say why).
+///
+/// # Errors
+/// As [`init`], and the guard's refusals.
+pub fn init_guarded(
+    source: &Source,
+    data_dir: &Path,
+    show_progress: bool,
+    guard: &PublishGuard,
+) -> Result<InitReport> {
     let started = Instant::now();
-    let _lock = lock(data_dir)?;
+    let _lock = lock(data_dir, true)?;
     let previous = read_index(data_dir)?;
     let (key, key_created) = match (&previous, keystore::latest_epoch(data_dir)?) {
         (Some(index), _) => (keystore::load(data_dir, index.epoch())?, false),
@@ -393,7 +507,22 @@ pub fn init(source: &Source, data_dir: &Path, show_progress: bool) -> Result<Ini
     let report_path = data_dir.join(REPORT_FILE);
     let mut rejected = report_writer()?;
     let (enc, counts) = encrypt_source(source, "registry", &server, &mut rejected, show_progress)?;
+    let accepted = enc.tags.len() as u64;
     let enc = dedup(enc);
+    let duplicates = accepted - enc.tags.len() as u64;
+    let refusal = guard.check_rows("registry", &counts).and_then(|()| {
+        guard.check_shrink(
+            previous.as_ref().map_or(0, |i| i.len() as u64),
+            enc.tags.len() as u64,
+        )
+    });
+    if let Err(e) = refusal {
+        write_atomically(&report_path, &rejected.into_inner()?, 0o600)?;
+        return Err(e.context(format!(
+            "nothing was published; rejected rows are listed in {}",
+            report_path.display()
+        )));
+    }
     let version = previous.as_ref().map_or(0, BucketIndex::registry_version) + 1;
     let p = prefix_bits_for(enc.tags.len() as u64);
     let index = BucketIndex::build(p, &buckets_of(&enc.hashes, p), &enc.tags, epoch, version)?;
@@ -413,6 +542,7 @@ pub fn init(source: &Source, data_dir: &Path, show_progress: bool) -> Result<Ini
         epoch,
         registry_version: version,
         records: records.len(),
+        duplicates,
         bucket_prefix_bits: p,
         report_path,
         elapsed: started.elapsed(),
@@ -432,11 +562,31 @@ pub fn update(
     data_dir: &Path,
     show_progress: bool,
 ) -> Result<UpdateReport> {
+    update_guarded(
+        add,
+        remove,
+        data_dir,
+        show_progress,
+        &PublishGuard::default(),
+    )
+}
+
+/// [`update`] held to `guard` (see [`init_guarded`]).
+///
+/// # Errors
+/// As [`update`], and the guard's refusals.
+pub fn update_guarded(
+    add: Option<&Source>,
+    remove: Option<&Source>,
+    data_dir: &Path,
+    show_progress: bool,
+    guard: &PublishGuard,
+) -> Result<UpdateReport> {
     let started = Instant::now();
     if add.is_none() && remove.is_none() {
         bail!("nothing to do: give --add, --remove or both");
     }
-    let _lock = lock(data_dir)?;
+    let _lock = lock(data_dir, false)?;
     let index = current_index(data_dir)?;
     let EpochKey { epoch, key } = keystore::load(data_dir, index.epoch())?;
     let server = Server::new(Mode::Voprf, key);
@@ -494,6 +644,17 @@ pub fn update(
             report.already_present += 1;
         }
     }
+    let refusal = guard
+        .check_rows("add", &report.add)
+        .and_then(|()| guard.check_rows("remove", &report.remove))
+        .and_then(|()| guard.check_shrink(old.len() as u64, tags.len() as u64));
+    if let Err(e) = refusal {
+        write_atomically(&report_path, &rejected.into_inner()?, 0o600)?;
+        return Err(e.context(format!(
+            "nothing was published; rejected rows are listed in {}",
+            report_path.display()
+        )));
+    }
     let version = index.registry_version() + 1;
     let new_index = BucketIndex::build(p, &buckets, &tags, epoch, version)?;
     let removed_records: HashSet<&[u8]> = gone.records.iter().collect();
@@ -518,7 +679,7 @@ pub fn update(
 /// No registry yet, a record store out of step with the registry, I/O errors.
 pub fn rotate_key(data_dir: &Path, grace: Duration, show_progress: bool) -> Result<RotateReport> {
     let started = Instant::now();
-    let _lock = lock(data_dir)?;
+    let _lock = lock(data_dir, false)?;
     let index = current_index(data_dir)?;
     let old = keystore::load(data_dir, index.epoch())?;
     let mut records = Records::read(data_dir)?;

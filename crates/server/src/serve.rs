@@ -208,10 +208,7 @@ async fn run(
         .add_service(health)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(
-            crate::connection::incoming(listener, net, metrics),
-            signal,
-        )
+        .serve_with_incoming_shutdown(crate::connection::incoming(listener, net, metrics), signal)
         .await
         .context("serving");
     // The loader turned watcher stops with the server.

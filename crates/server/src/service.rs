@@ -96,7 +96,10 @@ impl State {
     }
 
     /// A slot among the institution's concurrent requests, or a refusal.
-    pub(crate) fn slot(&self, institution: &str) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
+    pub(crate) fn slot(
+        &self,
+        institution: &str,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
         let limit = self.limits.max_concurrent_per_institution;
         let semaphore = Arc::clone(
             self.in_flight
@@ -447,11 +450,9 @@ impl MatchService {
         let blinded = unpack_blinded(&req.blinded_elements)?;
         self.check_batch(blinded.len(), self.state.limits.max_batch)?;
         let epoch = snap.epoch;
-        let evaluation = on_cpu(move |stop| {
-            snap.server
-                .blind_evaluate_until(&blinded, &mut OsRng, stop)
-        })
-        .await??;
+        let evaluation =
+            on_cpu(move |stop| snap.server.blind_evaluate_until(&blinded, &mut OsRng, stop))
+                .await??;
         let proof = evaluation.proof.ok_or(ServiceError::Internal)?;
         Ok(EvaluateResponse {
             key_epoch: epoch,
@@ -482,11 +483,9 @@ impl MatchService {
             )));
         }
         let work = Arc::clone(&snap);
-        let evaluation = on_cpu(move |stop| {
-            work.server
-                .blind_evaluate_until(&blinded, &mut OsRng, stop)
-        })
-        .await??;
+        let evaluation =
+            on_cpu(move |stop| work.server.blind_evaluate_until(&blinded, &mut OsRng, stop))
+                .await??;
         let proof = evaluation.proof.ok_or(ServiceError::Internal)?;
         let buckets = ids
             .into_iter()

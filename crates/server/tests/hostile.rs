@@ -377,7 +377,9 @@ async fn partial_request_bodies_stay_within_the_buffer_budget() {
         let mut tasks = Vec::new();
         for _ in 0..32 {
             let mut send = send.clone().ready().await.unwrap();
-            let (response, mut stream) = send.send_request(grpc_request("SyncTagSet"), false).unwrap();
+            let (response, mut stream) = send
+                .send_request(grpc_request("SyncTagSet"), false)
+                .unwrap();
             let message = message.clone();
             tasks.push(tokio::spawn(async move {
                 send_all(&mut stream, message, false).await;
@@ -424,7 +426,9 @@ async fn partial_request_bodies_stay_within_the_buffer_budget() {
     // A BucketQuery is refused as soon as it passes its own small limit.
     let (send, _conn) = h2_from(server.addr, None).await;
     let mut send = send.ready().await.unwrap();
-    let (response, mut stream) = send.send_request(grpc_request("BucketQuery"), false).unwrap();
+    let (response, mut stream) = send
+        .send_request(grpc_request("BucketQuery"), false)
+        .unwrap();
     let big = Bytes::from(vec![0u8; 1 << 20]);
     send_all(&mut stream, big, false).await;
     assert_eq!(grpc_status(response).await, Some(RESOURCE_EXHAUSTED));
@@ -455,7 +459,9 @@ async fn stalled_response_streams_hold_a_slot_and_are_cut_at_the_stream_timeout(
     let mut responses = Vec::new();
     for _ in 0..20 {
         let mut send = send.clone().ready().await.unwrap();
-        let (response, mut stream) = send.send_request(grpc_request("SyncTagSet"), false).unwrap();
+        let (response, mut stream) = send
+            .send_request(grpc_request("SyncTagSet"), false)
+            .unwrap();
         // Refused streams are reset before all of it is sent.
         send_all(&mut stream, body.clone(), true).await;
         responses.push((response, stream));
@@ -509,14 +515,14 @@ async fn idle_connections_are_closed_and_do_not_keep_out_honest_checks() {
     // An honest check while the 500 are held.
     let started = std::time::Instant::now();
     assert!(honest_check(&server, &dir.path().join("c"), &pair).await);
-    eprintln!("honest check with 500 idle connections held: {:?}", started.elapsed());
+    eprintln!(
+        "honest check with 500 idle connections held: {:?}",
+        started.elapsed()
+    );
     // Every idle connection is closed by the server (EOF or reset) after
     // the server's SETTINGS frame.
     for s in idle {
-        assert!(
-            closed_by_peer(s).await,
-            "an idle connection was left open"
-        );
+        assert!(closed_by_peer(s).await, "an idle connection was left open");
     }
     // A connection that made a request and went quiet is closed too.
     let (send, conn) = h2_from(server.addr, None).await;
@@ -584,7 +590,12 @@ async fn a_low_open_file_limit_neither_spins_nor_crashes_the_server() {
     // 128 descriptors: max_connections is fitted to 128 - 64 = 64.
     let server = Server::start_with(
         &data,
-        &["--handshake-timeout", "3s", "--max-connections-per-peer", "1000"],
+        &[
+            "--handshake-timeout",
+            "3s",
+            "--max-connections-per-peer",
+            "1000",
+        ],
         Some(128),
     )
     .await;
@@ -602,7 +613,11 @@ async fn a_low_open_file_limit_neither_spins_nor_crashes_the_server() {
         spent < Duration::from_millis(1000),
         "the server used {spent:?} of CPU in 2 s while 150 connections were held"
     );
-    assert!(server.log().contains("max_connections lowered"), "{}", server.log());
+    assert!(
+        server.log().contains("max_connections lowered"),
+        "{}",
+        server.log()
+    );
     // Honest checks get through once the handshake timeout frees the slots.
     assert!(honest_check_eventually(&server, &dir.path().join("c"), &pair).await);
     drop(held);
@@ -689,12 +704,20 @@ async fn malformed_oversized_and_late_requests_are_refused_precisely_and_recorde
         blinded_elements: vec![1u8; 32 * 65 + 200],
     };
     assert_eq!(
-        call("Evaluate", framed(&prost::Message::encode_to_vec(&over)), true).await,
+        call(
+            "Evaluate",
+            framed(&prost::Message::encode_to_vec(&over)),
+            true
+        )
+        .await,
         Some(RESOURCE_EXHAUSTED)
     );
     // Half a body, then silence: refused at the body timeout.
     let half = framed(&[0u8; 1000]).slice(..500);
-    assert_eq!(call("BucketQuery", half, false).await, Some(DEADLINE_EXCEEDED));
+    assert_eq!(
+        call("BucketQuery", half, false).await,
+        Some(DEADLINE_EXCEEDED)
+    );
     server.audited("Evaluate", "InvalidArgument", 2).await;
     server.audited("Evaluate", "ResourceExhausted", 1).await;
     server.audited("BucketQuery", "DeadlineExceeded", 1).await;
