@@ -28,6 +28,9 @@ pub struct BatchOptions {
     pub mode: QueryMode,
     /// Rows per chunk.
     pub chunk_rows: usize,
+    /// Longest input row in bytes; a longer one stops the run, naming its
+    /// line, so memory stays bounded by the chunk whatever the input.
+    pub max_row_bytes: usize,
     /// Chunks in flight.
     pub chunks_in_flight: usize,
     /// Draw a progress bar on stderr.
@@ -252,11 +255,15 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
     let file_len = std::fs::metadata(&opts.input)
         .with_context(|| format!("reading {}", opts.input.display()))?
         .len();
+    let file = std::fs::File::open(&opts.input)
+        .with_context(|| format!("opening {}", opts.input.display()))?;
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
-        .from_path(&opts.input)
-        .with_context(|| format!("opening {}", opts.input.display()))?;
-    let headers = reader.byte_headers()?.clone();
+        .from_reader(psi_core::rows::RowGuard::new(file, opts.max_row_bytes));
+    let headers = reader
+        .byte_headers()
+        .with_context(|| format!("reading the header of {}", opts.input.display()))?
+        .clone();
     let find = |want: &str| {
         headers
             .iter()
@@ -324,13 +331,17 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
     // The reader runs on its own thread and stays at most a few chunks ahead.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Chunk>>(opts.chunks_in_flight.max(1));
     let chunk_rows = opts.chunk_rows.max(1);
+    let input = opts.input.clone();
+    let partial_for_reader = partial.clone();
     let reader_task = tokio::task::spawn_blocking(move || loop {
         let mut rows = Vec::with_capacity(chunk_rows);
         let mut record = csv::ByteRecord::new();
         let mut failed = None;
         while rows.len() < chunk_rows {
             match reader.read_byte_record(&mut record) {
-                Ok(true) => rows.push(record.clone()),
+                // A compact copy: `record`'s buffer keeps the size of the
+                // longest row read so far, and a clone would copy all of it.
+                Ok(true) => rows.push(record.iter().collect()),
                 Ok(false) => break,
                 Err(e) => {
                     failed = Some(e);
@@ -340,7 +351,11 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         }
         let end_byte = reader.position().byte();
         if let Some(e) = failed {
-            let _ = tx.blocking_send(Err(anyhow::Error::new(e).context("reading the input CSV")));
+            let _ = tx.blocking_send(Err(anyhow::Error::new(e).context(format!(
+                "reading {}; the rows before this point are answered in {}",
+                input.display(),
+                partial_for_reader.display()
+            ))));
             return;
         }
         if rows.is_empty() {
@@ -352,6 +367,7 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
     });
 
     let today = today();
+    let columns = headers.len();
     let mut answered = tokio_stream::wrappers::ReceiverStream::new(rx)
         .map(|chunk| {
             let views = &views;
@@ -364,6 +380,7 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
                         &view.session,
                         view.lookup.as_deref(),
                         &chunk.rows,
+                        columns,
                         name_col,
                         id_col,
                         today,
@@ -388,8 +405,9 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         summary.registry_version = view.version;
         summary.key_epoch = view.epoch;
         for (row, answer) in chunk.rows.iter().zip(answers) {
-            let mut out = row.clone();
-            // Pad short rows so the added columns line up under their headers.
+            // As many fields as the header, so the added columns line up
+            // under their headers (a longer row is answered `invalid`).
+            let mut out: csv::ByteRecord = row.iter().take(headers.len()).collect();
             while out.len() < headers.len() {
                 out.push_field(b"");
             }
@@ -493,6 +511,7 @@ async fn answer_chunk(
     session: &Session,
     lookup: Option<&TagLookup>,
     rows: &[csv::ByteRecord],
+    columns: usize,
     name_col: usize,
     id_col: usize,
     today: psi_core::CivilDate,
@@ -500,6 +519,12 @@ async fn answer_chunk(
     let parsed: Vec<Result<Record, String>> = rows
         .par_iter()
         .map(|row| {
+            if row.len() > columns {
+                return Err(format!(
+                    "the row has {} fields but the header names {columns} (an unquoted comma?); the extra fields are not copied",
+                    row.len()
+                ));
+            }
             let field = |i: usize, what: &str| {
                 let raw = row
                     .get(i)

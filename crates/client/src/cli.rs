@@ -117,6 +117,10 @@ pub enum Command {
         /// Rows per chunk.
         #[arg(long, default_value_t = 8192)]
         chunk_rows: usize,
+        /// Longest input row in bytes (all its fields); a longer row stops
+        /// the run with its line number.
+        #[arg(long, default_value_t = psi_core::rows::DEFAULT_MAX_ROW_BYTES)]
+        max_row_bytes: usize,
         /// Do not draw a progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -197,6 +201,7 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
             output,
             mode,
             chunk_rows,
+            max_row_bytes,
             no_progress,
             resume,
             max_cache_age,
@@ -210,6 +215,7 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
                     output: output.clone(),
                     mode,
                     chunk_rows,
+                    max_row_bytes,
                     chunks_in_flight: 2,
                     progress: !no_progress,
                     resume,

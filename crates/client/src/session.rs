@@ -107,6 +107,14 @@ pub fn is_stale_epoch(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<StaleEpoch>().is_some())
 }
 
+/// Whether `status` came from the transport (the connection or HTTP/2
+/// framing), not from the server's answer.
+fn is_transport_error(status: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    status.code() == Code::Unknown
+        && (status.message().contains("transport") || status.source().is_some())
+}
+
 fn rpc_error(status: tonic::Status, what: &str) -> anyhow::Error {
     match status.code() {
         Code::FailedPrecondition => StaleEpoch {
@@ -218,11 +226,18 @@ impl Session {
         let mut grpc = MatchClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        let info = grpc
-            .get_server_info(GetServerInfoRequest {})
-            .await
-            .map_err(|s| rpc_error(s, "reading the server's parameters"))?
-            .into_inner();
+        let info = match grpc.get_server_info(GetServerInfoRequest {}).await {
+            Ok(info) => info.into_inner(),
+            // Plaintext HTTP/2 to a TLS port: the server's TLS alert reads
+            // as an HTTP/2 protocol error.
+            Err(s) if options.tls.is_none() && is_transport_error(&s) => {
+                return Err(rpc_error(s, "reading the server's parameters").context(format!(
+                    "{} did not speak plaintext HTTP/2; if it requires TLS, use an https:// URL with --tls-ca, --tls-cert and --tls-key",
+                    options.server
+                )))
+            }
+            Err(s) => return Err(rpc_error(s, "reading the server's parameters")),
+        };
         if info.ciphersuite != SUITE_ID || info.oprf_mode != 1 {
             bail!(
                 "the server speaks {} mode {}, this client only {SUITE_ID} VOPRF (mode 1)",

@@ -116,11 +116,15 @@ async fn only_certificates_from_the_operators_ca_are_served() {
     };
     assert!(no_cert, "a client without a certificate must be refused");
 
-    // Plaintext to the TLS port: refused.
+    // Plaintext to the TLS port: refused, saying what to do.
     let plain = format!("http://127.0.0.1:{port}");
-    assert!(Session::connect(options(&plain, &root.join("c3"), None))
+    let err = Session::connect(options(&plain, &root.join("c3"), None))
         .await
-        .is_err());
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("use an https:// URL"),
+        "{err:#}"
+    );
 
     running.shutdown().await.unwrap();
 }

@@ -140,6 +140,36 @@ fn open(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Refuses a database that SQLite finds damaged, or whose last record does
+/// not hash to itself: appending would extend a chain that no longer verifies.
+fn check_before_appending(conn: &Connection) -> Result<()> {
+    let mut stmt = conn.prepare("PRAGMA quick_check")?;
+    let problems: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if problems.first().map(String::as_str) != Some("ok") {
+        bail!(
+            "SQLite integrity check: {}",
+            problems.into_iter().take(3).collect::<Vec<_>>().join("; ")
+        );
+    }
+    let last = conn.query_row(
+        &format!("{SELECT} ORDER BY seq DESC LIMIT 1"),
+        [],
+        read_entry,
+    );
+    match last {
+        Ok((seq, entry, prev_hash, hash)) => {
+            if chain_hash(&prev_hash, seq, &entry).as_slice() != hash.as_slice() {
+                bail!("the last record ({seq}) was changed");
+            }
+            Ok(())
+        }
+        Err(rusqlite::Error::QueryReturnedNoRows) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 type Job = (Entry, oneshot::Sender<Result<i64, String>>);
 
 /// The append side of the audit trail, shared by all requests.
@@ -156,6 +186,13 @@ impl AuditLog {
     /// An unopenable database.
     pub fn open(path: &Path) -> Result<Self> {
         let conn = open(path)?;
+        check_before_appending(&conn).with_context(|| {
+            format!(
+                "the audit database {} is damaged: keep it as evidence (`psi-server audit verify --db {}` says where), and serve with a new --audit-db",
+                path.display(),
+                path.display()
+            )
+        })?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -540,6 +577,39 @@ mod tests {
         let mut seqs = futures::future::join_all(appends).await;
         seqs.sort_unstable();
         seqs
+    }
+
+    #[tokio::test]
+    async fn a_damaged_database_is_not_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(AUDIT_FILE);
+        filled(&path, 2000).await;
+        // Checkpoint the WAL into the main file, then damage pages in its middle.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        for b in &mut bytes[mid..mid + 4096] {
+            *b = 0x5a;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let err = AuditLog::open(&path).unwrap_err();
+        assert!(format!("{err:#}").contains("is damaged"), "{err:#}");
+
+        // An edited last record is refused too.
+        let other = dir.path().join("b.sqlite");
+        filled(&other, 5).await;
+        Connection::open(&other)
+            .unwrap()
+            .execute("UPDATE audit SET elements = 999 WHERE seq = 5", [])
+            .unwrap();
+        let err = AuditLog::open(&other).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("last record (5) was changed"),
+            "{err:#}"
+        );
     }
 
     #[tokio::test]

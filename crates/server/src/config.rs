@@ -131,21 +131,21 @@ impl NetArgs {
     /// A zero limit, an unreadable duration, or a window HTTP/2 does not allow.
     pub fn resolve(self, file: NetArgs, max_message_bytes: usize) -> Result<NetLimits> {
         let d = NetLimits::default();
-        let duration =
-            |flag: Option<String>, file: Option<String>, name: &str, default: Duration| match flag
-                .or(file)
-            {
-                None => Ok(default),
-                Some(text) => {
-                    let v = humantime::parse_duration(&text).with_context(|| {
-                        format!("{name} `{text}` is not a duration (e.g. 10s, 500ms, 2m)")
-                    })?;
-                    if v.is_zero() {
-                        bail!("{name} must be more than zero");
-                    }
-                    Ok(v)
+        let duration = |flag: Option<String>,
+                        file: Option<String>,
+                        name: &str,
+                        default: Duration| match flag.or(file) {
+            None => Ok(default),
+            Some(text) => {
+                let v = humantime::parse_duration(&text).with_context(|| {
+                    format!("{name} `{text}` is not a duration (e.g. 10s, 500ms, 2m)")
+                })?;
+                if v.is_zero() {
+                    bail!("{name} must be more than zero");
                 }
-            };
+                Ok(v)
+            }
+        };
         let net = NetLimits {
             max_connections: self
                 .max_connections

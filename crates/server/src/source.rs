@@ -155,7 +155,7 @@ pub trait RowReader: Send {
 }
 
 struct CsvRows {
-    reader: csv::Reader<std::fs::File>,
+    reader: csv::Reader<psi_core::rows::RowGuard<std::fs::File>>,
     name_col: usize,
     id_col: usize,
     len: u64,
@@ -166,10 +166,15 @@ impl CsvRows {
         let len = std::fs::metadata(path)
             .with_context(|| format!("reading {}", path.display()))?
             .len();
-        let mut reader = csv::ReaderBuilder::new()
-            .flexible(true)
-            .from_path(path)
-            .with_context(|| format!("opening {}", path.display()))?;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut reader =
+            csv::ReaderBuilder::new()
+                .flexible(true)
+                .from_reader(psi_core::rows::RowGuard::new(
+                    file,
+                    psi_core::rows::DEFAULT_MAX_ROW_BYTES,
+                ));
         let headers = reader
             .byte_headers()
             .with_context(|| format!("reading the header of {}", path.display()))?
