@@ -1,8 +1,10 @@
 //! Shared pieces of the benchmarks: deterministic synthetic inputs, a
 //! one-thread pool for per-core figures, and the sweep harness behind
 //! `psi-bench` ([`sweep`] points, [`costs`] per element beside the
-//! baselines, [`report`] tables, charts and BENCHMARKS.md).
+//! baselines, [`report`] tables, charts and BENCHMARKS.md), and the
+//! attackers `psi-load --attack` runs beside its honest load ([`attack`]).
 
+pub mod attack;
 pub mod costs;
 pub mod report;
 pub mod sweep;

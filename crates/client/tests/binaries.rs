@@ -90,7 +90,7 @@ fn init_serve_batch_check_with_the_real_binaries() {
         .arg(&data));
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains("2002 rows read, 2001 encrypted, 1 rejected"),
+        out.contains("2002 rows read, 2001 accepted, 1 rejected, 0 duplicates kept once"),
         "{out}"
     );
     assert!(
@@ -484,4 +484,142 @@ fn a_killed_batch_resumes_with_every_row_exactly_once() {
         assert_eq!(&row[3], "match");
     }
     assert!(!partial.exists());
+}
+
+/// Peak resident memory (KiB) of `cmd` while it runs, sampled from /proc.
+fn run_measuring_peak(cmd: &mut Command) -> (i32, String, u64) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning");
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    let code = loop {
+        if let Ok(status) = std::fs::read_to_string(&status_file) {
+            if let Some(hwm) = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak = peak.max(hwm);
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code().unwrap_or(-1);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (code, err, peak)
+}
+
+#[test]
+fn batch_inputs_with_long_rows_open_quotes_and_extra_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let registry = root.join("registry.csv");
+    let data = root.join("data");
+    std::fs::write(
+        &registry,
+        "name,id\n张伟,11010519491231002X\n李秀英,440524188001010014\n",
+    )
+    .unwrap();
+    let (code, out, err) = run(Command::new(server_bin())
+        .args(["init", "--no-progress", "--registry"])
+        .arg(&registry)
+        .arg("--data-dir")
+        .arg(&data));
+    assert_eq!(code, 0, "{out}{err}");
+    let (_server, url) = serve(&data, None);
+    let cache = root.join("cache");
+    let batch = |input: &Path, output: &Path, extra: &[&str]| {
+        let mut c = Command::new(client_bin());
+        c.args(["batch", "--no-progress", "--mode", "bucket", "--input"])
+            .arg(input)
+            .arg("--output")
+            .arg(output)
+            .args(extra)
+            .args([
+                "--server",
+                &url,
+                "--purpose",
+                "kyc-onboarding",
+                "--cache-dir",
+            ])
+            .arg(&cache);
+        c
+    };
+
+    // One 1 MiB pass-through field, then 500 short rows.
+    let long = root.join("long.csv");
+    let mut text = format!(
+        "name,id,note\n张伟,11010519491231002X,{}\n",
+        "x".repeat(1 << 20)
+    );
+    for _ in 0..500 {
+        text.push_str("李秀英,440524188001010014,n\n");
+    }
+    std::fs::write(&long, &text).unwrap();
+    // Over the default limit: stopped, naming the line.
+    let (code, _, err) = run(&mut batch(&long, &root.join("long-out.csv"), &[]));
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("line 2: the row is longer than 65536 bytes"),
+        "{err}"
+    );
+    // Allowed: memory stays near that of one such row, not one per row.
+    let (code, err, peak_kib) = run_measuring_peak(&mut batch(
+        &long,
+        &root.join("long-out2.csv"),
+        &["--max-row-bytes", "2000000"],
+    ));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("501 rows: 501 match"), "{err}");
+    assert!(
+        peak_kib < 200 * 1024,
+        "psi-client peaked at {} MiB for a 1.5 MiB input",
+        peak_kib / 1024
+    );
+
+    // An unclosed quote on line 3 would swallow the rest of the file.
+    let open = root.join("open.csv");
+    let mut text = String::from("name,id\n张伟,11010519491231002X\n\"李秀英,440524188001010014\n");
+    for _ in 0..100 {
+        text.push_str("张伟,11010519491231002X\n");
+    }
+    std::fs::write(&open, &text).unwrap();
+    let (code, _, err) = run(&mut batch(&open, &root.join("open-out.csv"), &[]));
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("line 3: a quoted field opened here is never closed"),
+        "{err}"
+    );
+    assert!(!root.join("open-out.csv").exists());
+
+    // A row with an extra field is answered `invalid`; the rest go on.
+    let extra = root.join("extra.csv");
+    std::fs::write(
+        &extra,
+        "name,id,ref\n张伟,11010519491231002X,a\n李秀英,440524188001010014,b,surplus\n张伟,11010519491231002X,c\n",
+    )
+    .unwrap();
+    let output = root.join("extra-out.csv");
+    let (code, _, err) = run(&mut batch(&extra, &output, &[]));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("3 rows: 2 match, 0 no_match, 1 invalid"),
+        "{err}"
+    );
+    let answers = std::fs::read_to_string(&output).unwrap();
+    let lines: Vec<&str> = answers.lines().collect();
+    assert_eq!(lines.len(), 4);
+    assert!(
+        lines[2].starts_with(
+            "李秀英,440524188001010014,b,invalid,the row has 4 fields but the header names 3"
+        ),
+        "{answers}"
+    );
 }

@@ -76,6 +76,214 @@ fn ca_commands_make_a_working_set_of_files() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("letters, digits"));
+    // An institution named like the CA's or the server's files: refused,
+    // and the CA's key is untouched.
+    let ca_key = std::fs::read(ca.join("ca.key")).unwrap();
+    for reserved in ["ca", "server"] {
+        let out = server()
+            .args(["ca", "issue", "--institution", reserved, "--dir"])
+            .arg(&ca)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is reserved"));
+    }
+    assert_eq!(std::fs::read(ca.join("ca.key")).unwrap(), ca_key);
+    // Issuing again for an institution keeps its key unless told to replace it.
+    let key = std::fs::read(ca.join("bank-001.key")).unwrap();
+    let out = server()
+        .args(["ca", "issue", "--institution", "bank-001", "--dir"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--replace"));
+    assert_eq!(std::fs::read(ca.join("bank-001.key")).unwrap(), key);
+    let out = server()
+        .args([
+            "ca",
+            "issue",
+            "--institution",
+            "bank-001",
+            "--replace",
+            "--dir",
+        ])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_ne!(std::fs::read(ca.join("bank-001.key")).unwrap(), key);
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn init(registry: &std::path::Path, data: &std::path::Path, extra: &[&str]) -> (bool, String) {
+    run(server()
+        .args(["init", "--no-progress", "--registry"])
+        .arg(registry)
+        .arg("--data-dir")
+        .arg(data)
+        .args(extra))
+}
+
+#[test]
+fn init_and_update_refuse_to_publish_a_registry_that_lost_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let people = dir.path().join("people.csv");
+    let out = server()
+        .args(["generate", "--count", "1000", "--seed", "3", "--out"])
+        .arg(&people)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(&people).unwrap();
+    let data = dir.path().join("data");
+    let (ok, out) = init(&people, &data, &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("1000 records"), "{out}");
+    let snapshot = data.join("registry.bkt");
+    let published = std::fs::read(&snapshot).unwrap();
+
+    // The name and ID columns swapped: every row rejected, nothing published.
+    let swapped = dir.path().join("swapped.csv");
+    let mut lines = text.lines();
+    lines.next();
+    let mut w = String::from("id,name\n");
+    for l in lines {
+        w.push_str(l);
+        w.push('\n');
+    }
+    std::fs::write(&swapped, w).unwrap();
+    let (ok, out) = init(&swapped, &data, &[]);
+    assert!(!ok);
+    assert!(
+        out.contains("refusing to publish: the registry source gave no valid row"),
+        "{out}"
+    );
+    assert!(out.contains("nothing was published"), "{out}");
+    assert_eq!(std::fs::read(&snapshot).unwrap(), published);
+    assert!(data.join("rejected-rows.csv").exists());
+
+    // A header-only export: refused too.
+    let empty = dir.path().join("empty.csv");
+    std::fs::write(&empty, "name,id\n").unwrap();
+    let (ok, out) = init(&empty, &data, &[]);
+    assert!(!ok && out.contains("gave no valid row"), "{out}");
+
+    // Two bad rows in 102 (2%): over the 1% default, under a raised limit.
+    let some_bad = dir.path().join("some-bad.csv");
+    let mut w: String = text.lines().take(101).map(|l| format!("{l}\n")).collect();
+    w.push_str("张三,123\n李四,456\n");
+    std::fs::write(&some_bad, w).unwrap();
+    let (ok, out) = init(&some_bad, &data, &["--max-shrink", "1"]);
+    assert!(
+        !ok && out.contains("2 of 102 rows of the registry source rejected"),
+        "{out}"
+    );
+    // Losing 90% of the registry: refused without a larger --max-shrink.
+    let (ok, out) = init(&some_bad, &data, &["--max-rejected-fraction", "0.05"]);
+    assert!(
+        !ok && out.contains("would fall from 1000 to 100 records"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read(&snapshot).unwrap(), published);
+    let (ok, out) = init(
+        &some_bad,
+        &data,
+        &["--max-rejected-fraction", "0.05", "--max-shrink", "0.95"],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("102 rows read, 100 accepted, 2 rejected"),
+        "{out}"
+    );
+
+    // Duplicates are counted as such, not as records.
+    let dup = dir.path().join("dup.csv");
+    let body: String = text
+        .lines()
+        .skip(1)
+        .take(100)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&dup, format!("name,id\n{body}{body}{body}")).unwrap();
+    let (ok, out) = init(&dup, &data, &[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(
+            "300 rows read, 300 accepted, 0 rejected, 200 duplicates kept once; 100 records"
+        ),
+        "{out}"
+    );
+
+    // An update that removes most of the registry is refused; --force publishes it.
+    let remove = dir.path().join("remove.csv");
+    let body: String = text
+        .lines()
+        .skip(1)
+        .take(50)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&remove, format!("name,id\n{body}")).unwrap();
+    let update = |extra: &[&str]| {
+        run(server()
+            .args(["update", "--no-progress", "--remove"])
+            .arg(&remove)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(extra))
+    };
+    let (ok, out) = update(&[]);
+    assert!(
+        !ok && out.contains("would fall from 100 to 50 records"),
+        "{out}"
+    );
+    let (ok, out) = update(&["--force"]);
+    assert!(ok && out.contains("50 removed"), "{out}");
+
+    // A quote never closed: refused with its line, nothing published.
+    let open = dir.path().join("open.csv");
+    let mut w: String = text.lines().take(10).map(|l| format!("{l}\n")).collect();
+    w.push_str("\"王五,11010519491231002X\n");
+    w.extend(text.lines().skip(10).take(100).map(|l| format!("{l}\n")));
+    std::fs::write(&open, w).unwrap();
+    let before = std::fs::read(&snapshot).unwrap();
+    let (ok, out) = init(&open, &data, &["--force"]);
+    assert!(!ok);
+    assert!(
+        out.contains("line 11: a quoted field opened here is never closed"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read(&snapshot).unwrap(), before);
+}
+
+#[test]
+fn update_and_rotate_key_never_create_a_mistyped_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("srv").join("psi-typo");
+    let add = dir.path().join("add.csv");
+    std::fs::write(&add, "name,id\n张伟,11010519491231002X\n").unwrap();
+    let (ok, out) = run(server()
+        .args(["update", "--no-progress", "--add"])
+        .arg(&add)
+        .arg("--data-dir")
+        .arg(&typo));
+    assert!(!ok && out.contains("holds no registry"), "{out}");
+    let (ok, out) = run(server()
+        .args(["rotate-key", "--no-progress", "--data-dir"])
+        .arg(&typo));
+    assert!(!ok && out.contains("holds no registry"), "{out}");
+    assert!(!typo.exists() && !typo.parent().unwrap().exists());
 }
 
 #[test]
