@@ -111,8 +111,11 @@ pub fn is_stale_epoch(e: &anyhow::Error) -> bool {
 /// framing), not from the server's answer.
 fn is_transport_error(status: &tonic::Status) -> bool {
     use std::error::Error as _;
-    status.code() == Code::Unknown
-        && (status.message().contains("transport") || status.source().is_some())
+    // A status the server sent has no source; one made from a connection or
+    // HTTP/2 error has.
+    status.source().is_some()
+        || status.message().starts_with("h2 protocol error")
+        || status.message().contains("transport error")
 }
 
 fn rpc_error(status: tonic::Status, what: &str) -> anyhow::Error {

@@ -46,6 +46,14 @@ fn write_registry(path: &Path, extra: usize) {
     w.flush().unwrap();
 }
 
+/// The fixtures hold rows that must be rejected (to test the report); the
+/// publication guard's own tests are in the server's CLI tests.
+const LENIENT: registry::PublishGuard = registry::PublishGuard {
+    max_rejected_fraction: 1.0,
+    max_shrink_fraction: 1.0,
+    force: false,
+};
+
 async fn start(data_dir: &Path, port: u16) -> Running {
     start_with_policy(data_dir, port, None).await
 }
@@ -103,7 +111,7 @@ async fn fixture(extra: usize) -> Fixture {
     let csv = root.join("registry.csv");
     write_registry(&csv, extra);
     let data_dir = root.join("data");
-    let report = registry::init(&Source::csv(&csv), &data_dir, false).unwrap();
+    let report = registry::init_guarded(&Source::csv(&csv), &data_dir, false, &LENIENT).unwrap();
     assert_eq!(report.counts.accepted, (REGISTERED.len() + extra) as u64);
     assert_eq!(report.counts.rejected_total(), 2);
     let running = start(&data_dir, 0).await;
@@ -476,7 +484,13 @@ async fn a_wrong_proof_is_an_error_never_a_no_match() {
     let other = tempfile::tempdir().unwrap();
     let csv = other.path().join("r.csv");
     write_registry(&csv, 50);
-    registry::init(&Source::csv(&csv), &other.path().join("data"), false).unwrap();
+    registry::init_guarded(
+        &Source::csv(&csv),
+        &other.path().join("data"),
+        false,
+        &LENIENT,
+    )
+    .unwrap();
     let impostor = start(&other.path().join("data"), port).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -631,7 +645,7 @@ async fn a_snapshot_that_fails_to_load_stops_the_server_with_the_reason() {
     let csv = dir.path().join("r.csv");
     write_registry(&csv, 10);
     let data = dir.path().join("data");
-    registry::init(&Source::csv(&csv), &data, false).unwrap();
+    registry::init_guarded(&Source::csv(&csv), &data, false, &LENIENT).unwrap();
     std::fs::write(
         data.join(registry::SNAPSHOT_FILE),
         b"PSIBKT\0\x01 truncated",
@@ -649,7 +663,7 @@ async fn policy_limits_modes_purposes_and_rates_and_the_client_waits_it_out() {
     let csv = root.join("registry.csv");
     write_registry(&csv, 200);
     let data = root.join("data");
-    registry::init(&Source::csv(&csv), &data, false).unwrap();
+    registry::init_guarded(&Source::csv(&csv), &data, false, &LENIENT).unwrap();
     let policy = r#"
 [institutions.local]
 modes = ["sync"]
@@ -765,7 +779,7 @@ async fn a_server_restart_mid_batch_is_ridden_out() {
     let csv = root.join("registry.csv");
     write_registry(&csv, 100);
     let data = root.join("data");
-    registry::init(&Source::csv(&csv), &data, false).unwrap();
+    registry::init_guarded(&Source::csv(&csv), &data, false, &LENIENT).unwrap();
     // A slow rate keeps the batch running for a few seconds.
     let slow = "[institutions.local]\nmodes=[\"sync\"]\npurposes=[\"kyc-onboarding\"]\nrate_per_second=60\ndaily_cap=100000\nmax_batch=64\n";
     let first = start_with_policy(&data, 0, Some(slow)).await;
@@ -1078,11 +1092,12 @@ async fn updates_are_published_live_and_synced_as_deltas() {
     );
     let stranger = Generator::new(999, today()).unwrap().next().unwrap();
     write_pairs(&remove, &[pairs[0], (&stranger.name, &stranger.id)]);
-    let r = registry::update(
+    let r = registry::update_guarded(
         Some(&Source::csv(&add)),
         Some(&Source::csv(&remove)),
         &f.data_dir,
         false,
+        &LENIENT,
     )
     .unwrap();
     assert_eq!(
@@ -1124,7 +1139,7 @@ async fn updates_are_published_live_and_synced_as_deltas() {
     );
     // A client two versions behind gets both deltas composed.
     write_pairs(&add, &[pairs[0]]);
-    registry::update(Some(&Source::csv(&add)), None, &f.data_dir, false).unwrap();
+    registry::update_guarded(Some(&Source::csv(&add)), None, &f.data_dir, false, &LENIENT).unwrap();
     let session = reconnect_at(&session, 3).await;
     let v3 = session.sync().await.unwrap();
     assert!(v3.delta_applied);
@@ -1151,7 +1166,8 @@ async fn a_batch_during_updates_answers_every_row_correctly() {
         for (i, p) in people.iter().enumerate() {
             let add = root.join(format!("add-{i}.csv"));
             write_pairs(&add, &[(p.name.as_str(), p.id.as_str())]);
-            registry::update(Some(&Source::csv(&add)), None, &data_dir, false).unwrap();
+            registry::update_guarded(Some(&Source::csv(&add)), None, &data_dir, false, &LENIENT)
+                .unwrap();
         }
     });
     let summary = batch::run(
@@ -1311,7 +1327,8 @@ async fn a_registry_that_outgrows_its_tag_parameters_is_synced_in_full() {
         .map(|p| (p.name.as_str(), p.id.as_str()))
         .collect();
     write_pairs(&add, &pairs);
-    let r = registry::update(Some(&Source::csv(&add)), None, &f.data_dir, false).unwrap();
+    let r = registry::update_guarded(Some(&Source::csv(&add)), None, &f.data_dir, false, &LENIENT)
+        .unwrap();
     assert!(r.records > 4096, "{}", r.records);
     let session = reconnect_at(&session, 2).await;
     let after = session.sync().await.unwrap();

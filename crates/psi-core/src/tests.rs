@@ -276,6 +276,16 @@ fn server_rejects_bad_elements_with_their_index() {
 }
 
 #[test]
+fn moving_a_key_moves_no_scalar() {
+    // The scalars live behind one pointer, zeroized on drop: a move (into a
+    // `Server`, a snapshot, an `Arc`) copies the pointer, never the secret.
+    assert_eq!(
+        std::mem::size_of::<ServerKey>(),
+        std::mem::size_of::<usize>() + std::mem::size_of::<crate::PublicKey>()
+    );
+}
+
+#[test]
 fn a_stopped_evaluation_gives_up_between_chunks() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let (server, _) = voprf_pair();

@@ -149,7 +149,14 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
     println!("2. encrypting it under the server's OPRF key");
     let (csv_path, data) = (registry_csv.clone(), data_dir.clone());
     let report = tokio::task::spawn_blocking(move || {
-        registry::init(&crate::source::Source::csv(csv_path), &data, true)
+        // A fresh synthetic registry replaces whatever an earlier demo left
+        // (of any size): its counts are known, so no publication guard.
+        registry::init_guarded(
+            &crate::source::Source::csv(csv_path),
+            &data,
+            true,
+            &registry::PublishGuard::force(),
+        )
     })
     .await??;
     crate::cli::print_init(&report);

@@ -442,51 +442,86 @@ async fn stalled_response_streams_hold_a_slot_and_are_cut_at_the_stream_timeout(
         &data,
         &[
             "--max-concurrent-per-institution",
-            "4",
+            "16",
             "--stream-timeout",
-            "3s",
+            "4s",
+            "--idle-timeout",
+            "5s",
         ],
     )
     .await;
-    // A receive window of 0: the server can send headers but no data.
-    let (send, conn) = h2_from(server.addr, Some(0)).await;
+    assert!(honest_check(&server, &dir.path().join("c0"), &pair).await);
+    let (before, _) = server.memory_kib();
+    // 500 SyncTagSet requests with 1 MiB of held digests each, on 16
+    // connections that advertise a receive window of 0: the server can send
+    // headers but no data, so an admitted stream stalls.
     let request = psi_proto::v1::SyncTagSetRequest {
         key_epoch: 1,
         held_version: 0,
         held_digests: vec![7u8; 1 << 20],
     };
     let body = framed(&prost::Message::encode_to_vec(&request));
-    let mut responses = Vec::new();
-    for _ in 0..20 {
-        let mut send = send.clone().ready().await.unwrap();
-        let (response, mut stream) = send
-            .send_request(grpc_request("SyncTagSet"), false)
-            .unwrap();
-        // Refused streams are reset before all of it is sent.
-        send_all(&mut stream, body.clone(), true).await;
-        responses.push((response, stream));
+    let mut connections = Vec::new();
+    let mut pending = Vec::new();
+    for _ in 0..16 {
+        let (send, conn) = h2_from(server.addr, Some(0)).await;
+        for _ in 0..32 {
+            if pending.len() == 500 {
+                break;
+            }
+            let mut send = send.clone().ready().await.unwrap();
+            let (response, mut stream) = send
+                .send_request(grpc_request("SyncTagSet"), false)
+                .unwrap();
+            let body = body.clone();
+            pending.push(tokio::spawn(async move {
+                // Refused streams are reset before all of it is sent.
+                send_all(&mut stream, body, true).await;
+                let headers = tokio::time::timeout(Duration::from_secs(10), response)
+                    .await
+                    .expect("no response headers")
+                    .map(|r| r.headers().get("grpc-status").cloned());
+                (headers, stream)
+            }));
+        }
+        connections.push((send, conn));
     }
     let mut refused = 0;
     let mut stalled = 0;
     let mut streams = Vec::new();
-    for (response, stream) in responses {
+    for p in pending {
+        let (headers, stream) = p.await.unwrap();
         streams.push(stream);
-        match tokio::time::timeout(Duration::from_secs(2), response).await {
-            Ok(Ok(r)) if r.headers().get("grpc-status").is_some() => {
-                assert_eq!(r.headers()["grpc-status"], "8", "{:?}", r.headers());
+        match headers {
+            // Trailers-only: refused at once, over the institution's slots.
+            Ok(Some(code)) => {
+                assert_eq!(code, "8");
                 refused += 1;
             }
-            Ok(Ok(_)) => stalled += 1,
-            other => panic!("unexpected response: {other:?}"),
+            Ok(None) => stalled += 1,
+            Err(e) => panic!("unexpected: {e}"),
         }
     }
-    // Four streams hold the institution's four slots while stalled; the
-    // other sixteen are refused at once.
-    assert_eq!((stalled, refused), (4, 16));
-    // At the stream timeout the server closes the connection.
-    let closed = tokio::time::timeout(Duration::from_secs(30), conn).await;
-    assert!(closed.is_ok(), "the stalled connection was never closed");
-    server.audited("SyncTagSet", "ResourceExhausted", 16).await;
+    // 16 streams hold the institution's 16 slots while stalled; the other
+    // 484 are refused before their bodies are read.
+    assert_eq!((stalled, refused), (16, 484));
+    let (_, peak) = server.memory_kib();
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    // The bound: 16 admitted bodies of 1 MiB (x2 for tonic's decoded copy),
+    // 16 connection windows of 1 MiB, and 32 MiB to spare.
+    assert!(
+        grown_mib <= 32 + 16 + 32,
+        "resident memory grew by {grown_mib} MiB under 500 stalled streams"
+    );
+    // At the stream timeout the server closes the connections that carry
+    // stalled streams (the others, whose streams were refused, at the idle
+    // timeout).
+    for (_, conn) in connections {
+        let closed = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        assert!(closed.is_ok(), "a stalled connection was never closed");
+    }
+    drop(streams);
+    server.audited("SyncTagSet", "ResourceExhausted", 484).await;
     // The slots are free again.
     assert!(honest_check(&server, &dir.path().join("c"), &pair).await);
 }
