@@ -34,6 +34,15 @@ fn run(cmd: &mut Command) -> (i32, String, String) {
     )
 }
 
+/// `psi-client ARGS` against `url` with a purpose and a cache directory.
+fn client_command(args: &[&str], url: &str, cache: &Path) -> Command {
+    let mut c = Command::new(client_bin());
+    c.args(args)
+        .args(["--server", url, "--purpose", "kyc-onboarding", "--cache-dir"])
+        .arg(cache);
+    c
+}
+
 struct Server(Child);
 
 impl Drop for Server {
@@ -100,19 +109,7 @@ fn init_serve_batch_check_with_the_real_binaries() {
 
     let (mut server, url) = serve(&data, None);
     let cache = root.join("cache");
-    let client = |args: &[&str]| {
-        let mut c = Command::new(client_bin());
-        c.args(args)
-            .args([
-                "--server",
-                &url,
-                "--purpose",
-                "kyc-onboarding",
-                "--cache-dir",
-            ])
-            .arg(&cache);
-        c
-    };
+    let client = |args: &[&str]| client_command(args, &url, &cache);
     // Wait until the snapshot is loaded.
     let started = Instant::now();
     loop {
@@ -536,20 +533,12 @@ fn batch_inputs_with_long_rows_open_quotes_and_extra_fields() {
     let (_server, url) = serve(&data, None);
     let cache = root.join("cache");
     let batch = |input: &Path, output: &Path, extra: &[&str]| {
-        let mut c = Command::new(client_bin());
-        c.args(["batch", "--no-progress", "--mode", "bucket", "--input"])
+        let mut c = client_command(&["batch", "--no-progress", "--mode", "bucket"], &url, &cache);
+        c.arg("--input")
             .arg(input)
             .arg("--output")
             .arg(output)
-            .args(extra)
-            .args([
-                "--server",
-                &url,
-                "--purpose",
-                "kyc-onboarding",
-                "--cache-dir",
-            ])
-            .arg(&cache);
+            .args(extra);
         c
     };
 

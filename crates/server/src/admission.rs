@@ -500,8 +500,8 @@ impl http_body::Body for LimitedBody {
             if this.seen > this.limit {
                 return Poll::Ready(Some(Err(this.tracker.refused(Status::resource_exhausted(
                     format!(
-                        "request body of more than {} bytes for {}: the limit is {} bytes",
-                        this.limit, this.tracker.method, this.limit
+                        "the request body is over the limit of {} bytes for {}",
+                        this.limit, this.tracker.method
                     ),
                 )))));
             }

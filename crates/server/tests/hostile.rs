@@ -543,6 +543,10 @@ async fn idle_connections_are_closed_and_do_not_keep_out_honest_checks() {
         ],
     )
     .await;
+    // An honest session used, left idle past the idle timeout, used again.
+    let session = server.session(&dir.path().join("c0")).await;
+    let record = Record::parse(&pair.0, &pair.1, today()).unwrap();
+    assert!(session.bucket_check(std::slice::from_ref(&record)).await.unwrap()[0]);
     let mut idle = Vec::new();
     for _ in 0..500 {
         idle.push(tcp_from(ATTACKER, server.addr).await.unwrap());
