@@ -1,6 +1,7 @@
 //! Attackers for `psi-load --attack`: each runs against the live server from
 //! its own loopback address (127.0.0.2) beside the honest load, re-opening
-//! whatever the server closes, until told to stop. Traffic stays on the
+//! whatever the server closes or refuses (after a pause: a persistent
+//! attacker, not a flood), until told to stop. Traffic stays on the
 //! loopback interface, in loops bounded by the load test's duration.
 //!
 //! - `idle`: 500 TCP connections that send nothing.
@@ -119,11 +120,10 @@ pub async fn run(
                 let round = lane(attack, &target, &tally, &tls);
                 tokio::select! {
                     _ = stop.changed() => break,
-                    r = round => {
-                        if r.is_err() {
-                            // Refused at accept (over a limit): try again shortly.
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
+                    _ = round => {
+                        // Closed or refused: a persistent attacker comes
+                        // back, not a flood (which is the balancer's to cut).
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
             }
@@ -277,6 +277,9 @@ async fn partial_bodies(
             _ = &mut conn => return Ok(()),
             Some(_) = streams.join_next() => {
                 tally.refused.fetch_add(1, Ordering::Relaxed);
+                // Replace it after a pause: a persistent attacker, not a
+                // flood of refusals.
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
