@@ -38,7 +38,13 @@ fn run(cmd: &mut Command) -> (i32, String, String) {
 fn client_command(args: &[&str], url: &str, cache: &Path) -> Command {
     let mut c = Command::new(client_bin());
     c.args(args)
-        .args(["--server", url, "--purpose", "kyc-onboarding", "--cache-dir"])
+        .args([
+            "--server",
+            url,
+            "--purpose",
+            "kyc-onboarding",
+            "--cache-dir",
+        ])
         .arg(cache);
     c
 }
@@ -533,7 +539,11 @@ fn batch_inputs_with_long_rows_open_quotes_and_extra_fields() {
     let (_server, url) = serve(&data, None);
     let cache = root.join("cache");
     let batch = |input: &Path, output: &Path, extra: &[&str]| {
-        let mut c = client_command(&["batch", "--no-progress", "--mode", "bucket"], &url, &cache);
+        let mut c = client_command(
+            &["batch", "--no-progress", "--mode", "bucket"],
+            &url,
+            &cache,
+        );
         c.arg("--input")
             .arg(input)
             .arg("--output")

@@ -289,6 +289,17 @@ fn grpc_request(method: &str) -> http::Request<()> {
         .unwrap()
 }
 
+/// A `grpc.health.v1.Health/Check` request's headers.
+fn health_request() -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri("http://127.0.0.1/grpc.health.v1.Health/Check")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
 /// A gRPC length-prefixed message.
 fn framed(message: &[u8]) -> Bytes {
     let mut out = vec![0u8];
@@ -401,6 +412,7 @@ async fn partial_request_bodies_stay_within_the_buffer_budget() {
     }
     let (_, peak) = server.memory_kib();
     let grown_mib = peak.saturating_sub(before) / 1024;
+    eprintln!("500 partial bodies: resident memory {before} KiB before, peak {peak} KiB");
     // The bound: the 32 MiB budget, tonic's copy of what it holds (x2), and
     // the HTTP/2 windows of 16 connections (1 MiB each), with 32 MiB to spare.
     assert!(
@@ -507,6 +519,7 @@ async fn stalled_response_streams_hold_a_slot_and_are_cut_at_the_stream_timeout(
     assert_eq!((stalled, refused), (16, 484));
     let (_, peak) = server.memory_kib();
     let grown_mib = peak.saturating_sub(before) / 1024;
+    eprintln!("500 stalled streams: resident memory {before} KiB before, peak {peak} KiB");
     // The bound: 16 admitted bodies of 1 MiB (x2 for tonic's decoded copy),
     // 16 connection windows of 1 MiB, and 32 MiB to spare.
     assert!(
@@ -546,7 +559,12 @@ async fn idle_connections_are_closed_and_do_not_keep_out_honest_checks() {
     // An honest session used, left idle past the idle timeout, used again.
     let session = server.session(&dir.path().join("c0")).await;
     let record = Record::parse(&pair.0, &pair.1, today()).unwrap();
-    assert!(session.bucket_check(std::slice::from_ref(&record)).await.unwrap()[0]);
+    assert!(
+        session
+            .bucket_check(std::slice::from_ref(&record))
+            .await
+            .unwrap()[0]
+    );
     let mut idle = Vec::new();
     for _ in 0..500 {
         idle.push(tcp_from(ATTACKER, server.addr).await.unwrap());
@@ -566,18 +584,7 @@ async fn idle_connections_are_closed_and_do_not_keep_out_honest_checks() {
     // A connection that made a request and went quiet is closed too.
     let (send, conn) = h2_from(server.addr, None).await;
     let mut send = send.ready().await.unwrap();
-    let (response, _stream) = send
-        .send_request(
-            http::Request::builder()
-                .method("POST")
-                .uri("http://127.0.0.1/grpc.health.v1.Health/Check")
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(())
-                .unwrap(),
-            false,
-        )
-        .unwrap();
+    let (response, _stream) = send.send_request(health_request(), false).unwrap();
     drop(response);
     drop(_stream);
     let closed = tokio::time::timeout(Duration::from_secs(30), conn).await;
@@ -701,6 +708,7 @@ async fn cancelled_evaluations_stop_and_are_recorded() {
     assert!(records.iter().all(|(_, _, n)| *n == 4096), "{records:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let spent = server.cpu().saturating_sub(cpu_before);
+    eprintln!("40 cancelled Evaluate(4096) and one honest check: {spent:?} of server CPU");
     // All 40 in full: 40 x 4096 evaluations with proofs, ~7 s of CPU here.
     assert!(
         spent < Duration::from_secs(3),
@@ -760,7 +768,81 @@ async fn malformed_oversized_and_late_requests_are_refused_precisely_and_recorde
     server.audited("Evaluate", "InvalidArgument", 2).await;
     server.audited("Evaluate", "ResourceExhausted", 1).await;
     server.audited("BucketQuery", "DeadlineExceeded", 1).await;
+
+    // A client deadline shorter than the work: the answer is not waited
+    // for, and the request is recorded as past its deadline.
+    let session = server.session(&_dir.path().join("c")).await;
+    let valid = psi_core::Client::new(
+        psi_core::Mode::Voprf,
+        psi_core::PublicKey::from_bytes(&session.info().public_key).unwrap(),
+    )
+    .blind(
+        &[b"x".as_slice(); 64],
+        psi_core::Blinding::Additive,
+        &mut rand_core::OsRng,
+    )
+    .unwrap()
+    .1;
+    let mut client = psi_proto::v1::match_client::MatchClient::connect(server.url())
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(psi_proto::v1::EvaluateRequest {
+        key_epoch: session.info().key_epoch,
+        blinded_elements: psi_proto::pack(valid.iter().map(|b| &b.0)),
+    });
+    req.metadata_mut()
+        .insert(psi_proto::PURPOSE_HEADER, PURPOSE.parse().unwrap());
+    req.set_timeout(Duration::from_micros(200));
+    assert!(client.evaluate(req).await.is_err());
+    server.audited("Evaluate", "DeadlineExceeded", 1).await;
+
     // Every refusal is in the audit trail and nowhere did the server fall over.
     let verified = psi_server::audit::verify(&data.join(psi_server::audit::AUDIT_FILE)).unwrap();
-    assert_eq!(verified.records, 4);
+    assert_eq!(verified.records, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_and_metadata_per_connection_are_limited() {
+    let (_dir, data, _) = registry(200);
+    let server = Server::start(&data, &["--max-concurrent-streams", "4"]).await;
+    let (send, _conn) = h2_from(server.addr, None).await;
+    let mut send = send.ready().await.unwrap();
+    // The limit is advertised in the server's SETTINGS (received by the
+    // time a first request is answered).
+    let (response, mut stream) = send.send_request(health_request(), false).unwrap();
+    send_all(&mut stream, framed(&[]), true).await;
+    assert_eq!(grpc_status(response).await, Some(0));
+    assert_eq!(send.current_max_send_streams(), 4);
+    // Four open streams (bodies not yet sent) use them up: a fifth request
+    // waits until one of them ends.
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let mut s = send.clone().ready().await.unwrap();
+        open.push(s.send_request(grpc_request("BucketQuery"), false).unwrap());
+    }
+    let mut s = send.clone().ready().await.unwrap();
+    let (fifth, mut stream) = s.send_request(health_request(), false).unwrap();
+    // Buffered by h2 until the stream may open (no waiting for capacity).
+    stream.send_data(framed(&[]), true).unwrap();
+    let mut fifth = Box::pin(grpc_status(fifth));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut fifth)
+            .await
+            .is_err(),
+        "a fifth concurrent stream was served"
+    );
+    drop(open);
+    assert_eq!(fifth.await, Some(0));
+    // A request whose metadata is over 16 KiB is refused, the connection kept.
+    let (send, conn) = h2_from(server.addr, None).await;
+    let mut send = send.ready().await.unwrap();
+    let mut big = grpc_request("BucketQuery");
+    big.headers_mut()
+        .insert("x-padding", "a".repeat(20_000).parse().unwrap());
+    let (response, _stream) = send.send_request(big, true).unwrap();
+    match response.await {
+        Ok(r) => assert_ne!(r.status(), 200, "{r:?}"),
+        Err(_) => {}
+    }
+    assert!(!conn.is_finished());
 }
