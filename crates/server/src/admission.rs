@@ -202,6 +202,10 @@ impl Shared {
             return Ok(tracker.refuse(budget_refusal()));
         }
         req.extensions_mut().insert(Arc::clone(&note));
+        if let Some(institution) = &tracker.institution {
+            req.extensions_mut()
+                .insert(Authenticated(institution.clone()));
+        }
         let timer = Box::pin(tokio::time::sleep_until(started + self.limits.body_timeout));
         let req = req.map(|body| {
             Body::new(LimitedBody {
@@ -298,6 +302,19 @@ fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     })
 }
 
+#[derive(Debug)]
+struct Audited {
+    method: &'static str,
+    mode: &'static str,
+    purpose: String,
+    received: std::time::SystemTime,
+}
+
+/// The institution the admission layer authenticated, for the handler (so
+/// the certificate is parsed once per request).
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub String);
+
 /// One request's accounting; when the last reference goes (the response
 /// ended or was dropped), its holds are released and, if the handler did
 /// not record it, its audit record is written.
@@ -307,8 +324,9 @@ struct Tracker {
     conn: Option<Arc<Conn>>,
     _open: Option<OpenRequest>,
     note: Arc<RequestNote>,
-    /// The audit entry of an audited method, filled in at the end.
-    audit: Option<Entry>,
+    /// What the audit record of an audited method needs, written at the
+    /// end only if the handler did not write one.
+    audit: Option<Audited>,
     institution: Option<String>,
     method: String,
     started: Instant,
@@ -333,19 +351,17 @@ impl Tracker {
         client_deadline: Option<Instant>,
     ) -> Self {
         let institution = shared.state.institution_of(req.extensions()).ok();
-        let audit = audited_method(path).map(|(method, mode)| {
-            let purpose = req
+        let audit = audited_method(path).map(|(method, mode)| Audited {
+            method,
+            mode,
+            purpose: req
                 .headers()
                 .get(PURPOSE_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .filter(|p| crate::service::is_valid_purpose(p))
-                .unwrap_or("");
-            Entry::now(
-                institution.as_deref().unwrap_or("unauthenticated"),
-                purpose,
-                method,
-                mode,
-            )
+                .unwrap_or("")
+                .to_string(),
+            received: std::time::SystemTime::now(),
         });
         let method = audited_method(path).map_or_else(
             || path.rsplit('/').next().unwrap_or("").to_string(),
@@ -415,12 +431,19 @@ impl Drop for Tracker {
         if let Some(conn) = &self.conn {
             conn.release(held);
         }
-        let Some(mut entry) = self.audit.take() else {
+        let Some(audited) = self.audit.take() else {
             return;
         };
         if self.note.audited.load(Ordering::Acquire) {
             return;
         }
+        let mut entry = Entry::now(
+            self.institution.as_deref().unwrap_or("unauthenticated"),
+            &audited.purpose,
+            audited.method,
+            audited.mode,
+        );
+        entry.time_unix_ms = crate::audit::unix_ms(audited.received);
         let now = Instant::now();
         let code = self
             .outcome

@@ -456,7 +456,8 @@ pub struct ExportFilter {
     pub until: Option<SystemTime>,
 }
 
-fn unix_ms(t: SystemTime) -> i64 {
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

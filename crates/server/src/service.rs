@@ -182,6 +182,10 @@ impl State {
         if !self.mutual_tls {
             return Ok(LOCAL_INSTITUTION.to_string());
         }
+        // Set by the admission layer, which read the certificate already.
+        if let Some(known) = extensions.get::<crate::admission::Authenticated>() {
+            return Ok(known.0.clone());
+        }
         let certs =
             crate::connection::peer_certs(extensions).ok_or(ServiceError::Unauthenticated)?;
         let leaf = certs.first().ok_or(ServiceError::Unauthenticated)?;
