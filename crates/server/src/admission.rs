@@ -173,7 +173,9 @@ impl Shared {
         let path = req.uri().path().to_string();
         let limit = body_limit(&path, &self.state.limits());
         let conn = peer_info(req.extensions()).map(|p| Arc::clone(&p.conn));
-        let client_deadline = grpc_timeout(req.headers()).map(|d| started + d);
+        // Capped: no deadline needs to reach past the request's whole life.
+        let client_deadline =
+            grpc_timeout(req.headers()).map(|d| started + d.min(self.limits.stream_timeout));
         let open = conn
             .as_ref()
             .map(|c| c.open_request(started + self.limits.stream_timeout));

@@ -124,6 +124,9 @@ pub struct NetArgs {
     pub connection_window_bytes: Option<u32>,
 }
 
+/// The longest any timeout may be set to.
+const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
+
 impl NetArgs {
     /// These settings where given, else `file`'s, else the defaults, checked.
     ///
@@ -140,8 +143,8 @@ impl NetArgs {
                 let v = humantime::parse_duration(&text).with_context(|| {
                     format!("{name} `{text}` is not a duration (e.g. 10s, 500ms, 2m)")
                 })?;
-                if v.is_zero() {
-                    bail!("{name} must be more than zero");
+                if v.is_zero() || v > MAX_TIMEOUT {
+                    bail!("{name} must be more than zero and at most 7 days, got {text}");
                 }
                 Ok(v)
             }
@@ -377,8 +380,11 @@ impl ServeArgs {
             .request_timeout_secs
             .or(file.request_timeout_secs)
             .unwrap_or(60);
-        if timeout == 0 {
-            bail!("request_timeout_secs must be at least 1");
+        if timeout == 0 || timeout > MAX_TIMEOUT.as_secs() {
+            bail!(
+                "request_timeout_secs must be between 1 and {}",
+                MAX_TIMEOUT.as_secs()
+            );
         }
         let reload_ms = self
             .reload_interval_ms
@@ -529,6 +535,89 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("all three"));
+        // Network limits: flags over the file's [net] table, checked.
+        std::fs::write(
+            &cfg_path,
+            format!(
+                "data_dir = {:?}\n[net]\nidle_timeout = \"30s\"\nmax_connections = 9\n",
+                d.path()
+            ),
+        )
+        .unwrap();
+        let cfg = ServeArgs {
+            config: Some(cfg_path.clone()),
+            net: NetArgs {
+                max_connections: Some(10),
+                ..NetArgs::default()
+            },
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(cfg.net.max_connections, 10);
+        assert_eq!(cfg.net.idle_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.net.stream_timeout, NetLimits::default().stream_timeout);
+        for (bad, want) in [
+            (
+                NetArgs {
+                    idle_timeout: Some("soon".into()),
+                    ..NetArgs::default()
+                },
+                "is not a duration",
+            ),
+            (
+                NetArgs {
+                    stream_timeout: Some("30d".into()),
+                    ..NetArgs::default()
+                },
+                "at most 7 days",
+            ),
+            (
+                NetArgs {
+                    max_concurrent_streams: Some(0),
+                    ..NetArgs::default()
+                },
+                "max_concurrent_streams must be at least 1",
+            ),
+            (
+                NetArgs {
+                    connection_buffer_bytes: Some(1 << 20),
+                    ..NetArgs::default()
+                },
+                "must each hold at least one message",
+            ),
+            (
+                NetArgs {
+                    stream_window_bytes: Some(100),
+                    ..NetArgs::default()
+                },
+                "stream_window_bytes must be between",
+            ),
+        ] {
+            let err = ServeArgs {
+                data_dir: Some(d.path().into()),
+                net: bad,
+                ..ServeArgs::default()
+            }
+            .resolve()
+            .unwrap_err();
+            assert!(format!("{err:#}").contains(want), "{err:#}");
+        }
+        let err = ServeArgs {
+            data_dir: Some(d.path().into()),
+            request_timeout_secs: Some(u64::MAX),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("request_timeout_secs"), "{err}");
+        std::fs::write(&cfg_path, "[net]\nidle_timeot = \"1s\"\n").unwrap();
+        let bad = ServeArgs {
+            config: Some(cfg_path.clone()),
+            data_dir: Some(d.path().into()),
+            ..ServeArgs::default()
+        };
+        assert!(format!("{:#}", bad.resolve().unwrap_err()).contains("unknown field"));
         let empty = tempfile::tempdir().unwrap();
         let bad = ServeArgs {
             data_dir: Some(empty.path().into()),
