@@ -151,6 +151,53 @@ mod tests {
         assert!(err.starts_with("line 1:"), "{err}");
     }
 
+    /// RFC 4180 encoding of rows (what a spreadsheet writes).
+    fn encode(rows: &[Vec<String>]) -> String {
+        rows.iter()
+            .map(|row| {
+                let fields: Vec<String> = row
+                    .iter()
+                    .map(|f| {
+                        if f.contains([',', '"', '\n', '\r']) || f.is_empty() {
+                            format!("\"{}\"", f.replace('"', "\"\""))
+                        } else {
+                            f.clone()
+                        }
+                    })
+                    .collect();
+                fields.join(",") + "\r\n"
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_any_limit_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), max in 1usize..64) {
+            let mut out = Vec::new();
+            if RowGuard::new(bytes.as_slice(), max).read_to_end(&mut out).is_ok() {
+                proptest::prop_assert_eq!(out, bytes);
+            }
+        }
+
+        #[test]
+        fn well_quoted_rows_are_let_through(rows in proptest::collection::vec(proptest::collection::vec("[a-c,\"\r\n张 ]{0,8}", 1..5), 0..20)) {
+            let text = encode(&rows);
+            proptest::prop_assert_eq!(read_all(&text, 1 << 10), Ok(text.len()));
+        }
+
+        #[test]
+        fn one_stray_opening_quote_is_found(rows in proptest::collection::vec(proptest::collection::vec("[a-c ]{1,8}", 1..5), 1..20), at in 0usize..20) {
+            let mut rows = rows;
+            let at = at % rows.len();
+            rows[at][0].insert(0, '"');
+            // Written raw, not encoded: the quote opens a field never closed.
+            let text: String = rows.iter().map(|r| r.join(",") + "\n").collect();
+            let err = read_all(&text, 1 << 16).unwrap_err();
+            let want = format!("line {}: a quoted field opened here is never closed", at + 1);
+            proptest::prop_assert!(err.starts_with(&want), "{}", err);
+        }
+    }
+
     #[test]
     fn a_long_row_is_refused_by_its_line() {
         let text = format!("name,id\nshort,1\n{},2\nshort,3\n", "x".repeat(100));
