@@ -371,7 +371,7 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
             output: cache.path().join("answers.csv"),
             mode,
             chunk_rows: 8192,
-            max_row_bytes: psi_core::rows::DEFAULT_MAX_ROW_BYTES,
+            max_row_bytes: psi_files::rows::DEFAULT_MAX_ROW_BYTES,
             chunks_in_flight: 2,
             progress: false,
             resume: false,

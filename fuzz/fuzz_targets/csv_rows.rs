@@ -5,7 +5,7 @@
 use std::io::Read;
 
 use libfuzzer_sys::fuzz_target;
-use psi_core::rows::RowGuard;
+use psi_files::rows::RowGuard;
 
 fuzz_target!(|data: &[u8]| {
     let (head, body) = data.split_at(data.len().min(2));

@@ -245,7 +245,7 @@ async fn e2e(args: E2eArgs) -> Result<()> {
             output,
             mode: QueryMode::Sync,
             chunk_rows: 8192,
-            max_row_bytes: psi_core::rows::DEFAULT_MAX_ROW_BYTES,
+            max_row_bytes: psi_files::rows::DEFAULT_MAX_ROW_BYTES,
             chunks_in_flight: 2,
             progress: false,
             resume: false,

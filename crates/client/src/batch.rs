@@ -259,7 +259,7 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         .with_context(|| format!("opening {}", opts.input.display()))?;
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
-        .from_reader(psi_core::rows::RowGuard::new(file, opts.max_row_bytes));
+        .from_reader(psi_files::rows::RowGuard::new(file, opts.max_row_bytes));
     let headers = reader
         .byte_headers()
         .with_context(|| format!("reading the header of {}", opts.input.display()))?

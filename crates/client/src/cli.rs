@@ -119,7 +119,7 @@ pub enum Command {
         chunk_rows: usize,
         /// Longest input row in bytes (all its fields); a longer row stops
         /// the run with its line number.
-        #[arg(long, default_value_t = psi_core::rows::DEFAULT_MAX_ROW_BYTES)]
+        #[arg(long, default_value_t = psi_files::rows::DEFAULT_MAX_ROW_BYTES)]
         max_row_bytes: usize,
         /// Do not draw a progress bar.
         #[arg(long)]

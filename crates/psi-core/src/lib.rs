@@ -8,8 +8,6 @@
 //!   additive blinding path for the client and a batched-encoding evaluation
 //!   path for the server.
 //! - [`record`]: canonical (name, ID number) records, the OPRF input.
-//! - [`rows`]: the CSV row contract both sides read records with (bounded
-//!   rows, unclosed quotes found); a wrapper around any reader, opening nothing.
 //! - [`rotation`]: the retiring key's endorsement of its successor.
 //! - [`tag`], [`tagset`], [`bucket`]: how the server's encrypted registry is
 //!   held and shipped in the sync and bucket modes.

@@ -235,7 +235,7 @@ async fn client_side(dir: &Path, url: &str, count: u64) -> Result<()> {
                 output: output.clone(),
                 mode,
                 chunk_rows: 4096,
-                max_row_bytes: psi_core::rows::DEFAULT_MAX_ROW_BYTES,
+                max_row_bytes: psi_files::rows::DEFAULT_MAX_ROW_BYTES,
                 chunks_in_flight: 2,
                 progress: false,
                 resume: false,

@@ -155,7 +155,7 @@ pub trait RowReader: Send {
 }
 
 struct CsvRows {
-    reader: csv::Reader<psi_core::rows::RowGuard<std::fs::File>>,
+    reader: csv::Reader<psi_files::rows::RowGuard<std::fs::File>>,
     name_col: usize,
     id_col: usize,
     len: u64,
@@ -171,9 +171,9 @@ impl CsvRows {
         let mut reader =
             csv::ReaderBuilder::new()
                 .flexible(true)
-                .from_reader(psi_core::rows::RowGuard::new(
+                .from_reader(psi_files::rows::RowGuard::new(
                     file,
-                    psi_core::rows::DEFAULT_MAX_ROW_BYTES,
+                    psi_files::rows::DEFAULT_MAX_ROW_BYTES,
                 ));
         let headers = reader
             .byte_headers()

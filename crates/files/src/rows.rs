@@ -9,7 +9,8 @@
 //! with `""` for a quote, `\n`, `\r` or `\r\n` ending a row) byte by byte,
 //! and fails the read, naming the line, instead.
 //!
-//! It transforms nothing and opens nothing: it wraps any [`std::io::Read`].
+//! It transforms nothing and opens nothing: it wraps any [`std::io::Read`]
+//! (of UTF-8: see [`crate::encoding`] for other encodings).
 
 use std::io::{self, Read};
 

@@ -1,0 +1,25 @@
+//! The files operators and institutions hold, read and written the same way
+//! on both sides (the registry's CSV source for `init`/`update`, the
+//! institution's batch input and output):
+//!
+//! - [`encoding`]: UTF-8 (with or without a BOM) and GB18030/GBK text,
+//!   detected from the bytes, a file in neither refused by its first bad line;
+//! - [`rows`]: CSV rows bounded in length, a quote never closed named by its line.
+//!
+//! Wrappers around readers and writers; opening files is the caller's, except
+//! for [`encoding::detect`], which reads the file it is given.
+
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod encoding;
+pub mod rows;
+
+pub use encoding::{Encoding, EncodingError};
