@@ -32,7 +32,6 @@ pub mod proof;
 pub mod record;
 mod rice;
 pub mod rotation;
-pub mod rows;
 pub mod server;
 pub mod suite;
 pub mod tag;
