@@ -372,6 +372,8 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
             mode,
             chunk_rows: 8192,
             max_row_bytes: psi_files::rows::DEFAULT_MAX_ROW_BYTES,
+            encoding: None,
+            output_encoding: None,
             chunks_in_flight: 2,
             progress: false,
             resume: false,

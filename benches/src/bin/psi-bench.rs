@@ -246,6 +246,8 @@ async fn e2e(args: E2eArgs) -> Result<()> {
             mode: QueryMode::Sync,
             chunk_rows: 8192,
             max_row_bytes: psi_files::rows::DEFAULT_MAX_ROW_BYTES,
+            encoding: None,
+            output_encoding: None,
             chunks_in_flight: 2,
             progress: false,
             resume: false,

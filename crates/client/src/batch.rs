@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use psi_core::{Record, TagLookup};
+use psi_files::encoding::{self, Encoding, EncodingWriter, Utf8Reader};
 use rayon::prelude::*;
 
 use crate::session::{is_stale_epoch, Session};
@@ -43,6 +44,11 @@ pub struct BatchOptions {
     pub max_cache_age: Duration,
     /// Sync mode: answer from the cached tag set without syncing first.
     pub no_sync: bool,
+    /// The input's text encoding; `None` detects it (UTF-8 with or without
+    /// a BOM, else GB18030) and refuses a file that is neither.
+    pub encoding: Option<Encoding>,
+    /// The output's encoding; `None` writes the input's.
+    pub output_encoding: Option<Encoding>,
 }
 
 /// What a batch did.
@@ -242,6 +248,10 @@ struct Chunk {
 /// I/O errors. On error no output file is left claiming completeness.
 pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary> {
     let started = Instant::now();
+    // The whole input is checked before the first request: a file in
+    // neither encoding is refused, never answered as a run of `invalid`.
+    let input_encoding = input_encoding(&opts.input, opts.encoding).await?;
+    let output_encoding = opts.output_encoding.unwrap_or(input_encoding);
     let views = Views::open(session.clone(), opts).await?;
     let mut summary = BatchSummary::default();
     {
@@ -257,9 +267,20 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         .len();
     let file = std::fs::File::open(&opts.input)
         .with_context(|| format!("opening {}", opts.input.display()))?;
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_reader(psi_files::rows::RowGuard::new(file, opts.max_row_bytes));
+    let read_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut reader =
+        csv::ReaderBuilder::new()
+            .flexible(true)
+            .from_reader(psi_files::rows::RowGuard::new(
+                Utf8Reader::new(
+                    Counted {
+                        inner: file,
+                        count: Arc::clone(&read_bytes),
+                    },
+                    input_encoding,
+                ),
+                opts.max_row_bytes,
+            ));
     let headers = reader
         .byte_headers()
         .with_context(|| format!("reading the header of {}", opts.input.display()))?
@@ -292,7 +313,7 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
                 partial.display()
             );
         }
-        resume_point(&partial, &out_headers)?
+        resume_point(&partial, &out_headers, output_encoding)?
     } else {
         0
     };
@@ -302,8 +323,13 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         .append(true)
         .open(&partial)
         .with_context(|| format!("opening {}", partial.display()))?;
-    let mut writer = csv::Writer::from_writer(BufWriter::new(file));
-    if done_rows == 0 && std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) == 0 {
+    let new_file = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) == 0;
+    let mut writer = csv::Writer::from_writer(BufWriter::new(EncodingWriter::new(
+        file,
+        output_encoding,
+        new_file,
+    )));
+    if done_rows == 0 && new_file {
         writer.write_byte_record(&out_headers)?;
     }
     // Rows already answered by the interrupted run are skipped, not re-asked.
@@ -349,7 +375,7 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
                 }
             }
         }
-        let end_byte = reader.position().byte();
+        let end_byte = read_bytes.load(std::sync::atomic::Ordering::Relaxed);
         if let Some(e) = failed {
             let _ = tx.blocking_send(Err(anyhow::Error::new(e).context(format!(
                 "reading {}; the rows before this point are answered in {}",
@@ -446,6 +472,8 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
     inner
         .into_inner()
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", partial.display()))?
+        .finish()
+        .with_context(|| format!("writing {}", partial.display()))?
         .sync_all()?;
     std::fs::rename(&partial, &opts.output).with_context(|| {
         format!(
@@ -464,15 +492,20 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
     Ok(summary)
 }
 
-/// Cuts `partial` back to its last complete row and returns how many data
-/// rows it holds. A row is complete when its line ended and it has every
-/// column; anything after the first incomplete row is discarded.
-fn resume_point(partial: &Path, headers: &csv::ByteRecord) -> Result<u64> {
+/// Cuts `partial` (written in `encoding`) back to its last complete row and
+/// returns how many data rows it holds. A row is complete when its line
+/// ended and it has every column; anything after the first incomplete row
+/// is discarded.
+fn resume_point(partial: &Path, headers: &csv::ByteRecord, encoding: Encoding) -> Result<u64> {
     let bytes = std::fs::read(partial).with_context(|| format!("reading {}", partial.display()))?;
+    // A line break is one byte 0x0A in UTF-8 and GB18030 alike, never part
+    // of another character.
     let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let text = encoding::decode(bytes.get(..end).unwrap_or(&[]), encoding)
+        .with_context(|| format!("reading {} as {encoding}", partial.display()))?;
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
-        .from_reader(bytes.get(..end).unwrap_or(&[]));
+        .from_reader(text.as_bytes());
     if reader.byte_headers().ok() != Some(headers) {
         bail!(
             "{} does not start with this input's header plus result,error; not resuming",
@@ -489,13 +522,57 @@ fn resume_point(partial: &Path, headers: &csv::ByteRecord) -> Result<u64> {
         rows += 1;
         keep = reader.position().byte();
     }
+    // Back from the decoded text to the file's bytes.
+    let kept = text
+        .get(..usize::try_from(keep)?)
+        .context("resume point inside a character")?;
+    let bom = if bytes.starts_with(b"\xEF\xBB\xBF") && encoding != Encoding::Gb18030 {
+        3
+    } else {
+        0
+    };
+    let keep_bytes = bom + encoding::encode(kept, encoding).len() as u64;
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(partial)
         .with_context(|| format!("opening {}", partial.display()))?;
-    file.set_len(keep)?;
+    file.set_len(keep_bytes)?;
     file.sync_all()?;
     Ok(rows)
+}
+
+/// The input's encoding: the one named (checked over the whole file), or
+/// the one detected.
+async fn input_encoding(input: &Path, named: Option<Encoding>) -> Result<Encoding> {
+    let path = input.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<Encoding> {
+        let what = || format!("reading {}", path.display());
+        match named {
+            Some(e) => {
+                let file = std::fs::File::open(&path).with_context(what)?;
+                encoding::validate(file, e).with_context(what)?;
+                Ok(e)
+            }
+            None => Ok(encoding::detect(&path).with_context(what)?),
+        }
+    })
+    .await
+    .context("checking the input's encoding")?
+}
+
+/// Counts the bytes read (for the progress bar, in the file's own bytes).
+struct Counted<R> {
+    inner: R,
+    count: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
 }
 
 fn partial_path(output: &Path) -> PathBuf {
@@ -563,4 +640,29 @@ async fn answer_chunk(
             Err(reason) => Ok(Answer::Invalid(reason)),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_output_resumes_in_its_own_encoding() {
+        let headers: csv::ByteRecord = ["姓名", "id", "result", "error"].iter().collect();
+        let whole = "姓名,id,result,error\n张伟,1,match,\n李秀英,2,no_match,\n";
+        for (encoding, bom) in [
+            (Encoding::Gb18030, &b""[..]),
+            (Encoding::Utf8Bom, &b"\xEF\xBB\xBF"[..]),
+            (Encoding::Utf8, &b""[..]),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let partial = dir.path().join("out.csv.partial");
+            let complete = [bom, &encoding::encode(whole, encoding)].concat();
+            // A torn third row after the two complete ones.
+            let torn = [complete.clone(), encoding::encode("王五,3,mat", encoding)].concat();
+            std::fs::write(&partial, &torn).unwrap();
+            assert_eq!(resume_point(&partial, &headers, encoding).unwrap(), 2);
+            assert_eq!(std::fs::read(&partial).unwrap(), complete, "{encoding}");
+        }
+    }
 }

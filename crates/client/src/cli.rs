@@ -121,6 +121,14 @@ pub enum Command {
         /// the run with its line number.
         #[arg(long, default_value_t = psi_files::rows::DEFAULT_MAX_ROW_BYTES)]
         max_row_bytes: usize,
+        /// The input's encoding: utf-8 or gb18030 (which also reads GBK and
+        /// GB2312) [default: detected from the bytes; a file in neither is refused].
+        #[arg(long, value_parser = psi_files::Encoding::parse)]
+        encoding: Option<psi_files::Encoding>,
+        /// The output's encoding: utf-8, utf-8-bom (opens correctly in
+        /// Excel) or gb18030 [default: the input's].
+        #[arg(long, value_parser = psi_files::Encoding::parse)]
+        output_encoding: Option<psi_files::Encoding>,
         /// Do not draw a progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -202,6 +210,8 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
             mode,
             chunk_rows,
             max_row_bytes,
+            encoding,
+            output_encoding,
             no_progress,
             resume,
             max_cache_age,
@@ -216,6 +226,8 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
                     mode,
                     chunk_rows,
                     max_row_bytes,
+                    encoding,
+                    output_encoding,
                     chunks_in_flight: 2,
                     progress: !no_progress,
                     resume,

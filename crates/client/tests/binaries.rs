@@ -622,3 +622,114 @@ fn batch_inputs_with_long_rows_open_quotes_and_extra_fields() {
         "{answers}"
     );
 }
+
+#[test]
+fn gb18030_and_bom_files_in_and_out_and_a_file_in_neither_refused() {
+    use psi_files::encoding::{decode, encode, Encoding};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // The registry itself as Excel on a Chinese-language Windows saves it.
+    let registry = root.join("registry.csv");
+    std::fs::write(
+        &registry,
+        encode(
+            "姓名,身份证号\n张伟,11010519491231002X\n阿依古丽·买买提,360426199101010071\n",
+            Encoding::Gb18030,
+        ),
+    )
+    .unwrap();
+    let data = root.join("data");
+    let (code, out, err) = run(Command::new(server_bin())
+        .args([
+            "init",
+            "--no-progress",
+            "--name-column",
+            "姓名",
+            "--id-column",
+            "身份证号",
+            "--registry",
+        ])
+        .arg(&registry)
+        .arg("--data-dir")
+        .arg(&data));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("2 rows read, 2 accepted, 0 rejected"), "{out}");
+    let (_server, url) = serve(&data, None);
+    let cache = root.join("cache");
+    let batch = |input: &Path, output: &Path, extra: &[&str]| {
+        let mut c = client_command(
+            &["batch", "--no-progress", "--mode", "bucket"],
+            &url,
+            &cache,
+        );
+        c.arg("--input")
+            .arg(input)
+            .arg("--output")
+            .arg(output)
+            .args(extra);
+        run(&mut c)
+    };
+    let rows = "name,id,备注\n张伟,11010519491231002X,老客户\n阿依古丽·买买提,360426199101010071,新\n李四,11010519491231002X,x\n";
+
+    // GBK in, GBK out (the input's encoding), answers right.
+    let gbk_in = root.join("gbk.csv");
+    std::fs::write(&gbk_in, encode(rows, Encoding::Gb18030)).unwrap();
+    let gbk_out = root.join("gbk-out.csv");
+    let (code, _, err) = batch(&gbk_in, &gbk_out, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("3 rows: 2 match, 1 no_match, 0 invalid"),
+        "{err}"
+    );
+    let answers = decode(&std::fs::read(&gbk_out).unwrap(), Encoding::Gb18030).unwrap();
+    assert!(
+        answers.contains("张伟,11010519491231002X,老客户,match,"),
+        "{answers}"
+    );
+    assert!(
+        answers.contains("李四,11010519491231002X,x,no_match,"),
+        "{answers}"
+    );
+
+    // GBK in, UTF-8 with a BOM out (for Excel).
+    let bom_out = root.join("bom-out.csv");
+    let (code, _, err) = batch(&gbk_in, &bom_out, &["--output-encoding", "utf-8-bom"]);
+    assert_eq!(code, 0, "{err}");
+    let bytes = std::fs::read(&bom_out).unwrap();
+    assert!(bytes.starts_with(b"\xEF\xBB\xBF"));
+    assert_eq!(
+        String::from_utf8(bytes[3..].to_vec()).unwrap(),
+        decode(&std::fs::read(&gbk_out).unwrap(), Encoding::Gb18030).unwrap()
+    );
+
+    // UTF-8 with a BOM in: the header is still recognised.
+    let bom_in = root.join("bom.csv");
+    std::fs::write(
+        &bom_in,
+        [b"\xEF\xBB\xBF".as_slice(), rows.as_bytes()].concat(),
+    )
+    .unwrap();
+    let (code, _, err) = batch(&bom_in, &root.join("bom-in-out.csv"), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("3 rows: 2 match, 1 no_match, 0 invalid"),
+        "{err}"
+    );
+
+    // Neither UTF-8 nor GB18030: refused before any request, naming the line.
+    let bad = root.join("bad.csv");
+    let mut bytes = encode(rows, Encoding::Gb18030);
+    bytes.extend_from_slice(b"caf\xE9\xFF,1,2\n");
+    std::fs::write(&bad, bytes).unwrap();
+    let (code, _, err) = batch(&bad, &root.join("bad-out.csv"), &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("neither UTF-8 (line 1 is not) nor GB18030 (line 5 is not)"),
+        "{err}"
+    );
+    assert!(!root.join("bad-out.csv").exists() && !root.join("bad-out.csv.partial").exists());
+    // Named wrongly: the first line that is not what it was said to be.
+    let (code, _, err) = batch(&gbk_in, &root.join("wrong.csv"), &["--encoding", "utf-8"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("line 1 is not valid utf-8"), "{err}");
+}

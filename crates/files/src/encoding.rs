@@ -192,6 +192,11 @@ impl<R: Read> Utf8Reader<R> {
         }
     }
 
+    /// The reader it wraps.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
     /// Decodes the next piece into `output`; false at the end.
     fn refill(&mut self) -> io::Result<bool> {
         while !self.done {

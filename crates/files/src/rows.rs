@@ -54,6 +54,11 @@ impl<R: Read> RowGuard<R> {
         }
     }
 
+    /// The reader it wraps.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
     fn scan(&mut self, bytes: &[u8]) -> io::Result<()> {
         for &b in bytes {
             self.row_bytes += 1;

@@ -124,16 +124,21 @@ pub struct SourceArgs {
     /// The ID number column (CSV header or table column).
     #[arg(long, default_value = crate::source::ID_COLUMN)]
     id_column: String,
+    /// A CSV file's encoding: utf-8 or gb18030 (which also reads GBK and
+    /// GB2312) [default: detected from the bytes; a file in neither is refused].
+    #[arg(long, value_parser = psi_files::Encoding::parse)]
+    encoding: Option<psi_files::Encoding>,
 }
 
 impl SourceArgs {
     fn source(&self, value: &str) -> Result<Source> {
-        Source::from_arg(
+        Ok(Source::from_arg(
             value,
             self.postgres.as_deref(),
             &self.name_column,
             &self.id_column,
-        )
+        )?
+        .with_encoding(self.encoding))
     }
 }
 

@@ -236,6 +236,8 @@ async fn client_side(dir: &Path, url: &str, count: u64) -> Result<()> {
                 mode,
                 chunk_rows: 4096,
                 max_row_bytes: psi_files::rows::DEFAULT_MAX_ROW_BYTES,
+                encoding: None,
+                output_encoding: None,
                 chunks_in_flight: 2,
                 progress: false,
                 resume: false,

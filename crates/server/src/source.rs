@@ -30,6 +30,9 @@ pub enum Source {
         name_column: String,
         /// Header of the ID column.
         id_column: String,
+        /// The file's encoding; `None` detects it (UTF-8 with or without a
+        /// BOM, else GB18030) and refuses a file that is neither.
+        encoding: Option<psi_files::Encoding>,
     },
     /// A PostgreSQL query whose first two columns are the name and the ID number.
     Postgres {
@@ -60,7 +63,18 @@ impl Source {
             path: path.into(),
             name_column: NAME_COLUMN.into(),
             id_column: ID_COLUMN.into(),
+            encoding: None,
         }
+    }
+
+    /// A CSV source read in `encoding` instead of the detected one (no
+    /// effect on a query).
+    #[must_use]
+    pub fn with_encoding(mut self, named: Option<psi_files::Encoding>) -> Self {
+        if let Self::Csv { encoding, .. } = &mut self {
+            *encoding = named;
+        }
+        self
     }
 
     /// The source named on the command line: with `postgres` set, `value` is
@@ -81,6 +95,7 @@ impl Source {
                 path: value.into(),
                 name_column: name_column.into(),
                 id_column: id_column.into(),
+                encoding: None,
             });
         };
         let first = value
@@ -129,7 +144,13 @@ impl Source {
                 path,
                 name_column,
                 id_column,
-            } => Ok(Box::new(CsvRows::open(path, name_column, id_column)?)),
+                encoding,
+            } => Ok(Box::new(CsvRows::open(
+                path,
+                name_column,
+                id_column,
+                *encoding,
+            )?)),
             Self::Postgres { url, query } => Ok(Box::new(PgRows::open(url, query)?)),
         }
     }
@@ -154,25 +175,56 @@ pub trait RowReader: Send {
     fn progress(&self) -> (u64, Option<u64>);
 }
 
+type CsvInput = psi_files::rows::RowGuard<psi_files::encoding::Utf8Reader<Counted>>;
+
+/// A file that counts the bytes read from it (progress in the file's own bytes).
+struct Counted {
+    file: std::fs::File,
+    read: u64,
+}
+
+impl std::io::Read for Counted {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
 struct CsvRows {
-    reader: csv::Reader<psi_files::rows::RowGuard<std::fs::File>>,
+    reader: csv::Reader<CsvInput>,
     name_col: usize,
     id_col: usize,
     len: u64,
 }
 
 impl CsvRows {
-    fn open(path: &std::path::Path, name_column: &str, id_column: &str) -> Result<Self> {
+    fn open(
+        path: &std::path::Path,
+        name_column: &str,
+        id_column: &str,
+        named: Option<psi_files::Encoding>,
+    ) -> Result<Self> {
         let len = std::fs::metadata(path)
             .with_context(|| format!("reading {}", path.display()))?
             .len();
+        let what = || format!("reading {}", path.display());
+        // The whole file is checked before a row is encrypted.
+        let encoding = match named {
+            Some(e) => {
+                let file = std::fs::File::open(path).with_context(what)?;
+                psi_files::encoding::validate(file, e).with_context(what)?;
+                e
+            }
+            None => psi_files::encoding::detect(path).with_context(what)?,
+        };
         let file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let mut reader =
             csv::ReaderBuilder::new()
                 .flexible(true)
                 .from_reader(psi_files::rows::RowGuard::new(
-                    file,
+                    psi_files::encoding::Utf8Reader::new(Counted { file, read: 0 }, encoding),
                     psi_files::rows::DEFAULT_MAX_ROW_BYTES,
                 ));
         let headers = reader
@@ -219,7 +271,10 @@ impl RowReader for CsvRows {
     }
 
     fn progress(&self) -> (u64, Option<u64>) {
-        (self.reader.position().byte(), Some(self.len))
+        (
+            self.reader.get_ref().get_ref().get_ref().read,
+            Some(self.len),
+        )
     }
 }
 
