@@ -3,12 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use psi_core::Blinding;
 
 use crate::batch::{self, BatchOptions};
 use crate::check::{check, CheckOutcome};
+use crate::config::{self, Source};
 use crate::pin::Pinned;
 use crate::session::{ClientTls, ConnectOptions, Session};
 use crate::QueryMode;
@@ -21,12 +22,18 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Connection flags shared by every command.
+/// Connection flags shared by every command; each may also come from the
+/// environment or the config file (flags > environment > file > defaults).
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
-    /// Server URL.
-    #[arg(long, env = "PSI_SERVER", default_value = "http://127.0.0.1:50051")]
-    pub server: String,
+    /// Config file (TOML; keys server, pin_key, purpose, cache_dir,
+    /// concurrency, tls_ca, tls_cert, tls_key) [default:
+    /// $XDG_CONFIG_HOME/psi-client/config.toml or ~/.config/psi-client/config.toml, if present].
+    #[arg(long, env = "PSI_CLIENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Server URL [default: http://127.0.0.1:50051].
+    #[arg(long, env = "PSI_SERVER")]
+    pub server: Option<String>,
     /// The server's public key (hex), as published by the operator. Without
     /// it the key is trusted on first use and remembered in the cache directory.
     #[arg(long, env = "PSI_PIN_KEY")]
@@ -35,52 +42,165 @@ pub struct ServerArgs {
     /// [default: $XDG_CACHE_HOME/psi-client or ~/.cache/psi-client].
     #[arg(long, env = "PSI_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 4)]
-    pub concurrency: usize,
+    /// Requests in flight at once [default: 4].
+    #[arg(long, env = "PSI_CONCURRENCY")]
+    pub concurrency: Option<usize>,
     /// Why these pairs are checked: the purpose code your authorisation names
     /// (e.g. kyc-onboarding); recorded in the operator's audit trail.
     #[arg(long, env = "PSI_PURPOSE")]
-    pub purpose: String,
+    pub purpose: Option<String>,
     /// The operator's CA certificate (PEM), for an https:// server.
-    #[arg(long, env = "PSI_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    #[arg(long, env = "PSI_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
     /// This institution's certificate (PEM), issued by `psi-server ca issue`.
-    #[arg(long, env = "PSI_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    #[arg(long, env = "PSI_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// This institution's private key (PEM).
-    #[arg(long, env = "PSI_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
+    #[arg(long, env = "PSI_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 }
 
+/// The settings in force and where each came from.
+#[derive(Debug, Clone)]
+pub struct Effective {
+    /// The config file read, if any.
+    pub file: Option<PathBuf>,
+    /// Server URL.
+    pub server: (String, Source),
+    /// Pinned key.
+    pub pin_key: Option<(String, Source)>,
+    /// Purpose.
+    pub purpose: Option<(String, Source)>,
+    /// Cache directory.
+    pub cache_dir: (PathBuf, Source),
+    /// Concurrency.
+    pub concurrency: (usize, Source),
+    /// TLS files (CA, certificate, key).
+    pub tls: Option<([PathBuf; 3], Source)>,
+}
+
 impl ServerArgs {
-    fn options(&self) -> Result<ConnectOptions> {
-        let read =
-            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        let tls = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
-            (Some(ca), Some(cert), Some(key)) => Some(ClientTls {
-                ca: read(ca)?,
-                cert: read(cert)?,
-                key: read(key)?,
-            }),
-            _ => None,
-        };
-        let cache_dir = self.cache_dir.clone().unwrap_or_else(|| {
+    /// Merges flags and environment with the config file and the defaults.
+    ///
+    /// # Errors
+    /// An unreadable or invalid config file, an incomplete TLS set, a zero concurrency.
+    pub fn effective(&self) -> Result<Effective> {
+        let (file_path, file) = config::load(self.config.as_deref())?;
+        let cache_default = || {
             std::env::var_os("XDG_CACHE_HOME")
                 .map(PathBuf::from)
                 .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
                 .unwrap_or_else(|| PathBuf::from("."))
                 .join("psi-client")
-        });
-        Ok(ConnectOptions {
-            server: self.server.clone(),
-            pin_key: self.pin_key.clone(),
-            cache_dir,
-            blinding: Blinding::Additive,
-            concurrency: self.concurrency,
+        };
+        let tls = match (
+            config::pick(self.tls_ca.clone(), file.tls_ca.clone()),
+            config::pick(self.tls_cert.clone(), file.tls_cert.clone()),
+            config::pick(self.tls_key.clone(), file.tls_key.clone()),
+        ) {
+            (Some((ca, s)), Some((cert, _)), Some((key, _))) => Some(([ca, cert, key], s)),
+            (None, None, None) => None,
+            _ => bail!("TLS needs all three of --tls-ca, --tls-cert and --tls-key (or tls_ca, tls_cert, tls_key in the config file)"),
+        };
+        let concurrency =
+            config::pick(self.concurrency, file.concurrency).unwrap_or((4, Source::Default));
+        if concurrency.0 == 0 {
+            bail!("concurrency must be at least 1");
+        }
+        Ok(Effective {
+            file: file_path,
+            server: config::pick(self.server.clone(), file.server)
+                .unwrap_or_else(|| ("http://127.0.0.1:50051".into(), Source::Default)),
+            pin_key: config::pick(self.pin_key.clone(), file.pin_key),
+            purpose: config::pick(self.purpose.clone(), file.purpose),
+            cache_dir: config::pick(self.cache_dir.clone(), file.cache_dir)
+                .unwrap_or_else(|| (cache_default(), Source::Default)),
+            concurrency,
             tls,
-            purpose: self.purpose.clone(),
         })
+    }
+
+    fn options(&self) -> Result<ConnectOptions> {
+        self.effective()?.options()
+    }
+}
+
+impl Effective {
+    /// The session options these settings give.
+    ///
+    /// # Errors
+    /// No purpose anywhere, or unreadable TLS files.
+    pub fn options(&self) -> Result<ConnectOptions> {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let tls = match &self.tls {
+            Some(([ca, cert, key], _)) => Some(ClientTls {
+                ca: read(ca)?,
+                cert: read(cert)?,
+                key: read(key)?,
+            }),
+            None => None,
+        };
+        let purpose = self.purpose.as_ref().map(|(p, _)| p.clone()).context(
+            "declare why these pairs are checked: --purpose CODE, PSI_PURPOSE, or `purpose` in the config file",
+        )?;
+        Ok(ConnectOptions {
+            server: self.server.0.clone(),
+            pin_key: self.pin_key.as_ref().map(|(k, _)| k.clone()),
+            cache_dir: self.cache_dir.0.clone(),
+            blinding: Blinding::Additive,
+            concurrency: self.concurrency.0,
+            tls,
+            purpose,
+        })
+    }
+}
+
+impl std::fmt::Display for Effective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.file {
+            Some(p) => writeln!(f, "config file   {}", p.display())?,
+            None => writeln!(
+                f,
+                "config file   none ({} does not exist)",
+                config::default_path()
+                    .map_or_else(|| "no default path".into(), |p| p.display().to_string())
+            )?,
+        }
+        writeln!(f, "server        {} ({})", self.server.0, self.server.1)?;
+        match &self.purpose {
+            Some((p, s)) => writeln!(f, "purpose       {p} ({s})")?,
+            None => writeln!(f, "purpose       not set: every query must declare one")?,
+        }
+        match &self.pin_key {
+            Some((k, s)) => writeln!(f, "pinned key    {k} ({s})")?,
+            None => writeln!(
+                f,
+                "pinned key    none: trusted on first use, then remembered"
+            )?,
+        }
+        writeln!(
+            f,
+            "cache dir     {} ({})",
+            self.cache_dir.0.display(),
+            self.cache_dir.1
+        )?;
+        writeln!(
+            f,
+            "concurrency   {} ({})",
+            self.concurrency.0, self.concurrency.1
+        )?;
+        // Paths only: the key file's content is never printed.
+        match &self.tls {
+            Some(([ca, cert, key], s)) => write!(
+                f,
+                "TLS           CA {}, certificate {}, key {} ({s})",
+                ca.display(),
+                cert.display(),
+                key.display()
+            ),
+            None => write!(f, "TLS           none (plaintext, loopback servers only)"),
+        }
     }
 }
 
@@ -151,14 +271,29 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// The configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `psi-client config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the settings in force (flags > environment > file > defaults;
+    /// no secrets) and test the connection.
+    Check {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 async fn connect(args: &ServerArgs) -> Result<Session> {
-    let session = Session::connect(args.options()?).await?;
+    let options = args.options()?;
+    let session = Session::connect(options.clone()).await?;
     if session.pinned == Pinned::FirstUse {
         eprintln!(
             "note: trusting {}'s public key {} (epoch {}) on first use; compare it with the key the operator published",
-            args.server,
+            options.server,
             psi_core::PublicKey::from_bytes(&session.info().public_key)
                 .map(|k| k.to_hex())
                 .unwrap_or_default(),
@@ -166,6 +301,12 @@ async fn connect(args: &ServerArgs) -> Result<Session> {
         );
     }
     Ok(session)
+}
+
+async fn connect_checked(options: ConnectOptions) -> Result<Session> {
+    Session::connect(options)
+        .await
+        .context("connection    failed")
 }
 
 /// Runs a parsed command and returns the process exit status.
@@ -237,6 +378,33 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
             )
             .await?;
             eprintln!("{summary}; answers in {}", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check { server }) => {
+            let effective = server.effective()?;
+            println!("{effective}");
+            let mut options = effective.options().or_else(|_| {
+                // Server info needs no purpose: test the connection anyway.
+                Effective {
+                    purpose: Some(("config-check".into(), Source::Default)),
+                    ..effective.clone()
+                }
+                .options()
+            })?;
+            options.concurrency = 1;
+            let server_url = options.server.clone();
+            let session = connect_checked(options).await?;
+            let info = session.info();
+            println!(
+                "connection    ok: {} at key epoch {}, registry version {} ({} entries), pinned key {}",
+                server_url,
+                info.key_epoch,
+                info.registry_version,
+                info.registry_size,
+                psi_core::PublicKey::from_bytes(&info.public_key)
+                    .map(|k| k.to_hex())
+                    .unwrap_or_default()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Sync { server } => {

@@ -6,10 +6,12 @@
 //! - [`batch`]: answer a CSV file row by row with bounded memory.
 //! - [`check`]: answer one pair.
 //! - [`pin`]: trust on first use, or a key given by flag.
+//! - [`config`]: the configuration file (flags > environment > file > defaults).
 
 pub mod batch;
 pub mod check;
 pub mod cli;
+pub mod config;
 pub mod pin;
 pub mod session;
 

@@ -733,3 +733,71 @@ fn gb18030_and_bom_files_in_and_out_and_a_file_in_neither_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("line 1 is not valid utf-8"), "{err}");
 }
+
+#[test]
+fn a_config_file_supplies_the_settings_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let registry = root.join("registry.csv");
+    std::fs::write(&registry, "name,id\n张伟,11010519491231002X\n").unwrap();
+    let data = root.join("data");
+    let (code, out, err) = run(Command::new(server_bin())
+        .args(["init", "--no-progress", "--registry"])
+        .arg(&registry)
+        .arg("--data-dir")
+        .arg(&data));
+    assert_eq!(code, 0, "{out}{err}");
+    let (_server, url) = serve(&data, None);
+    let config = root.join("psi-client.toml");
+    std::fs::write(
+        &config,
+        format!("server = \"{url}\"\npurpose = \"kyc-onboarding\"\ncache_dir = \"cache\"\nconcurrency = 2\n"),
+    )
+    .unwrap();
+    let client = |args: &[&str]| {
+        let mut c = Command::new(client_bin());
+        c.args(args)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("PSI_SERVER")
+            .env_remove("PSI_PURPOSE");
+        run(&mut c)
+    };
+    // Nothing but the file: a check works, the cache is the file's neighbour.
+    let (code, out, err) = client(&["check", "--name", "张伟", "--id", "11010519491231002X"]);
+    assert_eq!((code, out.trim()), (0, "match"), "{err}");
+    assert!(root.join("cache").join("known-servers.txt").exists());
+    // config check: the settings and their sources, then the connection.
+    let (code, out, err) = client(&["config", "check", "--concurrency", "3"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("server        {url} (config file)")),
+        "{out}"
+    );
+    assert!(
+        out.contains("concurrency   3 (flag or environment)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("purpose       kyc-onboarding (config file)"),
+        "{out}"
+    );
+    assert!(out.contains("connection    ok"), "{out}");
+    // A flag beats the file.
+    let (code, _, err) = client(&[
+        "check",
+        "--server",
+        "http://127.0.0.1:9",
+        "--name",
+        "张伟",
+        "--id",
+        "11010519491231002X",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("127.0.0.1:9"), "{err}");
+    // A misspelt key is refused with its name.
+    std::fs::write(&config, "sever = \"x\"\n").unwrap();
+    let (code, _, err) = client(&["config", "check"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown field `sever`"), "{err}");
+}
