@@ -49,6 +49,95 @@ pub struct BatchOptions {
     pub encoding: Option<Encoding>,
     /// The output's encoding; `None` writes the input's.
     pub output_encoding: Option<Encoding>,
+    /// An `.xlsx` input's sheet; `None` reads the first.
+    pub sheet: Option<String>,
+    /// The name column's header; `None` finds `name` or `姓名`.
+    pub name_column: Option<String>,
+    /// The ID column's header; `None` finds `id`, `身份证号` or `身份证号码`.
+    pub id_column: Option<String>,
+}
+
+/// Whether `path` names an Excel workbook.
+fn is_xlsx(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("xlsx"))
+}
+
+/// The input's rows: a CSV file read as it goes, or a sheet read whole
+/// (a sheet holds at most 1,048,576 rows). Each row comes with a note when
+/// it is already known to be invalid (an ID number Excel stored as a number).
+enum InputRows {
+    Csv(Box<csv::Reader<psi_files::rows::RowGuard<Utf8Reader<Counted<std::fs::File>>>>>),
+    Sheet(std::vec::IntoIter<NotedRow>),
+}
+
+/// A row and, if it is already known to be invalid, why.
+type NotedRow = (csv::ByteRecord, Option<String>);
+
+impl InputRows {
+    /// The next row, into `record`; false at the end.
+    fn next(&mut self, record: &mut csv::ByteRecord, note: &mut Option<String>) -> Result<bool> {
+        match self {
+            InputRows::Csv(reader) => {
+                *note = None;
+                Ok(reader.read_byte_record(record)?)
+            }
+            InputRows::Sheet(rows) => match rows.next() {
+                Some((row, n)) => {
+                    *record = row;
+                    *note = n;
+                    Ok(true)
+                }
+                None => Ok(false),
+            },
+        }
+    }
+}
+
+/// The header and rows of an `.xlsx` input; the ID column's numeric cells
+/// become notes.
+fn sheet_rows(opts: &BatchOptions) -> Result<(csv::ByteRecord, Vec<NotedRow>)> {
+    let sheet = psi_files::xlsx::read(&opts.input, opts.sheet.as_deref())
+        .with_context(|| format!("reading {}", opts.input.display()))?;
+    let header: csv::ByteRecord = sheet.header.iter().map(String::as_str).collect();
+    let id_col = column(&header, opts.id_column.as_deref(), ID_HEADERS);
+    let rows = sheet
+        .rows
+        .iter()
+        .map(|row| {
+            let mut note = None;
+            let record: csv::ByteRecord = row
+                .iter()
+                .enumerate()
+                .map(|(i, cell)| {
+                    if let (psi_files::xlsx::Cell::Number(n), true) = (cell, Some(i) == id_col) {
+                        note = Some(format!(
+                            "the ID number is stored in the workbook as the number {n}, which Excel keeps to 15 significant digits only: format the column as text and enter the numbers again"
+                        ));
+                    }
+                    cell.text()
+                })
+                .collect();
+            (record, note)
+        })
+        .collect();
+    Ok((header, rows))
+}
+
+const NAME_HEADERS: &[&str] = &["name", "姓名"];
+const ID_HEADERS: &[&str] = &["id", "身份证号", "身份证号码"];
+
+/// The column whose header is `named`, or else one of `defaults`.
+fn column(headers: &csv::ByteRecord, named: Option<&str>, defaults: &[&str]) -> Option<usize> {
+    let find = |want: &str| {
+        headers
+            .iter()
+            .position(|h| h.trim_ascii().eq_ignore_ascii_case(want.as_bytes()))
+    };
+    match named {
+        Some(n) => find(n),
+        None => defaults.iter().find_map(|d| find(d)),
+    }
 }
 
 /// What a batch did.
@@ -238,6 +327,8 @@ enum Answer {
 
 struct Chunk {
     rows: Vec<csv::ByteRecord>,
+    /// Per row, a reason it is invalid already known (from the sheet).
+    notes: Vec<Option<String>>,
     end_byte: u64,
 }
 
@@ -250,7 +341,13 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
     let started = Instant::now();
     // The whole input is checked before the first request: a file in
     // neither encoding is refused, never answered as a run of `invalid`.
-    let input_encoding = input_encoding(&opts.input, opts.encoding).await?;
+    let input_encoding = if is_xlsx(&opts.input) {
+        // A workbook's text is Unicode; a CSV written from it opens in
+        // Excel when it carries the BOM.
+        Encoding::Utf8Bom
+    } else {
+        input_encoding(&opts.input, opts.encoding).await?
+    };
     let output_encoding = opts.output_encoding.unwrap_or(input_encoding);
     let views = Views::open(session.clone(), opts).await?;
     let mut summary = BatchSummary::default();
@@ -262,51 +359,64 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         summary.key_epoch = first.epoch;
     }
 
-    let file_len = std::fs::metadata(&opts.input)
-        .with_context(|| format!("reading {}", opts.input.display()))?
-        .len();
-    let file = std::fs::File::open(&opts.input)
-        .with_context(|| format!("opening {}", opts.input.display()))?;
-    let read_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut reader =
-        csv::ReaderBuilder::new()
-            .flexible(true)
-            .from_reader(psi_files::rows::RowGuard::new(
-                Utf8Reader::new(
-                    Counted {
-                        inner: file,
-                        count: Arc::clone(&read_bytes),
-                    },
-                    input_encoding,
-                ),
-                opts.max_row_bytes,
-            ));
-    let headers = reader
-        .byte_headers()
-        .with_context(|| format!("reading the header of {}", opts.input.display()))?
-        .clone();
-    let find = |want: &str| {
-        headers
-            .iter()
-            .position(|h| h.trim_ascii().eq_ignore_ascii_case(want.as_bytes()))
+    let read_units = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (headers, mut reader, total_units) = if is_xlsx(&opts.input) {
+        let (headers, rows) = sheet_rows(opts)?;
+        let n = rows.len() as u64;
+        (headers, InputRows::Sheet(rows.into_iter()), n)
+    } else {
+        let file_len = std::fs::metadata(&opts.input)
+            .with_context(|| format!("reading {}", opts.input.display()))?
+            .len();
+        let file = std::fs::File::open(&opts.input)
+            .with_context(|| format!("opening {}", opts.input.display()))?;
+        let mut reader =
+            csv::ReaderBuilder::new()
+                .flexible(true)
+                .from_reader(psi_files::rows::RowGuard::new(
+                    Utf8Reader::new(
+                        Counted {
+                            inner: file,
+                            count: Arc::clone(&read_units),
+                        },
+                        input_encoding,
+                    ),
+                    opts.max_row_bytes,
+                ));
+        let headers = reader
+            .byte_headers()
+            .with_context(|| format!("reading the header of {}", opts.input.display()))?
+            .clone();
+        (headers, InputRows::Csv(Box::new(reader)), file_len)
     };
-    let (Some(name_col), Some(id_col)) = (find("name"), find("id")) else {
+    let (Some(name_col), Some(id_col)) = (
+        column(&headers, opts.name_column.as_deref(), NAME_HEADERS),
+        column(&headers, opts.id_column.as_deref(), ID_HEADERS),
+    ) else {
         bail!(
-            "{} must start with a header naming the columns `name` and `id`",
-            opts.input.display()
+            "{} must start with a header naming the name column ({}) and the ID column ({}); name others with --name-column and --id-column",
+            opts.input.display(),
+            opts.name_column.as_deref().map_or_else(|| NAME_HEADERS.join(" or "), str::to_string),
+            opts.id_column.as_deref().map_or_else(|| ID_HEADERS.join(" or "), str::to_string),
         );
     };
-    if find("result").is_some() || find("error").is_some() {
+    if column(&headers, Some("result"), &[]).is_some()
+        || column(&headers, Some("error"), &[]).is_some()
+    {
         bail!(
             "{} already has a `result` or `error` column; rename it, the output adds these two",
             opts.input.display()
         );
     }
+    let xlsx_output = is_xlsx(&opts.output);
+    if xlsx_output && opts.resume {
+        bail!("an .xlsx output is written whole at the end and cannot be resumed; write a CSV output to use --resume");
+    }
     let partial = partial_path(&opts.output);
     let mut out_headers = headers.clone();
     out_headers.push_field(b"result");
     out_headers.push_field(b"error");
-    let done_rows = if partial.exists() {
+    let done_rows = if partial.exists() && !xlsx_output {
         if !opts.resume {
             bail!(
                 "{} exists from an interrupted run: pass --resume to continue it, or delete it",
@@ -318,24 +428,30 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         0
     };
     summary.resumed_rows = done_rows;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&partial)
-        .with_context(|| format!("opening {}", partial.display()))?;
-    let new_file = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) == 0;
-    let mut writer = csv::Writer::from_writer(BufWriter::new(EncodingWriter::new(
-        file,
-        output_encoding,
-        new_file,
-    )));
-    if done_rows == 0 && new_file {
-        writer.write_byte_record(&out_headers)?;
-    }
+    let mut sink = if xlsx_output {
+        Sink::Sheet(Vec::new())
+    } else {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&partial)
+            .with_context(|| format!("opening {}", partial.display()))?;
+        let new_file = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) == 0;
+        let mut writer = csv::Writer::from_writer(BufWriter::new(EncodingWriter::new(
+            file,
+            output_encoding,
+            new_file,
+        )));
+        if done_rows == 0 && new_file {
+            writer.write_byte_record(&out_headers)?;
+        }
+        Sink::Csv(Box::new(writer))
+    };
     // Rows already answered by the interrupted run are skipped, not re-asked.
     let mut skip = csv::ByteRecord::new();
+    let mut no_note = None;
     for _ in 0..done_rows {
-        if !reader.read_byte_record(&mut skip)? {
+        if !reader.next(&mut skip, &mut no_note)? {
             bail!(
                 "{} holds more rows than {}: it is not this input's output",
                 partial.display(),
@@ -345,7 +461,7 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
     }
 
     let bar = if opts.progress {
-        ProgressBar::new(file_len)
+        ProgressBar::new(total_units)
     } else {
         ProgressBar::hidden()
     };
@@ -359,15 +475,21 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
     let chunk_rows = opts.chunk_rows.max(1);
     let input = opts.input.clone();
     let partial_for_reader = partial.clone();
+    let sheet_input = matches!(reader, InputRows::Sheet(_));
     let reader_task = tokio::task::spawn_blocking(move || loop {
         let mut rows = Vec::with_capacity(chunk_rows);
+        let mut notes = Vec::with_capacity(chunk_rows);
         let mut record = csv::ByteRecord::new();
+        let mut note = None;
         let mut failed = None;
         while rows.len() < chunk_rows {
-            match reader.read_byte_record(&mut record) {
+            match reader.next(&mut record, &mut note) {
                 // A compact copy: `record`'s buffer keeps the size of the
                 // longest row read so far, and a clone would copy all of it.
-                Ok(true) => rows.push(record.iter().collect()),
+                Ok(true) => {
+                    rows.push(record.iter().collect());
+                    notes.push(note.take());
+                }
                 Ok(false) => break,
                 Err(e) => {
                     failed = Some(e);
@@ -375,9 +497,12 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
                 }
             }
         }
-        let end_byte = read_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if sheet_input {
+            read_units.fetch_add(rows.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        let end_byte = read_units.load(std::sync::atomic::Ordering::Relaxed);
         if let Some(e) = failed {
-            let _ = tx.blocking_send(Err(anyhow::Error::new(e).context(format!(
+            let _ = tx.blocking_send(Err(e.context(format!(
                 "reading {}; the rows before this point are answered in {}",
                 input.display(),
                 partial_for_reader.display()
@@ -387,7 +512,14 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         if rows.is_empty() {
             return;
         }
-        if tx.blocking_send(Ok(Chunk { rows, end_byte })).is_err() {
+        if tx
+            .blocking_send(Ok(Chunk {
+                rows,
+                notes,
+                end_byte,
+            }))
+            .is_err()
+        {
             return;
         }
     });
@@ -405,7 +537,7 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
                     let answered = answer_chunk(
                         &view.session,
                         view.lookup.as_deref(),
-                        &chunk.rows,
+                        &chunk,
                         columns,
                         name_col,
                         id_col,
@@ -453,28 +585,45 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
             };
             out.push_field(result.as_bytes());
             out.push_field(error.as_bytes());
-            writer.write_byte_record(&out)?;
+            sink.write(out)?;
             summary.rows += 1;
         }
         // Each chunk reaches the file before the next: an interrupted run
         // loses at most the chunks in flight, which --resume asks again.
-        writer.flush()?;
+        sink.flush()?;
         bar.set_position(chunk.end_byte);
         let rate = summary.rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!("{} rows, {rate:.0} rows/s", summary.rows));
     }
     reader_task.await.context("input reader")?;
     bar.finish_and_clear();
-    let mut inner = writer
-        .into_inner()
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", partial.display()))?;
-    inner.flush()?;
-    inner
-        .into_inner()
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", partial.display()))?
-        .finish()
-        .with_context(|| format!("writing {}", partial.display()))?
-        .sync_all()?;
+    match sink {
+        Sink::Csv(writer) => {
+            let mut inner = writer
+                .into_inner()
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", partial.display()))?;
+            inner.flush()?;
+            inner
+                .into_inner()
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", partial.display()))?
+                .finish()
+                .with_context(|| format!("writing {}", partial.display()))?
+                .sync_all()?;
+        }
+        Sink::Sheet(rows) => {
+            let header: Vec<String> = out_headers
+                .iter()
+                .map(|h| String::from_utf8_lossy(h).into_owned())
+                .collect();
+            let partial = partial.clone();
+            tokio::task::spawn_blocking(move || {
+                psi_files::xlsx::write(&partial, "answers", &header, &rows)
+            })
+            .await
+            .context("writing the workbook")?
+            .with_context(|| format!("writing {}", opts.output.display()))?;
+        }
+    }
     std::fs::rename(&partial, &opts.output).with_context(|| {
         format!(
             "renaming {} to {}",
@@ -560,6 +709,38 @@ async fn input_encoding(input: &Path, named: Option<Encoding>) -> Result<Encodin
     .context("checking the input's encoding")?
 }
 
+/// Where answered rows go: a CSV file written as it goes (flushed after
+/// every chunk, so a run can resume), or the rows of a sheet written whole
+/// at the end.
+enum Sink {
+    Csv(Box<csv::Writer<BufWriter<EncodingWriter<std::fs::File>>>>),
+    Sheet(Vec<Vec<String>>),
+}
+
+impl Sink {
+    fn write(&mut self, row: csv::ByteRecord) -> Result<()> {
+        match self {
+            Sink::Csv(w) => Ok(w.write_byte_record(&row)?),
+            Sink::Sheet(rows) => {
+                // Fields came from UTF-8 text (decoded CSV or a sheet).
+                rows.push(
+                    row.iter()
+                        .map(|f| String::from_utf8_lossy(f).into_owned())
+                        .collect(),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        match self {
+            Sink::Csv(w) => Ok(w.flush()?),
+            Sink::Sheet(_) => Ok(()),
+        }
+    }
+}
+
 /// Counts the bytes read (for the progress bar, in the file's own bytes).
 struct Counted<R> {
     inner: R,
@@ -587,15 +768,20 @@ fn partial_path(output: &Path) -> PathBuf {
 async fn answer_chunk(
     session: &Session,
     lookup: Option<&TagLookup>,
-    rows: &[csv::ByteRecord],
+    chunk: &Chunk,
     columns: usize,
     name_col: usize,
     id_col: usize,
     today: psi_core::CivilDate,
 ) -> Result<Vec<Answer>> {
-    let parsed: Vec<Result<Record, String>> = rows
+    let parsed: Vec<Result<Record, String>> = chunk
+        .rows
         .par_iter()
-        .map(|row| {
+        .zip(&chunk.notes)
+        .map(|(row, note)| {
+            if let Some(note) = note {
+                return Err(note.clone());
+            }
             if row.len() > columns {
                 return Err(format!(
                     "the row has {} fields but the header names {columns} (an unquoted comma?); the extra fields are not copied",

@@ -225,12 +225,22 @@ pub enum Command {
     Batch {
         #[command(flatten)]
         server: ServerArgs,
-        /// Input CSV.
+        /// Input: a CSV file, or an Excel workbook (.xlsx).
         #[arg(long)]
         input: PathBuf,
-        /// Output CSV: the input's columns plus `result` and `error`.
+        /// Output: the input's columns plus `result` and `error`, as CSV, or
+        /// as an Excel workbook if it ends in .xlsx.
         #[arg(long)]
         output: PathBuf,
+        /// An .xlsx input's sheet [default: the first].
+        #[arg(long)]
+        sheet: Option<String>,
+        /// The name column's header [default: name or 姓名].
+        #[arg(long)]
+        name_column: Option<String>,
+        /// The ID number column's header [default: id, 身份证号 or 身份证号码].
+        #[arg(long)]
+        id_column: Option<String>,
         /// sync: download the tag set, then evaluate only (default); bucket: no download.
         #[arg(long, value_enum, default_value_t = QueryMode::Sync)]
         mode: QueryMode,
@@ -348,6 +358,9 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
             server,
             input,
             output,
+            sheet,
+            name_column,
+            id_column,
             mode,
             chunk_rows,
             max_row_bytes,
@@ -369,6 +382,9 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
                     max_row_bytes,
                     encoding,
                     output_encoding,
+                    sheet,
+                    name_column,
+                    id_column,
                     chunks_in_flight: 2,
                     progress: !no_progress,
                     resume,

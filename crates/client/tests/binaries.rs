@@ -801,3 +801,127 @@ fn a_config_file_supplies_the_settings_and_flags_override_it() {
     assert_eq!(code, 2);
     assert!(err.contains("unknown field `sever`"), "{err}");
 }
+
+#[test]
+fn excel_workbooks_in_and_out_with_chinese_headers_and_numeric_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let registry = root.join("registry.csv");
+    std::fs::write(
+        &registry,
+        "name,id\n张伟,11010519491231002X\n李秀英,440524188001010014\n",
+    )
+    .unwrap();
+    let data = root.join("data");
+    let (code, out, err) = run(Command::new(server_bin())
+        .args(["init", "--no-progress", "--registry"])
+        .arg(&registry)
+        .arg("--data-dir")
+        .arg(&data));
+    assert_eq!(code, 0, "{out}{err}");
+    let (_server, url) = serve(&data, None);
+    let cache = root.join("cache");
+
+    // A clerk's workbook: Chinese headers, a remark column, one ID typed as
+    // a number (Excel rounds it to 15 significant digits).
+    let input = root.join("客户.xlsx");
+    let mut book = rust_xlsxwriter::Workbook::new();
+    let s = book.add_worksheet();
+    s.set_name("名单").unwrap();
+    for (c, h) in ["姓名", "身份证号", "备注"].iter().enumerate() {
+        s.write_string(0, c as u16, *h).unwrap();
+    }
+    s.write_string(1, 0, "张伟").unwrap();
+    s.write_string(1, 1, "11010519491231002X").unwrap();
+    s.write_string(1, 2, "老客户").unwrap();
+    s.write_string(2, 0, "李秀英").unwrap();
+    s.write_number(2, 1, 440524188001010014.0).unwrap();
+    s.write_string(3, 0, "王五").unwrap();
+    s.write_string(3, 1, "440524188001010014").unwrap();
+    book.save(&input).unwrap();
+
+    let output = root.join("answers.xlsx");
+    let mut c = client_command(
+        &["batch", "--no-progress", "--mode", "bucket"],
+        &url,
+        &cache,
+    );
+    c.arg("--input").arg(&input).arg("--output").arg(&output);
+    let (code, _, err) = run(&mut c);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("3 rows: 1 match, 1 no_match, 1 invalid"),
+        "{err}"
+    );
+    let answers = psi_files::xlsx::read(&output, None).unwrap();
+    assert_eq!(
+        answers.header,
+        ["姓名", "身份证号", "备注", "result", "error"]
+    );
+    let text = |r: usize, c: usize| answers.rows[r][c].text();
+    assert_eq!((text(0, 0), text(0, 3)), ("张伟".into(), "match".into()));
+    assert_eq!(text(0, 1), "11010519491231002X");
+    assert_eq!(text(1, 3), "invalid");
+    assert!(
+        text(1, 4).contains("stored in the workbook as the number"),
+        "{}",
+        text(1, 4)
+    );
+    assert_eq!((text(2, 0), text(2, 3)), ("王五".into(), "no_match".into()));
+
+    // The same workbook to CSV (UTF-8 with a BOM, for Excel), another sheet
+    // name refused with the list, headers named explicitly.
+    let csv_out = root.join("answers.csv");
+    let mut c = client_command(
+        &["batch", "--no-progress", "--mode", "bucket"],
+        &url,
+        &cache,
+    );
+    c.arg("--input").arg(&input).arg("--output").arg(&csv_out);
+    let (code, _, err) = run(&mut c);
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::read(&csv_out)
+        .unwrap()
+        .starts_with(b"\xEF\xBB\xBF"));
+    let mut c = client_command(
+        &[
+            "batch",
+            "--no-progress",
+            "--mode",
+            "bucket",
+            "--sheet",
+            "Sheet1",
+        ],
+        &url,
+        &cache,
+    );
+    c.arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(root.join("x.xlsx"));
+    let (code, _, err) = run(&mut c);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("no sheet `Sheet1` (its sheets: 名单)"),
+        "{err}"
+    );
+    let mut c = client_command(
+        &[
+            "batch",
+            "--no-progress",
+            "--mode",
+            "bucket",
+            "--id-column",
+            "证件号",
+        ],
+        &url,
+        &cache,
+    );
+    c.arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(root.join("y.xlsx"));
+    let (code, _, err) = run(&mut c);
+    assert_ne!(code, 0);
+    assert!(err.contains("the ID column (证件号)"), "{err}");
+}

@@ -4,7 +4,9 @@
 //!
 //! - [`encoding`]: UTF-8 (with or without a BOM) and GB18030/GBK text,
 //!   detected from the bytes, a file in neither refused by its first bad line;
-//! - [`rows`]: CSV rows bounded in length, a quote never closed named by its line.
+//! - [`rows`]: CSV rows bounded in length, a quote never closed named by its line;
+//! - `xlsx` (feature `xlsx`): Excel workbooks read as text rows and written
+//!   as text cells, ID numbers Excel stored as numbers told apart.
 //!
 //! Wrappers around readers and writers; opening files is the caller's, except
 //! for [`encoding::detect`], which reads the file it is given.
@@ -21,5 +23,7 @@
 
 pub mod encoding;
 pub mod rows;
+#[cfg(feature = "xlsx")]
+pub mod xlsx;
 
 pub use encoding::{Encoding, EncodingError};
