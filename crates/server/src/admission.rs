@@ -193,15 +193,17 @@ impl Shared {
         if tracker.audit.is_some() {
             // Admission before anything is buffered: the institution's
             // concurrency slot (from its certificate) and the byte budget.
+            // (Health checks are exempt: a load balancer must not take the
+            // server out because a peer filled the budget.)
             if let Some(institution) = tracker.institution.as_deref() {
                 match self.state.slot(institution) {
                     Ok(slot) => tracker.hold(slot),
                     Err(e) => return Ok(tracker.refuse(e.into())),
                 }
             }
-        }
-        if self.buffered.load(Ordering::Acquire) >= self.limits.buffer_budget_bytes {
-            return Ok(tracker.refuse(budget_refusal()));
+            if self.buffered.load(Ordering::Acquire) >= self.limits.buffer_budget_bytes {
+                return Ok(tracker.refuse(budget_refusal()));
+            }
         }
         req.extensions_mut().insert(Arc::clone(&note));
         if let Some(institution) = &tracker.institution {
