@@ -709,6 +709,9 @@ async fn input_encoding(input: &Path, named: Option<Encoding>) -> Result<Encodin
     .context("checking the input's encoding")?
 }
 
+/// Rows in one Excel sheet.
+const XLSX_MAX_ROWS: usize = 1 << 20;
+
 /// Where answered rows go: a CSV file written as it goes (flushed after
 /// every chunk, so a run can resume), or the rows of a sheet written whole
 /// at the end.
@@ -722,6 +725,11 @@ impl Sink {
         match self {
             Sink::Csv(w) => Ok(w.write_byte_record(&row)?),
             Sink::Sheet(rows) => {
+                // A sheet holds 1,048,576 rows, the header included: say so
+                // at once rather than after the last answer.
+                if rows.len() + 1 >= XLSX_MAX_ROWS {
+                    bail!("an .xlsx sheet holds at most {XLSX_MAX_ROWS} rows: write a CSV output for this input");
+                }
                 // Fields came from UTF-8 text (decoded CSV or a sheet).
                 rows.push(
                     row.iter()
