@@ -124,8 +124,7 @@ pub struct PublishGuard {
     /// Largest fraction of the previous version's records that may
     /// disappear in one new version.
     pub max_shrink_fraction: f64,
-    /// Publish whatever the counts (still never a source with no rows read
-    /// by accident: that needs `force` too).
+    /// Publish whatever the counts, even an empty registry.
     pub force: bool,
 }
 
