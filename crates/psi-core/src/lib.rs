@@ -39,6 +39,8 @@ pub mod tagset;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vectors;
 
 pub use bucket::BucketIndex;
 pub use client::{BlindState, Blinding, Client};
