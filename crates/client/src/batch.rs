@@ -21,17 +21,17 @@ use crate::{today, QueryMode};
 /// Options of a batch run.
 #[derive(Debug, Clone)]
 pub struct BatchOptions {
-    /// Input CSV with a header naming `name` and `id` (other columns pass through).
+    /// Input: a CSV file or an `.xlsx` workbook with a header naming the
+    /// name and ID columns (other columns pass through).
     pub input: PathBuf,
-    /// Output CSV: the input's columns plus `result` and `error`.
+    /// Output (CSV, or a workbook if it ends in `.xlsx`): the input's columns plus `result` and `error`.
     pub output: PathBuf,
     /// Sync or bucket mode.
     pub mode: QueryMode,
     /// Rows per chunk.
     pub chunk_rows: usize,
-    /// Longest input row in bytes; a longer one stops the run, naming its
-    /// line, so memory stays bounded by the chunk whatever the input.
-    pub max_row_bytes: usize,
+    /// How the input and output files are read and written.
+    pub file: FileFormat,
     /// Chunks in flight.
     pub chunks_in_flight: usize,
     /// Draw a progress bar on stderr.
@@ -44,6 +44,16 @@ pub struct BatchOptions {
     pub max_cache_age: Duration,
     /// Sync mode: answer from the cached tag set without syncing first.
     pub no_sync: bool,
+}
+
+/// How a batch's files are read and written; the default reads what
+/// institutions usually have (CSV in UTF-8 or GB18030, or a workbook's first
+/// sheet, with the usual headers) and answers in the input's encoding.
+#[derive(Debug, Clone)]
+pub struct FileFormat {
+    /// Longest input row in bytes; a longer one stops the run, naming its
+    /// line, so memory stays bounded by the chunk whatever the input.
+    pub max_row_bytes: usize,
     /// The input's text encoding; `None` detects it (UTF-8 with or without
     /// a BOM, else GB18030) and refuses a file that is neither.
     pub encoding: Option<Encoding>,
@@ -55,6 +65,19 @@ pub struct BatchOptions {
     pub name_column: Option<String>,
     /// The ID column's header; `None` finds `id`, `身份证号` or `身份证号码`.
     pub id_column: Option<String>,
+}
+
+impl Default for FileFormat {
+    fn default() -> Self {
+        Self {
+            max_row_bytes: psi_files::rows::DEFAULT_MAX_ROW_BYTES,
+            encoding: None,
+            output_encoding: None,
+            sheet: None,
+            name_column: None,
+            id_column: None,
+        }
+    }
 }
 
 /// Whether `path` names an Excel workbook.
@@ -97,10 +120,10 @@ impl InputRows {
 /// The header and rows of an `.xlsx` input; the ID column's numeric cells
 /// become notes.
 fn sheet_rows(opts: &BatchOptions) -> Result<(csv::ByteRecord, Vec<NotedRow>)> {
-    let sheet = psi_files::xlsx::read(&opts.input, opts.sheet.as_deref())
+    let sheet = psi_files::xlsx::read(&opts.input, opts.file.sheet.as_deref())
         .with_context(|| format!("reading {}", opts.input.display()))?;
     let header: csv::ByteRecord = sheet.header.iter().map(String::as_str).collect();
-    let id_col = column(&header, opts.id_column.as_deref(), ID_HEADERS);
+    let id_col = column(&header, opts.file.id_column.as_deref(), ID_HEADERS);
     let rows = sheet
         .rows
         .iter()
@@ -346,9 +369,9 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         // Excel when it carries the BOM.
         Encoding::Utf8Bom
     } else {
-        input_encoding(&opts.input, opts.encoding).await?
+        input_encoding(&opts.input, opts.file.encoding).await?
     };
-    let output_encoding = opts.output_encoding.unwrap_or(input_encoding);
+    let output_encoding = opts.file.output_encoding.unwrap_or(input_encoding);
     let views = Views::open(session.clone(), opts).await?;
     let mut summary = BatchSummary::default();
     {
@@ -381,7 +404,7 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
                         },
                         input_encoding,
                     ),
-                    opts.max_row_bytes,
+                    opts.file.max_row_bytes,
                 ));
         let headers = reader
             .byte_headers()
@@ -390,14 +413,14 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         (headers, InputRows::Csv(Box::new(reader)), file_len)
     };
     let (Some(name_col), Some(id_col)) = (
-        column(&headers, opts.name_column.as_deref(), NAME_HEADERS),
-        column(&headers, opts.id_column.as_deref(), ID_HEADERS),
+        column(&headers, opts.file.name_column.as_deref(), NAME_HEADERS),
+        column(&headers, opts.file.id_column.as_deref(), ID_HEADERS),
     ) else {
         bail!(
             "{} must start with a header naming the name column ({}) and the ID column ({}); name others with --name-column and --id-column",
             opts.input.display(),
-            opts.name_column.as_deref().map_or_else(|| NAME_HEADERS.join(" or "), str::to_string),
-            opts.id_column.as_deref().map_or_else(|| ID_HEADERS.join(" or "), str::to_string),
+            opts.file.name_column.as_deref().map_or_else(|| NAME_HEADERS.join(" or "), str::to_string),
+            opts.file.id_column.as_deref().map_or_else(|| ID_HEADERS.join(" or "), str::to_string),
         );
     };
     if column(&headers, Some("result"), &[]).is_some()

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use psi_core::Blinding;
 
-use crate::batch::{self, BatchOptions};
+use crate::batch::{self, BatchOptions, FileFormat};
 use crate::check::{check, CheckOutcome};
 use crate::config::{self, Source};
 use crate::pin::Pinned;
@@ -379,12 +379,14 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
                     output: output.clone(),
                     mode,
                     chunk_rows,
-                    max_row_bytes,
-                    encoding,
-                    output_encoding,
-                    sheet,
-                    name_column,
-                    id_column,
+                    file: FileFormat {
+                        max_row_bytes,
+                        encoding,
+                        output_encoding,
+                        sheet,
+                        name_column,
+                        id_column,
+                    },
                     chunks_in_flight: 2,
                     progress: !no_progress,
                     resume,

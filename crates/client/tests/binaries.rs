@@ -49,6 +49,21 @@ fn client_command(args: &[&str], url: &str, cache: &Path) -> Command {
     c
 }
 
+/// `psi-server init` of a registry CSV with `rows` (after the header
+/// `name,id`) into `root/data`; returns the data directory.
+fn init_registry(root: &Path, rows: &str) -> PathBuf {
+    let registry = root.join("registry.csv");
+    std::fs::write(&registry, format!("name,id\n{rows}")).unwrap();
+    let data = root.join("data");
+    let (code, out, err) = run(Command::new(server_bin())
+        .args(["init", "--no-progress", "--registry"])
+        .arg(&registry)
+        .arg("--data-dir")
+        .arg(&data));
+    assert_eq!(code, 0, "{out}{err}");
+    data
+}
+
 struct Server(Child);
 
 impl Drop for Server {
@@ -307,15 +322,7 @@ fn config_errors_are_reported_before_binding() {
 fn sighup_reloads_the_policy_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let registry = root.join("registry.csv");
-    std::fs::write(&registry, "name,id\n张伟,11010519491231002X\n").unwrap();
-    let data = root.join("data");
-    let (code, out, err) = run(Command::new(server_bin())
-        .args(["init", "--no-progress", "--registry"])
-        .arg(&registry)
-        .arg("--data-dir")
-        .arg(&data));
-    assert_eq!(code, 0, "{out}{err}");
+    let data = init_registry(root, "张伟,11010519491231002X\n");
     let policy = root.join("policy.toml");
     let rules = |purposes: &str| {
         format!("[institutions.local]\nmodes = [\"bucket\", \"sync\"]\npurposes = [{purposes}]\nrate_per_second = 1000\ndaily_cap = 100000\nmax_batch = 64\n")
@@ -523,19 +530,7 @@ fn run_measuring_peak(cmd: &mut Command) -> (i32, String, u64) {
 fn batch_inputs_with_long_rows_open_quotes_and_extra_fields() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let registry = root.join("registry.csv");
-    let data = root.join("data");
-    std::fs::write(
-        &registry,
-        "name,id\n张伟,11010519491231002X\n李秀英,440524188001010014\n",
-    )
-    .unwrap();
-    let (code, out, err) = run(Command::new(server_bin())
-        .args(["init", "--no-progress", "--registry"])
-        .arg(&registry)
-        .arg("--data-dir")
-        .arg(&data));
-    assert_eq!(code, 0, "{out}{err}");
+    let data = init_registry(root, "张伟,11010519491231002X\n李秀英,440524188001010014\n");
     let (_server, url) = serve(&data, None);
     let cache = root.join("cache");
     let batch = |input: &Path, output: &Path, extra: &[&str]| {
@@ -738,15 +733,7 @@ fn gb18030_and_bom_files_in_and_out_and_a_file_in_neither_refused() {
 fn a_config_file_supplies_the_settings_and_flags_override_it() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let registry = root.join("registry.csv");
-    std::fs::write(&registry, "name,id\n张伟,11010519491231002X\n").unwrap();
-    let data = root.join("data");
-    let (code, out, err) = run(Command::new(server_bin())
-        .args(["init", "--no-progress", "--registry"])
-        .arg(&registry)
-        .arg("--data-dir")
-        .arg(&data));
-    assert_eq!(code, 0, "{out}{err}");
+    let data = init_registry(root, "张伟,11010519491231002X\n");
     let (_server, url) = serve(&data, None);
     let config = root.join("psi-client.toml");
     std::fs::write(
@@ -806,19 +793,7 @@ fn a_config_file_supplies_the_settings_and_flags_override_it() {
 fn excel_workbooks_in_and_out_with_chinese_headers_and_numeric_ids() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let registry = root.join("registry.csv");
-    std::fs::write(
-        &registry,
-        "name,id\n张伟,11010519491231002X\n李秀英,440524188001010014\n",
-    )
-    .unwrap();
-    let data = root.join("data");
-    let (code, out, err) = run(Command::new(server_bin())
-        .args(["init", "--no-progress", "--registry"])
-        .arg(&registry)
-        .arg("--data-dir")
-        .arg(&data));
-    assert_eq!(code, 0, "{out}{err}");
+    let data = init_registry(root, "张伟,11010519491231002X\n李秀英,440524188001010014\n");
     let (_server, url) = serve(&data, None);
     let cache = root.join("cache");
 
