@@ -15,6 +15,7 @@ use psi_core::{Record, TagLookup};
 use psi_files::encoding::{self, Encoding, EncodingWriter, Utf8Reader};
 use rayon::prelude::*;
 
+use crate::check::CheckOutcome;
 use crate::session::{is_stale_epoch, Session};
 use crate::{today, QueryMode};
 
@@ -211,6 +212,18 @@ impl std::fmt::Display for BatchSummary {
     }
 }
 
+impl BatchSummary {
+    /// Counts one answered row.
+    fn count(&mut self, answer: &CheckOutcome) {
+        self.rows += 1;
+        match answer {
+            CheckOutcome::Match => self.matched += 1,
+            CheckOutcome::NoMatch => self.no_match += 1,
+            CheckOutcome::Invalid(_) => self.invalid += 1,
+        }
+    }
+}
+
 fn span(first: u64, last: u64) -> String {
     if first == last {
         last.to_string()
@@ -241,7 +254,12 @@ struct Views {
 }
 
 impl Views {
-    async fn open(session: Session, opts: &BatchOptions) -> Result<Self> {
+    async fn open(
+        session: Session,
+        mode: QueryMode,
+        max_age: Duration,
+        no_sync: bool,
+    ) -> Result<Self> {
         let views = Self {
             current: tokio::sync::Mutex::new(Arc::new(View {
                 version: session.info().registry_version,
@@ -250,15 +268,15 @@ impl Views {
                 lookup: None,
                 confirmed: Instant::now(),
             })),
-            mode: opts.mode,
-            max_age: opts.max_cache_age,
-            no_sync: opts.no_sync,
+            mode,
+            max_age,
+            no_sync,
             shards_fetched: 0.into(),
             bytes_synced: 0.into(),
         };
-        if opts.mode == QueryMode::Sync {
-            let view = if opts.no_sync {
-                let set = session.cached(opts.max_cache_age)?;
+        if mode == QueryMode::Sync {
+            let view = if no_sync {
+                let set = session.cached(max_age)?;
                 View {
                     version: set.header().registry_version,
                     epoch: set.header().epoch,
@@ -340,12 +358,61 @@ impl Views {
         }
         Ok(Arc::clone(&current))
     }
-}
 
-enum Answer {
-    Match,
-    NoMatch,
-    Invalid(String),
+    /// A summary started at the current view.
+    async fn summary(&self) -> Result<BatchSummary> {
+        let first = self.get().await?;
+        Ok(BatchSummary {
+            first_registry_version: first.version,
+            registry_version: first.version,
+            first_key_epoch: first.epoch,
+            key_epoch: first.epoch,
+            ..BatchSummary::default()
+        })
+    }
+
+    /// Answers a chunk against the current view, following a key rotation
+    /// (asked again under the new epoch, against that epoch's tag set).
+    async fn answer(
+        &self,
+        chunk: &Chunk,
+        columns: usize,
+        name_col: usize,
+        id_col: usize,
+        today: psi_core::CivilDate,
+    ) -> Result<(Vec<CheckOutcome>, Arc<View>)> {
+        let mut view = self.get().await?;
+        let mut rotations = 0;
+        loop {
+            let lookup = view.lookup.as_deref();
+            match answer_chunk(
+                &view.session,
+                lookup,
+                chunk,
+                columns,
+                name_col,
+                id_col,
+                today,
+            )
+            .await
+            {
+                Ok(answers) => return Ok((answers, view)),
+                Err(e) if is_stale_epoch(&e) && rotations < 3 => {
+                    rotations += 1;
+                    view = self.rotated(&view).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Fills in what the syncs fetched and the time taken.
+    fn finish(&self, summary: &mut BatchSummary, started: Instant) {
+        use std::sync::atomic::Ordering::Relaxed;
+        summary.shards_fetched = self.shards_fetched.load(Relaxed);
+        summary.bytes_synced = self.bytes_synced.load(Relaxed);
+        summary.elapsed = started.elapsed();
+    }
 }
 
 struct Chunk {
@@ -372,15 +439,8 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         input_encoding(&opts.input, opts.file.encoding).await?
     };
     let output_encoding = opts.file.output_encoding.unwrap_or(input_encoding);
-    let views = Views::open(session.clone(), opts).await?;
-    let mut summary = BatchSummary::default();
-    {
-        let first = views.get().await?;
-        summary.first_registry_version = first.version;
-        summary.registry_version = first.version;
-        summary.first_key_epoch = first.epoch;
-        summary.key_epoch = first.epoch;
-    }
+    let views = Views::open(session.clone(), opts.mode, opts.max_cache_age, opts.no_sync).await?;
+    let mut summary = views.summary().await?;
 
     let read_units = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (headers, mut reader, total_units) = if is_xlsx(&opts.input) {
@@ -554,30 +614,10 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
             let views = &views;
             async move {
                 let chunk = chunk?;
-                let mut view = views.get().await?;
-                let mut rotations = 0;
-                loop {
-                    let answered = answer_chunk(
-                        &view.session,
-                        view.lookup.as_deref(),
-                        &chunk,
-                        columns,
-                        name_col,
-                        id_col,
-                        today,
-                    )
-                    .await;
-                    match answered {
-                        Ok(answers) => return Ok::<_, anyhow::Error>((chunk, answers, view)),
-                        // A key rotation: ask again under the new epoch,
-                        // against the tag set of that epoch.
-                        Err(e) if is_stale_epoch(&e) && rotations < 3 => {
-                            rotations += 1;
-                            view = views.rotated(&view).await?;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
+                let (answers, view) = views
+                    .answer(&chunk, columns, name_col, id_col, today)
+                    .await?;
+                Ok::<_, anyhow::Error>((chunk, answers, view))
             }
         })
         .buffered(opts.chunks_in_flight.max(1));
@@ -592,24 +632,10 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
             while out.len() < headers.len() {
                 out.push_field(b"");
             }
-            let (result, error) = match answer {
-                Answer::Match => {
-                    summary.matched += 1;
-                    ("match", String::new())
-                }
-                Answer::NoMatch => {
-                    summary.no_match += 1;
-                    ("no_match", String::new())
-                }
-                Answer::Invalid(reason) => {
-                    summary.invalid += 1;
-                    ("invalid", reason)
-                }
-            };
-            out.push_field(result.as_bytes());
-            out.push_field(error.as_bytes());
+            summary.count(&answer);
+            out.push_field(answer.result().as_bytes());
+            out.push_field(answer.reason().unwrap_or("").as_bytes());
             sink.write(out)?;
-            summary.rows += 1;
         }
         // Each chunk reaches the file before the next: an interrupted run
         // loses at most the chunks in flight, which --resume asks again.
@@ -654,14 +680,84 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
             opts.output.display()
         )
     })?;
-    summary.shards_fetched = views
-        .shards_fetched
-        .load(std::sync::atomic::Ordering::Relaxed);
-    summary.bytes_synced = views
-        .bytes_synced
-        .load(std::sync::atomic::Ordering::Relaxed);
-    summary.elapsed = started.elapsed();
+    views.finish(&mut summary, started);
     Ok(summary)
+}
+
+/// Options of [`answer_pairs`].
+#[derive(Debug, Clone)]
+pub struct PairOptions {
+    /// Sync or bucket mode.
+    pub mode: QueryMode,
+    /// Pairs per request.
+    pub chunk_rows: usize,
+    /// Requests in flight.
+    pub chunks_in_flight: usize,
+    /// Sync mode: as [`BatchOptions::max_cache_age`].
+    pub max_cache_age: Duration,
+}
+
+impl Default for PairOptions {
+    fn default() -> Self {
+        Self {
+            mode: QueryMode::Sync,
+            chunk_rows: 8192,
+            chunks_in_flight: 2,
+            max_cache_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Answers (name, ID) pairs held in memory, in order, as `run` answers a
+/// file's rows (the library's batch: the Python package's `Client.batch`).
+///
+/// # Errors
+/// As [`run`], less the files.
+pub async fn answer_pairs<N, I>(
+    session: &Session,
+    pairs: &[(N, I)],
+    opts: &PairOptions,
+) -> Result<(Vec<CheckOutcome>, BatchSummary)>
+where
+    N: AsRef<str> + Sync,
+    I: AsRef<str> + Sync,
+{
+    let started = Instant::now();
+    let views = Views::open(session.clone(), opts.mode, opts.max_cache_age, false).await?;
+    let mut summary = views.summary().await?;
+    let today = today();
+    let views = &views;
+    let chunk_rows = opts.chunk_rows.max(1);
+    // Chunks by index: a stream of borrowed slices would make the future
+    // depend on a higher-ranked lifetime, which the compiler cannot prove `Send`.
+    let mut answered = futures::stream::iter((0..pairs.len()).step_by(chunk_rows))
+        .map(|start| {
+            let rows = pairs
+                .get(start..pairs.len().min(start + chunk_rows))
+                .unwrap_or(&[]);
+            let chunk = Chunk {
+                rows: rows
+                    .iter()
+                    .map(|(n, i)| [n.as_ref(), i.as_ref()].iter().collect())
+                    .collect(),
+                notes: vec![None; rows.len()],
+                end_byte: 0,
+            };
+            async move { views.answer(&chunk, 2, 0, 1, today).await }
+        })
+        .buffered(opts.chunks_in_flight.max(1));
+    let mut answers = Vec::with_capacity(pairs.len());
+    while let Some(item) = answered.next().await {
+        let (chunk_answers, view) = item?;
+        summary.registry_version = view.version;
+        summary.key_epoch = view.epoch;
+        for answer in chunk_answers {
+            summary.count(&answer);
+            answers.push(answer);
+        }
+    }
+    views.finish(&mut summary, started);
+    Ok((answers, summary))
 }
 
 /// Cuts `partial` (written in `encoding`) back to its last complete row and
@@ -804,7 +900,7 @@ async fn answer_chunk(
     name_col: usize,
     id_col: usize,
     today: psi_core::CivilDate,
-) -> Result<Vec<Answer>> {
+) -> Result<Vec<CheckOutcome>> {
     let parsed: Vec<Result<Record, String>> = chunk
         .rows
         .par_iter()
@@ -850,11 +946,11 @@ async fn answer_chunk(
         .into_iter()
         .map(|p| match p {
             Ok(_) => match found.next() {
-                Some(true) => Ok(Answer::Match),
-                Some(false) => Ok(Answer::NoMatch),
+                Some(true) => Ok(CheckOutcome::Match),
+                Some(false) => Ok(CheckOutcome::NoMatch),
                 None => bail!("fewer answers than valid rows"),
             },
-            Err(reason) => Ok(Answer::Invalid(reason)),
+            Err(reason) => Ok(CheckOutcome::Invalid(reason)),
         })
         .collect()
 }

@@ -17,6 +17,27 @@ pub enum CheckOutcome {
     Invalid(String),
 }
 
+impl CheckOutcome {
+    /// The word the CLI prints and writes in a batch's `result` column.
+    #[must_use]
+    pub fn result(&self) -> &'static str {
+        match self {
+            CheckOutcome::Match => "match",
+            CheckOutcome::NoMatch => "no_match",
+            CheckOutcome::Invalid(_) => "invalid",
+        }
+    }
+
+    /// Why the input is invalid, if it is.
+    #[must_use]
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            CheckOutcome::Invalid(reason) => Some(reason),
+            _ => None,
+        }
+    }
+}
+
 /// Checks one (name, ID) pair. In sync mode the local tag set is refreshed first.
 ///
 /// # Errors

@@ -229,8 +229,8 @@ impl Session {
         let mut grpc = MatchClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        let info = match grpc.get_server_info(GetServerInfoRequest {}).await {
-            Ok(info) => info.into_inner(),
+        let info = match Self::server_info(&mut grpc).await {
+            Ok(info) => info,
             // Plaintext HTTP/2 to a TLS port: the server's TLS alert reads
             // as an HTTP/2 protocol error.
             Err(s) if options.tls.is_none() && is_transport_error(&s) => {
@@ -289,6 +289,34 @@ impl Session {
             options,
             pinned,
         })
+    }
+
+    /// `GetServerInfo`, waiting (up to [`MAX_UNAVAILABLE_WAIT`]) while the
+    /// server says it is unavailable: it is up but still loading its
+    /// snapshot, as after a restart. A connection that fails is not waited for.
+    async fn server_info(grpc: &mut MatchClient<Channel>) -> Result<ServerInfo, tonic::Status> {
+        let mut waited = std::time::Duration::ZERO;
+        let mut backoff = std::time::Duration::from_millis(50);
+        loop {
+            match grpc.get_server_info(GetServerInfoRequest {}).await {
+                Err(s)
+                    if s.code() == Code::Unavailable
+                        && !is_transport_error(&s)
+                        && waited < MAX_UNAVAILABLE_WAIT =>
+                {
+                    if waited.is_zero() {
+                        tracing::warn!(
+                            "the server is unavailable ({}); waiting for it",
+                            s.message()
+                        );
+                    }
+                    tokio::time::sleep(backoff).await;
+                    waited += backoff;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                }
+                answered => return answered.map(tonic::Response::into_inner),
+            }
+        }
     }
 
     /// Connects, waiting up to `patience` for a server that is still
