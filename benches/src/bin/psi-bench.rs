@@ -208,7 +208,7 @@ async fn e2e(args: E2eArgs) -> Result<()> {
         request_timeout: Duration::from_secs(120),
         reload_interval: Duration::from_millis(200),
         tls: None,
-        audit_db: data_dir.join(psi_server::audit::AUDIT_FILE),
+        audit_db: data_dir.join(psi_server::audit::AUDIT_FILE).into(),
         policy: None,
         admin_listen: None,
         net: Default::default(),

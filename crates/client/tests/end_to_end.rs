@@ -75,7 +75,7 @@ async fn start_with_policy(data_dir: &Path, port: u16, policy: Option<&str>) -> 
         request_timeout: Duration::from_secs(30),
         reload_interval: Duration::from_millis(50),
         tls: None,
-        audit_db: data_dir.join(psi_server::audit::AUDIT_FILE),
+        audit_db: data_dir.join(psi_server::audit::AUDIT_FILE).into(),
         policy,
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
         net: Default::default(),
@@ -819,7 +819,7 @@ async fn a_server_restart_mid_batch_is_ridden_out() {
         request_timeout: Duration::from_secs(30),
         reload_interval: Duration::from_millis(50),
         tls: None,
-        audit_db: root.join("second-audit.sqlite"),
+        audit_db: root.join("second-audit.sqlite").into(),
         policy: Some((
             policy_path.clone(),
             psi_server::policy::Policy::load(&policy_path).unwrap(),

@@ -49,7 +49,7 @@ async fn only_certificates_from_the_operators_ca_are_served() {
         limits: Limits::default(),
         request_timeout: Duration::from_secs(30),
         reload_interval: Duration::from_millis(2000),
-        audit_db: root.join("audit.sqlite"),
+        audit_db: root.join("audit.sqlite").into(),
         policy: None,
         admin_listen: None,
         net: Default::default(),

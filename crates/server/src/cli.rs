@@ -210,15 +210,15 @@ pub enum CaCommand {
 pub enum AuditCommand {
     /// Walk the hash chain; report the first edited, deleted or reordered record.
     Verify {
-        /// The audit database.
-        #[arg(long, env = "PSI_AUDIT_DB")]
-        db: PathBuf,
+        /// The audit database: an SQLite file or a postgres:// URL.
+        #[arg(long, env = "PSI_AUDIT_DB", value_parser = crate::audit::AuditStore::from_arg)]
+        db: crate::audit::AuditStore,
     },
     /// Remove records older than a time, never any younger than the retention.
     Prune {
-        /// The audit database.
-        #[arg(long, env = "PSI_AUDIT_DB")]
-        db: PathBuf,
+        /// The audit database: an SQLite file or a postgres:// URL.
+        #[arg(long, env = "PSI_AUDIT_DB", value_parser = crate::audit::AuditStore::from_arg)]
+        db: crate::audit::AuditStore,
         /// Remove records before this time (RFC 3339).
         #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
         before: std::time::SystemTime,
@@ -228,9 +228,9 @@ pub enum AuditCommand {
     },
     /// Export records, oldest first.
     Export {
-        /// The audit database.
-        #[arg(long, env = "PSI_AUDIT_DB")]
-        db: PathBuf,
+        /// The audit database: an SQLite file or a postgres:// URL.
+        #[arg(long, env = "PSI_AUDIT_DB", value_parser = crate::audit::AuditStore::from_arg)]
+        db: crate::audit::AuditStore,
         /// Only this institution.
         #[arg(long)]
         institution: Option<String>,
@@ -244,6 +244,14 @@ pub enum AuditCommand {
         #[arg(long, value_enum, default_value_t = crate::audit::Format::Csv)]
         format: crate::audit::Format,
     },
+}
+
+/// Runs `work` off the async workers: the audit commands may talk to
+/// PostgreSQL, whose client blocks.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .context("the audit command stopped")?
 }
 
 /// Runs a parsed command.
@@ -368,12 +376,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             retention_days,
         }) => {
             let retention = std::time::Duration::from_secs(retention_days.saturating_mul(86_400));
-            let n = crate::audit::prune(&db, before, retention, std::time::SystemTime::now())?;
+            let n = blocking(move || {
+                crate::audit::prune(&db, before, retention, std::time::SystemTime::now())
+            })
+            .await?;
             println!("removed {n} audit records; the remaining chain still verifies (psi-server audit verify)");
             Ok(())
         }
         Command::Audit(AuditCommand::Verify { db }) => {
-            let v = crate::audit::verify(&db)?;
+            let v = blocking(move || crate::audit::verify(&db)).await?;
             println!(
                 "audit chain intact: {} records; head {} (keep this value outside the database to detect truncation)",
                 v.records, v.head
@@ -392,9 +403,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 since,
                 until,
             };
-            let stdout = std::io::stdout();
-            let mut out = stdout.lock();
-            let n = crate::audit::export(&db, &filter, format, &mut out)?;
+            let n = blocking(move || {
+                let stdout = std::io::stdout();
+                let mut out = stdout.lock();
+                crate::audit::export(&db, &filter, format, &mut out)
+            })
+            .await?;
             eprintln!("exported {n} records");
             Ok(())
         }

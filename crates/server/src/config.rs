@@ -63,9 +63,11 @@ pub struct ServeArgs {
     /// (e.g. 127.0.0.1:9090); none by default.
     #[arg(long, env = "PSI_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
-    /// Audit database [default: DATA_DIR/audit.sqlite].
-    #[arg(long, env = "PSI_AUDIT_DB")]
-    pub audit_db: Option<PathBuf>,
+    /// Audit database: an SQLite file, or a postgres:// URL shared by every
+    /// replica (which then also keeps the institutions' quotas there)
+    /// [default: DATA_DIR/audit.sqlite].
+    #[arg(long, env = "PSI_AUDIT_DB", value_parser = crate::audit::AuditStore::from_arg)]
+    pub audit_db: Option<crate::audit::AuditStore>,
     /// Serve without TLS on an address other than loopback: anyone on the
     /// network can then query without an identity. For testing only.
     #[arg(long)]
@@ -257,7 +259,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
-    audit_db: Option<PathBuf>,
+    audit_db: Option<String>,
     policy: Option<PathBuf>,
     admin_listen: Option<String>,
     #[serde(default)]
@@ -297,7 +299,7 @@ pub struct ServeConfig {
     /// Mutual TLS; `None` serves plaintext (loopback unless explicitly allowed).
     pub tls: Option<TlsFiles>,
     /// The audit database.
-    pub audit_db: PathBuf,
+    pub audit_db: crate::audit::AuditStore,
     /// The policy file and its content, if any.
     pub policy: Option<(PathBuf, crate::policy::Policy)>,
     /// The admin (metrics) address, if any.
@@ -425,8 +427,8 @@ impl ServeArgs {
         }
         let audit_db = self
             .audit_db
-            .or(file.audit_db)
-            .unwrap_or_else(|| data_dir.join(crate::audit::AUDIT_FILE));
+            .or_else(|| file.audit_db.as_deref().map(crate::audit::AuditStore::parse))
+            .unwrap_or_else(|| data_dir.join(crate::audit::AUDIT_FILE).into());
         let policy = match self.policy.or(file.policy) {
             Some(path) => {
                 let p = crate::policy::Policy::load(&path)?;

@@ -169,7 +169,7 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
         request_timeout: Duration::from_secs(60),
         reload_interval: Duration::from_millis(2000),
         tls: None,
-        audit_db: data_dir.join(crate::audit::AUDIT_FILE),
+        audit_db: data_dir.join(crate::audit::AUDIT_FILE).into(),
         policy: None,
         admin_listen: None,
         net: Default::default(),

@@ -19,6 +19,11 @@ pub enum ServiceError {
         /// The server's epoch.
         server: u64,
     },
+    /// This replica cannot answer now but another one (or this one a
+    /// moment later) can: a newer key epoch not loaded here yet, or the
+    /// shared quota database out of reach.
+    #[error("{0}; retry")]
+    Unavailable(String),
     /// No valid client certificate under mutual TLS.
     #[error(
         "a client certificate issued by the operator's CA, naming the institution, is required"
@@ -51,7 +56,7 @@ impl ServiceError {
     #[must_use]
     pub fn code(&self) -> Code {
         match self {
-            ServiceError::Loading => Code::Unavailable,
+            ServiceError::Loading | ServiceError::Unavailable(_) => Code::Unavailable,
             ServiceError::StaleEpoch { .. } => Code::FailedPrecondition,
             ServiceError::Core(psi_core::Error::Cancelled) => Code::Cancelled,
             ServiceError::InvalidArgument(_) | ServiceError::Core(_) => Code::InvalidArgument,

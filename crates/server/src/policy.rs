@@ -14,12 +14,14 @@
 //! ```
 //!
 //! The file is re-read on SIGHUP; a file that does not parse leaves the
-//! previous policy in force. Quota state survives reloads.
+//! previous policy in force. Quota state survives reloads. With the audit
+//! trail in PostgreSQL (several replicas), the quota state is kept there
+//! too, so the limits hold across replicas (see [`Enforcer::shared`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -89,18 +91,171 @@ impl Policy {
     }
 }
 
+/// One institution's quota state: a token bucket (elements per second,
+/// burst one second's worth) and the elements used on the current day.
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Quota {
     tokens: f64,
-    refilled: Instant,
+    /// When `tokens` was last brought up to date, in Unix milliseconds.
+    refilled_ms: i64,
+    /// The China Standard Time day `used_today` counts.
     day: i64,
     used_today: u64,
 }
 
+impl Quota {
+    /// A full bucket and nothing used.
+    fn fresh(rules: &Rules, now_ms: i64) -> Self {
+        Self {
+            tokens: rules.rate_per_second as f64,
+            refilled_ms: now_ms,
+            day: china_day(now_ms).0,
+            used_today: 0,
+        }
+    }
+
+    /// Takes `elements` at `now_ms` if the rate and the daily cap allow.
+    fn take(&mut self, rules: &Rules, elements: u64, now_ms: i64) -> Result<(), ServiceError> {
+        let (day, until_tomorrow) = china_day(now_ms);
+        if self.day != day {
+            self.day = day;
+            self.used_today = 0;
+        }
+        let rate = rules.rate_per_second as f64;
+        let elapsed = (now_ms - self.refilled_ms).max(0) as f64 / 1000.0;
+        self.tokens = (self.tokens + elapsed * rate).min(rate.max(elements as f64));
+        self.refilled_ms = self.refilled_ms.max(now_ms);
+        if self.used_today + elements > rules.daily_cap {
+            return Err(ServiceError::QuotaExhausted {
+                what: format!("daily cap of {} elements", rules.daily_cap),
+                retry_after: until_tomorrow,
+            });
+        }
+        let need = elements as f64;
+        if self.tokens < need {
+            let wait = Duration::from_secs_f64((need - self.tokens) / rate);
+            return Err(ServiceError::QuotaExhausted {
+                what: format!("rate of {} elements per second", rules.rate_per_second),
+                retry_after: wait,
+            });
+        }
+        self.tokens -= need;
+        self.used_today += elements;
+        Ok(())
+    }
+}
+
+/// Where the quota state lives.
+enum Quotas {
+    /// In this process: one server.
+    Local(Mutex<HashMap<String, Quota>>),
+    /// In PostgreSQL, shared by every replica: each request's elements are
+    /// taken in one transaction holding the institution's row, so the rate
+    /// and the daily cap hold across replicas exactly.
+    Shared(SharedQuotas),
+}
+
+/// The quota table in PostgreSQL and this replica's connection to it.
+struct SharedQuotas {
+    url: String,
+    client: Arc<Mutex<Option<postgres::Client>>>,
+}
+
+const QUOTA_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS quota (
+        institution TEXT PRIMARY KEY,
+        tokens DOUBLE PRECISION NOT NULL,
+        refilled_ms BIGINT NOT NULL,
+        day BIGINT NOT NULL,
+        used_today BIGINT NOT NULL
+    )";
+
+/// The database's clock, in Unix milliseconds: every replica reads the same one.
+const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+impl SharedQuotas {
+    fn connect(url: &str) -> Result<postgres::Client> {
+        let mut client = crate::audit::connect_postgres(url, "the shared quotas")?;
+        let mut tx = client.transaction()?;
+        // Replicas starting together would race to create the table.
+        tx.execute("SELECT pg_advisory_xact_lock(7365)", &[])?;
+        tx.batch_execute(QUOTA_SCHEMA)?;
+        tx.commit()?;
+        Ok(client)
+    }
+
+    /// Takes `elements` from `institution`'s shared quota (blocking: run it
+    /// off the async workers).
+    fn take(&self, institution: &str, rules: &Rules, elements: u64) -> Result<(), ServiceError> {
+        let mut slot = self
+            .client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.as_ref().is_none_or(postgres::Client::is_closed) {
+            *slot = Some(Self::connect(&self.url).map_err(|e| {
+                tracing::error!("shared quotas: {e:#}");
+                ServiceError::Unavailable("the shared quota database is out of reach".into())
+            })?);
+        }
+        let Some(client) = slot.as_mut() else {
+            return Err(ServiceError::Internal);
+        };
+        let unreachable = |e: postgres::Error| {
+            tracing::error!("shared quotas: {}", crate::audit::pg_reason(&e));
+            ServiceError::Unavailable("the shared quota database is out of reach".into())
+        };
+        let mut tx = client.transaction().map_err(unreachable)?;
+        let now_ms: i64 = tx
+            .query_one(&format!("SELECT {DB_NOW_MS}"), &[])
+            .map_err(unreachable)?
+            .get(0);
+        let fresh = Quota::fresh(rules, now_ms);
+        tx.execute(
+            "INSERT INTO quota (institution, tokens, refilled_ms, day, used_today)
+             VALUES ($1, $2, $3, $4, 0) ON CONFLICT (institution) DO NOTHING",
+            &[&institution, &fresh.tokens, &fresh.refilled_ms, &fresh.day],
+        )
+        .map_err(unreachable)?;
+        let row = tx
+            .query_one(
+                "SELECT tokens, refilled_ms, day, used_today FROM quota WHERE institution = $1 FOR UPDATE",
+                &[&institution],
+            )
+            .map_err(unreachable)?;
+        let mut quota = Quota {
+            tokens: row.get(0),
+            refilled_ms: row.get(1),
+            day: row.get(2),
+            used_today: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
+        };
+        let taken = quota.take(rules, elements, now_ms);
+        if taken.is_ok() {
+            tx.execute(
+                "UPDATE quota SET tokens = $2, refilled_ms = $3, day = $4, used_today = $5 WHERE institution = $1",
+                &[
+                    &institution,
+                    &quota.tokens,
+                    &quota.refilled_ms,
+                    &quota.day,
+                    &i64::try_from(quota.used_today).unwrap_or(i64::MAX),
+                ],
+            )
+            .map_err(unreachable)?;
+        }
+        tx.commit().map_err(unreachable)?;
+        taken
+    }
+}
+
 /// The policy in force and every institution's quota.
-#[derive(Default)]
 pub struct Enforcer {
     policy: Mutex<Option<Policy>>,
-    quotas: Mutex<HashMap<String, Quota>>,
+    quotas: Arc<Quotas>,
+}
+
+impl Default for Enforcer {
+    fn default() -> Self {
+        Self::new(None)
+    }
 }
 
 impl std::fmt::Debug for Enforcer {
@@ -109,24 +264,43 @@ impl std::fmt::Debug for Enforcer {
     }
 }
 
-fn china_day(now: std::time::SystemTime) -> (i64, Duration) {
-    let secs = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        + 8 * 3600;
+/// The China Standard Time day of `now_ms` and the time left in it.
+fn china_day(now_ms: i64) -> (i64, Duration) {
+    let secs = now_ms.div_euclid(1000) + 8 * 3600;
     let day = secs.div_euclid(86_400);
     let left = u64::try_from(86_400 - secs.rem_euclid(86_400)).unwrap_or(86_400);
     (day, Duration::from_secs(left))
 }
 
+fn now_ms() -> i64 {
+    crate::audit::unix_ms(std::time::SystemTime::now())
+}
+
 impl Enforcer {
-    /// An enforcer for `policy` (`None`: no limits, for local use).
+    /// An enforcer for `policy` (`None`: no limits, for local use) keeping
+    /// quotas in this process.
     #[must_use]
     pub fn new(policy: Option<Policy>) -> Self {
         Self {
             policy: Mutex::new(policy),
-            quotas: Mutex::new(HashMap::new()),
+            quotas: Arc::new(Quotas::Local(Mutex::new(HashMap::new()))),
         }
+    }
+
+    /// An enforcer keeping quotas in the PostgreSQL database at `url`,
+    /// shared with every replica that names the same database.
+    ///
+    /// # Errors
+    /// The database cannot be reached or its table created.
+    pub fn shared(policy: Option<Policy>, url: &str) -> Result<Self> {
+        let client = SharedQuotas::connect(url)?;
+        Ok(Self {
+            policy: Mutex::new(policy),
+            quotas: Arc::new(Quotas::Shared(SharedQuotas {
+                url: url.to_string(),
+                client: Arc::new(Mutex::new(Some(client))),
+            })),
+        })
     }
 
     /// Replaces the policy (quota state is kept).
@@ -137,26 +311,22 @@ impl Enforcer {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(policy);
     }
 
-    /// Checks one request and takes its elements from the quotas.
-    ///
-    /// # Errors
-    /// `PermissionDenied` for an unknown institution or a mode or purpose it
-    /// may not use; `InvalidArgument` for a batch over its maximum;
-    /// `ResourceExhausted` with the delay after which to retry.
-    pub fn admit(
+    /// The rules for a request, checked against everything but the quotas;
+    /// `None` when no policy is in force.
+    fn rules(
         &self,
         institution: &str,
         mode: &str,
         purpose: &str,
         elements: u64,
-    ) -> Result<(), ServiceError> {
+    ) -> Result<Option<Rules>, ServiceError> {
         let rules = {
             let policy = self
                 .policy
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let Some(policy) = policy.as_ref() else {
-                return Ok(());
+                return Ok(None);
             };
             policy
                 .institutions
@@ -186,43 +356,48 @@ impl Enforcer {
                 rules.max_batch
             )));
         }
-        let now = Instant::now();
-        let (day, until_tomorrow) = china_day(std::time::SystemTime::now());
-        let rate = rules.rate_per_second as f64;
-        let mut quotas = self
-            .quotas
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let q = quotas.entry(institution.to_string()).or_insert(Quota {
-            tokens: rate,
-            refilled: now,
-            day,
-            used_today: 0,
-        });
-        if q.day != day {
-            q.day = day;
-            q.used_today = 0;
+        Ok(Some(rules))
+    }
+
+    /// Checks one request and takes its elements from the quotas.
+    ///
+    /// # Errors
+    /// `PermissionDenied` for an unknown institution or a mode or purpose it
+    /// may not use; `InvalidArgument` for a batch over its maximum;
+    /// `ResourceExhausted` with the delay after which to retry;
+    /// `Unavailable` when the shared quota database is out of reach.
+    pub async fn admit(
+        &self,
+        institution: &str,
+        mode: &str,
+        purpose: &str,
+        elements: u64,
+    ) -> Result<(), ServiceError> {
+        let Some(rules) = self.rules(institution, mode, purpose, elements)? else {
+            return Ok(());
+        };
+        match &*self.quotas {
+            Quotas::Local(quotas) => {
+                let now = now_ms();
+                let mut quotas = quotas
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                quotas
+                    .entry(institution.to_string())
+                    .or_insert_with(|| Quota::fresh(&rules, now))
+                    .take(&rules, elements, now)
+            }
+            Quotas::Shared(_) => {
+                let quotas = Arc::clone(&self.quotas);
+                let institution = institution.to_string();
+                tokio::task::spawn_blocking(move || match &*quotas {
+                    Quotas::Shared(shared) => shared.take(&institution, &rules, elements),
+                    Quotas::Local(_) => Err(ServiceError::Internal),
+                })
+                .await
+                .map_err(|_| ServiceError::Internal)?
+            }
         }
-        q.tokens = (q.tokens + now.duration_since(q.refilled).as_secs_f64() * rate)
-            .min(rate.max(elements as f64));
-        q.refilled = now;
-        if q.used_today + elements > rules.daily_cap {
-            return Err(ServiceError::QuotaExhausted {
-                what: format!("daily cap of {} elements", rules.daily_cap),
-                retry_after: until_tomorrow,
-            });
-        }
-        let need = elements as f64;
-        if q.tokens < need {
-            let wait = Duration::from_secs_f64((need - q.tokens) / rate);
-            return Err(ServiceError::QuotaExhausted {
-                what: format!("rate of {} elements per second", rules.rate_per_second),
-                retry_after: wait,
-            });
-        }
-        q.tokens -= need;
-        q.used_today += elements;
-        Ok(())
     }
 }
 
@@ -246,33 +421,34 @@ daily_cap = 250
 max_batch = 100
 "#;
 
-    #[test]
-    fn rules_are_enforced_with_precise_refusals() {
+    #[tokio::test]
+    async fn rules_are_enforced_with_precise_refusals() {
         let e = Enforcer::new(Some(policy(BANK).unwrap()));
-        assert!(e.admit("bank-001", "sync", "kyc", 100).is_ok());
+        assert!(e.admit("bank-001", "sync", "kyc", 100).await.is_ok());
         let err = |r: Result<(), ServiceError>| r.unwrap_err().to_string();
-        assert!(err(e.admit("bank-002", "sync", "kyc", 1)).contains("not authorised"));
-        assert!(err(e.admit("bank-001", "bucket", "kyc", 1)).contains("may not use bucket mode"));
-        assert!(err(e.admit("bank-001", "sync", "marketing", 1))
+        assert!(err(e.admit("bank-002", "sync", "kyc", 1).await).contains("not authorised"));
+        assert!(err(e.admit("bank-001", "bucket", "kyc", 1).await).contains("may not use bucket mode"));
+        assert!(err(e.admit("bank-001", "sync", "marketing", 1).await)
             .contains("purpose marketing is not authorised"));
-        assert!(err(e.admit("bank-001", "sync", "kyc", 101)).contains("maximum of 100"));
+        assert!(err(e.admit("bank-001", "sync", "kyc", 101).await).contains("maximum of 100"));
         // The bucket is empty right after 100 elements: retry in about a second.
-        match e.admit("bank-001", "sync", "kyc", 100) {
+        match e.admit("bank-001", "sync", "kyc", 100).await {
             Err(ServiceError::QuotaExhausted { retry_after, .. }) => {
                 assert!(retry_after > Duration::from_millis(500))
             }
             other => panic!("{other:?}"),
         }
-        std::thread::sleep(Duration::from_millis(1100));
-        assert!(e.admit("bank-001", "sync", "kyc", 100).is_ok());
-        std::thread::sleep(Duration::from_millis(1100));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(e.admit("bank-001", "sync", "kyc", 100).await.is_ok());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         // 200 used today; 100 more would pass the daily cap of 250.
-        match e.admit("bank-001", "sync", "kyc", 100) {
+        match e.admit("bank-001", "sync", "kyc", 100).await {
             Err(ServiceError::QuotaExhausted { what, .. }) => assert!(what.contains("daily cap")),
             other => panic!("{other:?}"),
         }
         assert!(Enforcer::new(None)
             .admit("anyone", "bucket", "x", 1_000_000)
+            .await
             .is_ok());
     }
 

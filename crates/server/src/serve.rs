@@ -64,7 +64,22 @@ impl Running {
 /// If the address cannot be bound.
 pub async fn start(cfg: ServeConfig) -> Result<Running> {
     // The audit trail opens before the port binds: no unaudited answers.
-    let audit = crate::audit::AuditLog::open(&cfg.audit_db)?;
+    // (Off the async workers: PostgreSQL's client blocks.) With the trail
+    // in PostgreSQL the quotas go there too, shared by every replica.
+    let store = cfg.audit_db.clone();
+    let policy = cfg.policy.as_ref().map(|(_, p)| p.clone());
+    let (audit, enforcer) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let audit = crate::audit::AuditLog::open(&store)?;
+        let enforcer = match &store {
+            crate::audit::AuditStore::Postgres(url) => {
+                crate::policy::Enforcer::shared(policy, url)?
+            }
+            crate::audit::AuditStore::Sqlite(_) => crate::policy::Enforcer::new(policy),
+        };
+        Ok((audit, Arc::new(enforcer)))
+    })
+    .await
+    .context("opening the audit trail")??;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -82,7 +97,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         None => None,
     };
     let task = tokio::spawn(async move {
-        let result = run(cfg, listener, audit, metrics, rx).await;
+        let result = run(cfg, listener, audit, enforcer, metrics, rx).await;
         let _ = admin_stop_tx.send(());
         result
     });
@@ -98,12 +113,10 @@ async fn run(
     cfg: ServeConfig,
     listener: TcpListener,
     audit: crate::audit::AuditLog,
+    enforcer: Arc<crate::policy::Enforcer>,
     metrics: Arc<crate::metrics::Metrics>,
     stop: oneshot::Receiver<()>,
 ) -> Result<()> {
-    let enforcer = Arc::new(crate::policy::Enforcer::new(
-        cfg.policy.as_ref().map(|(_, p)| p.clone()),
-    ));
     match &cfg.policy {
         Some((path, _)) => {
             tokio::spawn(reload_on_sighup(path.clone(), Arc::clone(&enforcer)));

@@ -263,6 +263,7 @@ impl MatchService {
                     .state
                     .enforcer
                     .admit(&institution, mode, &purpose, elements as u64)
+                    .await
                 {
                     Ok(()) => work.await,
                     Err(e) => Err(e),
@@ -312,6 +313,14 @@ impl MatchService {
 
     fn snapshot_for(&self, epoch: u64) -> Result<Arc<Snapshot>, ServiceError> {
         let snap = self.state.current()?;
+        if epoch > snap.epoch {
+            // A key rotation other replicas have loaded and this one not
+            // yet: the client's epoch is right, this replica is behind.
+            return Err(ServiceError::Unavailable(format!(
+                "key epoch {epoch} is not loaded on this replica yet (it serves epoch {})",
+                snap.epoch
+            )));
+        }
         if epoch != snap.epoch {
             return Err(ServiceError::StaleEpoch {
                 client: epoch,

@@ -18,15 +18,19 @@
 //! (`audit verify` prints the head hash and count for the operator to log
 //! elsewhere).
 
-use std::path::{Path, PathBuf};
+mod store;
+
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use rusqlite::{params, Connection};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
+
+pub use store::AuditStore;
+pub(crate) use store::{connect_postgres, pg_reason};
+use store::{Db, Val, ROW_COLUMNS};
 
 /// The audit database's default file name inside the data directory.
 pub const AUDIT_FILE: &str = "audit.sqlite";
@@ -107,67 +111,25 @@ fn chain_hash(prev: &[u8], seq: i64, e: &Entry) -> [u8; 32] {
     h.finalize().into()
 }
 
-fn open(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path)
-        .with_context(|| format!("opening audit database {}", path.display()))?;
-    conn.execute_batch(
-        "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = FULL;
-         CREATE TABLE IF NOT EXISTS audit (
-             seq INTEGER PRIMARY KEY,
-             time_unix_ms INTEGER NOT NULL,
-             institution TEXT NOT NULL,
-             purpose TEXT NOT NULL,
-             method TEXT NOT NULL,
-             mode TEXT NOT NULL,
-             elements INTEGER NOT NULL,
-             outcome TEXT NOT NULL,
-             request_id TEXT NOT NULL,
-             key_epoch INTEGER NOT NULL,
-             registry_version INTEGER NOT NULL,
-             prev_hash BLOB NOT NULL,
-             hash BLOB NOT NULL
-         );
-         CREATE INDEX IF NOT EXISTS audit_by_institution ON audit (institution, time_unix_ms);
-         CREATE TABLE IF NOT EXISTS audit_anchor (
-             id INTEGER PRIMARY KEY CHECK (id = 1),
-             next_seq INTEGER NOT NULL,
-             prev_hash BLOB NOT NULL,
-             pruned_at_unix_ms INTEGER NOT NULL
-         );",
-    )
-    .with_context(|| format!("preparing audit database {}", path.display()))?;
-    Ok(conn)
-}
-
 /// Refuses a database that SQLite finds damaged, or whose last record does
 /// not hash to itself: appending would extend a chain that no longer verifies.
-fn check_before_appending(conn: &Connection) -> Result<()> {
-    let mut stmt = conn.prepare("PRAGMA quick_check")?;
-    let problems: Vec<String> = stmt
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    if problems.first().map(String::as_str) != Some("ok") {
-        bail!(
-            "SQLite integrity check: {}",
-            problems.into_iter().take(3).collect::<Vec<_>>().join("; ")
-        );
-    }
-    let last = conn.query_row(
-        &format!("{SELECT} ORDER BY seq DESC LIMIT 1"),
-        [],
-        read_entry,
-    );
-    match last {
-        Ok((seq, entry, prev_hash, hash)) => {
-            if chain_hash(&prev_hash, seq, &entry).as_slice() != hash.as_slice() {
-                bail!("the last record ({seq}) was changed");
-            }
+fn check_before_appending(db: &mut Db) -> Result<()> {
+    db.integrity_check()?;
+    let mut last = None;
+    db.for_each_row(
+        &format!("SELECT {ROW_COLUMNS} FROM audit ORDER BY seq DESC LIMIT 1"),
+        &[],
+        |row| {
+            last = Some(row);
             Ok(())
+        },
+    )?;
+    if let Some(row) = last {
+        if chain_hash(&row.prev_hash, row.seq, &row.entry).as_slice() != row.hash.as_slice() {
+            bail!("the last record ({}) was changed", row.seq);
         }
-        Err(rusqlite::Error::QueryReturnedNoRows) => Ok(()),
-        Err(e) => Err(e.into()),
     }
+    Ok(())
 }
 
 type Job = (Entry, oneshot::Sender<Result<i64, String>>);
@@ -176,38 +138,35 @@ type Job = (Entry, oneshot::Sender<Result<i64, String>>);
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Job>,
-    path: PathBuf,
+    store: AuditStore,
 }
 
 impl AuditLog {
     /// Opens (or creates) the database and starts the writer thread.
     ///
     /// # Errors
-    /// An unopenable database.
-    pub fn open(path: &Path) -> Result<Self> {
-        let conn = open(path)?;
-        check_before_appending(&conn).with_context(|| {
+    /// An unopenable database, or one whose chain is damaged at its end.
+    pub fn open(store: impl Into<AuditStore>) -> Result<Self> {
+        let store = store.into();
+        let mut db = Db::open(&store)?;
+        check_before_appending(&mut db).with_context(|| {
             format!(
-                "the audit database {} is damaged: keep it as evidence (`psi-server audit verify --db {}` says where), and serve with a new --audit-db",
-                path.display(),
-                path.display()
+                "the audit database {store} is damaged: keep it as evidence (`psi-server audit verify --db ...` says where), and serve with a new --audit-db"
             )
         })?;
         let (tx, rx) = mpsc::channel::<Job>();
+        let reopen = store.clone();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer(conn, &rx))
+            .spawn(move || writer(db, &reopen, &rx))
             .context("starting the audit writer")?;
-        Ok(Self {
-            tx,
-            path: path.to_path_buf(),
-        })
+        Ok(Self { tx, store })
     }
 
-    /// The database's path.
+    /// Where the records go.
     #[must_use]
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn store(&self) -> &AuditStore {
+        &self.store
     }
 
     /// Hands a record to the writer without waiting for it: for refusals
@@ -234,8 +193,10 @@ impl AuditLog {
     }
 }
 
-fn writer(mut conn: Connection, rx: &mpsc::Receiver<Job>) {
+fn writer(mut db: Db, store: &AuditStore, rx: &mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
+        // Records that arrived while the last group was being committed
+        // share the next commit (group commit).
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -243,8 +204,16 @@ fn writer(mut conn: Connection, rx: &mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        if db.is_closed() {
+            // The database server restarted: connect again for this group.
+            match Db::open(store) {
+                Ok(fresh) => db = fresh,
+                Err(e) => tracing::error!("audit database unreachable: {e:#}"),
+            }
+        }
         let started = std::time::Instant::now();
-        let result = write_group(&mut conn, &group);
+        let entries: Vec<&Entry> = group.iter().map(|(e, _)| e).collect();
+        let result = write_group(&mut db, &entries);
         tracing::debug!(
             records = group.len(),
             micros = started.elapsed().as_micros() as u64,
@@ -266,48 +235,79 @@ fn writer(mut conn: Connection, rx: &mpsc::Receiver<Job>) {
     }
 }
 
-fn write_group(conn: &mut Connection, group: &[Job]) -> Result<Vec<i64>> {
-    let tx = conn.transaction()?;
-    let (mut seq, mut prev): (i64, Vec<u8>) = tx
-        .query_row(
-            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok((0, vec![0u8; 32])),
-            other => Err(other),
-        })?;
-    let mut seqs = Vec::with_capacity(group.len());
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO audit (seq, time_unix_ms, institution, purpose, method, mode, elements,
-                                outcome, request_id, key_epoch, registry_version, prev_hash, hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-        )?;
-        for (e, _) in group {
-            seq += 1;
-            let hash = chain_hash(&prev, seq, e);
-            insert.execute(params![
-                seq,
-                e.time_unix_ms,
-                e.institution,
-                e.purpose,
-                e.method,
-                e.mode,
-                i64::try_from(e.elements).unwrap_or(i64::MAX),
-                e.outcome,
-                e.request_id,
-                i64::try_from(e.key_epoch).unwrap_or(i64::MAX),
-                i64::try_from(e.registry_version).unwrap_or(i64::MAX),
-                prev,
-                hash.to_vec(),
-            ])?;
-            prev = hash.to_vec();
-            seqs.push(seq);
+/// Appends `group` to the chain in one transaction, holding the chain so
+/// that no other writer (another replica on PostgreSQL) appends between
+/// reading its end and committing.
+fn write_group(db: &mut Db, group: &[&Entry]) -> Result<Vec<i64>> {
+    db.begin_chain()?;
+    let written = append_locked(db, group);
+    match written {
+        Ok(seqs) => {
+            db.batch("COMMIT")?;
+            Ok(seqs)
+        }
+        Err(e) => {
+            let _ = db.batch("ROLLBACK");
+            Err(e)
         }
     }
-    tx.commit()?;
+}
+
+/// Columns of one inserted record.
+const INSERT_COLUMNS: usize = 13;
+
+fn append_locked(db: &mut Db, group: &[&Entry]) -> Result<Vec<i64>> {
+    // The chain continues from its last record, or from the anchor a prune
+    // left (which may have removed every record), or from the start.
+    let (mut seq, mut prev) = match db.query_link(
+        "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+        &[],
+    )? {
+        Some(last) => last,
+        None => anchor(db)?
+            .map(|(next, prev)| (next - 1, prev))
+            .unwrap_or((0, vec![0u8; 32])),
+    };
+    let mut seqs = Vec::with_capacity(group.len());
+    let mut vals = Vec::with_capacity(group.len() * INSERT_COLUMNS);
+    let mut rows = Vec::with_capacity(group.len());
+    for e in group {
+        seq += 1;
+        let hash = chain_hash(&prev, seq, e);
+        let base = vals.len();
+        rows.push(format!(
+            "({})",
+            (1..=INSERT_COLUMNS)
+                .map(|i| format!("${}", base + i))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let int = |v: u64| Val::Int(i64::try_from(v).unwrap_or(i64::MAX));
+        vals.extend([
+            Val::Int(seq),
+            Val::Int(e.time_unix_ms),
+            Val::Text(e.institution.clone()),
+            Val::Text(e.purpose.clone()),
+            Val::Text(e.method.clone()),
+            Val::Text(e.mode.clone()),
+            int(e.elements),
+            Val::Text(e.outcome.clone()),
+            Val::Text(e.request_id.clone()),
+            int(e.key_epoch),
+            int(e.registry_version),
+            Val::Bytes(prev),
+            Val::Bytes(hash.to_vec()),
+        ]);
+        prev = hash.to_vec();
+        seqs.push(seq);
+    }
+    db.execute(
+        &format!(
+            "INSERT INTO audit ({ROW_COLUMNS}) VALUES {}",
+            rows.join(", ")
+        ),
+        &vals,
+    )?;
     Ok(seqs)
 }
 
@@ -320,42 +320,13 @@ pub struct Verification {
     pub head: String,
 }
 
-fn read_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, Entry, Vec<u8>, Vec<u8>)> {
-    Ok((
-        r.get(0)?,
-        Entry {
-            time_unix_ms: r.get(1)?,
-            institution: r.get(2)?,
-            purpose: r.get(3)?,
-            method: r.get(4)?,
-            mode: r.get(5)?,
-            elements: u64::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
-            outcome: r.get(7)?,
-            request_id: r.get(8)?,
-            key_epoch: u64::try_from(r.get::<_, i64>(9)?).unwrap_or(0),
-            registry_version: u64::try_from(r.get::<_, i64>(10)?).unwrap_or(0),
-        },
-        r.get(11)?,
-        r.get(12)?,
-    ))
-}
-
-const SELECT: &str =
-    "SELECT seq, time_unix_ms, institution, purpose, method, mode, elements, outcome,
-                             request_id, key_epoch, registry_version, prev_hash, hash FROM audit";
-
 /// The anchor left by a prune: the first sequence number kept and the hash
 /// the chain continues from.
-fn anchor(conn: &Connection) -> Result<Option<(i64, Vec<u8>)>> {
-    match conn.query_row(
+fn anchor(db: &mut Db) -> Result<Option<(i64, Vec<u8>)>> {
+    db.query_link(
         "SELECT next_seq, prev_hash FROM audit_anchor WHERE id = 1",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    ) {
-        Ok(a) => Ok(Some(a)),
-        Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+        &[],
+    )
 }
 
 /// Removes the records older than `before`, if all of them are older than
@@ -363,7 +334,12 @@ fn anchor(conn: &Connection) -> Result<Option<(i64, Vec<u8>)>> {
 ///
 /// # Errors
 /// `before` inside the retention period (nothing is removed), or database errors.
-pub fn prune(path: &Path, before: SystemTime, retention: Duration, now: SystemTime) -> Result<u64> {
+pub fn prune(
+    store: impl Into<AuditStore>,
+    before: SystemTime,
+    retention: Duration,
+    now: SystemTime,
+) -> Result<u64> {
     let oldest_allowed = now.checked_sub(retention).unwrap_or(UNIX_EPOCH);
     if before > oldest_allowed {
         bail!(
@@ -372,73 +348,100 @@ pub fn prune(path: &Path, before: SystemTime, retention: Duration, now: SystemTi
             humantime::format_rfc3339_seconds(oldest_allowed)
         );
     }
-    let mut conn = open(path)?;
-    let tx = conn.transaction()?;
+    let mut db = Db::open(&store.into())?;
+    // Holding the chain: no replica appends while the prefix goes.
+    db.begin_chain()?;
+    let pruned = prune_locked(&mut db, before, now);
+    match pruned {
+        Ok(n) => {
+            db.batch("COMMIT")?;
+            Ok(n)
+        }
+        Err(e) => {
+            let _ = db.batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn prune_locked(db: &mut Db, before: SystemTime, now: SystemTime) -> Result<u64> {
     // The records to remove are the prefix of the chain before the first
     // record at or after `before` (all of them if there is none).
-    let first_kept: Option<i64> = tx.query_row(
-        "SELECT MIN(seq) FROM audit WHERE time_unix_ms >= ?1",
-        params![unix_ms(before)],
-        |r| r.get(0),
+    let first_kept = db.query_int(
+        "SELECT MIN(seq) FROM audit WHERE time_unix_ms >= $1",
+        &[Val::Int(unix_ms(before))],
     )?;
-    let last_removed: Option<i64> = match first_kept {
-        Some(kept) => tx.query_row(
-            "SELECT MAX(seq) FROM audit WHERE seq < ?1",
-            params![kept],
-            |r| r.get(0),
+    let last_removed = match first_kept {
+        Some(kept) => db.query_int(
+            "SELECT MAX(seq) FROM audit WHERE seq < $1",
+            &[Val::Int(kept)],
         )?,
-        None => tx.query_row("SELECT MAX(seq) FROM audit", [], |r| r.get(0))?,
+        None => db.query_int("SELECT MAX(seq) FROM audit", &[])?,
     };
     let Some(last_seq) = last_removed else {
         return Ok(0);
     };
-    let last_hash: Vec<u8> = tx.query_row(
-        "SELECT hash FROM audit WHERE seq = ?1",
-        params![last_seq],
-        |r| r.get(0),
+    let Some((_, last_hash)) = db.query_link(
+        "SELECT seq, hash FROM audit WHERE seq = $1",
+        &[Val::Int(last_seq)],
+    )?
+    else {
+        bail!("record {last_seq} vanished during the prune");
+    };
+    let removed = db.execute(
+        "DELETE FROM audit WHERE seq <= $1",
+        &[Val::Int(last_seq)],
     )?;
-    let removed = tx.execute("DELETE FROM audit WHERE seq <= ?1", params![last_seq])?;
-    tx.execute(
-        "INSERT INTO audit_anchor (id, next_seq, prev_hash, pruned_at_unix_ms) VALUES (1, ?1, ?2, ?3)
+    db.execute(
+        "INSERT INTO audit_anchor (id, next_seq, prev_hash, pruned_at_unix_ms) VALUES (1, $1, $2, $3)
          ON CONFLICT (id) DO UPDATE SET next_seq = excluded.next_seq, prev_hash = excluded.prev_hash,
                                         pruned_at_unix_ms = excluded.pruned_at_unix_ms",
-        params![last_seq + 1, last_hash, unix_ms(now)],
+        &[
+            Val::Int(last_seq + 1),
+            Val::Bytes(last_hash),
+            Val::Int(unix_ms(now)),
+        ],
     )?;
-    tx.commit()?;
-    Ok(removed as u64)
+    Ok(removed)
 }
 
-/// Walks the chain from the first record.
+/// Walks the chain from the first record (or the anchor a prune left).
 ///
 /// # Errors
 /// The first record that was edited, deleted or reordered, by sequence number.
-pub fn verify(path: &Path) -> Result<Verification> {
-    if !path.exists() {
-        bail!("no audit database at {}", path.display());
+pub fn verify(store: impl Into<AuditStore>) -> Result<Verification> {
+    let store = store.into();
+    if let Some(path) = store.sqlite_path() {
+        if !path.exists() {
+            bail!("no audit database at {}", path.display());
+        }
     }
-    let conn = open(path)?;
-    let (mut expected_seq, mut prev) = anchor(&conn)?.unwrap_or((1, vec![0u8; 32]));
-    let mut stmt = conn.prepare(&format!("{SELECT} ORDER BY seq"))?;
-    let mut rows = stmt.query([])?;
+    let mut db = Db::open(&store)?;
+    let (mut expected_seq, mut prev) = anchor(&mut db)?.unwrap_or((1, vec![0u8; 32]));
     let mut records = 0u64;
-    while let Some(row) = rows.next()? {
-        let (seq, entry, prev_hash, hash) = read_entry(row)?;
-        if seq != expected_seq {
-            bail!("audit chain broken: record {expected_seq} is missing (next is {seq})");
-        }
-        if prev_hash != prev {
-            bail!(
-                "audit chain broken at record {seq}: it does not follow record {}",
-                seq - 1
-            );
-        }
-        if chain_hash(&prev, seq, &entry).as_slice() != hash.as_slice() {
-            bail!("audit chain broken at record {seq}: its content was changed");
-        }
-        prev = hash;
-        expected_seq += 1;
-        records += 1;
-    }
+    db.for_each_row(
+        &format!("SELECT {ROW_COLUMNS} FROM audit ORDER BY seq"),
+        &[],
+        |row| {
+            let seq = row.seq;
+            if seq != expected_seq {
+                bail!("audit chain broken: record {expected_seq} is missing (next is {seq})");
+            }
+            if row.prev_hash != prev {
+                bail!(
+                    "audit chain broken at record {seq}: it does not follow record {}",
+                    seq - 1
+                );
+            }
+            if chain_hash(&prev, seq, &row.entry).as_slice() != row.hash.as_slice() {
+                bail!("audit chain broken at record {seq}: its content was changed");
+            }
+            prev = row.hash;
+            expected_seq += 1;
+            records += 1;
+            Ok(())
+        },
+    )?;
     Ok(Verification {
         records,
         head: prev.iter().map(|b| format!("{b:02x}")).collect(),
@@ -476,18 +479,24 @@ pub enum Format {
 /// # Errors
 /// Database or I/O errors.
 pub fn export(
-    path: &Path,
+    store: impl Into<AuditStore>,
     filter: &ExportFilter,
     format: Format,
     out: &mut dyn std::io::Write,
 ) -> Result<u64> {
-    let conn = open(path)?;
-    let mut stmt = conn.prepare(&format!(
-        "{SELECT} WHERE (?1 IS NULL OR institution = ?1) AND time_unix_ms >= ?2 AND time_unix_ms < ?3 ORDER BY seq"
-    ))?;
-    let since = filter.since.map_or(i64::MIN, unix_ms);
-    let until = filter.until.map_or(i64::MAX, unix_ms);
-    let mut rows = stmt.query(params![filter.institution, since, until])?;
+    let mut db = Db::open(&store.into())?;
+    let mut sql = format!(
+        "SELECT {ROW_COLUMNS} FROM audit WHERE time_unix_ms >= $1 AND time_unix_ms < $2"
+    );
+    let mut vals = vec![
+        Val::Int(filter.since.map_or(i64::MIN, unix_ms)),
+        Val::Int(filter.until.map_or(i64::MAX, unix_ms)),
+    ];
+    if let Some(institution) = &filter.institution {
+        sql.push_str(" AND institution = $3");
+        vals.push(Val::Text(institution.clone()));
+    }
+    sql.push_str(" ORDER BY seq");
     enum Sink<'a> {
         Csv(Box<csv::Writer<&'a mut dyn std::io::Write>>),
         Json(&'a mut dyn std::io::Write),
@@ -515,8 +524,8 @@ pub fn export(
         Format::Json => Sink::Json(out),
     };
     let mut n = 0;
-    while let Some(row) = rows.next()? {
-        let (seq, e, _, hash) = read_entry(row)?;
+    db.for_each_row(&sql, &vals, |row| {
+        let (seq, e, hash) = (row.seq, row.entry, row.hash);
         let time = humantime::format_rfc3339_millis(
             UNIX_EPOCH + Duration::from_millis(u64::try_from(e.time_unix_ms).unwrap_or(0)),
         )
@@ -549,7 +558,8 @@ pub fn export(
             }
         }
         n += 1;
-    }
+        Ok(())
+    })?;
     match &mut sink {
         Sink::Csv(w) => w.flush()?,
         Sink::Json(w) => w.flush()?,
@@ -560,6 +570,8 @@ pub fn export(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::Connection;
+    use std::path::Path;
 
     /// Appends `n` records concurrently; returns their sequence numbers, sorted.
     async fn filled(path: &Path, n: usize) -> Vec<i64> {
