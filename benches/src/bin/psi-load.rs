@@ -114,7 +114,7 @@ async fn main() -> Result<()> {
             key: std::fs::read(ca.join("server.key"))?,
             client_ca: std::fs::read(ca.join("ca.pem"))?,
         }),
-        audit_db: audit_db.clone(),
+        audit_db: audit_db.clone().into(),
         policy: Some((
             policy_path.clone(),
             psi_server::policy::Policy::load(&policy_path)?,

@@ -248,7 +248,9 @@ pub enum AuditCommand {
 
 /// Runs `work` off the async workers: the audit commands may talk to
 /// PostgreSQL, whose client blocks.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(work)
         .await
         .context("the audit command stopped")?

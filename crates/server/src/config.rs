@@ -427,7 +427,11 @@ impl ServeArgs {
         }
         let audit_db = self
             .audit_db
-            .or_else(|| file.audit_db.as_deref().map(crate::audit::AuditStore::parse))
+            .or_else(|| {
+                file.audit_db
+                    .as_deref()
+                    .map(crate::audit::AuditStore::parse)
+            })
             .unwrap_or_else(|| data_dir.join(crate::audit::AUDIT_FILE).into());
         let policy = match self.policy.or(file.policy) {
             Some(path) => {

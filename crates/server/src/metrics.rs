@@ -51,6 +51,7 @@ pub struct Metrics {
     elements: Family<RequestLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
     audit_latency: Histogram,
+    serving: Gauge,
 }
 
 impl Default for Metrics {
@@ -63,6 +64,12 @@ impl Default for Metrics {
         });
         let audit_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         let connections = Gauge::default();
+        let serving = Gauge::default();
+        registry.register(
+            "serving",
+            "1 when the snapshot is loaded and the server is not draining (the gRPC health status of psi.v1.Match, also at /ready)",
+            serving.clone(),
+        );
         let connections_refused = Family::<ReasonLabels, Counter>::default();
         let connections_closed = Family::<ReasonLabels, Counter>::default();
         registry.register("connections", "Connections open", connections.clone());
@@ -105,11 +112,23 @@ impl Default for Metrics {
             elements,
             latency,
             audit_latency,
+            serving,
         }
     }
 }
 
 impl Metrics {
+    /// Records whether the server is serving (kept with the gRPC health status).
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.set(i64::from(serving));
+    }
+
+    /// Whether the server is serving: the snapshot loaded, not draining.
+    #[must_use]
+    pub fn is_serving(&self) -> bool {
+        self.serving.get() == 1
+    }
+
     /// Records one request.
     pub fn request(
         &self,
@@ -172,7 +191,7 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` on `addr` until `stop` resolves. Returns the bound address.
+/// Serves `/metrics` and `/ready` on `addr` until `stop` resolves. Returns the bound address.
 ///
 /// # Errors
 /// If the address cannot be bound.
@@ -185,21 +204,39 @@ pub async fn serve_admin(
         .await
         .with_context(|| format!("binding the admin address {addr}"))?;
     let bound = listener.local_addr()?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = Arc::clone(&metrics);
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    metrics.render(),
-                )
-            }
-        }),
-    );
+    let ready = Arc::clone(&metrics);
+    let app = axum::Router::new()
+        // For load balancers that cannot send a gRPC health check (haproxy
+        // 2.6 cannot send its binary body): 200 exactly when the gRPC health
+        // status of psi.v1.Match is SERVING, else 503.
+        .route(
+            "/ready",
+            axum::routing::get(move || {
+                let serving = ready.is_serving();
+                async move {
+                    if serving {
+                        (axum::http::StatusCode::OK, "serving\n")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not serving\n")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = Arc::clone(&metrics);
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        metrics.render(),
+                    )
+                }
+            }),
+        );
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(stop)

@@ -427,7 +427,9 @@ max_batch = 100
         assert!(e.admit("bank-001", "sync", "kyc", 100).await.is_ok());
         let err = |r: Result<(), ServiceError>| r.unwrap_err().to_string();
         assert!(err(e.admit("bank-002", "sync", "kyc", 1).await).contains("not authorised"));
-        assert!(err(e.admit("bank-001", "bucket", "kyc", 1).await).contains("may not use bucket mode"));
+        assert!(
+            err(e.admit("bank-001", "bucket", "kyc", 1).await).contains("may not use bucket mode")
+        );
         assert!(err(e.admit("bank-001", "sync", "marketing", 1).await)
             .contains("purpose marketing is not authorised"));
         assert!(err(e.admit("bank-001", "sync", "kyc", 101).await).contains("maximum of 100"));

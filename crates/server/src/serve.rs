@@ -165,6 +165,7 @@ async fn run(
                 loader_reporter
                     .set_service_status("", ServingStatus::Serving)
                     .await;
+                loader_state.metrics().set_serving(true);
                 watch(data_dir, loader_state, stamp, reload_interval).await;
             }
             Err(e) => {
@@ -175,12 +176,14 @@ async fn run(
 
     let (failure_tx, mut failure_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
     let stop_reporter = reporter.clone();
+    let stop_state = Arc::clone(&state);
     let signal = async move {
         tokio::select! {
             _ = stop => {}
             Ok(e) = load_failed_rx => { let _ = failure_tx.send(e).await; }
         }
         // Tell load balancers first, then stop accepting; tonic drains in-flight calls.
+        stop_state.metrics().set_serving(false);
         stop_reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;

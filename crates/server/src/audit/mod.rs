@@ -259,15 +259,13 @@ const INSERT_COLUMNS: usize = 13;
 fn append_locked(db: &mut Db, group: &[&Entry]) -> Result<Vec<i64>> {
     // The chain continues from its last record, or from the anchor a prune
     // left (which may have removed every record), or from the start.
-    let (mut seq, mut prev) = match db.query_link(
-        "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
-        &[],
-    )? {
-        Some(last) => last,
-        None => anchor(db)?
-            .map(|(next, prev)| (next - 1, prev))
-            .unwrap_or((0, vec![0u8; 32])),
-    };
+    let (mut seq, mut prev) =
+        match db.query_link("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])? {
+            Some(last) => last,
+            None => anchor(db)?
+                .map(|(next, prev)| (next - 1, prev))
+                .unwrap_or((0, vec![0u8; 32])),
+        };
     let mut seqs = Vec::with_capacity(group.len());
     let mut vals = Vec::with_capacity(group.len() * INSERT_COLUMNS);
     let mut rows = Vec::with_capacity(group.len());
@@ -388,10 +386,7 @@ fn prune_locked(db: &mut Db, before: SystemTime, now: SystemTime) -> Result<u64>
     else {
         bail!("record {last_seq} vanished during the prune");
     };
-    let removed = db.execute(
-        "DELETE FROM audit WHERE seq <= $1",
-        &[Val::Int(last_seq)],
-    )?;
+    let removed = db.execute("DELETE FROM audit WHERE seq <= $1", &[Val::Int(last_seq)])?;
     db.execute(
         "INSERT INTO audit_anchor (id, next_seq, prev_hash, pruned_at_unix_ms) VALUES (1, $1, $2, $3)
          ON CONFLICT (id) DO UPDATE SET next_seq = excluded.next_seq, prev_hash = excluded.prev_hash,
@@ -485,9 +480,8 @@ pub fn export(
     out: &mut dyn std::io::Write,
 ) -> Result<u64> {
     let mut db = Db::open(&store.into())?;
-    let mut sql = format!(
-        "SELECT {ROW_COLUMNS} FROM audit WHERE time_unix_ms >= $1 AND time_unix_ms < $2"
-    );
+    let mut sql =
+        format!("SELECT {ROW_COLUMNS} FROM audit WHERE time_unix_ms >= $1 AND time_unix_ms < $2");
     let mut vals = vec![
         Val::Int(filter.since.map_or(i64::MIN, unix_ms)),
         Val::Int(filter.until.map_or(i64::MAX, unix_ms)),

@@ -350,9 +350,7 @@ impl Db {
             }
             Db::Postgres(c) => {
                 let params = pg_params(vals);
-                let mut rows = c
-                    .query_raw(sql, params.iter().copied())
-                    .map_err(pg)?;
+                let mut rows = c.query_raw(sql, params.iter().copied()).map_err(pg)?;
                 while let Some(r) = rows.next().map_err(pg)? {
                     let text = |i: usize| r.try_get::<_, String>(i).map_err(pg);
                     let int = |i: usize| r.try_get::<_, i64>(i).map_err(pg);
@@ -445,7 +443,10 @@ mod tests {
         let store = AuditStore::parse("postgres://psi:hunter2@db.internal:6432/audit");
         assert!(matches!(store, AuditStore::Postgres(_)));
         let shown = format!("{store} {store:?}");
-        assert!(!shown.contains("hunter2") && !shown.contains("psi:"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("psi:"),
+            "{shown}"
+        );
         assert!(shown.contains("audit at db.internal:6432"), "{shown}");
         assert_eq!(
             AuditStore::parse("/srv/psi/audit.sqlite"),
