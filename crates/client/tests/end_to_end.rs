@@ -836,7 +836,7 @@ async fn a_server_restart_mid_batch_is_ridden_out() {
         assert_eq!(&row[4], *want);
     }
     second.shutdown().await.unwrap();
-    let v = psi_server::audit::verify(&root.join("second-audit.sqlite")).unwrap();
+    let v = psi_server::audit::verify(root.join("second-audit.sqlite")).unwrap();
     assert!(
         v.records > 0,
         "the restarted server answered part of the batch"

@@ -134,7 +134,7 @@ impl Server {
     fn audit(&self) -> Vec<(String, String, u64)> {
         let mut out = Vec::new();
         psi_server::audit::export(
-            &self.data.join(psi_server::audit::AUDIT_FILE),
+            self.data.join(psi_server::audit::AUDIT_FILE),
             &psi_server::audit::ExportFilter::default(),
             psi_server::audit::Format::Csv,
             &mut out,
@@ -809,7 +809,7 @@ async fn malformed_oversized_and_late_requests_are_refused_precisely_and_recorde
     server.audited("Evaluate", "DeadlineExceeded", 1).await;
 
     // Every refusal is in the audit trail and nowhere did the server fall over.
-    let verified = psi_server::audit::verify(&data.join(psi_server::audit::AUDIT_FILE)).unwrap();
+    let verified = psi_server::audit::verify(data.join(psi_server::audit::AUDIT_FILE)).unwrap();
     assert_eq!(verified.records, 5);
 }
 
