@@ -1,0 +1,352 @@
+//! The deployment files in `deploy/` are parsed and checked against the
+//! server they run, so a typo cannot land: every setting they pass is one
+//! `psi-server serve` takes, the ports and labels they name agree with each
+//! other, and the drain fits inside the time the platform gives it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
+}
+
+/// The environment variables `psi-server serve` reads, from its help.
+fn serve_env() -> BTreeSet<String> {
+    let help = Command::new(env!("CARGO_BIN_EXE_psi-server"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(help.stdout).unwrap();
+    let vars: BTreeSet<String> = text
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split('=').next())
+        .map(str::to_string)
+        .collect();
+    assert!(vars.contains("PSI_LISTEN"), "{text}");
+    vars
+}
+
+fn duration(value: &str) -> Duration {
+    humantime::parse_duration(value).unwrap_or_else(|e| panic!("{value:?}: {e}"))
+}
+
+fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
+    path.split('.')
+        .fold(v, |v, key| match key.parse::<usize>() {
+            Ok(i) => &v[i],
+            Err(_) => &v[key],
+        })
+}
+
+fn text(v: &Value, path: &str) -> String {
+    match get(v, path) {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        other => panic!("{path}: expected text, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_kubernetes_manifests_agree_with_the_server_and_each_other() {
+    let yaml = std::fs::read_to_string(deploy().join("k8s/psi-server.yaml")).unwrap();
+    let mut docs = BTreeMap::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&yaml) {
+        let v = Value::deserialize(doc).expect("valid YAML");
+        let kind = text(&v, "kind");
+        assert!(
+            docs.insert(kind.clone(), v).is_none(),
+            "one {kind} in the file"
+        );
+    }
+    let kinds: Vec<&str> = docs.keys().map(String::as_str).collect();
+    assert_eq!(
+        kinds,
+        ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"]
+    );
+    let env = serve_env();
+    let config = &docs["ConfigMap"];
+    let Value::Mapping(data) = get(config, "data") else {
+        panic!("ConfigMap data");
+    };
+    for (key, _) in data {
+        let key = key.as_str().unwrap();
+        assert!(
+            env.contains(key),
+            "ConfigMap sets {key}, which serve does not read"
+        );
+    }
+
+    let deployment = &docs["Deployment"];
+    let pod = get(deployment, "spec.template");
+    let container = get(pod, "spec.containers.0");
+    assert_eq!(text(container, "args.0"), "serve");
+    assert_eq!(
+        text(container, "envFrom.0.configMapRef.name"),
+        text(config, "metadata.name")
+    );
+    for var in get(container, "env").as_sequence().unwrap() {
+        let name = text(var, "name");
+        assert!(
+            env.contains(&name),
+            "the container sets {name}, which serve does not read"
+        );
+    }
+    // The ports: the one serve listens on is the one probed and served.
+    let listen = text(config, "data.PSI_LISTEN");
+    let admin = text(config, "data.PSI_ADMIN_LISTEN");
+    let port_of = |addr: &str| addr.rsplit(':').next().unwrap().to_string();
+    let ports: BTreeMap<String, String> = get(container, "ports")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| (text(p, "name"), text(p, "containerPort")))
+        .collect();
+    assert_eq!(ports["grpc"], port_of(&listen));
+    assert_eq!(ports["admin"], port_of(&admin));
+    assert_eq!(text(container, "readinessProbe.grpc.port"), ports["grpc"]);
+    assert_eq!(
+        text(container, "readinessProbe.grpc.service"),
+        "psi.v1.Match",
+        "readiness is the Match service's health, which is NOT_SERVING while loading or draining"
+    );
+    // The drain fits in the grace period: every request ends within the
+    // stream timeout, plus the preStop pause.
+    let grace = get(pod, "spec.terminationGracePeriodSeconds")
+        .as_u64()
+        .unwrap();
+    let stream = duration(&text(config, "data.PSI_STREAM_TIMEOUT"));
+    let pause = get(container, "lifecycle.preStop.sleep.seconds")
+        .as_u64()
+        .unwrap();
+    assert!(
+        grace > stream.as_secs() + pause,
+        "terminationGracePeriodSeconds {grace} must exceed the stream timeout {stream:?} plus the preStop {pause} s"
+    );
+    // Every volume mounted exists, and the TLS files live where the config says.
+    let volumes: BTreeSet<String> = get(pod, "spec.volumes")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| text(v, "name"))
+        .collect();
+    let mut mounts = BTreeMap::new();
+    for m in get(container, "volumeMounts").as_sequence().unwrap() {
+        assert!(
+            volumes.contains(&text(m, "name")),
+            "mount of a missing volume: {m:?}"
+        );
+        mounts.insert(text(m, "name"), text(m, "mountPath"));
+    }
+    for var in ["PSI_TLS_CERT", "PSI_TLS_KEY", "PSI_CLIENT_CA"] {
+        assert!(text(config, &format!("data.{var}")).starts_with(&mounts["tls"]));
+    }
+    assert_eq!(text(config, "data.PSI_DATA_DIR"), mounts["data"]);
+
+    // The Service and the budget select the Deployment's pods.
+    let labels = get(pod, "metadata.labels");
+    assert_eq!(get(deployment, "spec.selector.matchLabels"), labels);
+    assert_eq!(get(&docs["Service"], "spec.selector"), labels);
+    assert_eq!(
+        get(&docs["PodDisruptionBudget"], "spec.selector.matchLabels"),
+        labels
+    );
+    assert_eq!(text(&docs["Service"], "spec.ports.0.targetPort"), "grpc");
+    let replicas = get(deployment, "spec.replicas").as_u64().unwrap();
+    let min = get(&docs["PodDisruptionBudget"], "spec.minAvailable")
+        .as_u64()
+        .unwrap();
+    assert!(min < replicas, "the budget must allow one disruption");
+}
+
+/// An INI-like systemd unit: (section, key) -> values, with every line
+/// required to be a section, a `key=value` pair, blank, or a comment.
+fn unit(path: &Path) -> BTreeMap<(String, String), Vec<String>> {
+    let mut out: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let mut section = String::new();
+    for (i, line) in std::fs::read_to_string(path).unwrap().lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("{}:{}: not key=value: {line}", path.display(), i + 1));
+        assert!(
+            !section.is_empty(),
+            "{}:{}: outside a section",
+            path.display(),
+            i + 1
+        );
+        out.entry((section.clone(), key.to_string()))
+            .or_default()
+            .push(value.to_string());
+    }
+    out
+}
+
+#[test]
+fn the_systemd_units_and_the_balancer_agree_with_the_server() {
+    let dir = deploy().join("systemd");
+    let service = unit(&dir.join("psi-server@.service"));
+    // Directives this unit may use: a misspelt one would be ignored by
+    // systemd with only a warning in the journal.
+    let known: BTreeSet<(&str, &str)> = [
+        ("Unit", "Description"),
+        ("Unit", "Documentation"),
+        ("Unit", "After"),
+        ("Unit", "Wants"),
+        ("Service", "Type"),
+        ("Service", "User"),
+        ("Service", "Group"),
+        ("Service", "EnvironmentFile"),
+        ("Service", "ExecStart"),
+        ("Service", "ExecReload"),
+        ("Service", "KillSignal"),
+        ("Service", "TimeoutStopSec"),
+        ("Service", "Restart"),
+        ("Service", "RestartSec"),
+        ("Service", "LimitNOFILE"),
+        ("Service", "NoNewPrivileges"),
+        ("Service", "ProtectSystem"),
+        ("Service", "ProtectHome"),
+        ("Service", "PrivateTmp"),
+        ("Service", "PrivateDevices"),
+        ("Service", "ProtectKernelTunables"),
+        ("Service", "ProtectControlGroups"),
+        ("Service", "RestrictAddressFamilies"),
+        ("Service", "ReadOnlyPaths"),
+        ("Install", "WantedBy"),
+    ]
+    .into_iter()
+    .collect();
+    for (section, key) in service.keys() {
+        assert!(
+            known.contains(&(section.as_str(), key.as_str())),
+            "[{section}] {key} is not a directive this unit is meant to use"
+        );
+    }
+    let exec = &service[&("Service".into(), "ExecStart".into())][0];
+    let args: Vec<&str> = exec.split_whitespace().collect();
+    assert!(
+        args[0].ends_with("/psi-server") && args[1] == "serve",
+        "{exec}"
+    );
+    assert_eq!(
+        service[&("Service".into(), "KillSignal".into())],
+        ["SIGTERM"]
+    );
+
+    // The environment files set only what serve reads.
+    let env = serve_env();
+    let read_env = |name: &str| -> BTreeMap<String, String> {
+        std::fs::read_to_string(dir.join(name))
+            .unwrap()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("{name}: {l}"));
+                assert!(
+                    env.contains(k),
+                    "{name} sets {k}, which serve does not read"
+                );
+                (k.to_string(), v.to_string())
+            })
+            .collect()
+    };
+    let shared = read_env("psi-server.env");
+    let stop = duration(&format!(
+        "{}s",
+        service[&("Service".into(), "TimeoutStopSec".into())][0]
+    ));
+    assert!(
+        stop > duration(&shared["PSI_STREAM_TIMEOUT"]),
+        "TimeoutStopSec must outlast the drain (the stream timeout)"
+    );
+    assert!(
+        shared["PSI_AUDIT_DB"].starts_with("postgres://"),
+        "replicas share a PostgreSQL trail"
+    );
+
+    // haproxy sends to the replicas' ports and checks their admin ports.
+    let cfg = std::fs::read_to_string(deploy().join("haproxy/haproxy.cfg")).unwrap();
+    let servers: Vec<(String, String)> = cfg
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("server "))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let port = f[2].rsplit(':').next().unwrap().to_string();
+            let check = f
+                .iter()
+                .position(|w| *w == "port")
+                .map(|i| f[i + 1].to_string());
+            (
+                port,
+                check.expect("each server is checked at its admin port"),
+            )
+        })
+        .collect();
+    let replicas: Vec<(String, String)> = ["replica-1.env", "replica-2.env"]
+        .iter()
+        .map(|f| {
+            let e = read_env(f);
+            let port = |k: &str| e[k].rsplit(':').next().unwrap().to_string();
+            (port("PSI_LISTEN"), port("PSI_ADMIN_LISTEN"))
+        })
+        .collect();
+    assert_eq!(servers, replicas);
+    assert!(cfg.contains("option httpchk GET /ready"));
+
+    match ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    {
+        Some(haproxy) => {
+            let out = Command::new(haproxy)
+                .args(["-c", "-f"])
+                .arg(deploy().join("haproxy/haproxy.cfg"))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        None => eprintln!("haproxy -c skipped: haproxy is not installed"),
+    }
+    match Command::new("systemd-analyze").arg("--version").output() {
+        Ok(o) if o.status.success() => {
+            let out = Command::new("systemd-analyze")
+                .args(["verify", "--man=no"])
+                .arg(dir.join("psi-server@.service"))
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            // The binary and the env files are not installed here; anything
+            // else it reports (an unknown directive, a bad value) fails.
+            for line in err.lines() {
+                assert!(
+                    line.contains("/usr/local/bin/psi-server")
+                        || line.contains("/etc/psi/")
+                        || line.contains("Failed to prepare")
+                        || line.contains("psi-server@.service: Unit")
+                        || line.trim().is_empty(),
+                    "systemd-analyze: {err}"
+                );
+            }
+        }
+        _ => eprintln!("systemd-analyze verify skipped: systemd-analyze is not installed"),
+    }
+}
