@@ -354,16 +354,31 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
 
     let stale = raw
         .evaluate(with_purpose(EvaluateRequest {
-            key_epoch: epoch + 1,
+            key_epoch: epoch - 1,
             blinded_elements: good.clone(),
         }))
         .await
         .unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition);
     assert!(stale.message().contains("stale"));
+    // A newer epoch than the server's: a replica that has not loaded a
+    // rotation yet; the client is to retry (another replica, or later).
+    let ahead = raw
+        .evaluate(with_purpose(EvaluateRequest {
+            key_epoch: epoch + 1,
+            blinded_elements: good.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(ahead.code(), Code::Unavailable);
+    assert!(
+        ahead.message().contains("not loaded on this replica yet"),
+        "{}",
+        ahead.message()
+    );
     let stale = raw
         .bucket_query(with_purpose(BucketQueryRequest {
-            key_epoch: epoch + 1,
+            key_epoch: epoch - 1,
             blinded_elements: good.clone(),
             buckets: vec![0],
         }))
@@ -913,11 +928,22 @@ async fn metrics_count_requests_elements_and_refusals_on_the_admin_port() {
     let mut raw = MatchClient::connect(f.url.clone()).await.unwrap();
     let _ = raw
         .evaluate(with_purpose(EvaluateRequest {
-            key_epoch: 999,
+            key_epoch: 0,
             blinded_elements: vec![],
         }))
         .await;
     let admin = f.running.admin_addr.expect("admin address");
+    let mut ready = tokio::net::TcpStream::connect(admin).await.unwrap();
+    ready
+        .write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    ready.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("serving\n"),
+        "{answer}"
+    );
     let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -939,6 +965,7 @@ async fn metrics_count_requests_elements_and_refusals_on_the_admin_port() {
         "{text}"
     );
     assert!(text.contains(r#"outcome="FailedPrecondition""#), "{text}");
+    assert!(text.contains("psi_serving 1"), "{text}");
     assert!(
         text.contains("psi_audit_write_duration_seconds_count"),
         "{text}"
