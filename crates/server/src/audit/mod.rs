@@ -239,12 +239,17 @@ fn writer(mut db: Db, store: &AuditStore, rx: &mpsc::Receiver<Job>) {
 /// that no other writer (another replica on PostgreSQL) appends between
 /// reading its end and committing.
 fn write_group(db: &mut Db, group: &[&Entry]) -> Result<Vec<i64>> {
+    holding_chain(db, |db| append_locked(db, group))
+}
+
+/// Runs `work` in one transaction holding the chain (see [`Db::begin_chain`]):
+/// committed if it succeeds, rolled back if not.
+fn holding_chain<T>(db: &mut Db, work: impl FnOnce(&mut Db) -> Result<T>) -> Result<T> {
     db.begin_chain()?;
-    let written = append_locked(db, group);
-    match written {
-        Ok(seqs) => {
+    match work(db) {
+        Ok(done) => {
             db.batch("COMMIT")?;
-            Ok(seqs)
+            Ok(done)
         }
         Err(e) => {
             let _ = db.batch("ROLLBACK");
@@ -348,18 +353,7 @@ pub fn prune(
     }
     let mut db = Db::open(&store.into())?;
     // Holding the chain: no replica appends while the prefix goes.
-    db.begin_chain()?;
-    let pruned = prune_locked(&mut db, before, now);
-    match pruned {
-        Ok(n) => {
-            db.batch("COMMIT")?;
-            Ok(n)
-        }
-        Err(e) => {
-            let _ = db.batch("ROLLBACK");
-            Err(e)
-        }
-    }
+    holding_chain(&mut db, |db| prune_locked(db, before, now))
 }
 
 fn prune_locked(db: &mut Db, before: SystemTime, now: SystemTime) -> Result<u64> {
