@@ -7,6 +7,14 @@
 //! `psi_bench::attack`) runs from 127.0.0.2 for the same time, and the
 //! report says what the honest institutions saw meanwhile. Traffic stays on
 //! the loopback interface and stops by itself.
+//!
+//! By default the server runs inside this process. With `--replicas N` it is
+//! N `psi-server serve` processes (the binary beside this one) behind haproxy
+//! (TCP passthrough: mutual TLS ends at the replicas), as deployed; with
+//! `--audit-db postgres` the replicas share one audit trail and one set of
+//! quotas in a throwaway PostgreSQL server on loopback (fsync on). The report
+//! includes the time each request's audit record took to become durable
+//! (`psi_audit_write_duration_seconds`, read from the admin port).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,6 +30,17 @@ use psi_server::service::Limits;
 use psi_server::synth::Generator;
 
 use psi_bench::attack::{self, Attack};
+use psi_testbed::{Balancing, Durability, Haproxy, Postgres, Process};
+
+/// Where the audit trail (and, with PostgreSQL, the shared quotas) live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum AuditDb {
+    /// A SQLite file in the working directory (the embedded default).
+    Sqlite,
+    /// A throwaway PostgreSQL server on loopback, started for the run.
+    Postgres,
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,6 +63,75 @@ struct Args {
     /// An attacker running beside the honest load.
     #[arg(long, value_enum, default_value_t = Attack::None)]
     attack: Attack,
+    /// 0: the server runs in this process, no balancer. N >= 1: N
+    /// `psi-server` processes behind haproxy (TCP passthrough).
+    #[arg(long, default_value_t = 0)]
+    replicas: usize,
+    /// The audit trail's store.
+    #[arg(long, value_enum, default_value_t = AuditDb::Sqlite)]
+    audit_db: AuditDb,
+}
+
+/// The servers under load: one in this process, or replicas behind haproxy.
+enum Servers {
+    InProcess(psi_server::serve::Running),
+    Replicas {
+        processes: Vec<Process>,
+        _balancer: Haproxy,
+    },
+}
+
+/// The audit write latency histogram summed over the admin ports' `/metrics`:
+/// count, mean, and the upper bounds of the buckets holding p50 and p99.
+fn audit_write_latency(admin_ports: &[u16]) -> serde_json::Value {
+    const NAME: &str = "psi_audit_write_duration_seconds";
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    let (mut sum, mut count) = (0.0, 0u64);
+    for &port in admin_ports {
+        let Some(text) = psi_testbed::http_get(port, "/metrics") else {
+            continue;
+        };
+        for line in text.lines() {
+            let Some((key, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            if let Some(le) = key
+                .strip_prefix(NAME)
+                .and_then(|k| k.strip_prefix("_bucket{le=\""))
+                .and_then(|k| k.strip_suffix("\"}"))
+            {
+                let le: f64 = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap_or(f64::INFINITY)
+                };
+                let n: u64 = value.parse().unwrap_or(0);
+                match buckets.iter_mut().find(|(b, _)| *b == le) {
+                    Some(b) => b.1 += n,
+                    None => buckets.push((le, n)),
+                }
+            } else if key == format!("{NAME}_sum") {
+                sum += value.parse::<f64>().unwrap_or(0.0);
+            } else if key == format!("{NAME}_count") {
+                count += value.parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // Prometheus buckets are cumulative: the first whose count reaches the rank.
+    let upper = |p: f64| {
+        let rank = (count as f64 * p).ceil() as u64;
+        buckets
+            .iter()
+            .find(|(_, n)| *n >= rank.max(1))
+            .map_or(f64::NAN, |(le, _)| le * 1e3)
+    };
+    serde_json::json!({
+        "records": count,
+        "mean_ms": if count == 0 { 0.0 } else { sum / count as f64 * 1e3 },
+        "p50_at_most_ms": upper(0.50),
+        "p99_at_most_ms": upper(0.99),
+    })
 }
 
 /// Peak resident memory of this process (server and clients), in MiB.
@@ -102,28 +190,102 @@ async fn main() -> Result<()> {
     );
     let policy_path = args.dir.join("policy.toml");
     std::fs::write(&policy_path, policy)?;
-    let audit_db = args.dir.join("audit.sqlite");
-    let running = psi_server::serve::start(ServeConfig {
-        data_dir: data,
-        listen: "127.0.0.1:0".parse()?,
-        limits: Limits::default(),
-        request_timeout: Duration::from_secs(30),
-        reload_interval: Duration::from_millis(2000),
-        tls: Some(TlsFiles {
-            cert: std::fs::read(ca.join("server.pem"))?,
-            key: std::fs::read(ca.join("server.key"))?,
-            client_ca: std::fs::read(ca.join("ca.pem"))?,
-        }),
-        audit_db: audit_db.clone().into(),
-        policy: Some((
-            policy_path.clone(),
-            psi_server::policy::Policy::load(&policy_path)?,
-        )),
-        admin_listen: None,
-        net: Default::default(),
-    })
-    .await?;
-    let url = format!("https://{}", running.local_addr);
+    let postgres: Option<Postgres> = match args.audit_db {
+        AuditDb::Sqlite => None,
+        AuditDb::Postgres => Some(
+            psi_testbed::start_postgres(Durability::Durable)
+                .map_err(|why| anyhow::anyhow!("PostgreSQL cannot run here: {why}"))?,
+        ),
+    };
+    let audit_store: psi_server::audit::AuditStore = match &postgres {
+        Some(pg) => psi_server::audit::AuditStore::parse(&pg.url),
+        None => args.dir.join("audit.sqlite").into(),
+    };
+    let tls_files = TlsFiles {
+        cert: std::fs::read(ca.join("server.pem"))?,
+        key: std::fs::read(ca.join("server.key"))?,
+        client_ca: std::fs::read(ca.join("ca.pem"))?,
+    };
+    let (servers, front, admin_ports) = if args.replicas == 0 {
+        let running = psi_server::serve::start(ServeConfig {
+            data_dir: data,
+            listen: "127.0.0.1:0".parse()?,
+            limits: Limits::default(),
+            request_timeout: Duration::from_secs(30),
+            reload_interval: Duration::from_millis(2000),
+            tls: Some(tls_files),
+            audit_db: audit_store.clone(),
+            policy: Some((
+                policy_path.clone(),
+                psi_server::policy::Policy::load(&policy_path)?,
+            )),
+            admin_listen: Some("127.0.0.1:0".parse()?),
+            net: Default::default(),
+        })
+        .await?;
+        let front = running.local_addr;
+        let admin: Vec<u16> = running.admin_addr.map(|a| a.port()).into_iter().collect();
+        (Servers::InProcess(running), front, admin)
+    } else {
+        let server_bin = std::env::current_exe()?.with_file_name("psi-server");
+        ensure!(
+            server_bin.exists(),
+            "{} is missing: build it beside psi-load (cargo build --release -p psi-server -p psi-bench)",
+            server_bin.display()
+        );
+        let audit_arg = match &postgres {
+            Some(pg) => pg.url.clone(),
+            None => args.dir.join("audit.sqlite").display().to_string(),
+        };
+        let ports: Vec<(u16, u16)> = (0..args.replicas)
+            .map(|_| (psi_testbed::free_port(), psi_testbed::free_port()))
+            .collect();
+        let path = |p: PathBuf| p.display().to_string();
+        let processes = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, admin))| {
+                let serve_args = vec![
+                    "serve".into(),
+                    "--listen".into(),
+                    format!("127.0.0.1:{port}"),
+                    "--admin-listen".into(),
+                    format!("127.0.0.1:{admin}"),
+                    "--data-dir".into(),
+                    path(data.clone()),
+                    "--audit-db".into(),
+                    audit_arg.clone(),
+                    "--policy".into(),
+                    path(policy_path.clone()),
+                    "--tls-cert".into(),
+                    path(ca.join("server.pem")),
+                    "--tls-key".into(),
+                    path(ca.join("server.key")),
+                    "--client-ca".into(),
+                    path(ca.join("ca.pem")),
+                ];
+                Process::start(
+                    &server_bin,
+                    serve_args,
+                    args.dir.join(format!("replica-{}.log", i + 1)),
+                )
+            })
+            .collect();
+        let balancer = Haproxy::start(&args.dir, Balancing::Tcp, &ports)
+            .map_err(|why| anyhow::anyhow!("haproxy cannot run here: {why}"))?;
+        balancer.wait_all_up(args.replicas, Duration::from_secs(120));
+        let front: std::net::SocketAddr = format!("127.0.0.1:{}", balancer.front).parse()?;
+        let admin: Vec<u16> = ports.iter().map(|p| p.1).collect();
+        (
+            Servers::Replicas {
+                processes,
+                _balancer: balancer,
+            },
+            front,
+            admin,
+        )
+    };
+    let url = format!("https://{front}");
     let people: Vec<_> = Generator::new(11, today())?.take(1000).collect();
 
     let mut sessions = Vec::new();
@@ -149,7 +311,7 @@ async fn main() -> Result<()> {
     let (_, blinded) =
         client.blind(&inputs, psi_core::Blinding::Additive, &mut rand_core::OsRng)?;
     let target = attack::Target {
-        addr: running.local_addr,
+        addr: front,
         ca_pem: std::fs::read(ca.join("ca.pem"))?,
         cert_pem: std::fs::read(attacker_cert)?,
         key_pem: std::fs::read(attacker_key)?,
@@ -198,17 +360,25 @@ async fn main() -> Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let _ = stop_tx.send(true);
     let tally = attacker.await.context("attacker task")??;
-    running.shutdown().await?;
+    let audit_write = audit_write_latency(&admin_ports);
+    match servers {
+        Servers::InProcess(running) => running.shutdown().await?,
+        Servers::Replicas { mut processes, .. } => {
+            for p in &mut processes {
+                p.terminate();
+            }
+        }
+    }
 
     let mut all: Vec<Duration> = results.iter().flat_map(|r| r.0.iter().copied()).collect();
     let errors: u64 = results.iter().map(|r| r.1).sum();
     all.sort();
-    let v = psi_server::audit::verify(&audit_db).context("verifying the audit trail")?;
+    let v = psi_server::audit::verify(&audit_store).context("verifying the audit trail")?;
     let requests = all.len() as u64 + errors;
     let honest_records: u64 = {
         let mut out = Vec::new();
         psi_server::audit::export(
-            &audit_db,
+            &audit_store,
             &psi_server::audit::ExportFilter::default(),
             psi_server::audit::Format::Csv,
             &mut out,
@@ -220,6 +390,9 @@ async fn main() -> Result<()> {
             .count() as u64
     };
     let report = serde_json::json!({
+        "replicas": args.replicas,
+        "audit_db": args.audit_db,
+        "audit_write": audit_write,
         "attack": args.attack,
         "attacker": tally.to_json(),
         "peak_rss_mib": peak_rss_mib(),

@@ -288,7 +288,7 @@ impl Views {
                 match views.synced(session.clone()).await {
                     // Rotated since the session connected: follow it.
                     Err(e) if is_stale_epoch(&e) => {
-                        views.synced(session.reconnect().await?).await?
+                        views.synced(session.follow_rotation().await?).await?
                     }
                     synced => synced?,
                 }
@@ -335,7 +335,7 @@ impl Views {
     async fn rotated(&self, stale: &View) -> Result<Arc<View>> {
         let mut current = self.current.lock().await;
         if current.epoch == stale.epoch {
-            let session = current.session.reconnect().await?;
+            let session = current.session.follow_rotation().await?;
             tracing::warn!(
                 "the server rotated its key from epoch {} to {}; re-synced, continuing",
                 stale.epoch,

@@ -55,7 +55,7 @@ pub async fn check(
     match check_record(session, &record, mode).await {
         // The server rotated its key: follow the endorsed rotation, ask again.
         Err(e) if is_stale_epoch(&e) => {
-            check_record(&session.reconnect().await?, &record, mode).await
+            check_record(&session.follow_rotation().await?, &record, mode).await
         }
         answered => answered,
     }

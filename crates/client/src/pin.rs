@@ -33,6 +33,21 @@ pub enum Pinned {
     },
 }
 
+/// The server presented an older key epoch than the one pinned: a replica
+/// that has not loaded the rotation yet (or an attempt to roll the client
+/// back to a retired key). The older key is never used; the caller may ask
+/// again, expecting a replica at the pinned epoch or later.
+#[derive(Debug, thiserror::Error)]
+#[error("the server {server} presents key epoch {presented}, older than the pinned epoch {pinned}: a replica behind the rotation (the older key is not used)")]
+pub struct OlderThanPinned {
+    /// The server's URL.
+    pub server: String,
+    /// The epoch it presented.
+    pub presented: u64,
+    /// The epoch pinned.
+    pub pinned: u64,
+}
+
 /// Checks `key` and `epoch` for `server` against `pin` or the known-servers
 /// file in `dir`; a newer key is accepted only through `history`'s endorsements.
 ///
@@ -69,6 +84,14 @@ pub fn check(
         }
         if old_hex == key_hex && ep == epoch.to_string() {
             return Ok(Pinned::Known);
+        }
+        if let Some(pinned) = ep.parse::<u64>().ok().filter(|&p| epoch < p) {
+            return Err(OlderThanPinned {
+                server: server.to_string(),
+                presented: epoch,
+                pinned,
+            }
+            .into());
         }
         let endorsed = ep.parse::<u64>().ok().and_then(|old_epoch| {
             let old = hex::decode(old_hex)

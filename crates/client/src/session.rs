@@ -229,7 +229,41 @@ impl Session {
         let mut grpc = MatchClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        let info = match Self::server_info(&mut grpc).await {
+        // A replica behind a key rotation presents an older epoch than the
+        // pin: ask again (through a balancer, another replica may answer)
+        // until one presents the pinned epoch or later.
+        let mut waited = std::time::Duration::ZERO;
+        let mut backoff = std::time::Duration::from_millis(100);
+        let (info, pk, pinned) = loop {
+            match Self::read_and_pin(&mut grpc, &options).await {
+                Err(e)
+                    if e.downcast_ref::<crate::pin::OlderThanPinned>().is_some()
+                        && waited < MAX_UNAVAILABLE_WAIT =>
+                {
+                    tracing::warn!("{e}; asking again in {:.1} s", backoff.as_secs_f64());
+                    tokio::time::sleep(backoff).await;
+                    waited += backoff;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                }
+                read => break read?,
+            }
+        };
+        let core = Arc::new(Client::new(Mode::Voprf, pk));
+        Ok(Self {
+            grpc,
+            info,
+            core,
+            options,
+            pinned,
+        })
+    }
+
+    /// Reads `ServerInfo`, checks the ciphersuite and pins the key and epoch.
+    async fn read_and_pin(
+        grpc: &mut MatchClient<Channel>,
+        options: &ConnectOptions,
+    ) -> Result<(ServerInfo, PublicKey, Pinned)> {
+        let info = match Self::server_info(grpc).await {
             Ok(info) => info,
             // Plaintext HTTP/2 to a TLS port: the server's TLS alert reads
             // as an HTTP/2 protocol error.
@@ -281,14 +315,7 @@ impl Session {
                 info.key_epoch
             );
         }
-        let core = Arc::new(Client::new(Mode::Voprf, pk));
-        Ok(Self {
-            grpc,
-            info,
-            core,
-            options,
-            pinned,
-        })
+        Ok((info, pk, pinned))
     }
 
     /// `GetServerInfo`, waiting (up to [`MAX_UNAVAILABLE_WAIT`]) while the
@@ -351,6 +378,40 @@ impl Session {
     /// As [`Session::connect`].
     pub async fn reconnect(&self) -> Result<Self> {
         Self::connect(self.options.clone()).await
+    }
+
+    /// After the server refused this session's key epoch as stale: a new
+    /// session at a newer epoch. Behind a load balancer a replica that has
+    /// not loaded the rotation yet may still advertise the old epoch; this
+    /// asks again, backing off, until a replica advertises a newer one (up to
+    /// [`MAX_UNAVAILABLE_WAIT`], as for an unavailable server).
+    ///
+    /// # Errors
+    /// As [`Session::connect`], or no newer epoch advertised in time.
+    pub async fn follow_rotation(&self) -> Result<Self> {
+        let mut waited = std::time::Duration::ZERO;
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            let next = self.reconnect().await?;
+            if next.info.key_epoch > self.info.key_epoch {
+                return Ok(next);
+            }
+            if waited >= MAX_UNAVAILABLE_WAIT {
+                bail!(
+                    "the server refused key epoch {} as stale but still advertises it after {} s",
+                    self.info.key_epoch,
+                    waited.as_secs()
+                );
+            }
+            tracing::warn!(
+                "key epoch {} refused as stale, still advertised (a replica behind the rotation); asking again in {:.1} s",
+                self.info.key_epoch,
+                backoff.as_secs_f64()
+            );
+            tokio::time::sleep(backoff).await;
+            waited += backoff;
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+        }
     }
 
     /// The server's parameters as read at connection.

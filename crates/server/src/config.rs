@@ -65,7 +65,10 @@ pub struct ServeArgs {
     pub admin_listen: Option<String>,
     /// Audit database: an SQLite file, or a postgres:// URL shared by every
     /// replica (which then also keeps the institutions' quotas there)
-    /// [default: DATA_DIR/audit.sqlite].
+    /// [default: DATA_DIR/audit.sqlite]. A URL without `connect_timeout=`
+    /// (seconds) gets 5 s, and without `options=` gets
+    /// `-c statement_timeout=10000` (ms): a database that stops answering
+    /// fails requests (UNAVAILABLE, retried) instead of holding them.
     #[arg(long, env = "PSI_AUDIT_DB", value_parser = crate::audit::AuditStore::from_arg)]
     pub audit_db: Option<crate::audit::AuditStore>,
     /// Serve without TLS on an address other than loopback: anyone on the

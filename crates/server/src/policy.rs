@@ -158,7 +158,7 @@ enum Quotas {
 /// The quota table in PostgreSQL and this replica's connection to it.
 struct SharedQuotas {
     url: String,
-    client: Arc<Mutex<Option<postgres::Client>>>,
+    client: Arc<Mutex<Option<crate::pg::Pg>>>,
 }
 
 const QUOTA_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS quota (
@@ -173,14 +173,14 @@ const QUOTA_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS quota (
 const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 impl SharedQuotas {
-    fn connect(url: &str) -> Result<postgres::Client> {
-        let mut client = crate::audit::connect_postgres(url, "the shared quotas")?;
-        let mut tx = client.transaction()?;
+    fn connect(url: &str) -> Result<crate::pg::Pg> {
+        let mut c = crate::pg::Pg::connect(url, "the shared quotas", crate::pg::Use::Serving)?;
         // Replicas starting together would race to create the table.
-        tx.execute("SELECT pg_advisory_xact_lock(7365)", &[])?;
-        tx.batch_execute(QUOTA_SCHEMA)?;
-        tx.commit()?;
-        Ok(client)
+        c.batch_execute("BEGIN")?;
+        c.execute("SELECT pg_advisory_xact_lock(7365)", &[])?;
+        c.batch_execute(QUOTA_SCHEMA)?;
+        c.batch_execute("COMMIT")?;
+        Ok(c)
     }
 
     /// Takes `elements` from `institution`'s shared quota (blocking: run it
@@ -190,7 +190,7 @@ impl SharedQuotas {
             .client
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if slot.as_ref().is_none_or(postgres::Client::is_closed) {
+        if slot.as_ref().is_none_or(crate::pg::Pg::is_closed) {
             *slot = Some(Self::connect(&self.url).map_err(|e| {
                 tracing::error!("shared quotas: {e:#}");
                 ServiceError::Unavailable("the shared quota database is out of reach".into())
@@ -199,37 +199,57 @@ impl SharedQuotas {
         let Some(client) = slot.as_mut() else {
             return Err(ServiceError::Internal);
         };
-        let unreachable = |e: postgres::Error| {
-            tracing::error!("shared quotas: {}", crate::audit::pg_reason(&e));
+        let unreachable = |e: anyhow::Error| {
+            tracing::error!("shared quotas: {e:#}");
             ServiceError::Unavailable("the shared quota database is out of reach".into())
         };
-        let mut tx = client.transaction().map_err(unreachable)?;
-        let now_ms: i64 = tx
-            .query_one(&format!("SELECT {DB_NOW_MS}"), &[])
-            .map_err(unreachable)?
-            .get(0);
+        client.batch_execute("BEGIN").map_err(unreachable)?;
+        let taken = Self::take_in(client, institution, rules, elements);
+        match taken {
+            Ok(taken) => {
+                client.batch_execute("COMMIT").map_err(unreachable)?;
+                taken
+            }
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK");
+                Err(unreachable(e))
+            }
+        }
+    }
+
+    /// The body of [`SharedQuotas::take`]'s transaction: the database's
+    /// errors outside, the quota's answer inside.
+    fn take_in(
+        client: &mut crate::pg::Pg,
+        institution: &str,
+        rules: &Rules,
+        elements: u64,
+    ) -> Result<Result<(), ServiceError>> {
+        let clock = client
+            .query_opt(&format!("SELECT {DB_NOW_MS}"), &[])?
+            .context("the database returned no time")?;
+        let now_ms: i64 = clock.try_get(0)?;
         let fresh = Quota::fresh(rules, now_ms);
-        tx.execute(
+        client.execute(
             "INSERT INTO quota (institution, tokens, refilled_ms, day, used_today)
              VALUES ($1, $2, $3, $4, 0) ON CONFLICT (institution) DO NOTHING",
             &[&institution, &fresh.tokens, &fresh.refilled_ms, &fresh.day],
-        )
-        .map_err(unreachable)?;
-        let row = tx
-            .query_one(
+        )?;
+        let row = client
+            .query_opt(
                 "SELECT tokens, refilled_ms, day, used_today FROM quota WHERE institution = $1 FOR UPDATE",
                 &[&institution],
-            )
-            .map_err(unreachable)?;
+            )?
+            .context("the quota row vanished")?;
         let mut quota = Quota {
-            tokens: row.get(0),
-            refilled_ms: row.get(1),
-            day: row.get(2),
-            used_today: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
+            tokens: row.try_get(0)?,
+            refilled_ms: row.try_get(1)?,
+            day: row.try_get(2)?,
+            used_today: u64::try_from(row.try_get::<_, i64>(3)?).unwrap_or(0),
         };
         let taken = quota.take(rules, elements, now_ms);
         if taken.is_ok() {
-            tx.execute(
+            client.execute(
                 "UPDATE quota SET tokens = $2, refilled_ms = $3, day = $4, used_today = $5 WHERE institution = $1",
                 &[
                     &institution,
@@ -238,11 +258,9 @@ impl SharedQuotas {
                     &quota.day,
                     &i64::try_from(quota.used_today).unwrap_or(i64::MAX),
                 ],
-            )
-            .map_err(unreachable)?;
+            )?;
         }
-        tx.commit().map_err(unreachable)?;
-        taken
+        Ok(taken)
     }
 }
 

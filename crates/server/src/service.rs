@@ -300,7 +300,11 @@ impl MatchService {
         );
         if let Err(e) = audited {
             tracing::error!(%request_id, "answer withheld: {e:#}");
-            return Err(ServiceError::Internal.into());
+            // Transient (a database restarting or slow): the client retries.
+            return Err(ServiceError::Unavailable(
+                "the audit trail cannot record this request now; retry shortly".into(),
+            )
+            .into());
         }
         match &result {
             Ok(_) => tracing::info!(institution, method, elements, %request_id, "request"),

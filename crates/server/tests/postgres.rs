@@ -4,11 +4,9 @@
 //! `postgresql` package when they are missing). Where neither works, the
 //! test prints why and passes without running.
 
-mod support;
-
 use std::path::Path;
 
-use support::start_postgres as start;
+use psi_testbed::{start_postgres, Durability};
 
 use psi_server::records::Records;
 use psi_server::registry::{self, today};
@@ -40,7 +38,7 @@ fn sorted_records(dir: &Path) -> Vec<Vec<u8>> {
 
 #[test]
 fn postgres_import_equals_csv_import_and_feeds_updates() {
-    let pg = match start() {
+    let pg = match start_postgres(Durability::Volatile) {
         Ok(pg) => pg,
         Err(why) => {
             println!("SKIPPED: no PostgreSQL server could be started here: {why}");

@@ -4,11 +4,7 @@
 //! of them killed with SIGKILL mid-batch and started again. Where PostgreSQL
 //! or haproxy cannot run, a test prints why and passes without running.
 
-mod support;
-
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -20,11 +16,14 @@ use psi_server::policy::{Enforcer, Policy};
 use psi_server::registry::today;
 use psi_server::source::Source;
 use psi_server::synth::Generator;
+use psi_testbed::{
+    free_port, start_postgres, wait_for, Balancing, Durability, Haproxy, Postgres, Process,
+};
 
 const PURPOSE: &str = "kyc-onboarding";
 
-fn postgres_or_skip(test: &str) -> Option<support::Postgres> {
-    match support::start_postgres() {
+fn postgres_or_skip(test: &str) -> Option<Postgres> {
+    match start_postgres(Durability::Volatile) {
         Ok(pg) => Some(pg),
         Err(why) => {
             eprintln!("{test}: skipped: PostgreSQL cannot run here: {why}");
@@ -202,148 +201,34 @@ fn a_daily_cap_holds_across_replicas() {
     assert!(taken >= 200, "the burst is available: {taken}");
 }
 
-/// A `psi-server serve` process on a fixed port (so it can be restarted on it).
-struct Replica {
-    child: Option<Child>,
-    port: u16,
-    admin: u16,
-    data: PathBuf,
-    audit: String,
-    log: PathBuf,
+/// `psi-server serve` on fixed ports (so it can be restarted on them),
+/// reading `data`, writing the audit trail to `audit`.
+fn replica(data: &Path, (port, admin): (u16, u16), audit: &str, log: PathBuf) -> Process {
+    let args = [
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        &data.display().to_string(),
+        "--audit-db",
+        audit,
+        "--reload-interval-ms",
+        "500",
+        "--admin-listen",
+        &format!("127.0.0.1:{admin}"),
+    ]
+    .map(String::from)
+    .to_vec();
+    Process::start(Path::new(env!("CARGO_BIN_EXE_psi-server")), args, log)
 }
 
-impl Replica {
-    fn start(data: &Path, (port, admin): (u16, u16), audit: &str, log: PathBuf) -> Self {
-        let mut r = Self {
-            child: None,
-            port,
-            admin,
-            data: data.to_path_buf(),
-            audit: audit.to_string(),
-            log,
-        };
-        r.spawn();
-        r
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_psi-server"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
-            .arg("--data-dir")
-            .arg(&self.data)
-            .args(["--audit-db", &self.audit, "--reload-interval-ms", "500"])
-            .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin)])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    fn kill_9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-9", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
+fn haproxy_or_skip(test: &str, dir: &Path, replicas: &[(u16, u16)]) -> Option<Haproxy> {
+    match Haproxy::start(dir, Balancing::Http2, replicas) {
+        Ok(h) => Some(h),
+        Err(why) => {
+            eprintln!("{test}: skipped: haproxy cannot run here: {why}");
+            None
         }
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.kill_9();
-    }
-}
-
-struct Haproxy(Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The balancer: HTTP/2 in, HTTP/2 to the replicas, each checked every
-/// 200 ms (out after two failures, back after two successes) at its admin
-/// port's `/ready`, which is 200 exactly when its gRPC health status for
-/// `psi.v1.Match` is SERVING (haproxy 2.6 cannot send the binary body of a
-/// gRPC health request).
-fn haproxy_config(front: u16, stats: u16, replicas: &[(u16, u16)]) -> String {
-    let servers: String = replicas
-        .iter()
-        .enumerate()
-        .map(|(i, (port, admin))| {
-            format!("  server r{} 127.0.0.1:{port} check port {admin}\n", i + 1)
-        })
-        .collect();
-    format!(
-        "global
-  maxconn 2000
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 120s
-  timeout server 120s
-frontend grpc
-  bind 127.0.0.1:{front} proto h2
-  default_backend replicas
-backend replicas
-  balance roundrobin
-  retry-on conn-failure empty-response response-timeout
-  option httpchk GET /ready
-  http-check expect status 200
-  default-server proto h2 inter 200ms fall 2 rise 2
-{servers}listen stats
-  bind 127.0.0.1:{stats}
-  stats enable
-  stats uri /stats
-"
-    )
-}
-
-/// Each replica's status in haproxy (`UP`, `DOWN`, ...), from its CSV stats.
-fn balancer_status(stats: u16) -> Vec<String> {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", stats)) else {
-        return Vec::new();
-    };
-    let _ = s.write_all(b"GET /stats;csv HTTP/1.0\r\n\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let mut status = Vec::new();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split(',').collect();
-        if fields.first() == Some(&"replicas") && fields.get(1).is_some_and(|f| f.starts_with('r'))
-        {
-            status.push(fields.get(17).unwrap_or(&"?").to_string());
-        }
-    }
-    status
-}
-
-fn wait_for(what: &str, patience: Duration, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(
-            started.elapsed() < patience,
-            "waited {patience:?} for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -353,17 +238,6 @@ fn three_replicas_behind_haproxy_survive_a_kill_9() {
     let Some(pg) = postgres_or_skip(TEST) else {
         return;
     };
-    let haproxy_bin = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists());
-    let Some(haproxy_bin) = haproxy_bin else {
-        eprintln!(
-            "{TEST}: skipped: haproxy is not installed (.ci/run installs Debian's haproxy package)"
-        );
-        return;
-    };
-
     // A registry of 5000 synthetic people, one data directory shared by the replicas.
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
@@ -380,11 +254,11 @@ fn three_replicas_behind_haproxy_survive_a_kill_9() {
     psi_server::registry::init(&Source::csv(&csv), &data, false).unwrap();
 
     let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-    let mut replicas: Vec<Replica> = ports
+    let mut replicas: Vec<Process> = ports
         .iter()
         .enumerate()
         .map(|(i, &p)| {
-            Replica::start(
+            replica(
                 &data,
                 p,
                 &pg.url,
@@ -392,33 +266,10 @@ fn three_replicas_behind_haproxy_survive_a_kill_9() {
             )
         })
         .collect();
-    let (front, stats) = (free_port(), free_port());
-    let config = root.join("haproxy.cfg");
-    std::fs::write(&config, haproxy_config(front, stats, &ports)).unwrap();
-    let validated = Command::new(&haproxy_bin)
-        .args(["-c", "-f"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        validated.status.success(),
-        "haproxy -c: {}",
-        String::from_utf8_lossy(&validated.stderr)
-    );
-    let _balancer = Haproxy(
-        Command::new(&haproxy_bin)
-            .args(["-db", "-f"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(root.join("haproxy.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(
-        "haproxy to see three replicas up",
-        Duration::from_secs(60),
-        || balancer_status(stats) == ["UP", "UP", "UP"],
-    );
+    let Some(balancer) = haproxy_or_skip(TEST, root, &ports) else {
+        return;
+    };
+    balancer.wait_all_up(3, Duration::from_secs(60));
 
     // 10^5 rows: members and strangers, each answer known.
     let rows: Vec<(String, String, bool)> = (0..100_000)
@@ -436,7 +287,7 @@ fn three_replicas_behind_haproxy_survive_a_kill_9() {
         .iter()
         .map(|(n, i, _)| (n.clone(), i.clone()))
         .collect();
-    let url = format!("http://127.0.0.1:{front}");
+    let url = format!("http://127.0.0.1:{}", balancer.front);
     let options = |cache: &str| ConnectOptions {
         server: url.clone(),
         pin_key: None,
@@ -515,7 +366,8 @@ fn three_replicas_behind_haproxy_survive_a_kill_9() {
         "haproxy to take the dead replica out",
         Duration::from_secs(30),
         || {
-            balancer_status(stats)
+            balancer
+                .status()
                 .get(1)
                 .is_some_and(|s| s.starts_with("DOWN"))
         },
@@ -523,11 +375,7 @@ fn three_replicas_behind_haproxy_survive_a_kill_9() {
     // ... and back in once it is started again.
     std::thread::sleep(Duration::from_millis(500));
     replicas[1].spawn();
-    wait_for(
-        "haproxy to put the restarted replica back",
-        Duration::from_secs(60),
-        || balancer_status(stats) == ["UP", "UP", "UP"],
-    );
+    balancer.wait_all_up(3, Duration::from_secs(60));
 
     let (answers, summary) = rt.block_on(batch).unwrap().expect("every row answered");
     stop_checks.store(true, Ordering::Relaxed);
@@ -586,4 +434,272 @@ fn three_replicas_behind_haproxy_survive_a_kill_9() {
         "{TEST}: {summary}; {singles_answered} single checks; {} audit records",
         v.records
     );
+}
+
+/// Two replicas read one data directory and switch versions on their own
+/// schedule: one reloads every 500 ms, the other not until it restarts.
+/// Through the balancer (HTTP/2, per-request round robin) a client's
+/// requests alternate between them across an update and then a key
+/// rotation, as single checks and as batches. Nothing fails; a row the
+/// update did not touch gets its one right answer every time; a changed row
+/// gets the answer of the version that served it (both are seen); once the
+/// lagging replica restarts, every row gets the new version's answer.
+#[test]
+fn replicas_at_different_versions_answer_right_through_an_update_and_a_rotation() {
+    const TEST: &str =
+        "replicas_at_different_versions_answer_right_through_an_update_and_a_rotation";
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let people: Vec<_> = Generator::new(41, today()).unwrap().take(2600).collect();
+    let (members, strangers) = people.split_at(2000);
+    let write_csv = |path: &Path, rows: &[psi_server::synth::Person]| {
+        let mut w = csv::Writer::from_path(path).unwrap();
+        w.write_record(["name", "id"]).unwrap();
+        for p in rows {
+            w.write_record([p.name.as_str(), p.id.as_str()]).unwrap();
+        }
+        w.flush().unwrap();
+    };
+    let registry = root.join("registry.csv");
+    write_csv(&registry, members);
+    let data = root.join("data");
+    psi_server::registry::init(&Source::csv(&registry), &data, false).unwrap();
+
+    let ports: Vec<(u16, u16)> = (0..2).map(|_| (free_port(), free_port())).collect();
+    let serve = |i: usize, reload_ms: &str| {
+        let (port, admin) = ports[i];
+        let args = [
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+            "--data-dir",
+            &data.display().to_string(),
+            "--audit-db",
+            &root.join(format!("audit-{i}.sqlite")).display().to_string(),
+            "--reload-interval-ms",
+            reload_ms,
+        ]
+        .map(String::from)
+        .to_vec();
+        Process::start(
+            Path::new(env!("CARGO_BIN_EXE_psi-server")),
+            args,
+            root.join(format!("replica-{i}.log")),
+        )
+    };
+    let mut lagging = serve(0, "3600000");
+    let _prompt = serve(1, "500");
+    let Some(balancer) = haproxy_or_skip(TEST, root, &ports) else {
+        return;
+    };
+    balancer.wait_all_up(2, Duration::from_secs(60));
+
+    let rt = runtime();
+    let connect = |server: String, cache: &str| {
+        rt.block_on(Session::connect_when_ready(
+            ConnectOptions {
+                server,
+                pin_key: None,
+                cache_dir: root.join(cache),
+                blinding: psi_core::Blinding::Additive,
+                concurrency: 2,
+                tls: None,
+                purpose: PURPOSE.into(),
+            },
+            Duration::from_secs(30),
+        ))
+        .unwrap()
+    };
+    let front = format!("http://127.0.0.1:{}", balancer.front);
+    let bucket = connect(front.clone(), "bucket-cache");
+    let sync = connect(front.clone(), "sync-cache");
+    let prompt_info = |what: &str, done: &dyn Fn(&psi_proto::v1::ServerInfo) -> bool| {
+        wait_for(what, Duration::from_secs(30), || {
+            done(connect(format!("http://127.0.0.1:{}", ports[1].0), "probe-cache").info())
+        });
+    };
+
+    // The update: 100 members leave, 100 strangers join.
+    let (leaving, staying) = members.split_at(100);
+    let (joining, never) = strangers.split_at(100);
+    let removed = root.join("remove.csv");
+    let added = root.join("add.csv");
+    write_csv(&removed, leaving);
+    write_csv(&added, joining);
+    psi_server::registry::update(
+        Some(&Source::csv(&added)),
+        Some(&Source::csv(&removed)),
+        &data,
+        false,
+    )
+    .unwrap();
+    prompt_info("the prompt replica to load version 2", &|i| {
+        i.registry_version == 2
+    });
+
+    // (name, id, answer at version 1, answer at version 2)
+    let rows: Vec<(&str, &str, bool, bool)> = leaving
+        .iter()
+        .take(40)
+        .map(|p| (p.name.as_str(), p.id.as_str(), true, false))
+        .chain(
+            joining
+                .iter()
+                .take(40)
+                .map(|p| (p.name.as_str(), p.id.as_str(), false, true)),
+        )
+        .chain(
+            staying
+                .iter()
+                .take(40)
+                .map(|p| (p.name.as_str(), p.id.as_str(), true, true)),
+        )
+        .chain(
+            never
+                .iter()
+                .take(40)
+                .map(|p| (p.name.as_str(), p.id.as_str(), false, false)),
+        )
+        .collect();
+    let outcome = |found: bool| {
+        if found {
+            CheckOutcome::Match
+        } else {
+            CheckOutcome::NoMatch
+        }
+    };
+    let pairs: Vec<(&str, &str)> = rows.iter().map(|r| (r.0, r.1)).collect();
+    // Every row through both modes, as single checks or as a batch of small
+    // chunks: `exact` demands the version-2 answer.
+    let run = |phase: &str, exact: bool, single: bool| {
+        let mut seen_old = 0;
+        let mut seen_new = 0;
+        for (session, mode) in [(&bucket, QueryMode::Bucket), (&sync, QueryMode::Sync)] {
+            let answers: Vec<CheckOutcome> = if single {
+                rows.iter()
+                    .map(|(name, id, _, _)| {
+                        rt.block_on(check(session, name, id, mode))
+                            .unwrap_or_else(|e| panic!("{phase}, {mode:?}: a check failed: {e:#}"))
+                    })
+                    .collect()
+            } else {
+                let opts = psi_client::batch::PairOptions {
+                    mode,
+                    chunk_rows: 8,
+                    ..Default::default()
+                };
+                rt.block_on(psi_client::batch::answer_pairs(session, &pairs, &opts))
+                    .unwrap_or_else(|e| panic!("{phase}, {mode:?}: the batch failed: {e:#}"))
+                    .0
+            };
+            for (got, (_, _, v1, v2)) in answers.into_iter().zip(&rows) {
+                if got == outcome(*v2) {
+                    seen_new += usize::from(v1 != v2);
+                } else {
+                    assert!(
+                        !exact && got == outcome(*v1),
+                        "{phase}, {mode:?}: {got:?} for a row that is {v1} at version 1 and {v2} at version 2"
+                    );
+                    seen_old += 1;
+                }
+            }
+        }
+        (seen_old, seen_new)
+    };
+
+    let (old, new) = run("versions 1 and 2 served", false, true);
+    assert!(
+        old > 0 && new > 0,
+        "both replicas answered changed rows: {old} old answers, {new} new"
+    );
+
+    // A key rotation: the prompt replica serves epoch 2, the lagging one epoch 1.
+    psi_server::registry::rotate_key(&data, Duration::from_secs(3600), false).unwrap();
+    prompt_info("the prompt replica to load key epoch 2", &|i| {
+        i.key_epoch == 2
+    });
+    run("key epochs 1 and 2 served", false, false);
+    // A single check from a session of the old epoch follows the rotation.
+    let (name, id, _, v2) = rows[rows.len() - 1];
+    assert_eq!(
+        rt.block_on(check(&bucket, name, id, QueryMode::Bucket))
+            .unwrap(),
+        outcome(v2)
+    );
+
+    // The lagging replica restarts and loads what is published.
+    lagging.terminate();
+    lagging.spawn();
+    balancer.wait_all_up(2, Duration::from_secs(60));
+    let (old, _) = run("both replicas at version 2", true, false);
+    assert_eq!(old, 0);
+}
+
+/// A database that accepts connections and never answers (a hung server, a
+/// black-holed network) does not hang start-up: the connection attempt gives
+/// up after the default `connect_timeout` of 5 s, naming the reason.
+#[test]
+fn an_unresponsive_database_is_given_up_on_after_the_connect_timeout() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        // Accept and hold the connections, answering nothing.
+        silent.incoming().take(2).collect::<Vec<_>>()
+    });
+    let url = format!("postgres://psi@127.0.0.1:{port}/postgres");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(AuditLog::open(AuditStore::parse(&url)).map(|_| ()));
+    });
+    let outcome = rx
+        .recv_timeout(psi_server::pg::DEFAULT_CONNECT_TIMEOUT * 6)
+        .expect("the connection attempt gave up");
+    let err = format!("{:#}", outcome.unwrap_err());
+    assert!(
+        err.contains("timed out") || err.contains("timeout"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(&port.to_string()),
+        "no address in the error: {err}"
+    );
+    drop(held);
+}
+
+/// A serving replica's statements are bounded (`statement_timeout`, 10 s by
+/// default, here 300 ms from the URL): an append that cannot get the chain
+/// because another session holds it fails (the request is refused, the
+/// client retries) instead of waiting forever; once the chain is free,
+/// appends go on and the chain verifies.
+#[test]
+fn an_append_waiting_too_long_for_the_chain_fails_and_the_next_one_succeeds() {
+    let Some(pg) = postgres_or_skip(
+        "an_append_waiting_too_long_for_the_chain_fails_and_the_next_one_succeeds",
+    ) else {
+        return;
+    };
+    let bounded = format!("{}?options=-c%20statement_timeout%3D300", pg.url);
+    let store = AuditStore::parse(&bounded);
+    let log = AuditLog::open(&store).unwrap();
+    let rt = runtime();
+    let entry = || Entry::now("bank-a", "kyc", "BucketQuery", "bucket");
+    assert_eq!(rt.block_on(log.append(entry())).unwrap(), 1);
+
+    // Another session (a stuck replica, an operator's open transaction) holds the chain.
+    let mut holder = postgres::Client::connect(&pg.url, postgres::NoTls).unwrap();
+    holder
+        .execute("SELECT pg_advisory_lock(x'7073696175646974'::bigint)", &[])
+        .unwrap();
+    let err = rt.block_on(log.append(entry())).unwrap_err().to_string();
+    assert!(err.contains("statement timeout"), "{err}");
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock(x'7073696175646974'::bigint)",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rt.block_on(log.append(entry())).unwrap(), 2);
+    assert_eq!(audit::verify(&store).unwrap().records, 2);
 }

@@ -28,8 +28,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
+use crate::pg::Use;
 pub use store::AuditStore;
-pub(crate) use store::{connect_postgres, pg_reason};
 use store::{Db, Val, ROW_COLUMNS};
 
 /// The audit database's default file name inside the data directory.
@@ -148,7 +148,7 @@ impl AuditLog {
     /// An unopenable database, or one whose chain is damaged at its end.
     pub fn open(store: impl Into<AuditStore>) -> Result<Self> {
         let store = store.into();
-        let mut db = Db::open(&store)?;
+        let mut db = Db::open(&store, Use::Serving)?;
         check_before_appending(&mut db).with_context(|| {
             format!(
                 "the audit database {store} is damaged: keep it as evidence (`psi-server audit verify --db ...` says where), and serve with a new --audit-db"
@@ -206,7 +206,7 @@ fn writer(mut db: Db, store: &AuditStore, rx: &mpsc::Receiver<Job>) {
         }
         if db.is_closed() {
             // The database server restarted: connect again for this group.
-            match Db::open(store) {
+            match Db::open(store, Use::Serving) {
                 Ok(fresh) => db = fresh,
                 Err(e) => tracing::error!("audit database unreachable: {e:#}"),
             }
@@ -351,7 +351,7 @@ pub fn prune(
             humantime::format_rfc3339_seconds(oldest_allowed)
         );
     }
-    let mut db = Db::open(&store.into())?;
+    let mut db = Db::open(&store.into(), Use::Maintenance)?;
     // Holding the chain: no replica appends while the prefix goes.
     holding_chain(&mut db, |db| prune_locked(db, before, now))
 }
@@ -405,7 +405,7 @@ pub fn verify(store: impl Into<AuditStore>) -> Result<Verification> {
             bail!("no audit database at {}", path.display());
         }
     }
-    let mut db = Db::open(&store)?;
+    let mut db = Db::open(&store, Use::Maintenance)?;
     let (mut expected_seq, mut prev) = anchor(&mut db)?.unwrap_or((1, vec![0u8; 32]));
     let mut records = 0u64;
     db.for_each_row(
@@ -473,7 +473,7 @@ pub fn export(
     format: Format,
     out: &mut dyn std::io::Write,
 ) -> Result<u64> {
-    let mut db = Db::open(&store.into())?;
+    let mut db = Db::open(&store.into(), Use::Maintenance)?;
     let mut sql =
         format!("SELECT {ROW_COLUMNS} FROM audit WHERE time_unix_ms >= $1 AND time_unix_ms < $2");
     let mut vals = vec![

@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use postgres::fallible_iterator::FallibleIterator;
 
 use super::Entry;
+use crate::pg::{Pg, Use};
 
 /// The advisory lock that serialises appends to one PostgreSQL chain (and
 /// its schema's creation) across replicas: "psiaudit" in ASCII.
@@ -143,7 +143,7 @@ pub(crate) const ROW_COLUMNS: &str = "seq, time_unix_ms, institution, purpose, m
 /// An open audit database.
 pub(crate) enum Db {
     Sqlite(rusqlite::Connection),
-    Postgres(Box<postgres::Client>),
+    Postgres(Box<Pg>),
 }
 
 impl std::fmt::Debug for Db {
@@ -203,25 +203,9 @@ const POSTGRES_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit (
          pruned_at_unix_ms BIGINT NOT NULL
      );";
 
-/// Connects to PostgreSQL (without TLS: the database is expected on the
-/// operator's own network, as for the registry source).
-pub(crate) fn connect_postgres(url: &str, what: &str) -> Result<postgres::Client> {
-    // The URL is not echoed: it may carry a password.
-    postgres::Client::connect(url, postgres::NoTls)
-        .map_err(|e| anyhow::anyhow!("connecting to PostgreSQL for {what}: {}", pg_reason(&e)))
-}
-
-/// A PostgreSQL error's reason, without the connection string.
-pub(crate) fn pg_reason(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
-    }
-}
-
 impl Db {
     /// Opens the database and creates its tables if they are missing.
-    pub fn open(store: &AuditStore) -> Result<Self> {
+    pub fn open(store: &AuditStore, usage: Use) -> Result<Self> {
         match store {
             AuditStore::Sqlite(path) => {
                 let conn = rusqlite::Connection::open(path)
@@ -231,14 +215,13 @@ impl Db {
                 Ok(Db::Sqlite(conn))
             }
             AuditStore::Postgres(url) => {
-                let mut client = connect_postgres(url, "the audit trail")?;
+                let mut c = Pg::connect(url, "the audit trail", usage)?;
                 // Replicas starting together would race to create the tables.
-                let mut tx = client.transaction().map_err(pg)?;
-                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHAIN_LOCK])
-                    .map_err(pg)?;
-                tx.batch_execute(POSTGRES_SCHEMA).map_err(pg)?;
-                tx.commit().map_err(pg)?;
-                Ok(Db::Postgres(Box::new(client)))
+                c.batch_execute("BEGIN")?;
+                c.execute("SELECT pg_advisory_xact_lock($1)", &[&CHAIN_LOCK])?;
+                c.batch_execute(POSTGRES_SCHEMA)?;
+                c.batch_execute("COMMIT")?;
+                Ok(Db::Postgres(Box::new(c)))
             }
         }
     }
@@ -257,9 +240,13 @@ impl Db {
         match self {
             Db::Sqlite(c) => Ok(c.execute_batch("BEGIN IMMEDIATE")?),
             Db::Postgres(c) => {
-                c.batch_execute("BEGIN").map_err(pg)?;
-                c.execute("SELECT pg_advisory_xact_lock($1)", &[&CHAIN_LOCK])
-                    .map_err(pg)?;
+                c.batch_execute("BEGIN")?;
+                if let Err(e) = c.execute("SELECT pg_advisory_xact_lock($1)", &[&CHAIN_LOCK]) {
+                    // Waiting for the chain ran out of time: end the
+                    // transaction so the connection stays usable.
+                    let _ = c.batch_execute("ROLLBACK");
+                    return Err(e);
+                }
                 Ok(())
             }
         }
@@ -269,7 +256,7 @@ impl Db {
     pub fn batch(&mut self, sql: &str) -> Result<()> {
         match self {
             Db::Sqlite(c) => Ok(c.execute_batch(sql)?),
-            Db::Postgres(c) => c.batch_execute(sql).map_err(pg),
+            Db::Postgres(c) => c.batch_execute(sql),
         }
     }
 
@@ -277,7 +264,7 @@ impl Db {
     pub fn execute(&mut self, sql: &str, vals: &[Val]) -> Result<u64> {
         match self {
             Db::Sqlite(c) => Ok(c.execute(&sqlite_sql(sql), sqlite_params(vals))? as u64),
-            Db::Postgres(c) => c.execute(sql, &pg_params(vals)).map_err(pg),
+            Db::Postgres(c) => c.execute(sql, &pg_params(vals)),
         }
     }
 
@@ -292,8 +279,7 @@ impl Db {
                 }
             }
             Db::Postgres(c) => Ok(c
-                .query_opt(sql, &pg_params(vals))
-                .map_err(pg)?
+                .query_opt(sql, &pg_params(vals))?
                 .and_then(|r| r.get::<_, Option<i64>>(0))),
         }
     }
@@ -309,8 +295,7 @@ impl Db {
                 Err(e) => Err(e.into()),
             },
             Db::Postgres(c) => Ok(c
-                .query_opt(sql, &pg_params(vals))
-                .map_err(pg)?
+                .query_opt(sql, &pg_params(vals))?
                 .map(|r| (r.get(0), r.get(1)))),
         }
     }
@@ -348,32 +333,27 @@ impl Db {
                 }
                 Ok(())
             }
-            Db::Postgres(c) => {
-                let params = pg_params(vals);
-                let mut rows = c.query_raw(sql, params.iter().copied()).map_err(pg)?;
-                while let Some(r) = rows.next().map_err(pg)? {
-                    let text = |i: usize| r.try_get::<_, String>(i).map_err(pg);
-                    let int = |i: usize| r.try_get::<_, i64>(i).map_err(pg);
-                    each(Row {
-                        seq: int(0)?,
-                        entry: Entry {
-                            time_unix_ms: int(1)?,
-                            institution: text(2)?,
-                            purpose: text(3)?,
-                            method: text(4)?,
-                            mode: text(5)?,
-                            elements: unsigned(int(6)?),
-                            outcome: text(7)?,
-                            request_id: text(8)?,
-                            key_epoch: unsigned(int(9)?),
-                            registry_version: unsigned(int(10)?),
-                        },
-                        prev_hash: r.try_get(11).map_err(pg)?,
-                        hash: r.try_get(12).map_err(pg)?,
-                    })?;
-                }
-                Ok(())
-            }
+            Db::Postgres(c) => c.for_each_row(sql, &pg_params(vals), |r| {
+                let text = |i: usize| r.try_get::<_, String>(i).map_err(pg);
+                let int = |i: usize| r.try_get::<_, i64>(i).map_err(pg);
+                each(Row {
+                    seq: int(0)?,
+                    entry: Entry {
+                        time_unix_ms: int(1)?,
+                        institution: text(2)?,
+                        purpose: text(3)?,
+                        method: text(4)?,
+                        mode: text(5)?,
+                        elements: unsigned(int(6)?),
+                        outcome: text(7)?,
+                        request_id: text(8)?,
+                        key_epoch: unsigned(int(9)?),
+                        registry_version: unsigned(int(10)?),
+                    },
+                    prev_hash: r.try_get(11).map_err(pg)?,
+                    hash: r.try_get(12).map_err(pg)?,
+                })
+            }),
         }
     }
 
@@ -400,8 +380,8 @@ fn unsigned(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-fn pg(e: postgres::Error) -> anyhow::Error {
-    anyhow::anyhow!("PostgreSQL: {}", pg_reason(&e))
+fn pg(e: tokio_postgres::Error) -> anyhow::Error {
+    anyhow::anyhow!("PostgreSQL: {}", crate::pg::reason(&e))
 }
 
 /// `$n` parameters as SQLite's numbered `?n`.

@@ -1,0 +1,247 @@
+//! A PostgreSQL connection for the shared audit trail and quotas, with every
+//! wait bounded.
+//!
+//! A blocking API (the audit writer and the quota check run on their own
+//! threads) over `tokio-postgres` on a private single-thread runtime, so
+//! that each step can be given a time limit: the connection (TCP and the
+//! start-up handshake: `connect_timeout` from the URL, else
+//! [`DEFAULT_CONNECT_TIMEOUT`]), and, for a serving replica, each statement
+//! (`statement_timeout`, enforced by the database: from the URL's
+//! `options`, else [`DEFAULT_STATEMENT_TIMEOUT_MS`]) and the wait for its
+//! answer (the statement timeout plus the connect timeout, enforced here, for
+//! a database that stops answering altogether). A connection that ran out
+//! of time is dropped; the next use connects again.
+//!
+//! The URL is never echoed: it may carry a password.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use futures::StreamExt;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+/// How long connecting may take when the URL does not say
+/// (`connect_timeout=` seconds in the URL).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one statement of a serving replica (an append waiting for the
+/// chain, a quota update) may take when the URL does not set `options`
+/// (`options=-c statement_timeout=MS`). `audit verify`, `export` and `prune`
+/// run without one: they may read or delete millions of records.
+pub const DEFAULT_STATEMENT_TIMEOUT_MS: u64 = 10_000;
+
+/// Who connects: a serving replica (statements bounded) or a maintenance
+/// command (statements unbounded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Use {
+    /// `serve`: requests wait on these statements.
+    Serving,
+    /// `audit verify|export|prune`.
+    Maintenance,
+}
+
+/// A PostgreSQL error's reason, without the connection string.
+#[must_use]
+pub fn reason(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// A connection (see the module documentation).
+pub struct Pg {
+    runtime: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+    /// The longest wait for one answer (serving), or none (maintenance).
+    patience: Option<Duration>,
+    /// A wait ran out: the connection's state is unknown.
+    broken: bool,
+}
+
+impl std::fmt::Debug for Pg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pg")
+            .field("patience", &self.patience)
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The statement timeout `options` sets (`-c statement_timeout=N`, in ms).
+fn statement_timeout_ms(options: &str) -> Option<u64> {
+    let (_, rest) = options.split_once("statement_timeout=")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+impl Pg {
+    /// Connects for `what` (named in errors).
+    ///
+    /// # Errors
+    /// A malformed URL, a refused or timed-out connection, a refused login.
+    pub fn connect(url: &str, what: &str, usage: Use) -> Result<Self> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| anyhow!("the PostgreSQL URL for {what} is malformed: {e}"))?;
+        let connect_timeout = *config
+            .get_connect_timeout()
+            .unwrap_or(&DEFAULT_CONNECT_TIMEOUT);
+        config.connect_timeout(connect_timeout);
+        let patience = match usage {
+            Use::Maintenance => None,
+            Use::Serving => {
+                let statement_ms = match config.get_options() {
+                    Some(options) => statement_timeout_ms(options),
+                    None => {
+                        config.options(&format!(
+                            "-c statement_timeout={DEFAULT_STATEMENT_TIMEOUT_MS}"
+                        ));
+                        Some(DEFAULT_STATEMENT_TIMEOUT_MS)
+                    }
+                };
+                statement_ms.map(|ms| Duration::from_millis(ms) + connect_timeout)
+            }
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        // The handshake too: a server that accepts and never answers.
+        let connected = runtime.block_on(async {
+            tokio::time::timeout(connect_timeout, config.connect(tokio_postgres::NoTls)).await
+        });
+        let (client, connection) = match connected {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => bail_pg(what, &e)?,
+            Err(_) => anyhow::bail!(
+                "connecting to PostgreSQL for {what}: no answer within {} s (connect_timeout)",
+                connect_timeout.as_secs_f64()
+            ),
+        };
+        // Driven whenever a call below blocks on the runtime.
+        runtime.spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Self {
+            runtime,
+            client,
+            patience,
+            broken: false,
+        })
+    }
+
+    /// Whether the connection is gone (a server restart, a wait that ran out).
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.broken || self.client.is_closed()
+    }
+
+    /// Runs statements without parameters.
+    ///
+    /// # Errors
+    /// The database's refusal, a lost connection, no answer in time.
+    pub fn batch_execute(&mut self, sql: &str) -> Result<()> {
+        let Self {
+            runtime,
+            client,
+            patience,
+            broken,
+        } = self;
+        wait(runtime, *patience, broken, client.batch_execute(sql))
+    }
+
+    /// Runs one statement; returns the rows it changed.
+    ///
+    /// # Errors
+    /// As [`Pg::batch_execute`].
+    pub fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let Self {
+            runtime,
+            client,
+            patience,
+            broken,
+        } = self;
+        wait(runtime, *patience, broken, client.execute(sql, params))
+    }
+
+    /// The first row, if any.
+    ///
+    /// # Errors
+    /// As [`Pg::batch_execute`].
+    pub fn query_opt(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
+        let Self {
+            runtime,
+            client,
+            patience,
+            broken,
+        } = self;
+        wait(runtime, *patience, broken, client.query_opt(sql, params))
+    }
+
+    /// Streams the rows of `sql` to `each`, without holding them all.
+    ///
+    /// # Errors
+    /// As [`Pg::batch_execute`], and `each`'s errors.
+    pub fn for_each_row(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        mut each: impl FnMut(&Row) -> Result<()>,
+    ) -> Result<()> {
+        let Self {
+            runtime,
+            client,
+            patience,
+            broken,
+        } = self;
+        let rows = wait(
+            runtime,
+            *patience,
+            broken,
+            client.query_raw(sql, params.iter().copied()),
+        )?;
+        let mut rows = Box::pin(rows);
+        loop {
+            let next = async { rows.next().await.transpose() };
+            match wait(runtime, *patience, broken, next)? {
+                None => return Ok(()),
+                Some(row) => each(&row)?,
+            }
+        }
+    }
+}
+
+/// Blocks on `call`, for at most `patience`; a call that runs out of time
+/// marks the connection `broken`.
+fn wait<T>(
+    runtime: &tokio::runtime::Runtime,
+    patience: Option<Duration>,
+    broken: &mut bool,
+    call: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T> {
+    let answered = match patience {
+        None => Ok(runtime.block_on(call)),
+        Some(limit) => runtime
+            .block_on(async { tokio::time::timeout(limit, call).await })
+            .map_err(|_| limit),
+    };
+    match answered {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(anyhow!("PostgreSQL: {}", reason(&e))),
+        Err(limit) => {
+            *broken = true;
+            Err(anyhow!(
+                "PostgreSQL did not answer within {} s; the connection is dropped",
+                limit.as_secs_f64()
+            ))
+        }
+    }
+}
+
+fn bail_pg<T>(what: &str, e: &tokio_postgres::Error) -> Result<T> {
+    Err(anyhow!(
+        "connecting to PostgreSQL for {what}: {}",
+        reason(e)
+    ))
+}
