@@ -432,7 +432,7 @@ pub fn generate(count: u64, seed: u64, out: &std::path::Path) -> Result<()> {
     w.into_inner()
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?
         .flush()?;
-    println!("wrote {count} synthetic people to {}", out.display());
+    eprintln!("wrote {count} synthetic people to {}", out.display());
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use futures::StreamExt;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Row;
 
 /// How long connecting may take when the URL does not say
@@ -95,7 +95,7 @@ impl Pg {
                 let statement_ms = match config.get_options() {
                     Some(options) => statement_timeout_ms(options),
                     None => {
-                        config.options(&format!(
+                        config.options(format!(
                             "-c statement_timeout={DEFAULT_STATEMENT_TIMEOUT_MS}"
                         ));
                         Some(DEFAULT_STATEMENT_TIMEOUT_MS)
@@ -177,6 +177,59 @@ impl Pg {
             broken,
         } = self;
         wait(runtime, *patience, broken, client.query_opt(sql, params))
+    }
+
+    /// `BEGIN` and a statement returning one row, sent together (pipelined:
+    /// one round trip). On an error the transaction may be open: roll back.
+    ///
+    /// The parameters carry their types: a typed statement goes out whole
+    /// (parse, bind, execute) when first polled, so the two are sent in
+    /// order without waiting for a separate prepare.
+    ///
+    /// # Errors
+    /// As [`Pg::batch_execute`], or no row.
+    pub fn begin_with(&mut self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Row> {
+        let Self {
+            runtime,
+            client,
+            patience,
+            broken,
+        } = self;
+        let both = async {
+            let (begun, row) = futures::join!(
+                client.batch_execute("BEGIN"),
+                client.query_typed(sql, params)
+            );
+            begun?;
+            Ok(row?.into_iter().next())
+        };
+        match wait(runtime, *patience, broken, both)? {
+            Some(row) => Ok(row),
+            None => Err(anyhow!("PostgreSQL returned no row")),
+        }
+    }
+
+    /// A statement and `COMMIT`, sent together in this order (pipelined: one
+    /// round trip; typed parameters as for [`Pg::begin_with`]).
+    ///
+    /// # Errors
+    /// As [`Pg::batch_execute`]; the transaction is then rolled back.
+    pub fn commit_with(&mut self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<()> {
+        let Self {
+            runtime,
+            client,
+            patience,
+            broken,
+        } = self;
+        let both = async {
+            let (done, committed) = futures::join!(
+                client.execute_typed(sql, params),
+                client.batch_execute("COMMIT")
+            );
+            done?;
+            committed
+        };
+        wait(runtime, *patience, broken, both)
     }
 
     /// Streams the rows of `sql` to `each`, without holding them all.

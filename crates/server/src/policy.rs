@@ -155,10 +155,17 @@ enum Quotas {
     Shared(SharedQuotas),
 }
 
-/// The quota table in PostgreSQL and this replica's connection to it.
+/// Connections a replica keeps to the quota table: quota checks of
+/// different institutions run in parallel on them (those of one institution
+/// wait for each other on its row anyway). With the audit writer's one, a
+/// replica holds up to `QUOTA_CONNECTIONS + 1` PostgreSQL connections.
+pub const QUOTA_CONNECTIONS: usize = 4;
+
+/// The quota table in PostgreSQL and this replica's connections to it
+/// (opened when first needed, again after one is lost).
 struct SharedQuotas {
     url: String,
-    client: Arc<Mutex<Option<crate::pg::Pg>>>,
+    clients: Arc<[Mutex<Option<crate::pg::Pg>>]>,
 }
 
 const QUOTA_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS quota (
@@ -171,6 +178,8 @@ const QUOTA_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS quota (
 
 /// The database's clock, in Unix milliseconds: every replica reads the same one.
 const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+use tokio_postgres::types::Type;
 
 impl SharedQuotas {
     fn connect(url: &str) -> Result<crate::pg::Pg> {
@@ -186,10 +195,19 @@ impl SharedQuotas {
     /// Takes `elements` from `institution`'s shared quota (blocking: run it
     /// off the async workers).
     fn take(&self, institution: &str, rules: &Rules, elements: u64) -> Result<(), ServiceError> {
-        let mut slot = self
-            .client
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A free connection, else the institution's own one to wait for.
+        let own = institution
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b.into()))
+            .checked_rem(self.clients.len())
+            .and_then(|i| self.clients.get(i));
+        let mut slot = match self.clients.iter().find_map(|c| c.try_lock().ok()) {
+            Some(free) => free,
+            None => own
+                .ok_or(ServiceError::Internal)?
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        };
         if slot.as_ref().is_none_or(crate::pg::Pg::is_closed) {
             *slot = Some(Self::connect(&self.url).map_err(|e| {
                 tracing::error!("shared quotas: {e:#}");
@@ -203,64 +221,59 @@ impl SharedQuotas {
             tracing::error!("shared quotas: {e:#}");
             ServiceError::Unavailable("the shared quota database is out of reach".into())
         };
-        client.batch_execute("BEGIN").map_err(unreachable)?;
-        let taken = Self::take_in(client, institution, rules, elements);
-        match taken {
-            Ok(taken) => {
-                client.batch_execute("COMMIT").map_err(unreachable)?;
-                taken
-            }
+        // Two round trips: BEGIN with the row (created full if new, locked
+        // until the end, with the database's clock), then the new state
+        // with COMMIT.
+        let row = client
+            .begin_with(
+                &format!(
+                    "INSERT INTO quota (institution, tokens, refilled_ms, day, used_today)
+                     VALUES ($1, $2, {DB_NOW_MS}, -1, 0)
+                     ON CONFLICT (institution) DO UPDATE SET institution = EXCLUDED.institution
+                     RETURNING tokens, refilled_ms, day, used_today, {DB_NOW_MS}"
+                ),
+                &[
+                    (&institution, Type::TEXT),
+                    (&(rules.rate_per_second as f64), Type::FLOAT8),
+                ],
+            )
+            .inspect_err(|_| {
+                let _ = client.batch_execute("ROLLBACK");
+            })
+            .map_err(unreachable)?;
+        let read = || -> Result<(Quota, i64)> {
+            Ok((
+                Quota {
+                    tokens: row.try_get(0)?,
+                    refilled_ms: row.try_get(1)?,
+                    day: row.try_get(2)?,
+                    used_today: u64::try_from(row.try_get::<_, i64>(3)?).unwrap_or(0),
+                },
+                row.try_get(4)?,
+            ))
+        };
+        let (mut quota, now_ms) = match read() {
+            Ok(read) => read,
             Err(e) => {
                 let _ = client.batch_execute("ROLLBACK");
-                Err(unreachable(e))
+                return Err(unreachable(e));
             }
-        }
-    }
-
-    /// The body of [`SharedQuotas::take`]'s transaction: the database's
-    /// errors outside, the quota's answer inside.
-    fn take_in(
-        client: &mut crate::pg::Pg,
-        institution: &str,
-        rules: &Rules,
-        elements: u64,
-    ) -> Result<Result<(), ServiceError>> {
-        let clock = client
-            .query_opt(&format!("SELECT {DB_NOW_MS}"), &[])?
-            .context("the database returned no time")?;
-        let now_ms: i64 = clock.try_get(0)?;
-        let fresh = Quota::fresh(rules, now_ms);
-        client.execute(
-            "INSERT INTO quota (institution, tokens, refilled_ms, day, used_today)
-             VALUES ($1, $2, $3, $4, 0) ON CONFLICT (institution) DO NOTHING",
-            &[&institution, &fresh.tokens, &fresh.refilled_ms, &fresh.day],
-        )?;
-        let row = client
-            .query_opt(
-                "SELECT tokens, refilled_ms, day, used_today FROM quota WHERE institution = $1 FOR UPDATE",
-                &[&institution],
-            )?
-            .context("the quota row vanished")?;
-        let mut quota = Quota {
-            tokens: row.try_get(0)?,
-            refilled_ms: row.try_get(1)?,
-            day: row.try_get(2)?,
-            used_today: u64::try_from(row.try_get::<_, i64>(3)?).unwrap_or(0),
         };
+        // A new row's day is -1: the first take starts its day.
         let taken = quota.take(rules, elements, now_ms);
-        if taken.is_ok() {
-            client.execute(
+        client
+            .commit_with(
                 "UPDATE quota SET tokens = $2, refilled_ms = $3, day = $4, used_today = $5 WHERE institution = $1",
                 &[
-                    &institution,
-                    &quota.tokens,
-                    &quota.refilled_ms,
-                    &quota.day,
-                    &i64::try_from(quota.used_today).unwrap_or(i64::MAX),
+                    (&institution, Type::TEXT),
+                    (&quota.tokens, Type::FLOAT8),
+                    (&quota.refilled_ms, Type::INT8),
+                    (&quota.day, Type::INT8),
+                    (&i64::try_from(quota.used_today).unwrap_or(i64::MAX), Type::INT8),
                 ],
-            )?;
-        }
-        Ok(taken)
+            )
+            .map_err(unreachable)?;
+        taken
     }
 }
 
@@ -316,7 +329,11 @@ impl Enforcer {
             policy: Mutex::new(policy),
             quotas: Arc::new(Quotas::Shared(SharedQuotas {
                 url: url.to_string(),
-                client: Arc::new(Mutex::new(Some(client))),
+                clients: std::iter::once(Some(client))
+                    .chain(std::iter::repeat_with(|| None))
+                    .take(QUOTA_CONNECTIONS)
+                    .map(Mutex::new)
+                    .collect(),
             })),
         })
     }

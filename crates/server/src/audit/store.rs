@@ -240,8 +240,10 @@ impl Db {
         match self {
             Db::Sqlite(c) => Ok(c.execute_batch("BEGIN IMMEDIATE")?),
             Db::Postgres(c) => {
-                c.batch_execute("BEGIN")?;
-                if let Err(e) = c.execute("SELECT pg_advisory_xact_lock($1)", &[&CHAIN_LOCK]) {
+                if let Err(e) = c.begin_with(
+                    "SELECT pg_advisory_xact_lock($1)",
+                    &[(&CHAIN_LOCK, tokio_postgres::types::Type::INT8)],
+                ) {
                     // Waiting for the chain ran out of time: end the
                     // transaction so the connection stays usable.
                     let _ = c.batch_execute("ROLLBACK");
