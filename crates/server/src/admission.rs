@@ -43,9 +43,27 @@ pub struct RequestNote {
     reached: AtomicBool,
     audited: AtomicBool,
     elements: AtomicU64,
+    deadline: Option<Instant>,
 }
 
 impl RequestNote {
+    /// A note for a request that must be answered by `deadline`.
+    #[must_use]
+    pub fn new(deadline: Instant) -> Self {
+        Self {
+            deadline: Some(deadline),
+            ..Self::default()
+        }
+    }
+
+    /// Whether the request's deadline has passed: an answer now would be
+    /// one the client no longer waits for (a saturated machine can notice
+    /// the deadline's timer late; this reads the clock).
+    #[must_use]
+    pub fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
     /// The handler has the decoded request.
     pub fn reached(&self) {
         self.reached.store(true, Ordering::Release);
@@ -179,7 +197,10 @@ impl Shared {
         let open = conn
             .as_ref()
             .map(|c| c.open_request(started + self.limits.stream_timeout));
-        let note = Arc::new(RequestNote::default());
+        let deadline = client_deadline.map_or(started + self.request_timeout, |d| {
+            d.min(started + self.request_timeout)
+        });
+        let note = Arc::new(RequestNote::new(deadline));
         let tracker = Arc::new(Tracker::new(
             Arc::clone(&self),
             &req,
@@ -219,9 +240,6 @@ impl Shared {
                 seen: 0,
                 timer,
             })
-        });
-        let deadline = client_deadline.map_or(started + self.request_timeout, |d| {
-            d.min(started + self.request_timeout)
         });
         match tokio::time::timeout_at(deadline, inner.call(req)).await {
             Ok(Ok(response)) => {

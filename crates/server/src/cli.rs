@@ -90,6 +90,19 @@ pub enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Copy what `serve` needs (keys, key history, deltas, bucket index) from
+    /// the encoding directory into a serving directory, without the
+    /// plaintext records: the host institutions connect to then holds no
+    /// name or ID number. A server on the serving directory picks each
+    /// publication up live.
+    Publish {
+        /// The encoding directory (where `init`, `update` and `rotate-key` run).
+        #[arg(long, env = "PSI_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The serving directory (created, mode 0700, if missing).
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Serve the encrypted registry until SIGINT or SIGTERM.
     Serve(Box<ServeArgs>),
     /// A local certificate authority for mutual TLS.
@@ -332,6 +345,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                 r.registry_version,
                 r.elapsed.as_secs_f64(),
                 humantime::format_duration(r.old_key_destroyed_after)
+            );
+            Ok(())
+        }
+        Command::Publish { data_dir, to } => {
+            let shown = to.display().to_string();
+            let r = tokio::task::spawn_blocking(move || crate::publish::publish(&data_dir, &to))
+                .await??;
+            println!(
+                "published registry version {} (key epoch {}) to {shown}: {} files written ({} bytes), {} removed",
+                r.registry_version, r.epoch, r.files_written, r.bytes_written, r.files_removed
             );
             Ok(())
         }

@@ -46,6 +46,10 @@ pub enum ServiceError {
     /// A protocol step rejected the request's content.
     #[error(transparent)]
     Core(#[from] psi_core::Error),
+    /// The answer was ready only after the request's deadline (the
+    /// client's, or `request_timeout`): the client has given up on it.
+    #[error("no answer within the request's deadline")]
+    DeadlineExceeded,
     /// The server failed internally.
     #[error("internal error")]
     Internal,
@@ -63,6 +67,7 @@ impl ServiceError {
             ServiceError::Unauthenticated => Code::Unauthenticated,
             ServiceError::PermissionDenied(_) => Code::PermissionDenied,
             ServiceError::QuotaExhausted { .. } => Code::ResourceExhausted,
+            ServiceError::DeadlineExceeded => Code::DeadlineExceeded,
             ServiceError::Internal => Code::Internal,
         }
     }

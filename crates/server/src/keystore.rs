@@ -56,6 +56,14 @@ pub fn latest_epoch(data_dir: &Path) -> Result<Option<u64>> {
         .max())
 }
 
+/// The names of the key files in `data_dir`, live and retired.
+pub(crate) fn key_file_names(data_dir: &Path) -> Result<std::collections::BTreeSet<String>> {
+    Ok(key_files(data_dir)?
+        .into_iter()
+        .filter_map(|(_, _, path)| Some(path.file_name()?.to_str()?.to_string()))
+        .collect())
+}
+
 /// Key files in `data_dir`: epoch, retired-until time (if retired), path.
 fn key_files(data_dir: &Path) -> Result<Vec<(u64, Option<u64>, PathBuf)>> {
     let mut out = Vec::new();
@@ -156,7 +164,7 @@ pub fn sweep(data_dir: &Path, current: u64, now: SystemTime) -> Result<Vec<u64>>
 }
 
 /// Overwrites a key file with zeros, syncs it, then removes it.
-fn destroy(path: &Path) -> Result<()> {
+pub(crate) fn destroy(path: &Path) -> Result<()> {
     let mut f = fs::OpenOptions::new()
         .write(true)
         .open(path)

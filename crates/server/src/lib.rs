@@ -42,6 +42,7 @@ pub mod keystore;
 pub mod metrics;
 pub mod pg;
 pub mod policy;
+pub mod publish;
 pub mod records;
 pub mod registry;
 pub mod serve;

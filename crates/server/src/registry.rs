@@ -93,7 +93,7 @@ pub fn snapshot_stamp(data_dir: &Path) -> Option<(u64, u64, SystemTime)> {
 }
 
 /// The current registry version's index; an error if there is none yet.
-fn current_index(data_dir: &Path) -> Result<BucketIndex> {
+pub(crate) fn current_index(data_dir: &Path) -> Result<BucketIndex> {
     read_index(data_dir)?.with_context(|| {
         format!(
             "{} has no registry: run `psi-server init` first",
@@ -305,7 +305,7 @@ fn rejection(e: &CoreError) -> (&'static str, String) {
 /// at a time. Released when the returned file is dropped. Only `init`
 /// creates the directory; `update` and `rotate-key` need an existing
 /// registry, so a mistyped path is an error, not a new empty directory.
-fn lock(data_dir: &Path, create: bool) -> Result<fs::File> {
+pub(crate) fn lock(data_dir: &Path, create: bool) -> Result<fs::File> {
     if create {
         fs::DirBuilder::new()
             .recursive(true)

@@ -125,6 +125,12 @@ async fn run(
             tracing::warn!("no policy file: every authenticated caller is served without limits")
         }
     }
+    if cfg.data_dir.join(crate::records::RECORDS_FILE).exists() {
+        tracing::info!(
+            "serving an all-in-one directory: it holds the plaintext records ({}); a host institutions connect to should serve a directory made by `psi-server publish`",
+            crate::records::RECORDS_FILE
+        );
+    }
     let state = Arc::new(State::new(
         cfg.limits,
         cfg.tls.is_some(),

@@ -270,6 +270,13 @@ impl MatchService {
                 }
             }
         };
+        // Finished after the deadline: not an answer anyone receives.
+        let result = match result {
+            Ok(_) if caller.note.as_ref().is_some_and(|n| n.past_deadline()) => {
+                Err(ServiceError::DeadlineExceeded)
+            }
+            other => other,
+        };
         if let Ok(snap) = self.state.current() {
             entry.key_epoch = snap.epoch;
             entry.registry_version = snap.index.registry_version();

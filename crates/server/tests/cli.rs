@@ -456,3 +456,42 @@ fn update_and_rotate_key_from_the_command_line_survive_a_kill() {
         .collect();
     assert_eq!(keys, [format!("oprf-epoch-{}.key", now.epoch)]);
 }
+
+#[test]
+fn publish_from_the_command_line_writes_a_serving_directory_without_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let people = dir.path().join("people.csv");
+    let (ok, out) = run(server()
+        .args(["generate", "--count", "500", "--seed", "9", "--out"])
+        .arg(&people));
+    assert!(ok, "{out}");
+    let (encoding, serving) = (dir.path().join("encoding"), dir.path().join("serving"));
+    let (ok, out) = init(&people, &encoding, &[]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(server()
+        .arg("publish")
+        .arg("--data-dir")
+        .arg(&encoding)
+        .arg("--to")
+        .arg(&serving));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("published registry version 1 (key epoch 1)"),
+        "{out}"
+    );
+    assert!(serving.join("registry.bkt").is_file());
+    assert!(!serving.join("records.bin").exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&serving), 0o700);
+    assert_eq!(mode(&serving.join("oprf-epoch-1.key")), 0o600);
+    // The wrong way round is refused, saying why.
+    let (ok, out) = run(server()
+        .arg("publish")
+        .arg("--data-dir")
+        .arg(&serving)
+        .arg("--to")
+        .arg(&encoding));
+    assert!(!ok);
+    assert!(out.contains("it is an encoding directory"), "{out}");
+}
