@@ -52,9 +52,39 @@ pub enum Command {
         /// Data directory (created with mode 0700).
         #[arg(long, env = "PSI_DATA_DIR")]
         data_dir: PathBuf,
+        /// Encrypt only slice I of N (0 <= I < N) into a part file in
+        /// --parts-dir, reading the key from the data directory (create it
+        /// first with `keygen`); `merge` then makes the snapshot.
+        #[arg(long, value_parser = crate::partition::parse_slice, requires = "parts_dir")]
+        partition: Option<registry::Slice>,
+        /// Where partitions write their parts and `merge` reads them.
+        #[arg(long, requires = "partition")]
+        parts_dir: Option<PathBuf>,
         /// Do not draw a progress bar.
         #[arg(long)]
         no_progress: bool,
+    },
+    /// Create the OPRF key (epoch 1) in a data directory, for partitions
+    /// (`init --partition`) to share; an existing key is kept.
+    Keygen {
+        /// Data directory (created with mode 0700).
+        #[arg(long, env = "PSI_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+    /// Combine the N parts of a partitioned `init` into the next registry
+    /// version: the snapshot a single `init` of the whole source writes.
+    Merge {
+        /// Data directory (holding the key the parts used).
+        #[arg(long, env = "PSI_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The directory the partitions wrote their parts into.
+        #[arg(long)]
+        parts_dir: PathBuf,
+        /// N: how many partitions ran.
+        #[arg(long)]
+        partitions: u64,
+        #[command(flatten)]
+        guard: GuardArgs,
     },
     /// Add and remove records as a new registry version; a running server
     /// publishes it without restarting.
@@ -279,9 +309,36 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Init {
             registry,
             source,
+            data_dir,
+            partition: Some(slice),
+            parts_dir: Some(parts_dir),
+            no_progress,
+            ..
+        } => {
+            let source = source.source(&registry)?;
+            let r = tokio::task::spawn_blocking(move || {
+                crate::partition::encode_part(&source, &data_dir, &parts_dir, slice, !no_progress)
+            })
+            .await??;
+            println!(
+                "partition {}/{}: {} rows of the slice, {} accepted, {} rejected; written to {} in {:.1} s",
+                slice.index,
+                slice.count,
+                r.counts.rows,
+                r.counts.accepted,
+                r.counts.rejected_total(),
+                r.path.display(),
+                r.elapsed.as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Init {
+            registry,
+            source,
             guard,
             data_dir,
             no_progress,
+            ..
         } => {
             let source = source.source(&registry)?;
             let guard = guard.guard()?;
@@ -346,6 +403,33 @@ pub async fn run(cli: Cli) -> Result<()> {
                 r.elapsed.as_secs_f64(),
                 humantime::format_duration(r.old_key_destroyed_after)
             );
+            Ok(())
+        }
+        Command::Keygen { data_dir } => {
+            let (epoch, created) = crate::partition::keygen(&data_dir)?;
+            println!(
+                "{} key of epoch {epoch} in {}",
+                if created {
+                    "created the"
+                } else {
+                    "kept the existing"
+                },
+                data_dir.display()
+            );
+            Ok(())
+        }
+        Command::Merge {
+            data_dir,
+            parts_dir,
+            partitions,
+            guard,
+        } => {
+            let guard = guard.guard()?;
+            let report = tokio::task::spawn_blocking(move || {
+                crate::partition::merge(&data_dir, &parts_dir, partitions, &guard)
+            })
+            .await??;
+            print_init(&report);
             Ok(())
         }
         Command::Publish { data_dir, to } => {

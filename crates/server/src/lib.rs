@@ -40,6 +40,7 @@ pub mod demo;
 pub mod error;
 pub mod keystore;
 pub mod metrics;
+pub mod partition;
 pub mod pg;
 pub mod policy;
 pub mod publish;

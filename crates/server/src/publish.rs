@@ -15,6 +15,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -73,7 +74,13 @@ pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
         registry_version: index.registry_version(),
         ..PublishReport::default()
     };
-    let mut copy = |from: &Path, to: &Path, mode: u32, secret: bool| -> Result<()> {
+    // Each file keeps its mode (keys and the index are 0600).
+    let mut copy = |from: &Path, to: &Path, secret: bool| -> Result<()> {
+        let mode = fs::metadata(from)
+            .with_context(|| format!("reading {}", from.display()))?
+            .permissions()
+            .mode()
+            & 0o777;
         let bytes =
             Zeroizing::new(fs::read(from).with_context(|| format!("reading {}", from.display()))?);
         // Unchanged files are left alone (a running server may be reading them).
@@ -89,7 +96,7 @@ pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
     // Keys (live and retired, as named in the encoding directory).
     let keys = keystore::key_file_names(data_dir)?;
     for name in &keys {
-        copy(&data_dir.join(name), &to.join(name), 0o600, true)?;
+        copy(&data_dir.join(name), &to.join(name), true)?;
     }
     for stale in keystore::key_file_names(to)?.difference(&keys) {
         keystore::destroy(&to.join(stale))?;
@@ -98,7 +105,7 @@ pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
     // The public key history.
     let history = data_dir.join(HISTORY_FILE);
     if history.exists() {
-        copy(&history, &to.join(HISTORY_FILE), 0o644, false)?;
+        copy(&history, &to.join(HISTORY_FILE), false)?;
     }
     // Deltas.
     let (from_deltas, to_deltas) = (data_dir.join(DELTA_DIR), to.join(DELTA_DIR));
@@ -108,7 +115,7 @@ pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
             .with_context(|| format!("creating {}", to_deltas.display()))?;
     }
     for name in &deltas {
-        copy(&from_deltas.join(name), &to_deltas.join(name), 0o644, false)?;
+        copy(&from_deltas.join(name), &to_deltas.join(name), false)?;
     }
     for stale in file_names(&to_deltas)?.difference(&deltas) {
         let path = to_deltas.join(stale);
@@ -119,7 +126,6 @@ pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
     copy(
         &data_dir.join(SNAPSHOT_FILE),
         &to.join(SNAPSHOT_FILE),
-        0o644,
         false,
     )?;
     Ok(report)

@@ -102,7 +102,7 @@ pub(crate) fn current_index(data_dir: &Path) -> Result<BucketIndex> {
     })
 }
 
-fn read_index(data_dir: &Path) -> Result<Option<BucketIndex>> {
+pub(crate) fn read_index(data_dir: &Path) -> Result<Option<BucketIndex>> {
     let path = data_dir.join(SNAPSHOT_FILE);
     match fs::read(&path) {
         Ok(bytes) => BucketIndex::from_bytes(&bytes)
@@ -365,21 +365,35 @@ fn bar(show: bool, len: Option<u64>, what: &str) -> ProgressBar {
 
 /// Records, tags and bucket hashes of a source's accepted rows.
 #[derive(Default)]
-struct Encrypted {
-    records: Records,
-    tags: Vec<Tag>,
-    hashes: Vec<u32>,
+pub(crate) struct Encrypted {
+    pub(crate) records: Records,
+    pub(crate) tags: Vec<Tag>,
+    pub(crate) hashes: Vec<u32>,
+    /// The source line of each record (orders the parts of a partitioned run).
+    pub(crate) lines: Vec<u64>,
+}
+
+/// One of `count` deterministic slices of a source: the accepted rows whose
+/// canonical record hashes to `index` (mod `count`), and the rejected rows
+/// whose line number does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slice {
+    /// Which slice, from 0.
+    pub index: u64,
+    /// How many.
+    pub count: u64,
 }
 
 /// Reads `source`, validates and canonicalises every row and encrypts the
 /// accepted ones with `server`, all on all cores, a chunk at a time. Rejected
 /// rows go to `rejected` as (label, row, field, reason).
-fn encrypt_source(
+pub(crate) fn encrypt_source(
     source: &Source,
     label: &str,
     server: &Server,
     rejected: &mut csv::Writer<Vec<u8>>,
     show_progress: bool,
+    slice: Option<Slice>,
 ) -> Result<(Encrypted, RowCounts)> {
     let mut reader = source.open()?;
     let (_, total) = reader.progress();
@@ -394,7 +408,6 @@ fn encrypt_source(
         if rows.is_empty() {
             break;
         }
-        counts.rows += rows.len() as u64;
         let parsed: Vec<Result<Vec<u8>, (&'static str, String)>> = rows
             .par_iter()
             .map(|r| match (&r.name, &r.id) {
@@ -406,9 +419,20 @@ fn encrypt_source(
             })
             .collect();
         let mut accepted = Vec::with_capacity(parsed.len());
+        let mut hashes = Vec::with_capacity(parsed.len());
         for (row, p) in rows.iter().zip(parsed) {
+            let hash = p.as_ref().ok().map(|e| bucket_of_encoding(e, 32));
+            let mine = slice.is_none_or(|s| hash.map_or(row.line, u64::from) % s.count == s.index);
+            if !mine {
+                continue;
+            }
+            counts.rows += 1;
             match p {
-                Ok(encoded) => accepted.push(encoded),
+                Ok(encoded) => {
+                    accepted.push(encoded);
+                    hashes.extend(hash);
+                    out.lines.push(row.line);
+                }
                 Err((field, reason)) => {
                     rejected.write_record([
                         label,
@@ -425,8 +449,7 @@ fn encrypt_source(
         }
         let outputs = server.evaluate_batch(&accepted)?;
         out.tags.extend(outputs.iter().map(psi_core::Output::tag));
-        out.hashes
-            .par_extend(accepted.par_iter().map(|e| bucket_of_encoding(e, 32)));
+        out.hashes.extend(hashes);
         for e in &accepted {
             out.records.push(e)?;
         }
@@ -439,7 +462,7 @@ fn encrypt_source(
     Ok((out, counts))
 }
 
-fn report_writer() -> Result<csv::Writer<Vec<u8>>> {
+pub(crate) fn report_writer() -> Result<csv::Writer<Vec<u8>>> {
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record(["source", "row", "field", "reason"])?;
     Ok(w)
@@ -459,13 +482,21 @@ fn dedup(enc: Encrypted) -> Encrypted {
         records: Records::new(0),
         tags: Vec::with_capacity(enc.tags.len()),
         hashes: Vec::with_capacity(enc.hashes.len()),
+        lines: Vec::with_capacity(enc.lines.len()),
     };
-    for ((r, t), h) in enc.records.iter().zip(&enc.tags).zip(&enc.hashes) {
+    for (((r, t), h), l) in enc
+        .records
+        .iter()
+        .zip(&enc.tags)
+        .zip(&enc.hashes)
+        .zip(&enc.lines)
+    {
         if seen.insert(t.0) {
             // Lengths were checked when the record was first pushed.
             let _ = out.records.push(r);
             out.tags.push(*t);
             out.hashes.push(*h);
+            out.lines.push(*l);
         }
     }
     out
@@ -503,9 +534,45 @@ pub fn init_guarded(
     };
     let epoch = key.epoch;
     let server = Server::new(Mode::Voprf, key.key);
-    let report_path = data_dir.join(REPORT_FILE);
     let mut rejected = report_writer()?;
-    let (enc, counts) = encrypt_source(source, "registry", &server, &mut rejected, show_progress)?;
+    let (enc, counts) = encrypt_source(
+        source,
+        "registry",
+        &server,
+        &mut rejected,
+        show_progress,
+        None,
+    )?;
+    let mut report = publish_version(
+        data_dir,
+        previous,
+        epoch,
+        enc,
+        counts,
+        rejected.into_inner()?,
+        guard,
+    )?;
+    report.key_created = key_created;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// What `init` and `merge` share once the rows are encrypted: drops
+/// repeated records, applies `guard`, and writes the records, the delta
+/// from `previous`, the rejected-rows report (`rejected`: CSV with its
+/// header) and, last, the snapshot, as the next registry version. The
+/// caller holds the data directory's lock.
+pub(crate) fn publish_version(
+    data_dir: &Path,
+    previous: Option<BucketIndex>,
+    epoch: u64,
+    enc: Encrypted,
+    counts: RowCounts,
+    rejected: Vec<u8>,
+    guard: &PublishGuard,
+) -> Result<InitReport> {
+    let started = Instant::now();
+    let report_path = data_dir.join(REPORT_FILE);
     let accepted = enc.tags.len() as u64;
     let enc = dedup(enc);
     let duplicates = accepted - enc.tags.len() as u64;
@@ -516,7 +583,7 @@ pub fn init_guarded(
         )
     });
     if let Err(e) = refusal {
-        write_atomically(&report_path, &rejected.into_inner()?, 0o600)?;
+        write_atomically(&report_path, &rejected, 0o600)?;
         return Err(e.context(format!(
             "nothing was published; rejected rows are listed in {}",
             report_path.display()
@@ -532,12 +599,12 @@ pub fn init_guarded(
         let old: Vec<Tag> = prev.tags().collect();
         Delta::between(epoch, prev.registry_version(), version, &old, &enc.tags).store(data_dir)?;
     }
-    write_atomically(&report_path, &rejected.into_inner()?, 0o600)?;
+    write_atomically(&report_path, &rejected, 0o600)?;
     write_atomically(&data_dir.join(SNAPSHOT_FILE), &index.to_bytes(), 0o600)?;
     keystore::sweep(data_dir, epoch, SystemTime::now())?;
     Ok(InitReport {
         counts,
-        key_created,
+        key_created: false,
         epoch,
         registry_version: version,
         records: records.len(),
@@ -599,7 +666,7 @@ pub fn update_guarded(
     };
     let mut run = |source: Option<&Source>, label: &str| -> Result<(Encrypted, RowCounts)> {
         match source {
-            Some(s) => encrypt_source(s, label, &server, &mut rejected, show_progress),
+            Some(s) => encrypt_source(s, label, &server, &mut rejected, show_progress, None),
             None => Ok((Encrypted::default(), RowCounts::default())),
         }
     };

@@ -495,3 +495,91 @@ fn publish_from_the_command_line_writes_a_serving_directory_without_records() {
     assert!(!ok);
     assert!(out.contains("it is an encoding directory"), "{out}");
 }
+
+#[test]
+fn partitioned_init_merged_is_byte_identical_to_a_single_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let people = dir.path().join("people.csv");
+    let (ok, out) = run(server()
+        .args(["generate", "--count", "3000", "--seed", "21", "--out"])
+        .arg(&people));
+    assert!(ok, "{out}");
+    // Rows to reject and a repeated person, spread through the source.
+    let text = std::fs::read_to_string(&people).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    let repeated = lines[10].to_string();
+    lines.insert(500, "张三,11010519491231002");
+    lines.insert(1500, &repeated);
+    lines.insert(2500, ",11010519491231002X");
+    std::fs::write(&people, lines.join("\n") + "\n").unwrap();
+
+    let (parted, single) = (dir.path().join("parted"), dir.path().join("single"));
+    let parts = dir.path().join("parts");
+    // Without a key, a partition says how to make one.
+    let (ok, out) = run(server()
+        .args(["init", "--no-progress", "--partition", "0/3", "--registry"])
+        .arg(&people)
+        .arg("--data-dir")
+        .arg(&parted)
+        .arg("--parts-dir")
+        .arg(&parts));
+    assert!(!ok);
+    assert!(out.contains("psi-server keygen"), "{out}");
+    let (ok, out) = run(server().arg("keygen").arg("--data-dir").arg(&parted));
+    assert!(ok, "{out}");
+
+    // Three partitions at once, as an Indexed Job runs them.
+    let children: Vec<_> = (0..3)
+        .map(|i| {
+            server()
+                .args(["init", "--no-progress", "--partition", &format!("{i}/3")])
+                .arg("--registry")
+                .arg(&people)
+                .arg("--data-dir")
+                .arg(&parted)
+                .arg("--parts-dir")
+                .arg(&parts)
+                .output()
+                .unwrap()
+        })
+        .collect();
+    for c in &children {
+        assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    }
+    // A merge missing a part refuses, naming it.
+    let merge = |n: &str| {
+        run(server()
+            .args(["merge", "--partitions", n, "--data-dir"])
+            .arg(&parted)
+            .arg("--parts-dir")
+            .arg(&parts))
+    };
+    let (part, aside) = (parts.join("part-1-of-3.bin"), parts.join("aside"));
+    std::fs::rename(&part, &aside).unwrap();
+    let (ok, out) = merge("3");
+    assert!(!ok);
+    assert!(out.contains("part-1-of-3.bin"), "{out}");
+    std::fs::rename(&aside, &part).unwrap();
+    let (ok, out) = merge("3");
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("3003 rows read, 3001 accepted, 2 rejected, 1 duplicates"),
+        "{out}"
+    );
+
+    // One process, the same key, the same rows.
+    std::fs::create_dir(&single).unwrap();
+    std::fs::copy(
+        parted.join("oprf-epoch-1.key"),
+        single.join("oprf-epoch-1.key"),
+    )
+    .unwrap();
+    let (ok, out) = init(&people, &single, &[]);
+    assert!(ok, "{out}");
+    for file in ["registry.bkt", "records.bin", "rejected-rows.csv"] {
+        assert!(
+            std::fs::read(parted.join(file)).unwrap() == std::fs::read(single.join(file)).unwrap(),
+            "{file} differs"
+        );
+    }
+}

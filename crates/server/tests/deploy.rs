@@ -350,3 +350,102 @@ fn the_systemd_units_and_the_balancer_agree_with_the_server() {
         _ => eprintln!("systemd-analyze verify skipped: systemd-analyze is not installed"),
     }
 }
+
+/// The flags `psi-server SUBCOMMAND` takes, from its help.
+fn flags_of(subcommand: &str) -> BTreeSet<String> {
+    let help = Command::new(env!("CARGO_BIN_EXE_psi-server"))
+        .args([subcommand, "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success(), "psi-server {subcommand} exists");
+    String::from_utf8(help.stdout)
+        .unwrap()
+        .split_whitespace()
+        .filter(|w| w.starts_with("--"))
+        .map(|w| {
+            w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn the_partitioned_encoding_jobs_agree_with_the_server_and_the_deployment() {
+    let yaml = std::fs::read_to_string(deploy().join("k8s/encode-job.yaml")).unwrap();
+    let jobs: BTreeMap<String, Value> = serde_yaml_ng::Deserializer::from_str(&yaml)
+        .map(|doc| {
+            let v = Value::deserialize(doc).expect("valid YAML");
+            assert_eq!(text(&v, "kind"), "Job");
+            (text(&v, "metadata.name"), v)
+        })
+        .collect();
+    let names: Vec<&str> = jobs.keys().map(String::as_str).collect();
+    assert_eq!(names, ["psi-encode", "psi-keygen", "psi-merge"]);
+
+    // Every container runs a real subcommand with real flags.
+    let mut args_of = BTreeMap::new();
+    for job in jobs.values() {
+        let spec = get(job, "spec.template.spec");
+        for list in ["initContainers", "containers"] {
+            let Value::Sequence(containers) = &spec[list] else {
+                continue;
+            };
+            for c in containers {
+                let Value::Sequence(args) = &c["args"] else {
+                    panic!("args of {}", text(c, "name"));
+                };
+                let args: Vec<String> = args
+                    .iter()
+                    .map(|a| a.as_str().unwrap().to_string())
+                    .collect();
+                let known = flags_of(&args[0]);
+                for flag in args.iter().filter(|a| a.starts_with("--")) {
+                    assert!(known.contains(flag), "psi-server {} has no {flag}", args[0]);
+                }
+                args_of.insert(args[0].clone(), args);
+            }
+        }
+    }
+    let names: Vec<&str> = args_of.keys().map(String::as_str).collect();
+    assert_eq!(names, ["init", "keygen", "merge", "publish"]);
+    let value_after = |sub: &str, flag: &str| {
+        let args = &args_of[sub];
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1].clone()
+    };
+
+    // N agrees: completions, parallelism, the partition's denominator, the merge.
+    let encode = &jobs["psi-encode"];
+    assert_eq!(text(encode, "spec.completionMode"), "Indexed");
+    let n = text(encode, "spec.completions");
+    assert_eq!(text(encode, "spec.parallelism"), n);
+    assert_eq!(
+        value_after("init", "--partition"),
+        format!("$(JOB_COMPLETION_INDEX)/{n}")
+    );
+    assert_eq!(value_after("merge", "--partitions"), n);
+    assert_eq!(
+        text(
+            encode,
+            "spec.template.spec.containers.0.env.0.valueFrom.fieldRef.fieldPath"
+        ),
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    );
+    // The parts and the key are where keygen, the partitions and merge look.
+    for sub in ["keygen", "init", "merge", "publish"] {
+        assert_eq!(value_after(sub, "--data-dir"), "/encoding", "{sub}");
+    }
+    assert_eq!(
+        value_after("init", "--parts-dir"),
+        value_after("merge", "--parts-dir")
+    );
+
+    // Publication lands where the replicas serve from.
+    let deployment = std::fs::read_to_string(deploy().join("k8s/psi-server.yaml")).unwrap();
+    assert!(
+        deployment.contains(&format!("PSI_DATA_DIR: {}", value_after("publish", "--to"))),
+        "the replicas serve what psi-merge publishes"
+    );
+    assert!(deployment.contains("claimName: psi-data"));
+    assert!(yaml.contains("claimName: psi-data"));
+}
