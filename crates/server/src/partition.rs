@@ -20,6 +20,7 @@
 //! bucket hash u32, u32 length, canonical record).
 
 use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -135,7 +136,12 @@ pub fn encode_part(
         out.extend_from_slice(&u32::try_from(record.len())?.to_be_bytes());
         out.extend_from_slice(record);
     }
-    fs::create_dir_all(parts_dir).with_context(|| format!("creating {}", parts_dir.display()))?;
+    // The parts hold canonical records: the directory is the owner's only.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parts_dir)
+        .with_context(|| format!("creating {}", parts_dir.display()))?;
     let path = part_path(parts_dir, slice);
     write_atomically(&path, &out, 0o600)?;
     Ok(PartReport {

@@ -546,6 +546,9 @@ fn partitioned_init_merged_is_byte_identical_to_a_single_init() {
     for c in &children {
         assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
     }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&parts).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the parts hold canonical records");
     // A merge missing a part refuses, naming it.
     let merge = |n: &str| {
         run(server()
