@@ -244,6 +244,9 @@ fn read_part(path: &Path, slice: Slice) -> Result<Part> {
     if !r.bytes.is_empty() {
         bail!("{} has trailing bytes", path.display());
     }
+    if enc.lines.windows(2).any(|w| w.first() >= w.last()) {
+        bail!("{} is damaged: its rows are out of order", path.display());
+    }
     Ok(Part {
         epoch,
         counts,
@@ -274,7 +277,7 @@ pub fn merge(
     let previous = registry::read_index(data_dir)?;
     let mut counts = RowCounts::default();
     let mut rejected = Vec::new();
-    let mut entries: Vec<(u64, Tag, u32, Vec<u8>)> = Vec::new();
+    let mut encrypted = Vec::new();
     let mut epoch = None;
     for index in 0..count {
         let slice = Slice { index, count };
@@ -292,15 +295,7 @@ pub fn merge(
             *counts.rejected.entry(reason).or_default() += n;
         }
         rejected.extend(part.rejected);
-        let enc = part.enc;
-        entries.extend(
-            enc.lines
-                .into_iter()
-                .zip(enc.tags)
-                .zip(enc.hashes)
-                .zip(enc.records.iter().map(<[u8]>::to_vec))
-                .map(|(((l, t), h), r)| (l, t, h, r)),
-        );
+        encrypted.push(part.enc);
     }
     let epoch = epoch.unwrap_or_default();
     let current = previous
@@ -313,16 +308,11 @@ pub fn merge(
             current.map_or("no key".to_string(), |e| format!("epoch {e}"))
         );
     }
-    // Source order, as one process would have read the rows.
-    entries.sort_by_key(|e| e.0);
+    // Source order, as one process would have read the rows: each part is
+    // in source order already, so a k-way merge of the parts' lines.
     rejected.sort_by_key(|r| r.0);
-    let mut enc = Encrypted::default();
-    for (line, tag, hash, record) in entries {
-        enc.lines.push(line);
-        enc.tags.push(tag);
-        enc.hashes.push(hash);
-        enc.records.push(&record)?;
-    }
+    let enc = merge_in_line_order(&encrypted)?;
+    drop(encrypted);
     let mut report = registry::report_writer()?;
     for (_, record) in &rejected {
         report.write_record(record)?;
@@ -338,6 +328,41 @@ pub fn merge(
     )?;
     r.elapsed = started.elapsed();
     Ok(r)
+}
+
+/// The parts' records in source-line order (each part is in that order).
+fn merge_in_line_order(parts: &[Encrypted]) -> Result<Encrypted> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut records: Vec<_> = parts.iter().map(|p| p.records.iter()).collect();
+    let mut next = vec![0usize; parts.len()];
+    let mut heap: BinaryHeap<Reverse<(u64, usize)>> = parts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.lines.first().map(|&l| Reverse((l, i))))
+        .collect();
+    let mut out = Encrypted::default();
+    while let Some(Reverse((line, i))) = heap.pop() {
+        let (Some(part), Some(at), Some(record)) = (
+            parts.get(i),
+            next.get_mut(i),
+            records.get_mut(i).and_then(Iterator::next),
+        ) else {
+            bail!("a part's records and lines disagree");
+        };
+        out.lines.push(line);
+        out.tags.extend(part.tags.get(*at));
+        out.hashes.extend(part.hashes.get(*at));
+        out.records.push(record)?;
+        *at += 1;
+        if let Some(&l) = part.lines.get(*at) {
+            heap.push(Reverse((l, i)));
+        }
+    }
+    if out.tags.len() != out.lines.len() || out.hashes.len() != out.lines.len() {
+        bail!("a part's tags and lines disagree");
+    }
+    Ok(out)
 }
 
 /// Creates the key of epoch 1 in `data_dir` (created with mode 0700) for

@@ -570,6 +570,18 @@ fn partitioned_init_merged_is_byte_identical_to_a_single_init() {
         "{out}"
     );
 
+    // A damaged part is refused, naming it; nothing is published.
+    let bytes = std::fs::read(parts.join("part-2-of-3.bin")).unwrap();
+    std::fs::write(parts.join("part-2-of-3.bin"), &bytes[..bytes.len() - 7]).unwrap();
+    let published = std::fs::read(parted.join("registry.bkt")).unwrap();
+    let (ok, out) = merge("3");
+    assert!(!ok);
+    assert!(
+        out.contains("part-2-of-3.bin is truncated or damaged"),
+        "{out}"
+    );
+    assert!(std::fs::read(parted.join("registry.bkt")).unwrap() == published);
+
     // One process, the same key, the same rows.
     std::fs::create_dir(&single).unwrap();
     std::fs::copy(
