@@ -24,8 +24,8 @@ fn setup() -> (Server, Client) {
 
 fn primitives(c: &mut Criterion) {
     let mut g = c.benchmark_group("floor");
-    let k = Scalar::random(&mut OsRng);
-    let p = RistrettoPoint::random(&mut OsRng);
+    let k = Scalar::from_bytes_mod_order_wide(&psi_bench::wide_random());
+    let p = RistrettoPoint::from_uniform_bytes(&psi_bench::wide_random());
     let compressed = p.compress();
     g.bench_function("variable_base_scalar_mul", |b| {
         b.iter(|| black_box(k) * black_box(p))

@@ -85,9 +85,10 @@ pub fn measure(batch: usize, repeats: usize) -> CoreCosts {
         let n = inputs.len();
         let server = Server::new(Mode::Voprf, ServerKey::generate(&mut OsRng));
         let client = Client::new(Mode::Voprf, *server.public_key());
-        let k = Scalar::random(&mut OsRng);
-        let points: Vec<RistrettoPoint> =
-            (0..n).map(|_| RistrettoPoint::random(&mut OsRng)).collect();
+        let k = Scalar::from_bytes_mod_order_wide(&crate::wide_random());
+        let points: Vec<RistrettoPoint> = (0..n)
+            .map(|_| RistrettoPoint::from_uniform_bytes(&crate::wide_random()))
+            .collect();
         let blinded = || {
             client
                 .blind(&inputs, Blinding::Additive, &mut OsRng)

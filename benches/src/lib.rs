@@ -66,3 +66,14 @@ pub fn single_thread_pool() -> rayon::ThreadPool {
         .build()
         .expect("a one-thread pool")
 }
+
+/// 64 random bytes: a uniform scalar (`Scalar::from_bytes_mod_order_wide`)
+/// or point (`RistrettoPoint::from_uniform_bytes`) for the floor
+/// measurements (curve25519-dalek 5 takes a `rand_core` 0.10 RNG directly).
+#[must_use]
+pub fn wide_random() -> [u8; 64] {
+    use rand_core::RngCore;
+    let mut bytes = [0u8; 64];
+    rand_core::OsRng.fill_bytes(&mut bytes);
+    bytes
+}

@@ -261,7 +261,7 @@ impl Client {
                     .collect(),
                 Blinding::Multiplicative => {
                     let mut inverses = blinds.to_vec();
-                    Scalar::batch_invert(&mut inverses);
+                    Scalar::invert_batch_alloc(&mut inverses);
                     let out = inverses.iter().zip(points).map(|(r, e)| r * e).collect();
                     inverses.zeroize();
                     out

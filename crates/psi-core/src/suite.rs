@@ -125,7 +125,11 @@ pub(crate) fn hash_to_scalar(mode: Mode, parts: &[&[u8]]) -> Scalar {
 /// `RandomScalar`: a uniformly random non-zero scalar.
 pub(crate) fn random_scalar<R: CryptoRngCore + ?Sized>(rng: &mut R) -> Scalar {
     loop {
-        let s = Scalar::random(rng);
+        // 64 uniform bytes reduced mod the group order (bias < 2^-250), as
+        // curve25519-dalek's own `Scalar::random` does.
+        let mut wide = zeroize::Zeroizing::new([0u8; 64]);
+        rng.fill_bytes(wide.as_mut());
+        let s = Scalar::from_bytes_mod_order_wide(&wide);
         if s != Scalar::ZERO {
             return s;
         }
