@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+use tokio_postgres::types::Type;
 
 use crate::error::ServiceError;
 
@@ -178,8 +179,6 @@ const QUOTA_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS quota (
 
 /// The database's clock, in Unix milliseconds: every replica reads the same one.
 const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
-
-use tokio_postgres::types::Type;
 
 impl SharedQuotas {
     fn connect(url: &str) -> Result<crate::pg::Pg> {
