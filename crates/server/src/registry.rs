@@ -484,19 +484,19 @@ fn dedup(enc: Encrypted) -> Encrypted {
         hashes: Vec::with_capacity(enc.hashes.len()),
         lines: Vec::with_capacity(enc.lines.len()),
     };
-    for (((r, t), h), l) in enc
+    for (i, ((r, t), h)) in enc
         .records
         .iter()
         .zip(&enc.tags)
         .zip(&enc.hashes)
-        .zip(&enc.lines)
+        .enumerate()
     {
         if seen.insert(t.0) {
             // Lengths were checked when the record was first pushed.
             let _ = out.records.push(r);
             out.tags.push(*t);
             out.hashes.push(*h);
-            out.lines.push(*l);
+            out.lines.extend(enc.lines.get(i));
         }
     }
     out
