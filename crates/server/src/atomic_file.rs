@@ -14,6 +14,34 @@ use anyhow::{Context, Result};
 /// # Errors
 /// Any I/O error, with the path in its context.
 pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    replace_with(path, mode, |f, tmp| {
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))
+    })
+}
+
+/// Copies `from` to `to` atomically, streaming (no copy held in memory),
+/// the new file created with `mode`.
+///
+/// # Errors
+/// Any I/O error, with the paths in its context.
+pub fn copy_atomically(from: &Path, to: &Path, mode: u32) -> Result<()> {
+    let mut source = File::open(from).with_context(|| format!("opening {}", from.display()))?;
+    replace_with(to, mode, |f, tmp| {
+        std::io::copy(&mut source, f)
+            .map(|_| ())
+            .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))
+    })
+}
+
+/// Creates the temporary file beside `path`, lets `fill` write it, syncs
+/// it, renames it over `path` and syncs the directory; the temporary file
+/// is removed if anything fails.
+fn replace_with(
+    path: &Path,
+    mode: u32,
+    fill: impl FnOnce(&mut File, &Path) -> Result<()>,
+) -> Result<()> {
     let tmp = temp_path(path);
     let result = (|| -> Result<()> {
         let mut f = OpenOptions::new()
@@ -22,8 +50,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
             .mode(mode)
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        fill(&mut f, &tmp)?;
         f.sync_all()
             .with_context(|| format!("syncing {}", tmp.display()))?;
         fs::rename(&tmp, path)
@@ -34,6 +61,41 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Whether two files hold the same bytes (compared a block at a time; a
+/// missing file is different).
+#[must_use]
+pub fn same_content(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (Ok(fa), Ok(fb)) = (File::open(a), File::open(b)) else {
+        return false;
+    };
+    let same_len = match (fa.metadata(), fb.metadata()) {
+        (Ok(ma), Ok(mb)) => ma.len() == mb.len(),
+        _ => false,
+    };
+    if !same_len {
+        return false;
+    }
+    let (mut ra, mut rb) = (
+        std::io::BufReader::with_capacity(1 << 16, fa),
+        std::io::BufReader::with_capacity(1 << 16, fb),
+    );
+    let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let n = match ra.read(&mut ba) {
+            Ok(0) => return true,
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        let Some(want) = bb.get_mut(..n) else {
+            return false;
+        };
+        if rb.read_exact(want).is_err() || ba.get(..n) != Some(&*want) {
+            return false;
+        }
+    }
 }
 
 /// Removes temporary files that a killed writer left in `dir` (names made
@@ -100,5 +162,32 @@ mod tests {
             1,
             "no temporary file left"
         );
+    }
+
+    #[test]
+    fn copies_stream_with_the_given_mode_and_compare_by_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("c"),
+        );
+        // Larger than one comparison block, differing only in the last byte.
+        let mut bytes = vec![7u8; 200_000];
+        fs::write(&a, &bytes).unwrap();
+        assert!(!same_content(&a, &b), "a missing file differs");
+        copy_atomically(&a, &b, 0o600).unwrap();
+        assert_eq!(fs::read(&b).unwrap(), bytes);
+        assert_eq!(
+            fs::metadata(&b).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(same_content(&a, &b));
+        *bytes.last_mut().unwrap() = 8;
+        fs::write(&c, &bytes).unwrap();
+        assert!(!same_content(&a, &c));
+        fs::write(&c, &bytes[..1000]).unwrap();
+        assert!(!same_content(&a, &c), "a shorter file differs");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3);
     }
 }
