@@ -70,8 +70,7 @@ impl Snapshot {
     pub fn load(data_dir: &Path) -> Result<Self> {
         let index = current_index(data_dir)?;
         let key = keystore::load(data_dir, index.epoch())?;
-        let tags: Vec<Tag> = index.tags().collect();
-        let tagset = TagSet::build(&tags, key.epoch, index.registry_version())?;
+        let tagset = TagSet::build_from_iter(index.tags(), key.epoch, index.registry_version())?;
         Ok(Self {
             server: Server::new(Mode::Voprf, key.key),
             epoch: key.epoch,
