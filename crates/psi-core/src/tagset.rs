@@ -208,14 +208,23 @@ impl TagSet {
     /// index, so that its peak memory holds no extra 8 bytes per entry.
     ///
     /// # Errors
-    /// [`Error::Malformed`] for a count the parameters cannot hold.
+    /// [`Error::Malformed`] for a count the parameters cannot hold;
+    /// [`Error::LengthMismatch`] when `tags` does not yield `count` tags.
     pub fn build_from_iter(
-        tags: impl ExactSizeIterator<Item = Tag>,
+        tags: impl Iterator<Item = Tag>,
+        count: usize,
         epoch: u64,
         registry_version: u64,
     ) -> Result<Self> {
-        let params = TagSetParams::for_count(tags.len() as u64)?.validate()?;
-        let values: Vec<u64> = tags.map(|t| params.value(t)).collect();
+        let params = TagSetParams::for_count(count as u64)?.validate()?;
+        let mut values: Vec<u64> = Vec::with_capacity(count);
+        values.extend(tags.map(|t| params.value(t)));
+        if values.len() != count {
+            return Err(Error::LengthMismatch {
+                expected: count,
+                got: values.len(),
+            });
+        }
         Ok(Self::from_values(params, values, epoch, registry_version))
     }
 
@@ -632,6 +641,10 @@ impl<'a> Reader<'a> {
     pub(crate) fn is_empty(&self) -> bool {
         self.rest.is_empty()
     }
+
+    pub(crate) fn remaining(&self) -> usize {
+        self.rest.len()
+    }
 }
 
 /// A decoded tag set: sorted values, binary-searched.
@@ -676,7 +689,8 @@ mod tests {
         let mut tags = random_tags(30_000);
         tags.extend_from_within(..100);
         let from_slice = TagSet::build(&tags, 2, 5).unwrap();
-        let from_iter = TagSet::build_from_iter(tags.iter().copied(), 2, 5).unwrap();
+        let from_iter = TagSet::build_from_iter(tags.iter().copied(), tags.len(), 2, 5).unwrap();
+        assert!(TagSet::build_from_iter(tags.iter().copied(), tags.len() + 1, 2, 5).is_err());
         assert_eq!(from_iter, from_slice);
         assert_eq!(from_iter.to_bytes(), from_slice.to_bytes());
     }

@@ -102,9 +102,23 @@ pub enum Command {
         /// Data directory.
         #[arg(long, env = "PSI_DATA_DIR")]
         data_dir: PathBuf,
+        /// Fold the log into a new base first once it holds this many
+        /// updates (1 to 64): an update writes only its change, so its
+        /// cost follows the change; every this-many-th one also rewrites
+        /// the whole registry (as `compact` does).
+        #[arg(long, default_value_t = registry::DEFAULT_COMPACT_AFTER)]
+        compact_after: usize,
         /// Do not draw a progress bar.
         #[arg(long)]
         no_progress: bool,
+    },
+    /// Fold the updates since the last base into a new base (index and
+    /// record store): the registry served does not change; later updates
+    /// and restarts have less to apply. Run it at a quiet hour.
+    Compact {
+        /// Data directory.
+        #[arg(long, env = "PSI_DATA_DIR")]
+        data_dir: PathBuf,
     },
     /// Create a new key epoch, re-encrypt the registry under it while the old
     /// epoch keeps serving, and switch; the old key is destroyed after the
@@ -355,18 +369,20 @@ pub async fn run(cli: Cli) -> Result<()> {
             source,
             guard,
             data_dir,
+            compact_after,
             no_progress,
         } => {
             let add = add.map(|a| source.source(&a)).transpose()?;
             let remove = remove.map(|r| source.source(&r)).transpose()?;
             let guard = guard.guard()?;
             let r = tokio::task::spawn_blocking(move || {
-                registry::update_guarded(
+                registry::update_with(
                     add.as_ref(),
                     remove.as_ref(),
                     &data_dir,
                     !no_progress,
                     &guard,
+                    compact_after,
                 )
             })
             .await??;
@@ -383,6 +399,24 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             print_rejected("add", &r.add, &r.report_path);
             print_rejected("remove", &r.remove, &r.report_path);
+            Ok(())
+        }
+        Command::Compact { data_dir } => {
+            let r = tokio::task::spawn_blocking(move || registry::compact(&data_dir)).await??;
+            if r.updates_folded == 0 {
+                println!(
+                    "registry version {}: nothing to compact ({} records in the base)",
+                    r.registry_version, r.records
+                );
+            } else {
+                println!(
+                    "registry version {}: {} updates folded into a new base of {} records in {:.1} s",
+                    r.registry_version,
+                    r.updates_folded,
+                    r.records,
+                    r.elapsed.as_secs_f64()
+                );
+            }
             Ok(())
         }
         Command::RotateKey {

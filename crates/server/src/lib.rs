@@ -39,6 +39,7 @@ pub mod delta;
 pub mod demo;
 pub mod error;
 pub mod keystore;
+pub mod mapped;
 pub mod metrics;
 pub mod partition;
 pub mod pg;

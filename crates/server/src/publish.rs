@@ -6,11 +6,12 @@
 //! and tags only.
 //!
 //! The serving directory mirrors the encoding directory's serving files:
-//! keys, history and deltas first, each written atomically, then the bucket
-//! index, whose replacement is the commit point a running server watches
-//! for. Files the encoding directory no longer has (a destroyed key, a
-//! delta past its window) are removed; a key is overwritten with zeros
-//! first. The encoding directory's retired keys are swept before, so a key
+//! keys, history and deltas first, each written atomically (a new delta is
+//! an update's commit: a running server applies it to the base it holds),
+//! then the base bucket index, whose replacement is the commit point of
+//! `init`, `compact` and `rotate-key`. Files the encoding directory no
+//! longer has are removed: a destroyed key (overwritten with zeros first)
+//! before the index, a delta past its window or of an old epoch after it. The encoding directory's retired keys are swept before, so a key
 //! destroyed on either side is never brought back.
 
 use std::collections::BTreeSet;
@@ -113,17 +114,21 @@ pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
     for name in &deltas {
         copy(&from_deltas.join(name), &to_deltas.join(name), false)?;
     }
-    for stale in file_names(&to_deltas)?.difference(&deltas) {
-        let path = to_deltas.join(stale);
-        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-        report.files_removed += 1;
-    }
-    // Last: the commit point.
+    // The commit point: the base index (an update's commit, its delta, is
+    // already in place).
     copy(
         &data_dir.join(SNAPSHOT_FILE),
         &to.join(SNAPSHOT_FILE),
         false,
     )?;
+    // Only then the deltas the encoding side dropped: removed earlier, an
+    // old epoch's log could vanish under the old base and a watching server
+    // fall back to that base's version for a moment.
+    for stale in file_names(&to_deltas)?.difference(&deltas) {
+        let path = to_deltas.join(stale);
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        report.files_removed += 1;
+    }
     Ok(report)
 }
 

@@ -3,15 +3,25 @@
 //! `rotate_key` re-encrypts everything under a new key epoch, and
 //! `Snapshot::load` reads the current version back for serving.
 //!
+//! The store is log-structured: `init`, `merge`, `rotate-key` and `compact`
+//! write a base (the bucket index and the record store of one version); an
+//! `update` writes only what it changed, a delta of tags (with their
+//! buckets) and a segment of records, so its cost follows the change, not
+//! the registry. The current version is the base with the deltas that lead
+//! on from its version applied. An update that makes the log longer than
+//! its `compact_after` setting folds it into a new base first.
+//!
 //! Data directory (everything written atomically; see also `keystore`,
 //! `records`, `delta`):
-//! - `registry.bkt`: the bucket index of all tags of the current version and
-//!   epoch. Replacing it is the commit point of every change: a server
-//!   watching the directory publishes the new version.
+//! - `registry.bkt`: the base bucket index. Replacing it, or writing a
+//!   delta that leads on from the current version, is the commit point of
+//!   every change: a server watching the directory publishes the new version.
+//! - `deltas/`: what each version added and removed (the log since the
+//!   base, and recent versions for incremental sync).
 //! - `oprf-epoch-N.key`: the key of each live epoch (mode 0600).
 //! - `key-history.txt`: each rotation's new public key, endorsed by the old key.
-//! - `records.bin`: the canonical records (mode 0600), for updates and rotation.
-//! - `deltas/`: what recent versions added and removed, for incremental sync.
+//! - `records.bin` and `records.d/`: the canonical records (mode 0600) of the
+//!   base version and the updates since, for updates, compaction and rotation.
 //! - `rejected-rows.csv`: the last run's rejected rows: source, row, field,
 //!   reason; never a name or an ID number.
 
@@ -19,11 +29,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use psi_core::bucket::prefix_bits_for;
+use psi_core::bucket::{prefix_bits_for, SharedBytes};
 use psi_core::record::bucket_of_encoding;
 use psi_core::rotation::{self, KeyStep};
 use psi_core::{BucketIndex, CivilDate, Error as CoreError, Mode, Record, Server, Tag, TagSet};
@@ -31,8 +42,9 @@ use rand_core::OsRng;
 use rayon::prelude::*;
 
 use crate::atomic_file::write_atomically;
-use crate::delta::Delta;
+use crate::delta::{Delta, KEEP_DELTAS};
 use crate::keystore::{self, EpochKey};
+use crate::mapped::MappedFile;
 use crate::records::Records;
 use crate::source::Source;
 
@@ -42,6 +54,9 @@ pub const SNAPSHOT_FILE: &str = "registry.bkt";
 pub const REPORT_FILE: &str = "rejected-rows.csv";
 const LOCK_FILE: &str = ".lock";
 const CHUNK_ROWS: usize = 1 << 16;
+/// Default for how many updates the log may hold before an update compacts
+/// it into a new base (at most [`KEEP_DELTAS`]).
+pub const DEFAULT_COMPACT_AFTER: usize = 32;
 
 /// What the server serves: the key and the encrypted registry of one epoch
 /// and version.
@@ -62,19 +77,33 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Loads the current version, the key of its epoch, its deltas and the
-    /// key history, and builds the tag set.
+    /// Loads the current version (the base index with the log applied), the
+    /// key of its epoch, its deltas and the key history, and builds the tag
+    /// set.
     ///
     /// # Errors
     /// Missing or corrupt files.
     pub fn load(data_dir: &Path) -> Result<Self> {
-        let index = current_index(data_dir)?;
+        let Current {
+            index,
+            deltas,
+            mapped,
+            ..
+        } = current(data_dir)?;
         let key = keystore::load(data_dir, index.epoch())?;
-        let tagset = TagSet::build_from_iter(index.tags(), key.epoch, index.registry_version())?;
+        let tagset = TagSet::build_from_iter(
+            index.tags(),
+            index.len(),
+            key.epoch,
+            index.registry_version(),
+        )?;
+        // Verifying the index and building the tag set read every page of
+        // it; lookups need only their buckets' pages.
+        mapped.release();
         Ok(Self {
             server: Server::new(Mode::Voprf, key.key),
             epoch: key.epoch,
-            deltas: Delta::load(data_dir, key.epoch, index.registry_version())?,
+            deltas,
             history: keystore::load_history(data_dir)?,
             index,
             tagset,
@@ -82,18 +111,44 @@ impl Snapshot {
     }
 }
 
-/// Identifies the snapshot file's current content (a commit replaces the
-/// file, so the inode changes): a watcher reloads when it changes.
-#[must_use]
-pub fn snapshot_stamp(data_dir: &Path) -> Option<(u64, u64, SystemTime)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = fs::metadata(data_dir.join(SNAPSHOT_FILE)).ok()?;
-    Some((m.ino(), m.len(), m.modified().ok()?))
+/// What a change to the data directory alters: the base index file and the
+/// newest delta. A watcher reloads when it changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    base: (u64, u64, SystemTime),
+    newest_delta: Option<(u64, u64, u64)>,
 }
 
-/// The current registry version's index; an error if there is none yet.
-pub(crate) fn current_index(data_dir: &Path) -> Result<BucketIndex> {
-    read_index(data_dir)?.with_context(|| {
+/// Identifies the current snapshot's files (a commit replaces the base
+/// index, so its inode changes, or adds a delta).
+#[must_use]
+pub fn snapshot_stamp(data_dir: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(data_dir.join(SNAPSHOT_FILE)).ok()?;
+    Some(Stamp {
+        base: (m.ino(), m.len(), m.modified().ok()?),
+        newest_delta: crate::delta::newest(data_dir),
+    })
+}
+
+/// The current registry version and how it is stored.
+pub(crate) struct Current {
+    /// The index of the current version.
+    pub(crate) index: BucketIndex,
+    /// The version of the base index it was built from.
+    pub(crate) base_version: u64,
+    /// How many updates the log since the base holds.
+    pub(crate) log_len: usize,
+    /// The deltas of the epoch up to the current version (incremental sync).
+    pub(crate) deltas: Vec<Delta>,
+    /// The mapped base index file.
+    pub(crate) mapped: Arc<MappedFile>,
+}
+
+/// The current version: the base index with the log applied (in memory;
+/// nothing is written). An error if there is no registry yet.
+pub(crate) fn current(data_dir: &Path) -> Result<Current> {
+    read_current(data_dir)?.with_context(|| {
         format!(
             "{} has no registry: run `psi-server init` first",
             data_dir.display()
@@ -101,15 +156,81 @@ pub(crate) fn current_index(data_dir: &Path) -> Result<BucketIndex> {
     })
 }
 
-pub(crate) fn read_index(data_dir: &Path) -> Result<Option<BucketIndex>> {
+pub(crate) fn read_current(data_dir: &Path) -> Result<Option<Current>> {
+    let Some((base, mapped)) = read_base(data_dir)? else {
+        return Ok(None);
+    };
+    let base_version = base.registry_version();
+    let all = Delta::load(data_dir, base.epoch(), u64::MAX)?;
+    let chain = Delta::chain_from(&all, base_version);
+    let log_len = chain.len();
+    let index = match chain.last() {
+        None => base,
+        Some(last) => {
+            // The net change of the whole log, then one pass over the index.
+            let mut added: std::collections::HashMap<u64, u32> = Default::default();
+            let mut removed: std::collections::HashMap<u64, u32> = Default::default();
+            for d in &chain {
+                for (b, t) in d.removed_pairs() {
+                    if added.remove(&t.0).is_none() {
+                        removed.insert(t.0, b);
+                    }
+                }
+                for (b, t) in d.added_pairs() {
+                    if removed.remove(&t.0).is_none() {
+                        added.insert(t.0, b);
+                    }
+                }
+            }
+            let pairs = |m: std::collections::HashMap<u64, u32>| -> Vec<(u32, Tag)> {
+                m.into_iter().map(|(t, b)| (b, Tag(t))).collect()
+            };
+            base.apply(&pairs(added), &pairs(removed), last.to)
+                .with_context(|| format!("applying the deltas after version {base_version}"))?
+        }
+    };
+    let version = index.registry_version();
+    let deltas = all.into_iter().filter(|d| d.to <= version).collect();
+    Ok(Some(Current {
+        index,
+        base_version,
+        log_len,
+        deltas,
+        mapped,
+    }))
+}
+
+/// The current registry version's index; an error if there is none yet.
+pub(crate) fn current_index(data_dir: &Path) -> Result<BucketIndex> {
+    current(data_dir).map(|c| c.index)
+}
+
+/// The canonical records of the current version (the record store with the
+/// segments of the updates since replayed): what `rotate-key` re-encrypts.
+///
+/// # Errors
+/// No registry, a missing or damaged record store or segment.
+pub fn current_records(data_dir: &Path) -> Result<Records> {
+    Records::read(data_dir, current_index(data_dir)?.registry_version())
+}
+
+/// The base index alone (without the log), memory-mapped and verified.
+fn read_base(data_dir: &Path) -> Result<Option<(BucketIndex, Arc<MappedFile>)>> {
     let path = data_dir.join(SNAPSHOT_FILE);
-    match fs::read(&path) {
-        Ok(bytes) => BucketIndex::from_bytes(&bytes)
-            .map(Some)
-            .with_context(|| format!("loading {}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    match fs::metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        Ok(_) => {}
     }
+    let mapped = MappedFile::open(&path)?;
+    let index = BucketIndex::from_shared(Arc::clone(&mapped) as SharedBytes)
+        .with_context(|| format!("loading {}", path.display()))?;
+    Ok(Some((index, mapped)))
+}
+
+/// The current version's index, if there is a registry.
+pub(crate) fn read_index(data_dir: &Path) -> Result<Option<BucketIndex>> {
+    Ok(read_current(data_dir)?.map(|c| c.index))
 }
 
 /// What a new registry version must look like to be published without
@@ -594,9 +715,11 @@ pub(crate) fn publish_version(
     let mut records = enc.records;
     records.version = version;
     records.write(data_dir)?;
+    Records::remove_segments(data_dir)?;
     if let Some(prev) = previous.filter(|i| i.epoch() == epoch) {
         let old: Vec<Tag> = prev.tags().collect();
-        Delta::between(epoch, prev.registry_version(), version, &old, &enc.tags).store(data_dir)?;
+        Delta::between(epoch, prev.registry_version(), version, &old, &enc.tags)
+            .store(data_dir, version)?;
     }
     write_atomically(&report_path, &rejected, 0o600)?;
     write_atomically(&data_dir.join(SNAPSHOT_FILE), &index.to_bytes(), 0o600)?;
@@ -615,9 +738,11 @@ pub(crate) fn publish_version(
 }
 
 /// Adds the records of `add` and removes those of `remove` (same row
-/// contract and validation as `init`) as a new registry version, written
-/// atomically; a running server publishes it within its reload interval.
-/// The bucket prefix stays that of the epoch.
+/// contract and validation as `init`) as a new registry version; a running
+/// server publishes it within its reload interval. Only the change is
+/// written (a delta and a records segment); the bucket prefix stays that of
+/// the epoch. When the log since the base would exceed
+/// [`DEFAULT_COMPACT_AFTER`] updates it is compacted first.
 ///
 /// # Errors
 /// No registry yet, unreadable input, I/O errors.
@@ -647,15 +772,46 @@ pub fn update_guarded(
     show_progress: bool,
     guard: &PublishGuard,
 ) -> Result<UpdateReport> {
+    update_with(
+        add,
+        remove,
+        data_dir,
+        show_progress,
+        guard,
+        DEFAULT_COMPACT_AFTER,
+    )
+}
+
+/// [`update_guarded`] compacting the log once it holds `compact_after`
+/// updates (1 to [`KEEP_DELTAS`]).
+///
+/// # Errors
+/// As [`update_guarded`]; `compact_after` out of range.
+pub fn update_with(
+    add: Option<&Source>,
+    remove: Option<&Source>,
+    data_dir: &Path,
+    show_progress: bool,
+    guard: &PublishGuard,
+    compact_after: usize,
+) -> Result<UpdateReport> {
     let started = Instant::now();
     if add.is_none() && remove.is_none() {
         bail!("nothing to do: give --add, --remove or both");
     }
+    if !(1..=KEEP_DELTAS).contains(&compact_after) {
+        bail!("--compact-after must be between 1 and {KEEP_DELTAS}, not {compact_after}");
+    }
     let _lock = lock(data_dir, false)?;
-    let index = current_index(data_dir)?;
+    let mut current = current(data_dir)?;
+    if current.log_len >= compact_after {
+        compact_locked(data_dir, &current)?;
+        current.base_version = current.index.registry_version();
+        current.log_len = 0;
+    }
+    let index = &current.index;
     let EpochKey { epoch, key } = keystore::load(data_dir, index.epoch())?;
     let server = Server::new(Mode::Voprf, key);
-    let records = Records::read(data_dir)?;
     let report_path = data_dir.join(REPORT_FILE);
     let mut rejected = report_writer()?;
     let mut report = UpdateReport {
@@ -674,45 +830,57 @@ pub fn update_guarded(
     report.remove = remove_counts;
     report.add = add_counts;
 
+    // Each changed record is looked up in its bucket: nothing scales with
+    // the registry but the reading of the index.
     let p = index.prefix_bits();
+    let present = |b: u32, t: Tag| index.bucket(b).is_some_and(|run| run.contains(t.0));
     let removed_tags: HashSet<u64> = gone.tags.iter().map(|t| t.0).collect();
-    let old: Vec<(u32, Tag)> = index.entries().collect();
-    let present: HashSet<u64> = old.iter().map(|(_, t)| t.0).collect();
-    report.removed = removed_tags.iter().filter(|t| present.contains(t)).count() as u64;
-    report.not_found = removed_tags.len() as u64 - report.removed;
-    let mut buckets = Vec::with_capacity(old.len() + fresh.tags.len());
-    let mut tags = Vec::with_capacity(old.len() + fresh.tags.len());
-    for (b, t) in &old {
-        if !removed_tags.contains(&t.0) {
-            buckets.push(*b);
-            tags.push(*t);
+    let mut removed = Vec::new();
+    let mut removed_records = Records::new(0);
+    let mut seen = HashSet::new();
+    for ((t, b), r) in gone
+        .tags
+        .iter()
+        .zip(buckets_of(&gone.hashes, p))
+        .zip(gone.records.iter())
+    {
+        if !seen.insert(t.0) {
+            continue;
+        }
+        if present(b, *t) {
+            removed.push((b, *t));
+            removed_records.push(r)?;
+        } else {
+            report.not_found += 1;
         }
     }
-    let mut kept: HashSet<u64> = tags.iter().map(|t| t.0).collect();
-    let fresh_buckets = buckets_of(&fresh.hashes, p);
-    let mut added_records = Vec::new();
+    report.removed = removed.len() as u64;
+    let mut added = Vec::new();
+    let mut added_records = Records::new(0);
+    let mut fresh_seen = HashSet::new();
     for ((t, b), r) in fresh
         .tags
         .iter()
-        .zip(&fresh_buckets)
+        .zip(buckets_of(&fresh.hashes, p))
         .zip(fresh.records.iter())
     {
-        if removed_tags.contains(&t.0) {
-            continue; // listed in both files: the removal wins
+        if removed_tags.contains(&t.0) || !fresh_seen.insert(t.0) {
+            continue; // listed in both files: the removal wins; or a repeat
         }
-        if kept.insert(t.0) {
-            buckets.push(*b);
-            tags.push(*t);
-            added_records.push(r.to_vec());
-            report.added += 1;
-        } else if present.contains(&t.0) {
+        if present(b, *t) {
             report.already_present += 1;
+        } else {
+            added.push((b, *t));
+            added_records.push(r)?;
         }
     }
+    report.added = added.len() as u64;
+    let before = index.len() as u64;
+    report.records = before - report.removed + report.added;
     let refusal = guard
         .check_rows("add", &report.add)
         .and_then(|()| guard.check_rows("remove", &report.remove))
-        .and_then(|()| guard.check_shrink(old.len() as u64, tags.len() as u64));
+        .and_then(|()| guard.check_shrink(before, report.records));
     if let Err(e) = refusal {
         write_atomically(&report_path, &rejected.into_inner()?, 0o600)?;
         return Err(e.context(format!(
@@ -720,19 +888,72 @@ pub fn update_guarded(
             report_path.display()
         )));
     }
-    let version = index.registry_version() + 1;
-    let new_index = BucketIndex::build(p, &buckets, &tags, epoch, version)?;
-    let removed_records: HashSet<&[u8]> = gone.records.iter().collect();
-    let new_records = records.updated(&removed_records, &added_records, version)?;
-    report.records = new_records.len();
-    new_records.write(data_dir)?;
-    let old_tags: Vec<Tag> = old.iter().map(|(_, t)| *t).collect();
-    Delta::between(epoch, index.registry_version(), version, &old_tags, &tags).store(data_dir)?;
+    let from = index.registry_version();
+    let version = from + 1;
+    Records::write_segment(data_dir, from, version, &added_records, &removed_records)?;
     write_atomically(&report_path, &rejected.into_inner()?, 0o600)?;
-    write_atomically(&data_dir.join(SNAPSHOT_FILE), &new_index.to_bytes(), 0o600)?;
+    // The commit point: the delta that leads on from the current version.
+    Delta::of_change(epoch, from, version, &added, &removed)
+        .store(data_dir, current.base_version)?;
     report.registry_version = version;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// What `compact` did.
+#[derive(Debug, Clone, Default)]
+pub struct CompactReport {
+    /// The registry version (unchanged by compaction).
+    pub registry_version: u64,
+    /// Updates folded into the new base.
+    pub updates_folded: usize,
+    /// Records in the new base.
+    pub records: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Folds the log (the updates since the base) into a new base index and
+/// record store of the same version; the served registry does not change.
+///
+/// # Errors
+/// No registry yet, a record store out of step with the registry, I/O errors.
+pub fn compact(data_dir: &Path) -> Result<CompactReport> {
+    let started = Instant::now();
+    let _lock = lock(data_dir, false)?;
+    let current = current(data_dir)?;
+    let records = if current.log_len == 0 {
+        Records::read_base(data_dir)?.len()
+    } else {
+        compact_locked(data_dir, &current)?
+    };
+    Ok(CompactReport {
+        registry_version: current.index.registry_version(),
+        updates_folded: current.log_len,
+        records,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Writes `current` as the new base: the record store first, then the
+/// index (a new base of the same version: a watcher reloads the same
+/// registry), then the folded segments go. The caller holds the lock.
+fn compact_locked(data_dir: &Path, current: &Current) -> Result<u64> {
+    let version = current.index.registry_version();
+    let records = Records::read(data_dir, version)?;
+    records.write(data_dir)?;
+    write_atomically(
+        &data_dir.join(SNAPSHOT_FILE),
+        &current.index.to_bytes(),
+        0o600,
+    )?;
+    Records::remove_segments(data_dir)?;
+    tracing::info!(
+        registry_version = version,
+        updates = current.log_len,
+        "log compacted into a new base"
+    );
+    Ok(records.len())
 }
 
 /// Rotates the key: creates epoch N+1, re-encrypts every record under it on
@@ -747,14 +968,7 @@ pub fn rotate_key(data_dir: &Path, grace: Duration, show_progress: bool) -> Resu
     let _lock = lock(data_dir, false)?;
     let index = current_index(data_dir)?;
     let old = keystore::load(data_dir, index.epoch())?;
-    let mut records = Records::read(data_dir)?;
-    if records.version != index.registry_version() {
-        bail!(
-            "records.bin is of registry version {} but registry.bkt of version {}: an update was interrupted; rerun it first",
-            records.version,
-            index.registry_version()
-        );
-    }
+    let mut records = Records::read(data_dir, index.registry_version())?;
     let epoch = old.epoch + 1;
     let new = keystore::create(data_dir, epoch)?;
     let endorsement =
@@ -791,6 +1005,7 @@ pub fn rotate_key(data_dir: &Path, grace: Duration, show_progress: bool) -> Resu
     // The commit point: from here the new epoch is the registry's.
     write_atomically(&data_dir.join(SNAPSHOT_FILE), &new_index.to_bytes(), 0o600)?;
     Delta::remove_all(data_dir)?;
+    Records::remove_segments(data_dir)?;
     keystore::retire(data_dir, index.epoch(), grace)?;
     keystore::sweep(data_dir, epoch, SystemTime::now())?;
     Ok(RotateReport {

@@ -268,7 +268,7 @@ async fn load(data_dir: &std::path::Path) -> Result<Snapshot> {
 async fn watch(
     data_dir: std::path::PathBuf,
     state: Arc<State>,
-    mut stamp: Option<(u64, u64, std::time::SystemTime)>,
+    mut stamp: Option<crate::registry::Stamp>,
     interval: std::time::Duration,
 ) {
     let mut tick = tokio::time::interval(interval);

@@ -515,7 +515,11 @@ impl MatchService {
             .into_iter()
             .map(|id| Bucket {
                 id,
-                tags: pack_tags(snap.index.bucket(id).unwrap_or(&[])),
+                tags: snap
+                    .index
+                    .bucket(id)
+                    .map(|run| run.to_be_bytes())
+                    .unwrap_or_default(),
             })
             .collect();
         Ok(BucketQueryResponse {

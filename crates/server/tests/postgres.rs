@@ -8,7 +8,6 @@ use std::path::Path;
 
 use psi_testbed::{start_postgres, Durability};
 
-use psi_server::records::Records;
 use psi_server::registry::{self, today};
 use psi_server::source::Source;
 use psi_server::synth::Generator;
@@ -27,7 +26,7 @@ fn people(n: usize) -> Vec<(String, String)> {
 }
 
 fn sorted_records(dir: &Path) -> Vec<Vec<u8>> {
-    let mut r: Vec<Vec<u8>> = Records::read(dir)
+    let mut r: Vec<Vec<u8>> = psi_server::registry::current_records(dir)
         .unwrap()
         .iter()
         .map(<[u8]>::to_vec)
