@@ -572,9 +572,10 @@ impl Layout {
         if !r.is_empty() {
             return Err(malformed("trailing bytes"));
         }
+        // Big-endian words compare as their bytes do.
         let sorted = offsets.par_windows(2).all(|w| {
-            let (a, b) = (w[0] as usize, w[1] as usize);
-            raw.get(a * 8..b * 8).is_some_and(|run| {
+            let [a, b] = w else { return false };
+            raw.get(*a as usize * 8..*b as usize * 8).is_some_and(|run| {
                 run.chunks_exact(8)
                     .zip(run.chunks_exact(8).skip(1))
                     .all(|(x, y)| x <= y)

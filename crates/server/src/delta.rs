@@ -309,7 +309,9 @@ fn parse(bytes: &[u8]) -> Result<Delta> {
     if !(bytes.len() - 8).is_multiple_of(8) {
         bail!("delta file length is not whole words");
     }
-    let mut words = bytes[8..]
+    let mut words = bytes
+        .get(8..)
+        .unwrap_or(&[])
         .chunks_exact(8)
         .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])));
     let mut next = || words.next().context("truncated delta file");
