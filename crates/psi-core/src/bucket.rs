@@ -575,11 +575,12 @@ impl Layout {
         // Big-endian words compare as their bytes do.
         let sorted = offsets.par_windows(2).all(|w| {
             let [a, b] = w else { return false };
-            raw.get(*a as usize * 8..*b as usize * 8).is_some_and(|run| {
-                run.chunks_exact(8)
-                    .zip(run.chunks_exact(8).skip(1))
-                    .all(|(x, y)| x <= y)
-            })
+            raw.get(*a as usize * 8..*b as usize * 8)
+                .is_some_and(|run| {
+                    run.chunks_exact(8)
+                        .zip(run.chunks_exact(8).skip(1))
+                        .all(|(x, y)| x <= y)
+                })
         });
         if !sorted {
             return Err(malformed("a bucket is not sorted"));
