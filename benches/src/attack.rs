@@ -300,6 +300,7 @@ async fn stalled_streams(
         key_epoch: target.epoch,
         held_version: 0,
         held_digests: Vec::new(),
+        root_only: false,
     };
     let body = prost::Message::encode_to_vec(&msg);
     let mut framed = vec![0u8];

@@ -598,14 +598,24 @@ impl Session {
                 path.display()
             );
         }
+        // An intact cache first asks for the delta alone, checked against
+        // the root digest: no shard digests either way.
+        let mut bytes_tried = 0;
+        if let Some(set) = &intact {
+            match self.sync_by_delta(set, &path).await? {
+                ByDelta::Done(outcome) => return Ok(outcome),
+                ByDelta::Fallback(bytes) => bytes_tried = bytes,
+            }
+        }
         let held: Vec<Option<Shard>> = salvaged.map(|(_, s)| s).unwrap_or_default();
         let first = self
             .fetch(
                 intact.as_ref().map_or(0, |s| s.header().registry_version),
                 &held,
+                false,
             )
             .await?;
-        let mut bytes_fetched = first.bytes;
+        let mut bytes_fetched = bytes_tried + first.bytes;
         let header = first.header;
         let digests = first.digests.clone();
         let same_params = |h: &TagSetHeader| h.params == header.params && h.epoch == header.epoch;
@@ -660,7 +670,7 @@ impl Session {
             tracing::warn!(
                 "{missing} shards differ from the manifest after the delta; fetching them"
             );
-            let second = self.fetch(0, &shards).await?;
+            let second = self.fetch(0, &shards, false).await?;
             if second.header != header || second.digests != digests {
                 bail!("the registry changed during the sync; run it again");
             }
@@ -741,8 +751,71 @@ impl Session {
         Ok(set)
     }
 
+    /// Brings the intact cached `set` up to date with a delta checked
+    /// against the manifest's root digest (a `root_only` exchange: no shard
+    /// digests either way), or says how many bytes the try cost when the
+    /// server has no delta for it or the patched set does not match.
+    async fn sync_by_delta(&self, set: &TagSet, path: &Path) -> Result<ByDelta> {
+        let held_version = set.header().registry_version;
+        let reply = self.fetch(held_version, &[], true).await?;
+        let fallback = ByDelta::Fallback(reply.bytes);
+        let same_params = set.header().params == reply.header.params
+            && set.header().epoch == reply.header.epoch;
+        let patched = match &reply.delta {
+            None if reply.header == *set.header()
+                && set.root_digest().as_slice() == reply.manifest.root_digest.as_slice() =>
+            {
+                // Nothing changed: no delta to send, the set is current.
+                set.clone()
+            }
+            Some(delta) if same_params && delta.from_version == held_version => {
+                let added = unpack_tags(&delta.added)?;
+                let removed = unpack_tags(&delta.removed)?;
+                match set.apply_delta(&added, &removed, delta.to_version) {
+                    Ok(p) => p,
+                    Err(_) => return Ok(fallback),
+                }
+            }
+            _ => return Ok(fallback),
+        };
+        if patched.header() != &reply.header
+            || patched.root_digest().as_slice() != reply.manifest.root_digest.as_slice()
+        {
+            tracing::warn!(
+                "the delta did not reproduce the server's tag set; fetching the shards that differ"
+            );
+            return Ok(fallback);
+        }
+        let delta_applied = reply.delta.is_some();
+        if delta_applied {
+            std::fs::create_dir_all(&self.options.cache_dir)
+                .with_context(|| format!("creating {}", self.options.cache_dir.display()))?;
+            write_atomically(path, &patched.to_bytes())?;
+        } else {
+            // Confirmed current: the cache's age starts again.
+            std::fs::File::options()
+                .append(true)
+                .open(path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+                .with_context(|| format!("touching {}", path.display()))?;
+        }
+        let total = patched.shards().len();
+        Ok(ByDelta::Done(SyncOutcome {
+            set: patched,
+            shards_fetched: 0,
+            shards_total: total,
+            bytes_fetched: reply.bytes,
+            delta_applied,
+        }))
+    }
+
     /// One `SyncTagSet` exchange: the manifest, then the delta or the shards.
-    async fn fetch(&self, held_version: u64, held: &[Option<Shard>]) -> Result<Fetched> {
+    async fn fetch(
+        &self,
+        held_version: u64,
+        held: &[Option<Shard>],
+        root_only: bool,
+    ) -> Result<Fetched> {
         let held_digests = if held.is_empty() {
             Vec::new()
         } else {
@@ -755,6 +828,7 @@ impl Session {
             key_epoch: self.info.key_epoch,
             held_digests,
             held_version,
+            root_only,
         };
         let mut stream = with_retry("syncing the tag set", || {
             let mut grpc = self.grpc.clone();
@@ -810,6 +884,14 @@ impl Session {
             bytes,
         })
     }
+}
+
+/// How a sync by delta ended.
+enum ByDelta {
+    /// The cache is current.
+    Done(SyncOutcome),
+    /// It could not be brought up to date this way; the bytes the try cost.
+    Fallback(u64),
 }
 
 /// What one sync exchange brought.

@@ -390,6 +390,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
             key_epoch: 0,
             held_digests: vec![],
             held_version: 0,
+            root_only: false,
         }))
         .await
         .unwrap_err();
@@ -1160,6 +1161,18 @@ async fn updates_are_published_live_and_synced_as_deltas() {
         synced.bytes_fetched,
         full.bytes_fetched
     );
+    // The delta came with the root digest alone, no shard digests: the
+    // manifest's header and root (< 64 bytes) and 8 bytes per change.
+    assert!(
+        synced.bytes_fetched < 64 + 2 * 8 + 16,
+        "{} bytes for a delta of 2 changes",
+        synced.bytes_fetched
+    );
+    // Synced again with nothing new: the root digest confirms the cache.
+    let again = session.sync().await.unwrap();
+    assert!(!again.delta_applied);
+    assert_eq!(again.set.root_digest(), synced.set.root_digest());
+    assert!(again.bytes_fetched < 64, "{} bytes", again.bytes_fetched);
     assert_eq!(
         answers(&session, &pairs, QueryMode::Sync).await,
         [CheckOutcome::NoMatch, CheckOutcome::Match]

@@ -114,7 +114,25 @@ pub fn manifest_of(set: &psi_core::TagSet) -> v1::TagSetManifest {
     }
 }
 
-/// A manifest's header and shard digests, checked for consistent sizes.
+/// A manifest without its shard lists (the answer to a `root_only` sync
+/// that a delta follows): the header and root digest only.
+#[must_use]
+pub fn root_only_manifest(set: &psi_core::TagSet) -> v1::TagSetManifest {
+    v1::TagSetManifest {
+        shard_digests: Vec::new(),
+        shard_counts: Vec::new(),
+        ..manifest_of(set)
+    }
+}
+
+/// Whether a manifest carries no shard lists (see [`root_only_manifest`]).
+#[must_use]
+pub fn is_root_only(m: &v1::TagSetManifest) -> bool {
+    m.shard_digests.is_empty() && m.shard_counts.is_empty()
+}
+
+/// A manifest's header and shard digests, checked for consistent sizes;
+/// no digests for a root-only manifest.
 ///
 /// # Errors
 /// [`Error::Malformed`] for out-of-range parameters or mismatched lists.
@@ -130,7 +148,10 @@ pub fn manifest_parts(m: &v1::TagSetManifest) -> Result<(TagSetHeader, Vec<[u8; 
         return Err(malformed("manifest", "too many shards"));
     }
     let digests = unpack(&m.shard_digests, |d| d)?;
-    if digests.len() != 1usize << params.shard_bits || m.shard_counts.len() != digests.len() {
+    let listed = !is_root_only(m);
+    if listed
+        && (digests.len() != 1usize << params.shard_bits || m.shard_counts.len() != digests.len())
+    {
         return Err(malformed(
             "manifest",
             "shard lists do not match the shard count",

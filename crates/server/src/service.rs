@@ -12,7 +12,7 @@ use psi_proto::v1::{
     EvaluateResponse, GetServerInfoRequest, KeyStep, QueryMode, ServerInfo, ShardData,
     SyncTagSetRequest, SyncTagSetResponse, TagSetDelta,
 };
-use psi_proto::{manifest_of, pack, pack_tags, unpack_blinded};
+use psi_proto::{manifest_of, pack, pack_tags, root_only_manifest, unpack_blinded};
 use rand_core::OsRng;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
@@ -542,20 +542,34 @@ impl MatchService {
                 "held_digests length is not a multiple of 32".into(),
             ));
         }
-        let manifest = SyncTagSetResponse {
-            item: Some(sync_tag_set_response::Item::Manifest(manifest_of(
-                &snap.tagset,
-            ))),
+        let manifest = |m| SyncTagSetResponse {
+            item: Some(sync_tag_set_response::Item::Manifest(m)),
         };
         // Composing the deltas is O(changes): off the async threads.
         let max_bytes = self.state.limits.max_message_bytes / 2;
         let work = Arc::clone(&snap);
         let delta = on_cpu(move |_| delta_since(&work, req.held_version, max_bytes)).await?;
         if let Some(delta) = delta {
+            let head = if req.root_only {
+                root_only_manifest(&snap.tagset)
+            } else {
+                manifest_of(&snap.tagset)
+            };
             let delta = SyncTagSetResponse {
                 item: Some(sync_tag_set_response::Item::Delta(delta)),
             };
-            return Ok(Box::pin(tokio_stream::iter([Ok(manifest), Ok(delta)])));
+            return Ok(Box::pin(tokio_stream::iter([Ok(manifest(head)), Ok(delta)])));
+        }
+        if req.root_only && req.held_version == snap.tagset.header().registry_version {
+            // The client is current: the root digest confirms it.
+            let head = manifest(root_only_manifest(&snap.tagset));
+            return Ok(Box::pin(tokio_stream::iter([Ok(head)])));
+        }
+        let manifest = manifest(manifest_of(&snap.tagset));
+        if req.root_only {
+            // No delta reaches the client's version: the manifest alone; the
+            // client asks again with the digests of the shards it holds.
+            return Ok(Box::pin(tokio_stream::iter([Ok(manifest)])));
         }
         let n = snap.tagset.shards().len();
         let shards = (0..n).filter_map(move |i| {
