@@ -759,8 +759,8 @@ impl Session {
         let held_version = set.header().registry_version;
         let reply = self.fetch(held_version, &[], true).await?;
         let fallback = ByDelta::Fallback(reply.bytes);
-        let same_params = set.header().params == reply.header.params
-            && set.header().epoch == reply.header.epoch;
+        let same_params =
+            set.header().params == reply.header.params && set.header().epoch == reply.header.epoch;
         let patched = match &reply.delta {
             None if reply.header == *set.header()
                 && set.root_digest().as_slice() == reply.manifest.root_digest.as_slice() =>

@@ -445,26 +445,40 @@ impl TagSet {
             ..self.header
         };
         let low_mask = low_mask(p);
+        // Each touched shard re-coded on its own, in parallel.
+        let touched: Vec<(usize, (Vec<u64>, Vec<u64>))> = touched.into_iter().collect();
+        let recoded: Vec<(usize, Shard)> = touched
+            .into_par_iter()
+            .map(|(index, (add, mut remove))| {
+                let shard = self
+                    .shards
+                    .get(index)
+                    .ok_or_else(|| malformed("shard out of range"))?;
+                let high = (index as u64)
+                    .checked_shl(u32::from(p.low_bits()))
+                    .unwrap_or(0);
+                let mut values: Vec<u64> = decode_shard(p, shard)?
+                    .into_iter()
+                    .map(|low| high | low)
+                    .collect();
+                remove.sort_unstable();
+                values.retain(|v| remove.binary_search(v).is_err());
+                values.extend(add);
+                values.sort_unstable();
+                values.dedup();
+                let lows: Vec<u64> = values.iter().map(|v| v & low_mask).collect();
+                let count = u32::try_from(lows.len()).map_err(|_| malformed("shard too large"))?;
+                Ok((
+                    index,
+                    Shard::new(&header, index, count, rice::encode(&lows, p.rice_bits)),
+                ))
+            })
+            .collect::<Result<_>>()?;
         let mut shards = self.shards.clone();
-        for (index, (add, mut remove)) in touched {
-            let shard = shards
-                .get_mut(index)
-                .ok_or_else(|| malformed("shard out of range"))?;
-            let high = (index as u64)
-                .checked_shl(u32::from(p.low_bits()))
-                .unwrap_or(0);
-            let mut values: Vec<u64> = decode_shard(p, shard)?
-                .into_iter()
-                .map(|low| high | low)
-                .collect();
-            remove.sort_unstable();
-            values.retain(|v| remove.binary_search(v).is_err());
-            values.extend(add);
-            values.sort_unstable();
-            values.dedup();
-            let lows: Vec<u64> = values.iter().map(|v| v & low_mask).collect();
-            let count = u32::try_from(lows.len()).map_err(|_| malformed("shard too large"))?;
-            *shard = Shard::new(&header, index, count, rice::encode(&lows, p.rice_bits));
+        for (index, shard) in recoded {
+            if let Some(slot) = shards.get_mut(index) {
+                *slot = shard;
+            }
         }
         let header = TagSetHeader {
             count: shards.iter().map(|s| u64::from(s.count)).sum(),

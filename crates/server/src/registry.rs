@@ -37,6 +37,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use psi_core::bucket::{prefix_bits_for, SharedBytes};
 use psi_core::record::bucket_of_encoding;
 use psi_core::rotation::{self, KeyStep};
+use psi_core::tagset::TagSetParams;
 use psi_core::{BucketIndex, CivilDate, Error as CoreError, Mode, Record, Server, Tag, TagSet};
 use rand_core::OsRng;
 use rayon::prelude::*;
@@ -74,6 +75,8 @@ pub struct Snapshot {
     pub deltas: Vec<Delta>,
     /// The endorsed key history (public).
     pub history: Vec<KeyStep>,
+    /// The base index file it was loaded from.
+    base: Option<FileStamp>,
 }
 
 impl Snapshot {
@@ -84,6 +87,10 @@ impl Snapshot {
     /// # Errors
     /// Missing or corrupt files.
     pub fn load(data_dir: &Path) -> Result<Self> {
+        // Stamped before it is read: a replacement meanwhile makes the next
+        // reload a full one.
+        let base_stamp = file_stamp(&data_dir.join(SNAPSHOT_FILE))
+            .with_context(|| format!("{} has no registry", data_dir.display()))?;
         let Current {
             index,
             deltas,
@@ -107,15 +114,111 @@ impl Snapshot {
             history: keystore::load_history(data_dir)?,
             index,
             tagset,
+            base: Some(base_stamp),
         })
     }
+
+    /// The data directory's current version, from `prev`: when the base
+    /// index is the one `prev` was loaded from and only updates were logged
+    /// since, their change is applied to `prev`'s index and tag set (the
+    /// cost of the change, not of the registry: no re-verifying, no rebuild);
+    /// otherwise a full [`Snapshot::load`]. Either way the same snapshot.
+    ///
+    /// # Errors
+    /// As [`Snapshot::load`].
+    pub fn reload(prev: &Snapshot, data_dir: &Path) -> Result<Self> {
+        match Self::apply_log(prev, data_dir) {
+            Ok(Some(next)) => Ok(next),
+            Ok(None) => Self::load(data_dir),
+            Err(e) => {
+                tracing::warn!("applying the new updates failed, loading in full: {e:#}");
+                Self::load(data_dir)
+            }
+        }
+    }
+
+    /// `prev` with the updates logged since applied, or `None` when that is
+    /// not possible (a new base index, nothing new, or a registry that
+    /// outgrew the tag set's parameters) and a full load is needed.
+    ///
+    /// # Errors
+    /// Unreadable deltas, key or history.
+    pub fn apply_log(prev: &Snapshot, data_dir: &Path) -> Result<Option<Self>> {
+        if prev.base.is_none() || file_stamp(&data_dir.join(SNAPSHOT_FILE)) != prev.base {
+            return Ok(None);
+        }
+        let from = prev.index.registry_version();
+        let all = Delta::load(data_dir, prev.epoch, u64::MAX)?;
+        let chain = Delta::chain_from(&all, from);
+        let Some(last) = chain.last() else {
+            return Ok(None);
+        };
+        let (added, removed) = net_change(&chain);
+        let index = prev.index.apply(&added, &removed, last.to)?;
+        // The tag set keeps its parameters only while they suit the new
+        // count; a full load chooses new ones.
+        let params = prev.tagset.header().params;
+        if TagSetParams::for_count(index.len() as u64)? != params {
+            return Ok(None);
+        }
+        let values = |pairs: &[(u32, Tag)]| -> Vec<u64> {
+            let mut v: Vec<u64> = pairs.iter().map(|(_, t)| params.value(*t)).collect();
+            v.sort_unstable();
+            v
+        };
+        let tagset = prev
+            .tagset
+            .apply_delta(&values(&added), &values(&removed), last.to)?;
+        let key = keystore::load(data_dir, prev.epoch)?;
+        let version = index.registry_version();
+        Ok(Some(Self {
+            server: Server::new(Mode::Voprf, key.key),
+            epoch: prev.epoch,
+            deltas: all.into_iter().filter(|d| d.to <= version).collect(),
+            history: keystore::load_history(data_dir)?,
+            index,
+            tagset,
+            base: prev.base,
+        }))
+    }
+}
+
+/// A file's identity and content stamp: a replacement changes it.
+type FileStamp = (u64, u64, SystemTime);
+
+fn file_stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()?))
+}
+
+/// The net change of a log of deltas, oldest first: `(added, removed)`.
+fn net_change(chain: &[&Delta]) -> (Vec<(u32, Tag)>, Vec<(u32, Tag)>) {
+    let mut added: std::collections::HashMap<u64, u32> = Default::default();
+    let mut removed: std::collections::HashMap<u64, u32> = Default::default();
+    for d in chain {
+        for (b, t) in d.removed_pairs() {
+            if added.remove(&t.0).is_none() {
+                removed.insert(t.0, b);
+            }
+        }
+        for (b, t) in d.added_pairs() {
+            if removed.remove(&t.0).is_none() {
+                added.insert(t.0, b);
+            }
+        }
+    }
+    let pairs = |m: std::collections::HashMap<u64, u32>| -> Vec<(u32, Tag)> {
+        m.into_iter().map(|(t, b)| (b, Tag(t))).collect()
+    };
+    (pairs(added), pairs(removed))
 }
 
 /// What a change to the data directory alters: the base index file and the
 /// newest delta. A watcher reloads when it changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stamp {
-    base: (u64, u64, SystemTime),
+    base: FileStamp,
     newest_delta: Option<(u64, u64, u64)>,
 }
 
@@ -123,10 +226,8 @@ pub struct Stamp {
 /// index, so its inode changes, or adds a delta).
 #[must_use]
 pub fn snapshot_stamp(data_dir: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = fs::metadata(data_dir.join(SNAPSHOT_FILE)).ok()?;
     Some(Stamp {
-        base: (m.ino(), m.len(), m.modified().ok()?),
+        base: file_stamp(&data_dir.join(SNAPSHOT_FILE))?,
         newest_delta: crate::delta::newest(data_dir),
     })
 }
@@ -167,25 +268,9 @@ pub(crate) fn read_current(data_dir: &Path) -> Result<Option<Current>> {
     let index = match chain.last() {
         None => base,
         Some(last) => {
-            // The net change of the whole log, then one pass over the index.
-            let mut added: std::collections::HashMap<u64, u32> = Default::default();
-            let mut removed: std::collections::HashMap<u64, u32> = Default::default();
-            for d in &chain {
-                for (b, t) in d.removed_pairs() {
-                    if added.remove(&t.0).is_none() {
-                        removed.insert(t.0, b);
-                    }
-                }
-                for (b, t) in d.added_pairs() {
-                    if removed.remove(&t.0).is_none() {
-                        added.insert(t.0, b);
-                    }
-                }
-            }
-            let pairs = |m: std::collections::HashMap<u64, u32>| -> Vec<(u32, Tag)> {
-                m.into_iter().map(|(t, b)| (b, Tag(t))).collect()
-            };
-            base.apply(&pairs(added), &pairs(removed), last.to)
+            // The net change of the whole log, applied beside the base.
+            let (added, removed) = net_change(&chain);
+            base.apply(&added, &removed, last.to)
                 .with_context(|| format!("applying the deltas after version {base_version}"))?
         }
     };

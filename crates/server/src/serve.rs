@@ -162,7 +162,7 @@ async fn run(
     let reload_interval = cfg.reload_interval;
     let loader = tokio::spawn(async move {
         let stamp = crate::registry::snapshot_stamp(&data_dir);
-        match load(&data_dir).await {
+        match load(&data_dir, None).await {
             Ok(snapshot) => {
                 loader_state.publish(snapshot);
                 loader_reporter
@@ -242,13 +242,17 @@ async fn run(
     Ok(())
 }
 
-/// Loads the snapshot off the async threads and logs what it is.
-async fn load(data_dir: &std::path::Path) -> Result<Snapshot> {
+/// Loads the snapshot off the async threads (from `prev` when only updates
+/// were logged since it: see `Snapshot::reload`) and logs what it is.
+async fn load(data_dir: &std::path::Path, prev: Option<Arc<Snapshot>>) -> Result<Snapshot> {
     let started = std::time::Instant::now();
     let dir = data_dir.to_path_buf();
-    let snapshot = tokio::task::spawn_blocking(move || Snapshot::load(&dir))
-        .await
-        .map_err(|e| anyhow::anyhow!("loading task failed: {e}"))??;
+    let snapshot = tokio::task::spawn_blocking(move || match prev {
+        Some(prev) => Snapshot::reload(&prev, &dir),
+        None => Snapshot::load(&dir),
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("loading task failed: {e}"))??;
     tracing::info!(
         epoch = snapshot.epoch,
         registry_version = snapshot.index.registry_version(),
@@ -278,7 +282,7 @@ async fn watch(
         let now = crate::registry::snapshot_stamp(&data_dir);
         if now.is_some() && now != stamp {
             stamp = now;
-            match load(&data_dir).await {
+            match load(&data_dir, state.snapshot()).await {
                 Ok(snapshot) => state.publish(snapshot),
                 Err(e) => tracing::error!(
                     "a new registry snapshot failed to load; still serving the previous one: {e:#}"

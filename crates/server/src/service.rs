@@ -133,6 +133,12 @@ impl State {
         self.current().map(|s| s.epoch)
     }
 
+    /// The snapshot being served, if one is loaded.
+    #[must_use]
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.current().ok()
+    }
+
     fn current(&self) -> Result<Arc<Snapshot>, ServiceError> {
         self.snapshot
             .read()
@@ -558,7 +564,10 @@ impl MatchService {
             let delta = SyncTagSetResponse {
                 item: Some(sync_tag_set_response::Item::Delta(delta)),
             };
-            return Ok(Box::pin(tokio_stream::iter([Ok(manifest(head)), Ok(delta)])));
+            return Ok(Box::pin(tokio_stream::iter([
+                Ok(manifest(head)),
+                Ok(delta),
+            ])));
         }
         if req.root_only && req.held_version == snap.tagset.header().registry_version {
             // The client is current: the root digest confirms it.

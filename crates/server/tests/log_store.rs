@@ -96,7 +96,9 @@ proptest! {
         let mut live: BTreeSet<usize> = (0..START).collect();
         registry::init(&csv(&d.join("start.csv"), live.iter().copied()), d, false).unwrap();
         let mut version = 1;
+        let mut prev = Snapshot::load(d).unwrap();
         for s in &steps {
+            let base_before = std::fs::read(d.join(registry::SNAPSHOT_FILE)).unwrap();
             let add = (!s.add.is_empty()).then(|| csv(&d.join("add.csv"), s.add.iter().copied()));
             let remove =
                 (!s.remove.is_empty()).then(|| csv(&d.join("remove.csv"), s.remove.iter().copied()));
@@ -138,6 +140,18 @@ proptest! {
             prop_assert_eq!(served.index.prefix_bits(), full.prefix_bits());
             prop_assert_eq!(entries(&served.index), entries(&full));
             prop_assert_eq!(served.tagset.len(), full.len() as u64);
+            // A running server applies just the new updates to what it
+            // serves, and gets the same snapshot.
+            let base_same = std::fs::read(d.join(registry::SNAPSHOT_FILE)).unwrap() == base_before;
+            let applied = Snapshot::apply_log(&prev, d).unwrap();
+            let logged = version > prev.index.registry_version();
+            prop_assert_eq!(applied.is_some(), base_same && logged);
+            let next = Snapshot::reload(&prev, d).unwrap();
+            prop_assert_eq!(entries(&next.index), entries(&served.index));
+            prop_assert_eq!(next.index.registry_version(), version);
+            prop_assert_eq!(next.tagset.root_digest(), served.tagset.root_digest());
+            prop_assert_eq!(&next.deltas, &served.deltas);
+            prev = next;
         }
         // The records the next rotation re-encrypts are the live rows.
         let (fresh, _) = rebuilt(d, &live);
