@@ -137,9 +137,10 @@ impl Snapshot {
         }
     }
 
-    /// `prev` with the updates logged since applied, or `None` when that is
-    /// not possible (a new base index, nothing new, or a registry that
-    /// outgrew the tag set's parameters) and a full load is needed.
+    /// `prev` with the updates logged since applied, or `None` when a full
+    /// load is needed or cheaper (a new base index, nothing new, a registry
+    /// that outgrew the tag set's parameters, or a change of more than a
+    /// quarter as many entries as there are shards, and over 256).
     ///
     /// # Errors
     /// Unreadable deltas, key or history.
@@ -154,6 +155,13 @@ impl Snapshot {
             return Ok(None);
         };
         let (added, removed) = net_change(&chain);
+        // A change that touches most shards costs more applied than loaded
+        // afresh (every shard re-coded, every bucket read): at 10^8 entries
+        // 0.2% took 11.5 s applied, 6.5 s loaded.
+        let shards = prev.tagset.shards().len();
+        if added.len() + removed.len() > (shards / 4).max(256) {
+            return Ok(None);
+        }
         let index = prev.index.apply(&added, &removed, last.to)?;
         // The tag set keeps its parameters only while they suit the new
         // count; a full load chooses new ones.
