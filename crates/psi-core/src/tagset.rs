@@ -446,7 +446,7 @@ impl TagSet {
         };
         let low_mask = low_mask(p);
         // Each touched shard re-coded on its own, in parallel.
-        let touched: Vec<(usize, (Vec<u64>, Vec<u64>))> = touched.into_iter().collect();
+        let touched: Vec<_> = touched.into_iter().collect();
         let recoded: Vec<(usize, Shard)> = touched
             .into_par_iter()
             .map(|(index, (add, mut remove))| {
