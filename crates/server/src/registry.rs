@@ -200,8 +200,11 @@ fn file_stamp(path: &Path) -> Option<FileStamp> {
     Some((m.ino(), m.len(), m.modified().ok()?))
 }
 
+/// `(bucket, tag)` pairs.
+type Pairs = Vec<(u32, Tag)>;
+
 /// The net change of a log of deltas, oldest first: `(added, removed)`.
-fn net_change(chain: &[&Delta]) -> (Vec<(u32, Tag)>, Vec<(u32, Tag)>) {
+fn net_change(chain: &[&Delta]) -> (Pairs, Pairs) {
     let mut added: std::collections::HashMap<u64, u32> = Default::default();
     let mut removed: std::collections::HashMap<u64, u32> = Default::default();
     for d in chain {
@@ -216,7 +219,7 @@ fn net_change(chain: &[&Delta]) -> (Vec<(u32, Tag)>, Vec<(u32, Tag)>) {
             }
         }
     }
-    let pairs = |m: std::collections::HashMap<u64, u32>| -> Vec<(u32, Tag)> {
+    let pairs = |m: std::collections::HashMap<u64, u32>| -> Pairs {
         m.into_iter().map(|(t, b)| (b, Tag(t))).collect()
     };
     (pairs(added), pairs(removed))
