@@ -98,6 +98,30 @@ pub fn same_content(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// The files in `dir` whose names `parse` recognises, with what it read
+/// from each name; none when `dir` does not exist.
+///
+/// # Errors
+/// An unreadable directory.
+pub(crate) fn named_files<T>(
+    dir: &Path,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Vec<(T, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        if let Some(parsed) = entry.file_name().to_str().and_then(&parse) {
+            out.push((parsed, entry.path()));
+        }
+    }
+    Ok(out)
+}
+
 /// Removes temporary files that a killed writer left in `dir` (names made
 /// by [`write_atomically`]: `.NAME.tmp-PID`). Returns how many it removed.
 ///

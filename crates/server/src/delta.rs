@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use psi_core::Tag;
 use rayon::prelude::*;
 
-use crate::atomic_file::write_atomically;
+use crate::atomic_file::{named_files, write_atomically};
 
 /// The delta directory's name inside the data directory.
 pub const DELTA_DIR: &str = "deltas";
@@ -347,29 +347,16 @@ fn parse(bytes: &[u8]) -> Result<Delta> {
 }
 
 fn list(data_dir: &Path) -> Result<Vec<(u64, u64, u64, PathBuf)>> {
-    let dir = data_dir.join(DELTA_DIR);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let parsed = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("epoch-")?.strip_suffix(".delta"))
-            .and_then(|n| {
-                let (e, rest) = n.split_once("-v")?;
-                let (a, b) = rest.split_once("-v")?;
-                Some((e.parse().ok()?, a.parse().ok()?, b.parse().ok()?))
-            });
-        if let Some((e, a, b)) = parsed {
-            out.push((e, a, b, entry.path()));
-        }
-    }
-    Ok(out)
+    let found = named_files(&data_dir.join(DELTA_DIR), |name| {
+        let n = name.strip_prefix("epoch-")?.strip_suffix(".delta")?;
+        let (e, rest) = n.split_once("-v")?;
+        let (a, b) = rest.split_once("-v")?;
+        Some((e.parse().ok()?, a.parse().ok()?, b.parse().ok()?))
+    })?;
+    Ok(found
+        .into_iter()
+        .map(|((e, a, b), p)| (e, a, b, p))
+        .collect())
 }
 
 #[cfg(test)]

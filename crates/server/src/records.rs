@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::atomic_file::write_atomically;
+use crate::atomic_file::{named_files, write_atomically};
 
 /// The store's name inside the data directory.
 pub const RECORDS_FILE: &str = "records.bin";
@@ -243,27 +243,13 @@ struct Segment {
 
 /// The segments in the data directory, by starting version.
 fn segments(data_dir: &Path) -> Result<Vec<(u64, u64, PathBuf)>> {
-    let dir = data_dir.join(SEGMENT_DIR);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let parsed = name
-            .to_str()
-            .and_then(|n| n.strip_prefix('v')?.strip_suffix(".seg"))
-            .and_then(|n| {
-                let (a, b) = n.split_once("-v")?;
-                Some((a.parse().ok()?, b.parse().ok()?))
-            });
-        if let Some((a, b)) = parsed {
-            out.push((a, b, entry.path()));
-        }
-    }
+    let found = named_files(&data_dir.join(SEGMENT_DIR), |name| {
+        let n = name.strip_prefix('v')?.strip_suffix(".seg")?;
+        let (a, b) = n.split_once("-v")?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    })?;
+    let mut out: Vec<(u64, u64, PathBuf)> =
+        found.into_iter().map(|((a, b), p)| (a, b, p)).collect();
     out.sort_by_key(|(a, b, _)| (*a, *b));
     Ok(out)
 }
