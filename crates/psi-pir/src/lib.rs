@@ -1,0 +1,44 @@
+//! PIR mode of the private (name, ID) match service: the client learns
+//! whether its pair is in the registry and the operator learns nothing
+//! about which pair was asked, not even its bucket.
+//!
+//! - [`shape`]: how the registry's buckets become a database of equal-size
+//!   items, and the parameters of the scheme for it.
+//! - [`item`]: an item's coding (fingerprints, checksum) and lookup.
+//! - [`server`]: the database, clients' public parameters, answers.
+//! - [`client`]: secret key, public parameters, queries, decoding.
+//!
+//! The scheme is Spiral (Menon and Wu, IEEE S&P 2022), through its authors'
+//! implementation `spiral-rs`. Everything that reaches it from a peer is
+//! checked here first (exact lengths, every coefficient below the modulus);
+//! its code runs under `catch_unwind` besides, so a fault in it refuses one
+//! request instead of ending the server. Bytes in, bytes out: no I/O. See
+//! `docs/PROTOCOL.md`, "PIR mode".
+
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+// The scheme's serialisation is the machine's byte order; ours is little-endian.
+#[cfg(target_endian = "big")]
+compile_error!("PIR mode needs a little-endian machine (x86-64, aarch64)");
+
+pub mod client;
+pub mod error;
+pub mod item;
+pub mod server;
+pub mod shape;
+
+pub use client::PirClient;
+pub use error::{Error, Result};
+pub use server::{Database, Keys};
+pub use shape::Shape;
+
+#[cfg(test)]
+mod tests;
