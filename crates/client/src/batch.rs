@@ -347,7 +347,7 @@ impl Views {
                     session.info().key_epoch
                 ),
                 QueryMode::Sync => self.synced(session).await?,
-                QueryMode::Bucket => View {
+                QueryMode::Bucket | QueryMode::Pir => View {
                     version: session.info().registry_version,
                     epoch: session.info().key_epoch,
                     session,
@@ -388,6 +388,7 @@ impl Views {
             match answer_chunk(
                 &view.session,
                 lookup,
+                self.mode,
                 chunk,
                 columns,
                 name_col,
@@ -895,6 +896,7 @@ fn partial_path(output: &Path) -> PathBuf {
 async fn answer_chunk(
     session: &Session,
     lookup: Option<&TagLookup>,
+    mode: QueryMode,
     chunk: &Chunk,
     columns: usize,
     name_col: usize,
@@ -939,6 +941,7 @@ async fn answer_chunk(
                 .map(|o| lookup.contains(o.tag()))
                 .collect::<Vec<_>>()
         }
+        None if mode == QueryMode::Pir => session.pir_check(&valid).await?,
         None => session.bucket_check(&valid).await?,
     }
     .into_iter();

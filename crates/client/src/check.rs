@@ -64,6 +64,7 @@ pub async fn check(
 async fn check_record(session: &Session, record: &Record, mode: QueryMode) -> Result<CheckOutcome> {
     let found = match mode {
         QueryMode::Bucket => session.bucket_check(std::slice::from_ref(record)).await?,
+        QueryMode::Pir => session.pir_check(std::slice::from_ref(record)).await?,
         QueryMode::Sync => {
             let lookup = session.sync().await?.set.lookup()?;
             let outputs = session.evaluate(vec![record.encode()]).await?;

@@ -217,7 +217,9 @@ pub enum Command {
         /// The resident ID number (18 characters, or a legacy 15-digit number).
         #[arg(long)]
         id: String,
-        /// bucket: no download (default for single checks); sync: use the local tag set.
+        /// bucket: no download, the server learns the pair's bucket (default
+        /// for single checks); pir: no download, the server learns nothing of
+        /// the pair (about 0.5-2 s of server work a check); sync: use the local tag set.
         #[arg(long, value_enum, default_value_t = QueryMode::Bucket)]
         mode: QueryMode,
     },
@@ -241,7 +243,9 @@ pub enum Command {
         /// The ID number column's header [default: id, 身份证号 or 身份证号码].
         #[arg(long)]
         id_column: Option<String>,
-        /// sync: download the tag set, then evaluate only (default); bucket: no download.
+        /// sync: download the tag set, then evaluate only (default); bucket: no
+        /// download; pir: no download and no bucket revealed (small batches:
+        /// each row costs a PIR answer).
         #[arg(long, value_enum, default_value_t = QueryMode::Sync)]
         mode: QueryMode,
         /// Rows per chunk.

@@ -6,6 +6,7 @@
 //! - [`batch`]: answer a CSV file row by row with bounded memory.
 //! - [`check`]: answer one pair.
 //! - [`pin`]: trust on first use, or a key given by flag.
+//! - [`pir`]: PIR mode's secret seed and registered public parameters.
 //! - [`config`]: the configuration file (flags > environment > file > defaults).
 
 pub mod batch;
@@ -13,6 +14,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod pin;
+pub mod pir;
 pub mod session;
 
 pub use session::{ConnectOptions, Session};
@@ -24,6 +26,9 @@ pub enum QueryMode {
     Sync,
     /// No download: send the record's bucket, receive that bucket's tags.
     Bucket,
+    /// No download, and the server learns not even the bucket: a private
+    /// information retrieval of the bucket's fingerprints.
+    Pir,
 }
 
 /// Today's date in China Standard Time (UTC+8), against which birth dates

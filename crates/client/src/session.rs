@@ -17,8 +17,9 @@ use psi_core::{
 };
 use psi_proto::v1::match_client::MatchClient;
 use psi_proto::v1::{
-    sync_tag_set_response, BucketQueryRequest, EvaluateRequest, GetServerInfoRequest, ServerInfo,
-    ShardData, SyncTagSetRequest, TagSetDelta, TagSetManifest,
+    sync_tag_set_response, BucketQueryRequest, EvaluateRequest, GetServerInfoRequest,
+    PirQueryRequest, PirSetupRequest, ServerInfo, ShardData, SyncTagSetRequest, TagSetDelta,
+    TagSetManifest,
 };
 use psi_proto::{manifest_parts, pack, unpack_evaluated, unpack_tags};
 use rand_core::OsRng;
@@ -75,6 +76,8 @@ pub struct Session {
     options: ConnectOptions,
     /// How the key was pinned.
     pub pinned: Pinned,
+    /// PIR mode's state, made on first use.
+    pir: Arc<tokio::sync::Mutex<Option<crate::pir::PirState>>>,
 }
 
 /// The result of a sync.
@@ -119,6 +122,9 @@ fn is_transport_error(status: &tonic::Status) -> bool {
 }
 
 fn rpc_error(status: tonic::Status, what: &str) -> anyhow::Error {
+    if status.metadata().get(psi_proto::PIR_KEYS_HEADER).is_some() {
+        return crate::pir::KeysUnknown(format!("{what}: {}", status.message())).into();
+    }
     match status.code() {
         Code::FailedPrecondition => StaleEpoch {
             what: what.to_string(),
@@ -255,6 +261,7 @@ impl Session {
             core,
             options,
             pinned,
+            pir: Arc::default(),
         })
     }
 
@@ -556,15 +563,156 @@ impl Session {
         Ok(answers)
     }
 
-    /// Where this server's tag set is cached.
-    #[must_use]
-    pub fn cache_path(&self) -> PathBuf {
-        let key: String = psi_core::PublicKey::from_bytes(&self.info.public_key)
+    /// PIR mode: whether each record is in the registry; the server learns
+    /// neither the records nor their buckets. The first check under a key
+    /// epoch registers this client's public parameters (about 7 MB, once);
+    /// each record then costs one query (16 KiB) and one answer (20 KiB per
+    /// 8 KiB instance). An answer that fails its integrity check is an
+    /// error, never a "no match".
+    ///
+    /// # Errors
+    /// A server without PIR mode, RPC failures, a stale epoch, a proof or
+    /// an answer that does not verify.
+    pub async fn pir_check(&self, records: &[Record]) -> Result<Vec<bool>> {
+        let info = self
+            .info
+            .pir
+            .as_ref()
+            .ok_or_else(|| anyhow!("the server does not offer PIR mode (ServerInfo lists {:?}); use --mode bucket or sync", self.info.modes))?;
+        let shape = crate::pir::shape_of(info)?;
+        let max = (info.max_batch as usize).max(1);
+        let p = u8::try_from(self.info.bucket_prefix_bits).unwrap_or(32);
+        let mut state = self.pir.lock().await;
+        if state.as_ref().is_none_or(|s| s.client.shape() != shape) {
+            let dir = self.options.cache_dir.clone();
+            let key = self.server_key_prefix();
+            let epoch = self.info.key_epoch;
+            *state =
+                Some(on_cpu(move || crate::pir::PirState::open(&dir, &key, epoch, shape)).await??);
+        }
+        let state = state.as_mut().ok_or_else(|| anyhow!("PIR state missing"))?;
+        let mut answers = Vec::with_capacity(records.len());
+        for chunk in records.chunks(max) {
+            let inputs: Vec<Vec<u8>> = chunk.iter().map(Record::encode).collect();
+            let buckets: Vec<u32> = chunk.iter().map(|r| r.bucket(p)).collect();
+            let client = Arc::clone(&state.client);
+            let asked = buckets.clone();
+            let queries = on_cpu(move || {
+                asked
+                    .iter()
+                    .map(|&b| client.query(b))
+                    .collect::<psi_pir::Result<Vec<_>>>()
+            })
+            .await??;
+            let (inputs, blind_state, blinded) = self.blind(inputs).await?;
+            let mut message = PirQueryRequest {
+                key_epoch: self.info.key_epoch,
+                keys_id: Vec::new(),
+                blinded_elements: pack(blinded.iter().map(|b| &b.0)),
+                queries,
+            };
+            let mut setups = 0;
+            let response = loop {
+                let Some(id) = state.keys_id.clone() else {
+                    self.pir_setup(state, shape).await?;
+                    setups += 1;
+                    continue;
+                };
+                message.keys_id = id;
+                let sent = with_retry("PIR query", || {
+                    let mut grpc = self.grpc.clone();
+                    let request = self.request(message.clone());
+                    async move { grpc.pir_query(request).await }
+                })
+                .await;
+                match sent {
+                    Err(e)
+                        if e.downcast_ref::<crate::pir::KeysUnknown>().is_some() && setups < 2 =>
+                    {
+                        tracing::info!("the server no longer holds this client's PIR parameters; sending them again");
+                        state.keys_id = None;
+                    }
+                    other => break other?,
+                }
+            };
+            let outputs = self
+                .finalize(
+                    blind_state,
+                    inputs,
+                    response.key_epoch,
+                    &response.evaluated_elements,
+                    &response.proof,
+                )
+                .await?;
+            if response.answers.len() != buckets.len() {
+                bail!(
+                    "the server sent {} PIR answers for {} queries",
+                    response.answers.len(),
+                    buckets.len()
+                );
+            }
+            let client = Arc::clone(&state.client);
+            let epoch = response.key_epoch;
+            let tags: Vec<u64> = outputs.iter().map(|o| o.tag().0).collect();
+            let found = on_cpu(move || {
+                buckets
+                    .iter()
+                    .zip(&response.answers)
+                    .zip(&tags)
+                    .map(|((&b, answer), &tag)| {
+                        let fps = client.decode(b, epoch, answer)?;
+                        Ok(client.contains(&fps, tag))
+                    })
+                    .collect::<psi_pir::Result<Vec<bool>>>()
+            })
+            .await?
+            .context("reading the server's PIR answer (nothing is concluded from it)")?;
+            answers.extend(found);
+        }
+        Ok(answers)
+    }
+
+    /// Registers this client's public parameters with the server.
+    async fn pir_setup(
+        &self,
+        state: &mut crate::pir::PirState,
+        shape: psi_pir::Shape,
+    ) -> Result<()> {
+        let started = std::time::Instant::now();
+        let pp = on_cpu(state.public_parameters_task()).await??;
+        let message = PirSetupRequest {
+            key_epoch: self.info.key_epoch,
+            nu1: shape.nu1.into(),
+            nu2: shape.nu2.into(),
+            public_parameters: pp,
+        };
+        let response = with_retry("registering PIR public parameters", || {
+            let mut grpc = self.grpc.clone();
+            let request = self.request(message.clone());
+            async move { grpc.pir_setup(request).await }
+        })
+        .await?;
+        tracing::info!(
+            bytes = message.public_parameters.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "PIR public parameters registered"
+        );
+        state.registered(response.keys_id)
+    }
+
+    fn server_key_prefix(&self) -> String {
+        psi_core::PublicKey::from_bytes(&self.info.public_key)
             .map(|k| k.to_hex())
             .unwrap_or_default()
             .chars()
             .take(16)
-            .collect();
+            .collect()
+    }
+
+    /// Where this server's tag set is cached.
+    #[must_use]
+    pub fn cache_path(&self) -> PathBuf {
+        let key = self.server_key_prefix();
         self.options.cache_dir.join(format!("tagset-{key}.bin"))
     }
 

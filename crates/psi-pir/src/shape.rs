@@ -29,6 +29,9 @@ pub const MIN_NU2: u8 = 2;
 pub const MAX_NU2: u8 = 6;
 /// Most 8 KiB instances per item: answers up to 64 * 20 KiB.
 pub const MAX_INSTANCES: u16 = 64;
+/// Bytes of every query: a 32-byte seed and one ciphertext row of 2048
+/// 64-bit coefficients (the server expands it).
+pub const QUERY_BYTES: usize = 32 + 2048 * 8;
 /// Plaintext bytes per instance: `n^2` polynomials of 2048 bytes.
 pub const INSTANCE_BYTES: usize = 4 * 2048;
 

@@ -29,6 +29,11 @@ pub const PURPOSE_HEADER: &str = "x-psi-purpose";
 /// gRPC metadata key of the retry delay, in milliseconds, on `RESOURCE_EXHAUSTED`.
 pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 
+/// Metadata of a `PirQuery` refusal whose cure is a new `PirSetup`: the
+/// server does not hold the named public parameters (never registered,
+/// evicted, a restart, or made for other dimensions). Value: `unknown`.
+pub const PIR_KEYS_HEADER: &str = "x-psi-pir-keys";
+
 /// The service name, for health checks.
 pub const SERVICE_NAME: &str = "psi.v1.Match";
 

@@ -87,6 +87,8 @@ fn audited_method(path: &str) -> Option<(&'static str, &'static str)> {
         "/psi.v1.Match/Evaluate" => Some(("Evaluate", "sync")),
         "/psi.v1.Match/BucketQuery" => Some(("BucketQuery", "bucket")),
         "/psi.v1.Match/SyncTagSet" => Some(("SyncTagSet", "sync")),
+        "/psi.v1.Match/PirSetup" => Some(("PirSetup", "pir")),
+        "/psi.v1.Match/PirQuery" => Some(("PirQuery", "pir")),
         _ => None,
     }
 }
@@ -104,6 +106,12 @@ fn body_limit(path: &str, limits: &crate::service::Limits) -> usize {
         // 32 bytes per element and at most 5 per packed bucket number.
         "/psi.v1.Match/BucketQuery" => limits.max_bucket_batch * (32 + 5) + MESSAGE_OVERHEAD,
         "/psi.v1.Match/SyncTagSet" => limits.max_message_bytes + MESSAGE_OVERHEAD,
+        // The public parameters (about 7.2 MB), whole.
+        "/psi.v1.Match/PirSetup" => limits.max_message_bytes + MESSAGE_OVERHEAD,
+        // Per element: 32 bytes, one query, and their framing.
+        "/psi.v1.Match/PirQuery" => {
+            limits.pir_max_batch * (32 + psi_pir::shape::QUERY_BYTES + 8) + MESSAGE_OVERHEAD
+        }
         _ => SMALL_BODY,
     }
 }

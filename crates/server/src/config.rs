@@ -44,6 +44,20 @@ pub struct ServeArgs {
     /// Requests one institution may have in flight at once [default: 16].
     #[arg(long, env = "PSI_MAX_CONCURRENT_PER_INSTITUTION")]
     pub max_concurrent_per_institution: Option<usize>,
+    /// Most elements per PirQuery request [default: 4, at most 64].
+    #[arg(long, env = "PSI_PIR_MAX_BATCH")]
+    pub pir_max_batch: Option<usize>,
+    /// PIR answers computed at once, server-wide [default: 2].
+    #[arg(long, env = "PSI_PIR_MAX_CONCURRENT")]
+    pub pir_max_concurrent: Option<usize>,
+    /// Bytes of institutions' PIR public parameters kept in memory
+    /// [default: 1073741824].
+    #[arg(long, env = "PSI_PIR_KEYS_CACHE_BYTES")]
+    pub pir_keys_cache_bytes: Option<usize>,
+    /// Largest PIR database to build, in bytes; 0 turns PIR mode off
+    /// [default: 4294967296].
+    #[arg(long, env = "PSI_PIR_MAX_DATABASE_BYTES")]
+    pub pir_max_database_bytes: Option<usize>,
     /// Server certificate (PEM) for TLS; with --tls-key and --client-ca,
     /// every client must present a certificate issued by that CA.
     #[arg(long, env = "PSI_TLS_CERT")]
@@ -259,6 +273,10 @@ struct FileConfig {
     request_timeout_secs: Option<u64>,
     reload_interval_ms: Option<u64>,
     max_concurrent_per_institution: Option<usize>,
+    pir_max_batch: Option<usize>,
+    pir_max_concurrent: Option<usize>,
+    pir_keys_cache_bytes: Option<usize>,
+    pir_max_database_bytes: Option<usize>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
@@ -356,7 +374,46 @@ impl ServeArgs {
                 .max_concurrent_per_institution
                 .or(file.max_concurrent_per_institution)
                 .unwrap_or(defaults.max_concurrent_per_institution),
+            pir_max_batch: self
+                .pir_max_batch
+                .or(file.pir_max_batch)
+                .unwrap_or(defaults.pir_max_batch),
+            pir_max_concurrent: self
+                .pir_max_concurrent
+                .or(file.pir_max_concurrent)
+                .unwrap_or(defaults.pir_max_concurrent),
+            pir_keys_cache_bytes: self
+                .pir_keys_cache_bytes
+                .or(file.pir_keys_cache_bytes)
+                .unwrap_or(defaults.pir_keys_cache_bytes),
+            pir_max_database_bytes: self
+                .pir_max_database_bytes
+                .or(file.pir_max_database_bytes)
+                .unwrap_or(defaults.pir_max_database_bytes),
         };
+        if !(1..=64).contains(&limits.pir_max_batch) {
+            bail!(
+                "pir_max_batch must be between 1 and 64, got {}",
+                limits.pir_max_batch
+            );
+        }
+        if limits.pir_max_concurrent == 0 {
+            bail!("pir_max_concurrent must be at least 1");
+        }
+        // One institution's parameters (about 29 MB in memory) must fit.
+        if limits.pir_keys_cache_bytes < 64 << 20 {
+            bail!(
+                "pir_keys_cache_bytes must be at least 67108864 (64 MiB), got {}",
+                limits.pir_keys_cache_bytes
+            );
+        }
+        // A PirSetup message carries about 7.2 MB of public parameters.
+        if limits.pir_max_database_bytes > 0 && limits.max_message_bytes < 8 << 20 {
+            bail!(
+                "max_message_bytes {} is too small for PIR mode's public parameters: at least 8388608, or pir_max_database_bytes = 0",
+                limits.max_message_bytes
+            );
+        }
         if limits.max_concurrent_per_institution == 0 {
             bail!("max_concurrent_per_institution must be at least 1");
         }

@@ -48,6 +48,10 @@ pub enum ServiceError {
     Core(#[from] psi_core::Error),
     /// The answer was ready only after the request's deadline (the
     /// client's, or `request_timeout`): the client has given up on it.
+    /// The PIR public parameters a query names are not held (never sent,
+    /// evicted, a restart, or made for other dimensions): send them again.
+    #[error("the PIR public parameters this query names are not held here (evicted, restarted, or for other dimensions); send them again with PirSetup")]
+    PirKeysUnknown,
     #[error("no answer within the request's deadline")]
     DeadlineExceeded,
     /// The server failed internally.
@@ -61,7 +65,9 @@ impl ServiceError {
     pub fn code(&self) -> Code {
         match self {
             ServiceError::Loading | ServiceError::Unavailable(_) => Code::Unavailable,
-            ServiceError::StaleEpoch { .. } => Code::FailedPrecondition,
+            ServiceError::StaleEpoch { .. } | ServiceError::PirKeysUnknown => {
+                Code::FailedPrecondition
+            }
             ServiceError::Core(psi_core::Error::Cancelled) => Code::Cancelled,
             ServiceError::InvalidArgument(_) | ServiceError::Core(_) => Code::InvalidArgument,
             ServiceError::Unauthenticated => Code::Unauthenticated,
@@ -76,6 +82,12 @@ impl ServiceError {
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
         let mut status = Status::new(e.code(), e.to_string());
+        if let ServiceError::PirKeysUnknown = &e {
+            status.metadata_mut().insert(
+                psi_proto::PIR_KEYS_HEADER,
+                tonic::metadata::MetadataValue::from_static("unknown"),
+            );
+        }
         if let ServiceError::QuotaExhausted { retry_after, .. } = &e {
             if let Ok(v) = retry_after.as_millis().max(1).to_string().parse() {
                 status.metadata_mut().insert(RETRY_AFTER_MS, v);

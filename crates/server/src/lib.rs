@@ -43,6 +43,7 @@ pub mod mapped;
 pub mod metrics;
 pub mod partition;
 pub mod pg;
+pub mod pir;
 pub mod policy;
 pub mod publish;
 pub mod records;

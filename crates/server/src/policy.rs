@@ -6,7 +6,7 @@
 //!
 //! ```toml
 //! [institutions.bank-001]
-//! modes = ["sync", "bucket"]
+//! modes = ["sync", "bucket", "pir"]
 //! purposes = ["kyc-onboarding", "aml-recheck"]
 //! rate_per_second = 2000   # elements, token bucket (burst: one second's worth)
 //! daily_cap = 1000000      # elements per day (China Standard Time)
@@ -33,7 +33,7 @@ use crate::error::ServiceError;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rules {
-    /// Allowed modes: `sync`, `bucket`.
+    /// Allowed modes: `sync`, `bucket`, `pir`.
     pub modes: Vec<String>,
     /// Allowed purpose codes.
     pub purposes: Vec<String>,
@@ -71,9 +71,9 @@ impl Policy {
             if let Some(m) = r
                 .modes
                 .iter()
-                .find(|m| !matches!(m.as_str(), "sync" | "bucket"))
+                .find(|m| !matches!(m.as_str(), "sync" | "bucket" | "pir"))
             {
-                bail!("policy: institution {id}: unknown mode `{m}` (sync or bucket)");
+                bail!("policy: institution {id}: unknown mode `{m}` (sync, bucket or pir)");
             }
             if let Some(p) = r
                 .purposes

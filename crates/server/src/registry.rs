@@ -75,6 +75,9 @@ pub struct Snapshot {
     pub deltas: Vec<Delta>,
     /// The endorsed key history (public).
     pub history: Vec<KeyStep>,
+    /// The PIR database derived from the index (PIR mode), when offered:
+    /// set by the server after loading (see `crate::pir::database_for`).
+    pub pir: Option<std::sync::Arc<psi_pir::Database>>,
     /// The base index file it was loaded from.
     base: Option<FileStamp>,
 }
@@ -114,6 +117,7 @@ impl Snapshot {
             history: keystore::load_history(data_dir)?,
             index,
             tagset,
+            pir: None,
             base: Some(base_stamp),
         })
     }
@@ -186,6 +190,7 @@ impl Snapshot {
             history: keystore::load_history(data_dir)?,
             index,
             tagset,
+            pir: None,
             base: prev.base,
         }))
     }

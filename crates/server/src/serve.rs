@@ -162,7 +162,13 @@ async fn run(
     let reload_interval = cfg.reload_interval;
     let loader = tokio::spawn(async move {
         let stamp = crate::registry::snapshot_stamp(&data_dir);
-        match load(&data_dir, None).await {
+        match load(
+            &data_dir,
+            None,
+            loader_state.limits().pir_max_database_bytes,
+        )
+        .await
+        {
             Ok(snapshot) => {
                 loader_state.publish(snapshot);
                 loader_reporter
@@ -244,12 +250,21 @@ async fn run(
 
 /// Loads the snapshot off the async threads (from `prev` when only updates
 /// were logged since it: see `Snapshot::reload`) and logs what it is.
-async fn load(data_dir: &std::path::Path, prev: Option<Arc<Snapshot>>) -> Result<Snapshot> {
+async fn load(
+    data_dir: &std::path::Path,
+    prev: Option<Arc<Snapshot>>,
+    pir_max_database_bytes: usize,
+) -> Result<Snapshot> {
     let started = std::time::Instant::now();
     let dir = data_dir.to_path_buf();
-    let snapshot = tokio::task::spawn_blocking(move || match prev {
-        Some(prev) => Snapshot::reload(&prev, &dir),
-        None => Snapshot::load(&dir),
+    let snapshot = tokio::task::spawn_blocking(move || -> Result<Snapshot> {
+        let mut next = match &prev {
+            Some(prev) => Snapshot::reload(prev, &dir),
+            None => Snapshot::load(&dir),
+        }?;
+        // PIR mode's database, from the previous one's where it can.
+        next.pir = crate::pir::database_for(&next, prev.as_deref(), pir_max_database_bytes)?;
+        Ok(next)
     })
     .await
     .map_err(|e| anyhow::anyhow!("loading task failed: {e}"))??;
@@ -282,7 +297,13 @@ async fn watch(
         let now = crate::registry::snapshot_stamp(&data_dir);
         if now.is_some() && now != stamp {
             stamp = now;
-            match load(&data_dir, state.snapshot()).await {
+            match load(
+                &data_dir,
+                state.snapshot(),
+                state.limits().pir_max_database_bytes,
+            )
+            .await
+            {
                 Ok(snapshot) => state.publish(snapshot),
                 Err(e) => tracing::error!(
                     "a new registry snapshot failed to load; still serving the previous one: {e:#}"

@@ -9,8 +9,9 @@ use psi_core::suite::SUITE_ID;
 use psi_proto::v1::match_server::Match;
 use psi_proto::v1::{
     sync_tag_set_response, Bucket, BucketQueryRequest, BucketQueryResponse, EvaluateRequest,
-    EvaluateResponse, GetServerInfoRequest, KeyStep, QueryMode, ServerInfo, ShardData,
-    SyncTagSetRequest, SyncTagSetResponse, TagSetDelta,
+    EvaluateResponse, GetServerInfoRequest, KeyStep, PirInfo, PirQueryRequest, PirQueryResponse,
+    PirSetupRequest, PirSetupResponse, QueryMode, ServerInfo, ShardData, SyncTagSetRequest,
+    SyncTagSetResponse, TagSetDelta,
 };
 use psi_proto::{manifest_of, pack, pack_tags, root_only_manifest, unpack_blinded};
 use rand_core::OsRng;
@@ -44,6 +45,18 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Requests one institution may have in flight at once.
     pub max_concurrent_per_institution: usize,
+    /// Elements per `PirQuery` request (each costs a pass over the PIR
+    /// database).
+    pub pir_max_batch: usize,
+    /// PIR answers computed at once, server-wide; more are refused with
+    /// RESOURCE_EXHAUSTED and a retry delay.
+    pub pir_max_concurrent: usize,
+    /// Bytes of institutions' PIR public parameters kept (least recently
+    /// used evicted first).
+    pub pir_keys_cache_bytes: usize,
+    /// Largest PIR database built; a registry that needs more serves
+    /// without PIR mode. 0: no PIR mode.
+    pub pir_max_database_bytes: usize,
 }
 
 impl Default for Limits {
@@ -53,6 +66,10 @@ impl Default for Limits {
             max_bucket_batch: 64,
             max_message_bytes: 16 << 20,
             max_concurrent_per_institution: 16,
+            pir_max_batch: 4,
+            pir_max_concurrent: 2,
+            pir_keys_cache_bytes: 1 << 30,
+            pir_max_database_bytes: 4 << 30,
         }
     }
 }
@@ -68,6 +85,8 @@ pub struct State {
     enforcer: Arc<Enforcer>,
     metrics: Arc<crate::metrics::Metrics>,
     in_flight: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    pir_keys: crate::pir::KeysCache,
+    pir_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// The institution of a plaintext (loopback) connection.
@@ -92,6 +111,8 @@ impl State {
             enforcer,
             metrics,
             in_flight: std::sync::Mutex::new(std::collections::HashMap::new()),
+            pir_keys: crate::pir::KeysCache::new(limits.pir_keys_cache_bytes),
+            pir_slots: Arc::new(tokio::sync::Semaphore::new(limits.pir_max_concurrent)),
         }
     }
 
@@ -394,7 +415,30 @@ impl Match for MatchService {
             max_batch: to_u32(limits.max_batch),
             max_bucket_batch: to_u32(limits.max_bucket_batch),
             max_message_bytes: limits.max_message_bytes as u64,
-            modes: vec![QueryMode::Sync as i32, QueryMode::Bucket as i32],
+            modes: if snap.pir.is_some() {
+                vec![
+                    QueryMode::Sync as i32,
+                    QueryMode::Bucket as i32,
+                    QueryMode::Pir as i32,
+                ]
+            } else {
+                vec![QueryMode::Sync as i32, QueryMode::Bucket as i32]
+            },
+            pir: snap.pir.as_ref().map(|db| {
+                let shape = db.shape();
+                PirInfo {
+                    scheme: psi_pir::shape::SCHEME.to_string(),
+                    nu1: shape.nu1.into(),
+                    nu2: shape.nu2.into(),
+                    instances: shape.instances.into(),
+                    bucket_shift: shape.bucket_shift.into(),
+                    fingerprint_bits: shape.fingerprint_bits(),
+                    keys_bytes: shape.keys_bytes() as u64,
+                    query_bytes: shape.query_bytes() as u64,
+                    answer_bytes: shape.answer_bytes() as u64,
+                    max_batch: to_u32(limits.pir_max_batch),
+                }
+            }),
             tag_bits: snap.tagset.header().params.tag_bits.into(),
             key_history: snap
                 .history
@@ -440,6 +484,43 @@ impl Match for MatchService {
             "bucket",
             elements,
             self.bucket_query_inner(req),
+        )
+        .await
+        .map(Response::new)
+    }
+
+    async fn pir_setup(
+        &self,
+        request: Request<PirSetupRequest>,
+    ) -> Result<Response<PirSetupResponse>, Status> {
+        let institution = self.state.institution_of(request.extensions()).ok();
+        let caller = self.caller(&request);
+        let req = request.into_inner();
+        self.accounted(
+            caller,
+            "PirSetup",
+            "pir",
+            0,
+            self.pir_setup_inner(institution, req),
+        )
+        .await
+        .map(Response::new)
+    }
+
+    async fn pir_query(
+        &self,
+        request: Request<PirQueryRequest>,
+    ) -> Result<Response<PirQueryResponse>, Status> {
+        let institution = self.state.institution_of(request.extensions()).ok();
+        let caller = self.caller(&request);
+        let req = request.into_inner();
+        let elements = req.blinded_elements.len() / 32;
+        self.accounted(
+            caller,
+            "PirQuery",
+            "pir",
+            elements,
+            self.pir_query_inner(institution, req),
         )
         .await
         .map(Response::new)
@@ -534,6 +615,115 @@ impl MatchService {
             evaluated_elements: pack(evaluation.elements.iter().map(|e| &e.0)),
             proof: proof.to_bytes().to_vec(),
             buckets,
+        })
+    }
+
+    fn pir_database(snap: &Snapshot) -> Result<Arc<psi_pir::Database>, ServiceError> {
+        snap.pir.clone().ok_or_else(|| {
+            ServiceError::InvalidArgument(
+                "this server does not offer PIR mode (see ServerInfo.modes)".into(),
+            )
+        })
+    }
+
+    async fn pir_setup_inner(
+        &self,
+        institution: Option<String>,
+        req: PirSetupRequest,
+    ) -> Result<PirSetupResponse, ServiceError> {
+        let institution = institution.ok_or(ServiceError::Unauthenticated)?;
+        let snap = self.snapshot_for(req.key_epoch)?;
+        let shape = Self::pir_database(&snap)?.shape();
+        if (req.nu1, req.nu2) != (shape.nu1.into(), shape.nu2.into()) {
+            return Err(ServiceError::InvalidArgument(format!(
+                "public parameters for dimensions ({}, {}); the database has ({}, {}): fetch ServerInfo",
+                req.nu1, req.nu2, shape.nu1, shape.nu2
+            )));
+        }
+        // Checked before any work: the exact length, then every coefficient.
+        let bytes = req.public_parameters;
+        let id = crate::pir::keys_id(&bytes);
+        let keys = on_cpu(move |_| psi_pir::Keys::parse(shape, &bytes))
+            .await?
+            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        self.state.pir_keys.insert(&institution, id, keys)?;
+        Ok(PirSetupResponse {
+            keys_id: id.to_vec(),
+        })
+    }
+
+    async fn pir_query_inner(
+        &self,
+        institution: Option<String>,
+        req: PirQueryRequest,
+    ) -> Result<PirQueryResponse, ServiceError> {
+        let institution = institution.ok_or(ServiceError::Unauthenticated)?;
+        let snap = self.snapshot_for(req.key_epoch)?;
+        let db = Self::pir_database(&snap)?;
+        let blinded = unpack_blinded(&req.blinded_elements)?;
+        self.check_batch(blinded.len(), self.state.limits.pir_max_batch)?;
+        if req.queries.len() != blinded.len() {
+            return Err(ServiceError::InvalidArgument(format!(
+                "{} PIR queries for {} elements",
+                req.queries.len(),
+                blinded.len()
+            )));
+        }
+        let want = db.shape().query_bytes();
+        if let Some((i, q)) = req
+            .queries
+            .iter()
+            .enumerate()
+            .find(|(_, q)| q.len() != want)
+        {
+            return Err(ServiceError::InvalidArgument(format!(
+                "PIR query {i} is {} bytes; the database takes {want}",
+                q.len()
+            )));
+        }
+        let keys = self
+            .state
+            .pir_keys
+            .get(&institution, &req.keys_id)
+            .filter(|k| k.shape().same_keys(&db.shape()))
+            .ok_or(ServiceError::PirKeysUnknown)?;
+        let _slot = Arc::clone(&self.state.pir_slots)
+            .try_acquire_owned()
+            .map_err(|_| ServiceError::QuotaExhausted {
+                what: format!(
+                    "{} PIR answers are being computed (pir_max_concurrent)",
+                    self.state.limits.pir_max_concurrent
+                ),
+                retry_after: std::time::Duration::from_millis(500),
+            })?;
+        let work = Arc::clone(&snap);
+        let queries = req.queries;
+        let (evaluation, answers) = on_cpu(move |stop| {
+            let evaluation = work
+                .server
+                .blind_evaluate_until(&blinded, &mut OsRng, stop)?;
+            let mut answers = Vec::with_capacity(queries.len());
+            for q in &queries {
+                if stop() {
+                    return Err(ServiceError::Core(psi_core::Error::Cancelled));
+                }
+                answers.push(db.answer(&keys, q).map_err(|e| match e {
+                    psi_pir::Error::Scheme => {
+                        ServiceError::InvalidArgument("the PIR query could not be processed".into())
+                    }
+                    other => ServiceError::InvalidArgument(other.to_string()),
+                })?);
+            }
+            Ok::<_, ServiceError>((evaluation, answers))
+        })
+        .await??;
+        let proof = evaluation.proof.ok_or(ServiceError::Internal)?;
+        Ok(PirQueryResponse {
+            key_epoch: snap.epoch,
+            registry_version: snap.index.registry_version(),
+            evaluated_elements: pack(evaluation.elements.iter().map(|e| &e.0)),
+            proof: proof.to_bytes().to_vec(),
+            answers,
         })
     }
 

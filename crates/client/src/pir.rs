@@ -1,0 +1,161 @@
+//! PIR mode on the client: the secret seed kept beside the other caches
+//! (mode 0600), the public parameters registered once per server, key
+//! epoch and dimensions, and checks whose bucket the server never learns.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use psi_pir::{PirClient, Shape};
+use psi_proto::v1::PirInfo;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// The server refused a PIR query because it no longer holds the public
+/// parameters it names: send them again.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct KeysUnknown(pub String);
+
+/// The shape a server advertises, checked.
+///
+/// # Errors
+/// An unknown scheme or a shape out of range.
+pub fn shape_of(info: &PirInfo) -> Result<Shape> {
+    if info.scheme != psi_pir::shape::SCHEME {
+        bail!(
+            "the server's PIR scheme `{}` is not one this client speaks ({})",
+            info.scheme,
+            psi_pir::shape::SCHEME
+        );
+    }
+    let narrow = |v: u32, what: &str| -> Result<u8> {
+        u8::try_from(v).map_err(|_| anyhow!("the server's PIR {what} {v} is out of range"))
+    };
+    let shape = Shape {
+        nu1: narrow(info.nu1, "nu1")?,
+        nu2: narrow(info.nu2, "nu2")?,
+        instances: u16::try_from(info.instances).map_err(|_| {
+            anyhow!(
+                "the server's PIR instances {} is out of range",
+                info.instances
+            )
+        })?,
+        bucket_shift: narrow(info.bucket_shift, "bucket_shift")?,
+    };
+    shape.validate()?;
+    for (what, said, is) in [
+        ("query", info.query_bytes, shape.query_bytes()),
+        ("answer", info.answer_bytes, shape.answer_bytes()),
+        ("public parameters", info.keys_bytes, shape.keys_bytes()),
+    ] {
+        if said != is as u64 {
+            bail!("the server says a PIR {what} is {said} bytes; its shape makes it {is}");
+        }
+    }
+    Ok(shape)
+}
+
+/// A client's PIR state for one server, key epoch and dimensions.
+#[derive(Debug)]
+pub struct PirState {
+    /// The scheme's client (its secret key from the seed).
+    pub client: Arc<PirClient>,
+    /// The id of the public parameters the server holds, if registered.
+    pub keys_id: Option<Vec<u8>>,
+    seed: Zeroizing<[u8; 32]>,
+    id_path: PathBuf,
+}
+
+impl PirState {
+    /// The state for `server_key` (hex prefix), `epoch` and `shape`, with the
+    /// seed from `cache_dir` (made on first use, mode 0600) and the keys id
+    /// registered before, if any.
+    ///
+    /// # Errors
+    /// An unreadable or unwritable seed file.
+    pub fn open(cache_dir: &Path, server_key: &str, epoch: u64, shape: Shape) -> Result<Self> {
+        let master = master_seed(&cache_dir.join(format!("pir-{server_key}.seed")))?;
+        // A secret key per epoch and dimensions, from the one seed.
+        let mut h = Sha256::new();
+        h.update(b"psi.v1.pir.seed");
+        h.update(master.as_slice());
+        h.update(epoch.to_be_bytes());
+        h.update([shape.nu1, shape.nu2]);
+        let mut seed = Zeroizing::new([0u8; 32]);
+        seed.copy_from_slice(&h.finalize());
+        let client = Arc::new(PirClient::new(shape, &seed)?);
+        let id_path = cache_dir.join(format!(
+            "pir-{server_key}-e{epoch}-{}x{}.id",
+            shape.nu1, shape.nu2
+        ));
+        let keys_id = std::fs::read(&id_path).ok().filter(|id| id.len() == 16);
+        Ok(Self {
+            client,
+            keys_id,
+            seed,
+            id_path,
+        })
+    }
+
+    /// Work that makes fresh public parameters for this state's secret key
+    /// (about a second of CPU: run it off the async threads).
+    #[must_use]
+    pub fn public_parameters_task(&self) -> impl FnOnce() -> Result<Vec<u8>> + Send + 'static {
+        let shape = self.client.shape();
+        let seed = self.seed.clone();
+        move || Ok(PirClient::new(shape, &seed)?.public_parameters())
+    }
+
+    /// Records the id the server gave the public parameters.
+    ///
+    /// # Errors
+    /// The cache directory cannot be written.
+    pub fn registered(&mut self, id: Vec<u8>) -> Result<()> {
+        crate::session::write_atomically(&self.id_path, &id)?;
+        self.keys_id = Some(id);
+        Ok(())
+    }
+}
+
+/// The 32-byte secret in `path`, made (mode 0600) if absent.
+fn master_seed(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    if let Ok(bytes) = std::fs::read(path) {
+        if bytes.len() == 32 {
+            return Ok(Zeroizing::new(bytes));
+        }
+        bail!(
+            "{} is not a PIR seed (32 bytes); delete it to make a new one",
+            path.display()
+        );
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut seed = Zeroizing::new(vec![0u8; 32]);
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(&seed)?;
+        f.sync_all()?;
+    }
+    // Another process may have made one meanwhile: the first one stays.
+    match std::fs::hard_link(&tmp, path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("creating {}", path.display()));
+        }
+    }
+    let _ = std::fs::remove_file(&tmp);
+    master_seed(path)
+}
