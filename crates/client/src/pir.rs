@@ -64,6 +64,8 @@ pub struct PirState {
     pub client: Arc<PirClient>,
     /// The id of the public parameters the server holds, if registered.
     pub keys_id: Option<Vec<u8>>,
+    /// The key epoch they were made for.
+    pub epoch: u64,
     seed: Zeroizing<[u8; 32]>,
     id_path: PathBuf,
 }
@@ -94,6 +96,7 @@ impl PirState {
         Ok(Self {
             client,
             keys_id,
+            epoch,
             seed,
             id_path,
         })

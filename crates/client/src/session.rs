@@ -583,7 +583,10 @@ impl Session {
         let max = (info.max_batch as usize).max(1);
         let p = u8::try_from(self.info.bucket_prefix_bits).unwrap_or(32);
         let mut state = self.pir.lock().await;
-        if state.as_ref().is_none_or(|s| s.client.shape() != shape) {
+        if state
+            .as_ref()
+            .is_none_or(|s| s.client.shape() != shape || s.epoch != self.info.key_epoch)
+        {
             let dir = self.options.cache_dir.clone();
             let key = self.server_key_prefix();
             let epoch = self.info.key_epoch;

@@ -10,7 +10,9 @@ use psi_client::check::{check, CheckOutcome};
 use psi_client::pin::Pinned;
 use psi_client::{ConnectOptions, QueryMode, Session};
 use psi_proto::v1::match_client::MatchClient;
-use psi_proto::v1::{BucketQueryRequest, EvaluateRequest, SyncTagSetRequest};
+use psi_proto::v1::{
+    BucketQueryRequest, EvaluateRequest, PirQueryRequest, PirSetupRequest, SyncTagSetRequest,
+};
 use psi_server::config::ServeConfig;
 use psi_server::registry::{self, today};
 use psi_server::serve::{self, Running};
@@ -1103,7 +1105,7 @@ async fn updates_are_published_live_and_synced_as_deltas() {
         ("张伟", "11010519491231002X"),
         (new_name.as_str(), new_id.as_str()),
     ];
-    for mode in [QueryMode::Sync, QueryMode::Bucket] {
+    for mode in [QueryMode::Sync, QueryMode::Bucket, QueryMode::Pir] {
         assert_eq!(
             answers(&session, &pairs, mode).await,
             [CheckOutcome::Match, CheckOutcome::NoMatch]
@@ -1145,12 +1147,16 @@ async fn updates_are_published_live_and_synced_as_deltas() {
         "{report}"
     );
 
-    // The running server publishes version 2 by itself: both modes see it.
+    // The running server publishes version 2 by itself: every mode sees it
+    // (PIR mode's database patched, the client's parameters still held).
     let session = reconnect_at(&session, 2).await;
-    assert_eq!(
-        answers(&session, &pairs, QueryMode::Bucket).await,
-        [CheckOutcome::NoMatch, CheckOutcome::Match]
-    );
+    for mode in [QueryMode::Bucket, QueryMode::Pir] {
+        assert_eq!(
+            answers(&session, &pairs, mode).await,
+            [CheckOutcome::NoMatch, CheckOutcome::Match],
+            "{mode:?}"
+        );
+    }
     let synced = session.sync().await.unwrap();
     assert!(synced.delta_applied);
     assert_eq!(synced.set.header().registry_version, 2);
@@ -1284,9 +1290,16 @@ async fn a_key_rotation_is_followed_by_checks_and_batches() {
         .collect();
     assert_eq!(got, expected);
     // Single checks in both modes follow it too.
-    let pairs = [("张伟", "11010519491231002X")];
-    for mode in [QueryMode::Bucket, QueryMode::Sync] {
-        assert_eq!(answers(&session, &pairs, mode).await, [CheckOutcome::Match]);
+    let pairs = [
+        ("张伟", "11010519491231002X"),
+        ("张三", "11010519491231002X"),
+    ];
+    for mode in [QueryMode::Bucket, QueryMode::Sync, QueryMode::Pir] {
+        assert_eq!(
+            answers(&session, &pairs, mode).await,
+            [CheckOutcome::Match, CheckOutcome::NoMatch],
+            "{mode:?}"
+        );
     }
     // The pin moved to the new key; the old key file is gone.
     let fresh = connect(&f.url, &cache, None).await.unwrap();
@@ -1381,6 +1394,288 @@ async fn a_registry_that_outgrows_its_tag_parameters_is_synced_in_full() {
             CheckOutcome::Match,
             CheckOutcome::Match
         ]
+    );
+    f.running.shutdown().await.unwrap();
+}
+
+/// Reads the admin port's metrics page.
+async fn metrics_text(running: &Running) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let admin = running.admin_addr.expect("admin address");
+    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pir_mode_answers_like_the_other_modes_and_the_operator_learns_nothing_of_the_pair() {
+    let f = fixture(3000).await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let info = session.info().pir.clone().expect("PIR mode offered");
+    assert!(session
+        .info()
+        .modes
+        .contains(&(psi_proto::v1::QueryMode::Pir as i32)));
+    assert_eq!(info.scheme, psi_pir::shape::SCHEME);
+    assert!(info.fingerprint_bits >= 43);
+
+    // Every kind of row (formatting variants, non-members, invalid rows):
+    // the same answers in all three modes.
+    let input = f.root.join("queries.csv");
+    let expected = write_queries(&input, 1);
+    let mut results = Vec::new();
+    for mode in [QueryMode::Pir, QueryMode::Bucket, QueryMode::Sync] {
+        let output = f.root.join(format!("out-{mode:?}.csv"));
+        batch::run(
+            &session,
+            &BatchOptions {
+                input: input.clone(),
+                output: output.clone(),
+                mode,
+                chunk_rows: 8,
+                file: psi_client::batch::FileFormat::default(),
+                chunks_in_flight: 2,
+                progress: false,
+                resume: false,
+                max_cache_age: Duration::from_secs(3600),
+                no_sync: false,
+            },
+        )
+        .await
+        .unwrap();
+        let got: Vec<String> = read_output(&output)
+            .iter()
+            .map(|r| r[4].to_string())
+            .collect();
+        assert_eq!(got, expected, "{mode:?}");
+        results.push(got);
+    }
+    assert_eq!(results[0], results[1]);
+
+    // The audit trail: PIR requests say `pir` and their element count. The
+    // public parameters went up once for this institution and epoch.
+    let audit_db = f.data_dir.join(psi_server::audit::AUDIT_FILE);
+    let records = audit_records(&audit_db);
+    let valid_rows = expected.iter().filter(|w| **w != "invalid").count() as u64;
+    let pir: Vec<_> = records.iter().filter(|r| r["mode"] == "pir").collect();
+    assert_eq!(
+        pir.iter().filter(|r| r["method"] == "PirSetup").count(),
+        1,
+        "{pir:?}"
+    );
+    let asked: u64 = pir
+        .iter()
+        .filter(|r| r["method"] == "PirQuery")
+        .map(|r| r["elements"].as_u64().unwrap())
+        .sum();
+    assert_eq!(asked, valid_rows);
+
+    // Two checks of different pairs (a member, a non-member) leave records
+    // that differ only in time and request id; nothing in the export,
+    // the metrics or the records depends on the pair asked.
+    let before = audit_records(&audit_db).len();
+    let member = check(&session, "张伟", "11010519491231002X", QueryMode::Pir)
+        .await
+        .unwrap();
+    let other = Generator::new(999, today()).unwrap().next().unwrap();
+    let stranger = check(&session, &other.name, &other.id, QueryMode::Pir)
+        .await
+        .unwrap();
+    assert_eq!(
+        (member, stranger),
+        (CheckOutcome::Match, CheckOutcome::NoMatch)
+    );
+    let after = audit_records(&audit_db);
+    assert_eq!(after.len(), before + 2);
+    let strip = |r: &serde_json::Value| {
+        let mut r = r.as_object().unwrap().clone();
+        let keys: Vec<String> = r.keys().cloned().collect();
+        assert_eq!(
+            keys,
+            [
+                "elements",
+                "hash",
+                "institution",
+                "key_epoch",
+                "method",
+                "mode",
+                "outcome",
+                "purpose",
+                "registry_version",
+                "request_id",
+                "seq",
+                "time"
+            ],
+            "an audit record holds these fields and nothing else"
+        );
+        for k in ["hash", "request_id", "seq", "time"] {
+            r.remove(k);
+        }
+        r
+    };
+    assert_eq!(strip(&after[before]), strip(&after[before + 1]));
+    let mut export = Vec::new();
+    psi_server::audit::export(
+        &audit_db,
+        &Default::default(),
+        psi_server::audit::Format::Csv,
+        &mut export,
+    )
+    .unwrap();
+    let metrics = metrics_text(&f.running).await;
+    for text in [String::from_utf8(export).unwrap(), metrics.clone()] {
+        for (name, id) in REGISTERED
+            .iter()
+            .copied()
+            .chain([(other.name.as_str(), other.id.as_str())])
+        {
+            assert!(!text.contains(name) && !text.contains(&id[..17]), "{name}");
+        }
+    }
+    assert!(
+        metrics
+            .contains(r#"psi_elements_total{method="PirQuery",institution="local",outcome="ok"}"#),
+        "{metrics}"
+    );
+    f.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_pir_requests_are_refused_and_the_server_stays_up() {
+    let f = fixture(100).await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let epoch = session.info().key_epoch;
+    let info = session.info().pir.clone().expect("PIR mode offered");
+    let mut raw = MatchClient::connect(f.url.clone())
+        .await
+        .unwrap()
+        .max_encoding_message_size(64 << 20);
+    let good = psi_proto::pack([&curve25519_dalek_basepoint()]);
+    let query_bytes = info.query_bytes as usize;
+
+    // Public parameters: wrong dimensions, wrong length, a coefficient
+    // out of range.
+    let setup = |nu2: u32, bytes: Vec<u8>| PirSetupRequest {
+        key_epoch: epoch,
+        nu1: info.nu1,
+        nu2,
+        public_parameters: bytes,
+    };
+    let keys_bytes = info.keys_bytes as usize;
+    for (req, want) in [
+        (setup(info.nu2 + 1, vec![0; keys_bytes]), "dimensions"),
+        (setup(info.nu2, vec![0; keys_bytes - 8]), "bytes"),
+        (setup(info.nu2, vec![0xff; keys_bytes]), "out of range"),
+    ] {
+        let e = raw.pir_setup(with_purpose(req)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{want}: {e:?}");
+        assert!(e.message().contains(want), "{}", e.message());
+    }
+    // A query naming parameters the server does not hold: the cure is
+    // another PirSetup, said in the metadata.
+    let query = |keys_id: Vec<u8>, queries: Vec<Vec<u8>>, blinded: Vec<u8>| PirQueryRequest {
+        key_epoch: epoch,
+        keys_id,
+        blinded_elements: blinded,
+        queries,
+    };
+    let e = raw
+        .pir_query(with_purpose(query(
+            vec![7; 16],
+            vec![vec![0; query_bytes]],
+            good.clone(),
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        e.metadata().get(psi_proto::PIR_KEYS_HEADER).unwrap(),
+        "unknown"
+    );
+    // Register real parameters, then send malformed queries under them.
+    let shape = psi_client::pir::shape_of(&info).unwrap();
+    let mut client = psi_pir::PirClient::new(shape, &[5; 32]).unwrap();
+    let keys_id = raw
+        .pir_setup(with_purpose(setup(info.nu2, client.public_parameters())))
+        .await
+        .unwrap()
+        .into_inner()
+        .keys_id;
+    let mut out_of_range = vec![0u8; query_bytes];
+    out_of_range[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+    let max = info.max_batch as usize;
+    for (req, want) in [
+        (
+            query(
+                keys_id.clone(),
+                vec![vec![0; query_bytes - 1]],
+                good.clone(),
+            ),
+            "bytes",
+        ),
+        (
+            query(keys_id.clone(), vec![out_of_range], good.clone()),
+            "out of range",
+        ),
+        (
+            query(keys_id.clone(), vec![], good.clone()),
+            "0 PIR queries for 1",
+        ),
+        (
+            query(
+                keys_id.clone(),
+                vec![vec![0; 1]; max + 1],
+                good.repeat(max + 1),
+            ),
+            "exceeds the maximum",
+        ),
+    ] {
+        let e = raw.pir_query(with_purpose(req)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{want}: {e:?}");
+        assert!(e.message().contains(want), "{}", e.message());
+    }
+    // Larger than the PirQuery body limit: refused before it is read whole.
+    let e = raw
+        .pir_query(with_purpose(query(
+            keys_id.clone(),
+            vec![vec![0; 4 << 20]],
+            good.clone(),
+        )))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument
+        ),
+        "{e:?}"
+    );
+    // A well-formed query under those parameters is answered: one answer
+    // of the advertised length, which that client can read.
+    let bucket = 3u32.min((1u32 << session.info().bucket_prefix_bits) - 1);
+    let answer = raw
+        .pir_query(with_purpose(query(
+            keys_id,
+            vec![client.query(bucket).unwrap()],
+            good.clone(),
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.answers.len(), 1);
+    assert_eq!(answer.answers[0].len(), info.answer_bytes as usize);
+    assert!(client.decode(bucket, epoch, &answer.answers[0]).is_ok());
+    // Still serving every mode.
+    assert_eq!(
+        check(&session, "张伟", "11010519491231002X", QueryMode::Pir)
+            .await
+            .unwrap(),
+        CheckOutcome::Match
     );
     f.running.shutdown().await.unwrap();
 }
