@@ -107,8 +107,10 @@ class Client:
     ``cert`` and ``key``, or a 3-tuple of paths) are the usual settings;
     ``pin_key`` (the operator's published public key, hex), ``cache_dir``,
     ``concurrency`` and ``config`` (a client config file) are as for the CLI.
-    ``mode`` is the default query mode: ``"bucket"`` (nothing downloaded)
-    or ``"sync"`` (the tag set downloaded once, refreshed when it changes);
+    ``mode`` is the default query mode: ``"bucket"`` (nothing downloaded),
+    ``"pir"`` (nothing downloaded and the server learns not even the
+    pair's bucket; about a second of server work per pair) or ``"sync"``
+    (the tag set downloaded once, refreshed when it changes);
     by default, like the CLI, ``check`` uses bucket and ``batch`` sync.
 
     Raises :class:`ValueError` for bad settings and :class:`PsiError` when
@@ -127,8 +129,8 @@ class Client:
         config: Optional[Path] = None,
         mode: Optional[str] = None,
     ) -> None:
-        if mode not in (None, "bucket", "sync"):
-            raise ValueError(f'mode must be "bucket" or "sync", not {mode!r}')
+        if mode not in (None, "bucket", "sync", "pir"):
+            raise ValueError(f'mode must be "bucket", "sync" or "pir", not {mode!r}')
         ca, cert, key = _tls_files(tls)
         self._session = _native.Session(
             server, purpose, ca, cert, key, pin_key, cache_dir, concurrency, config

@@ -69,8 +69,9 @@ fn query_mode(mode: &str) -> PyResult<QueryMode> {
     match mode {
         "bucket" => Ok(QueryMode::Bucket),
         "sync" => Ok(QueryMode::Sync),
+        "pir" => Ok(QueryMode::Pir),
         other => Err(PyValueError::new_err(format!(
-            "mode must be \"bucket\" or \"sync\", not {other:?}"
+            "mode must be \"bucket\", \"sync\" or \"pir\", not {other:?}"
         ))),
     }
 }
@@ -175,6 +176,18 @@ impl Session {
         d.set_item("max_batch", info.max_batch)?;
         d.set_item("max_bucket_batch", info.max_bucket_batch)?;
         d.set_item("tag_bits", info.tag_bits)?;
+        // psi.v1.QueryMode numbers.
+        let modes: Vec<&str> = info
+            .modes
+            .iter()
+            .filter_map(|m| match m {
+                1 => Some("sync"),
+                2 => Some("bucket"),
+                3 => Some("pir"),
+                _ => None,
+            })
+            .collect();
+        d.set_item("modes", modes)?;
         Ok(d)
     }
 

@@ -9,7 +9,7 @@ PAIRS = [(name, id_) for _, name, id_, _ in QUERIES]
 EXPECTED = [expected for *_, expected in QUERIES]
 
 
-@pytest.mark.parametrize("mode", ["bucket", "sync"])
+@pytest.mark.parametrize("mode", ["bucket", "sync", "pir"])
 def test_check_answers_every_row_right(client, mode):
     for what, name, id_, expected in QUERIES:
         answer = client.check(name, id_, mode=mode)
@@ -134,6 +134,7 @@ def test_server_info_and_trust_on_first_use(server, tmp_path):
     assert first.trusted_on_first_use
     info = first.info
     assert info["registry_size"] == 6 and len(info["public_key"]) == 64
+    assert info["modes"] == ["sync", "bucket", "pir"]
     again = server.client(cache_dir=tmp_path / "cache")
     assert not again.trusted_on_first_use
     pinned = server.client(cache_dir=tmp_path / "other", pin_key=info["public_key"])
@@ -159,7 +160,7 @@ def test_bad_settings_are_value_errors(server, tmp_path):
     with pytest.raises(ValueError, match="missing key"):
         psi_match.Client(server=server.url, purpose=PURPOSE, tls={"ca": server.tls.ca, "cert": server.tls.cert})
     with pytest.raises(ValueError, match="mode"):
-        psi_match.Client(server=server.url, purpose=PURPOSE, tls=server.tls, mode="pir")
+        psi_match.Client(server=server.url, purpose=PURPOSE, tls=server.tls, mode="psi")
     with pytest.raises(ValueError, match="reading"):
         psi_match.Client(server=server.url, purpose=PURPOSE, tls=(tmp_path / "no.pem",) * 3)
 

@@ -1679,3 +1679,118 @@ async fn malformed_pir_requests_are_refused_and_the_server_stays_up() {
     );
     f.running.shutdown().await.unwrap();
 }
+
+async fn start_with_limits(data_dir: &Path, limits: Limits) -> Running {
+    serve::start(ServeConfig {
+        data_dir: data_dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        limits,
+        request_timeout: Duration::from_secs(30),
+        reload_interval: Duration::from_millis(50),
+        tls: None,
+        audit_db: data_dir.join(psi_server::audit::AUDIT_FILE).into(),
+        policy: None,
+        admin_listen: None,
+        net: Default::default(),
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pir_limits_hold_concurrent_answers_and_the_database_size() {
+    let f = fixture(100).await;
+    f.running.shutdown().await.unwrap();
+
+    // A database over pir_max_database_bytes: served without PIR mode, and
+    // a PIR request says so.
+    let running = start_with_limits(
+        &f.data_dir,
+        Limits {
+            pir_max_database_bytes: 1 << 20,
+            ..Limits::default()
+        },
+    )
+    .await;
+    let url = format!("http://{}", running.local_addr);
+    let session = connect(&url, &f.root.join("cache"), None).await.unwrap();
+    assert!(session.info().pir.is_none());
+    assert!(!session
+        .info()
+        .modes
+        .contains(&(psi_proto::v1::QueryMode::Pir as i32)));
+    let e = check(&session, "张伟", "11010519491231002X", QueryMode::Pir)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("does not offer PIR mode"),
+        "{e:#}"
+    );
+    running.shutdown().await.unwrap();
+
+    // One PIR answer at a time: of several sent at once, the others are
+    // refused with RESOURCE_EXHAUSTED and a retry delay; the client's own
+    // checks wait it out and all answer.
+    let running = start_with_limits(
+        &f.data_dir,
+        Limits {
+            pir_max_concurrent: 1,
+            ..Limits::default()
+        },
+    )
+    .await;
+    let url = format!("http://{}", running.local_addr);
+    let session = connect(&url, &f.root.join("cache"), None).await.unwrap();
+    let info = session.info().pir.clone().unwrap();
+    let epoch = session.info().key_epoch;
+    let shape = psi_client::pir::shape_of(&info).unwrap();
+    let mut client = psi_pir::PirClient::new(shape, &[8; 32]).unwrap();
+    let raw = MatchClient::connect(url.clone())
+        .await
+        .unwrap()
+        .max_encoding_message_size(64 << 20);
+    let keys_id = raw
+        .clone()
+        .pir_setup(with_purpose(PirSetupRequest {
+            key_epoch: epoch,
+            nu1: info.nu1,
+            nu2: info.nu2,
+            public_parameters: client.public_parameters(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .keys_id;
+    let good = psi_proto::pack([&curve25519_dalek_basepoint()]);
+    let calls = (0..4).map(|_| {
+        let mut c = raw.clone();
+        let req = PirQueryRequest {
+            key_epoch: epoch,
+            keys_id: keys_id.clone(),
+            blinded_elements: good.clone(),
+            queries: vec![client.query(0).unwrap()],
+        };
+        async move { c.pir_query(with_purpose(req)).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(results.iter().any(Result::is_ok));
+    assert!(!refused.is_empty(), "pir_max_concurrent must have applied");
+    assert!(
+        refused.iter().all(|e| e.code() == Code::ResourceExhausted
+            && e.metadata().get(psi_proto::RETRY_AFTER_MS).is_some()),
+        "{refused:?}"
+    );
+    let pairs = [
+        ("张伟", "11010519491231002X"),
+        ("赵敏", "610104196209276908"),
+    ];
+    let both = futures::future::join_all(
+        pairs
+            .iter()
+            .map(|(n, i)| check(&session, n, i, QueryMode::Pir)),
+    )
+    .await;
+    assert!(both.into_iter().all(|a| a.unwrap() == CheckOutcome::Match));
+    running.shutdown().await.unwrap();
+}
