@@ -384,19 +384,11 @@ impl Views {
         let mut view = self.get().await?;
         let mut rotations = 0;
         loop {
-            let lookup = view.lookup.as_deref();
-            match answer_chunk(
-                &view.session,
-                lookup,
-                self.mode,
-                chunk,
-                columns,
-                name_col,
-                id_col,
-                today,
-            )
-            .await
-            {
+            let how = match view.lookup.as_deref() {
+                Some(lookup) => Answering::Locally(lookup),
+                None => Answering::Remotely(self.mode),
+            };
+            match answer_chunk(&view.session, how, chunk, columns, name_col, id_col, today).await {
                 Ok(answers) => return Ok((answers, view)),
                 Err(e) if is_stale_epoch(&e) && rotations < 3 => {
                     rotations += 1;
@@ -893,10 +885,16 @@ fn partial_path(output: &Path) -> PathBuf {
     output.with_file_name(name)
 }
 
+/// How a chunk's rows are answered: against the synced tag set, or by
+/// asking the server (bucket or PIR mode).
+enum Answering<'a> {
+    Locally(&'a TagLookup),
+    Remotely(QueryMode),
+}
+
 async fn answer_chunk(
     session: &Session,
-    lookup: Option<&TagLookup>,
-    mode: QueryMode,
+    how: Answering<'_>,
     chunk: &Chunk,
     columns: usize,
     name_col: usize,
@@ -932,8 +930,8 @@ async fn answer_chunk(
         .iter()
         .filter_map(|p| p.as_ref().ok().cloned())
         .collect();
-    let mut found = match lookup {
-        Some(lookup) => {
+    let mut found = match how {
+        Answering::Locally(lookup) => {
             let inputs: Vec<Vec<u8>> = valid.iter().map(Record::encode).collect();
             let outputs = session.evaluate(inputs).await?;
             outputs
@@ -941,8 +939,8 @@ async fn answer_chunk(
                 .map(|o| lookup.contains(o.tag()))
                 .collect::<Vec<_>>()
         }
-        None if mode == QueryMode::Pir => session.pir_check(&valid).await?,
-        None => session.bucket_check(&valid).await?,
+        Answering::Remotely(QueryMode::Pir) => session.pir_check(&valid).await?,
+        Answering::Remotely(_) => session.bucket_check(&valid).await?,
     }
     .into_iter();
     parsed

@@ -104,7 +104,6 @@ impl PirState {
 
     /// Work that makes fresh public parameters for this state's secret key
     /// (about a second of CPU: run it off the async threads).
-    #[must_use]
     pub fn public_parameters_task(&self) -> impl FnOnce() -> Result<Vec<u8>> + Send + 'static {
         let shape = self.client.shape();
         let seed = self.seed.clone();

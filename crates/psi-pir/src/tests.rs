@@ -202,3 +202,53 @@ const ITEM_DIGEST: &str = "7bf0572f89f6910193ded9901da4256b79cc14306bcd780572c91
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+mod arbitrary_bytes {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    fn world() -> &'static (Shape, Database, Keys, PirClient) {
+        static W: OnceLock<(Shape, Database, Keys, PirClient)> = OnceLock::new();
+        W.get_or_init(|| {
+            let shape = small();
+            let db = Database::build(shape, 1, tags_of).expect("build");
+            let mut client = PirClient::new(shape, &[4; 32]).expect("c");
+            let keys = Keys::parse(shape, &client.public_parameters()).expect("keys");
+            (shape, db, keys, client)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+
+        /// Queries of any bytes are refused before the scheme sees them
+        /// (random words are out of range w.h.p.), never a panic.
+        #[test]
+        fn queries_of_arbitrary_bytes_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..20_000), exact in any::<bool>()) {
+            let (shape, db, keys, _) = world();
+            let q: Vec<u8> = if exact {
+                bytes.iter().copied().chain(std::iter::repeat(0xff)).take(shape.query_bytes()).collect()
+            } else {
+                bytes
+            };
+            prop_assert!(db.answer(keys, &q).is_err());
+        }
+
+        /// Answers of any bytes are an error, never an item.
+        #[test]
+        fn answers_of_arbitrary_bytes_are_errors(seed in any::<u64>(), bucket in 0u32..512) {
+            let (shape, _, _, client) = world();
+            let mut x = seed | 1;
+            let answer: Vec<u8> = (0..shape.answer_bytes())
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            prop_assert_eq!(client.decode(bucket, 1, &answer), Err(Error::Integrity));
+        }
+    }
+}
