@@ -257,6 +257,32 @@ impl Sweep {
                 ),
             ],
         )?;
+        let pir = |f: fn(&PointResult) -> f64| self.series("pir", f);
+        line_chart(
+            &dir.join("modes.svg"),
+            "Per check by mode: server CPU (ms) and bytes (KiB)",
+            "ms or KiB",
+            &[
+                (
+                    "sync: server CPU ms/row",
+                    sync(|p| p.server_cpu_us_per_element / 1e3),
+                ),
+                (
+                    "bucket: server CPU ms/row",
+                    bucket(|p| p.server_cpu_us_per_element / 1e3),
+                ),
+                (
+                    "pir: server CPU ms/row",
+                    pir(|p| p.server_cpu_us_per_element / 1e3),
+                ),
+                (
+                    "sync: KiB/row after the download",
+                    sync(|p| p.wire_bytes_per_query / 1024.0),
+                ),
+                ("bucket: KiB/check", bucket(|p| p.check_wire_bytes / 1024.0)),
+                ("pir: KiB/check", pir(|p| p.check_wire_bytes / 1024.0)),
+            ],
+        )?;
         let c = &self.core;
         let mut bars = vec![
             ("floor: one scalar multiplication", c.floor_us),
@@ -323,6 +349,74 @@ impl Sweep {
                 t(sync.sync_bytes as f64, 1.0),
                 t(1e6 * sync.wire_bytes_per_query, 1.0),
                 t(1e6 * bucket.wire_bytes_per_query, 1.0),
+            );
+        }
+        s
+    }
+
+    /// The three modes side by side at each registry size measured in all
+    /// three: what a first use and each check cost, and what the operator
+    /// learns.
+    #[must_use]
+    pub fn mode_comparison(&self) -> String {
+        let mut s = String::from("| N | mode | first use (bytes) | bytes per check | check p50 ms | server CPU ms/query | the operator learns of each pair |\n|---|---|---|---|---|---|---|\n");
+        let mut sizes: Vec<u64> = self.points.iter().map(|p| p.registry_size).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let max = self.max_threads();
+        for n in sizes {
+            let at = |mode: &str| {
+                self.points.iter().find(|p| {
+                    p.registry_size == n
+                        && p.mode == mode
+                        && p.server_threads == max
+                        && p.blinding == "additive"
+                })
+            };
+            let (Some(sy), Some(bu), Some(pi)) = (at("sync"), at("bucket"), at("pir")) else {
+                continue;
+            };
+            let bits = psi_core::bucket::prefix_bits_for(n);
+            let _ = writeln!(
+                s,
+                "| {n} | sync | {} (the tag set) | {:.0} (per batch row) | local lookup | {:.3} | nothing |",
+                sy.sync_bytes,
+                sy.wire_bytes_per_query,
+                sy.server_cpu_us_per_element / 1e3
+            );
+            let _ = writeln!(
+                s,
+                "| {n} | bucket | 0 | {:.0} | {:.1} | {:.3} | its bucket: one of 2^{bits} (~{} entries) |",
+                bu.check_wire_bytes,
+                bu.check_p50_ms,
+                bu.server_cpu_us_per_element / 1e3,
+                n >> bits
+            );
+            let _ = writeln!(
+                s,
+                "| {n} | pir | {} (public parameters, once per key epoch) | {:.0} | {:.1} | {:.0} | nothing |",
+                pi.pir_first_check_bytes,
+                pi.check_wire_bytes,
+                pi.check_p50_ms,
+                pi.server_cpu_us_per_element / 1e3
+            );
+        }
+        s.push_str("\nIn every mode the operator learns who asked, the declared purpose, when, and how many pairs (the audit trail); the institution learns yes or no for each pair it asked. Server CPU per query is the batch's (sync: an evaluation; bucket: an evaluation and a bucket read; pir: an evaluation and a pass over the whole PIR database).\n\n");
+        s.push_str("| N | PIR database MiB | build s | build RSS MiB | first check bytes / s | check p50 / p99 ms | `psi-client check` p50 ms | server CPU ms/check |\n|---|---|---|---|---|---|---|---|\n");
+        for p in self.points.iter().filter(|p| p.mode == "pir") {
+            let _ = writeln!(
+                s,
+                "| {} | {:.1} | {:.2} | {:.1} | {} / {:.2} | {:.0} / {:.0} | {:.0} | {:.0} |",
+                p.registry_size,
+                p.pir_database_bytes as f64 / 1048576.0,
+                p.pir_build_seconds,
+                p.pir_build_rss_bytes as f64 / 1048576.0,
+                p.pir_first_check_bytes,
+                p.pir_first_check_seconds,
+                p.check_p50_ms,
+                p.check_p99_ms,
+                p.cli_check_p50_ms,
+                p.check_server_cpu_ms,
             );
         }
         s
@@ -439,6 +533,11 @@ impl Sweep {
             s,
             "### Communication model\n\n{}",
             self.communication_model()
+        );
+        let _ = writeln!(
+            s,
+            "### The three modes compared\n\n{}",
+            self.mode_comparison()
         );
         let _ = writeln!(s, "### Charts\n\n{charts}");
         s

@@ -24,7 +24,7 @@ pub struct PointSpec {
     pub registry_size: u64,
     /// Rows in the batch (half registered, half not).
     pub queries: u64,
-    /// `sync` or `bucket`.
+    /// `sync`, `bucket` or `pir`.
     pub mode: String,
     /// Rayon threads of the server process.
     pub server_threads: usize,
@@ -81,6 +81,29 @@ pub struct PointResult {
     pub server_peak_rss_bytes: u64,
     /// Peak resident memory of the client (this process, reset at the start).
     pub client_peak_rss_bytes: u64,
+    /// Server CPU per single check, in milliseconds (both cores' time).
+    #[serde(default)]
+    pub check_server_cpu_ms: f64,
+    /// PIR mode: bytes of the first check, which registers the client's
+    /// public parameters (once per institution and key epoch).
+    #[serde(default)]
+    pub pir_first_check_bytes: u64,
+    /// PIR mode: wall time of that first check.
+    #[serde(default)]
+    pub pir_first_check_seconds: f64,
+    /// PIR mode: bytes the server holds for the database.
+    #[serde(default)]
+    pub pir_database_bytes: u64,
+    /// PIR mode: building the database from the loaded index, seconds.
+    #[serde(default)]
+    pub pir_build_seconds: f64,
+    /// PIR mode: the server's resident memory growth while building it.
+    #[serde(default)]
+    pub pir_build_rss_bytes: u64,
+    /// Median of single checks run as `psi-client check` processes (process
+    /// start, connection and pinning included).
+    #[serde(default)]
+    pub cli_check_p50_ms: f64,
 }
 
 /// CPU seconds (user + system) of a process, from `/proc/PID/stat`.
@@ -182,14 +205,26 @@ where
 /// # Errors
 /// If it is not there.
 pub fn server_binary() -> Result<PathBuf> {
+    sibling_binary("psi-server")
+}
+
+/// The `psi-client` binary built beside this one.
+///
+/// # Errors
+/// When it has not been built.
+pub fn client_binary() -> Result<PathBuf> {
+    sibling_binary("psi-client")
+}
+
+fn sibling_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe
         .parent()
-        .map(|d| d.join("psi-server"))
-        .context("locating psi-server")?;
+        .map(|d| d.join(name))
+        .with_context(|| format!("locating {name}"))?;
     if !path.exists() {
         bail!(
-            "{} is missing: build it with the same profile (`cargo build --release -p psi-server`)",
+            "{} is missing: build it with the same profile (`cargo build --release -p {name}`)",
             path.display()
         );
     }
@@ -303,6 +338,13 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
                 "--data-dir",
             ])
             .arg(&data)
+            // PIR mode's database only where it is measured: the other
+            // modes' memory figures stay those of the index and tag set.
+            .args(if spec.mode == "pir" {
+                Vec::new()
+            } else {
+                vec!["--pir-max-database-bytes", "0"]
+            })
             .arg("--audit-db")
             .arg(cache.path().join("audit.sqlite"))
             .env("RAYON_NUM_THREADS", spec.server_threads.to_string())
@@ -348,11 +390,23 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
         memory_bytes_per_entry: status_bytes(&pid, "VmRSS:") as f64 / spec.registry_size as f64,
         ..PointResult::default()
     };
-    let mode = if spec.mode == "bucket" {
-        QueryMode::Bucket
-    } else {
-        QueryMode::Sync
+    let mode = match spec.mode.as_str() {
+        "bucket" => QueryMode::Bucket,
+        "pir" => QueryMode::Pir,
+        _ => QueryMode::Sync,
     };
+    // The first PIR check registers the client's public parameters: timed
+    // and counted apart (once per institution and key epoch).
+    let people: Vec<_> = Generator::new(1, today())?.take(spec.checks + 1).collect();
+    if mode == QueryMode::Pir {
+        let first = people.last().context("no people")?;
+        let (before, t) = (relay.total(), Instant::now());
+        if check(&session, &first.name, &first.id, mode).await? != CheckOutcome::Match {
+            bail!("a registered person did not match");
+        }
+        r.pir_first_check_seconds = t.elapsed().as_secs_f64();
+        r.pir_first_check_bytes = relay.total() - before;
+    }
     if mode == QueryMode::Sync {
         let before = relay.total();
         let t = Instant::now();
@@ -389,12 +443,16 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
     r.client_cpu_us_per_element = (cpu_seconds("self")? - client_cpu) * 1e6 / rows;
     r.wire_bytes_per_query = (relay.total() - bytes) as f64 / rows;
 
-    let people: Vec<_> = Generator::new(1, today())?.take(spec.checks).collect();
+    let single = if mode == QueryMode::Pir {
+        QueryMode::Pir
+    } else {
+        QueryMode::Bucket
+    };
     let mut latencies = Vec::with_capacity(spec.checks);
-    let bytes = relay.total();
-    for p in &people {
+    let (bytes, server_cpu) = (relay.total(), cpu_seconds(&pid)?);
+    for p in people.iter().take(spec.checks) {
         let t = Instant::now();
-        let outcome = check(&session, &p.name, &p.id, QueryMode::Bucket).await?;
+        let outcome = check(&session, &p.name, &p.id, single).await?;
         latencies.push(t.elapsed());
         if outcome != CheckOutcome::Match {
             bail!("a registered person did not match");
@@ -402,13 +460,69 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
     }
     latencies.sort();
     r.check_wire_bytes = (relay.total() - bytes) as f64 / spec.checks.max(1) as f64;
+    r.check_server_cpu_ms = (cpu_seconds(&pid)? - server_cpu) * 1e3 / spec.checks.max(1) as f64;
+    if mode == QueryMode::Pir {
+        r.cli_check_p50_ms = cli_checks(&relay_addr.to_string(), cache.path(), &people, 10)?;
+    }
     r.check_p50_ms = percentile(&latencies, 0.50);
     r.check_p95_ms = percentile(&latencies, 0.95);
     r.check_p99_ms = percentile(&latencies, 0.99);
     r.server_peak_rss_bytes = status_bytes(&pid, "VmHWM:");
     r.client_peak_rss_bytes = status_bytes("self", "VmHWM:");
     drop(server);
+    if mode == QueryMode::Pir {
+        // The database as the server builds it, from the loaded snapshot.
+        let snap = psi_server::registry::Snapshot::load(&data)?;
+        let rss = status_bytes("self", "VmRSS:");
+        let t = Instant::now();
+        let db = psi_server::pir::database_for(&snap, None, usize::MAX)?
+            .context("no PIR database for this registry")?;
+        r.pir_build_seconds = t.elapsed().as_secs_f64();
+        r.pir_database_bytes = db.bytes() as u64;
+        r.pir_build_rss_bytes = status_bytes("self", "VmRSS:").saturating_sub(rss);
+    }
     Ok(r)
+}
+
+/// The median of `n` single checks in PIR mode, each a `psi-client check`
+/// process of its own (start, connect, pin, check, exit), sharing the
+/// cache directory where the registered parameters' id is kept.
+fn cli_checks(
+    server: &str,
+    cache: &Path,
+    people: &[psi_server::synth::Person],
+    n: usize,
+) -> Result<f64> {
+    let client = client_binary()?;
+    let mut latencies = Vec::with_capacity(n);
+    for p in people.iter().take(n) {
+        let t = Instant::now();
+        let out = Command::new(&client)
+            .args([
+                "check",
+                "--mode",
+                "pir",
+                "--purpose",
+                "benchmark",
+                "--server",
+            ])
+            .arg(format!("http://{server}"))
+            .arg("--cache-dir")
+            .arg(cache)
+            .args(["--name", &p.name, "--id", &p.id])
+            .stderr(Stdio::null())
+            .output()
+            .context("running psi-client check")?;
+        latencies.push(t.elapsed());
+        if !out.status.success() {
+            bail!(
+                "psi-client check --mode pir failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+    latencies.sort();
+    Ok(percentile(&latencies, 0.50))
 }
 
 #[cfg(test)]

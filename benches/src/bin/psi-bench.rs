@@ -77,6 +77,13 @@ struct SweepArgs {
     /// Rows of the bucket-mode batch (it downloads a bucket per row) [default: 10000; quick: 200].
     #[arg(long)]
     bucket_queries: Option<u64>,
+    /// Rows of the PIR-mode batch (each costs a pass over the PIR database)
+    /// [default: 20; quick: 4].
+    #[arg(long)]
+    pir_queries: Option<u64>,
+    /// Single PIR-mode checks timed per point [default: 20; quick: 5].
+    #[arg(long)]
+    pir_checks: Option<usize>,
     /// Thread counts (server and client alike) swept at the thread-sweep size.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
@@ -432,7 +439,7 @@ fn publish(
         // Chart links relative to the Markdown file.
         let base = md.parent().unwrap_or(std::path::Path::new(""));
         let rel = out.strip_prefix(base).unwrap_or(out);
-        let charts: String = ["throughput", "latency", "bytes", "per-element"]
+        let charts: String = ["throughput", "latency", "bytes", "modes", "per-element"]
             .iter()
             .map(|c| format!("![{c}]({}/{c}.svg)\n", rel.display()))
             .collect();
@@ -460,6 +467,8 @@ fn sweep(args: &SweepArgs) -> Result<()> {
         .bucket_queries
         .unwrap_or(if quick { 200 } else { 10_000 });
     let checks = args.checks.unwrap_or(if quick { 50 } else { 300 });
+    let pir_queries = args.pir_queries.unwrap_or(if quick { 4 } else { 20 });
+    let pir_checks = args.pir_checks.unwrap_or(if quick { 5 } else { 20 });
     let openmined_max = args
         .openmined_max
         .unwrap_or(if quick { 1_000 } else { 1_000_000 });
@@ -502,6 +511,15 @@ fn sweep(args: &SweepArgs) -> Result<()> {
                 checks,
             });
         }
+        specs.push(PointSpec {
+            registry_size: n,
+            queries: pir_queries.min(n).max(2),
+            mode: "pir".into(),
+            server_threads: max_threads,
+            client_threads: max_threads,
+            blinding: "additive".into(),
+            checks: pir_checks,
+        });
     }
     for &t in args.threads.iter().filter(|&&t| t != max_threads) {
         specs.push(PointSpec {

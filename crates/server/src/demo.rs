@@ -223,7 +223,7 @@ async fn client_side(dir: &Path, url: &str, count: u64) -> Result<()> {
     );
 
     let mut outputs = Vec::new();
-    for mode in [QueryMode::Sync, QueryMode::Bucket] {
+    for mode in [QueryMode::Sync, QueryMode::Bucket, QueryMode::Pir] {
         let output = dir.join(format!(
             "answers-{}.csv",
             format!("{mode:?}").to_lowercase()
@@ -269,36 +269,37 @@ async fn client_side(dir: &Path, url: &str, count: u64) -> Result<()> {
         rows.push(answers);
     }
     println!(
-        "\n   {:<55} {:<10} {:<10} reason",
-        "query (synthetic people)", "sync", "bucket"
+        "\n   {:<55} {:<10} {:<10} {:<10} reason",
+        "query (synthetic people)", "sync", "bucket", "pir"
     );
     let mut wrong = 0;
     for (i, (note, _, _, want)) in queries.iter().enumerate() {
-        let sync = rows
-            .first()
-            .and_then(|r| r.get(i))
-            .cloned()
-            .unwrap_or_default();
-        let bucket = rows
-            .get(1)
-            .and_then(|r| r.get(i))
-            .cloned()
-            .unwrap_or_default();
-        if sync.0 != *want || bucket.0 != *want {
+        let got: Vec<(String, String)> = rows
+            .iter()
+            .map(|r| r.get(i).cloned().unwrap_or_default())
+            .collect();
+        if got.iter().any(|g| g.0 != *want) {
             wrong += 1;
         }
-        println!("   {note:<55} {:<10} {:<10} {}", sync.0, bucket.0, sync.1);
+        let col = |m: usize| got.get(m).map_or("", |g| g.0.as_str());
+        let reason = got.first().map_or("", |g| g.1.as_str());
+        println!(
+            "   {note:<55} {:<10} {:<10} {:<10} {reason}",
+            col(0),
+            col(1),
+            col(2)
+        );
     }
     let first = registered.first().context("empty registry")?;
-    let single = check(&session, &first.name, &first.id, QueryMode::Bucket).await?;
-    println!("\n6. single check in bucket mode of the first registered pair: {single:?}");
+    let single = check(&session, &first.name, &first.id, QueryMode::Pir).await?;
+    println!("\n6. single check in PIR mode of the first registered pair (the server learns nothing of it): {single:?}");
     println!(
         "   answers written to {}",
         outputs
             .iter()
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
-            .join(" and ")
+            .join(", ")
     );
     if wrong > 0 || single != CheckOutcome::Match {
         bail!("{wrong} answers differ from the expected ones");
