@@ -533,6 +533,42 @@ mod tests {
     }
 
     #[test]
+    fn pir_settings_have_safe_defaults_and_bounds() {
+        let d = data_dir();
+        let base = ServeArgs {
+            data_dir: Some(d.path().into()),
+            ..ServeArgs::default()
+        };
+        let cfg = base.clone().resolve().unwrap();
+        assert_eq!(
+            (
+                cfg.limits.pir_max_batch,
+                cfg.limits.pir_max_concurrent,
+                cfg.limits.pir_keys_cache_bytes,
+                cfg.limits.pir_max_database_bytes
+            ),
+            (4, 2, 1 << 30, 4 << 30)
+        );
+        let err = |args: ServeArgs| args.resolve().unwrap_err().to_string();
+        assert!(err(ServeArgs { pir_max_batch: Some(0), ..base.clone() }).contains("pir_max_batch"));
+        assert!(err(ServeArgs { pir_max_batch: Some(65), ..base.clone() }).contains("pir_max_batch"));
+        assert!(err(ServeArgs { pir_max_concurrent: Some(0), ..base.clone() })
+            .contains("pir_max_concurrent"));
+        assert!(err(ServeArgs { pir_keys_cache_bytes: Some(1 << 20), ..base.clone() })
+            .contains("pir_keys_cache_bytes"));
+        // PIR's public parameters need room in a message, unless PIR is off.
+        assert!(err(ServeArgs { max_message_bytes: Some(4 << 20), ..base.clone() })
+            .contains("PIR mode's public parameters"));
+        assert!(ServeArgs {
+            max_message_bytes: Some(4 << 20),
+            pir_max_database_bytes: Some(0),
+            ..base
+        }
+        .resolve()
+        .is_ok());
+    }
+
+    #[test]
     fn flags_override_the_file_and_errors_are_specific() {
         let d = data_dir();
         let cfg_path = d.path().join("psi.toml");
