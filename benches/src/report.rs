@@ -402,17 +402,19 @@ impl Sweep {
             );
         }
         s.push_str("\nIn every mode the operator learns who asked, the declared purpose, when, and how many pairs (the audit trail); the institution learns yes or no for each pair it asked. Server CPU per query is the batch's (sync: an evaluation; bucket: an evaluation and a bucket read; pir: an evaluation and a pass over the whole PIR database).\n\n");
-        s.push_str("| N | PIR database MiB | build s | build RSS MiB | first check bytes / s | check p50 / p99 ms | `psi-client check` p50 ms | server CPU ms/check |\n|---|---|---|---|---|---|---|---|\n");
+        s.push_str("| N | PIR database MiB | build s | build RSS MiB | first check bytes / s | bytes up / down per check | check p50 / p99 ms | `psi-client check` p50 ms | server CPU ms/check |\n|---|---|---|---|---|---|---|---|---|\n");
         for p in self.points.iter().filter(|p| p.mode == "pir") {
             let _ = writeln!(
                 s,
-                "| {} | {:.1} | {:.2} | {:.1} | {} / {:.2} | {:.0} / {:.0} | {:.0} | {:.0} |",
+                "| {} | {:.1} | {:.2} | {:.1} | {} / {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} | {:.0} |",
                 p.registry_size,
                 p.pir_database_bytes as f64 / 1048576.0,
                 p.pir_build_seconds,
                 p.pir_build_rss_bytes as f64 / 1048576.0,
                 p.pir_first_check_bytes,
                 p.pir_first_check_seconds,
+                p.check_bytes_up,
+                p.check_wire_bytes - p.check_bytes_up,
                 p.check_p50_ms,
                 p.check_p99_ms,
                 p.cli_check_p50_ms,

@@ -81,6 +81,9 @@ pub struct PointResult {
     pub server_peak_rss_bytes: u64,
     /// Peak resident memory of the client (this process, reset at the start).
     pub client_peak_rss_bytes: u64,
+    /// Of `check_wire_bytes`, the bytes from client to server.
+    #[serde(default)]
+    pub check_bytes_up: f64,
     /// Server CPU per single check, in milliseconds (both cores' time).
     #[serde(default)]
     pub check_server_cpu_ms: f64,
@@ -449,7 +452,7 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
         QueryMode::Bucket
     };
     let mut latencies = Vec::with_capacity(spec.checks);
-    let (bytes, server_cpu) = (relay.total(), cpu_seconds(&pid)?);
+    let (bytes, up, server_cpu) = (relay.total(), relay.up.load(Relaxed), cpu_seconds(&pid)?);
     for p in people.iter().take(spec.checks) {
         let t = Instant::now();
         let outcome = check(&session, &p.name, &p.id, single).await?;
@@ -460,6 +463,7 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
     }
     latencies.sort();
     r.check_wire_bytes = (relay.total() - bytes) as f64 / spec.checks.max(1) as f64;
+    r.check_bytes_up = (relay.up.load(Relaxed) - up) as f64 / spec.checks.max(1) as f64;
     r.check_server_cpu_ms = (cpu_seconds(&pid)? - server_cpu) * 1e3 / spec.checks.max(1) as f64;
     if mode == QueryMode::Pir {
         r.cli_check_p50_ms = cli_checks(&relay_addr.to_string(), cache.path(), &people, 10)?;
