@@ -550,15 +550,32 @@ mod tests {
             (4, 2, 1 << 30, 4 << 30)
         );
         let err = |args: ServeArgs| args.resolve().unwrap_err().to_string();
-        assert!(err(ServeArgs { pir_max_batch: Some(0), ..base.clone() }).contains("pir_max_batch"));
-        assert!(err(ServeArgs { pir_max_batch: Some(65), ..base.clone() }).contains("pir_max_batch"));
-        assert!(err(ServeArgs { pir_max_concurrent: Some(0), ..base.clone() })
-            .contains("pir_max_concurrent"));
-        assert!(err(ServeArgs { pir_keys_cache_bytes: Some(1 << 20), ..base.clone() })
-            .contains("pir_keys_cache_bytes"));
+        assert!(err(ServeArgs {
+            pir_max_batch: Some(0),
+            ..base.clone()
+        })
+        .contains("pir_max_batch"));
+        assert!(err(ServeArgs {
+            pir_max_batch: Some(65),
+            ..base.clone()
+        })
+        .contains("pir_max_batch"));
+        assert!(err(ServeArgs {
+            pir_max_concurrent: Some(0),
+            ..base.clone()
+        })
+        .contains("pir_max_concurrent"));
+        assert!(err(ServeArgs {
+            pir_keys_cache_bytes: Some(1 << 20),
+            ..base.clone()
+        })
+        .contains("pir_keys_cache_bytes"));
         // PIR's public parameters need room in a message, unless PIR is off.
-        assert!(err(ServeArgs { max_message_bytes: Some(4 << 20), ..base.clone() })
-            .contains("PIR mode's public parameters"));
+        assert!(err(ServeArgs {
+            max_message_bytes: Some(4 << 20),
+            ..base.clone()
+        })
+        .contains("PIR mode's public parameters"));
         assert!(ServeArgs {
             max_message_bytes: Some(4 << 20),
             pir_max_database_bytes: Some(0),
