@@ -479,7 +479,7 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
         let snap = psi_server::registry::Snapshot::load(&data)?;
         let rss = status_bytes("self", "VmRSS:");
         let t = Instant::now();
-        let db = psi_server::pir::database_for(&snap, None, usize::MAX)?
+        let db = psi_server::pir::database_for(&snap, None, usize::MAX, usize::MAX)?
             .context("no PIR database for this registry")?;
         r.pir_build_seconds = t.elapsed().as_secs_f64();
         r.pir_database_bytes = db.bytes() as u64;

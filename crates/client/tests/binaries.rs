@@ -177,6 +177,17 @@ fn init_serve_batch_check_with_the_real_binaries() {
         "11010519491231002X",
     ]));
     assert_eq!((code, out.trim()), (0, "match"));
+    // PIR mode: the first check registers the public parameters, the
+    // second (another process) reuses the registration.
+    for (name, id, want) in [
+        ("张伟", "11010519491231002X", (0, "match")),
+        ("张三", "11010519491231002X", (1, "no_match")),
+    ] {
+        let (code, out, err) = run(&mut client(&[
+            "check", "--mode", "pir", "--name", name, "--id", id,
+        ]));
+        assert_eq!((code, out.trim()), want, "{err}");
+    }
 
     let input = root.join("in.csv");
     let mut first_rows = String::from("name,id,ref\n");
@@ -242,7 +253,10 @@ fn init_serve_batch_check_with_the_real_binaries() {
         "{out}"
     );
     assert!(
-        out.contains(",Evaluate,sync,") && out.contains(",BucketQuery,bucket,"),
+        out.contains(",Evaluate,sync,")
+            && out.contains(",BucketQuery,bucket,")
+            && out.contains(",PirQuery,pir,")
+            && out.matches(",PirSetup,pir,").count() == 1,
         "{out}"
     );
     assert!(

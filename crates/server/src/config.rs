@@ -407,13 +407,6 @@ impl ServeArgs {
                 limits.pir_keys_cache_bytes
             );
         }
-        // A PirSetup message carries about 7.2 MB of public parameters.
-        if limits.pir_max_database_bytes > 0 && limits.max_message_bytes < 8 << 20 {
-            bail!(
-                "max_message_bytes {} is too small for PIR mode's public parameters: at least 8388608, or pir_max_database_bytes = 0",
-                limits.max_message_bytes
-            );
-        }
         if limits.max_concurrent_per_institution == 0 {
             bail!("max_concurrent_per_institution must be at least 1");
         }
@@ -570,15 +563,10 @@ mod tests {
             ..base.clone()
         })
         .contains("pir_keys_cache_bytes"));
-        // PIR's public parameters need room in a message, unless PIR is off.
-        assert!(err(ServeArgs {
-            max_message_bytes: Some(4 << 20),
-            ..base.clone()
-        })
-        .contains("PIR mode's public parameters"));
+        // Messages too small for PIR's public parameters: the server starts
+        // without PIR mode (see pir::database_for), it does not refuse.
         assert!(ServeArgs {
             max_message_bytes: Some(4 << 20),
-            pir_max_database_bytes: Some(0),
             ..base
         }
         .resolve()

@@ -51,8 +51,9 @@ fn fullest(index: &BucketIndex, shift: u8) -> usize {
 }
 
 /// The PIR database for `snap`, from `prev`'s when only some items
-/// changed; `None` when PIR mode is off (`max_bytes` 0) or the database
-/// would exceed `max_bytes` (logged).
+/// changed; `None` when PIR mode is off (`max_bytes` 0), the database
+/// would exceed `max_bytes`, or a client's public parameters would not fit
+/// in a message of `max_message_bytes` (both logged).
 ///
 /// # Errors
 /// An item that overflows the shape chosen for it (cannot happen: the
@@ -61,6 +62,7 @@ pub fn database_for(
     snap: &Snapshot,
     prev: Option<&Snapshot>,
     max_bytes: usize,
+    max_message_bytes: usize,
 ) -> anyhow::Result<Option<Arc<Database>>> {
     if max_bytes == 0 {
         return Ok(None);
@@ -78,6 +80,15 @@ pub fn database_for(
             database_bytes = shape.database_bytes(),
             pir_max_database_bytes = max_bytes,
             "PIR mode off: the database would exceed pir_max_database_bytes"
+        );
+        return Ok(None);
+    }
+    // The public parameters and the protobuf framing around them.
+    if shape.keys_bytes() + 1024 > max_message_bytes {
+        tracing::warn!(
+            keys_bytes = shape.keys_bytes(),
+            max_message_bytes,
+            "PIR mode off: clients' public parameters would not fit in max_message_bytes"
         );
         return Ok(None);
     }

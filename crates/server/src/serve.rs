@@ -162,13 +162,7 @@ async fn run(
     let reload_interval = cfg.reload_interval;
     let loader = tokio::spawn(async move {
         let stamp = crate::registry::snapshot_stamp(&data_dir);
-        match load(
-            &data_dir,
-            None,
-            loader_state.limits().pir_max_database_bytes,
-        )
-        .await
-        {
+        match load(&data_dir, None, loader_state.limits()).await {
             Ok(snapshot) => {
                 loader_state.publish(snapshot);
                 loader_reporter
@@ -253,7 +247,7 @@ async fn run(
 async fn load(
     data_dir: &std::path::Path,
     prev: Option<Arc<Snapshot>>,
-    pir_max_database_bytes: usize,
+    limits: crate::service::Limits,
 ) -> Result<Snapshot> {
     let started = std::time::Instant::now();
     let dir = data_dir.to_path_buf();
@@ -263,7 +257,12 @@ async fn load(
             None => Snapshot::load(&dir),
         }?;
         // PIR mode's database, from the previous one's where it can.
-        next.pir = crate::pir::database_for(&next, prev.as_deref(), pir_max_database_bytes)?;
+        next.pir = crate::pir::database_for(
+            &next,
+            prev.as_deref(),
+            limits.pir_max_database_bytes,
+            limits.max_message_bytes,
+        )?;
         Ok(next)
     })
     .await
@@ -297,13 +296,7 @@ async fn watch(
         let now = crate::registry::snapshot_stamp(&data_dir);
         if now.is_some() && now != stamp {
             stamp = now;
-            match load(
-                &data_dir,
-                state.snapshot(),
-                state.limits().pir_max_database_bytes,
-            )
-            .await
-            {
+            match load(&data_dir, state.snapshot(), state.limits()).await {
                 Ok(snapshot) => state.publish(snapshot),
                 Err(e) => tracing::error!(
                     "a new registry snapshot failed to load; still serving the previous one: {e:#}"
