@@ -228,6 +228,22 @@ fn write_queries(path: &Path, repeat: usize) -> Vec<&'static str> {
     expected
 }
 
+/// A batch from `input` to `output` in `mode`, `chunk_rows` rows a chunk.
+fn options(input: &Path, output: &Path, mode: QueryMode, chunk_rows: usize) -> BatchOptions {
+    BatchOptions {
+        input: input.to_path_buf(),
+        output: output.to_path_buf(),
+        mode,
+        chunk_rows,
+        file: psi_client::batch::FileFormat::default(),
+        chunks_in_flight: 2,
+        progress: false,
+        resume: false,
+        max_cache_age: Duration::from_secs(3600),
+        no_sync: false,
+    }
+}
+
 /// Every audit record, oldest first, as JSON objects.
 fn audit_records(path: &Path) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
@@ -1268,18 +1284,7 @@ async fn a_key_rotation_is_followed_by_checks_and_batches() {
     // reconnects, follows the endorsement, re-syncs and answers correctly.
     let summary = batch::run(
         &session,
-        &BatchOptions {
-            input,
-            output: f.root.join("out.csv"),
-            mode: QueryMode::Sync,
-            chunk_rows: 16,
-            file: psi_client::batch::FileFormat::default(),
-            chunks_in_flight: 2,
-            progress: false,
-            resume: false,
-            max_cache_age: Duration::from_secs(3600),
-            no_sync: false,
-        },
+        &options(&input, &f.root.join("out.csv"), QueryMode::Sync, 16),
     )
     .await
     .unwrap();
@@ -1431,23 +1436,9 @@ async fn pir_mode_answers_like_the_other_modes_and_the_operator_learns_nothing_o
     let mut results = Vec::new();
     for mode in [QueryMode::Pir, QueryMode::Bucket, QueryMode::Sync] {
         let output = f.root.join(format!("out-{mode:?}.csv"));
-        batch::run(
-            &session,
-            &BatchOptions {
-                input: input.clone(),
-                output: output.clone(),
-                mode,
-                chunk_rows: 8,
-                file: psi_client::batch::FileFormat::default(),
-                chunks_in_flight: 2,
-                progress: false,
-                resume: false,
-                max_cache_age: Duration::from_secs(3600),
-                no_sync: false,
-            },
-        )
-        .await
-        .unwrap();
+        batch::run(&session, &options(&input, &output, mode, 8))
+            .await
+            .unwrap();
         let got: Vec<String> = read_output(&output)
             .iter()
             .map(|r| r[4].to_string())
