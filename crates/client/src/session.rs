@@ -565,7 +565,7 @@ impl Session {
 
     /// PIR mode: whether each record is in the registry; the server learns
     /// neither the records nor their buckets. The first check under a key
-    /// epoch registers this client's public parameters (about 7 MB, once);
+    /// epoch registers this client's public parameters (6-7.9 MB, once);
     /// each record then costs one query (16 KiB) and one answer (20 KiB per
     /// 8 KiB instance). An answer that fails its integrity check is an
     /// error, never a "no match".

@@ -255,3 +255,22 @@ mod arbitrary_bytes {
         }
     }
 }
+
+/// What the server holds per client (sizes the keys cache): the 10^7
+/// shape and the widest.
+#[test]
+fn public_parameters_in_memory_stay_under_32_mib() {
+    for nu2 in [2u8, 4, 6] {
+        let shape = Shape { nu2, ..small() };
+        let mut client = PirClient::new(shape, &[6; 32]).expect("c");
+        let upload = client.public_parameters();
+        let keys = Keys::parse(shape, &upload).expect("keys");
+        println!(
+            "nu2 {nu2}: upload {} B, held {} B",
+            upload.len(),
+            keys.memory_bytes()
+        );
+        assert!(keys.memory_bytes() < 32 << 20, "{}", keys.memory_bytes());
+        assert!(upload.len() <= 16 << 20);
+    }
+}

@@ -106,7 +106,7 @@ fn body_limit(path: &str, limits: &crate::service::Limits) -> usize {
         // 32 bytes per element and at most 5 per packed bucket number.
         "/psi.v1.Match/BucketQuery" => limits.max_bucket_batch * (32 + 5) + MESSAGE_OVERHEAD,
         "/psi.v1.Match/SyncTagSet" => limits.max_message_bytes + MESSAGE_OVERHEAD,
-        // The public parameters (about 7.2 MB), whole.
+        // The public parameters (6-7.9 MB), whole.
         "/psi.v1.Match/PirSetup" => limits.max_message_bytes + MESSAGE_OVERHEAD,
         // Per element: 32 bytes, one query, and their framing.
         "/psi.v1.Match/PirQuery" => {

@@ -400,7 +400,7 @@ impl ServeArgs {
         if limits.pir_max_concurrent == 0 {
             bail!("pir_max_concurrent must be at least 1");
         }
-        // One institution's parameters (about 21-28 MB in memory) must fit.
+        // One institution's parameters (24-31 MB in memory) must fit.
         if limits.pir_keys_cache_bytes < 64 << 20 {
             bail!(
                 "pir_keys_cache_bytes must be at least 67108864 (64 MiB), got {}",
