@@ -123,14 +123,14 @@ impl PirState {
 
 /// The 32-byte secret in `path`, made (mode 0600) if absent.
 fn master_seed(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    if let Ok(bytes) = std::fs::read(path) {
-        if bytes.len() == 32 {
-            return Ok(Zeroizing::new(bytes));
-        }
-        bail!(
+    match std::fs::read(path) {
+        Ok(bytes) if bytes.len() == 32 => return Ok(Zeroizing::new(bytes)),
+        Ok(_) => bail!(
             "{} is not a PIR seed (32 bytes); delete it to make a new one",
             path.display()
-        );
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -159,5 +159,34 @@ fn master_seed(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
         }
     }
     let _ = std::fs::remove_file(&tmp);
-    master_seed(path)
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() != 32 {
+        bail!("{} is not a PIR seed (32 bytes)", path.display());
+    }
+    Ok(Zeroizing::new(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_seed_is_made_once_private_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("pir-x.seed");
+        let first = master_seed(&path).unwrap();
+        assert_eq!(first.len(), 32);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(*master_seed(&path).unwrap(), *first);
+        std::fs::write(&path, b"short").unwrap();
+        assert!(master_seed(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("not a PIR seed"));
+        // A path that cannot be read is an error, not a new seed.
+        let dir_path = dir.path().join("sub");
+        assert!(master_seed(&dir_path).is_err());
+    }
 }
