@@ -29,6 +29,7 @@
 #[cfg(target_endian = "big")]
 compile_error!("PIR mode needs a little-endian machine (x86-64, aarch64)");
 
+mod answer;
 pub mod client;
 pub mod error;
 pub mod item;

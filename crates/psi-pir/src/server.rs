@@ -10,8 +10,8 @@ use spiral_rs::arith::recenter_mod;
 use spiral_rs::client::{PublicParameters, Query};
 use spiral_rs::params::Params;
 use spiral_rs::poly::{PolyMatrix, PolyMatrixRaw};
-use spiral_rs::server::process_query;
 
+use crate::answer;
 use crate::error::{Error, Result};
 use crate::item;
 use crate::shape::Shape;
@@ -160,9 +160,10 @@ impl Database {
         check_words("PIR query", query, params.query_bytes(), params.modulus)?;
         catch_unwind(AssertUnwindSafe(|| {
             let q = Query::deserialize(params, query);
-            process_query(params, &keys.public, &q, self.words.as_slice())
+            let ct = q.ct.as_ref().ok_or(Error::Scheme)?;
+            answer::answer(params, &keys.public, ct, self.words.as_slice())
         }))
-        .map_err(|_| Error::Scheme)
+        .unwrap_or(Err(Error::Scheme))
     }
 }
 

@@ -1,0 +1,82 @@
+//! The server's work per PIR query (issue #11): one answer at the shapes a
+//! registry of 10^6 and 10^7 entries gets, on one thread (the CPU a check
+//! costs) and on the machine's pool (its latency).
+//!
+//! `cargo bench --bench pir`
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use psi_bench::single_thread_pool;
+use psi_pir::{Database, Keys, PirClient, Shape};
+use std::hint::black_box;
+use std::time::Duration;
+
+/// The shapes `psi-server` derives for 10^6 and 10^7 entries (64 MiB and
+/// 512 MiB databases).
+fn shapes() -> [(&'static str, Shape); 2] {
+    [
+        (
+            "1e6",
+            Shape {
+                nu1: 7,
+                nu2: 2,
+                instances: 2,
+                bucket_shift: 1,
+            },
+        ),
+        (
+            "1e7",
+            Shape {
+                nu1: 7,
+                nu2: 4,
+                instances: 4,
+                bucket_shift: 2,
+            },
+        ),
+    ]
+}
+
+/// Items filled to 90% of their capacity with pseudo-random tags.
+fn database(shape: Shape) -> Database {
+    let fill = shape.capacity() * 9 / 10;
+    Database::build(shape, 1, |i| {
+        (0..fill as u64)
+            .map(|k| (i as u64 * 1_000_003 + k).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect()
+    })
+    .expect("database")
+}
+
+fn answer(c: &mut Criterion) {
+    let one = single_thread_pool();
+    let mut g = c.benchmark_group("pir_answer");
+    for (name, shape) in shapes() {
+        let db = database(shape);
+        let mut client = PirClient::new(shape, &[5; 32]).expect("client");
+        let keys = Keys::parse(shape, &client.public_parameters()).expect("keys");
+        let query = client.query(3).expect("query");
+        // The answer is right before it is timed.
+        let a = db.answer(&keys, &query).expect("answer");
+        client.decode(3, 1, &a).expect("decodes");
+        g.bench_function(format!("{name}/one_thread"), |b| {
+            b.iter(|| one.install(|| db.answer(&keys, black_box(&query)).expect("answer")))
+        });
+        g.bench_function(format!("{name}/pool"), |b| {
+            b.iter(|| db.answer(&keys, black_box(&query)).expect("answer"))
+        });
+    }
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(5))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = answer
+}
+criterion_main!(benches);
