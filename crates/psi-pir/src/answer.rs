@@ -35,14 +35,12 @@ use spiral_rs::arith::{barrett_coeff_u64, exponentiate_uint_mod};
 use spiral_rs::client::PublicParameters;
 use spiral_rs::gadget::{gadget_invert, get_bits_per};
 use spiral_rs::params::Params;
-use spiral_rs::poly::{
-    automorph, from_ntt, scalar_multiply, to_ntt, to_ntt_no_reduce, PolyMatrix, PolyMatrixNTT,
-    PolyMatrixRaw,
-};
+use spiral_rs::poly::{automorph, scalar_multiply, PolyMatrix, PolyMatrixNTT, PolyMatrixRaw};
 use spiral_rs::server::{encode, pack, regev_to_gsw};
 use spiral_rs::util::reorient_reg_ciphertexts;
 
 use crate::error::{Error, Result};
+use crate::ntt::{from_ntt, to_ntt, to_ntt_small};
 
 /// Most first-dimension ciphertexts a 64-bit sum can take: products of two
 /// residues below 2^28 are below 2^56, and 128 of them below 2^63.
@@ -87,7 +85,9 @@ pub(crate) fn answer(
         .map(|part| {
             let mut cts = first_dimension(params, part, first.as_slice(), dim0, num_per);
             fold(params, &mut cts, &selectors);
-            cts.swap_remove(0).raw()
+            let mut raw = PolyMatrixRaw::zero(params, 2, 1);
+            from_ntt(&mut raw, &cts[0]);
+            raw
         })
         .collect();
     let mut selected = selected.into_iter();
@@ -235,7 +235,7 @@ fn expansion_step(
     };
     let (digits, digits_ntt) = &mut scratch.digits[at];
     gadget_invert(digits, &scratch.turned);
-    to_ntt_no_reduce(digits_ntt, digits);
+    to_ntt_small(digits_ntt, digits);
     // The second row turned in the NTT domain: a permutation per modulus.
     let second = ct.get_poly(1, 0);
     for (c, order) in turn.iter().enumerate() {
