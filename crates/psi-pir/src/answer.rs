@@ -33,14 +33,14 @@ use rayon::prelude::*;
 use spiral_rs::aligned_memory::AlignedMemory64;
 use spiral_rs::arith::{barrett_coeff_u64, exponentiate_uint_mod};
 use spiral_rs::client::PublicParameters;
-use spiral_rs::gadget::{gadget_invert, get_bits_per};
+use spiral_rs::gadget::get_bits_per;
 use spiral_rs::params::Params;
 use spiral_rs::poly::{automorph, scalar_multiply, PolyMatrix, PolyMatrixNTT, PolyMatrixRaw};
 use spiral_rs::server::{encode, pack, regev_to_gsw};
 use spiral_rs::util::reorient_reg_ciphertexts;
 
 use crate::error::{Error, Result};
-use crate::ntt::{from_ntt, to_ntt, to_ntt_small};
+use crate::ntt::{forward_signed, from_ntt};
 
 /// Most first-dimension ciphertexts a 64-bit sum can take: products of two
 /// residues below 2^28 are below 2^56, and 128 of them below 2^63.
@@ -192,7 +192,8 @@ struct Scratch {
     row: PolyMatrixRaw<'static>,
     turned: PolyMatrixRaw<'static>,
     turned_second: Vec<u64>,
-    digits: Vec<(PolyMatrixRaw<'static>, PolyMatrixNTT<'static>)>,
+    digit: Vec<i32>,
+    digits: Vec<PolyMatrixNTT<'static>>,
 }
 
 impl Scratch {
@@ -201,6 +202,7 @@ impl Scratch {
             row: PolyMatrixRaw::zero(params, 1, 1),
             turned: PolyMatrixRaw::zero(params, 1, 1),
             turned_second: vec![0; params.crt_count * params.poly_len],
+            digit: vec![0; params.poly_len],
             digits: Vec::new(),
         }
     }
@@ -223,19 +225,24 @@ fn expansion_step(
     // the first row of `ct`).
     from_ntt(&mut scratch.row, ct);
     automorph(&mut scratch.turned, &scratch.row, t);
-    let at = match scratch.digits.iter().position(|(d, _)| d.rows == rows) {
+    let at = match scratch.digits.iter().position(|d| d.rows == rows) {
         Some(at) => at,
         None => {
-            scratch.digits.push((
-                PolyMatrixRaw::zero(params, rows, 1),
-                PolyMatrixNTT::zero(params, rows, 1),
-            ));
+            scratch.digits.push(PolyMatrixNTT::zero(params, rows, 1));
             scratch.digits.len() - 1
         }
     };
-    let (digits, digits_ntt) = &mut scratch.digits[at];
-    gadget_invert(digits, &scratch.turned);
-    to_ntt_small(digits_ntt, digits);
+    let digits = &mut scratch.digits[at];
+    // G^-1 as spiral-rs's `gadget_invert`: digit k is bits [k b, (k + 1) b).
+    let bits = get_bits_per(params, rows);
+    let mask = (1u64 << bits) - 1;
+    for k in 0..rows {
+        let shift = (k * bits).min(64) as u32;
+        for (d, &x) in scratch.digit.iter_mut().zip(scratch.turned.as_slice()) {
+            *d = (x.checked_shr(shift).unwrap_or(0) & mask) as i32;
+        }
+        forward_signed(params, digits.get_poly_mut(k, 0), &scratch.digit);
+    }
     // The second row turned in the NTT domain: a permutation per modulus.
     let second = ct.get_poly(1, 0);
     for (c, order) in turn.iter().enumerate() {
@@ -255,7 +262,7 @@ fn expansion_step(
             }
         }
         for k in 0..rows {
-            multiply_add(out, keys.get_poly(row, k), digits_ntt.get_poly(k, 0));
+            multiply_add(out, keys.get_poly(row, k), digits.get_poly(k, 0));
         }
         reduce(params, out);
     }
@@ -359,8 +366,7 @@ fn fold(
     let rows = 2 * params.t_gsw;
     let mut diff = PolyMatrixNTT::zero(params, 2, 1);
     let mut diff_raw = PolyMatrixRaw::zero(params, 2, 1);
-    let mut digits = PolyMatrixRaw::zero(params, rows, 1);
-    let mut digits_ntt = PolyMatrixNTT::zero(params, rows, 1);
+    let mut digits = PolyMatrixNTT::zero(params, rows, 1);
     let mut num = cts.len();
     for level in 0..dims {
         num /= 2;
@@ -370,11 +376,10 @@ fn fold(
             subtract(params, diff.as_mut_slice(), c1.as_slice(), c0.as_slice());
             from_ntt(&mut diff_raw, &diff);
             balanced_digits(params, &mut digits, &diff_raw);
-            to_ntt(&mut digits_ntt, &digits);
             for row in 0..2 {
                 let out = c0.get_poly_mut(row, 0);
                 for k in 0..rows {
-                    multiply_add(out, selector.get_poly(row, k), digits_ntt.get_poly(k, 0));
+                    multiply_add(out, selector.get_poly(row, k), digits.get_poly(k, 0));
                 }
                 reduce(params, out);
             }
@@ -391,36 +396,44 @@ fn subtract(params: &Params, out: &mut [u64], a: &[u64], b: &[u64]) {
     }
 }
 
-/// `G^-1(inp)` for the GSW gadget (`t_gsw` digits of `bits` bits per row,
-/// row `j` digit `k` at output row `j + 2k`, as spiral-rs lays it out), with
-/// every digit but the last in `[-2^(bits-1), 2^(bits-1))`, written mod q.
-fn balanced_digits(params: &Params, out: &mut PolyMatrixRaw<'_>, inp: &PolyMatrixRaw<'_>) {
+/// `NTT(G^-1(inp))` for the GSW gadget (`t_gsw` digits of `bits` bits per
+/// row, row `j` digit `k` at output row `j + 2k`, as spiral-rs lays it
+/// out), every digit but the last in `[-2^(bits-1), 2^(bits-1))`.
+fn balanced_digits(params: &Params, out: &mut PolyMatrixNTT<'_>, inp: &PolyMatrixRaw<'_>) {
     let t = params.t_gsw;
     let bits = get_bits_per(params, t);
-    let base = 1u64 << bits;
-    let (mask, half, q) = (base - 1, base / 2, params.modulus);
-    let n = params.poly_len;
     let rdim = inp.rows;
+    let mut digits = vec![0i32; t * params.poly_len];
     for j in 0..rdim {
-        for z in 0..n {
-            let mut x = inp.get_poly(j, 0)[z];
-            for k in 0..t {
-                let d = if k + 1 == t {
-                    x
-                } else {
-                    let d = x & mask;
-                    x >>= bits;
-                    if d >= half {
-                        x += 1;
-                        q - (base - d)
-                    } else {
-                        d
-                    }
-                };
-                out.get_poly_mut(j + k * rdim, 0)[z] = d;
+        for (z, &x) in inp.get_poly(j, 0).iter().enumerate() {
+            for (k, d) in signed_digits(x, bits, t).enumerate() {
+                digits[k * params.poly_len + z] = d;
             }
         }
+        for (k, row) in digits.chunks_exact(params.poly_len).enumerate() {
+            forward_signed(params, out.get_poly_mut(j + k * rdim, 0), row);
+        }
     }
+}
+
+/// The `t` balanced base-`2^bits` digits of `x`: `x = sum d_k 2^(k bits)`,
+/// all but the last in `[-2^(bits-1), 2^(bits-1))` (the last takes what is
+/// left, 0 or 1 for the parameters served).
+fn signed_digits(mut x: u64, bits: usize, t: usize) -> impl Iterator<Item = i32> {
+    let base = 1i64 << bits;
+    (0..t).map(move |k| {
+        if k + 1 == t {
+            return x as i32;
+        }
+        let d = (x & (base as u64 - 1)) as i64;
+        x >>= bits;
+        if d >= base / 2 {
+            x += 1;
+            (d - base) as i32
+        } else {
+            d as i32
+        }
+    })
 }
 
 #[cfg(test)]
@@ -486,8 +499,7 @@ mod tests {
     fn balanced_digits_recompose_to_the_value_and_stay_small() {
         let params = small().params();
         let q = params.modulus;
-        let bits = get_bits_per(params, params.t_gsw);
-        let mut inp = PolyMatrixRaw::zero(params, 2, 1);
+        let (bits, t) = (get_bits_per(params, params.t_gsw), params.t_gsw);
         let edge = [
             0,
             1,
@@ -499,30 +511,17 @@ mod tests {
             q / 2,
             0x0080_8080_8080_8080 % q,
         ];
-        for (i, w) in inp.data.as_mut_slice().iter_mut().enumerate() {
-            *w = edge
-                .get(i)
-                .copied()
-                .unwrap_or_else(|| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) % q);
-        }
-        let mut out = PolyMatrixRaw::zero(params, 2 * params.t_gsw, 1);
-        balanced_digits(params, &mut out, &inp);
-        for j in 0..2 {
-            for z in 0..params.poly_len {
-                let mut sum = 0i128;
-                for k in 0..params.t_gsw {
-                    let d = out.get_poly(j + 2 * k, 0)[z];
-                    let d = if d > q / 2 {
-                        i128::from(d) - i128::from(q)
-                    } else {
-                        i128::from(d)
-                    };
-                    assert!(d.abs() <= 1 << (bits - 1), "digit {d}");
-                    sum += d << (bits * k);
-                }
-                let want = inp.get_poly(j, 0)[z];
-                assert_eq!(sum.rem_euclid(i128::from(q)) as u64, want, "row {j} at {z}");
+        let any = (0..10_000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % q);
+        for x in edge.into_iter().chain(any) {
+            let digits: Vec<i32> = signed_digits(x, bits, t).collect();
+            assert_eq!(digits.len(), t);
+            let mut sum = 0i128;
+            for (k, &d) in digits.iter().enumerate() {
+                let bound = if k + 1 == t { 1 } else { 1 << (bits - 1) };
+                assert!(d.abs() <= bound, "digit {k} of {x}: {d}");
+                sum += i128::from(d) << (bits * k);
             }
+            assert_eq!(sum, i128::from(x));
         }
     }
 }

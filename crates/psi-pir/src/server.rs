@@ -6,15 +6,13 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use rayon::prelude::*;
 use spiral_rs::aligned_memory::AlignedMemory64;
-use spiral_rs::arith::recenter_mod;
 use spiral_rs::client::{PublicParameters, Query};
 use spiral_rs::params::Params;
-use spiral_rs::poly::{PolyMatrix, PolyMatrixRaw};
 
-use crate::answer;
 use crate::error::{Error, Result};
 use crate::item;
 use crate::shape::Shape;
+use crate::{answer, ntt};
 
 const SEED_BYTES: usize = 32;
 /// Items coded and transformed at once while building (bounds the
@@ -168,18 +166,26 @@ impl Database {
 }
 
 /// One item's bytes as the scheme's plaintext polynomials (a byte per
-/// coefficient, centred), transformed, the two residues packed per word.
+/// coefficient, centred as spiral-rs's `recenter_mod` does: above p/2 is
+/// negative), transformed, the two residues packed per word.
 fn transform(params: &'static Params, bytes: &[u8]) -> Vec<u64> {
     let n = params.poly_len;
+    let half = params.pt_modulus / 2;
     let mut out = Vec::with_capacity(bytes.len());
+    let mut coeffs = vec![0i32; n];
+    let mut words = vec![0u64; params.crt_count * n];
     for chunk in bytes.chunks(n) {
-        let mut poly = PolyMatrixRaw::zero(params, 1, 1);
-        for (slot, &b) in poly.data.as_mut_slice().iter_mut().zip(chunk) {
-            *slot = recenter_mod(u64::from(b), params.pt_modulus, params.modulus);
+        coeffs.fill(0);
+        for (c, &b) in coeffs.iter_mut().zip(chunk) {
+            let b = u64::from(b);
+            *c = if b > half {
+                b as i32 - params.pt_modulus as i32
+            } else {
+                b as i32
+            };
         }
-        let ntt = poly.ntt();
-        let data = ntt.data.as_slice();
-        let (lo, hi) = data.split_at(n.min(data.len()));
+        ntt::forward_signed(params, &mut words, &coeffs);
+        let (lo, hi) = words.split_at(n.min(words.len()));
         out.extend(lo.iter().zip(hi).map(|(&a, &b)| a | (b << 32)));
     }
     out
@@ -268,6 +274,27 @@ impl Keys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn items_are_transformed_as_spiral_rs_would() {
+        use spiral_rs::arith::recenter_mod;
+        use spiral_rs::poly::{PolyMatrix, PolyMatrixRaw};
+        let params = Shape::for_registry(0, |_| 5).expect("shape").params();
+        let n = params.poly_len;
+        let bytes: Vec<u8> = (0..n + 100).map(|i| (i * 37 % 256) as u8).collect();
+        let words = transform(params, &bytes);
+        assert_eq!(words.len(), 2 * n);
+        for (chunk, got) in bytes.chunks(n).zip(words.chunks(n)) {
+            let mut poly = PolyMatrixRaw::zero(params, 1, 1);
+            for (slot, &b) in poly.data.as_mut_slice().iter_mut().zip(chunk) {
+                *slot = recenter_mod(u64::from(b), params.pt_modulus, params.modulus);
+            }
+            let ntt = poly.ntt();
+            let (lo, hi) = ntt.as_slice().split_at(n);
+            let want: Vec<u64> = lo.iter().zip(hi).map(|(&a, &b)| a | (b << 32)).collect();
+            assert_eq!(got, want.as_slice());
+        }
+    }
 
     #[test]
     fn out_of_range_words_are_refused_before_any_work() {
