@@ -40,6 +40,7 @@ use spiral_rs::server::{encode, pack, regev_to_gsw};
 use spiral_rs::util::reorient_reg_ciphertexts;
 
 use crate::error::{Error, Result};
+use crate::kernels::{first_dimension_sums, multiply_add};
 use crate::ntt::{forward_signed, from_ntt};
 
 /// Most first-dimension ciphertexts a 64-bit sum can take: products of two
@@ -298,14 +299,6 @@ fn automorphisms(params: &Params) -> &'static [Vec<Vec<u32>>] {
     })
 }
 
-/// `acc += a * b` coefficient by coefficient, unreduced (residues below
-/// 2^28: each product is below 2^56).
-fn multiply_add(acc: &mut [u64], a: &[u64], b: &[u64]) {
-    for ((s, &x), &y) in acc.iter_mut().zip(a).zip(b) {
-        *s += u64::from(x as u32) * u64::from(y as u32);
-    }
-}
-
 /// Reduces one NTT-domain polynomial (all its CRT components) in place.
 fn reduce(params: &Params, poly: &mut [u64]) {
     for (c, part) in poly.chunks_exact_mut(params.poly_len).enumerate() {
@@ -325,30 +318,23 @@ fn first_dimension(
     dim0: usize,
     num_per: usize,
 ) -> Vec<PolyMatrixNTT<'static>> {
-    const LOW: u64 = 0xffff_ffff;
     let n = params.poly_len;
     let mut out: Vec<PolyMatrixNTT<'static>> = (0..num_per)
         .map(|_| PolyMatrixNTT::zero(params, 2, 1))
         .collect();
+    let mut sums = vec![[0u64; 4]; num_per];
     for (z, (a, items)) in query
         .chunks_exact(2 * dim0)
         .zip(db.chunks_exact(num_per * dim0))
         .enumerate()
     {
-        for (ct, b) in out.iter_mut().zip(items.chunks_exact(dim0)) {
-            let (mut s00, mut s01, mut s10, mut s11) = (0u64, 0u64, 0u64, 0u64);
-            for (pair, &w) in a.chunks_exact(2).zip(b) {
-                let (w0, w1) = (w & LOW, w >> 32);
-                s00 += (pair[0] & LOW) * w0;
-                s01 += (pair[1] & LOW) * w0;
-                s10 += (pair[0] >> 32) * w1;
-                s11 += (pair[1] >> 32) * w1;
-            }
+        first_dimension_sums(a, items, &mut sums);
+        for (ct, s) in out.iter_mut().zip(&sums) {
+            // Row 0 then row 1, each residue mod m0 then mod m1.
             let d = ct.data.as_mut_slice();
-            d[z] = barrett_coeff_u64(params, s00, 0);
-            d[n + z] = barrett_coeff_u64(params, s10, 1);
-            d[2 * n + z] = barrett_coeff_u64(params, s01, 0);
-            d[3 * n + z] = barrett_coeff_u64(params, s11, 1);
+            for (k, &sum) in s.iter().enumerate() {
+                d[k * n + z] = barrett_coeff_u64(params, sum, k % 2);
+            }
         }
     }
     out

@@ -33,6 +33,7 @@ mod answer;
 pub mod client;
 pub mod error;
 pub mod item;
+mod kernels;
 mod ntt;
 pub mod server;
 pub mod shape;

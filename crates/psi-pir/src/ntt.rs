@@ -1,15 +1,9 @@
-//! Number-theoretic transforms of spiral-rs's polynomials for the answer's
-//! hot loops: bit for bit spiral-rs's `ntt_forward` and `ntt_inverse` (its
-//! tables, the same lazy Harvey butterflies, results fully reduced), but on
-//! 32-bit lanes (every value stays below `4m < 2^30`), which the compiler
-//! vectorises, and in an AVX2 build chosen at run time on CPUs that have
-//! it. spiral-rs has AVX2 kernels only in a build for an AVX2 CPU
-//! (`-C target-cpu=...`); this makes the default build as fast.
-//!
-//! The one `unsafe` is the call of the AVX2 build after the CPU was seen to
-//! support it (the module allows `unsafe_code` for that call alone).
+//! Number-theoretic transforms of spiral-rs's polynomials for the answer:
+//! bit for bit spiral-rs's `to_ntt` and `from_ntt`, on the kernels of
+//! [`crate::kernels`] (32-bit lanes, AVX2 chosen at run time), straight
+//! from small signed coefficients (no reduction mod q first) and with the
+//! CRT composition in 64-bit arithmetic.
 
-#![allow(unsafe_code)]
 // Fixed-size arithmetic (the ring is fixed, asserted on entry), run under
 // the answer's `catch_unwind` besides.
 #![allow(clippy::indexing_slicing)]
@@ -18,8 +12,7 @@ use spiral_rs::arith::{barrett_coeff_u64, exponentiate_uint_mod};
 use spiral_rs::params::Params;
 use spiral_rs::poly::{PolyMatrix, PolyMatrixNTT, PolyMatrixRaw};
 
-/// Coefficients of every polynomial (shape.rs fixes the ring).
-const N: usize = 2048;
+use crate::kernels::{self, N};
 
 /// `out = NTT(c)` for a polynomial of small signed coefficients `c`
 /// (`|c| < m` for every modulus: gadget digits, centred plaintext bytes),
@@ -77,113 +70,20 @@ pub(crate) fn from_ntt(out: &mut PolyMatrixRaw<'_>, inp: &PolyMatrixNTT<'_>) {
 
 /// The forward transform of one residue polynomial, modulus `k`.
 fn forward(params: &Params, k: usize, a: &mut [u32; N]) {
-    let tables = (
+    let (w, wp) = (
         params.get_ntt_forward_table(k),
         params.get_ntt_forward_prime_table(k),
     );
-    let m = params.moduli[k] as u32;
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        unsafe { forward_avx2(a, tables, m) };
-        return;
-    }
-    forward_lanes(a, tables, m);
+    kernels::forward(a, w, wp, params.moduli[k] as u32);
 }
 
 /// The inverse transform of one residue polynomial, modulus `k`.
 fn inverse(params: &Params, k: usize, a: &mut [u32; N]) {
-    let tables = (
+    let (w, wp) = (
         params.get_ntt_inverse_table(k),
         params.get_ntt_inverse_prime_table(k),
     );
-    let m = params.moduli[k] as u32;
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        unsafe { inverse_avx2(a, tables, m) };
-        return;
-    }
-    inverse_lanes(a, tables, m);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn forward_avx2(a: &mut [u32; N], tables: (&[u64], &[u64]), m: u32) {
-    forward_lanes(a, tables, m);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn inverse_avx2(a: &mut [u32; N], tables: (&[u64], &[u64]), m: u32) {
-    inverse_lanes(a, tables, m);
-}
-
-/// Cooley-Tukey with Harvey's lazy butterflies: inputs below `4m`, outputs
-/// reduced to `[0, m)`. `w` are the root powers in bit-reversed order and
-/// `w'` = `floor(w * 2^32 / m)`.
-#[inline(always)]
-fn forward_lanes(a: &mut [u32; N], (w, wp): (&[u64], &[u64]), m: u32) {
-    let two_m = 2 * m;
-    let mut groups = 1;
-    let mut t = N / 2;
-    while groups < N {
-        for (i, chunk) in a.chunks_exact_mut(2 * t).enumerate() {
-            let (wi, wpi) = (w[groups + i] as u32, wp[groups + i] as u32);
-            let (xs, ys) = chunk.split_at_mut(t);
-            for (x, y) in xs.iter_mut().zip(ys.iter_mut()) {
-                let cx = if *x >= two_m { *x - two_m } else { *x };
-                let q = ((u64::from(*y) * u64::from(wpi)) >> 32) as u32;
-                let r = wi.wrapping_mul(*y).wrapping_sub(q.wrapping_mul(m));
-                *x = cx + r;
-                *y = cx + two_m - r;
-            }
-        }
-        groups *= 2;
-        t /= 2;
-    }
-    for x in a.iter_mut() {
-        if *x >= two_m {
-            *x -= two_m;
-        }
-        if *x >= m {
-            *x -= m;
-        }
-    }
-}
-
-/// Gentleman-Sande with the halving folded into each stage (spiral-rs's
-/// inverse tables hold `w / 2`): inputs below `m`, outputs in `[0, m)`.
-#[inline(always)]
-fn inverse_lanes(a: &mut [u32; N], (w, wp): (&[u64], &[u64]), m: u32) {
-    let two_m = 2 * m;
-    let mut h = N / 2;
-    let mut t = 1;
-    while h >= 1 {
-        for (i, chunk) in a.chunks_exact_mut(2 * t).enumerate() {
-            let (wi, wpi) = (w[h + i] as u32, wp[h + i] as u32);
-            let (xs, ys) = chunk.split_at_mut(t);
-            for (x, y) in xs.iter_mut().zip(ys.iter_mut()) {
-                let (xv, yv) = (*x, *y);
-                let s = two_m - yv + xv;
-                let sum = xv + yv;
-                let cx = if sum >= two_m { sum - two_m } else { sum };
-                let q = ((u64::from(s) * u64::from(wpi)) >> 32) as u32;
-                *x = (cx + if s & 1 == 1 { m } else { 0 }) >> 1;
-                *y = wi.wrapping_mul(s).wrapping_sub(q.wrapping_mul(m));
-            }
-        }
-        h /= 2;
-        t *= 2;
-    }
-    for x in a.iter_mut() {
-        if *x >= two_m {
-            *x -= two_m;
-        }
-        if *x >= m {
-            *x -= m;
-        }
-    }
+    kernels::inverse(a, w, wp, params.moduli[k] as u32);
 }
 
 #[cfg(test)]
@@ -245,33 +145,5 @@ mod tests {
         let mut first_row = PolyMatrixRaw::zero(params, 1, 1);
         from_ntt(&mut first_row, &ntt);
         assert!(first_row.as_slice() == any.get_poly(0, 0));
-    }
-
-    #[test]
-    fn the_portable_and_the_avx2_builds_agree() {
-        let params = params();
-        let raw = random_raw(params, 1, params.moduli[0], 3);
-        let mut lane = [0u32; N];
-        for (l, &x) in lane.iter_mut().zip(raw.as_slice()) {
-            *l = x as u32;
-        }
-        let tables = (
-            params.get_ntt_forward_table(0),
-            params.get_ntt_forward_prime_table(0),
-        );
-        let inv = (
-            params.get_ntt_inverse_table(0),
-            params.get_ntt_inverse_prime_table(0),
-        );
-        let m = params.moduli[0] as u32;
-        let mut portable = lane;
-        forward_lanes(&mut portable, tables, m);
-        let mut dispatched = lane;
-        forward(params, 0, &mut dispatched);
-        assert_eq!(portable, dispatched);
-        inverse_lanes(&mut portable, inv, m);
-        inverse(params, 0, &mut dispatched);
-        assert_eq!(portable, dispatched);
-        assert_eq!(portable, lane);
     }
 }

@@ -1,0 +1,214 @@
+//! The answer's hot loops, each compiled twice: for the target the crate
+//! is built for, and for AVX2, chosen at run time on CPUs that have it
+//! (`is_x86_feature_detected!`). spiral-rs has AVX2 kernels only in a build
+//! for an AVX2 CPU (`-C target-cpu=...`); this makes the default build as
+//! fast. The code is plain Rust the compiler vectorises: 32-bit lanes for
+//! the transforms (every value stays below `4m < 2^30`), 32x32->64-bit
+//! products for the sums.
+//!
+//! The only `unsafe` of the crate: calling the AVX2 build after the CPU was
+//! seen to support it.
+
+#![allow(unsafe_code)]
+// Fixed-size arithmetic; callers assert the sizes, and the answer runs
+// under `catch_unwind` besides.
+#![allow(clippy::indexing_slicing)]
+
+/// Coefficients of every polynomial (shape.rs fixes the ring).
+pub(crate) const N: usize = 2048;
+
+/// Defines `pub(crate) fn $name`, which runs `$body` compiled for AVX2
+/// (`$avx`) when the CPU has it and as built (`$portable`) otherwise.
+macro_rules! with_avx2 {
+    (
+        $(#[$doc:meta])*
+        fn $name:ident / $portable:ident / $avx:ident ($($arg:ident: $ty:ty),*) $body:block
+    ) => {
+        $(#[$doc])*
+        pub(crate) fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                unsafe { $avx($($arg),*) };
+                return;
+            }
+            $portable($($arg),*);
+        }
+
+        #[inline(always)]
+        fn $portable($($arg: $ty),*) $body
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        fn $avx($($arg: $ty),*) {
+            $portable($($arg),*);
+        }
+    };
+}
+
+with_avx2! {
+    /// Forward NTT of one residue polynomial, bit for bit spiral-rs's
+    /// `ntt_forward`: Cooley-Tukey with Harvey's lazy butterflies, inputs
+    /// below `4m`, outputs reduced to `[0, m)`. `w` are the root powers in
+    /// bit-reversed order and `wp` = `floor(w * 2^32 / m)`.
+    fn forward / forward_portable / forward_avx2(a: &mut [u32; N], w: &[u64], wp: &[u64], m: u32) {
+        let two_m = 2 * m;
+        let mut groups = 1;
+        let mut t = N / 2;
+        while groups < N {
+            for (i, chunk) in a.chunks_exact_mut(2 * t).enumerate() {
+                let (wi, wpi) = (w[groups + i] as u32, wp[groups + i] as u32);
+                let (xs, ys) = chunk.split_at_mut(t);
+                for (x, y) in xs.iter_mut().zip(ys.iter_mut()) {
+                    let cx = if *x >= two_m { *x - two_m } else { *x };
+                    let q = ((u64::from(*y) * u64::from(wpi)) >> 32) as u32;
+                    let r = wi.wrapping_mul(*y).wrapping_sub(q.wrapping_mul(m));
+                    *x = cx + r;
+                    *y = cx + two_m - r;
+                }
+            }
+            groups *= 2;
+            t /= 2;
+        }
+        reduce_lanes(a, m);
+    }
+}
+
+with_avx2! {
+    /// Inverse NTT of one residue polynomial, bit for bit spiral-rs's
+    /// `ntt_inverse`: Gentleman-Sande with the halving folded into each
+    /// stage (the inverse tables hold `w / 2`), inputs below `m`, outputs
+    /// in `[0, m)`.
+    fn inverse / inverse_portable / inverse_avx2(a: &mut [u32; N], w: &[u64], wp: &[u64], m: u32) {
+        let two_m = 2 * m;
+        let mut h = N / 2;
+        let mut t = 1;
+        while h >= 1 {
+            for (i, chunk) in a.chunks_exact_mut(2 * t).enumerate() {
+                let (wi, wpi) = (w[h + i] as u32, wp[h + i] as u32);
+                let (xs, ys) = chunk.split_at_mut(t);
+                for (x, y) in xs.iter_mut().zip(ys.iter_mut()) {
+                    let (xv, yv) = (*x, *y);
+                    let s = two_m - yv + xv;
+                    let sum = xv + yv;
+                    let cx = if sum >= two_m { sum - two_m } else { sum };
+                    let q = ((u64::from(s) * u64::from(wpi)) >> 32) as u32;
+                    *x = (cx + if s & 1 == 1 { m } else { 0 }) >> 1;
+                    *y = wi.wrapping_mul(s).wrapping_sub(q.wrapping_mul(m));
+                }
+            }
+            h /= 2;
+            t *= 2;
+        }
+        reduce_lanes(a, m);
+    }
+}
+
+/// `[0, 4m)` to `[0, m)`.
+#[inline(always)]
+fn reduce_lanes(a: &mut [u32; N], m: u32) {
+    let two_m = 2 * m;
+    for x in a.iter_mut() {
+        if *x >= two_m {
+            *x -= two_m;
+        }
+        if *x >= m {
+            *x -= m;
+        }
+    }
+}
+
+with_avx2! {
+    /// `acc += a * b` coefficient by coefficient, unreduced: residues below
+    /// 2^28, so each product is below 2^56 and 64 of them fit.
+    fn multiply_add / multiply_add_portable / multiply_add_avx2(acc: &mut [u64], a: &[u64], b: &[u64]) {
+        for ((s, &x), &y) in acc.iter_mut().zip(a).zip(b) {
+            *s += u64::from(x as u32) * u64::from(y as u32);
+        }
+    }
+}
+
+with_avx2! {
+    /// The first dimension at one coefficient: for each item polynomial
+    /// word `b` of `items` (`sums.len()` runs of `query.len() / 2`), the
+    /// sums of `query`'s (row 0, row 1) pairs times `b`, per CRT residue
+    /// (low and high 32 bits of every word): `[r0 m0, r0 m1, r1 m0, r1 m1]`.
+    /// At most 128 terms: each product is below 2^56.
+    fn first_dimension_sums / first_dimension_sums_portable / first_dimension_sums_avx2(
+        query: &[u64],
+        items: &[u64],
+        sums: &mut [[u64; 4]]
+    ) {
+        const LOW: u64 = 0xffff_ffff;
+        let dim0 = query.len() / 2;
+        for (s, b) in sums.iter_mut().zip(items.chunks_exact(dim0)) {
+            let (mut s00, mut s01, mut s10, mut s11) = (0u64, 0u64, 0u64, 0u64);
+            for (pair, &w) in query.chunks_exact(2).zip(b) {
+                let (w0, w1) = (w & LOW, w >> 32);
+                s00 += (pair[0] & LOW) * w0;
+                s10 += (pair[0] >> 32) * w1;
+                s01 += (pair[1] & LOW) * w0;
+                s11 += (pair[1] >> 32) * w1;
+            }
+            *s = [s00, s10, s01, s11];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_avx2_build_agrees_with_the_portable_one() {
+        // Each kernel through the dispatch (AVX2 where the CPU has it)
+        // against its build for the crate's target.
+        let m = 268_369_921u32;
+        let w: Vec<u64> = (0..N as u64)
+            .map(|i| (i * 7919 + 3) % u64::from(m))
+            .collect();
+        let wp: Vec<u64> = w.iter().map(|&x| (x << 32) / u64::from(m)).collect();
+        let mut a = [0u32; N];
+        for (i, x) in a.iter_mut().enumerate() {
+            *x = (i as u32).wrapping_mul(2_654_435_761) % m;
+        }
+        let mut dispatched = a;
+        forward(&mut dispatched, &w, &wp, m);
+        let mut here = a;
+        forward_portable(&mut here, &w, &wp, m);
+        assert_eq!(dispatched, here);
+        inverse(&mut dispatched, &w, &wp, m);
+        inverse_portable(&mut here, &w, &wp, m);
+        assert_eq!(dispatched, here);
+
+        let x: Vec<u64> = (0..64u64).map(|i| i * 0x0fff_ffff % u64::from(m)).collect();
+        let mut acc = vec![1u64; 64];
+        let mut acc_here = acc.clone();
+        multiply_add(&mut acc, &x, &x);
+        multiply_add_portable(&mut acc_here, &x, &x);
+        assert_eq!(acc, acc_here);
+        assert_eq!(acc[3], 1 + x[3] * x[3]);
+
+        let query: Vec<u64> = (0..256u64)
+            .map(|i| (i * 0x1234_5678_9abc) & 0x0fff_ffff_0fff_ffff)
+            .collect();
+        let items: Vec<u64> = (0..512u64)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) & 0x0fff_ffff_0fff_ffff)
+            .collect();
+        let mut sums = [[0u64; 4]; 4];
+        first_dimension_sums(&query, &items, &mut sums);
+        let mut sums_here = [[0u64; 4]; 4];
+        first_dimension_sums_portable(&query, &items, &mut sums_here);
+        assert_eq!(sums, sums_here);
+        for (s, b) in sums.iter().zip(items.chunks_exact(128)) {
+            let mut want = [0u64; 4];
+            for (pair, &w) in query.chunks_exact(2).zip(b) {
+                want[0] += (pair[0] & 0xffff_ffff) * (w & 0xffff_ffff);
+                want[1] += (pair[0] >> 32) * (w >> 32);
+                want[2] += (pair[1] & 0xffff_ffff) * (w & 0xffff_ffff);
+                want[3] += (pair[1] >> 32) * (w >> 32);
+            }
+            assert_eq!(*s, want);
+        }
+    }
+}
