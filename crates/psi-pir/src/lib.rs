@@ -9,7 +9,10 @@
 //! - [`client`]: secret key, public parameters, queries, decoding.
 //!
 //! The scheme is Spiral (Menon and Wu, IEEE S&P 2022), through its authors'
-//! implementation `spiral-rs`. Everything that reaches it from a peer is
+//! implementation `spiral-rs`, except the server's evaluation of a query
+//! (`answer`: the same inputs and a decodable answer, a third of the work;
+//! its NTTs in `ntt`, its hot loops in `kernels`, which has the crate's one
+//! `unsafe`: calling their AVX2 build). Everything that reaches it from a peer is
 //! checked here first (exact lengths, every coefficient below the modulus);
 //! its code runs under `catch_unwind` besides, so a fault in it refuses one
 //! request instead of ending the server. Bytes in, bytes out: no I/O. See

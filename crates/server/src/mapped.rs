@@ -3,8 +3,8 @@
 //! not parse the whole file and the resident set holds only the pages that
 //! lookups touch; the kernel keeps the rest in its page cache, or not.
 //!
-//! The only module of the workspace that uses `unsafe` (the lint is
-//! `deny`, allowed here alone).
+//! One of the two modules of the workspace that use `unsafe` (the lint is
+//! `deny`; the other is psi-pir's kernels, docs/SECURITY.md).
 #![allow(unsafe_code)]
 
 use std::fs::File;
