@@ -435,23 +435,32 @@ mod tests {
 
     #[test]
     fn expansion_is_spiral_rs_expand_query_bit_for_bit() {
-        let shape = small();
-        let params = shape.params();
-        let mut client = PirClient::new(shape, &[3; 32]).expect("client");
-        let public = PublicParameters::deserialize(params, &client.public_parameters());
-        let query = Query::deserialize(params, &client.query(5).expect("query"));
-        let ct = query.ct.as_ref().expect("an expanding query");
-        let keys = [
-            public.v_expansion_left.as_ref().expect("left"),
-            public.v_expansion_right.as_ref().expect("right"),
-        ];
-        let conversion = &public.v_conversion.as_ref().expect("conversion")[0];
-        let (first, selectors) = expand(params, keys, conversion, ct);
-        let (want_first, want_selectors) = expand_query(params, &public, &query);
-        assert!(first.as_slice() == want_first.as_slice());
-        assert_eq!(selectors.len(), want_selectors.len());
-        for (a, b) in selectors.iter().zip(&want_selectors) {
-            assert!(a.as_slice() == b.as_slice());
+        // Every folding depth served: the rounds, the stop round and the
+        // positions read differ with nu2.
+        for nu2 in crate::shape::MIN_NU2..=crate::shape::MAX_NU2 {
+            let shape = Shape {
+                nu1: crate::shape::NU1,
+                nu2,
+                instances: 1,
+                bucket_shift: 0,
+            };
+            let params = shape.params();
+            let mut client = PirClient::new(shape, &[nu2; 32]).expect("client");
+            let public = PublicParameters::deserialize(params, &client.public_parameters());
+            let query = Query::deserialize(params, &client.query(5).expect("query"));
+            let ct = query.ct.as_ref().expect("an expanding query");
+            let keys = [
+                public.v_expansion_left.as_ref().expect("left"),
+                public.v_expansion_right.as_ref().expect("right"),
+            ];
+            let conversion = &public.v_conversion.as_ref().expect("conversion")[0];
+            let (first, selectors) = expand(params, keys, conversion, ct);
+            let (want_first, want_selectors) = expand_query(params, &public, &query);
+            assert!(first.as_slice() == want_first.as_slice(), "nu2 {nu2}");
+            assert_eq!(selectors.len(), want_selectors.len());
+            for (a, b) in selectors.iter().zip(&want_selectors) {
+                assert!(a.as_slice() == b.as_slice(), "nu2 {nu2}");
+            }
         }
     }
 
