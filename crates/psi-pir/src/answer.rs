@@ -49,8 +49,9 @@ const MAX_FIRST_DIMENSION: usize = 128;
 
 /// The answer to the (deserialised) query ciphertext `query` under the
 /// client's `public` parameters, over the database words `db` laid out as
-/// spiral-rs reads them. Same bytes as spiral-rs's `process_query` would
-/// decode to; the work is the same for every query of the shape.
+/// spiral-rs reads them: an answer the client decodes exactly as one from
+/// spiral-rs's `process_query`. The work is the same for every query of
+/// the shape.
 ///
 /// # Errors
 /// [`Error::Scheme`] for parameters this module does not serve (no folding

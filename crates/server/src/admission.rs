@@ -475,20 +475,19 @@ impl Drop for Tracker {
         );
         entry.time_unix_ms = crate::audit::unix_ms(audited.received);
         let now = Instant::now();
-        let code = self
+        let late = self.client_deadline.is_some_and(|d| now >= d) || now >= self.stream_deadline;
+        // Dropped before it ended (no outcome), or its work stopped because
+        // the client went away (Cancelled): past its deadline if one has
+        // passed, whichever of the two noticed first.
+        let code = match *self
             .outcome
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
-            .unwrap_or_else(|| {
-                // Dropped before it ended: the client went away, or a deadline passed.
-                let late =
-                    self.client_deadline.is_some_and(|d| now >= d) || now >= self.stream_deadline;
-                if late {
-                    Code::DeadlineExceeded
-                } else {
-                    Code::Cancelled
-                }
-            });
+        {
+            Some(Code::Cancelled) | None if late => Code::DeadlineExceeded,
+            Some(code) => code,
+            None => Code::Cancelled,
+        };
         entry.elements = self.note.elements.load(Ordering::Relaxed);
         entry.outcome = if code == Code::Ok {
             "ok".to_string()
