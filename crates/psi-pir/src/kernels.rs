@@ -52,25 +52,39 @@ with_avx2! {
     /// below `4m`, outputs reduced to `[0, m)`. `w` are the root powers in
     /// bit-reversed order and `wp` = `floor(w * 2^32 / m)`.
     fn forward / forward_portable / forward_avx2(a: &mut [u32; N], w: &[u64], wp: &[u64], m: u32) {
-        let two_m = 2 * m;
         let mut groups = 1;
         let mut t = N / 2;
         while groups < N {
-            for (i, chunk) in a.chunks_exact_mut(2 * t).enumerate() {
-                let (wi, wpi) = (w[groups + i] as u32, wp[groups + i] as u32);
-                let (xs, ys) = chunk.split_at_mut(t);
-                for (x, y) in xs.iter_mut().zip(ys.iter_mut()) {
-                    let cx = if *x >= two_m { *x - two_m } else { *x };
-                    let q = ((u64::from(*y) * u64::from(wpi)) >> 32) as u32;
-                    let r = wi.wrapping_mul(*y).wrapping_sub(q.wrapping_mul(m));
-                    *x = cx + r;
-                    *y = cx + two_m - r;
-                }
+            let tables = (&w[groups..2 * groups], &wp[groups..2 * groups]);
+            // Constant distances for the last stages, so the compiler
+            // vectorises across their groups (butterflies 1-4 apart).
+            match t {
+                1 => forward_stage(a, tables, m, 1),
+                2 => forward_stage(a, tables, m, 2),
+                4 => forward_stage(a, tables, m, 4),
+                _ => forward_stage(a, tables, m, t),
             }
             groups *= 2;
             t /= 2;
         }
         reduce_lanes(a, m);
+    }
+}
+
+/// One forward stage: butterflies `t` apart, group `i` with twiddle `w[i]`.
+#[inline(always)]
+fn forward_stage(a: &mut [u32; N], (w, wp): (&[u64], &[u64]), m: u32, t: usize) {
+    let two_m = 2 * m;
+    for ((chunk, &wi), &wpi) in a.chunks_exact_mut(2 * t).zip(w).zip(wp) {
+        let (wi, wpi) = (wi as u32, wpi as u32);
+        let (xs, ys) = chunk.split_at_mut(t);
+        for (x, y) in xs.iter_mut().zip(ys.iter_mut()) {
+            let cx = if *x >= two_m { *x - two_m } else { *x };
+            let q = ((u64::from(*y) * u64::from(wpi)) >> 32) as u32;
+            let r = wi.wrapping_mul(*y).wrapping_sub(q.wrapping_mul(m));
+            *x = cx + r;
+            *y = cx + two_m - r;
+        }
     }
 }
 
@@ -80,27 +94,39 @@ with_avx2! {
     /// stage (the inverse tables hold `w / 2`), inputs below `m`, outputs
     /// in `[0, m)`.
     fn inverse / inverse_portable / inverse_avx2(a: &mut [u32; N], w: &[u64], wp: &[u64], m: u32) {
-        let two_m = 2 * m;
         let mut h = N / 2;
         let mut t = 1;
         while h >= 1 {
-            for (i, chunk) in a.chunks_exact_mut(2 * t).enumerate() {
-                let (wi, wpi) = (w[h + i] as u32, wp[h + i] as u32);
-                let (xs, ys) = chunk.split_at_mut(t);
-                for (x, y) in xs.iter_mut().zip(ys.iter_mut()) {
-                    let (xv, yv) = (*x, *y);
-                    let s = two_m - yv + xv;
-                    let sum = xv + yv;
-                    let cx = if sum >= two_m { sum - two_m } else { sum };
-                    let q = ((u64::from(s) * u64::from(wpi)) >> 32) as u32;
-                    *x = (cx + if s & 1 == 1 { m } else { 0 }) >> 1;
-                    *y = wi.wrapping_mul(s).wrapping_sub(q.wrapping_mul(m));
-                }
+            let tables = (&w[h..2 * h], &wp[h..2 * h]);
+            match t {
+                1 => inverse_stage(a, tables, m, 1),
+                2 => inverse_stage(a, tables, m, 2),
+                4 => inverse_stage(a, tables, m, 4),
+                _ => inverse_stage(a, tables, m, t),
             }
             h /= 2;
             t *= 2;
         }
         reduce_lanes(a, m);
+    }
+}
+
+/// One inverse stage: butterflies `t` apart, group `i` with twiddle `w[i]`.
+#[inline(always)]
+fn inverse_stage(a: &mut [u32; N], (w, wp): (&[u64], &[u64]), m: u32, t: usize) {
+    let two_m = 2 * m;
+    for ((chunk, &wi), &wpi) in a.chunks_exact_mut(2 * t).zip(w).zip(wp) {
+        let (wi, wpi) = (wi as u32, wpi as u32);
+        let (xs, ys) = chunk.split_at_mut(t);
+        for (x, y) in xs.iter_mut().zip(ys.iter_mut()) {
+            let (xv, yv) = (*x, *y);
+            let s = two_m - yv + xv;
+            let sum = xv + yv;
+            let cx = if sum >= two_m { sum - two_m } else { sum };
+            let q = ((u64::from(s) * u64::from(wpi)) >> 32) as u32;
+            *x = (cx + if s & 1 == 1 { m } else { 0 }) >> 1;
+            *y = wi.wrapping_mul(s).wrapping_sub(q.wrapping_mul(m));
+        }
     }
 }
 
