@@ -10,7 +10,7 @@
 //!
 //! The scheme is Spiral (Menon and Wu, IEEE S&P 2022), through its authors'
 //! implementation `spiral-rs`, except the server's evaluation of a query
-//! (`answer`: the same inputs and a decodable answer, a third of the work;
+//! (`answer`: the same inputs and a decodable answer, a fifth of the time;
 //! its NTTs in `ntt`, its hot loops in `kernels`, which has the crate's one
 //! `unsafe`: calling their AVX2 build). Everything that reaches it from a peer is
 //! checked here first (exact lengths, every coefficient below the modulus);
