@@ -13,8 +13,7 @@ use anyhow::{bail, Context, Result};
 use psi_client::batch::{self, BatchOptions};
 use psi_client::check::{check, CheckOutcome};
 use psi_client::{ConnectOptions, QueryMode, Session};
-use psi_server::registry::today;
-use psi_server::synth::Generator;
+use psi_server::tools::synth::Generator;
 use serde::{Deserialize, Serialize};
 
 /// What to measure.
@@ -254,7 +253,7 @@ pub fn prepare_registry(dir: &Path, n: u64) -> Result<(PathBuf, PathBuf, f64)> {
     let data = dir.join(format!("data-{n}-{profile}"));
     let timing = data.join("init-seconds.txt");
     if let Ok(t) = std::fs::read_to_string(&timing) {
-        if data.join(psi_server::registry::SNAPSHOT_FILE).exists() {
+        if data.join(psi_server::store::SNAPSHOT_FILE).exists() {
             return Ok((csv, data, t.trim().parse().unwrap_or(0.0)));
         }
     }
@@ -302,7 +301,9 @@ pub fn write_queries(registry_csv: &Path, queries: u64, path: &Path) -> Result<(
         let rec = rec?;
         w.write_record([rec.get(0).unwrap_or(""), rec.get(1).unwrap_or("")])?;
     }
-    for p in Generator::new(999, today())?.take(usize::try_from(queries - half)?) {
+    for p in
+        Generator::new(999, psi_core::CivilDate::today())?.take(usize::try_from(queries - half)?)
+    {
         w.write_record([p.name.as_str(), p.id.as_str()])?;
     }
     w.flush()?;
@@ -387,8 +388,8 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
         client_threads: spec.client_threads,
         blinding: spec.blinding.clone(),
         init_seconds,
-        disk_bytes_per_entry: std::fs::metadata(data.join(psi_server::registry::SNAPSHOT_FILE))?
-            .len() as f64
+        disk_bytes_per_entry: std::fs::metadata(data.join(psi_server::store::SNAPSHOT_FILE))?.len()
+            as f64
             / spec.registry_size as f64,
         memory_bytes_per_entry: status_bytes(&pid, "VmRSS:") as f64 / spec.registry_size as f64,
         ..PointResult::default()
@@ -400,7 +401,9 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
     };
     // The first PIR check registers the client's public parameters: timed
     // and counted apart (once per institution and key epoch).
-    let people: Vec<_> = Generator::new(1, today())?.take(spec.checks + 1).collect();
+    let people: Vec<_> = Generator::new(1, psi_core::CivilDate::today())?
+        .take(spec.checks + 1)
+        .collect();
     if mode == QueryMode::Pir {
         let first = people.last().context("no people")?;
         let (before, t) = (relay.total(), Instant::now());
@@ -476,10 +479,10 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
     drop(server);
     if mode == QueryMode::Pir {
         // The database as the server builds it, from the loaded snapshot.
-        let snap = psi_server::registry::Snapshot::load(&data)?;
+        let snap = psi_server::serving::snapshot::Snapshot::load(&data)?;
         let rss = status_bytes("self", "VmRSS:");
         let t = Instant::now();
-        let db = psi_server::pir::database_for(&snap, None, usize::MAX, usize::MAX)?
+        let db = psi_server::serving::pir::database_for(&snap, None, usize::MAX, usize::MAX)?
             .context("no PIR database for this registry")?;
         r.pir_build_seconds = t.elapsed().as_secs_f64();
         r.pir_database_bytes = db.bytes() as u64;
@@ -494,7 +497,7 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
 fn cli_checks(
     server: &str,
     cache: &Path,
-    people: &[psi_server::synth::Person],
+    people: &[psi_server::tools::synth::Person],
     n: usize,
 ) -> Result<f64> {
     let client = client_binary()?;

@@ -264,7 +264,7 @@ fn elements<T>(
 /// compute. Raises ValueError for a pair that is not valid, with the reason.
 #[pyfunction]
 fn encode_record(name: &str, id: &str) -> PyResult<Vec<u8>> {
-    psi_core::Record::parse(name, id, psi_client::today())
+    psi_core::Record::parse(name, id, psi_core::CivilDate::today())
         .map(|r| r.encode())
         .map_err(core_err)
 }

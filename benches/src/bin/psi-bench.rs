@@ -21,10 +21,10 @@ use psi_bench::sweep::{percentile, PointSpec};
 use psi_client::batch::{self, BatchOptions};
 use psi_client::check::check;
 use psi_client::{ConnectOptions, QueryMode, Session};
-use psi_server::config::ServeConfig;
-use psi_server::registry::{self, today};
-use psi_server::service::Limits;
-use psi_server::synth::Generator;
+use psi_server::registry;
+use psi_server::serving::config::ServeConfig;
+use psi_server::serving::service::Limits;
+use psi_server::tools::synth::Generator;
 use serde::Serialize;
 
 #[derive(Debug, Parser)]
@@ -203,19 +203,23 @@ async fn e2e(args: E2eArgs) -> Result<()> {
     eprintln!("init");
     let (csv_path, dd) = (registry_csv.clone(), data_dir.clone());
     let report = tokio::task::spawn_blocking(move || {
-        registry::init(&psi_server::source::Source::csv(csv_path), &dd, false)
+        registry::init(
+            &psi_server::registry::source::Source::csv(csv_path),
+            &dd,
+            false,
+        )
     })
     .await??;
     let init_seconds = report.elapsed.as_secs_f64();
 
-    let running = psi_server::serve::start(ServeConfig {
+    let running = psi_server::serving::serve::start(ServeConfig {
         data_dir: data_dir.clone(),
         listen: "127.0.0.1:0".parse()?,
         limits: Limits::default(),
         request_timeout: Duration::from_secs(120),
         reload_interval: Duration::from_millis(200),
         tls: None,
-        audit_db: data_dir.join(psi_server::audit::AUDIT_FILE).into(),
+        audit_db: data_dir.join(psi_server::serving::audit::AUDIT_FILE).into(),
         policy: None,
         admin_listen: None,
         net: Default::default(),
@@ -264,7 +268,9 @@ async fn e2e(args: E2eArgs) -> Result<()> {
     eprintln!("{summary}");
 
     eprintln!("{} single checks, bucket mode", args.checks);
-    let people: Vec<_> = Generator::new(1, today())?.take(args.checks).collect();
+    let people: Vec<_> = Generator::new(1, psi_core::CivilDate::today())?
+        .take(args.checks)
+        .collect();
     let mut latencies = Vec::with_capacity(args.checks);
     for p in &people {
         let t = Instant::now();
@@ -294,7 +300,7 @@ async fn e2e(args: E2eArgs) -> Result<()> {
         registry_size: args.registry_size,
         init_seconds,
         init_rows_per_second: report.counts.rows as f64 / init_seconds,
-        snapshot_bytes: std::fs::metadata(data_dir.join(registry::SNAPSHOT_FILE))?.len(),
+        snapshot_bytes: std::fs::metadata(data_dir.join(psi_server::store::SNAPSHOT_FILE))?.len(),
         first_sync_seconds,
         first_sync_bytes: synced.bytes_fetched,
         sync_bytes_per_entry: synced.bytes_fetched as f64 / args.registry_size as f64,
@@ -370,7 +376,7 @@ async fn update_phase(
         w.flush()?;
         let mut w = csv::Writer::from_path(&add)?;
         w.write_record(["name", "id"])?;
-        for p in Generator::new(2024, today())?.take(n) {
+        for p in Generator::new(2024, psi_core::CivilDate::today())?.take(n) {
             w.write_record([p.name.as_str(), p.id.as_str()])?;
         }
         w.flush()?;
@@ -381,8 +387,8 @@ async fn update_phase(
     let dd = data_dir.to_path_buf();
     let report = tokio::task::spawn_blocking(move || {
         registry::update(
-            Some(&psi_server::source::Source::csv(&add)),
-            Some(&psi_server::source::Source::csv(&remove)),
+            Some(&psi_server::registry::source::Source::csv(&add)),
+            Some(&psi_server::registry::source::Source::csv(&remove)),
             &dd,
             false,
         )
@@ -581,7 +587,7 @@ fn sweep(args: &SweepArgs) -> Result<()> {
     bar.set_message("one-core costs, ours and the in-process baselines");
     let core_batch = args
         .core_batch
-        .unwrap_or(psi_server::service::Limits::default().max_batch);
+        .unwrap_or(psi_server::serving::service::Limits::default().max_batch);
     let core = psi_bench::costs::measure(core_batch, if quick { 3 } else { 9 });
     bar.inc(1);
 

@@ -24,10 +24,10 @@ use clap::Parser;
 use psi_client::check::{check, CheckOutcome};
 use psi_client::session::ClientTls;
 use psi_client::{ConnectOptions, QueryMode, Session};
-use psi_server::config::{ServeConfig, TlsFiles};
-use psi_server::registry::{self, today};
-use psi_server::service::Limits;
-use psi_server::synth::Generator;
+use psi_server::registry;
+use psi_server::serving::config::{ServeConfig, TlsFiles};
+use psi_server::serving::service::Limits;
+use psi_server::tools::synth::Generator;
 
 use psi_bench::attack::{self, Attack};
 use psi_testbed::{Balancing, Durability, Haproxy, Postgres, Process};
@@ -74,7 +74,7 @@ struct Args {
 
 /// The servers under load: one in this process, or replicas behind haproxy.
 enum Servers {
-    InProcess(psi_server::serve::Running),
+    InProcess(psi_server::serving::serve::Running),
     Replicas {
         processes: Vec<Process>,
         _balancer: Haproxy,
@@ -161,18 +161,18 @@ async fn main() -> Result<()> {
     psi_server::cli::generate(args.registry_size, 11, &registry_csv)?;
     let data = args.dir.join("data");
     registry::init(
-        &psi_server::source::Source::csv(&registry_csv),
+        &psi_server::registry::source::Source::csv(&registry_csv),
         &data,
         false,
     )?;
 
     let ca = args.dir.join("ca");
-    psi_server::ca::init(&ca, &["127.0.0.1".to_string()])?;
+    psi_server::tools::ca::init(&ca, &["127.0.0.1".to_string()])?;
     let mut policy = String::new();
     let mut tls = Vec::new();
     for i in 0..args.institutions {
         let id = format!("inst-{i:03}");
-        let (cert, key) = psi_server::ca::issue(&ca, &id, &ca, false)?;
+        let (cert, key) = psi_server::tools::ca::issue(&ca, &id, &ca, false)?;
         tls.push(ClientTls {
             ca: std::fs::read(ca.join("ca.pem"))?,
             cert: std::fs::read(cert)?,
@@ -184,7 +184,7 @@ async fn main() -> Result<()> {
     }
     // The attacker is an institution too (its certificate gets it past TLS),
     // with a generous policy: the service's own limits are what is tested.
-    let (attacker_cert, attacker_key) = psi_server::ca::issue(&ca, "attacker", &ca, false)?;
+    let (attacker_cert, attacker_key) = psi_server::tools::ca::issue(&ca, "attacker", &ca, false)?;
     policy.push_str(
         "[institutions.attacker]\nmodes = [\"sync\", \"bucket\"]\npurposes = [\"load-test\"]\nrate_per_second = 1000000\ndaily_cap = 1000000000\nmax_batch = 4096\n",
     );
@@ -197,8 +197,8 @@ async fn main() -> Result<()> {
                 .map_err(|why| anyhow::anyhow!("PostgreSQL cannot run here: {why}"))?,
         ),
     };
-    let audit_store: psi_server::audit::AuditStore = match &postgres {
-        Some(pg) => psi_server::audit::AuditStore::parse(&pg.url),
+    let audit_store: psi_server::serving::audit::AuditStore = match &postgres {
+        Some(pg) => psi_server::serving::audit::AuditStore::parse(&pg.url),
         None => args.dir.join("audit.sqlite").into(),
     };
     let tls_files = TlsFiles {
@@ -207,7 +207,7 @@ async fn main() -> Result<()> {
         client_ca: std::fs::read(ca.join("ca.pem"))?,
     };
     let (servers, front, admin_ports) = if args.replicas == 0 {
-        let running = psi_server::serve::start(ServeConfig {
+        let running = psi_server::serving::serve::start(ServeConfig {
             data_dir: data,
             listen: "127.0.0.1:0".parse()?,
             limits: Limits::default(),
@@ -217,7 +217,7 @@ async fn main() -> Result<()> {
             audit_db: audit_store.clone(),
             policy: Some((
                 policy_path.clone(),
-                psi_server::policy::Policy::load(&policy_path)?,
+                psi_server::serving::policy::Policy::load(&policy_path)?,
             )),
             admin_listen: Some("127.0.0.1:0".parse()?),
             net: Default::default(),
@@ -286,7 +286,9 @@ async fn main() -> Result<()> {
         )
     };
     let url = format!("https://{front}");
-    let people: Vec<_> = Generator::new(11, today())?.take(1000).collect();
+    let people: Vec<_> = Generator::new(11, psi_core::CivilDate::today())?
+        .take(1000)
+        .collect();
 
     let mut sessions = Vec::new();
     for (i, t) in tls.into_iter().enumerate() {
@@ -375,12 +377,13 @@ async fn main() -> Result<()> {
     all.sort();
     // The audit stores' clients block: off the async workers.
     let (v, honest_records) = tokio::task::block_in_place(|| -> Result<_> {
-        let v = psi_server::audit::verify(&audit_store).context("verifying the audit trail")?;
+        let v = psi_server::serving::audit::verify(&audit_store)
+            .context("verifying the audit trail")?;
         let mut out = Vec::new();
-        psi_server::audit::export(
+        psi_server::serving::audit::export(
             &audit_store,
-            &psi_server::audit::ExportFilter::default(),
-            psi_server::audit::Format::Csv,
+            &psi_server::serving::audit::ExportFilter::default(),
+            psi_server::serving::audit::Format::Csv,
             &mut out,
         )?;
         let honest = csv::Reader::from_reader(out.as_slice())

@@ -4,6 +4,7 @@
 //! The output goes to `OUTPUT.partial` and is renamed when complete.
 
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use rayon::prelude::*;
 
 use crate::check::CheckOutcome;
 use crate::session::{is_stale_epoch, Session};
-use crate::{today, QueryMode};
+use crate::QueryMode;
 
 /// Options of a batch run.
 #[derive(Debug, Clone)]
@@ -510,6 +511,7 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&partial)
             .with_context(|| format!("opening {}", partial.display()))?;
         let new_file = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) == 0;
@@ -600,7 +602,7 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         }
     });
 
-    let today = today();
+    let today = psi_core::CivilDate::today();
     let columns = headers.len();
     let mut answered = tokio_stream::wrappers::ReceiverStream::new(rx)
         .map(|chunk| {
@@ -666,13 +668,7 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
             .with_context(|| format!("writing {}", opts.output.display()))?;
         }
     }
-    std::fs::rename(&partial, &opts.output).with_context(|| {
-        format!(
-            "renaming {} to {}",
-            partial.display(),
-            opts.output.display()
-        )
-    })?;
+    psi_files::atomic::rename_durably(&partial, &opts.output)?;
     views.finish(&mut summary, started);
     Ok(summary)
 }
@@ -718,7 +714,7 @@ where
     let started = Instant::now();
     let views = Views::open(session.clone(), opts.mode, opts.max_cache_age, false).await?;
     let mut summary = views.summary().await?;
-    let today = today();
+    let today = psi_core::CivilDate::today();
     let views = &views;
     let chunk_rows = opts.chunk_rows.max(1);
     // Chunks by index: a stream of borrowed slices would make the future

@@ -4,7 +4,7 @@ use anyhow::Result;
 use psi_core::Record;
 
 use crate::session::{is_stale_epoch, Session};
-use crate::{today, QueryMode};
+use crate::QueryMode;
 
 /// The answer for one pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +48,7 @@ pub async fn check(
     id: &str,
     mode: QueryMode,
 ) -> Result<CheckOutcome> {
-    let record = match Record::parse(name, id, today()) {
+    let record = match Record::parse(name, id, psi_core::CivilDate::today()) {
         Ok(r) => r,
         Err(e) => return Ok(CheckOutcome::Invalid(e.to_string())),
     };

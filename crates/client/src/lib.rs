@@ -30,13 +30,3 @@ pub enum QueryMode {
     /// information retrieval of the bucket's fingerprints.
     Pir,
 }
-
-/// Today's date in China Standard Time (UTC+8), against which birth dates
-/// are validated on both sides.
-#[must_use]
-pub fn today() -> psi_core::CivilDate {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    psi_core::CivilDate::from_unix_time(secs, 8 * 3600)
-}

@@ -117,7 +117,7 @@ pub fn check(
                 }
             })
             .collect();
-        crate::session::write_atomically(&path, rewritten.as_bytes())?;
+        psi_files::atomic::write_atomically(&path, rewritten.as_bytes(), 0o600)?;
         return Ok(Pinned::Rotated { from_epoch });
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

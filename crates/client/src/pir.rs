@@ -115,7 +115,7 @@ impl PirState {
     /// # Errors
     /// The cache directory cannot be written.
     pub fn registered(&mut self, id: Vec<u8>) -> Result<()> {
-        crate::session::write_atomically(&self.id_path, &id)?;
+        psi_files::atomic::write_atomically(&self.id_path, &id, 0o600)?;
         self.keys_id = Some(id);
         Ok(())
     }

@@ -853,7 +853,7 @@ impl Session {
         } else {
             std::fs::create_dir_all(&self.options.cache_dir)
                 .with_context(|| format!("creating {}", self.options.cache_dir.display()))?;
-            write_atomically(&path, &set.to_bytes())?;
+            psi_files::atomic::write_atomically(&path, &set.to_bytes(), 0o600)?;
         }
         Ok(SyncOutcome {
             set,
@@ -941,7 +941,7 @@ impl Session {
         if delta_applied {
             std::fs::create_dir_all(&self.options.cache_dir)
                 .with_context(|| format!("creating {}", self.options.cache_dir.display()))?;
-            write_atomically(path, &patched.to_bytes())?;
+            psi_files::atomic::write_atomically(path, &patched.to_bytes(), 0o600)?;
         } else {
             // Confirmed current: the cache's age starts again.
             std::fs::File::options()
@@ -1063,14 +1063,6 @@ fn place(shards: &mut [Option<Shard>], header: &TagSetHeader, data: ShardData) -
         .ok_or_else(|| anyhow!("the server sent shard {i}, beyond the manifest"))?;
     *slot = Some(Shard::new(header, i, data.count, data.data));
     Ok(1)
-}
-
-/// Replaces `path` with `bytes` through a synced temporary file and a rename.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all())?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
 
 /// Runs CPU-heavy work on the rayon pool and awaits it.

@@ -13,12 +13,12 @@ use psi_proto::v1::match_client::MatchClient;
 use psi_proto::v1::{
     BucketQueryRequest, EvaluateRequest, PirQueryRequest, PirSetupRequest, SyncTagSetRequest,
 };
-use psi_server::config::ServeConfig;
-use psi_server::registry::{self, today};
-use psi_server::serve::{self, Running};
-use psi_server::service::Limits;
-use psi_server::source::Source;
-use psi_server::synth::Generator;
+use psi_server::registry;
+use psi_server::registry::source::Source;
+use psi_server::serving::config::ServeConfig;
+use psi_server::serving::serve::{self, Running};
+use psi_server::serving::service::Limits;
+use psi_server::tools::synth::Generator;
 use tonic::Code;
 
 /// Registered pairs with synthetic names and the public specimen numbers.
@@ -37,7 +37,10 @@ fn write_registry(path: &Path, extra: usize) {
     for (name, id) in REGISTERED {
         w.write_record([*id, *name, "x"]).unwrap();
     }
-    for p in Generator::new(42, today()).unwrap().take(extra) {
+    for p in Generator::new(42, psi_core::CivilDate::today())
+        .unwrap()
+        .take(extra)
+    {
         w.write_record([p.id.as_str(), p.name.as_str(), "y"])
             .unwrap();
     }
@@ -64,7 +67,7 @@ async fn start_with_policy(data_dir: &Path, port: u16, policy: Option<&str>) -> 
     let policy = policy.map(|text| {
         let path = data_dir.join("policy.toml");
         std::fs::write(&path, text).unwrap();
-        let p = psi_server::policy::Policy::load(&path).unwrap();
+        let p = psi_server::serving::policy::Policy::load(&path).unwrap();
         (path, p)
     });
     serve::start(ServeConfig {
@@ -77,7 +80,7 @@ async fn start_with_policy(data_dir: &Path, port: u16, policy: Option<&str>) -> 
         request_timeout: Duration::from_secs(30),
         reload_interval: Duration::from_millis(50),
         tls: None,
-        audit_db: data_dir.join(psi_server::audit::AUDIT_FILE).into(),
+        audit_db: data_dir.join(psi_server::serving::audit::AUDIT_FILE).into(),
         policy,
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
         net: Default::default(),
@@ -247,10 +250,10 @@ fn options(input: &Path, output: &Path, mode: QueryMode, chunk_rows: usize) -> B
 /// Every audit record, oldest first, as JSON objects.
 fn audit_records(path: &Path) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
-    psi_server::audit::export(
+    psi_server::serving::audit::export(
         path,
         &Default::default(),
-        psi_server::audit::Format::Json,
+        psi_server::serving::audit::Format::Json,
         &mut out,
     )
     .unwrap();
@@ -311,8 +314,8 @@ async fn batch_answers_every_row_in_both_modes() {
     }
     // One audit record per request, durable before the answer: the Evaluate
     // records add up to the valid rows, and the chain verifies.
-    let audit_db = f.data_dir.join(psi_server::audit::AUDIT_FILE);
-    let v = psi_server::audit::verify(&audit_db).unwrap();
+    let audit_db = f.data_dir.join(psi_server::serving::audit::AUDIT_FILE);
+    let v = psi_server::serving::audit::verify(&audit_db).unwrap();
     let records = audit_records(&audit_db);
     assert_eq!(records.len() as u64, v.records);
     let valid_rows = expected.iter().filter(|w| **w != "invalid").count() as u64;
@@ -528,7 +531,9 @@ async fn a_wrong_proof_is_an_error_never_a_no_match() {
     let impostor = start(&other.path().join("data"), port).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let record = psi_core::Record::parse("张伟", "11010519491231002X", today()).unwrap();
+    let record =
+        psi_core::Record::parse("张伟", "11010519491231002X", psi_core::CivilDate::today())
+            .unwrap();
     let err = session.evaluate(vec![record.encode()]).await.unwrap_err();
     assert!(
         format!("{err:#}").contains("proof does not verify"),
@@ -576,7 +581,7 @@ async fn corrupt_cache_is_refetched_and_reports_hold_no_personal_data() {
     // The canonical records are kept for updates and rotation, readable by
     // the operator only; no other file of the data directory, and nothing
     // in the client cache, holds a name or an ID.
-    let records = f.data_dir.join(psi_server::records::RECORDS_FILE);
+    let records = f.data_dir.join(psi_server::store::records::RECORDS_FILE);
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&records).unwrap().permissions().mode();
@@ -681,7 +686,7 @@ async fn a_snapshot_that_fails_to_load_stops_the_server_with_the_reason() {
     let data = dir.path().join("data");
     registry::init_guarded(&Source::csv(&csv), &data, false, &LENIENT).unwrap();
     std::fs::write(
-        data.join(registry::SNAPSHOT_FILE),
+        data.join(psi_server::store::SNAPSHOT_FILE),
         b"PSIBKT\0\x01 truncated",
     )
     .unwrap();
@@ -739,7 +744,7 @@ max_batch = 64
     }
     // The audit trail shows the refusals and that each valid row was
     // evaluated exactly once.
-    let records = audit_records(&data.join(psi_server::audit::AUDIT_FILE));
+    let records = audit_records(&data.join(psi_server::serving::audit::AUDIT_FILE));
     assert!(
         records.iter().any(|r| r["outcome"] == "ResourceExhausted"),
         "the rate limit must have applied"
@@ -856,7 +861,7 @@ async fn a_server_restart_mid_batch_is_ridden_out() {
         audit_db: root.join("second-audit.sqlite").into(),
         policy: Some((
             policy_path.clone(),
-            psi_server::policy::Policy::load(&policy_path).unwrap(),
+            psi_server::serving::policy::Policy::load(&policy_path).unwrap(),
         )),
         admin_listen: None,
         net: Default::default(),
@@ -870,7 +875,7 @@ async fn a_server_restart_mid_batch_is_ridden_out() {
         assert_eq!(&row[4], *want);
     }
     second.shutdown().await.unwrap();
-    let v = psi_server::audit::verify(root.join("second-audit.sqlite")).unwrap();
+    let v = psi_server::serving::audit::verify(root.join("second-audit.sqlite")).unwrap();
     assert!(
         v.records > 0,
         "the restarted server answered part of the batch"
@@ -1077,7 +1082,10 @@ async fn malformed_protobuf_is_refused_and_the_server_stays_up() {
 
 /// A synthetic person who is not in the fixture's registry.
 fn newcomer() -> (String, String) {
-    let p = Generator::new(4242, today()).unwrap().next().unwrap();
+    let p = Generator::new(4242, psi_core::CivilDate::today())
+        .unwrap()
+        .next()
+        .unwrap();
     (p.name, p.id)
 }
 
@@ -1136,7 +1144,10 @@ async fn updates_are_published_live_and_synced_as_deltas() {
         &add,
         &[pairs[1], ("赵敏", "610104196209276908"), ("Zhang", "x")],
     );
-    let stranger = Generator::new(999, today()).unwrap().next().unwrap();
+    let stranger = Generator::new(999, psi_core::CivilDate::today())
+        .unwrap()
+        .next()
+        .unwrap();
     write_pairs(&remove, &[pairs[0], (&stranger.name, &stranger.id)]);
     let r = registry::update_guarded(
         Some(&Source::csv(&add)),
@@ -1224,7 +1235,10 @@ async fn a_batch_during_updates_answers_every_row_correctly() {
     // Updates that touch none of the queried people, while the batch runs
     // and re-syncs before every chunk (maximum age zero).
     let updater = tokio::task::spawn_blocking(move || {
-        let people: Vec<_> = Generator::new(77, today()).unwrap().take(50).collect();
+        let people: Vec<_> = Generator::new(77, psi_core::CivilDate::today())
+            .unwrap()
+            .take(50)
+            .collect();
         for (i, p) in people.iter().enumerate() {
             let add = root.join(format!("add-{i}.csv"));
             write_pairs(&add, &[(p.name.as_str(), p.id.as_str())]);
@@ -1379,7 +1393,10 @@ async fn a_registry_that_outgrows_its_tag_parameters_is_synced_in_full() {
     let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
     let before = session.sync().await.unwrap();
     let add = f.root.join("add.csv");
-    let people: Vec<_> = Generator::new(31, today()).unwrap().take(1200).collect();
+    let people: Vec<_> = Generator::new(31, psi_core::CivilDate::today())
+        .unwrap()
+        .take(1200)
+        .collect();
     let pairs: Vec<(&str, &str)> = people
         .iter()
         .map(|p| (p.name.as_str(), p.id.as_str()))
@@ -1450,7 +1467,7 @@ async fn pir_mode_answers_like_the_other_modes_and_the_operator_learns_nothing_o
 
     // The audit trail: PIR requests say `pir` and their element count. The
     // public parameters went up once for this institution and epoch.
-    let audit_db = f.data_dir.join(psi_server::audit::AUDIT_FILE);
+    let audit_db = f.data_dir.join(psi_server::serving::audit::AUDIT_FILE);
     let records = audit_records(&audit_db);
     let valid_rows = expected.iter().filter(|w| **w != "invalid").count() as u64;
     let pir: Vec<_> = records.iter().filter(|r| r["mode"] == "pir").collect();
@@ -1473,7 +1490,10 @@ async fn pir_mode_answers_like_the_other_modes_and_the_operator_learns_nothing_o
     let member = check(&session, "张伟", "11010519491231002X", QueryMode::Pir)
         .await
         .unwrap();
-    let other = Generator::new(999, today()).unwrap().next().unwrap();
+    let other = Generator::new(999, psi_core::CivilDate::today())
+        .unwrap()
+        .next()
+        .unwrap();
     let stranger = check(&session, &other.name, &other.id, QueryMode::Pir)
         .await
         .unwrap();
@@ -1511,10 +1531,10 @@ async fn pir_mode_answers_like_the_other_modes_and_the_operator_learns_nothing_o
     };
     assert_eq!(strip(&after[before]), strip(&after[before + 1]));
     let mut export = Vec::new();
-    psi_server::audit::export(
+    psi_server::serving::audit::export(
         &audit_db,
         &Default::default(),
-        psi_server::audit::Format::Csv,
+        psi_server::serving::audit::Format::Csv,
         &mut export,
     )
     .unwrap();
@@ -1679,7 +1699,7 @@ async fn start_with_limits(data_dir: &Path, limits: Limits) -> Running {
         request_timeout: Duration::from_secs(30),
         reload_interval: Duration::from_millis(50),
         tls: None,
-        audit_db: data_dir.join(psi_server::audit::AUDIT_FILE).into(),
+        audit_db: data_dir.join(psi_server::serving::audit::AUDIT_FILE).into(),
         policy: None,
         admin_listen: None,
         net: Default::default(),

@@ -7,9 +7,11 @@ use std::time::Duration;
 use psi_client::check::{check, CheckOutcome};
 use psi_client::session::ClientTls;
 use psi_client::{ConnectOptions, QueryMode, Session};
-use psi_server::config::{ServeConfig, TlsFiles};
-use psi_server::source::Source;
-use psi_server::{ca, registry, serve, service::Limits};
+use psi_server::registry;
+use psi_server::registry::source::Source;
+use psi_server::serving::config::{ServeConfig, TlsFiles};
+use psi_server::serving::{serve, service::Limits};
+use psi_server::tools::ca;
 
 fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()

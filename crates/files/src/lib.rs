@@ -8,8 +8,10 @@
 //! - `xlsx` (feature `xlsx`): Excel workbooks read as text rows and written
 //!   as text cells, ID numbers Excel stored as numbers told apart.
 //!
+//! - [`atomic`]: files replaced atomically, with their mode, on both sides.
+//!
 //! Wrappers around readers and writers; opening files is the caller's, except
-//! for [`encoding::detect`], which reads the file it is given.
+//! for [`encoding::detect`], which reads the file it is given, and [`atomic`].
 
 #![cfg_attr(
     not(test),
@@ -21,6 +23,7 @@
     )
 )]
 
+pub mod atomic;
 pub mod encoding;
 pub mod rows;
 #[cfg(feature = "xlsx")]

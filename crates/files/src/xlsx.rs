@@ -140,7 +140,8 @@ pub fn read(path: &Path, sheet: Option<&str>) -> Result<Sheet, XlsxError> {
 }
 
 /// Writes `header` and `rows` as the one sheet `name` of a new workbook,
-/// every cell as text.
+/// every cell as text, replacing `path` atomically with mode 0600 (the
+/// workbook holds pairs).
 ///
 /// # Errors
 /// A cell Excel cannot hold, or I/O errors.
@@ -169,7 +170,9 @@ pub fn write(
                 .map_err(err)?;
         }
     }
-    book.save(path).map_err(err)
+    let bytes = book.save_to_buffer().map_err(err)?;
+    crate::atomic::write_atomically(path, &bytes, 0o600)
+        .map_err(|e| XlsxError::Write(e.to_string()))
 }
 
 #[cfg(test)]

@@ -78,6 +78,16 @@ impl CivilDate {
         }
     }
 
+    /// Today's date in China Standard Time (UTC+8), against which birth
+    /// dates are validated on both sides (reads the system clock).
+    #[must_use]
+    pub fn today() -> Self {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        Self::from_unix_time(secs, 8 * 3600)
+    }
+
     /// The civil date at `unix_seconds` in a zone `utc_offset_seconds` east of UTC
     /// (China Standard Time: `8 * 3600`).
     #[must_use]

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::config::ServeArgs;
-use crate::registry::{self, today};
-use crate::source::Source;
-use crate::synth::Generator;
+use crate::registry;
+use crate::registry::source::Source;
+use crate::serving::config::ServeArgs;
+use crate::tools::synth::Generator;
 
 /// The registry operator's server of the private (name, ID) match service.
 #[derive(Debug, Parser)]
@@ -55,8 +55,8 @@ pub enum Command {
         /// Encrypt only slice I of N (0 <= I < N) into a part file in
         /// --parts-dir, reading the key from the data directory (create it
         /// first with `keygen`); `merge` then makes the snapshot.
-        #[arg(long, value_parser = crate::partition::parse_slice, requires = "parts_dir")]
-        partition: Option<registry::Slice>,
+        #[arg(long, value_parser = crate::registry::partition::parse_slice, requires = "parts_dir")]
+        partition: Option<registry::encode::Slice>,
         /// Where partitions write their parts and `merge` reads them.
         #[arg(long, requires = "partition")]
         parts_dir: Option<PathBuf>,
@@ -155,16 +155,6 @@ pub enum Command {
     /// Check or export the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// Run the whole job on synthetic data: generate, init, serve locally, and
-    /// check pairs with the client in both modes.
-    Demo {
-        /// Working directory for the demo's files.
-        #[arg(long, default_value = "demo-data")]
-        dir: PathBuf,
-        /// Registry size.
-        #[arg(long, default_value_t = 20_000)]
-        count: u64,
-    },
 }
 
 /// Where registry rows come from when not a CSV file.
@@ -176,10 +166,10 @@ pub struct SourceArgs {
     #[arg(long, env = "PSI_POSTGRES")]
     postgres: Option<String>,
     /// The name column (CSV header or table column).
-    #[arg(long, default_value = crate::source::NAME_COLUMN)]
+    #[arg(long, default_value = crate::registry::source::NAME_COLUMN)]
     name_column: String,
     /// The ID number column (CSV header or table column).
-    #[arg(long, default_value = crate::source::ID_COLUMN)]
+    #[arg(long, default_value = crate::registry::source::ID_COLUMN)]
     id_column: String,
     /// A CSV file's encoding: utf-8 or gb18030 (which also reads GBK and
     /// GB2312) [default: detected from the bytes; a file in neither is refused].
@@ -268,14 +258,14 @@ pub enum AuditCommand {
     /// Walk the hash chain; report the first edited, deleted or reordered record.
     Verify {
         /// The audit database: an SQLite file or a postgres:// URL.
-        #[arg(long, env = "PSI_AUDIT_DB", value_parser = crate::audit::AuditStore::from_arg)]
-        db: crate::audit::AuditStore,
+        #[arg(long, env = "PSI_AUDIT_DB", value_parser = crate::serving::audit::AuditStore::from_arg)]
+        db: crate::serving::audit::AuditStore,
     },
     /// Remove records older than a time, never any younger than the retention.
     Prune {
         /// The audit database: an SQLite file or a postgres:// URL.
-        #[arg(long, env = "PSI_AUDIT_DB", value_parser = crate::audit::AuditStore::from_arg)]
-        db: crate::audit::AuditStore,
+        #[arg(long, env = "PSI_AUDIT_DB", value_parser = crate::serving::audit::AuditStore::from_arg)]
+        db: crate::serving::audit::AuditStore,
         /// Remove records before this time (RFC 3339).
         #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
         before: std::time::SystemTime,
@@ -286,8 +276,8 @@ pub enum AuditCommand {
     /// Export records, oldest first.
     Export {
         /// The audit database: an SQLite file or a postgres:// URL.
-        #[arg(long, env = "PSI_AUDIT_DB", value_parser = crate::audit::AuditStore::from_arg)]
-        db: crate::audit::AuditStore,
+        #[arg(long, env = "PSI_AUDIT_DB", value_parser = crate::serving::audit::AuditStore::from_arg)]
+        db: crate::serving::audit::AuditStore,
         /// Only this institution.
         #[arg(long)]
         institution: Option<String>,
@@ -298,8 +288,8 @@ pub enum AuditCommand {
         #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
         until: Option<std::time::SystemTime>,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = crate::audit::Format::Csv)]
-        format: crate::audit::Format,
+        #[arg(long, value_enum, default_value_t = crate::serving::audit::Format::Csv)]
+        format: crate::serving::audit::Format,
     },
 }
 
@@ -331,7 +321,13 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => {
             let source = source.source(&registry)?;
             let r = tokio::task::spawn_blocking(move || {
-                crate::partition::encode_part(&source, &data_dir, &parts_dir, slice, !no_progress)
+                crate::registry::partition::encode_part(
+                    &source,
+                    &data_dir,
+                    &parts_dir,
+                    slice,
+                    !no_progress,
+                )
             })
             .await??;
             println!(
@@ -440,7 +436,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Keygen { data_dir } => {
-            let (epoch, created) = crate::partition::keygen(&data_dir)?;
+            let (epoch, created) = crate::registry::partition::keygen(&data_dir)?;
             println!(
                 "{} key of epoch {epoch} in {}",
                 if created {
@@ -460,7 +456,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => {
             let guard = guard.guard()?;
             let report = tokio::task::spawn_blocking(move || {
-                crate::partition::merge(&data_dir, &parts_dir, partitions, &guard)
+                crate::registry::partition::merge(&data_dir, &parts_dir, partitions, &guard)
             })
             .await??;
             print_init(&report);
@@ -468,8 +464,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Publish { data_dir, to } => {
             let shown = to.display().to_string();
-            let r = tokio::task::spawn_blocking(move || crate::publish::publish(&data_dir, &to))
-                .await??;
+            let r = tokio::task::spawn_blocking(move || {
+                crate::registry::publish::publish(&data_dir, &to)
+            })
+            .await??;
             println!(
                 "published registry version {} (key epoch {}) to {shown}: {} files written ({} bytes), {} removed",
                 r.registry_version, r.epoch, r.files_written, r.bytes_written, r.files_removed
@@ -478,22 +476,24 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve(args) => {
             let cfg = args.resolve()?;
-            let running = crate::serve::start(cfg).await?;
+            let running = crate::serving::serve::start(cfg).await?;
             println!("psi-server listening on {}", running.local_addr);
             if let Some(admin) = running.admin_addr {
                 tracing::info!(%admin, "metrics at http://{admin}/metrics");
             }
-            running.run_until(crate::serve::termination_signal()).await
+            running
+                .run_until(crate::serving::serve::termination_signal())
+                .await
         }
         Command::Ca(CaCommand::Init { dir, server_names }) => {
-            crate::ca::init(&dir, &server_names)?;
+            crate::tools::ca::init(&dir, &server_names)?;
             println!(
                 "CA and server certificate for {} written to {}; serve with --tls-cert {} --tls-key {} --client-ca {}",
                 server_names.join(", "),
                 dir.display(),
-                dir.join(crate::ca::SERVER_CERT).display(),
-                dir.join(crate::ca::SERVER_KEY).display(),
-                dir.join(crate::ca::CA_CERT).display()
+                dir.join(crate::tools::ca::SERVER_CERT).display(),
+                dir.join(crate::tools::ca::SERVER_KEY).display(),
+                dir.join(crate::tools::ca::CA_CERT).display()
             );
             Ok(())
         }
@@ -504,12 +504,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             replace,
         }) => {
             let out = out_dir.unwrap_or_else(|| dir.clone());
-            let (cert, key) = crate::ca::issue(&dir, &institution, &out, replace)?;
+            let (cert, key) = crate::tools::ca::issue(&dir, &institution, &out, replace)?;
             println!(
                 "certificate for institution {institution}: {} (key {}); give both and {} to the institution",
                 cert.display(),
                 key.display(),
-                dir.join(crate::ca::CA_CERT).display()
+                dir.join(crate::tools::ca::CA_CERT).display()
             );
             Ok(())
         }
@@ -520,14 +520,14 @@ pub async fn run(cli: Cli) -> Result<()> {
         }) => {
             let retention = std::time::Duration::from_secs(retention_days.saturating_mul(86_400));
             let n = blocking(move || {
-                crate::audit::prune(&db, before, retention, std::time::SystemTime::now())
+                crate::serving::audit::prune(&db, before, retention, std::time::SystemTime::now())
             })
             .await?;
             println!("removed {n} audit records; the remaining chain still verifies (psi-server audit verify)");
             Ok(())
         }
         Command::Audit(AuditCommand::Verify { db }) => {
-            let v = blocking(move || crate::audit::verify(&db)).await?;
+            let v = blocking(move || crate::serving::audit::verify(&db)).await?;
             println!(
                 "audit chain intact: {} records; head {} (keep this value outside the database to detect truncation)",
                 v.records, v.head
@@ -541,7 +541,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             until,
             format,
         }) => {
-            let filter = crate::audit::ExportFilter {
+            let filter = crate::serving::audit::ExportFilter {
                 institution,
                 since,
                 until,
@@ -549,13 +549,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             let n = blocking(move || {
                 let stdout = std::io::stdout();
                 let mut out = stdout.lock();
-                crate::audit::export(&db, &filter, format, &mut out)
+                crate::serving::audit::export(&db, &filter, format, &mut out)
             })
             .await?;
             eprintln!("exported {n} records");
             Ok(())
         }
-        Command::Demo { dir, count } => crate::demo::run(&dir, count).await,
     }
 }
 
@@ -567,7 +566,7 @@ pub fn generate(count: u64, seed: u64, out: &std::path::Path) -> Result<()> {
     let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut w = csv::Writer::from_writer(BufWriter::new(file));
     w.write_record(["name", "id"])?;
-    for p in Generator::new(seed, today())?.take(usize::try_from(count)?) {
+    for p in Generator::new(seed, psi_core::CivilDate::today())?.take(usize::try_from(count)?) {
         w.write_record([p.name.as_str(), p.id.as_str()])?;
     }
     w.into_inner()

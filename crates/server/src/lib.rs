@@ -1,22 +1,20 @@
 //! `psi-server`: the registry operator's side of the private (name, ID) match
-//! service. `main.rs` is thin; everything is here.
+//! service. `main.rs` is thin; everything is here, one folder per role:
 //!
-//! - [`synth`]: synthetic registries for tests, demos and benchmarks.
-//! - [`keystore`], [`atomic_file`]: the OPRF key files per epoch (mode 0600),
-//!   their retirement after a rotation, and the endorsed key history.
-//! - [`source`]: registry rows from a CSV file or a PostgreSQL cursor.
-//! - [`registry`], [`records`], [`delta`]: `init`, `update` and `rotate_key`
-//!   (new registry versions and key epochs), the canonical record store, the
-//!   per-version deltas for incremental sync, and snapshot loading.
-//! - [`service`], [`error`], [`audit`]: the `psi.v1.Match` gRPC service, its status
-//!   codes, and the hash-chained audit trail of every request.
-//! - [`connection`], [`admission`]: every peer bounded: connections, streams,
-//!   bytes buffered, handshake/idle/body/answer/stream deadlines, cancelled
-//!   work stopped, and every refusal audited.
-//! - [`policy`]: per-institution modes, purposes, rates and daily caps.
-//! - [`metrics`]: Prometheus metrics on the admin address.
-//! - [`config`], [`serve`], [`ca`]: configuration, mutual TLS, and the server's life cycle.
-//! - [`cli`], [`demo`]: the command line and the end-to-end demo.
+//! - [`store`]: the data directory: its layout, the file formats (key files
+//!   and key history, bucket index, deltas, canonical records), reading the
+//!   current version, atomic writes and the writers' lock.
+//! - [`registry`]: the registry-holding side: a source's rows encoded into a
+//!   new registry (`init`, partitioned runs and `merge`), `update`,
+//!   `compact`, `rotate-key`, and `publish` to a serving directory.
+//! - [`serving`]: answering institutions: the served snapshot, the
+//!   `psi.v1.Match` service and its status codes, PIR, admission and
+//!   connection limits, policy and quotas, the hash-chained audit trail
+//!   (SQLite or PostgreSQL), metrics, configuration and the life cycle.
+//! - [`keyholder`]: the place for the key-holder role (a share of the
+//!   epoch key, evaluating for serving replicas).
+//! - [`tools`]: synthetic registries and the local certificate authority.
+//! - [`cli`]: the command line over all of them.
 
 #![cfg_attr(
     not(test),
@@ -28,27 +26,9 @@
     )
 )]
 
-pub mod admission;
-pub mod atomic_file;
-pub mod audit;
-pub mod ca;
 pub mod cli;
-pub mod config;
-pub mod connection;
-pub mod delta;
-pub mod demo;
-pub mod error;
-pub mod keystore;
-pub mod mapped;
-pub mod metrics;
-pub mod partition;
-pub mod pg;
-pub mod pir;
-pub mod policy;
-pub mod publish;
-pub mod records;
+pub mod keyholder;
 pub mod registry;
-pub mod serve;
-pub mod service;
-pub mod source;
-pub mod synth;
+pub mod serving;
+pub mod store;
+pub mod tools;

@@ -288,7 +288,7 @@ fn update_and_rotate_key_never_create_a_mistyped_data_directory() {
 
 #[test]
 fn init_killed_at_any_point_leaves_a_loadable_snapshot_and_reruns() {
-    use psi_server::registry::Snapshot;
+    use psi_server::serving::snapshot::Snapshot;
     let dir = tempfile::tempdir().unwrap();
     let registry = dir.path().join("registry.csv");
     let data = dir.path().join("data");
@@ -339,26 +339,8 @@ fn init_killed_at_any_point_leaves_a_loadable_snapshot_and_reruns() {
 }
 
 #[test]
-fn the_readme_demo_runs_end_to_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = server()
-        .args(["demo", "--count", "3000", "--dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("all answers as expected."), "{stdout}");
-    assert!(stdout.contains("chain intact"), "{stdout}");
-}
-
-#[test]
 fn update_and_rotate_key_from_the_command_line_survive_a_kill() {
-    use psi_server::registry::Snapshot;
+    use psi_server::serving::snapshot::Snapshot;
     let dir = tempfile::tempdir().unwrap();
     let (registry, add, remove) = (
         dir.path().join("registry.csv"),

@@ -15,9 +15,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use psi_client::{ConnectOptions, Session};
 use psi_core::Record;
-use psi_server::registry::today;
-use psi_server::source::Source;
-use psi_server::synth::Generator;
+use psi_server::registry::source::Source;
+use psi_server::tools::synth::Generator;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -31,7 +30,10 @@ fn registry(n: usize) -> (tempfile::TempDir, PathBuf, (String, String)) {
     let csv = dir.path().join("registry.csv");
     let mut w = csv::Writer::from_path(&csv).unwrap();
     w.write_record(["name", "id"]).unwrap();
-    let people: Vec<_> = Generator::new(11, today()).unwrap().take(n).collect();
+    let people: Vec<_> = Generator::new(11, psi_core::CivilDate::today())
+        .unwrap()
+        .take(n)
+        .collect();
     for p in &people {
         w.write_record([p.name.as_str(), p.id.as_str()]).unwrap();
     }
@@ -133,10 +135,10 @@ impl Server {
     /// The audit trail's records as (method, outcome, elements).
     fn audit(&self) -> Vec<(String, String, u64)> {
         let mut out = Vec::new();
-        psi_server::audit::export(
-            self.data.join(psi_server::audit::AUDIT_FILE),
-            &psi_server::audit::ExportFilter::default(),
-            psi_server::audit::Format::Csv,
+        psi_server::serving::audit::export(
+            self.data.join(psi_server::serving::audit::AUDIT_FILE),
+            &psi_server::serving::audit::ExportFilter::default(),
+            psi_server::serving::audit::Format::Csv,
             &mut out,
         )
         .unwrap();
@@ -203,7 +205,7 @@ impl Drop for Server {
 /// An honest bucket-mode check of a registered pair.
 async fn honest_check(server: &Server, cache: &Path, pair: &(String, String)) -> bool {
     let session = server.session(cache).await;
-    let record = Record::parse(&pair.0, &pair.1, today()).unwrap();
+    let record = Record::parse(&pair.0, &pair.1, psi_core::CivilDate::today()).unwrap();
     session.bucket_check(&[record]).await.unwrap()[0]
 }
 
@@ -225,7 +227,7 @@ async fn closed_by_peer(mut s: TcpStream) -> bool {
 /// An honest check that retries for up to 20 s while it is refused at the
 /// connection level (as a client behind a full server would).
 async fn honest_check_eventually(server: &Server, cache: &Path, pair: &(String, String)) -> bool {
-    let record = Record::parse(&pair.0, &pair.1, today()).unwrap();
+    let record = Record::parse(&pair.0, &pair.1, psi_core::CivilDate::today()).unwrap();
     let started = std::time::Instant::now();
     loop {
         let opts = ConnectOptions {
@@ -559,7 +561,7 @@ async fn idle_connections_are_closed_and_do_not_keep_out_honest_checks() {
     .await;
     // An honest session used, left idle past the idle timeout, used again.
     let session = server.session(&dir.path().join("c0")).await;
-    let record = Record::parse(&pair.0, &pair.1, today()).unwrap();
+    let record = Record::parse(&pair.0, &pair.1, psi_core::CivilDate::today()).unwrap();
     assert!(
         session
             .bucket_check(std::slice::from_ref(&record))
@@ -596,7 +598,7 @@ async fn idle_connections_are_closed_and_do_not_keep_out_honest_checks() {
 async fn half_open_tls_handshakes_are_closed() {
     let (_dir, data, _) = registry(200);
     let ca = data.join("ca");
-    psi_server::ca::init(&ca, &["127.0.0.1".to_string()]).unwrap();
+    psi_server::tools::ca::init(&ca, &["127.0.0.1".to_string()]).unwrap();
     let server = Server::start(
         &data,
         &[
@@ -712,7 +714,7 @@ async fn cancelled_evaluations_stop_and_are_recorded() {
         let _ = tokio::time::timeout(Duration::from_millis(15), channel.evaluate(evaluate())).await;
     }
     // An honest check right behind them.
-    let record = Record::parse(&pair.0, &pair.1, today()).unwrap();
+    let record = Record::parse(&pair.0, &pair.1, psi_core::CivilDate::today()).unwrap();
     assert!(session.bucket_check(&[record]).await.unwrap()[0]);
     let records = server.audited("Evaluate", "Cancelled", 40).await;
     assert!(records.iter().all(|(_, _, n)| *n == 4096), "{records:?}");
@@ -810,7 +812,9 @@ async fn malformed_oversized_and_late_requests_are_refused_precisely_and_recorde
     server.audited("Evaluate", "DeadlineExceeded", 1).await;
 
     // Every refusal is in the audit trail and nowhere did the server fall over.
-    let verified = psi_server::audit::verify(data.join(psi_server::audit::AUDIT_FILE)).unwrap();
+    let verified =
+        psi_server::serving::audit::verify(data.join(psi_server::serving::audit::AUDIT_FILE))
+            .unwrap();
     assert_eq!(verified.records, 5);
 }
 

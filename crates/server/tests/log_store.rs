@@ -10,9 +10,11 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 use psi_core::BucketIndex;
-use psi_server::registry::{self, today, PublishGuard, Snapshot};
-use psi_server::source::Source;
-use psi_server::synth::Generator;
+use psi_server::registry::source::Source;
+use psi_server::registry::{self, PublishGuard};
+use psi_server::serving::snapshot::Snapshot;
+use psi_server::store;
+use psi_server::tools::synth::Generator;
 
 const POOL: usize = 5200;
 const START: usize = 4700;
@@ -20,7 +22,7 @@ const START: usize = 4700;
 fn pool() -> &'static [(String, String)] {
     static POOL_ROWS: OnceLock<Vec<(String, String)>> = OnceLock::new();
     POOL_ROWS.get_or_init(|| {
-        Generator::new(23, today())
+        Generator::new(23, psi_core::CivilDate::today())
             .unwrap()
             .take(POOL)
             .map(|p| (p.name, p.id))
@@ -43,7 +45,7 @@ fn entries(index: &BucketIndex) -> Vec<(u32, u64)> {
 }
 
 fn sorted_records(dir: &Path) -> Vec<Vec<u8>> {
-    let mut r: Vec<Vec<u8>> = registry::current_records(dir)
+    let mut r: Vec<Vec<u8>> = store::current_records(dir)
         .unwrap()
         .iter()
         .map(<[u8]>::to_vec)
@@ -98,7 +100,7 @@ proptest! {
         let mut version = 1;
         let mut prev = Snapshot::load(d).unwrap();
         for s in &steps {
-            let base_before = std::fs::read(d.join(registry::SNAPSHOT_FILE)).unwrap();
+            let base_before = std::fs::read(d.join(store::SNAPSHOT_FILE)).unwrap();
             let add = (!s.add.is_empty()).then(|| csv(&d.join("add.csv"), s.add.iter().copied()));
             let remove =
                 (!s.remove.is_empty()).then(|| csv(&d.join("remove.csv"), s.remove.iter().copied()));
@@ -142,7 +144,7 @@ proptest! {
             prop_assert_eq!(served.tagset.len(), full.len() as u64);
             // A running server applies just the new updates to what it
             // serves, and gets the same snapshot.
-            let base_same = std::fs::read(d.join(registry::SNAPSHOT_FILE)).unwrap() == base_before;
+            let base_same = std::fs::read(d.join(store::SNAPSHOT_FILE)).unwrap() == base_before;
             let applied = Snapshot::apply_log(&prev, d).unwrap();
             let logged = version > prev.index.registry_version();
             prop_assert_eq!(applied.is_some(), base_same && logged);
@@ -177,10 +179,10 @@ fn an_update_writes_only_its_change_and_the_log_is_compacted_at_its_limit() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     registry::init(&csv(&d.join("start.csv"), 0..START), d, false).unwrap();
-    let base_bytes = std::fs::read(d.join(registry::SNAPSHOT_FILE)).unwrap();
+    let base_bytes = std::fs::read(d.join(store::SNAPSHOT_FILE)).unwrap();
     let records_bytes = std::fs::read(d.join("records.bin")).unwrap();
     let base = |d: &Path| {
-        BucketIndex::from_bytes(&std::fs::read(d.join(registry::SNAPSHOT_FILE)).unwrap())
+        BucketIndex::from_bytes(&std::fs::read(d.join(store::SNAPSHOT_FILE)).unwrap())
             .unwrap()
             .registry_version()
     };
@@ -204,7 +206,7 @@ fn an_update_writes_only_its_change_and_the_log_is_compacted_at_its_limit() {
         assert_eq!((r.added, r.removed), (10, 5));
     }
     assert_eq!(
-        std::fs::read(d.join(registry::SNAPSHOT_FILE)).unwrap(),
+        std::fs::read(d.join(store::SNAPSHOT_FILE)).unwrap(),
         base_bytes
     );
     assert_eq!(std::fs::read(d.join("records.bin")).unwrap(), records_bytes);

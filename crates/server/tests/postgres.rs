@@ -8,12 +8,12 @@ use std::path::Path;
 
 use psi_testbed::{start_postgres, Durability};
 
-use psi_server::registry::{self, today};
-use psi_server::source::Source;
-use psi_server::synth::Generator;
+use psi_server::registry;
+use psi_server::registry::source::Source;
+use psi_server::tools::synth::Generator;
 
 fn people(n: usize) -> Vec<(String, String)> {
-    let mut rows: Vec<(String, String)> = Generator::new(11, today())
+    let mut rows: Vec<(String, String)> = Generator::new(11, psi_core::CivilDate::today())
         .unwrap()
         .take(n)
         .map(|p| (p.name, p.id))
@@ -26,7 +26,7 @@ fn people(n: usize) -> Vec<(String, String)> {
 }
 
 fn sorted_records(dir: &Path) -> Vec<Vec<u8>> {
-    let mut r: Vec<Vec<u8>> = psi_server::registry::current_records(dir)
+    let mut r: Vec<Vec<u8>> = psi_server::store::current_records(dir)
         .unwrap()
         .iter()
         .map(<[u8]>::to_vec)
@@ -100,7 +100,10 @@ fn postgres_import_equals_csv_import_and_feeds_updates() {
     );
 
     // An update from queries: remove two people, add one.
-    let newcomer = Generator::new(12, today()).unwrap().next().unwrap();
+    let newcomer = Generator::new(12, psi_core::CivilDate::today())
+        .unwrap()
+        .next()
+        .unwrap();
     client
         .execute(
             "INSERT INTO psi_changes VALUES ($1, $2, 'add'), ($3, $4, 'remove'), ($5, $6, 'remove')",

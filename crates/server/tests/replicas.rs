@@ -11,11 +11,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use psi_client::check::{check, CheckOutcome};
 use psi_client::{ConnectOptions, QueryMode, Session};
-use psi_server::audit::{self, AuditLog, AuditStore, Entry, ExportFilter, Format};
-use psi_server::policy::{Enforcer, Policy};
-use psi_server::registry::today;
-use psi_server::source::Source;
-use psi_server::synth::Generator;
+use psi_server::registry::source::Source;
+use psi_server::serving::audit::{self, AuditLog, AuditStore, Entry, ExportFilter, Format};
+use psi_server::serving::policy::{Enforcer, Policy};
+use psi_server::tools::synth::Generator;
 use psi_testbed::{
     free_port, start_postgres, wait_for, Balancing, Durability, Haproxy, Postgres, Process,
 };
@@ -241,7 +240,10 @@ fn three_replicas_behind_haproxy_survive_a_kill_9() {
     // A registry of 5000 synthetic people, one data directory shared by the replicas.
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let people: Vec<_> = Generator::new(23, today()).unwrap().take(6000).collect();
+    let people: Vec<_> = Generator::new(23, psi_core::CivilDate::today())
+        .unwrap()
+        .take(6000)
+        .collect();
     let (members, strangers) = people.split_at(5000);
     let csv = root.join("registry.csv");
     let mut w = csv::Writer::from_path(&csv).unwrap();
@@ -450,9 +452,12 @@ fn replicas_at_different_versions_answer_right_through_an_update_and_a_rotation(
         "replicas_at_different_versions_answer_right_through_an_update_and_a_rotation";
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let people: Vec<_> = Generator::new(41, today()).unwrap().take(2600).collect();
+    let people: Vec<_> = Generator::new(41, psi_core::CivilDate::today())
+        .unwrap()
+        .take(2600)
+        .collect();
     let (members, strangers) = people.split_at(2000);
-    let write_csv = |path: &Path, rows: &[psi_server::synth::Person]| {
+    let write_csv = |path: &Path, rows: &[psi_server::tools::synth::Person]| {
         let mut w = csv::Writer::from_path(path).unwrap();
         w.write_record(["name", "id"]).unwrap();
         for p in rows {
@@ -654,7 +659,7 @@ fn an_unresponsive_database_is_given_up_on_after_the_connect_timeout() {
         let _ = tx.send(AuditLog::open(AuditStore::parse(&url)).map(|_| ()));
     });
     let outcome = rx
-        .recv_timeout(psi_server::pg::DEFAULT_CONNECT_TIMEOUT * 6)
+        .recv_timeout(psi_server::serving::pg::DEFAULT_CONNECT_TIMEOUT * 6)
         .expect("the connection attempt gave up");
     let err = format!("{:#}", outcome.unwrap_err());
     assert!(

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use psi_client::check::{check, CheckOutcome};
 use psi_client::{ConnectOptions, QueryMode, Session};
-use psi_server::config::ServeConfig;
-use psi_server::publish::publish;
-use psi_server::registry::{self, today};
-use psi_server::service::Limits;
-use psi_server::source::Source;
-use psi_server::synth::{Generator, Person};
+use psi_server::registry;
+use psi_server::registry::publish::publish;
+use psi_server::registry::source::Source;
+use psi_server::serving::config::ServeConfig;
+use psi_server::serving::service::Limits;
+use psi_server::tools::synth::{Generator, Person};
 
 fn write_csv(path: &Path, rows: &[Person]) {
     let mut w = csv::Writer::from_path(path).unwrap();
@@ -73,7 +73,10 @@ fn assert_no_personal_data(dir: &Path, people: &[Person]) -> Vec<String> {
 fn a_published_serving_directory_holds_no_personal_data_and_serves_updates_live() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let people: Vec<Person> = Generator::new(5, today()).unwrap().take(2400).collect();
+    let people: Vec<Person> = Generator::new(5, psi_core::CivilDate::today())
+        .unwrap()
+        .take(2400)
+        .collect();
     let (members, strangers) = people.split_at(2000);
     let csv = root.join("registry.csv");
     write_csv(&csv, members);
@@ -101,7 +104,7 @@ fn a_published_serving_directory_holds_no_personal_data_and_serves_updates_live(
         .build()
         .unwrap();
     let server = rt
-        .block_on(psi_server::serve::start(ServeConfig {
+        .block_on(psi_server::serving::serve::start(ServeConfig {
             data_dir: serving.clone(),
             listen: "127.0.0.1:0".parse().unwrap(),
             limits: Limits::default(),

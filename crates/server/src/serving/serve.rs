@@ -13,9 +13,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic_health::ServingStatus;
 
-use crate::config::ServeConfig;
-use crate::registry::Snapshot;
-use crate::service::{MatchService, State};
+use crate::serving::config::ServeConfig;
+use crate::serving::service::{MatchService, State};
+use crate::serving::snapshot::Snapshot;
 
 /// A server running in this process.
 #[derive(Debug)]
@@ -69,12 +69,14 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
     let store = cfg.audit_db.clone();
     let policy = cfg.policy.as_ref().map(|(_, p)| p.clone());
     let (audit, enforcer) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let audit = crate::audit::AuditLog::open(&store)?;
+        let audit = crate::serving::audit::AuditLog::open(&store)?;
         let enforcer = match &store {
-            crate::audit::AuditStore::Postgres(url) => {
-                crate::policy::Enforcer::shared(policy, url)?
+            crate::serving::audit::AuditStore::Postgres(url) => {
+                crate::serving::policy::Enforcer::shared(policy, url)?
             }
-            crate::audit::AuditStore::Sqlite(_) => crate::policy::Enforcer::new(policy),
+            crate::serving::audit::AuditStore::Sqlite(_) => {
+                crate::serving::policy::Enforcer::new(policy)
+            }
         };
         Ok((audit, Arc::new(enforcer)))
     })
@@ -84,12 +86,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let local_addr = listener.local_addr()?;
-    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let metrics = Arc::new(crate::serving::metrics::Metrics::default());
     let (tx, rx) = oneshot::channel::<()>();
     let (admin_stop_tx, admin_stop_rx) = oneshot::channel::<()>();
     let admin_addr = match cfg.admin_listen {
         Some(addr) => Some(
-            crate::metrics::serve_admin(addr, Arc::clone(&metrics), async {
+            crate::serving::metrics::serve_admin(addr, Arc::clone(&metrics), async {
                 let _ = admin_stop_rx.await;
             })
             .await?,
@@ -112,9 +114,9 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
 async fn run(
     cfg: ServeConfig,
     listener: TcpListener,
-    audit: crate::audit::AuditLog,
-    enforcer: Arc<crate::policy::Enforcer>,
-    metrics: Arc<crate::metrics::Metrics>,
+    audit: crate::serving::audit::AuditLog,
+    enforcer: Arc<crate::serving::policy::Enforcer>,
+    metrics: Arc<crate::serving::metrics::Metrics>,
     stop: oneshot::Receiver<()>,
 ) -> Result<()> {
     match &cfg.policy {
@@ -125,10 +127,14 @@ async fn run(
             tracing::warn!("no policy file: every authenticated caller is served without limits")
         }
     }
-    if cfg.data_dir.join(crate::records::RECORDS_FILE).exists() {
+    if cfg
+        .data_dir
+        .join(crate::store::records::RECORDS_FILE)
+        .exists()
+    {
         tracing::info!(
             "serving an all-in-one directory: it holds the plaintext records ({}); a host institutions connect to should serve a directory made by `psi-server publish`",
-            crate::records::RECORDS_FILE
+            crate::store::records::RECORDS_FILE
         );
     }
     let state = Arc::new(State::new(
@@ -161,7 +167,7 @@ async fn run(
     let loader_reporter = reporter.clone();
     let reload_interval = cfg.reload_interval;
     let loader = tokio::spawn(async move {
-        let stamp = crate::registry::snapshot_stamp(&data_dir);
+        let stamp = crate::store::snapshot_stamp(&data_dir);
         match load(&data_dir, None, loader_state.limits()).await {
             Ok(snapshot) => {
                 loader_state.publish(snapshot);
@@ -222,7 +228,7 @@ async fn run(
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         // Body limits, byte budgets, concurrency slots, deadlines and the
         // audit of refusals, before tonic buffers anything.
-        .layer(crate::admission::AdmissionLayer::new(
+        .layer(crate::serving::admission::AdmissionLayer::new(
             Arc::clone(&state),
             net,
             cfg.request_timeout,
@@ -230,7 +236,10 @@ async fn run(
         .add_service(health)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(crate::connection::incoming(listener, net, metrics), signal)
+        .serve_with_incoming_shutdown(
+            crate::serving::connection::incoming(listener, net, metrics),
+            signal,
+        )
         .await
         .context("serving");
     // The loader turned watcher stops with the server.
@@ -247,7 +256,7 @@ async fn run(
 async fn load(
     data_dir: &std::path::Path,
     prev: Option<Arc<Snapshot>>,
-    limits: crate::service::Limits,
+    limits: crate::serving::service::Limits,
 ) -> Result<Snapshot> {
     let started = std::time::Instant::now();
     let dir = data_dir.to_path_buf();
@@ -257,7 +266,7 @@ async fn load(
             None => Snapshot::load(&dir),
         }?;
         // PIR mode's database, from the previous one's where it can.
-        next.pir = crate::pir::database_for(
+        next.pir = crate::serving::pir::database_for(
             &next,
             prev.as_deref(),
             limits.pir_max_database_bytes,
@@ -286,14 +295,14 @@ async fn load(
 async fn watch(
     data_dir: std::path::PathBuf,
     state: Arc<State>,
-    mut stamp: Option<crate::registry::Stamp>,
+    mut stamp: Option<crate::store::Stamp>,
     interval: std::time::Duration,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = crate::registry::snapshot_stamp(&data_dir);
+        let now = crate::store::snapshot_stamp(&data_dir);
         if now.is_some() && now != stamp {
             stamp = now;
             match load(&data_dir, state.snapshot(), state.limits()).await {
@@ -306,7 +315,7 @@ async fn watch(
         if let Ok(current) = state.current_epoch() {
             let dir = data_dir.clone();
             let swept = tokio::task::spawn_blocking(move || {
-                crate::keystore::sweep(&dir, current, std::time::SystemTime::now())
+                crate::store::keystore::sweep(&dir, current, std::time::SystemTime::now())
             })
             .await;
             match swept {
@@ -323,14 +332,17 @@ async fn watch(
 }
 
 /// Re-reads the policy on every SIGHUP; a bad file keeps the policy in force.
-async fn reload_on_sighup(path: std::path::PathBuf, enforcer: Arc<crate::policy::Enforcer>) {
+async fn reload_on_sighup(
+    path: std::path::PathBuf,
+    enforcer: Arc<crate::serving::policy::Enforcer>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot listen for SIGHUP: the policy will not be reloaded");
         return;
     };
     while hup.recv().await.is_some() {
-        match crate::policy::Policy::load(&path) {
+        match crate::serving::policy::Policy::load(&path) {
             Ok(p) => {
                 enforcer.replace(p);
                 tracing::info!(path = %path.display(), "policy reloaded");

@@ -18,10 +18,10 @@ use rand_core::OsRng;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
-use crate::audit::{AuditLog, Entry};
-use crate::error::ServiceError;
-use crate::policy::Enforcer;
-use crate::registry::Snapshot;
+use crate::serving::audit::{AuditLog, Entry};
+use crate::serving::error::ServiceError;
+use crate::serving::policy::Enforcer;
+use crate::serving::snapshot::Snapshot;
 
 pub use psi_proto::PURPOSE_HEADER;
 
@@ -83,9 +83,9 @@ pub struct State {
     mutual_tls: bool,
     audit: AuditLog,
     enforcer: Arc<Enforcer>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::serving::metrics::Metrics>,
     in_flight: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
-    pir_keys: crate::pir::KeysCache,
+    pir_keys: crate::serving::pir::KeysCache,
     pir_slots: Arc<tokio::sync::Semaphore>,
 }
 
@@ -101,7 +101,7 @@ impl State {
         mutual_tls: bool,
         audit: AuditLog,
         enforcer: Arc<Enforcer>,
-        metrics: Arc<crate::metrics::Metrics>,
+        metrics: Arc<crate::serving::metrics::Metrics>,
     ) -> Self {
         Self {
             snapshot: RwLock::new(None),
@@ -111,7 +111,7 @@ impl State {
             enforcer,
             metrics,
             in_flight: std::sync::Mutex::new(std::collections::HashMap::new()),
-            pir_keys: crate::pir::KeysCache::new(limits.pir_keys_cache_bytes),
+            pir_keys: crate::serving::pir::KeysCache::new(limits.pir_keys_cache_bytes),
             pir_slots: Arc::new(tokio::sync::Semaphore::new(limits.pir_max_concurrent)),
         }
     }
@@ -190,13 +190,13 @@ impl State {
 
     /// The metrics.
     #[must_use]
-    pub fn metrics(&self) -> &crate::metrics::Metrics {
+    pub fn metrics(&self) -> &crate::serving::metrics::Metrics {
         &self.metrics
     }
 
     /// The metrics, shared.
     #[must_use]
-    pub fn metrics_arc(&self) -> Arc<crate::metrics::Metrics> {
+    pub fn metrics_arc(&self) -> Arc<crate::serving::metrics::Metrics> {
         Arc::clone(&self.metrics)
     }
 
@@ -210,13 +210,13 @@ impl State {
             return Ok(LOCAL_INSTITUTION.to_string());
         }
         // Set by the admission layer, which read the certificate already.
-        if let Some(known) = extensions.get::<crate::admission::Authenticated>() {
+        if let Some(known) = extensions.get::<crate::serving::admission::Authenticated>() {
             return Ok(known.0.clone());
         }
-        let certs =
-            crate::connection::peer_certs(extensions).ok_or(ServiceError::Unauthenticated)?;
+        let certs = crate::serving::connection::peer_certs(extensions)
+            .ok_or(ServiceError::Unauthenticated)?;
         let leaf = certs.first().ok_or(ServiceError::Unauthenticated)?;
-        crate::ca::institution_of(leaf).map_err(|_| ServiceError::Unauthenticated)
+        crate::tools::ca::institution_of(leaf).map_err(|_| ServiceError::Unauthenticated)
     }
 }
 
@@ -237,7 +237,7 @@ impl MatchService {
     fn caller<T>(&self, request: &Request<T>) -> Caller {
         let note = request
             .extensions()
-            .get::<Arc<crate::admission::RequestNote>>()
+            .get::<Arc<crate::serving::admission::RequestNote>>()
             .cloned();
         if let Some(note) = &note {
             note.reached();
@@ -552,7 +552,7 @@ impl Match for MatchService {
 struct Caller {
     institution: Result<String, ServiceError>,
     purpose: Result<String, ServiceError>,
-    note: Option<Arc<crate::admission::RequestNote>>,
+    note: Option<Arc<crate::serving::admission::RequestNote>>,
 }
 
 impl MatchService {
@@ -642,7 +642,7 @@ impl MatchService {
         }
         // Checked before any work: the exact length, then every coefficient.
         let bytes = req.public_parameters;
-        let id = crate::pir::keys_id(&bytes);
+        let id = crate::serving::pir::keys_id(&bytes);
         let keys = on_cpu(move |_| psi_pir::Keys::parse(shape, &bytes))
             .await?
             .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
@@ -797,7 +797,7 @@ fn delta_since(snap: &Snapshot, held: u64, max_bytes: usize) -> Option<TagSetDel
     if held == 0 || held >= current {
         return None;
     }
-    let (added, removed) = crate::delta::Delta::compose(&snap.deltas, held, current)?;
+    let (added, removed) = crate::store::delta::Delta::compose(&snap.deltas, held, current)?;
     let bytes = 8 * (added.len() + removed.len());
     let whole: usize = snap.tagset.shards().iter().map(|s| s.data().len()).sum();
     if bytes > whole / 2 || bytes > max_bytes {

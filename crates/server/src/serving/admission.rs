@@ -11,7 +11,7 @@
 //!   (the TLS certificate), held until the response (stream) ends;
 //! - a deadline for the body, one for the answer (`request_timeout`, or the
 //!   client's `grpc-timeout` if sooner), and the connection-level deadline of
-//!   the request's whole life (`stream_timeout`, see [`crate::connection`]);
+//!   the request's whole life (`stream_timeout`, see [`crate::serving::connection`]);
 //! - an audit record for each refusal the handler never saw (oversized,
 //!   malformed, over budget, over the concurrency limit, timed out,
 //!   cancelled); the handler records the rest, and a request is never
@@ -31,10 +31,10 @@ use tokio::time::{Instant, Sleep};
 use tonic::body::Body;
 use tonic::{Code, Status};
 
-use crate::audit::Entry;
-use crate::connection::{peer_info, Conn, NetLimits, OpenRequest};
-use crate::error::ServiceError;
-use crate::service::{State, PURPOSE_HEADER};
+use crate::serving::audit::Entry;
+use crate::serving::connection::{peer_info, Conn, NetLimits, OpenRequest};
+use crate::serving::error::ServiceError;
+use crate::serving::service::{State, PURPOSE_HEADER};
 
 /// What the admission layer and the handler share about one request: the
 /// handler notes the element count and that it wrote the audit record.
@@ -100,7 +100,7 @@ const MESSAGE_OVERHEAD: usize = 64;
 const SMALL_BODY: usize = 64 << 10;
 
 /// The largest request body accepted on `path`.
-fn body_limit(path: &str, limits: &crate::service::Limits) -> usize {
+fn body_limit(path: &str, limits: &crate::serving::service::Limits) -> usize {
     match path {
         "/psi.v1.Match/Evaluate" => limits.max_batch * 32 + MESSAGE_OVERHEAD,
         // 32 bytes per element and at most 5 per packed bucket number.
@@ -388,7 +388,7 @@ impl Tracker {
                 .headers()
                 .get(PURPOSE_HEADER)
                 .and_then(|v| v.to_str().ok())
-                .filter(|p| crate::service::is_valid_purpose(p))
+                .filter(|p| crate::serving::service::is_valid_purpose(p))
                 .unwrap_or("")
                 .to_string(),
             received: std::time::SystemTime::now(),
@@ -473,7 +473,7 @@ impl Drop for Tracker {
             audited.method,
             audited.mode,
         );
-        entry.time_unix_ms = crate::audit::unix_ms(audited.received);
+        entry.time_unix_ms = crate::serving::audit::unix_ms(audited.received);
         let now = Instant::now();
         let late = self.client_deadline.is_some_and(|d| now >= d) || now >= self.stream_deadline;
         // Dropped before it ended (no outcome), or its work stopped because
@@ -633,7 +633,7 @@ mod tests {
 
     #[test]
     fn body_limits_follow_the_batch_limits() {
-        let limits = crate::service::Limits::default();
+        let limits = crate::serving::service::Limits::default();
         assert_eq!(
             body_limit("/psi.v1.Match/Evaluate", &limits),
             4096 * 32 + 64

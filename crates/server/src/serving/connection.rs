@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 
-use crate::metrics::Metrics;
+use crate::serving::metrics::Metrics;
 
 /// Limits on connections, streams, buffers and time: every peer is bounded.
 /// Each is a `serve` setting (flag, `PSI_*` variable or config file key of

@@ -22,11 +22,11 @@ use std::time::SystemTime;
 
 use anyhow::{bail, Context, Result};
 
-use crate::atomic_file::{copy_atomically, same_content};
-use crate::delta::DELTA_DIR;
-use crate::keystore::{self, HISTORY_FILE};
-use crate::records::RECORDS_FILE;
-use crate::registry::{self, SNAPSHOT_FILE};
+use crate::store::delta::DELTA_DIR;
+use crate::store::keystore::{self, HISTORY_FILE};
+use crate::store::records::RECORDS_FILE;
+use crate::store::{self, SNAPSHOT_FILE};
+use psi_files::atomic::{copy_atomically, same_content};
 
 /// What a publication wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -64,9 +64,9 @@ pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
         );
     }
     // No init, update or rotation on either side meanwhile.
-    let _source = registry::lock(data_dir, false)?;
-    let _target = registry::lock(to, true)?;
-    let index = registry::current_index(data_dir)?;
+    let _source = store::lock(data_dir, false)?;
+    let _target = store::lock(to, true)?;
+    let index = store::current_index(data_dir)?;
     keystore::sweep(data_dir, index.epoch(), SystemTime::now())?;
 
     let mut report = PublishReport {

@@ -27,10 +27,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use psi_core::{Mode, Server, Tag};
 
-use crate::atomic_file::write_atomically;
-use crate::keystore;
-use crate::registry::{self, Encrypted, InitReport, PublishGuard, RowCounts, Slice};
-use crate::source::Source;
+use crate::registry::encode::{Encrypted, Slice};
+use crate::registry::source::Source;
+use crate::registry::{self, InitReport, PublishGuard, RowCounts};
+use crate::store::{self, keystore};
+use psi_files::atomic::write_atomically;
 
 const MAGIC: &[u8; 8] = b"PSIPART\x01";
 
@@ -81,7 +82,7 @@ pub fn encode_part(
     show_progress: bool,
 ) -> Result<PartReport> {
     let started = Instant::now();
-    let epoch = match registry::read_index(data_dir)? {
+    let epoch = match store::read_index(data_dir)? {
         Some(index) => index.epoch(),
         None => keystore::latest_epoch(data_dir)?.with_context(|| {
             format!(
@@ -94,7 +95,7 @@ pub fn encode_part(
     let key = keystore::load(data_dir, epoch)?;
     let server = Server::new(Mode::Voprf, key.key);
     let mut rejected = csv::Writer::from_writer(Vec::new());
-    let (enc, counts) = registry::encrypt_source(
+    let (enc, counts) = registry::encode::encrypt_source(
         source,
         "registry",
         &server,
@@ -273,8 +274,8 @@ pub fn merge(
     if count == 0 {
         bail!("--partitions must be at least 1");
     }
-    let _lock = registry::lock(data_dir, true)?;
-    let previous = registry::read_index(data_dir)?;
+    let _lock = store::lock(data_dir, true)?;
+    let previous = store::read_index(data_dir)?;
     let mut counts = RowCounts::default();
     let mut rejected = Vec::new();
     let mut encrypted = Vec::new();
@@ -313,7 +314,7 @@ pub fn merge(
     rejected.sort_by_key(|r| r.0);
     let enc = merge_in_line_order(&encrypted)?;
     drop(encrypted);
-    let mut report = registry::report_writer()?;
+    let mut report = registry::encode::report_writer()?;
     for (_, record) in &rejected {
         report.write_record(record)?;
     }
@@ -371,7 +372,7 @@ fn merge_in_line_order(parts: &[Encrypted]) -> Result<Encrypted> {
 /// # Errors
 /// I/O errors.
 pub fn keygen(data_dir: &Path) -> Result<(u64, bool)> {
-    let _lock = registry::lock(data_dir, true)?;
+    let _lock = store::lock(data_dir, true)?;
     match keystore::latest_epoch(data_dir)? {
         Some(epoch) => Ok((epoch, false)),
         None => Ok((keystore::create(data_dir, 1)?.epoch, true)),

@@ -16,7 +16,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
-use crate::atomic_file::write_atomically;
+use psi_files::atomic::write_atomically;
 
 /// The CA certificate's file name.
 pub const CA_CERT: &str = "ca.pem";

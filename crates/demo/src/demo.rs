@@ -1,4 +1,4 @@
-//! `psi-server demo`: the whole job on synthetic data in one command. It
+//! `psi-demo`: the whole job on synthetic data in one command. It
 //! generates a registry, encrypts it, serves it on a local port, and runs the
 //! client library against it: a batch in sync mode, the same batch in bucket
 //! mode, and a single check, printing what happened.
@@ -11,10 +11,10 @@ use psi_client::batch::{self, BatchOptions};
 use psi_client::check::{check, CheckOutcome};
 use psi_client::{ConnectOptions, QueryMode, Session};
 
-use crate::config::ServeConfig;
-use crate::registry::{self, today};
-use crate::service::Limits;
-use crate::synth::{Generator, Person};
+use psi_server::registry;
+use psi_server::serving::config::ServeConfig;
+use psi_server::serving::service::Limits;
+use psi_server::tools::synth::{Generator, Person};
 
 const SEED: u64 = 1;
 
@@ -36,7 +36,7 @@ fn queries(registered: &[Person]) -> Result<Vec<(String, String, String, &'stati
     let dotted = pick(&|p| p.name.contains('\u{b7}')).context("no minority name generated")?;
     let legacy = pick(&|p| p.id.get(6..8) == Some("19")).context("no 19xx birth")?;
     let x_id = pick(&|p| p.id.ends_with('X'));
-    let outsider = Generator::new(SEED + 1000, today())?
+    let outsider = Generator::new(SEED + 1000, psi_core::CivilDate::today())?
         .next()
         .context("generator")?;
     let mut q = vec![
@@ -144,7 +144,7 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
     let registry_csv = dir.join("registry.csv");
     let data_dir = dir.join("server-data");
     println!("1. generating a synthetic registry of {count} people (seed {SEED})");
-    crate::cli::generate(count, SEED, &registry_csv)?;
+    psi_server::cli::generate(count, SEED, &registry_csv)?;
 
     println!("2. encrypting it under the server's OPRF key");
     let (csv_path, data) = (registry_csv.clone(), data_dir.clone());
@@ -152,24 +152,24 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
         // A fresh synthetic registry replaces whatever an earlier demo left
         // (of any size): its counts are known, so no publication guard.
         registry::init_guarded(
-            &crate::source::Source::csv(csv_path),
+            &psi_server::registry::source::Source::csv(csv_path),
             &data,
             true,
             &registry::PublishGuard::force(),
         )
     })
     .await??;
-    crate::cli::print_init(&report);
+    psi_server::cli::print_init(&report);
 
     println!("3. starting psi-server on a local port");
-    let running = crate::serve::start(ServeConfig {
+    let running = psi_server::serving::serve::start(ServeConfig {
         data_dir: data_dir.clone(),
         listen: "127.0.0.1:0".parse()?,
         limits: Limits::default(),
         request_timeout: Duration::from_secs(60),
         reload_interval: Duration::from_millis(2000),
         tls: None,
-        audit_db: data_dir.join(crate::audit::AUDIT_FILE).into(),
+        audit_db: data_dir.join(psi_server::serving::audit::AUDIT_FILE).into(),
         policy: None,
         admin_listen: None,
         net: Default::default(),
@@ -180,8 +180,8 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
     let result = client_side(dir, &url, count).await;
     running.shutdown().await?;
     result?;
-    let audit_db = data_dir.join(crate::audit::AUDIT_FILE);
-    let v = crate::audit::verify(&audit_db)?;
+    let audit_db = data_dir.join(psi_server::serving::audit::AUDIT_FILE);
+    let v = psi_server::serving::audit::verify(&audit_db)?;
     println!(
         "7. the operator's audit trail holds {} records (institution, purpose, counts; no names or IDs), chain intact:\n   psi-server audit export --db {}",
         v.records,
@@ -191,7 +191,7 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
 }
 
 async fn client_side(dir: &Path, url: &str, count: u64) -> Result<()> {
-    let registered: Vec<Person> = Generator::new(SEED, today())?
+    let registered: Vec<Person> = Generator::new(SEED, psi_core::CivilDate::today())?
         .take(usize::try_from(count)?.min(5000))
         .collect();
     let queries = queries(&registered)?;

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::connection::NetLimits;
-use crate::service::Limits;
+use crate::serving::connection::NetLimits;
+use crate::serving::service::Limits;
 
 /// Flags and environment variables of `psi-server serve`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -83,8 +83,8 @@ pub struct ServeArgs {
     /// (seconds) gets 5 s, and without `options=` gets
     /// `-c statement_timeout=10000` (ms): a database that stops answering
     /// fails requests (UNAVAILABLE, retried) instead of holding them.
-    #[arg(long, env = "PSI_AUDIT_DB", value_parser = crate::audit::AuditStore::from_arg)]
-    pub audit_db: Option<crate::audit::AuditStore>,
+    #[arg(long, env = "PSI_AUDIT_DB", value_parser = crate::serving::audit::AuditStore::from_arg)]
+    pub audit_db: Option<crate::serving::audit::AuditStore>,
     /// Serve without TLS on an address other than loopback: anyone on the
     /// network can then query without an identity. For testing only.
     #[arg(long)]
@@ -320,9 +320,9 @@ pub struct ServeConfig {
     /// Mutual TLS; `None` serves plaintext (loopback unless explicitly allowed).
     pub tls: Option<TlsFiles>,
     /// The audit database.
-    pub audit_db: crate::audit::AuditStore,
+    pub audit_db: crate::serving::audit::AuditStore,
     /// The policy file and its content, if any.
-    pub policy: Option<(PathBuf, crate::policy::Policy)>,
+    pub policy: Option<(PathBuf, crate::serving::policy::Policy)>,
     /// The admin (metrics) address, if any.
     pub admin_listen: Option<SocketAddr>,
     /// Connection, stream, buffer and time limits.
@@ -449,7 +449,7 @@ impl ServeArgs {
             bail!("reload_interval_ms must be at least 10");
         }
         {
-            let p = data_dir.join(crate::registry::SNAPSHOT_FILE);
+            let p = data_dir.join(crate::store::SNAPSHOT_FILE);
             if !p.exists() {
                 bail!(
                     "{} is missing: run `psi-server init --registry FILE --data-dir {}` first",
@@ -483,12 +483,12 @@ impl ServeArgs {
             .or_else(|| {
                 file.audit_db
                     .as_deref()
-                    .map(crate::audit::AuditStore::parse)
+                    .map(crate::serving::audit::AuditStore::parse)
             })
-            .unwrap_or_else(|| data_dir.join(crate::audit::AUDIT_FILE).into());
+            .unwrap_or_else(|| data_dir.join(crate::serving::audit::AUDIT_FILE).into());
         let policy = match self.policy.or(file.policy) {
             Some(path) => {
-                let p = crate::policy::Policy::load(&path)?;
+                let p = crate::serving::policy::Policy::load(&path)?;
                 Some((path, p))
             }
             None => None,
@@ -521,7 +521,7 @@ mod tests {
 
     fn data_dir() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join(crate::registry::SNAPSHOT_FILE), b"x").unwrap();
+        std::fs::write(d.path().join(crate::store::SNAPSHOT_FILE), b"x").unwrap();
         d
     }
 

@@ -21,7 +21,8 @@ use anyhow::{bail, Context, Result};
 use psi_core::Tag;
 use rayon::prelude::*;
 
-use crate::atomic_file::{named_files, write_atomically};
+use crate::store::named_files;
+use psi_files::atomic::write_atomically;
 
 /// The delta directory's name inside the data directory.
 pub const DELTA_DIR: &str = "deltas";

@@ -27,7 +27,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use tokio_postgres::types::Type;
 
-use crate::error::ServiceError;
+use crate::serving::error::ServiceError;
 
 /// One institution's rules.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -65,7 +65,7 @@ impl Policy {
         let policy: Policy = toml::from_str(&text)
             .with_context(|| format!("parsing policy file {}", path.display()))?;
         for (id, r) in &policy.institutions {
-            if !crate::ca::is_valid_institution(id) {
+            if !crate::tools::ca::is_valid_institution(id) {
                 bail!("policy: `{id}` is not a valid institution id");
             }
             if let Some(m) = r
@@ -78,7 +78,7 @@ impl Policy {
             if let Some(p) = r
                 .purposes
                 .iter()
-                .find(|p| !crate::service::is_valid_purpose(p))
+                .find(|p| !crate::serving::service::is_valid_purpose(p))
             {
                 bail!(
                     "policy: institution {id}: `{p}` is not a purpose code (1-32 of a-z 0-9 _ -)"
@@ -166,7 +166,7 @@ pub const QUOTA_CONNECTIONS: usize = 4;
 /// (opened when first needed, again after one is lost).
 struct SharedQuotas {
     url: String,
-    clients: Arc<[Mutex<Option<crate::pg::Pg>>]>,
+    clients: Arc<[Mutex<Option<crate::serving::pg::Pg>>]>,
 }
 
 const QUOTA_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS quota (
@@ -181,8 +181,12 @@ const QUOTA_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS quota (
 const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 impl SharedQuotas {
-    fn connect(url: &str) -> Result<crate::pg::Pg> {
-        let mut c = crate::pg::Pg::connect(url, "the shared quotas", crate::pg::Use::Serving)?;
+    fn connect(url: &str) -> Result<crate::serving::pg::Pg> {
+        let mut c = crate::serving::pg::Pg::connect(
+            url,
+            "the shared quotas",
+            crate::serving::pg::Use::Serving,
+        )?;
         // Replicas starting together would race to create the table.
         c.batch_execute("BEGIN")?;
         c.execute("SELECT pg_advisory_xact_lock(7365)", &[])?;
@@ -207,7 +211,7 @@ impl SharedQuotas {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         };
-        if slot.as_ref().is_none_or(crate::pg::Pg::is_closed) {
+        if slot.as_ref().is_none_or(crate::serving::pg::Pg::is_closed) {
             *slot = Some(Self::connect(&self.url).map_err(|e| {
                 tracing::error!("shared quotas: {e:#}");
                 ServiceError::Unavailable("the shared quota database is out of reach".into())
@@ -303,7 +307,7 @@ fn china_day(now_ms: i64) -> (i64, Duration) {
 }
 
 fn now_ms() -> i64 {
-    crate::audit::unix_ms(std::time::SystemTime::now())
+    crate::serving::audit::unix_ms(std::time::SystemTime::now())
 }
 
 impl Enforcer {

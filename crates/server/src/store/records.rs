@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::atomic_file::{named_files, write_atomically};
+use crate::store::named_files;
+use psi_files::atomic::write_atomically;
 
 /// The store's name inside the data directory.
 pub const RECORDS_FILE: &str = "records.bin";
@@ -124,7 +125,7 @@ impl Records {
         out.extend_from_slice(&self.version.to_be_bytes());
         out.extend_from_slice(&self.count.to_be_bytes());
         out.extend_from_slice(&self.bytes);
-        write_atomically(&data_dir.join(RECORDS_FILE), &out, 0o600)
+        Ok(write_atomically(&data_dir.join(RECORDS_FILE), &out, 0o600)?)
     }
 
     /// Reads the records of registry version `version`: the store with the
@@ -220,7 +221,11 @@ impl Records {
         }
         out.extend_from_slice(&added.bytes);
         out.extend_from_slice(&removed.bytes);
-        write_atomically(&dir.join(format!("v{from}-v{to}.seg")), &out, 0o600)
+        Ok(write_atomically(
+            &dir.join(format!("v{from}-v{to}.seg")),
+            &out,
+            0o600,
+        )?)
     }
 
     /// Removes every segment (after a new store has folded them in).

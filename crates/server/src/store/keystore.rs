@@ -20,7 +20,7 @@ use psi_core::{PublicKey, ServerKey};
 use rand_core::OsRng;
 use zeroize::Zeroizing;
 
-use crate::atomic_file::write_atomically;
+use psi_files::atomic::write_atomically;
 
 const MAGIC: &[u8; 8] = b"PSIKEY\x00\x01";
 const FILE_LEN: usize = 8 + 8 + 32;
@@ -116,7 +116,11 @@ pub fn store(data_dir: &Path, key: &EpochKey) -> Result<()> {
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&key.epoch.to_be_bytes());
     bytes.extend_from_slice(key.key.to_bytes().as_slice());
-    write_atomically(&key_path(data_dir, key.epoch), &bytes, 0o600)
+    Ok(write_atomically(
+        &key_path(data_dir, key.epoch),
+        &bytes,
+        0o600,
+    )?)
 }
 
 /// Retires the key of `epoch`: it is destroyed by the first [`sweep`] after
@@ -132,7 +136,7 @@ pub fn retire(data_dir: &Path, epoch: u64, grace: Duration) -> Result<()> {
     for (e, _, from) in key_files(data_dir)? {
         if e == epoch && from != to {
             fs::rename(&from, &to).with_context(|| format!("retiring {}", from.display()))?;
-            crate::atomic_file::sync_parent_dir(&to)?;
+            psi_files::atomic::sync_parent_dir(&to)?;
         }
     }
     Ok(())
@@ -174,7 +178,7 @@ pub(crate) fn destroy(path: &Path) -> Result<()> {
     f.sync_all()?;
     drop(f);
     fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
-    crate::atomic_file::sync_parent_dir(path)
+    Ok(psi_files::atomic::sync_parent_dir(path)?)
 }
 
 /// The public key history: each rotation's new key and epoch with the
@@ -234,7 +238,11 @@ pub fn append_history(data_dir: &Path, step: &KeyStep) -> Result<()> {
             hex::encode(s.endorsement)
         ));
     }
-    write_atomically(&data_dir.join(HISTORY_FILE), text.as_bytes(), 0o644)
+    Ok(write_atomically(
+        &data_dir.join(HISTORY_FILE),
+        text.as_bytes(),
+        0o644,
+    )?)
 }
 
 /// Loads the key file of `epoch`.

@@ -1,22 +1,26 @@
-//! Files replaced atomically: written beside their final path, synced,
-//! renamed over it, and the directory synced, so a crash at any point leaves
-//! either the old file or the new one, never a half-written one.
+//! Files replaced atomically: written beside their final path with the
+//! mode they keep, synced, renamed over it, and the directory synced, so a
+//! crash at any point leaves either the old file or the new one, never a
+//! half-written one. One helper for the operator's and the institution's
+//! files alike.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+/// An I/O error with what was being done, and to which path, in its message.
+fn context(e: io::Error, doing: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{doing} {}: {e}", path.display()))
+}
 
 /// Writes `bytes` to `path` atomically, the file created with `mode` (e.g. 0o600).
 ///
 /// # Errors
-/// Any I/O error, with the path in its context.
-pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+/// Any I/O error, with the path in its message.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     replace_with(path, mode, |f, tmp| {
-        f.write_all(bytes)
-            .with_context(|| format!("writing {}", tmp.display()))
+        f.write_all(bytes).map_err(|e| context(e, "writing", tmp))
     })
 }
 
@@ -24,43 +28,53 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 /// the new file created with `mode`.
 ///
 /// # Errors
-/// Any I/O error, with the paths in its context.
-pub fn copy_atomically(from: &Path, to: &Path, mode: u32) -> Result<()> {
-    let mut source = File::open(from).with_context(|| format!("opening {}", from.display()))?;
+/// Any I/O error, with the paths in its message.
+pub fn copy_atomically(from: &Path, to: &Path, mode: u32) -> io::Result<()> {
+    let mut source = File::open(from).map_err(|e| context(e, "opening", from))?;
     replace_with(to, mode, |f, tmp| {
-        std::io::copy(&mut source, f)
+        io::copy(&mut source, f)
             .map(|_| ())
-            .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))
+            .map_err(|e| context(e, &format!("copying {} to", from.display()), tmp))
     })
 }
 
-/// Creates the temporary file beside `path`, lets `fill` write it, syncs
-/// it, renames it over `path` and syncs the directory; the temporary file
-/// is removed if anything fails.
-fn replace_with(
+/// Creates the temporary file beside `path` with `mode`, lets `fill` write
+/// it, syncs it, renames it over `path` and syncs the directory; the
+/// temporary file is removed if anything fails.
+///
+/// # Errors
+/// Any I/O error, with the path in its message, or `fill`'s.
+pub fn replace_with(
     path: &Path,
     mode: u32,
-    fill: impl FnOnce(&mut File, &Path) -> Result<()>,
-) -> Result<()> {
+    fill: impl FnOnce(&mut File, &Path) -> io::Result<()>,
+) -> io::Result<()> {
     let tmp = temp_path(path);
-    let result = (|| -> Result<()> {
+    let result = (|| -> io::Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(mode)
             .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
+            .map_err(|e| context(e, "creating", &tmp))?;
         fill(&mut f, &tmp)?;
-        f.sync_all()
-            .with_context(|| format!("syncing {}", tmp.display()))?;
-        fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        sync_parent_dir(path)
+        f.sync_all().map_err(|e| context(e, "syncing", &tmp))?;
+        rename_durably(&tmp, path)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Renames `from` over `to` and syncs the directory, so that the rename
+/// survives a crash (`from` must already be synced).
+///
+/// # Errors
+/// Any I/O error, with the paths in its message.
+pub fn rename_durably(from: &Path, to: &Path) -> io::Result<()> {
+    fs::rename(from, to).map_err(|e| context(e, &format!("renaming {} to", from.display()), to))?;
+    sync_parent_dir(to)
 }
 
 /// Whether two files hold the same bytes (compared a block at a time; a
@@ -98,38 +112,14 @@ pub fn same_content(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// The files in `dir` whose names `parse` recognises, with what it read
-/// from each name; none when `dir` does not exist.
-///
-/// # Errors
-/// An unreadable directory.
-pub(crate) fn named_files<T>(
-    dir: &Path,
-    parse: impl Fn(&str) -> Option<T>,
-) -> Result<Vec<(T, PathBuf)>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry?;
-        if let Some(parsed) = entry.file_name().to_str().and_then(&parse) {
-            out.push((parsed, entry.path()));
-        }
-    }
-    Ok(out)
-}
-
 /// Removes temporary files that a killed writer left in `dir` (names made
 /// by [`write_atomically`]: `.NAME.tmp-PID`). Returns how many it removed.
 ///
 /// # Errors
 /// An unreadable directory.
-pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
+pub fn remove_stale_temps(dir: &Path) -> io::Result<usize> {
     let mut removed = 0;
-    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+    for entry in fs::read_dir(dir).map_err(|e| context(e, "reading", dir))? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let stale = name.starts_with('.')
@@ -155,14 +145,14 @@ fn temp_path(path: &Path) -> PathBuf {
 ///
 /// # Errors
 /// I/O errors.
-pub fn sync_parent_dir(path: &Path) -> Result<()> {
+pub fn sync_parent_dir(path: &Path) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing directory {}", dir.display()))
+        .map_err(|e| context(e, "syncing directory", dir))
 }
 
 #[cfg(test)]
@@ -213,5 +203,38 @@ mod tests {
         fs::write(&c, &bytes[..1000]).unwrap();
         assert!(!same_content(&a, &c), "a shorter file differs");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn a_failed_fill_leaves_the_old_file_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        write_atomically(&p, b"old", 0o600).unwrap();
+        let err = replace_with(&p, 0o600, |f, _| {
+            f.write_all(b"half")?;
+            Err(io::Error::other("interrupted"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("interrupted"), "{err}");
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn stale_temporaries_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(".registry.bkt.tmp-4242"), b"x").unwrap();
+        fs::write(dir.path().join("registry.bkt"), b"x").unwrap();
+        fs::write(dir.path().join(".hidden.tmp-"), b"x").unwrap();
+        assert_eq!(remove_stale_temps(dir.path()).unwrap(), 1);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("missing-dir").join("f");
+        let err = write_atomically(&p, b"x", 0o600).unwrap_err();
+        assert!(err.to_string().contains("missing-dir"), "{err}");
     }
 }

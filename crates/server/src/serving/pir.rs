@@ -14,8 +14,8 @@ use psi_core::bucket::BucketIndex;
 use psi_pir::{Database, Keys, Shape};
 use sha2::{Digest, Sha256};
 
-use crate::error::ServiceError;
-use crate::registry::Snapshot;
+use crate::serving::error::ServiceError;
+use crate::serving::snapshot::Snapshot;
 
 /// Bytes of a public parameters' id.
 pub const KEYS_ID_BYTES: usize = 16;

@@ -28,7 +28,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
-use crate::pg::Use;
+use crate::serving::pg::Use;
 pub use store::AuditStore;
 use store::{Db, Val, ROW_COLUMNS};
 
