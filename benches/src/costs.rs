@@ -76,7 +76,6 @@ fn per_element<T>(
 /// # Panics
 /// If a protocol step fails on valid input (a bug).
 #[must_use]
-#[allow(clippy::unwrap_used, clippy::too_many_lines)]
 pub fn measure(batch: usize, repeats: usize) -> CoreCosts {
     use voprf::{BlindedElement, Ristretto255, VoprfClient, VoprfServer};
     let pool = single_thread_pool();

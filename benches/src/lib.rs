@@ -4,6 +4,14 @@
 //! baselines, [`report`] tables, charts and BENCHMARKS.md), and the
 //! attackers `psi-load --attack` runs beside its honest load ([`attack`]).
 
+// The benchmark harness: a run that cannot proceed stops with the reason.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 pub mod attack;
 pub mod costs;
 pub mod report;
@@ -59,7 +67,6 @@ pub fn encoded_records(n: usize) -> Vec<Vec<u8>> {
 /// # Panics
 /// If the thread cannot be spawned.
 #[must_use]
-#[allow(clippy::expect_used)]
 pub fn single_thread_pool() -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new()
         .num_threads(1)

@@ -11,6 +11,14 @@
 //! - `psi-bench e2e`: one registry served in this process: init, first sync,
 //!   a sync-mode batch, bucket checks, then an update and a key rotation.
 
+// The benchmark harness: a run that cannot proceed stops with the reason.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -23,7 +31,6 @@ use psi_client::check::check;
 use psi_client::{ConnectOptions, QueryMode, Session};
 use psi_server::registry;
 use psi_server::serving::config::ServeConfig;
-use psi_server::serving::service::Limits;
 use psi_server::tools::synth::Generator;
 use serde::Serialize;
 
@@ -213,16 +220,9 @@ async fn e2e(args: E2eArgs) -> Result<()> {
     let init_seconds = report.elapsed.as_secs_f64();
 
     let running = psi_server::serving::serve::start(ServeConfig {
-        data_dir: data_dir.clone(),
-        listen: "127.0.0.1:0".parse()?,
-        limits: Limits::default(),
         request_timeout: Duration::from_secs(120),
         reload_interval: Duration::from_millis(200),
-        tls: None,
-        audit_db: data_dir.join(psi_server::serving::audit::AUDIT_FILE).into(),
-        policy: None,
-        admin_listen: None,
-        net: Default::default(),
+        ..ServeConfig::local(&data_dir)
     })
     .await?;
     let url = format!("http://{}", running.local_addr);

@@ -16,6 +16,14 @@
 //! includes the time each request's audit record took to become durable
 //! (`psi_audit_write_duration_seconds`, read from the admin port).
 
+// The benchmark harness: a run that cannot proceed stops with the reason.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -26,7 +34,6 @@ use psi_client::session::ClientTls;
 use psi_client::{ConnectOptions, QueryMode, Session};
 use psi_server::registry;
 use psi_server::serving::config::{ServeConfig, TlsFiles};
-use psi_server::serving::service::Limits;
 use psi_server::tools::synth::Generator;
 
 use psi_bench::attack::{self, Attack};
@@ -208,11 +215,7 @@ async fn main() -> Result<()> {
     };
     let (servers, front, admin_ports) = if args.replicas == 0 {
         let running = psi_server::serving::serve::start(ServeConfig {
-            data_dir: data,
-            listen: "127.0.0.1:0".parse()?,
-            limits: Limits::default(),
             request_timeout: Duration::from_secs(30),
-            reload_interval: Duration::from_millis(2000),
             tls: Some(tls_files),
             audit_db: audit_store.clone(),
             policy: Some((
@@ -220,7 +223,7 @@ async fn main() -> Result<()> {
                 psi_server::serving::policy::Policy::load(&policy_path)?,
             )),
             admin_listen: Some("127.0.0.1:0".parse()?),
-            net: Default::default(),
+            ..ServeConfig::local(&data)
         })
         .await?;
         let front = running.local_addr;

@@ -1,6 +1,14 @@
 //! The real binaries: `psi-server generate`, `init`, `serve`, then
 //! `psi-client batch`, `check` and `sync`, then SIGTERM and a clean exit.
 
+// Integration tests: a failed unwrap, expect or index is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -401,7 +409,13 @@ fn sighup_reloads_the_policy_without_a_restart() {
         .status()
         .unwrap()
         .success());
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait for the server to have read the broken file (its log says so),
+    // then check that the policy in force is still the reloaded one.
+    let log = data.with_file_name("server.log");
+    psi_testbed::wait_for("the broken policy refused", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains("policy not reloaded, the previous one stays in force"))
+    });
     assert_eq!(check("aml-recheck").0, 0);
 }
 

@@ -2,6 +2,14 @@
 //! 127.0.0.1:0: every kind of row in both modes, stale epochs, a wrong proof,
 //! hostile requests.
 
+// Integration tests: a failed unwrap, expect or index is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -71,19 +79,15 @@ async fn start_with_policy(data_dir: &Path, port: u16, policy: Option<&str>) -> 
         (path, p)
     });
     serve::start(ServeConfig {
-        data_dir: data_dir.to_path_buf(),
         listen: format!("127.0.0.1:{port}").parse().unwrap(),
         limits: Limits {
             max_batch: 64,
             ..Limits::default()
         },
-        request_timeout: Duration::from_secs(30),
         reload_interval: Duration::from_millis(50),
-        tls: None,
-        audit_db: data_dir.join(psi_server::serving::audit::AUDIT_FILE).into(),
         policy,
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
-        net: Default::default(),
+        ..ServeConfig::local(data_dir)
     })
     .await
     .unwrap()
@@ -849,22 +853,18 @@ async fn a_server_restart_mid_batch_is_ridden_out() {
     // own audit database so that we can see it served the rest.
     let policy_path = data.join("policy.toml");
     let second = serve::start(ServeConfig {
-        data_dir: data.clone(),
         listen: format!("127.0.0.1:{port}").parse().unwrap(),
         limits: Limits {
             max_batch: 64,
             ..Limits::default()
         },
-        request_timeout: Duration::from_secs(30),
         reload_interval: Duration::from_millis(50),
-        tls: None,
         audit_db: root.join("second-audit.sqlite").into(),
         policy: Some((
             policy_path.clone(),
             psi_server::serving::policy::Policy::load(&policy_path).unwrap(),
         )),
-        admin_listen: None,
-        net: Default::default(),
+        ..ServeConfig::local(&data)
     })
     .await
     .unwrap();
@@ -1693,16 +1693,9 @@ async fn malformed_pir_requests_are_refused_and_the_server_stays_up() {
 
 async fn start_with_limits(data_dir: &Path, limits: Limits) -> Running {
     serve::start(ServeConfig {
-        data_dir: data_dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
         limits,
-        request_timeout: Duration::from_secs(30),
         reload_interval: Duration::from_millis(50),
-        tls: None,
-        audit_db: data_dir.join(psi_server::serving::audit::AUDIT_FILE).into(),
-        policy: None,
-        admin_listen: None,
-        net: Default::default(),
+        ..ServeConfig::local(data_dir)
     })
     .await
     .unwrap()

@@ -1,6 +1,14 @@
 //! Mutual TLS: only institutions holding a certificate from the operator's CA
 //! get answers.
 
+// Integration tests: a failed unwrap, expect or index is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -10,7 +18,7 @@ use psi_client::{ConnectOptions, QueryMode, Session};
 use psi_server::registry;
 use psi_server::registry::source::Source;
 use psi_server::serving::config::{ServeConfig, TlsFiles};
-use psi_server::serving::{serve, service::Limits};
+use psi_server::serving::serve;
 use psi_server::tools::ca;
 
 fn read(p: &Path) -> Vec<u8> {
@@ -46,20 +54,13 @@ async fn only_certificates_from_the_operators_ca_are_served() {
     let data = root.join("data");
     registry::init(&Source::csv(&csv), &data, false).unwrap();
     let running = serve::start(ServeConfig {
-        data_dir: data,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        limits: Limits::default(),
-        request_timeout: Duration::from_secs(30),
-        reload_interval: Duration::from_millis(2000),
         audit_db: root.join("audit.sqlite").into(),
-        policy: None,
-        admin_listen: None,
-        net: Default::default(),
         tls: Some(TlsFiles {
             cert: read(&ca_dir.join(ca::SERVER_CERT)),
             key: read(&ca_dir.join(ca::SERVER_KEY)),
             client_ca: read(&ca_dir.join(ca::CA_CERT)),
         }),
+        ..ServeConfig::local(&data)
     })
     .await
     .unwrap();

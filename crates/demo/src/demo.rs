@@ -13,7 +13,6 @@ use psi_client::{ConnectOptions, QueryMode, Session};
 
 use psi_server::registry;
 use psi_server::serving::config::ServeConfig;
-use psi_server::serving::service::Limits;
 use psi_server::tools::synth::{Generator, Person};
 
 const SEED: u64 = 1;
@@ -162,19 +161,7 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
     psi_server::cli::print_init(&report);
 
     println!("3. starting psi-server on a local port");
-    let running = psi_server::serving::serve::start(ServeConfig {
-        data_dir: data_dir.clone(),
-        listen: "127.0.0.1:0".parse()?,
-        limits: Limits::default(),
-        request_timeout: Duration::from_secs(60),
-        reload_interval: Duration::from_millis(2000),
-        tls: None,
-        audit_db: data_dir.join(psi_server::serving::audit::AUDIT_FILE).into(),
-        policy: None,
-        admin_listen: None,
-        net: Default::default(),
-    })
-    .await?;
+    let running = psi_server::serving::serve::start(ServeConfig::local(&data_dir)).await?;
     let url = format!("http://{}", running.local_addr);
     println!("   listening on {url}");
     let result = client_side(dir, &url, count).await;

@@ -2,6 +2,14 @@
 //! `psi-demo --help`). A binary of its own so that the operator's
 //! `psi-server` does not link the institution's client library.
 
+// The demo stops with the reason when a step it shows fails.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 mod demo;
 
 use std::path::PathBuf;

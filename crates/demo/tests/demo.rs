@@ -1,5 +1,13 @@
 //! The README's first command, run as a newcomer runs it.
 
+// Integration tests: a failed unwrap, expect or index is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 #[test]
 fn the_readme_demo_runs_end_to_end() {
     let dir = tempfile::tempdir().unwrap();

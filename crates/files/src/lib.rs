@@ -13,16 +13,6 @@
 //! Wrappers around readers and writers; opening files is the caller's, except
 //! for [`encoding::detect`], which reads the file it is given, and [`atomic`].
 
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
-
 pub mod atomic;
 pub mod encoding;
 pub mod rows;

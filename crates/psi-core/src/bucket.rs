@@ -41,7 +41,7 @@ pub fn prefix_bits_for(n: u64) -> u8 {
     if ratio < 2 {
         return 0;
     }
-    #[allow(clippy::cast_possible_truncation)] // at most 63
+    // The cast cannot truncate: at most 63.
     let p = (63 - ratio.leading_zeros()) as u8;
     p.min(MAX_PREFIX_BITS)
 }

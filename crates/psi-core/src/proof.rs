@@ -70,7 +70,7 @@ impl fmt::Debug for Proof {
 /// `seed = Hash(I2OSP(len(Bm), 2) || Bm || I2OSP(len(seedDST), 2) || seedDST)`.
 fn composite_seed(mode: Mode, pk: &PublicKey) -> [u8; 64] {
     let dst = mode.seed_dst();
-    #[allow(clippy::cast_possible_truncation)] // a short constant
+    // The cast cannot truncate: a short constant.
     let dst_len = (dst.len() as u16).to_be_bytes();
     Sha512::new()
         .chain_update([0u8, 32])
@@ -107,7 +107,7 @@ fn composite_weights(
         .enumerate()
         .with_min_len(64)
         .map(|(i, (c, d))| {
-            #[allow(clippy::cast_possible_truncation)] // i < 2^16, checked above
+            // The cast cannot truncate: i < 2^16, checked above.
             let index = (i as u16).to_be_bytes();
             hash_to_scalar(
                 mode,

@@ -70,7 +70,6 @@ impl CivilDate {
         let day = doy - (153 * mp + 2) / 5 + 1;
         let month = if mp < 10 { mp + 3 } else { mp - 9 };
         let year = yoe + era * 400 + i64::from(month <= 2);
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         Self {
             year: year as i32,
             month: month as u32,
@@ -428,7 +427,7 @@ impl IdNumber {
                 .fold(0, |acc, d| acc * 10 + u32::from(d - b'0'))
         };
         let (year, month, day) = (digits(6..10), digits(10..12), digits(12..14));
-        #[allow(clippy::cast_possible_wrap)] // at most 9999
+        // The cast cannot wrap: at most 9999.
         let date = CivilDate::new(year as i32, month, day).ok_or(IdError::NoSuchDate {
             year,
             month,
@@ -535,12 +534,10 @@ impl Record {
     /// Appends the canonical encoding to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         // At most MAX_NAME_CHARS * 4 bytes, far below 2^16.
-        #[allow(clippy::cast_possible_truncation)]
         let name_len = self.name.len() as u16;
         out.push(RECORD_VERSION);
         out.extend_from_slice(&name_len.to_be_bytes());
         out.extend_from_slice(self.name.as_bytes());
-        #[allow(clippy::cast_possible_truncation)]
         out.extend_from_slice(&(ID_LEN as u16).to_be_bytes());
         out.extend_from_slice(&self.id.0);
     }

@@ -19,7 +19,6 @@ pub(crate) fn encode(values: &[u64], k: u8) -> Vec<u8> {
             q -= 48;
         }
         // q ones and the closing zero (q < 48).
-        #[allow(clippy::cast_possible_truncation)]
         w.push_bits(((1u64 << q) - 1) << 1, q as u8 + 1);
         w.push_bits(gap, k);
     }
@@ -88,7 +87,6 @@ impl BitWriter {
             self.used += take;
             n -= take;
             while self.used >= 8 {
-                #[allow(clippy::cast_possible_truncation)]
                 self.out.push((self.acc >> (self.used - 8)) as u8);
                 self.used -= 8;
             }
@@ -98,7 +96,6 @@ impl BitWriter {
 
     fn finish(mut self) -> Vec<u8> {
         if self.used > 0 {
-            #[allow(clippy::cast_possible_truncation)]
             self.out.push((self.acc << (8 - self.used)) as u8);
         }
         self.out

@@ -87,7 +87,7 @@ fn zero_padded_sha512() -> &'static Sha512 {
 /// Every DST used here is a constant of fewer than 256 bytes.
 pub(crate) fn expand_message_xmd_64(msg: &[&[u8]], dst: &[u8]) -> [u8; 64] {
     debug_assert!(dst.len() < 256);
-    #[allow(clippy::cast_possible_truncation)] // DSTs are short constants
+    // The cast cannot truncate: DSTs are short constants.
     let dst_len = [dst.len() as u8];
     let mut h = zero_padded_sha512().clone();
     for part in msg {

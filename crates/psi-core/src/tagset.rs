@@ -96,9 +96,8 @@ impl TagSetParams {
 }
 
 fn ceil_log2(n: u64) -> u8 {
-    #[allow(clippy::cast_possible_truncation)] // at most 64
-    let lg = (64 - (n - 1).leading_zeros()) as u8;
-    lg
+    // The cast cannot truncate: at most 64.
+    (64 - (n - 1).leading_zeros()) as u8
 }
 
 /// The header of a tag set.

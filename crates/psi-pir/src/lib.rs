@@ -18,16 +18,6 @@
 //! request instead of ending the server. Bytes in, bytes out: no I/O. See
 //! `docs/PROTOCOL.md`, "PIR mode".
 
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
-
 // The scheme's serialisation is the machine's byte order; ours is little-endian.
 #[cfg(target_endian = "big")]
 compile_error!("PIR mode needs a little-endian machine (x86-64, aarch64)");

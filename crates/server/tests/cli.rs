@@ -2,6 +2,14 @@
 //! `cargo test --workspace` build the binary that the client's end-to-end
 //! tests drive).
 
+// Integration tests: a failed unwrap, expect or index is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::process::Command;
 
 fn server() -> Command {

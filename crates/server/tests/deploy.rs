@@ -3,6 +3,14 @@
 //! `psi-server serve` takes, the ports and labels they name agree with each
 //! other, and the drain fits inside the time the platform gives it.
 
+// Integration tests: a failed unwrap, expect or index is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;

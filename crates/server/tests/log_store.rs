@@ -4,6 +4,14 @@
 //! sequence of updates and compactions, the registry is the one a full
 //! rebuild (`init` of the live rows with the same key) gives.
 
+// Integration tests: a failed unwrap, expect or index is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::OnceLock;

@@ -4,6 +4,14 @@
 //! `postgresql` package when they are missing). Where neither works, the
 //! test prints why and passes without running.
 
+// Integration tests: a failed unwrap, expect or index is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::path::Path;
 
 use psi_testbed::{start_postgres, Durability};

@@ -4,6 +4,14 @@
 //! of them killed with SIGKILL mid-batch and started again. Where PostgreSQL
 //! or haproxy cannot run, a test prints why and passes without running.
 
+// Integration tests: a failed unwrap, expect or index is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

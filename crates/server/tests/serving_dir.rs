@@ -4,6 +4,14 @@
 //! and the directory never holds a name or an ID number (scanned after each
 //! publication: every file, byte by byte).
 
+// Integration tests: a failed unwrap, expect or index is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,7 +22,6 @@ use psi_server::registry;
 use psi_server::registry::publish::publish;
 use psi_server::registry::source::Source;
 use psi_server::serving::config::ServeConfig;
-use psi_server::serving::service::Limits;
 use psi_server::tools::synth::{Generator, Person};
 
 fn write_csv(path: &Path, rows: &[Person]) {
@@ -105,16 +112,9 @@ fn a_published_serving_directory_holds_no_personal_data_and_serves_updates_live(
         .unwrap();
     let server = rt
         .block_on(psi_server::serving::serve::start(ServeConfig {
-            data_dir: serving.clone(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            limits: Limits::default(),
-            request_timeout: Duration::from_secs(30),
             reload_interval: Duration::from_millis(50),
-            tls: None,
             audit_db: root.join("audit.sqlite").into(),
-            policy: None,
-            admin_listen: None,
-            net: Default::default(),
+            ..ServeConfig::local(&serving)
         }))
         .unwrap();
     let options = ConnectOptions {

@@ -3,7 +3,7 @@
 //! before any port is bound.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -145,6 +145,10 @@ pub struct NetArgs {
 
 /// The longest any timeout may be set to.
 const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
+/// Default per-request timeout (`request_timeout_secs`).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default interval between checks of the data directory (`reload_interval_ms`).
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_millis(2000);
 
 impl NetArgs {
     /// These settings where given, else `file`'s, else the defaults, checked.
@@ -329,6 +333,28 @@ pub struct ServeConfig {
     pub net: NetLimits,
 }
 
+impl ServeConfig {
+    /// Serving `data_dir` in one process on this machine: a free loopback
+    /// port, plaintext, the defaults of every setting, the audit trail in
+    /// `data_dir`, no policy, no admin address. Change what differs with
+    /// `ServeConfig { field: ..., ..ServeConfig::local(dir) }`.
+    #[must_use]
+    pub fn local(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            limits: Limits::default(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            reload_interval: DEFAULT_RELOAD_INTERVAL,
+            tls: None,
+            audit_db: data_dir.join(crate::serving::audit::AUDIT_FILE).into(),
+            policy: None,
+            admin_listen: None,
+            net: NetLimits::default(),
+        }
+    }
+}
+
 impl ServeArgs {
     /// Merges flags, environment and file, and validates the result.
     ///
@@ -434,7 +460,7 @@ impl ServeArgs {
         let timeout = self
             .request_timeout_secs
             .or(file.request_timeout_secs)
-            .unwrap_or(60);
+            .unwrap_or(DEFAULT_REQUEST_TIMEOUT.as_secs());
         if timeout == 0 || timeout > MAX_TIMEOUT.as_secs() {
             bail!(
                 "request_timeout_secs must be between 1 and {}",
@@ -444,7 +470,7 @@ impl ServeArgs {
         let reload_ms = self
             .reload_interval_ms
             .or(file.reload_interval_ms)
-            .unwrap_or(2000);
+            .unwrap_or(u64::try_from(DEFAULT_RELOAD_INTERVAL.as_millis()).unwrap_or(u64::MAX));
         if reload_ms < 10 {
             bail!("reload_interval_ms must be at least 10");
         }

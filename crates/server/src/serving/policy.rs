@@ -478,18 +478,49 @@ max_batch = 100
             }
             other => panic!("{other:?}"),
         }
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        assert!(e.admit("bank-001", "sync", "kyc", 100).await.is_ok());
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        // 200 used today; 100 more would pass the daily cap of 250.
-        match e.admit("bank-001", "sync", "kyc", 100).await {
-            Err(ServiceError::QuotaExhausted { what, .. }) => assert!(what.contains("daily cap")),
-            other => panic!("{other:?}"),
-        }
         assert!(Enforcer::new(None)
             .admit("anyone", "bucket", "x", 1_000_000)
             .await
             .is_ok());
+    }
+
+    /// The token bucket refills with the clock it is given, and the daily
+    /// cap counts a China Standard Time day: no sleeping, the times are told.
+    #[test]
+    fn quotas_refill_by_the_clock_and_the_daily_cap_resets_at_midnight_cst() {
+        let policy = policy(BANK).unwrap();
+        let rules = &policy.institutions["bank-001"];
+        // 2026-12-02 00:00:00 CST, in Unix milliseconds.
+        let midnight: i64 = 1_796_140_800_000;
+        let mut q = Quota::fresh(rules, midnight);
+        assert!(q.take(rules, 100, midnight).is_ok());
+        match q.take(rules, 100, midnight + 500) {
+            Err(ServiceError::QuotaExhausted { what, retry_after }) => {
+                assert!(what.contains("rate of 100"), "{what}");
+                // Half a second refilled 50 of the 100 needed.
+                assert_eq!(retry_after, Duration::from_millis(500));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            q.take(rules, 100, midnight + 1_000).is_ok(),
+            "refilled after a second"
+        );
+        // 200 used today; 100 more would pass the daily cap of 250, whatever
+        // the rate allows.
+        match q.take(rules, 100, midnight + 60_000) {
+            Err(ServiceError::QuotaExhausted { what, retry_after }) => {
+                assert!(what.contains("daily cap of 250"), "{what}");
+                assert_eq!(retry_after, Duration::from_secs(24 * 3600 - 60));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            q.take(rules, 50, midnight + 60_000).is_ok(),
+            "up to the cap"
+        );
+        // The next CST day starts afresh.
+        assert!(q.take(rules, 100, midnight + 24 * 3600 * 1000).is_ok());
     }
 
     #[test]
