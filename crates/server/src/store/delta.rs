@@ -14,7 +14,6 @@
 //! A delta without buckets (an `init`'s, after which a new base follows)
 //! serves sync clients only and never counts as part of the log.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -161,31 +160,26 @@ impl Delta {
     /// each sorted), if the deltas lead from one to the other without a gap.
     #[must_use]
     pub fn compose(deltas: &[Delta], from: u64, to: u64) -> Option<(Vec<u64>, Vec<u64>)> {
-        let mut added: HashSet<u64> = HashSet::new();
-        let mut removed: HashSet<u64> = HashSet::new();
+        let mut net = crate::store::NetChange::new();
         let mut at = from;
         for d in deltas.iter().filter(|d| d.from >= from && d.to <= to) {
             if d.from != at {
                 return None;
             }
             for t in &d.removed {
-                if !added.remove(t) {
-                    removed.insert(*t);
-                }
+                net.remove(*t, ());
             }
             for t in &d.added {
-                if !removed.remove(t) {
-                    added.insert(*t);
-                }
+                net.add(*t, ());
             }
             at = d.to;
         }
-        let sorted = |set: HashSet<u64>| {
-            let mut v: Vec<u64> = set.into_iter().collect();
+        let sorted = |set: std::collections::HashMap<u64, ()>| {
+            let mut v: Vec<u64> = set.into_keys().collect();
             v.sort_unstable();
             v
         };
-        (at == to && to != from).then(|| (sorted(added), sorted(removed)))
+        (at == to && to != from).then(|| (sorted(net.added), sorted(net.removed)))
     }
 
     fn path(data_dir: &Path, epoch: u64, from: u64, to: u64) -> PathBuf {

@@ -58,26 +58,79 @@ pub(crate) fn file_stamp(path: &Path) -> Option<FileStamp> {
 /// `(bucket, tag)` pairs.
 pub(crate) type Pairs = Vec<(u32, Tag)>;
 
+/// The net change of a sequence of changes applied oldest first: removing
+/// what an earlier change added cancels it, and adding what an earlier one
+/// removed cancels that. The one fold behind every log: deltas of tags with
+/// their buckets ([`net_change`]), of tags alone for sync clients
+/// ([`delta::Delta::compose`]) and of canonical records ([`records::Records::read`]).
+/// Each key keeps the value it was first added or removed with.
+#[derive(Debug)]
+pub(crate) struct NetChange<K, V> {
+    /// What the sequence added in net.
+    pub(crate) added: std::collections::HashMap<K, V>,
+    /// What the sequence removed in net.
+    pub(crate) removed: std::collections::HashMap<K, V>,
+}
+
+impl<K: std::hash::Hash + Eq, V> NetChange<K, V> {
+    pub(crate) fn new() -> Self {
+        Self {
+            added: std::collections::HashMap::new(),
+            removed: std::collections::HashMap::new(),
+        }
+    }
+
+    /// `key` removed: cancels an earlier add, or is a net removal.
+    pub(crate) fn remove(&mut self, key: K, value: V) {
+        if self.added.remove(&key).is_none() {
+            self.removed.entry(key).or_insert(value);
+        }
+    }
+
+    /// `key` added: cancels an earlier removal, or is a net addition.
+    pub(crate) fn add(&mut self, key: K, value: V) {
+        if self.removed.remove(&key).is_none() {
+            self.added.entry(key).or_insert(value);
+        }
+    }
+}
+
 /// The net change of a log of deltas, oldest first: `(added, removed)`.
 pub(crate) fn net_change(chain: &[&Delta]) -> (Pairs, Pairs) {
-    let mut added: std::collections::HashMap<u64, u32> = Default::default();
-    let mut removed: std::collections::HashMap<u64, u32> = Default::default();
+    let mut net = NetChange::new();
     for d in chain {
         for (b, t) in d.removed_pairs() {
-            if added.remove(&t.0).is_none() {
-                removed.insert(t.0, b);
-            }
+            net.remove(t.0, b);
         }
         for (b, t) in d.added_pairs() {
-            if removed.remove(&t.0).is_none() {
-                added.insert(t.0, b);
-            }
+            net.add(t.0, b);
         }
     }
     let pairs = |m: std::collections::HashMap<u64, u32>| -> Pairs {
         m.into_iter().map(|(t, b)| (b, Tag(t))).collect()
     };
-    (pairs(added), pairs(removed))
+    (pairs(net.added), pairs(net.removed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NetChange;
+
+    #[test]
+    fn later_changes_cancel_earlier_ones() {
+        let mut net = NetChange::new();
+        net.add(1, 'a');
+        net.remove(1, 'a'); // added then removed: nothing
+        net.remove(2, 'b');
+        net.add(2, 'b'); // removed then added back: nothing
+        net.remove(3, 'c');
+        net.add(4, 'd');
+        net.add(4, 'e'); // added twice: the first value stays
+        let mut added: Vec<_> = net.added.into_iter().collect();
+        added.sort_unstable();
+        assert_eq!(added, vec![(4, 'd')]);
+        assert_eq!(net.removed.into_iter().collect::<Vec<_>>(), vec![(3, 'c')]);
+    }
 }
 
 /// What a change to the data directory alters: the base index file and the

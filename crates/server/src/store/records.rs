@@ -139,9 +139,10 @@ impl Records {
             return Ok(base);
         }
         let mut at = base.version;
-        let mut removed: HashSet<Vec<u8>> = HashSet::new();
-        let mut added: Vec<Vec<u8>> = Vec::new();
-        let mut added_set: HashSet<Vec<u8>> = HashSet::new();
+        // Each record with the order it was first seen in, so that the
+        // records added keep the order of the updates that added them.
+        let mut net = crate::store::NetChange::new();
+        let mut seen = 0usize;
         for (from, to, path) in segments(data_dir)? {
             if from < at || to > version {
                 continue;
@@ -151,14 +152,12 @@ impl Records {
             }
             let seg = read_segment(&path)?;
             for r in seg.removed.iter() {
-                if !added_set.remove(r) {
-                    removed.insert(r.to_vec());
-                }
+                net.remove(r.to_vec(), seen);
+                seen += 1;
             }
             for r in seg.added.iter() {
-                if !removed.remove(r) && added_set.insert(r.to_vec()) {
-                    added.push(r.to_vec());
-                }
+                net.add(r.to_vec(), seen);
+                seen += 1;
             }
             at = to;
         }
@@ -171,8 +170,10 @@ impl Records {
                 data_dir.join(SEGMENT_DIR).display()
             );
         }
-        added.retain(|r| added_set.contains(r));
-        let removed: HashSet<&[u8]> = removed.iter().map(Vec::as_slice).collect();
+        let mut added: Vec<(Vec<u8>, usize)> = net.added.into_iter().collect();
+        added.sort_unstable_by_key(|(_, order)| *order);
+        let added: Vec<Vec<u8>> = added.into_iter().map(|(r, _)| r).collect();
+        let removed: HashSet<&[u8]> = net.removed.keys().map(Vec::as_slice).collect();
         base.updated(&removed, &added, version)
     }
 
