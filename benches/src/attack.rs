@@ -20,13 +20,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use psi_testbed::raw_h2::{framed, match_request, tcp_from, wait_closed, ATTACKER};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::rustls;
-
-/// The attacker's source address.
-pub const ATTACKER_IP: &str = "127.0.0.2";
 
 /// Which attack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -142,7 +140,7 @@ async fn lane(
     tally: &Tally,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<()> {
-    let tcp = connect(target.addr).await?;
+    let tcp = tcp_from(ATTACKER, target.addr).await?;
     tally.connections.fetch_add(1, Ordering::Relaxed);
     match attack {
         Attack::None => Ok(()),
@@ -168,22 +166,6 @@ async fn lane(
         Attack::Cancel => {
             drop(tcp);
             cancelled_evaluations(target, tally).await
-        }
-    }
-}
-
-async fn connect(addr: SocketAddr) -> Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(ATTACKER_IP.parse()?, 0))?;
-    Ok(socket.connect(addr).await?)
-}
-
-/// Reads until the server closes the connection.
-async fn wait_closed(mut io: impl AsyncRead + Unpin) {
-    let mut buf = [0u8; 1024];
-    while let Ok(n) = io.read(&mut buf).await {
-        if n == 0 {
-            break;
         }
     }
 }
@@ -217,16 +199,6 @@ async fn handshake(
     Ok(connector.connect(name, tcp).await?)
 }
 
-fn request(method: &str, purpose: &str) -> Result<http::Request<()>> {
-    Ok(http::Request::builder()
-        .method("POST")
-        .uri(format!("https://127.0.0.1/psi.v1.Match/{method}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header(psi_proto::PURPOSE_HEADER, purpose)
-        .body(())?)
-}
-
 /// 32 streams on one connection (its limit), each a `SyncTagSet` whose
 /// length prefix claims 16 MiB - 64 bytes and whose body never ends; a
 /// refused stream is replaced until the connection closes.
@@ -246,7 +218,7 @@ async fn partial_bodies(
         while streams.len() < 32 {
             let mut send = send.clone().ready().await?;
             let (response, mut stream) =
-                send.send_request(request("SyncTagSet", &target.purpose)?, false)?;
+                send.send_request(match_request("https", "SyncTagSet", &target.purpose), false)?;
             tally.requests.fetch_add(1, Ordering::Relaxed);
             let (prefix, chunk) = (Bytes::from(prefix.clone()), chunk.clone());
             streams.spawn(async move {
@@ -302,16 +274,12 @@ async fn stalled_streams(
         held_digests: Vec::new(),
         root_only: false,
     };
-    let body = prost::Message::encode_to_vec(&msg);
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&u32::try_from(body.len())?.to_be_bytes());
-    framed.extend_from_slice(&body);
-    let framed = Bytes::from(framed);
+    let framed = framed(&prost::Message::encode_to_vec(&msg));
     let mut held = Vec::new();
     for _ in 0..8 {
         let mut send = send.clone().ready().await?;
         let (response, mut stream) =
-            send.send_request(request("SyncTagSet", &target.purpose)?, false)?;
+            send.send_request(match_request("https", "SyncTagSet", &target.purpose), false)?;
         tally.requests.fetch_add(1, Ordering::Relaxed);
         let _ = stream.send_data(framed.clone(), true);
         held.push((response, stream));

@@ -116,29 +116,19 @@ impl Session {
         concurrency: Option<usize>,
         config: Option<PathBuf>,
     ) -> PyResult<Self> {
-        let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-        let text = |name: &str| env(name).map(|v| v.to_string_lossy().into_owned());
-        let path = |name: &str| env(name).map(PathBuf::from);
-        let concurrency = match concurrency {
-            Some(n) => Some(n),
-            None => match text("PSI_CONCURRENCY") {
-                Some(v) => Some(v.parse().map_err(|_| {
-                    PyValueError::new_err(format!("PSI_CONCURRENCY must be a number, not {v:?}"))
-                })?),
-                None => None,
-            },
-        };
         let args = ServerArgs {
-            config: config.or_else(|| path("PSI_CLIENT_CONFIG")),
-            server: server.or_else(|| text("PSI_SERVER")),
-            pin_key: pin_key.or_else(|| text("PSI_PIN_KEY")),
-            cache_dir: cache_dir.or_else(|| path("PSI_CACHE_DIR")),
+            config,
+            server,
+            pin_key,
+            cache_dir,
             concurrency,
-            purpose: purpose.or_else(|| text("PSI_PURPOSE")),
-            tls_ca: tls_ca.or_else(|| path("PSI_TLS_CA")),
-            tls_cert: tls_cert.or_else(|| path("PSI_TLS_CERT")),
-            tls_key: tls_key.or_else(|| path("PSI_TLS_KEY")),
-        };
+            purpose,
+            tls_ca,
+            tls_cert,
+            tls_key,
+        }
+        .with_environment()
+        .map_err(|e| PyValueError::new_err(format!("{e:#}")))?;
         let effective = args
             .effective()
             .map_err(|e| PyValueError::new_err(format!("{e:#}")))?;

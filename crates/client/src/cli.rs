@@ -79,7 +79,40 @@ pub struct Effective {
     pub tls: Option<([PathBuf; 3], Source)>,
 }
 
+/// The connection settings alone, parsed from no arguments: clap then takes
+/// each from its `PSI_*` variable, exactly as for the command line.
+#[derive(Debug, Parser)]
+struct EnvironmentOnly {
+    #[command(flatten)]
+    args: ServerArgs,
+}
+
 impl ServerArgs {
+    /// `self` with every setting it leaves unset taken from its `PSI_*`
+    /// environment variable, by the same rules as the command line's flags
+    /// (flags > environment): for callers that are not the command line,
+    /// such as the Python package. The variable names live only in the
+    /// `env` attributes above.
+    ///
+    /// # Errors
+    /// A variable that does not parse (e.g. `PSI_CONCURRENCY=many`).
+    pub fn with_environment(self) -> Result<Self> {
+        let env = EnvironmentOnly::try_parse_from(["psi-client"])
+            .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?
+            .args;
+        Ok(Self {
+            config: self.config.or(env.config),
+            server: self.server.or(env.server),
+            pin_key: self.pin_key.or(env.pin_key),
+            cache_dir: self.cache_dir.or(env.cache_dir),
+            concurrency: self.concurrency.or(env.concurrency),
+            purpose: self.purpose.or(env.purpose),
+            tls_ca: self.tls_ca.or(env.tls_ca),
+            tls_cert: self.tls_cert.or(env.tls_cert),
+            tls_key: self.tls_key.or(env.tls_key),
+        })
+    }
+
     /// Merges flags and environment with the config file and the defaults.
     ///
     /// # Errors
@@ -444,5 +477,43 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerArgs;
+
+    /// One test touches the process's environment, so nothing races it.
+    #[test]
+    fn unset_settings_come_from_the_environment_as_for_the_command_line() {
+        let none = ServerArgs {
+            config: None,
+            server: None,
+            pin_key: None,
+            cache_dir: None,
+            concurrency: None,
+            purpose: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+        };
+        std::env::set_var("PSI_PURPOSE", "kyc-onboarding");
+        std::env::set_var("PSI_CONCURRENCY", "7");
+        let got = none.clone().with_environment().unwrap();
+        assert_eq!(got.purpose.as_deref(), Some("kyc-onboarding"));
+        assert_eq!(got.concurrency, Some(7));
+        // What the caller gives wins over the environment.
+        let given = ServerArgs {
+            purpose: Some("aml-recheck".into()),
+            ..none.clone()
+        };
+        let got = given.with_environment().unwrap();
+        assert_eq!(got.purpose.as_deref(), Some("aml-recheck"));
+        std::env::set_var("PSI_CONCURRENCY", "many");
+        let err = none.with_environment().unwrap_err().to_string();
+        assert!(err.contains("many"), "{err}");
+        std::env::remove_var("PSI_PURPOSE");
+        std::env::remove_var("PSI_CONCURRENCY");
     }
 }

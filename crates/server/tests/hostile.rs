@@ -15,7 +15,7 @@
     clippy::indexing_slicing
 )]
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -25,10 +25,11 @@ use psi_client::{ConnectOptions, Session};
 use psi_core::Record;
 use psi_server::registry::source::Source;
 use psi_server::tools::synth::Generator;
-use tokio::io::AsyncReadExt;
-use tokio::net::{TcpSocket, TcpStream};
+use psi_testbed::raw_h2::{
+    framed, grpc_status, health_request, match_request, send_all, tcp_from, wait_closed, ATTACKER,
+};
+use tokio::net::TcpStream;
 
-const ATTACKER: &str = "127.0.0.2";
 const PURPOSE: &str = "kyc-onboarding";
 
 /// A data directory with a synthetic registry of `n` people; returns the
@@ -236,18 +237,10 @@ async fn honest_check(server: &Server, cache: &Path, pair: &(String, String)) ->
 }
 
 /// Whether the server closes `s` within 20 s (whatever it sends first).
-async fn closed_by_peer(mut s: TcpStream) -> bool {
-    let mut buf = [0u8; 256];
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .is_ok()
+async fn closed_by_peer(s: TcpStream) -> bool {
+    tokio::time::timeout(Duration::from_secs(20), wait_closed(s))
+        .await
+        .is_ok()
 }
 
 /// An honest check that retries for up to 20 s while it is refused at the
@@ -280,13 +273,6 @@ async fn honest_check_eventually(server: &Server, cache: &Path, pair: &(String, 
     }
 }
 
-/// A TCP connection from `from` to `to`.
-async fn tcp_from(from: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(from.parse::<IpAddr>().unwrap(), 0))?;
-    socket.connect(to).await
-}
-
 /// An HTTP/2 connection from the attacker's address; `window` is the
 /// receive window it advertises per stream. The handle resolves when the
 /// server closes the connection.
@@ -304,76 +290,6 @@ async fn h2_from(
     }
     let (send, conn) = builder.handshake(tcp).await.unwrap();
     (send, tokio::spawn(conn))
-}
-
-fn grpc_request(method: &str) -> http::Request<()> {
-    http::Request::builder()
-        .method("POST")
-        .uri(format!("http://127.0.0.1/psi.v1.Match/{method}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header(psi_proto::PURPOSE_HEADER, PURPOSE)
-        .body(())
-        .unwrap()
-}
-
-/// A `grpc.health.v1.Health/Check` request's headers.
-fn health_request() -> http::Request<()> {
-    http::Request::builder()
-        .method("POST")
-        .uri("http://127.0.0.1/grpc.health.v1.Health/Check")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap()
-}
-
-/// A gRPC length-prefixed message.
-fn framed(message: &[u8]) -> Bytes {
-    let mut out = vec![0u8];
-    out.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
-    out.extend_from_slice(message);
-    out.into()
-}
-
-/// Sends `data` as the window allows; false if the server reset the stream.
-async fn send_all(stream: &mut h2::SendStream<Bytes>, mut data: Bytes, end: bool) -> bool {
-    while !data.is_empty() {
-        stream.reserve_capacity(data.len().min(1 << 20));
-        match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
-            Some(Ok(n)) if n > 0 => {
-                let chunk = data.split_to(n.min(data.len()));
-                if stream.send_data(chunk, false).is_err() {
-                    return false;
-                }
-            }
-            Some(Ok(_)) => {}
-            _ => return false,
-        }
-    }
-    if end {
-        return stream.send_data(Bytes::new(), true).is_ok();
-    }
-    true
-}
-
-/// The gRPC status of a response (trailers-only or in the trailers).
-async fn grpc_status(response: h2::client::ResponseFuture) -> Option<i32> {
-    let response = response.await.ok()?;
-    let code = |h: &http::HeaderMap| {
-        h.get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<i32>().ok())
-    };
-    if let Some(c) = code(response.headers()) {
-        return Some(c);
-    }
-    let mut body = response.into_body();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.ok()?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-    }
-    body.trailers().await.ok().flatten().as_ref().and_then(code)
 }
 
 const RESOURCE_EXHAUSTED: i32 = 8;
@@ -417,7 +333,7 @@ async fn partial_request_bodies_stay_within_the_buffer_budget() {
         for _ in 0..32 {
             let mut send = send.clone().ready().await.unwrap();
             let (response, mut stream) = send
-                .send_request(grpc_request("SyncTagSet"), false)
+                .send_request(match_request("http", "SyncTagSet", PURPOSE), false)
                 .unwrap();
             let message = message.clone();
             tasks.push(tokio::spawn(async move {
@@ -467,7 +383,7 @@ async fn partial_request_bodies_stay_within_the_buffer_budget() {
     let (send, _conn) = h2_from(server.addr, None).await;
     let mut send = send.ready().await.unwrap();
     let (response, mut stream) = send
-        .send_request(grpc_request("BucketQuery"), false)
+        .send_request(match_request("http", "BucketQuery", PURPOSE), false)
         .unwrap();
     let big = Bytes::from(vec![0u8; 1 << 20]);
     send_all(&mut stream, big, false).await;
@@ -512,7 +428,7 @@ async fn stalled_response_streams_hold_a_slot_and_are_cut_at_the_stream_timeout(
             }
             let mut send = send.clone().ready().await.unwrap();
             let (response, mut stream) = send
-                .send_request(grpc_request("SyncTagSet"), false)
+                .send_request(match_request("http", "SyncTagSet", PURPOSE), false)
                 .unwrap();
             let body = body.clone();
             pending.push(tokio::spawn(async move {
@@ -613,7 +529,7 @@ async fn idle_connections_are_closed_and_do_not_keep_out_honest_checks() {
     // A connection that made a request and went quiet is closed too.
     let (send, conn) = h2_from(server.addr, None).await;
     let mut send = send.ready().await.unwrap();
-    let (response, _stream) = send.send_request(health_request(), false).unwrap();
+    let (response, _stream) = send.send_request(health_request("http"), false).unwrap();
     drop(response);
     drop(_stream);
     let closed = tokio::time::timeout(Duration::from_secs(30), conn).await;
@@ -769,7 +685,7 @@ async fn malformed_oversized_and_late_requests_are_refused_precisely_and_recorde
     let (send, _conn) = h2_from(server.addr, None).await;
     let call = |method: &str, body: Bytes, end: bool| {
         let send = send.clone();
-        let req = grpc_request(method);
+        let req = match_request("http", method, PURPOSE);
         async move {
             let mut send = send.ready().await.unwrap();
             let (response, mut stream) = send.send_request(req, false).unwrap();
@@ -857,7 +773,7 @@ async fn streams_and_metadata_per_connection_are_limited() {
     let mut send = send.ready().await.unwrap();
     // The limit is advertised in the server's SETTINGS (received by the
     // time a first request is answered).
-    let (response, mut stream) = send.send_request(health_request(), false).unwrap();
+    let (response, mut stream) = send.send_request(health_request("http"), false).unwrap();
     send_all(&mut stream, framed(&[]), true).await;
     assert_eq!(grpc_status(response).await, Some(0));
     assert_eq!(send.current_max_send_streams(), 4);
@@ -866,10 +782,13 @@ async fn streams_and_metadata_per_connection_are_limited() {
     let mut open = Vec::new();
     for _ in 0..4 {
         let mut s = send.clone().ready().await.unwrap();
-        open.push(s.send_request(grpc_request("BucketQuery"), false).unwrap());
+        open.push(
+            s.send_request(match_request("http", "BucketQuery", PURPOSE), false)
+                .unwrap(),
+        );
     }
     let mut s = send.clone().ready().await.unwrap();
-    let (fifth, mut stream) = s.send_request(health_request(), false).unwrap();
+    let (fifth, mut stream) = s.send_request(health_request("http"), false).unwrap();
     // Buffered by h2 until the stream may open (no waiting for capacity).
     stream.send_data(framed(&[]), true).unwrap();
     let mut fifth = Box::pin(grpc_status(fifth));
@@ -884,7 +803,7 @@ async fn streams_and_metadata_per_connection_are_limited() {
     // A request whose metadata is over 16 KiB is refused, the connection kept.
     let (send, conn) = h2_from(server.addr, None).await;
     let mut send = send.ready().await.unwrap();
-    let mut big = grpc_request("BucketQuery");
+    let mut big = match_request("http", "BucketQuery", PURPOSE);
     big.headers_mut()
         .insert("x-padding", "a".repeat(20_000).parse().unwrap());
     let (response, _stream) = send.send_request(big, true).unwrap();

@@ -15,6 +15,8 @@
     clippy::indexing_slicing
 )]
 
+pub mod raw_h2;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
