@@ -3,27 +3,9 @@
 //! version, `rotate_key` re-encrypts everything under a new key epoch,
 //! `compact` folds the log into a new base.
 //!
-//! The store is log-structured: `init`, `merge`, `rotate-key` and `compact`
-//! write a base (the bucket index and the record store of one version); an
-//! `update` writes only what it changed, a delta of tags (with their
-//! buckets) and a segment of records, so its cost follows the change, not
-//! the registry. The current version is the base with the deltas that lead
-//! on from its version applied. An update that makes the log longer than
-//! its `compact_after` setting folds it into a new base first.
-//!
-//! Data directory (everything written atomically; see also `keystore`,
-//! `records`, `delta`):
-//! - `registry.bkt`: the base bucket index. Replacing it, or writing a
-//!   delta that leads on from the current version, is the commit point of
-//!   every change: a server watching the directory publishes the new version.
-//! - `deltas/`: what each version added and removed (the log since the
-//!   base, and recent versions for incremental sync).
-//! - `oprf-epoch-N.key`: the key of each live epoch (mode 0600).
-//! - `key-history.txt`: each rotation's new public key, endorsed by the old key.
-//! - `records.bin` and `records.d/`: the canonical records (mode 0600) of the
-//!   base version and the updates since, for updates, compaction and rotation.
-//! - `rejected-rows.csv`: the last run's rejected rows: source, row, field,
-//!   reason; never a name or an ID number.
+//! Each writes through the data directory's layout in [`crate::store`]
+//! (log-structured: a base plus the deltas and record segments of the
+//! updates since).
 
 pub mod encode;
 pub mod partition;
