@@ -217,8 +217,10 @@ async fn partial_bodies(
     loop {
         while streams.len() < 32 {
             let mut send = send.clone().ready().await?;
-            let (response, mut stream) =
-                send.send_request(match_request("https", "SyncTagSet", &target.purpose), false)?;
+            let (response, mut stream) = send.send_request(
+                match_request("https", "SyncTagSet", &target.purpose)?,
+                false,
+            )?;
             tally.requests.fetch_add(1, Ordering::Relaxed);
             let (prefix, chunk) = (Bytes::from(prefix.clone()), chunk.clone());
             streams.spawn(async move {
@@ -278,8 +280,10 @@ async fn stalled_streams(
     let mut held = Vec::new();
     for _ in 0..8 {
         let mut send = send.clone().ready().await?;
-        let (response, mut stream) =
-            send.send_request(match_request("https", "SyncTagSet", &target.purpose), false)?;
+        let (response, mut stream) = send.send_request(
+            match_request("https", "SyncTagSet", &target.purpose)?,
+            false,
+        )?;
         tally.requests.fetch_add(1, Ordering::Relaxed);
         let _ = stream.send_data(framed.clone(), true);
         held.push((response, stream));

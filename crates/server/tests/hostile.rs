@@ -333,7 +333,7 @@ async fn partial_request_bodies_stay_within_the_buffer_budget() {
         for _ in 0..32 {
             let mut send = send.clone().ready().await.unwrap();
             let (response, mut stream) = send
-                .send_request(match_request("http", "SyncTagSet", PURPOSE), false)
+                .send_request(match_request("http", "SyncTagSet", PURPOSE).unwrap(), false)
                 .unwrap();
             let message = message.clone();
             tasks.push(tokio::spawn(async move {
@@ -383,7 +383,10 @@ async fn partial_request_bodies_stay_within_the_buffer_budget() {
     let (send, _conn) = h2_from(server.addr, None).await;
     let mut send = send.ready().await.unwrap();
     let (response, mut stream) = send
-        .send_request(match_request("http", "BucketQuery", PURPOSE), false)
+        .send_request(
+            match_request("http", "BucketQuery", PURPOSE).unwrap(),
+            false,
+        )
         .unwrap();
     let big = Bytes::from(vec![0u8; 1 << 20]);
     send_all(&mut stream, big, false).await;
@@ -428,7 +431,7 @@ async fn stalled_response_streams_hold_a_slot_and_are_cut_at_the_stream_timeout(
             }
             let mut send = send.clone().ready().await.unwrap();
             let (response, mut stream) = send
-                .send_request(match_request("http", "SyncTagSet", PURPOSE), false)
+                .send_request(match_request("http", "SyncTagSet", PURPOSE).unwrap(), false)
                 .unwrap();
             let body = body.clone();
             pending.push(tokio::spawn(async move {
@@ -685,7 +688,7 @@ async fn malformed_oversized_and_late_requests_are_refused_precisely_and_recorde
     let (send, _conn) = h2_from(server.addr, None).await;
     let call = |method: &str, body: Bytes, end: bool| {
         let send = send.clone();
-        let req = match_request("http", method, PURPOSE);
+        let req = match_request("http", method, PURPOSE).unwrap();
         async move {
             let mut send = send.ready().await.unwrap();
             let (response, mut stream) = send.send_request(req, false).unwrap();
@@ -783,8 +786,11 @@ async fn streams_and_metadata_per_connection_are_limited() {
     for _ in 0..4 {
         let mut s = send.clone().ready().await.unwrap();
         open.push(
-            s.send_request(match_request("http", "BucketQuery", PURPOSE), false)
-                .unwrap(),
+            s.send_request(
+                match_request("http", "BucketQuery", PURPOSE).unwrap(),
+                false,
+            )
+            .unwrap(),
         );
     }
     let mut s = send.clone().ready().await.unwrap();
@@ -803,7 +809,7 @@ async fn streams_and_metadata_per_connection_are_limited() {
     // A request whose metadata is over 16 KiB is refused, the connection kept.
     let (send, conn) = h2_from(server.addr, None).await;
     let mut send = send.ready().await.unwrap();
-    let mut big = match_request("http", "BucketQuery", PURPOSE);
+    let mut big = match_request("http", "BucketQuery", PURPOSE).unwrap();
     big.headers_mut()
         .insert("x-padding", "a".repeat(20_000).parse().unwrap());
     let (response, _stream) = send.send_request(big, true).unwrap();

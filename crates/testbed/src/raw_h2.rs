@@ -29,8 +29,10 @@ pub async fn tcp_from(from: &str, to: SocketAddr) -> std::io::Result<TcpStream> 
 
 /// The headers of a `psi.v1.Match/{method}` request (`scheme` "http" or
 /// "https"), declaring `purpose`.
-#[must_use]
-pub fn match_request(scheme: &str, method: &str, purpose: &str) -> http::Request<()> {
+///
+/// # Errors
+/// A purpose that is not a valid header value.
+pub fn match_request(scheme: &str, method: &str, purpose: &str) -> http::Result<http::Request<()>> {
     http::Request::builder()
         .method("POST")
         .uri(format!("{scheme}://127.0.0.1/psi.v1.Match/{method}"))
@@ -38,7 +40,6 @@ pub fn match_request(scheme: &str, method: &str, purpose: &str) -> http::Request
         .header("te", "trailers")
         .header(psi_proto::PURPOSE_HEADER, purpose)
         .body(())
-        .expect("a valid request")
 }
 
 /// The headers of a `grpc.health.v1.Health/Check` request.
