@@ -147,8 +147,11 @@ pub struct NetArgs {
 const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
 /// Default per-request timeout (`request_timeout_secs`).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-/// Default interval between checks of the data directory (`reload_interval_ms`).
-pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_millis(2000);
+/// Default interval between checks of the data directory, in milliseconds
+/// (`reload_interval_ms`).
+const DEFAULT_RELOAD_INTERVAL_MS: u64 = 2000;
+/// Default interval between checks of the data directory.
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_millis(DEFAULT_RELOAD_INTERVAL_MS);
 
 impl NetArgs {
     /// These settings where given, else `file`'s, else the defaults, checked.
@@ -470,7 +473,7 @@ impl ServeArgs {
         let reload_ms = self
             .reload_interval_ms
             .or(file.reload_interval_ms)
-            .unwrap_or(u64::try_from(DEFAULT_RELOAD_INTERVAL.as_millis()).unwrap_or(u64::MAX));
+            .unwrap_or(DEFAULT_RELOAD_INTERVAL_MS);
         if reload_ms < 10 {
             bail!("reload_interval_ms must be at least 10");
         }
