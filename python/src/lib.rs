@@ -45,9 +45,9 @@ fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
 }
 
 /// Runs `work` without the GIL, stopping for Ctrl-C.
-fn wait<T: Send>(
+fn wait<T: Send, E: Into<anyhow::Error> + Send>(
     py: Python<'_>,
-    work: impl Future<Output = anyhow::Result<T>> + Send,
+    work: impl Future<Output = Result<T, E>> + Send,
 ) -> PyResult<T> {
     let rt = runtime()?;
     py.detach(|| {
@@ -55,7 +55,7 @@ fn wait<T: Send>(
             let mut work = std::pin::pin!(work);
             loop {
                 tokio::select! {
-                    done = &mut work => return done.map_err(|e| PsiError::new_err(format!("{e:#}"))),
+                    done = &mut work => return done.map_err(|e| PsiError::new_err(format!("{:#}", e.into()))),
                     () = tokio::time::sleep(Duration::from_millis(100)) => {
                         Python::attach(|py| py.check_signals())?;
                     }

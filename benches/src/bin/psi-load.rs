@@ -24,7 +24,7 @@
     clippy::indexing_slicing
 )]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -159,6 +159,118 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
+/// The service under load: in this process (`--replicas 0`), or replica
+/// processes behind haproxy. Returns the servers, the address institutions
+/// connect to, and the admin ports.
+async fn start_servers(
+    args: &Args,
+    data: &Path,
+    ca: &Path,
+    policy_path: &Path,
+    audit_store: &psi_server::serving::audit::AuditStore,
+    postgres: Option<&Postgres>,
+) -> Result<(Servers, std::net::SocketAddr, Vec<u16>)> {
+    if args.replicas == 0 {
+        let running = psi_server::serving::serve::start(ServeConfig {
+            request_timeout: Duration::from_secs(30),
+            tls: Some(TlsFiles {
+                cert: std::fs::read(ca.join("server.pem"))?,
+                key: std::fs::read(ca.join("server.key"))?,
+                client_ca: std::fs::read(ca.join("ca.pem"))?,
+            }),
+            audit_db: audit_store.clone(),
+            policy: Some((
+                policy_path.to_path_buf(),
+                psi_server::serving::policy::Policy::load(policy_path)?,
+            )),
+            admin_listen: Some("127.0.0.1:0".parse()?),
+            ..ServeConfig::local(data)
+        })
+        .await?;
+        let front = running.local_addr;
+        let admin: Vec<u16> = running.admin_addr.map(|a| a.port()).into_iter().collect();
+        Ok((Servers::InProcess(running), front, admin))
+    } else {
+        let server_bin = std::env::current_exe()?.with_file_name("psi-server");
+        ensure!(
+            server_bin.exists(),
+            "{} is missing: build it beside psi-load (cargo build --release -p psi-server -p psi-bench)",
+            server_bin.display()
+        );
+        let audit_arg = match postgres {
+            Some(pg) => pg.url.clone(),
+            None => args.dir.join("audit.sqlite").display().to_string(),
+        };
+        let ports: Vec<(u16, u16)> = (0..args.replicas)
+            .map(|_| (psi_testbed::free_port(), psi_testbed::free_port()))
+            .collect();
+        let path = |p: PathBuf| p.display().to_string();
+        let processes = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, admin))| {
+                let serve_args = vec![
+                    "serve".into(),
+                    "--listen".into(),
+                    format!("127.0.0.1:{port}"),
+                    "--admin-listen".into(),
+                    format!("127.0.0.1:{admin}"),
+                    "--data-dir".into(),
+                    path(data.to_path_buf()),
+                    "--audit-db".into(),
+                    audit_arg.clone(),
+                    "--policy".into(),
+                    path(policy_path.to_path_buf()),
+                    "--tls-cert".into(),
+                    path(ca.join("server.pem")),
+                    "--tls-key".into(),
+                    path(ca.join("server.key")),
+                    "--client-ca".into(),
+                    path(ca.join("ca.pem")),
+                ];
+                Process::start(
+                    &server_bin,
+                    serve_args,
+                    args.dir.join(format!("replica-{}.log", i + 1)),
+                )
+            })
+            .collect();
+        let balancer = Haproxy::start(&args.dir, Balancing::Tcp, &ports)
+            .map_err(|why| anyhow::anyhow!("haproxy cannot run here: {why}"))?;
+        balancer.wait_all_up(args.replicas, Duration::from_secs(120));
+        let front: std::net::SocketAddr = format!("127.0.0.1:{}", balancer.front).parse()?;
+        let admin: Vec<u16> = ports.iter().map(|p| p.1).collect();
+        Ok((
+            Servers::Replicas {
+                processes,
+                _balancer: balancer,
+            },
+            front,
+            admin,
+        ))
+    }
+}
+
+/// The audit trail verified, and how many records the honest institutions have in it.
+fn audit_summary(
+    audit_store: &psi_server::serving::audit::AuditStore,
+) -> Result<(psi_server::serving::audit::Verification, u64)> {
+    let v = psi_server::serving::audit::verify(audit_store).context("verifying the audit trail")?;
+    let mut out = Vec::new();
+    psi_server::serving::audit::export(
+        audit_store,
+        &psi_server::serving::audit::ExportFilter::default(),
+        psi_server::serving::audit::Format::Csv,
+        &mut out,
+    )?;
+    let honest = csv::Reader::from_reader(out.as_slice())
+        .records()
+        .filter_map(Result::ok)
+        .filter(|r| r.get(2).is_some_and(|i| i.starts_with("inst-")))
+        .count() as u64;
+    Ok((v, honest))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -208,86 +320,15 @@ async fn main() -> Result<()> {
         Some(pg) => psi_server::serving::audit::AuditStore::parse(&pg.url),
         None => args.dir.join("audit.sqlite").into(),
     };
-    let tls_files = TlsFiles {
-        cert: std::fs::read(ca.join("server.pem"))?,
-        key: std::fs::read(ca.join("server.key"))?,
-        client_ca: std::fs::read(ca.join("ca.pem"))?,
-    };
-    let (servers, front, admin_ports) = if args.replicas == 0 {
-        let running = psi_server::serving::serve::start(ServeConfig {
-            request_timeout: Duration::from_secs(30),
-            tls: Some(tls_files),
-            audit_db: audit_store.clone(),
-            policy: Some((
-                policy_path.clone(),
-                psi_server::serving::policy::Policy::load(&policy_path)?,
-            )),
-            admin_listen: Some("127.0.0.1:0".parse()?),
-            ..ServeConfig::local(&data)
-        })
-        .await?;
-        let front = running.local_addr;
-        let admin: Vec<u16> = running.admin_addr.map(|a| a.port()).into_iter().collect();
-        (Servers::InProcess(running), front, admin)
-    } else {
-        let server_bin = std::env::current_exe()?.with_file_name("psi-server");
-        ensure!(
-            server_bin.exists(),
-            "{} is missing: build it beside psi-load (cargo build --release -p psi-server -p psi-bench)",
-            server_bin.display()
-        );
-        let audit_arg = match &postgres {
-            Some(pg) => pg.url.clone(),
-            None => args.dir.join("audit.sqlite").display().to_string(),
-        };
-        let ports: Vec<(u16, u16)> = (0..args.replicas)
-            .map(|_| (psi_testbed::free_port(), psi_testbed::free_port()))
-            .collect();
-        let path = |p: PathBuf| p.display().to_string();
-        let processes = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (port, admin))| {
-                let serve_args = vec![
-                    "serve".into(),
-                    "--listen".into(),
-                    format!("127.0.0.1:{port}"),
-                    "--admin-listen".into(),
-                    format!("127.0.0.1:{admin}"),
-                    "--data-dir".into(),
-                    path(data.clone()),
-                    "--audit-db".into(),
-                    audit_arg.clone(),
-                    "--policy".into(),
-                    path(policy_path.clone()),
-                    "--tls-cert".into(),
-                    path(ca.join("server.pem")),
-                    "--tls-key".into(),
-                    path(ca.join("server.key")),
-                    "--client-ca".into(),
-                    path(ca.join("ca.pem")),
-                ];
-                Process::start(
-                    &server_bin,
-                    serve_args,
-                    args.dir.join(format!("replica-{}.log", i + 1)),
-                )
-            })
-            .collect();
-        let balancer = Haproxy::start(&args.dir, Balancing::Tcp, &ports)
-            .map_err(|why| anyhow::anyhow!("haproxy cannot run here: {why}"))?;
-        balancer.wait_all_up(args.replicas, Duration::from_secs(120));
-        let front: std::net::SocketAddr = format!("127.0.0.1:{}", balancer.front).parse()?;
-        let admin: Vec<u16> = ports.iter().map(|p| p.1).collect();
-        (
-            Servers::Replicas {
-                processes,
-                _balancer: balancer,
-            },
-            front,
-            admin,
-        )
-    };
+    let (servers, front, admin_ports) = start_servers(
+        &args,
+        &data,
+        &ca,
+        &policy_path,
+        &audit_store,
+        postgres.as_ref(),
+    )
+    .await?;
     let url = format!("https://{front}");
     let people: Vec<_> = Generator::new(11, psi_core::CivilDate::today())?
         .take(1000)
@@ -379,23 +420,7 @@ async fn main() -> Result<()> {
     let errors: u64 = results.iter().map(|r| r.1).sum();
     all.sort();
     // The audit stores' clients block: off the async workers.
-    let (v, honest_records) = tokio::task::block_in_place(|| -> Result<_> {
-        let v = psi_server::serving::audit::verify(&audit_store)
-            .context("verifying the audit trail")?;
-        let mut out = Vec::new();
-        psi_server::serving::audit::export(
-            &audit_store,
-            &psi_server::serving::audit::ExportFilter::default(),
-            psi_server::serving::audit::Format::Csv,
-            &mut out,
-        )?;
-        let honest = csv::Reader::from_reader(out.as_slice())
-            .records()
-            .filter_map(Result::ok)
-            .filter(|r| r.get(2).is_some_and(|i| i.starts_with("inst-")))
-            .count() as u64;
-        Ok((v, honest))
-    })?;
+    let (v, honest_records) = tokio::task::block_in_place(|| audit_summary(&audit_store))?;
     let requests = all.len() as u64 + errors;
     let report = serde_json::json!({
         "replicas": args.replicas,

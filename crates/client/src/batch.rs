@@ -17,7 +17,7 @@ use psi_files::encoding::{self, Encoding, EncodingWriter, Utf8Reader};
 use rayon::prelude::*;
 
 use crate::check::CheckOutcome;
-use crate::session::{is_stale_epoch, Session};
+use crate::session::Session;
 use crate::QueryMode;
 
 /// Options of a batch run.
@@ -288,7 +288,7 @@ impl Views {
             } else {
                 match views.synced(session.clone()).await {
                     // Rotated since the session connected: follow it.
-                    Err(e) if is_stale_epoch(&e) => {
+                    Err(e) if e.is_stale_epoch() => {
                         views.synced(session.follow_rotation().await?).await?
                     }
                     synced => synced?,
@@ -299,7 +299,7 @@ impl Views {
         Ok(views)
     }
 
-    async fn synced(&self, session: Session) -> Result<View> {
+    async fn synced(&self, session: Session) -> crate::error::Result<View> {
         use std::sync::atomic::Ordering::Relaxed;
         let synced = session.sync().await?;
         self.shards_fetched
@@ -308,7 +308,7 @@ impl Views {
         Ok(View {
             version: synced.set.header().registry_version,
             epoch: synced.set.header().epoch,
-            lookup: Some(Arc::new(synced.set.lookup()?)),
+            lookup: Some(Arc::new(synced.set.lookup().map_err(crate::Error::lookup)?)),
             session,
             confirmed: Instant::now(),
         })
@@ -391,11 +391,11 @@ impl Views {
             };
             match answer_chunk(&view.session, how, chunk, columns, name_col, id_col, today).await {
                 Ok(answers) => return Ok((answers, view)),
-                Err(e) if is_stale_epoch(&e) && rotations < 3 => {
+                Err(e) if e.is_stale_epoch() && rotations < 3 => {
                     rotations += 1;
                     view = self.rotated(&view).await?;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -437,94 +437,14 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
     let mut summary = views.summary().await?;
 
     let read_units = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (headers, mut reader, total_units) = if is_xlsx(&opts.input) {
-        let (headers, rows) = sheet_rows(opts)?;
-        let n = rows.len() as u64;
-        (headers, InputRows::Sheet(rows.into_iter()), n)
-    } else {
-        let file_len = std::fs::metadata(&opts.input)
-            .with_context(|| format!("reading {}", opts.input.display()))?
-            .len();
-        let file = std::fs::File::open(&opts.input)
-            .with_context(|| format!("opening {}", opts.input.display()))?;
-        let mut reader =
-            csv::ReaderBuilder::new()
-                .flexible(true)
-                .from_reader(psi_files::rows::RowGuard::new(
-                    Utf8Reader::new(
-                        Counted {
-                            inner: file,
-                            count: Arc::clone(&read_units),
-                        },
-                        input_encoding,
-                    ),
-                    opts.file.max_row_bytes,
-                ));
-        let headers = reader
-            .byte_headers()
-            .with_context(|| format!("reading the header of {}", opts.input.display()))?
-            .clone();
-        (headers, InputRows::Csv(Box::new(reader)), file_len)
-    };
-    let (Some(name_col), Some(id_col)) = (
-        column(&headers, opts.file.name_column.as_deref(), NAME_HEADERS),
-        column(&headers, opts.file.id_column.as_deref(), ID_HEADERS),
-    ) else {
-        bail!(
-            "{} must start with a header naming the name column ({}) and the ID column ({}); name others with --name-column and --id-column",
-            opts.input.display(),
-            opts.file.name_column.as_deref().map_or_else(|| NAME_HEADERS.join(" or "), str::to_string),
-            opts.file.id_column.as_deref().map_or_else(|| ID_HEADERS.join(" or "), str::to_string),
-        );
-    };
-    if column(&headers, Some("result"), &[]).is_some()
-        || column(&headers, Some("error"), &[]).is_some()
-    {
-        bail!(
-            "{} already has a `result` or `error` column; rename it, the output adds these two",
-            opts.input.display()
-        );
-    }
-    let xlsx_output = is_xlsx(&opts.output);
-    if xlsx_output && opts.resume {
-        bail!("an .xlsx output is written whole at the end and cannot be resumed; write a CSV output to use --resume");
-    }
-    let partial = partial_path(&opts.output);
+    let (headers, mut reader, total_units) = open_input(opts, input_encoding, &read_units)?;
+    let (name_col, id_col) = name_and_id_columns(&headers, opts)?;
     let mut out_headers = headers.clone();
     out_headers.push_field(b"result");
     out_headers.push_field(b"error");
-    let done_rows = if partial.exists() && !xlsx_output {
-        if !opts.resume {
-            bail!(
-                "{} exists from an interrupted run: pass --resume to continue it, or delete it",
-                partial.display()
-            );
-        }
-        resume_point(&partial, &out_headers, output_encoding)?
-    } else {
-        0
-    };
+    let partial = partial_path(&opts.output);
+    let (mut sink, done_rows) = open_output(opts, &partial, &out_headers, output_encoding)?;
     summary.resumed_rows = done_rows;
-    let mut sink = if xlsx_output {
-        Sink::Sheet(Vec::new())
-    } else {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&partial)
-            .with_context(|| format!("opening {}", partial.display()))?;
-        let new_file = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) == 0;
-        let mut writer = csv::Writer::from_writer(BufWriter::new(EncodingWriter::new(
-            file,
-            output_encoding,
-            new_file,
-        )));
-        if done_rows == 0 && new_file {
-            writer.write_byte_record(&out_headers)?;
-        }
-        Sink::Csv(Box::new(writer))
-    };
     // Rows already answered by the interrupted run are skipped, not re-asked.
     let mut skip = csv::ByteRecord::new();
     let mut no_note = None;
@@ -537,9 +457,170 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
             );
         }
     }
+    let bar = progress_bar(opts.progress, total_units);
 
-    let bar = if opts.progress {
-        ProgressBar::new(total_units)
+    // The reader runs on its own thread and stays at most a few chunks ahead.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Chunk>>(opts.chunks_in_flight.max(1));
+    let reading = format!(
+        "reading {}; the rows before this point are answered in {}",
+        opts.input.display(),
+        partial.display()
+    );
+    let reader_task = spawn_reader(reader, opts.chunk_rows.max(1), read_units, tx, reading);
+
+    let today = psi_core::CivilDate::today();
+    let columns = headers.len();
+    let mut answered = tokio_stream::wrappers::ReceiverStream::new(rx)
+        .map(|chunk| {
+            let views = &views;
+            async move {
+                let chunk = chunk?;
+                let (answers, view) = views
+                    .answer(&chunk, columns, name_col, id_col, today)
+                    .await?;
+                Ok::<_, anyhow::Error>((chunk, answers, view))
+            }
+        })
+        .buffered(opts.chunks_in_flight.max(1));
+    while let Some(item) = answered.next().await {
+        let (chunk, answers, view) = item?;
+        summary.registry_version = view.version;
+        summary.key_epoch = view.epoch;
+        for (row, answer) in chunk.rows.iter().zip(answers) {
+            // As many fields as the header, so the added columns line up
+            // under their headers (a longer row is answered `invalid`).
+            let mut out: csv::ByteRecord = row.iter().take(columns).collect();
+            while out.len() < columns {
+                out.push_field(b"");
+            }
+            summary.count(&answer);
+            out.push_field(answer.result().as_bytes());
+            out.push_field(answer.reason().unwrap_or("").as_bytes());
+            sink.write(out)?;
+        }
+        // Each chunk reaches the file before the next: an interrupted run
+        // loses at most the chunks in flight, which --resume asks again.
+        sink.flush()?;
+        bar.set_position(chunk.end_byte);
+        let rate = summary.rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!("{} rows, {rate:.0} rows/s", summary.rows));
+    }
+    reader_task.await.context("input reader")?;
+    bar.finish_and_clear();
+    sink.finish(&partial, &out_headers, &opts.output).await?;
+    psi_files::atomic::rename_durably(&partial, &opts.output)?;
+    views.finish(&mut summary, started);
+    Ok(summary)
+}
+
+/// The input's header, its rows, and its size in progress units (a CSV's
+/// bytes, counted into `read_units` as they are read; a sheet's rows).
+fn open_input(
+    opts: &BatchOptions,
+    encoding: Encoding,
+    read_units: &Arc<std::sync::atomic::AtomicU64>,
+) -> Result<(csv::ByteRecord, InputRows, u64)> {
+    if is_xlsx(&opts.input) {
+        let (headers, rows) = sheet_rows(opts)?;
+        let n = rows.len() as u64;
+        return Ok((headers, InputRows::Sheet(rows.into_iter()), n));
+    }
+    let file_len = std::fs::metadata(&opts.input)
+        .with_context(|| format!("reading {}", opts.input.display()))?
+        .len();
+    let file = std::fs::File::open(&opts.input)
+        .with_context(|| format!("opening {}", opts.input.display()))?;
+    let mut reader =
+        csv::ReaderBuilder::new()
+            .flexible(true)
+            .from_reader(psi_files::rows::RowGuard::new(
+                Utf8Reader::new(
+                    Counted {
+                        inner: file,
+                        count: Arc::clone(read_units),
+                    },
+                    encoding,
+                ),
+                opts.file.max_row_bytes,
+            ));
+    let headers = reader
+        .byte_headers()
+        .with_context(|| format!("reading the header of {}", opts.input.display()))?
+        .clone();
+    Ok((headers, InputRows::Csv(Box::new(reader)), file_len))
+}
+
+/// The name and ID columns' positions; an error when either is missing or
+/// the input already has the columns the output adds.
+fn name_and_id_columns(headers: &csv::ByteRecord, opts: &BatchOptions) -> Result<(usize, usize)> {
+    let (Some(name_col), Some(id_col)) = (
+        column(headers, opts.file.name_column.as_deref(), NAME_HEADERS),
+        column(headers, opts.file.id_column.as_deref(), ID_HEADERS),
+    ) else {
+        bail!(
+            "{} must start with a header naming the name column ({}) and the ID column ({}); name others with --name-column and --id-column",
+            opts.input.display(),
+            opts.file.name_column.as_deref().map_or_else(|| NAME_HEADERS.join(" or "), str::to_string),
+            opts.file.id_column.as_deref().map_or_else(|| ID_HEADERS.join(" or "), str::to_string),
+        );
+    };
+    if column(headers, Some("result"), &[]).is_some()
+        || column(headers, Some("error"), &[]).is_some()
+    {
+        bail!(
+            "{} already has a `result` or `error` column; rename it, the output adds these two",
+            opts.input.display()
+        );
+    }
+    Ok((name_col, id_col))
+}
+
+/// Where the answers go until the run completes (`partial`, 0600; a
+/// workbook is kept in memory and written whole at the end), and how many
+/// rows an interrupted run being resumed already answered.
+fn open_output(
+    opts: &BatchOptions,
+    partial: &Path,
+    out_headers: &csv::ByteRecord,
+    encoding: Encoding,
+) -> Result<(Sink, u64)> {
+    if is_xlsx(&opts.output) {
+        if opts.resume {
+            bail!("an .xlsx output is written whole at the end and cannot be resumed; write a CSV output to use --resume");
+        }
+        return Ok((Sink::Sheet(Vec::new()), 0));
+    }
+    let done_rows = if partial.exists() {
+        if !opts.resume {
+            bail!(
+                "{} exists from an interrupted run: pass --resume to continue it, or delete it",
+                partial.display()
+            );
+        }
+        resume_point(partial, out_headers, encoding)?
+    } else {
+        0
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(partial)
+        .with_context(|| format!("opening {}", partial.display()))?;
+    let new_file = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0) == 0;
+    let mut writer = csv::Writer::from_writer(BufWriter::new(EncodingWriter::new(
+        file, encoding, new_file,
+    )));
+    if done_rows == 0 && new_file {
+        writer.write_byte_record(out_headers)?;
+    }
+    Ok((Sink::Csv(Box::new(writer)), done_rows))
+}
+
+/// A progress bar over `total` units, hidden unless `shown`.
+fn progress_bar(shown: bool, total: u64) -> ProgressBar {
+    let bar = if shown {
+        ProgressBar::new(total)
     } else {
         ProgressBar::hidden()
     };
@@ -547,14 +628,21 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         ProgressStyle::with_template("{bar:40} {percent:>3}% {msg} ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    bar
+}
 
-    // The reader runs on its own thread and stays at most a few chunks ahead.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Chunk>>(opts.chunks_in_flight.max(1));
-    let chunk_rows = opts.chunk_rows.max(1);
-    let input = opts.input.clone();
-    let partial_for_reader = partial.clone();
+/// Reads `reader` on a blocking thread, `chunk_rows` rows a chunk, into
+/// `tx` (bounded: the reader stays at most a few chunks ahead). A read
+/// error is sent with `reading` as its context and ends the reading.
+fn spawn_reader(
+    mut reader: InputRows,
+    chunk_rows: usize,
+    read_units: Arc<std::sync::atomic::AtomicU64>,
+    tx: tokio::sync::mpsc::Sender<Result<Chunk>>,
+    reading: String,
+) -> tokio::task::JoinHandle<()> {
     let sheet_input = matches!(reader, InputRows::Sheet(_));
-    let reader_task = tokio::task::spawn_blocking(move || loop {
+    tokio::task::spawn_blocking(move || loop {
         let mut rows = Vec::with_capacity(chunk_rows);
         let mut notes = Vec::with_capacity(chunk_rows);
         let mut record = csv::ByteRecord::new();
@@ -580,11 +668,7 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         }
         let end_byte = read_units.load(std::sync::atomic::Ordering::Relaxed);
         if let Some(e) = failed {
-            let _ = tx.blocking_send(Err(e.context(format!(
-                "reading {}; the rows before this point are answered in {}",
-                input.display(),
-                partial_for_reader.display()
-            ))));
+            let _ = tx.blocking_send(Err(e.context(reading)));
             return;
         }
         if rows.is_empty() {
@@ -600,77 +684,7 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
         {
             return;
         }
-    });
-
-    let today = psi_core::CivilDate::today();
-    let columns = headers.len();
-    let mut answered = tokio_stream::wrappers::ReceiverStream::new(rx)
-        .map(|chunk| {
-            let views = &views;
-            async move {
-                let chunk = chunk?;
-                let (answers, view) = views
-                    .answer(&chunk, columns, name_col, id_col, today)
-                    .await?;
-                Ok::<_, anyhow::Error>((chunk, answers, view))
-            }
-        })
-        .buffered(opts.chunks_in_flight.max(1));
-    while let Some(item) = answered.next().await {
-        let (chunk, answers, view) = item?;
-        summary.registry_version = view.version;
-        summary.key_epoch = view.epoch;
-        for (row, answer) in chunk.rows.iter().zip(answers) {
-            // As many fields as the header, so the added columns line up
-            // under their headers (a longer row is answered `invalid`).
-            let mut out: csv::ByteRecord = row.iter().take(headers.len()).collect();
-            while out.len() < headers.len() {
-                out.push_field(b"");
-            }
-            summary.count(&answer);
-            out.push_field(answer.result().as_bytes());
-            out.push_field(answer.reason().unwrap_or("").as_bytes());
-            sink.write(out)?;
-        }
-        // Each chunk reaches the file before the next: an interrupted run
-        // loses at most the chunks in flight, which --resume asks again.
-        sink.flush()?;
-        bar.set_position(chunk.end_byte);
-        let rate = summary.rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        bar.set_message(format!("{} rows, {rate:.0} rows/s", summary.rows));
-    }
-    reader_task.await.context("input reader")?;
-    bar.finish_and_clear();
-    match sink {
-        Sink::Csv(writer) => {
-            let mut inner = writer
-                .into_inner()
-                .map_err(|e| anyhow::anyhow!("writing {}: {e}", partial.display()))?;
-            inner.flush()?;
-            inner
-                .into_inner()
-                .map_err(|e| anyhow::anyhow!("writing {}: {e}", partial.display()))?
-                .finish()
-                .with_context(|| format!("writing {}", partial.display()))?
-                .sync_all()?;
-        }
-        Sink::Sheet(rows) => {
-            let header: Vec<String> = out_headers
-                .iter()
-                .map(|h| String::from_utf8_lossy(h).into_owned())
-                .collect();
-            let partial = partial.clone();
-            tokio::task::spawn_blocking(move || {
-                psi_files::xlsx::write(&partial, "answers", &header, &rows)
-            })
-            .await
-            .context("writing the workbook")?
-            .with_context(|| format!("writing {}", opts.output.display()))?;
-        }
-    }
-    psi_files::atomic::rename_durably(&partial, &opts.output)?;
-    views.finish(&mut summary, started);
-    Ok(summary)
+    })
 }
 
 /// Options of [`answer_pairs`].
@@ -855,6 +869,44 @@ impl Sink {
             Sink::Sheet(_) => Ok(()),
         }
     }
+
+    /// Completes `partial`: the CSV flushed and synced, or the workbook
+    /// (headed by `out_headers`) written; `output` names the file in errors.
+    async fn finish(
+        self,
+        partial: &Path,
+        out_headers: &csv::ByteRecord,
+        output: &Path,
+    ) -> Result<()> {
+        match self {
+            Sink::Csv(writer) => {
+                let mut inner = writer
+                    .into_inner()
+                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", partial.display()))?;
+                inner.flush()?;
+                inner
+                    .into_inner()
+                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", partial.display()))?
+                    .finish()
+                    .with_context(|| format!("writing {}", partial.display()))?
+                    .sync_all()?;
+            }
+            Sink::Sheet(rows) => {
+                let header: Vec<String> = out_headers
+                    .iter()
+                    .map(|h| String::from_utf8_lossy(h).into_owned())
+                    .collect();
+                let partial = partial.to_path_buf();
+                tokio::task::spawn_blocking(move || {
+                    psi_files::xlsx::write(&partial, "answers", &header, &rows)
+                })
+                .await
+                .context("writing the workbook")?
+                .with_context(|| format!("writing {}", output.display()))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Counts the bytes read (for the progress bar, in the file's own bytes).
@@ -896,7 +948,7 @@ async fn answer_chunk(
     name_col: usize,
     id_col: usize,
     today: psi_core::CivilDate,
-) -> Result<Vec<CheckOutcome>> {
+) -> crate::error::Result<Vec<CheckOutcome>> {
     let parsed: Vec<Result<Record, String>> = chunk
         .rows
         .par_iter()
@@ -945,7 +997,9 @@ async fn answer_chunk(
             Ok(_) => match found.next() {
                 Some(true) => Ok(CheckOutcome::Match),
                 Some(false) => Ok(CheckOutcome::NoMatch),
-                None => bail!("fewer answers than valid rows"),
+                None => Err(crate::Error::Internal(
+                    "fewer answers than valid rows".into(),
+                )),
             },
             Err(reason) => Ok(CheckOutcome::Invalid(reason)),
         })

@@ -1,9 +1,9 @@
 //! One pair, one answer.
 
-use anyhow::Result;
 use psi_core::Record;
 
-use crate::session::{is_stale_epoch, Session};
+use crate::error::{Error, Result};
+use crate::session::Session;
 use crate::QueryMode;
 
 /// The answer for one pair.
@@ -54,7 +54,7 @@ pub async fn check(
     };
     match check_record(session, &record, mode).await {
         // The server rotated its key: follow the endorsed rotation, ask again.
-        Err(e) if is_stale_epoch(&e) => {
+        Err(e) if e.is_stale_epoch() => {
             check_record(&session.follow_rotation().await?, &record, mode).await
         }
         answered => answered,
@@ -66,7 +66,7 @@ async fn check_record(session: &Session, record: &Record, mode: QueryMode) -> Re
         QueryMode::Bucket => session.bucket_check(std::slice::from_ref(record)).await?,
         QueryMode::Pir => session.pir_check(std::slice::from_ref(record)).await?,
         QueryMode::Sync => {
-            let lookup = session.sync().await?.set.lookup()?;
+            let lookup = session.sync().await?.set.lookup().map_err(Error::lookup)?;
             let outputs = session.evaluate(vec![record.encode()]).await?;
             outputs.iter().map(|o| lookup.contains(o.tag())).collect()
         }

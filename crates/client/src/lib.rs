@@ -8,15 +8,18 @@
 //! - [`pin`]: trust on first use, or a key given by flag.
 //! - [`pir`]: PIR mode's secret seed and registered public parameters.
 //! - [`config`]: the configuration file (flags > environment > file > defaults).
+//! - [`error`]: what can go wrong in a session, as variants a caller acts on.
 
 pub mod batch;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod error;
 pub mod pin;
 pub mod pir;
 pub mod session;
 
+pub use error::Error;
 pub use session::{ConnectOptions, Session};
 
 /// How membership is tested.

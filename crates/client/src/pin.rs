@@ -8,9 +8,10 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use psi_core::rotation::{self, KeyStep};
 use psi_core::PublicKey;
+
+use crate::error::{Error, Result};
 
 /// The known-servers file's name inside the cache directory.
 pub const KNOWN_SERVERS: &str = "known-servers.txt";
@@ -64,10 +65,10 @@ pub fn check(
     let key_hex = key.to_hex();
     if let Some(pin) = pin {
         if !pin.trim().eq_ignore_ascii_case(&key_hex) {
-            bail!(
+            return Err(Error::KeyNotTrusted(format!(
                 "the server's public key {key_hex} does not match the pinned key {}; do not proceed unless the operator confirms a new key",
                 pin.trim()
-            );
+            )));
         }
         return Ok(Pinned::ByFlag);
     }
@@ -102,10 +103,10 @@ pub fn check(
                 .map(|()| old_epoch)
         });
         let Some(from_epoch) = endorsed else {
-            bail!(
+            return Err(Error::KeyNotTrusted(format!(
                 "the server {server} now presents key {key_hex} (epoch {epoch}), but {} pinned key {old_hex} (epoch {ep}) and the server shows no endorsed rotation between them; if the operator confirms the new key, pass --pin-key {key_hex} or remove that line",
                 path.display()
-            );
+            )));
         };
         let rewritten: String = known
             .lines()
@@ -117,17 +118,17 @@ pub fn check(
                 }
             })
             .collect();
-        psi_files::atomic::write_atomically(&path, rewritten.as_bytes(), 0o600)?;
+        psi_files::atomic::write_atomically(&path, rewritten.as_bytes(), 0o600)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         return Ok(Pinned::Rotated { from_epoch });
     }
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut f = fs::OpenOptions::new()
+    fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    writeln!(f, "{server} {key_hex} {epoch}")
-        .with_context(|| format!("writing {}", path.display()))?;
+        .and_then(|mut f| writeln!(f, "{server} {key_hex} {epoch}"))
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
     Ok(Pinned::FirstUse)
 }
 

@@ -6,17 +6,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
 use psi_pir::{PirClient, Shape};
 use psi_proto::v1::PirInfo;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-/// The server refused a PIR query because it no longer holds the public
-/// parameters it names: send them again.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct KeysUnknown(pub String);
+use crate::error::{Error, Result};
 
 /// The shape a server advertises, checked.
 ///
@@ -24,34 +19,39 @@ pub struct KeysUnknown(pub String);
 /// An unknown scheme or a shape out of range.
 pub fn shape_of(info: &PirInfo) -> Result<Shape> {
     if info.scheme != psi_pir::shape::SCHEME {
-        bail!(
+        return Err(Error::Unsupported(format!(
             "the server's PIR scheme `{}` is not one this client speaks ({})",
             info.scheme,
             psi_pir::shape::SCHEME
-        );
+        )));
     }
     let narrow = |v: u32, what: &str| -> Result<u8> {
-        u8::try_from(v).map_err(|_| anyhow!("the server's PIR {what} {v} is out of range"))
+        u8::try_from(v)
+            .map_err(|_| Error::Invalid(format!("the server's PIR {what} {v} is out of range")))
     };
     let shape = Shape {
         nu1: narrow(info.nu1, "nu1")?,
         nu2: narrow(info.nu2, "nu2")?,
         instances: u16::try_from(info.instances).map_err(|_| {
-            anyhow!(
+            Error::Invalid(format!(
                 "the server's PIR instances {} is out of range",
                 info.instances
-            )
+            ))
         })?,
         bucket_shift: narrow(info.bucket_shift, "bucket_shift")?,
     };
-    shape.validate()?;
+    shape
+        .validate()
+        .map_err(|e| Error::invalid("the server's PIR shape", e))?;
     for (what, said, is) in [
         ("query", info.query_bytes, shape.query_bytes()),
         ("answer", info.answer_bytes, shape.answer_bytes()),
         ("public parameters", info.keys_bytes, shape.keys_bytes()),
     ] {
         if said != is as u64 {
-            bail!("the server says a PIR {what} is {said} bytes; its shape makes it {is}");
+            return Err(Error::Invalid(format!(
+                "the server says a PIR {what} is {said} bytes; its shape makes it {is}"
+            )));
         }
     }
     Ok(shape)
@@ -87,7 +87,7 @@ impl PirState {
         h.update([shape.nu1, shape.nu2]);
         let mut seed = Zeroizing::new([0u8; 32]);
         seed.copy_from_slice(&h.finalize());
-        let client = Arc::new(PirClient::new(shape, &seed)?);
+        let client = Arc::new(new_client(shape, &seed)?);
         let id_path = cache_dir.join(format!(
             "pir-{server_key}-e{epoch}-{}x{}.id",
             shape.nu1, shape.nu2
@@ -107,7 +107,7 @@ impl PirState {
     pub fn public_parameters_task(&self) -> impl FnOnce() -> Result<Vec<u8>> + Send + 'static {
         let shape = self.client.shape();
         let seed = self.seed.clone();
-        move || Ok(PirClient::new(shape, &seed)?.public_parameters())
+        move || Ok(new_client(shape, &seed)?.public_parameters())
     }
 
     /// Records the id the server gave the public parameters.
@@ -115,39 +115,49 @@ impl PirState {
     /// # Errors
     /// The cache directory cannot be written.
     pub fn registered(&mut self, id: Vec<u8>) -> Result<()> {
-        psi_files::atomic::write_atomically(&self.id_path, &id, 0o600)?;
+        psi_files::atomic::write_atomically(&self.id_path, &id, 0o600)
+            .map_err(|e| Error::io(format!("writing {}", self.id_path.display()), e))?;
         self.keys_id = Some(id);
         Ok(())
     }
+}
+
+fn new_client(shape: Shape, seed: &[u8; 32]) -> Result<PirClient> {
+    PirClient::new(shape, seed).map_err(|e| Error::Internal(format!("making PIR keys: {e}")))
 }
 
 /// The 32-byte secret in `path`, made (mode 0600) if absent.
 fn master_seed(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
     match std::fs::read(path) {
         Ok(bytes) if bytes.len() == 32 => return Ok(Zeroizing::new(bytes)),
-        Ok(_) => bail!(
-            "{} is not a PIR seed (32 bytes); delete it to make a new one",
-            path.display()
-        ),
+        Ok(_) => {
+            return Err(Error::Cache(format!(
+                "{} is not a PIR seed (32 bytes); delete it to make a new one",
+                path.display()
+            )))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
     let mut seed = Zeroizing::new(vec![0u8; 32]);
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     {
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
+        std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(&seed)?;
-        f.sync_all()?;
+            .and_then(|mut f| {
+                f.write_all(&seed)?;
+                f.sync_all()
+            })
+            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
     }
     // Another process may have made one meanwhile: the first one stays.
     match std::fs::hard_link(&tmp, path) {
@@ -155,13 +165,17 @@ fn master_seed(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("creating {}", path.display()));
+            return Err(Error::io(format!("creating {}", path.display()), e));
         }
     }
     let _ = std::fs::remove_file(&tmp);
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     if bytes.len() != 32 {
-        bail!("{} is not a PIR seed (32 bytes)", path.display());
+        return Err(Error::Cache(format!(
+            "{} is not a PIR seed (32 bytes)",
+            path.display()
+        )));
     }
     Ok(Zeroizing::new(bytes))
 }

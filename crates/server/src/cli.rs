@@ -330,16 +330,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 )
             })
             .await??;
-            println!(
-                "partition {}/{}: {} rows of the slice, {} accepted, {} rejected; written to {} in {:.1} s",
-                slice.index,
-                slice.count,
-                r.counts.rows,
-                r.counts.accepted,
-                r.counts.rejected_total(),
-                r.path.display(),
-                r.elapsed.as_secs_f64()
-            );
+            print_part(&slice, &r);
             Ok(())
         }
         Command::Init {
@@ -382,37 +373,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 )
             })
             .await??;
-            println!(
-                "registry version {} (key epoch {}): {} added, {} already present, {} removed, {} not found; {} records; {:.1} s",
-                r.registry_version,
-                r.epoch,
-                r.added,
-                r.already_present,
-                r.removed,
-                r.not_found,
-                r.records,
-                r.elapsed.as_secs_f64()
-            );
-            print_rejected("add", &r.add, &r.report_path);
-            print_rejected("remove", &r.remove, &r.report_path);
+            print_update(&r);
             Ok(())
         }
         Command::Compact { data_dir } => {
             let r = tokio::task::spawn_blocking(move || registry::compact(&data_dir)).await??;
-            if r.updates_folded == 0 {
-                println!(
-                    "registry version {}: nothing to compact ({} records in the base)",
-                    r.registry_version, r.records
-                );
-            } else {
-                println!(
-                    "registry version {}: {} updates folded into a new base of {} records in {:.1} s",
-                    r.registry_version,
-                    r.updates_folded,
-                    r.records,
-                    r.elapsed.as_secs_f64()
-                );
-            }
+            print_compact(&r);
             Ok(())
         }
         Command::RotateKey {
@@ -424,15 +390,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 registry::rotate_key(&data_dir, grace_period, !no_progress)
             })
             .await??;
-            println!(
-                "key epoch {} -> {}: {} records re-encrypted as registry version {} in {:.1} s; the old key is destroyed after {}",
-                r.old_epoch,
-                r.epoch,
-                r.records,
-                r.registry_version,
-                r.elapsed.as_secs_f64(),
-                humantime::format_duration(r.old_key_destroyed_after)
-            );
+            print_rotation(&r);
             Ok(())
         }
         Command::Keygen { data_dir } => {
@@ -485,7 +443,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .run_until(crate::serving::serve::termination_signal())
                 .await
         }
-        Command::Ca(CaCommand::Init { dir, server_names }) => {
+        Command::Ca(command) => ca(command),
+        Command::Audit(command) => audit(command).await,
+    }
+}
+
+/// `psi-server ca ...`: the operator's certificate authority.
+fn ca(command: CaCommand) -> Result<()> {
+    match command {
+        CaCommand::Init { dir, server_names } => {
             crate::tools::ca::init(&dir, &server_names)?;
             println!(
                 "CA and server certificate for {} written to {}; serve with --tls-cert {} --tls-key {} --client-ca {}",
@@ -497,12 +463,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Ca(CaCommand::Issue {
+        CaCommand::Issue {
             dir,
             institution,
             out_dir,
             replace,
-        }) => {
+        } => {
             let out = out_dir.unwrap_or_else(|| dir.clone());
             let (cert, key) = crate::tools::ca::issue(&dir, &institution, &out, replace)?;
             println!(
@@ -513,11 +479,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Audit(AuditCommand::Prune {
+    }
+}
+
+/// `psi-server audit ...`: the audit trail's upkeep and exports.
+async fn audit(command: AuditCommand) -> Result<()> {
+    match command {
+        AuditCommand::Prune {
             db,
             before,
             retention_days,
-        }) => {
+        } => {
             let retention = std::time::Duration::from_secs(retention_days.saturating_mul(86_400));
             let n = blocking(move || {
                 crate::serving::audit::prune(&db, before, retention, std::time::SystemTime::now())
@@ -526,7 +498,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("removed {n} audit records; the remaining chain still verifies (psi-server audit verify)");
             Ok(())
         }
-        Command::Audit(AuditCommand::Verify { db }) => {
+        AuditCommand::Verify { db } => {
             let v = blocking(move || crate::serving::audit::verify(&db)).await?;
             println!(
                 "audit chain intact: {} records; head {} (keep this value outside the database to detect truncation)",
@@ -534,13 +506,13 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Audit(AuditCommand::Export {
+        AuditCommand::Export {
             db,
             institution,
             since,
             until,
             format,
-        }) => {
+        } => {
             let filter = crate::serving::audit::ExportFilter {
                 institution,
                 since,
@@ -574,6 +546,68 @@ pub fn generate(count: u64, seed: u64, out: &std::path::Path) -> Result<()> {
         .flush()?;
     eprintln!("wrote {count} synthetic people to {}", out.display());
     Ok(())
+}
+
+/// Prints a partition's encoding summary.
+fn print_part(slice: &crate::registry::encode::Slice, r: &crate::registry::partition::PartReport) {
+    println!(
+        "partition {}/{}: {} rows of the slice, {} accepted, {} rejected; written to {} in {:.1} s",
+        slice.index,
+        slice.count,
+        r.counts.rows,
+        r.counts.accepted,
+        r.counts.rejected_total(),
+        r.path.display(),
+        r.elapsed.as_secs_f64()
+    );
+}
+
+/// Prints an update's summary.
+fn print_update(r: &registry::UpdateReport) {
+    println!(
+        "registry version {} (key epoch {}): {} added, {} already present, {} removed, {} not found; {} records; {:.1} s",
+        r.registry_version,
+        r.epoch,
+        r.added,
+        r.already_present,
+        r.removed,
+        r.not_found,
+        r.records,
+        r.elapsed.as_secs_f64()
+    );
+    print_rejected("add", &r.add, &r.report_path);
+    print_rejected("remove", &r.remove, &r.report_path);
+}
+
+/// Prints a compaction's summary.
+fn print_compact(r: &registry::CompactReport) {
+    if r.updates_folded == 0 {
+        println!(
+            "registry version {}: nothing to compact ({} records in the base)",
+            r.registry_version, r.records
+        );
+    } else {
+        println!(
+            "registry version {}: {} updates folded into a new base of {} records in {:.1} s",
+            r.registry_version,
+            r.updates_folded,
+            r.records,
+            r.elapsed.as_secs_f64()
+        );
+    }
+}
+
+/// Prints a key rotation's summary.
+fn print_rotation(r: &registry::RotateReport) {
+    println!(
+        "key epoch {} -> {}: {} records re-encrypted as registry version {} in {:.1} s; the old key is destroyed after {}",
+        r.old_epoch,
+        r.epoch,
+        r.records,
+        r.registry_version,
+        r.elapsed.as_secs_f64(),
+        humantime::format_duration(r.old_key_destroyed_after)
+    );
 }
 
 /// Prints an init summary.

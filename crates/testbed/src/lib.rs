@@ -15,6 +15,7 @@
     clippy::indexing_slicing
 )]
 
+pub mod fixture;
 pub mod raw_h2;
 
 use std::io::{Read, Write};

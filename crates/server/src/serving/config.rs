@@ -366,15 +366,11 @@ impl ServeArgs {
     /// data directory without a key or snapshot.
     pub fn resolve(self) -> Result<ServeConfig> {
         let file = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading config file {}", path.display()))?;
-                toml::from_str::<FileConfig>(&text)
-                    .with_context(|| format!("parsing config file {}", path.display()))?
-            }
+            Some(path) => FileConfig::read(path)?,
             None => FileConfig::default(),
         };
-        let defaults = Limits::default();
+        let limits = self.limits(&file);
+        check_limits(&limits)?;
         let data_dir = self
             .data_dir
             .or(file.data_dir)
@@ -386,80 +382,6 @@ impl ServeArgs {
         let listen: SocketAddr = listen_text.parse().with_context(|| {
             format!("listen address `{listen_text}` is not IP:PORT (e.g. 127.0.0.1:50051)")
         })?;
-        let limits = Limits {
-            max_batch: self
-                .max_batch
-                .or(file.max_batch)
-                .unwrap_or(defaults.max_batch),
-            max_bucket_batch: self
-                .max_bucket_batch
-                .or(file.max_bucket_batch)
-                .unwrap_or(defaults.max_bucket_batch),
-            max_message_bytes: self
-                .max_message_bytes
-                .or(file.max_message_bytes)
-                .unwrap_or(defaults.max_message_bytes),
-            max_concurrent_per_institution: self
-                .max_concurrent_per_institution
-                .or(file.max_concurrent_per_institution)
-                .unwrap_or(defaults.max_concurrent_per_institution),
-            pir_max_batch: self
-                .pir_max_batch
-                .or(file.pir_max_batch)
-                .unwrap_or(defaults.pir_max_batch),
-            pir_max_concurrent: self
-                .pir_max_concurrent
-                .or(file.pir_max_concurrent)
-                .unwrap_or(defaults.pir_max_concurrent),
-            pir_keys_cache_bytes: self
-                .pir_keys_cache_bytes
-                .or(file.pir_keys_cache_bytes)
-                .unwrap_or(defaults.pir_keys_cache_bytes),
-            pir_max_database_bytes: self
-                .pir_max_database_bytes
-                .or(file.pir_max_database_bytes)
-                .unwrap_or(defaults.pir_max_database_bytes),
-        };
-        if !(1..=64).contains(&limits.pir_max_batch) {
-            bail!(
-                "pir_max_batch must be between 1 and 64, got {}",
-                limits.pir_max_batch
-            );
-        }
-        if limits.pir_max_concurrent == 0 {
-            bail!("pir_max_concurrent must be at least 1");
-        }
-        // One institution's parameters (24-31 MB in memory) must fit.
-        if limits.pir_keys_cache_bytes < 64 << 20 {
-            bail!(
-                "pir_keys_cache_bytes must be at least 67108864 (64 MiB), got {}",
-                limits.pir_keys_cache_bytes
-            );
-        }
-        if limits.max_concurrent_per_institution == 0 {
-            bail!("max_concurrent_per_institution must be at least 1");
-        }
-        if !(1..=psi_core::proof::MAX_PROOF_BATCH).contains(&limits.max_batch) {
-            bail!(
-                "max_batch must be between 1 and 65536, got {}",
-                limits.max_batch
-            );
-        }
-        if !(1..=1024).contains(&limits.max_bucket_batch) {
-            bail!(
-                "max_bucket_batch must be between 1 and 1024, got {}",
-                limits.max_bucket_batch
-            );
-        }
-        let needed = limits.max_batch * 32 + 1024;
-        if limits.max_message_bytes < needed.max(1 << 20) {
-            bail!(
-                "max_message_bytes {} is too small: at least {} for max_batch {} (and 1 MiB)",
-                limits.max_message_bytes,
-                needed.max(1 << 20),
-                limits.max_batch
-            );
-        }
         let timeout = self
             .request_timeout_secs
             .or(file.request_timeout_secs)
@@ -487,21 +409,11 @@ impl ServeArgs {
                 );
             }
         }
-        let read =
-            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        let tls = match (
+        let tls = tls_files(
             self.tls_cert.or(file.tls_cert),
             self.tls_key.or(file.tls_key),
             self.client_ca.or(file.client_ca),
-        ) {
-            (Some(cert), Some(key), Some(ca)) => Some(TlsFiles {
-                cert: read(&cert)?,
-                key: read(&key)?,
-                client_ca: read(&ca)?,
-            }),
-            (None, None, None) => None,
-            _ => bail!("TLS needs all three of --tls-cert, --tls-key and --client-ca (see `psi-server ca init`)"),
-        };
+        )?;
         if tls.is_none() && !listen.ip().is_loopback() && !self.insecure_plaintext_non_loopback {
             bail!(
                 "refusing to serve plaintext on {listen}, which is not a loopback address: institutions would be unauthenticated. Pass --tls-cert, --tls-key and --client-ca (see `psi-server ca init`), or --insecure-plaintext-non-loopback for a test network"
@@ -541,6 +453,117 @@ impl ServeArgs {
             policy,
             admin_listen,
         })
+    }
+
+    /// The limits: each from the flag (or environment), else the file, else the default.
+    fn limits(&self, file: &FileConfig) -> Limits {
+        let defaults = Limits::default();
+        Limits {
+            max_batch: self
+                .max_batch
+                .or(file.max_batch)
+                .unwrap_or(defaults.max_batch),
+            max_bucket_batch: self
+                .max_bucket_batch
+                .or(file.max_bucket_batch)
+                .unwrap_or(defaults.max_bucket_batch),
+            max_message_bytes: self
+                .max_message_bytes
+                .or(file.max_message_bytes)
+                .unwrap_or(defaults.max_message_bytes),
+            max_concurrent_per_institution: self
+                .max_concurrent_per_institution
+                .or(file.max_concurrent_per_institution)
+                .unwrap_or(defaults.max_concurrent_per_institution),
+            pir_max_batch: self
+                .pir_max_batch
+                .or(file.pir_max_batch)
+                .unwrap_or(defaults.pir_max_batch),
+            pir_max_concurrent: self
+                .pir_max_concurrent
+                .or(file.pir_max_concurrent)
+                .unwrap_or(defaults.pir_max_concurrent),
+            pir_keys_cache_bytes: self
+                .pir_keys_cache_bytes
+                .or(file.pir_keys_cache_bytes)
+                .unwrap_or(defaults.pir_keys_cache_bytes),
+            pir_max_database_bytes: self
+                .pir_max_database_bytes
+                .or(file.pir_max_database_bytes)
+                .unwrap_or(defaults.pir_max_database_bytes),
+        }
+    }
+}
+
+/// Checks that `limits` are within their bounds.
+fn check_limits(limits: &Limits) -> Result<()> {
+    if !(1..=64).contains(&limits.pir_max_batch) {
+        bail!(
+            "pir_max_batch must be between 1 and 64, got {}",
+            limits.pir_max_batch
+        );
+    }
+    if limits.pir_max_concurrent == 0 {
+        bail!("pir_max_concurrent must be at least 1");
+    }
+    // One institution's parameters (24-31 MB in memory) must fit.
+    if limits.pir_keys_cache_bytes < 64 << 20 {
+        bail!(
+            "pir_keys_cache_bytes must be at least 67108864 (64 MiB), got {}",
+            limits.pir_keys_cache_bytes
+        );
+    }
+    if limits.max_concurrent_per_institution == 0 {
+        bail!("max_concurrent_per_institution must be at least 1");
+    }
+    if !(1..=psi_core::proof::MAX_PROOF_BATCH).contains(&limits.max_batch) {
+        bail!(
+            "max_batch must be between 1 and 65536, got {}",
+            limits.max_batch
+        );
+    }
+    if !(1..=1024).contains(&limits.max_bucket_batch) {
+        bail!(
+            "max_bucket_batch must be between 1 and 1024, got {}",
+            limits.max_bucket_batch
+        );
+    }
+    let needed = limits.max_batch * 32 + 1024;
+    if limits.max_message_bytes < needed.max(1 << 20) {
+        bail!(
+            "max_message_bytes {} is too small: at least {} for max_batch {} (and 1 MiB)",
+            limits.max_message_bytes,
+            needed.max(1 << 20),
+            limits.max_batch
+        );
+    }
+    Ok(())
+}
+
+/// Reads the TLS files: all three, or none (plaintext).
+fn tls_files(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> Result<Option<TlsFiles>> {
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    Ok(match (cert, key, ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(TlsFiles {
+            cert: read(&cert)?,
+            key: read(&key)?,
+            client_ca: read(&ca)?,
+        }),
+        (None, None, None) => None,
+        _ => bail!("TLS needs all three of --tls-cert, --tls-key and --client-ca (see `psi-server ca init`)"),
+    })
+}
+
+impl FileConfig {
+    /// Reads and parses the configuration file at `path`.
+    fn read(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
     }
 }
 

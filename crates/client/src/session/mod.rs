@@ -1,0 +1,409 @@
+//! A verified session with one server: its pinned public key and epoch, and
+//! the exchanges (evaluate, bucket and PIR queries in [`query`](self), the
+//! tag-set sync and its cache in `sync`). Every response is checked against
+//! the pinned epoch and every evaluation's proof is verified; a failure is
+//! an error, never a "no match".
+
+mod query;
+mod sync;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use psi_core::rotation::KeyStep;
+use psi_core::suite::SUITE_ID;
+use psi_core::{Blinding, Client, Mode, PublicKey, TagSet};
+use psi_proto::v1::match_client::MatchClient;
+use psi_proto::v1::{GetServerInfoRequest, ServerInfo};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+use crate::error::{is_transport, Error, Result};
+use crate::pin::{self, Pinned};
+
+use psi_proto::{PURPOSE_HEADER, RETRY_AFTER_MS};
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Server URL, e.g. `http://127.0.0.1:50051`.
+    pub server: String,
+    /// The server's public key in hex, if known out of band.
+    pub pin_key: Option<String>,
+    /// Where the known-servers file and tag-set caches live.
+    pub cache_dir: PathBuf,
+    /// Blinding path (both give the same answers).
+    pub blinding: Blinding,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Mutual TLS (an `https://` server URL).
+    pub tls: Option<ClientTls>,
+    /// The declared purpose of the queries (a code the operator allows, e.g.
+    /// `kyc-onboarding`), sent with every request and kept in the server's audit trail.
+    pub purpose: String,
+}
+
+/// PEM contents for mutual TLS.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// The operator's CA certificate.
+    pub ca: Vec<u8>,
+    /// The institution's certificate.
+    pub cert: Vec<u8>,
+    /// The institution's private key.
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTls(..)")
+    }
+}
+
+/// A connected, pinned session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    grpc: MatchClient<Channel>,
+    info: ServerInfo,
+    core: Arc<Client>,
+    options: ConnectOptions,
+    /// How the key was pinned.
+    pub pinned: Pinned,
+    /// PIR mode's state, made on first use.
+    pir: Arc<tokio::sync::Mutex<Option<crate::pir::PirState>>>,
+}
+
+/// The result of a sync.
+#[derive(Debug)]
+pub struct SyncOutcome {
+    /// The verified tag set.
+    pub set: TagSet,
+    /// Shards downloaded (the others came from the cache).
+    pub shards_fetched: usize,
+    /// Shards in the set.
+    pub shards_total: usize,
+    /// Bytes received (manifest, delta and shard data).
+    pub bytes_fetched: u64,
+    /// Whether the server sent the delta since the cached version.
+    pub delta_applied: bool,
+}
+
+/// The longest server-requested wait the client sits out by itself; a longer
+/// one (a daily cap) is an error saying when to come back.
+pub const MAX_QUOTA_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// How long the client keeps retrying an unavailable server (a restart, a
+/// load balancer moving it) before giving up.
+pub const MAX_UNAVAILABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs an RPC and sends the same request again when the server asks to wait
+/// (`RESOURCE_EXHAUSTED` with `retry-after-ms`, up to [`MAX_QUOTA_WAIT`]) or is
+/// unavailable (backing off, up to [`MAX_UNAVAILABLE_WAIT`] in all). The
+/// caller's rows wait for the answer, so none is lost or answered twice.
+async fn with_retry<T, F, Fut>(what: &str, mut call: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut unavailable_for = std::time::Duration::ZERO;
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        match call().await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                let wait = status
+                    .metadata()
+                    .get(RETRY_AFTER_MS)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(std::time::Duration::from_millis);
+                match wait {
+                    Some(wait) if wait <= MAX_QUOTA_WAIT => {
+                        tracing::warn!(
+                            "{what}: {}; waiting {:.1} s, then resuming",
+                            status.message(),
+                            wait.as_secs_f64()
+                        );
+                        tokio::time::sleep(wait).await;
+                    }
+                    _ => return Err(Error::from_status(&status, what)),
+                }
+            }
+            Err(status)
+                if status.code() == Code::Unavailable && unavailable_for < MAX_UNAVAILABLE_WAIT =>
+            {
+                tracing::warn!(
+                    "{what}: server unavailable ({}); retrying in {:.1} s",
+                    status.message(),
+                    backoff.as_secs_f64()
+                );
+                tokio::time::sleep(backoff).await;
+                unavailable_for += backoff;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(status) => return Err(Error::from_status(&status, what)),
+        }
+    }
+}
+
+impl Session {
+    /// A request carrying the declared purpose.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Ok(value) = self.options.purpose.parse() {
+            request.metadata_mut().insert(PURPOSE_HEADER, value);
+        }
+        request
+    }
+
+    /// Connects, reads `ServerInfo`, checks the ciphersuite and pins the key and epoch.
+    ///
+    /// # Errors
+    /// Unreachable server, unsupported ciphersuite, or a key that differs from the pin.
+    pub async fn connect(options: ConnectOptions) -> Result<Self> {
+        let mut endpoint = Endpoint::from_shared(options.server.clone()).map_err(|_| {
+            Error::Options(format!(
+                "`{}` is not a server URL (e.g. http://127.0.0.1:50051)",
+                options.server
+            ))
+        })?;
+        if let Some(tls) = &options.tls {
+            endpoint = endpoint
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca))
+                        .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key)),
+                )
+                .map_err(|e| Error::Options(format!("configuring TLS: {e}")))?;
+        }
+        let channel = endpoint
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| Error::connecting(&options.server, &e))?;
+        let mut grpc = MatchClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        // A replica behind a key rotation presents an older epoch than the
+        // pin: ask again (through a balancer, another replica may answer)
+        // until one presents the pinned epoch or later.
+        let mut waited = std::time::Duration::ZERO;
+        let mut backoff = std::time::Duration::from_millis(100);
+        let (info, pk, pinned) = loop {
+            match Self::read_and_pin(&mut grpc, &options).await {
+                Err(e @ Error::OlderThanPinned(_)) if waited < MAX_UNAVAILABLE_WAIT => {
+                    tracing::warn!("{e}; asking again in {:.1} s", backoff.as_secs_f64());
+                    tokio::time::sleep(backoff).await;
+                    waited += backoff;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                }
+                read => break read?,
+            }
+        };
+        let core = Arc::new(Client::new(Mode::Voprf, pk));
+        Ok(Self {
+            grpc,
+            info,
+            core,
+            options,
+            pinned,
+            pir: Arc::default(),
+        })
+    }
+
+    /// Reads `ServerInfo`, checks the ciphersuite and pins the key and epoch.
+    async fn read_and_pin(
+        grpc: &mut MatchClient<Channel>,
+        options: &ConnectOptions,
+    ) -> Result<(ServerInfo, PublicKey, Pinned)> {
+        let info = match Self::server_info(grpc).await {
+            Ok(info) => info,
+            Err(s) => {
+                return Err(
+                    match Error::from_status(&s, "reading the server's parameters") {
+                        // Plaintext HTTP/2 to a TLS port: the server's TLS
+                        // alert reads as an HTTP/2 protocol error.
+                        Error::Transport { what, message } if options.tls.is_none() => {
+                            Error::Transport {
+                                what: format!(
+                                    "{} did not speak plaintext HTTP/2; if it requires TLS, use an https:// URL with --tls-ca, --tls-cert and --tls-key; {what}",
+                                    options.server
+                                ),
+                                message,
+                            }
+                        }
+                        e => e,
+                    },
+                );
+            }
+        };
+        if info.ciphersuite != SUITE_ID || info.oprf_mode != 1 {
+            return Err(Error::Unsupported(format!(
+                "the server speaks {} mode {}, this client only {SUITE_ID} VOPRF (mode 1)",
+                info.ciphersuite, info.oprf_mode
+            )));
+        }
+        let pk = PublicKey::from_bytes(&info.public_key).map_err(|e| {
+            Error::invalid(
+                "the server's public key is not a valid ristretto255 element",
+                e,
+            )
+        })?;
+        let history = info
+            .key_history
+            .iter()
+            .map(|s| {
+                Ok(KeyStep {
+                    epoch: s.epoch,
+                    public_key: PublicKey::from_bytes(&s.public_key).map_err(|e| {
+                        Error::invalid("the server's key history holds an invalid key", e)
+                    })?,
+                    endorsement: s.endorsement.as_slice().try_into().map_err(|_| {
+                        Error::Invalid(
+                            "the server's key history holds a malformed endorsement".into(),
+                        )
+                    })?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pinned = pin::check(
+            &options.server,
+            &pk,
+            info.key_epoch,
+            &history,
+            options.pin_key.as_deref(),
+            &options.cache_dir,
+        )?;
+        if let Pinned::Rotated { from_epoch } = pinned {
+            tracing::warn!(
+                "{}: key rotated from epoch {from_epoch} to {}; the new key is endorsed by the pinned one and is now pinned",
+                options.server,
+                info.key_epoch
+            );
+        }
+        Ok((info, pk, pinned))
+    }
+
+    /// `GetServerInfo`, waiting (up to [`MAX_UNAVAILABLE_WAIT`]) while the
+    /// server says it is unavailable: it is up but still loading its
+    /// snapshot, as after a restart. A connection that fails is not waited for.
+    async fn server_info(grpc: &mut MatchClient<Channel>) -> Result<ServerInfo, tonic::Status> {
+        let mut waited = std::time::Duration::ZERO;
+        let mut backoff = std::time::Duration::from_millis(50);
+        loop {
+            match grpc.get_server_info(GetServerInfoRequest {}).await {
+                Err(s)
+                    if s.code() == Code::Unavailable
+                        && !is_transport(&s)
+                        && waited < MAX_UNAVAILABLE_WAIT =>
+                {
+                    if waited.is_zero() {
+                        tracing::warn!(
+                            "the server is unavailable ({}); waiting for it",
+                            s.message()
+                        );
+                    }
+                    tokio::time::sleep(backoff).await;
+                    waited += backoff;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                }
+                answered => return answered.map(tonic::Response::into_inner),
+            }
+        }
+    }
+
+    /// Connects, waiting up to `patience` for a server that is still
+    /// starting (not yet listening, or `UNAVAILABLE` while its snapshot loads).
+    ///
+    /// # Errors
+    /// As [`Session::connect`], or the last error once `patience` has passed.
+    pub async fn connect_when_ready(
+        options: ConnectOptions,
+        patience: std::time::Duration,
+    ) -> Result<Self> {
+        let started = std::time::Instant::now();
+        loop {
+            match Self::connect(options.clone()).await {
+                Ok(session) => return Ok(session),
+                Err(e) if e.is_not_reached() && started.elapsed() < patience => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A new session with the same options: after a key rotation, it reads
+    /// the new key and epoch and follows the endorsed history from the pin.
+    ///
+    /// # Errors
+    /// As [`Session::connect`].
+    pub async fn reconnect(&self) -> Result<Self> {
+        Self::connect(self.options.clone()).await
+    }
+
+    /// After the server refused this session's key epoch as stale: a new
+    /// session at a newer epoch. Behind a load balancer a replica that has
+    /// not loaded the rotation yet may still advertise the old epoch; this
+    /// asks again, backing off, until a replica advertises a newer one (up to
+    /// [`MAX_UNAVAILABLE_WAIT`], as for an unavailable server).
+    ///
+    /// # Errors
+    /// As [`Session::connect`], or no newer epoch advertised in time.
+    pub async fn follow_rotation(&self) -> Result<Self> {
+        let mut waited = std::time::Duration::ZERO;
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            let next = self.reconnect().await?;
+            if next.info.key_epoch > self.info.key_epoch {
+                return Ok(next);
+            }
+            if waited >= MAX_UNAVAILABLE_WAIT {
+                return Err(Error::Unavailable {
+                    what: "following the key rotation".into(),
+                    message: format!(
+                        "key epoch {} was refused as stale but is still advertised after {} s",
+                        self.info.key_epoch,
+                        waited.as_secs()
+                    ),
+                });
+            }
+            tracing::warn!(
+                "key epoch {} refused as stale, still advertised (a replica behind the rotation); asking again in {:.1} s",
+                self.info.key_epoch,
+                backoff.as_secs_f64()
+            );
+            tokio::time::sleep(backoff).await;
+            waited += backoff;
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
+
+    /// The server's parameters as read at connection.
+    #[must_use]
+    pub fn info(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    /// The first 16 hex digits of the server's key: names its cache files.
+    fn server_key_prefix(&self) -> String {
+        psi_core::PublicKey::from_bytes(&self.info.public_key)
+            .map(|k| k.to_hex())
+            .unwrap_or_default()
+            .chars()
+            .take(16)
+            .collect()
+    }
+}
+
+/// Runs CPU-heavy work on the rayon pool and awaits it.
+pub(crate) async fn on_cpu<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    rayon::spawn(move || {
+        let _ = tx.send(work());
+    });
+    rx.await
+        .map_err(|_| Error::Internal("a worker thread failed".into()))
+}

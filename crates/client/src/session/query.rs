@@ -1,0 +1,305 @@
+//! The exchanges that answer records: evaluation (sync mode's tags), bucket
+//! queries and PIR queries, each verified before anything is concluded.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+
+use psi_core::{BlindState, BlindedElement, Output, Proof, Record};
+use psi_proto::v1::{BucketQueryRequest, EvaluateRequest, PirQueryRequest, PirSetupRequest};
+use psi_proto::{pack, unpack_evaluated, unpack_tags};
+use rand_core::OsRng;
+
+use super::{on_cpu, with_retry, Session};
+use crate::error::{Error, Result};
+
+impl Session {
+    /// PRF outputs for encoded records, in order: blinded, sent in chunks of
+    /// the server's `max_batch` with several in flight, proofs verified.
+    ///
+    /// # Errors
+    /// RPC failures, a stale epoch, or a proof that does not verify.
+    pub async fn evaluate(&self, inputs: Vec<Vec<u8>>) -> Result<Vec<Output>> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let max = (self.info.max_batch as usize).clamp(1, psi_core::proof::MAX_PROOF_BATCH);
+        let mut chunks = Vec::new();
+        let mut rest = inputs;
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(max));
+            chunks.push(rest);
+            rest = tail;
+        }
+        let results: Vec<Vec<Output>> = futures::stream::iter(chunks)
+            .map(|chunk| self.evaluate_chunk(chunk))
+            .buffered(self.options.concurrency.max(1))
+            .try_collect()
+            .await?;
+        Ok(results.into_iter().flatten().collect())
+    }
+
+    async fn evaluate_chunk(&self, inputs: Vec<Vec<u8>>) -> Result<Vec<Output>> {
+        let (inputs, state, blinded) = self.blind(inputs).await?;
+        let message = EvaluateRequest {
+            key_epoch: self.info.key_epoch,
+            blinded_elements: pack(blinded.iter().map(|b| &b.0)),
+        };
+        let response = with_retry("evaluating", || {
+            let mut grpc = self.grpc.clone();
+            let request = self.request(message.clone());
+            async move { grpc.evaluate(request).await }
+        })
+        .await?;
+        self.finalize(
+            state,
+            inputs,
+            response.key_epoch,
+            &response.evaluated_elements,
+            &response.proof,
+        )
+        .await
+    }
+
+    /// Blinds `inputs` on the rayon pool; returns them with the state and the blinded elements.
+    async fn blind(
+        &self,
+        inputs: Vec<Vec<u8>>,
+    ) -> Result<(Vec<Vec<u8>>, BlindState, Vec<BlindedElement>)> {
+        let core = Arc::clone(&self.core);
+        let blinding = self.options.blinding;
+        let (inputs, state, blinded) = on_cpu(move || {
+            let (state, blinded) = core
+                .blind(&inputs, blinding, &mut OsRng)
+                .map_err(|e| Error::Internal(format!("blinding: {e}")))?;
+            Ok::<_, Error>((inputs, state, blinded))
+        })
+        .await??;
+        Ok((inputs, state, blinded))
+    }
+
+    /// Checks an answer's epoch, verifies its proof and unblinds, on the rayon pool.
+    async fn finalize(
+        &self,
+        state: BlindState,
+        inputs: Vec<Vec<u8>>,
+        epoch: u64,
+        evaluated: &[u8],
+        proof: &[u8],
+    ) -> Result<Vec<Output>> {
+        self.check_epoch(epoch)?;
+        let evaluated = unpack_evaluated(evaluated)
+            .map_err(|e| Error::invalid("the server's evaluated elements", e))?;
+        let proof =
+            Proof::from_bytes(proof).map_err(|e| Error::invalid("the server's proof", e))?;
+        let core = Arc::clone(&self.core);
+        on_cpu(move || core.finalize(state, &inputs, &evaluated, &proof))
+            .await?
+            .map_err(|e| Error::invalid("verifying the server's evaluation", e))
+    }
+
+    pub(super) fn check_epoch(&self, epoch: u64) -> Result<()> {
+        if epoch != self.info.key_epoch {
+            return Err(Error::Invalid(format!(
+                "the server answered under key epoch {epoch}, not the pinned epoch {}; refusing the answer",
+                self.info.key_epoch
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bucket mode: whether each record is in the registry, without a download.
+    ///
+    /// # Errors
+    /// As [`Session::evaluate`].
+    pub async fn bucket_check(&self, records: &[Record]) -> Result<Vec<bool>> {
+        let p = u8::try_from(self.info.bucket_prefix_bits).unwrap_or(32);
+        let max = (self.info.max_bucket_batch as usize).max(1);
+        let mut answers = Vec::with_capacity(records.len());
+        for chunk in records.chunks(max) {
+            let inputs: Vec<Vec<u8>> = chunk.iter().map(Record::encode).collect();
+            let buckets: Vec<u32> = chunk.iter().map(|r| r.bucket(p)).collect();
+            let (inputs, state, blinded) = self.blind(inputs).await?;
+            let message = BucketQueryRequest {
+                key_epoch: self.info.key_epoch,
+                blinded_elements: pack(blinded.iter().map(|b| &b.0)),
+                buckets: buckets.clone(),
+            };
+            let response = with_retry("querying buckets", || {
+                let mut grpc = self.grpc.clone();
+                let request = self.request(message.clone());
+                async move { grpc.bucket_query(request).await }
+            })
+            .await?;
+            let outputs = self
+                .finalize(
+                    state,
+                    inputs,
+                    response.key_epoch,
+                    &response.evaluated_elements,
+                    &response.proof,
+                )
+                .await?;
+            let mut tags_by_bucket = HashMap::new();
+            for b in response.buckets {
+                let tags =
+                    unpack_tags(&b.tags).map_err(|e| Error::invalid("the server's bucket", e))?;
+                tags_by_bucket.insert(b.id, tags);
+            }
+            for (out, bucket) in outputs.iter().zip(&buckets) {
+                let tags = tags_by_bucket.get(bucket).ok_or_else(|| {
+                    Error::Invalid(format!("the server left out bucket {bucket}"))
+                })?;
+                answers.push(tags.binary_search(&out.tag().0).is_ok());
+            }
+        }
+        Ok(answers)
+    }
+
+    /// PIR mode: whether each record is in the registry; the server learns
+    /// neither the records nor their buckets. The first check under a key
+    /// epoch registers this client's public parameters (6-7.9 MB, once);
+    /// each record then costs one query (16 KiB) and one answer (20 KiB per
+    /// 8 KiB instance). An answer that fails its integrity check is an
+    /// error, never a "no match".
+    ///
+    /// # Errors
+    /// A server without PIR mode, RPC failures, a stale epoch, a proof or
+    /// an answer that does not verify.
+    pub async fn pir_check(&self, records: &[Record]) -> Result<Vec<bool>> {
+        let info = self
+            .info
+            .pir
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported(format!("the server does not offer PIR mode (ServerInfo lists {:?}); use --mode bucket or sync", self.info.modes)))?;
+        let shape = crate::pir::shape_of(info)?;
+        let max = (info.max_batch as usize).max(1);
+        let p = u8::try_from(self.info.bucket_prefix_bits).unwrap_or(32);
+        let mut state = self.pir.lock().await;
+        if state
+            .as_ref()
+            .is_none_or(|s| s.client.shape() != shape || s.epoch != self.info.key_epoch)
+        {
+            let dir = self.options.cache_dir.clone();
+            let key = self.server_key_prefix();
+            let epoch = self.info.key_epoch;
+            *state =
+                Some(on_cpu(move || crate::pir::PirState::open(&dir, &key, epoch, shape)).await??);
+        }
+        let state = state
+            .as_mut()
+            .ok_or_else(|| Error::Internal("PIR state missing".into()))?;
+        let mut answers = Vec::with_capacity(records.len());
+        for chunk in records.chunks(max) {
+            let inputs: Vec<Vec<u8>> = chunk.iter().map(Record::encode).collect();
+            let buckets: Vec<u32> = chunk.iter().map(|r| r.bucket(p)).collect();
+            let client = Arc::clone(&state.client);
+            let asked = buckets.clone();
+            let queries = on_cpu(move || {
+                asked
+                    .iter()
+                    .map(|&b| client.query(b))
+                    .collect::<psi_pir::Result<Vec<_>>>()
+            })
+            .await?
+            .map_err(|e| Error::Internal(format!("making a PIR query: {e}")))?;
+            let (inputs, blind_state, blinded) = self.blind(inputs).await?;
+            let mut message = PirQueryRequest {
+                key_epoch: self.info.key_epoch,
+                keys_id: Vec::new(),
+                blinded_elements: pack(blinded.iter().map(|b| &b.0)),
+                queries,
+            };
+            let mut setups = 0;
+            let response = loop {
+                let Some(id) = state.keys_id.clone() else {
+                    self.pir_setup(state, shape).await?;
+                    setups += 1;
+                    continue;
+                };
+                message.keys_id = id;
+                let sent = with_retry("PIR query", || {
+                    let mut grpc = self.grpc.clone();
+                    let request = self.request(message.clone());
+                    async move { grpc.pir_query(request).await }
+                })
+                .await;
+                match sent {
+                    Err(Error::PirKeysUnknown { .. }) if setups < 2 => {
+                        tracing::info!("the server no longer holds this client's PIR parameters; sending them again");
+                        state.keys_id = None;
+                    }
+                    other => break other?,
+                }
+            };
+            let outputs = self
+                .finalize(
+                    blind_state,
+                    inputs,
+                    response.key_epoch,
+                    &response.evaluated_elements,
+                    &response.proof,
+                )
+                .await?;
+            if response.answers.len() != buckets.len() {
+                return Err(Error::Invalid(format!(
+                    "the server sent {} PIR answers for {} queries",
+                    response.answers.len(),
+                    buckets.len()
+                )));
+            }
+            let client = Arc::clone(&state.client);
+            let epoch = response.key_epoch;
+            let tags: Vec<u64> = outputs.iter().map(|o| o.tag().0).collect();
+            let found = on_cpu(move || {
+                buckets
+                    .iter()
+                    .zip(&response.answers)
+                    .zip(&tags)
+                    .map(|((&b, answer), &tag)| {
+                        let fps = client.decode(b, epoch, answer)?;
+                        Ok(client.contains(&fps, tag))
+                    })
+                    .collect::<psi_pir::Result<Vec<bool>>>()
+            })
+            .await?
+            .map_err(|e| {
+                Error::invalid(
+                    "reading the server's PIR answer (nothing is concluded from it)",
+                    e,
+                )
+            })?;
+            answers.extend(found);
+        }
+        Ok(answers)
+    }
+
+    /// Registers this client's public parameters with the server.
+    async fn pir_setup(
+        &self,
+        state: &mut crate::pir::PirState,
+        shape: psi_pir::Shape,
+    ) -> Result<()> {
+        let started = std::time::Instant::now();
+        let pp = on_cpu(state.public_parameters_task()).await??;
+        let message = PirSetupRequest {
+            key_epoch: self.info.key_epoch,
+            nu1: shape.nu1.into(),
+            nu2: shape.nu2.into(),
+            public_parameters: pp,
+        };
+        let response = with_retry("registering PIR public parameters", || {
+            let mut grpc = self.grpc.clone();
+            let request = self.request(message.clone());
+            async move { grpc.pir_setup(request).await }
+        })
+        .await?;
+        tracing::info!(
+            bytes = message.public_parameters.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "PIR public parameters registered"
+        );
+        state.registered(response.keys_id)
+    }
+}

@@ -1,0 +1,263 @@
+//! The registry changing under clients: live updates synced as deltas, a
+//! batch during updates, a key rotation, tag parameters outgrown.
+
+use super::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_are_published_live_and_synced_as_deltas() {
+    let f = fixture(3000).await;
+    let cache = f.root.join("cache");
+    let session = connect(&f.url, &cache, None).await.unwrap();
+    let full = session.sync().await.unwrap();
+    let (new_name, new_id) = newcomer();
+    let pairs = [
+        ("张伟", "11010519491231002X"),
+        (new_name.as_str(), new_id.as_str()),
+    ];
+    for mode in [QueryMode::Sync, QueryMode::Bucket, QueryMode::Pir] {
+        assert_eq!(
+            answers(&session, &pairs, mode).await,
+            [CheckOutcome::Match, CheckOutcome::NoMatch]
+        );
+    }
+
+    // Add the newcomer, remove 张伟, plus a row already present, one not
+    // registered and one invalid.
+    let add = f.root.join("add.csv");
+    let remove = f.root.join("remove.csv");
+    write_pairs(
+        &add,
+        &[pairs[1], ("赵敏", "610104196209276908"), ("Zhang", "x")],
+    );
+    let stranger = Generator::new(999, psi_core::CivilDate::today())
+        .unwrap()
+        .next()
+        .unwrap();
+    write_pairs(&remove, &[pairs[0], (&stranger.name, &stranger.id)]);
+    let r = registry::update_guarded(
+        Some(&Source::csv(&add)),
+        Some(&Source::csv(&remove)),
+        &f.data_dir,
+        false,
+        &LENIENT,
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            r.added,
+            r.already_present,
+            r.removed,
+            r.not_found,
+            r.registry_version
+        ),
+        (1, 1, 1, 1, 2)
+    );
+    assert_eq!(r.add.rejected_total(), 1);
+    let report = std::fs::read_to_string(&r.report_path).unwrap();
+    assert!(
+        report.starts_with("source,row,field,reason\nadd,4,name,"),
+        "{report}"
+    );
+
+    // The running server publishes version 2 by itself: every mode sees it
+    // (PIR mode's database patched, the client's parameters still held).
+    let session = reconnect_at(&session, 2).await;
+    for mode in [QueryMode::Bucket, QueryMode::Pir] {
+        assert_eq!(
+            answers(&session, &pairs, mode).await,
+            [CheckOutcome::NoMatch, CheckOutcome::Match],
+            "{mode:?}"
+        );
+    }
+    let synced = session.sync().await.unwrap();
+    assert!(synced.delta_applied);
+    assert_eq!(synced.set.header().registry_version, 2);
+    assert_eq!(synced.shards_fetched, 0);
+    assert!(
+        synced.bytes_fetched * 20 < full.bytes_fetched,
+        "{} bytes for the delta, {} for the whole set",
+        synced.bytes_fetched,
+        full.bytes_fetched
+    );
+    // The delta came with the root digest alone, no shard digests: the
+    // manifest's header and root (< 64 bytes) and 8 bytes per change.
+    assert!(
+        synced.bytes_fetched < 64 + 2 * 8 + 16,
+        "{} bytes for a delta of 2 changes",
+        synced.bytes_fetched
+    );
+    // Synced again with nothing new: the root digest confirms the cache.
+    let again = session.sync().await.unwrap();
+    assert!(!again.delta_applied);
+    assert_eq!(again.set.root_digest(), synced.set.root_digest());
+    assert!(again.bytes_fetched < 64, "{} bytes", again.bytes_fetched);
+    assert_eq!(
+        answers(&session, &pairs, QueryMode::Sync).await,
+        [CheckOutcome::NoMatch, CheckOutcome::Match]
+    );
+    // A client two versions behind gets both deltas composed.
+    write_pairs(&add, &[pairs[0]]);
+    registry::update_guarded(Some(&Source::csv(&add)), None, &f.data_dir, false, &LENIENT).unwrap();
+    let session = reconnect_at(&session, 3).await;
+    let v3 = session.sync().await.unwrap();
+    assert!(v3.delta_applied);
+    assert!(v3.set.lookup().is_ok());
+    assert_eq!(
+        answers(&session, &pairs, QueryMode::Sync).await,
+        [CheckOutcome::Match, CheckOutcome::Match]
+    );
+    f.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_during_updates_answers_every_row_correctly() {
+    let f = fixture(2000).await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let input = f.root.join("queries.csv");
+    let expected = write_queries(&input, 40);
+    let data_dir = f.data_dir.clone();
+    let root = f.root.clone();
+    // Updates that touch none of the queried people, while the batch runs
+    // and re-syncs before every chunk (maximum age zero).
+    let updater = tokio::task::spawn_blocking(move || {
+        let people: Vec<_> = Generator::new(77, psi_core::CivilDate::today())
+            .unwrap()
+            .take(50)
+            .collect();
+        for (i, p) in people.iter().enumerate() {
+            let add = root.join(format!("add-{i}.csv"));
+            write_pairs(&add, &[(p.name.as_str(), p.id.as_str())]);
+            registry::update_guarded(Some(&Source::csv(&add)), None, &data_dir, false, &LENIENT)
+                .unwrap();
+        }
+    });
+    let summary = batch::run(
+        &session,
+        &BatchOptions {
+            input,
+            output: f.root.join("out.csv"),
+            mode: QueryMode::Sync,
+            chunk_rows: 32,
+            file: psi_client::batch::FileFormat::default(),
+            chunks_in_flight: 2,
+            progress: false,
+            resume: false,
+            max_cache_age: Duration::ZERO,
+            no_sync: false,
+        },
+    )
+    .await
+    .unwrap();
+    updater.await.unwrap();
+    let got: Vec<String> = read_output(&f.root.join("out.csv"))
+        .iter()
+        .map(|r| r.get(r.len() - 2).unwrap().to_string())
+        .collect();
+    assert_eq!(got, expected);
+    assert!(summary.registry_version >= summary.first_registry_version);
+    assert!(summary
+        .to_string()
+        .contains("answered against registry version"));
+    f.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotation_is_followed_by_checks_and_batches() {
+    let f = fixture(1500).await;
+    let cache = f.root.join("cache");
+    let session = connect(&f.url, &cache, None).await.unwrap();
+    session.sync().await.unwrap();
+    let old_key = session.info().public_key.clone();
+    // Rotate with no grace: the retired key is destroyed at the server's next sweep.
+    let r = registry::rotate_key(&f.data_dir, Duration::ZERO, false).unwrap();
+    assert_eq!((r.old_epoch, r.epoch), (1, 2));
+    let input = f.root.join("queries.csv");
+    let expected = write_queries(&input, 10);
+    for _ in 0..200 {
+        if session.reconnect().await.unwrap().info().key_epoch == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // The session still holds epoch 1: the server refuses it, the batch
+    // reconnects, follows the endorsement, re-syncs and answers correctly.
+    let summary = batch::run(
+        &session,
+        &options(&input, &f.root.join("out.csv"), QueryMode::Sync, 16),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.key_epoch, 2);
+    let got: Vec<String> = read_output(&f.root.join("out.csv"))
+        .iter()
+        .map(|r| r.get(r.len() - 2).unwrap().to_string())
+        .collect();
+    assert_eq!(got, expected);
+    // Single checks in both modes follow it too.
+    let pairs = [
+        ("张伟", "11010519491231002X"),
+        ("张三", "11010519491231002X"),
+    ];
+    for mode in [QueryMode::Bucket, QueryMode::Sync, QueryMode::Pir] {
+        assert_eq!(
+            answers(&session, &pairs, mode).await,
+            [CheckOutcome::Match, CheckOutcome::NoMatch],
+            "{mode:?}"
+        );
+    }
+    // The pin moved to the new key; the old key file is gone.
+    let fresh = connect(&f.url, &cache, None).await.unwrap();
+    assert_eq!(fresh.pinned, Pinned::Known);
+    assert_ne!(fresh.info().public_key, old_key);
+    assert_eq!(fresh.info().key_history.len(), 1);
+    let mut gone = false;
+    for _ in 0..200 {
+        gone = !std::fs::read_dir(&f.data_dir).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("oprf-epoch-1")
+        });
+        if gone {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(gone, "the retired key outlived its grace period");
+    f.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_outgrows_its_tag_parameters_is_synced_in_full() {
+    // 3,006 entries keep 44-bit values; past 4,096 they become 45-bit, so
+    // the delta cannot be applied to the cached set: the shards are fetched.
+    let f = fixture(3000).await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let before = session.sync().await.unwrap();
+    let add = f.root.join("add.csv");
+    let people: Vec<_> = Generator::new(31, psi_core::CivilDate::today())
+        .unwrap()
+        .take(1200)
+        .collect();
+    let pairs: Vec<(&str, &str)> = people
+        .iter()
+        .map(|p| (p.name.as_str(), p.id.as_str()))
+        .collect();
+    write_pairs(&add, &pairs);
+    let r = registry::update_guarded(Some(&Source::csv(&add)), None, &f.data_dir, false, &LENIENT)
+        .unwrap();
+    assert!(r.records > 4096, "{}", r.records);
+    let session = reconnect_at(&session, 2).await;
+    let after = session.sync().await.unwrap();
+    assert_ne!(after.set.header().params, before.set.header().params);
+    assert_eq!(after.shards_fetched, after.shards_total);
+    assert_eq!(
+        answers(&session, &pairs[..3], QueryMode::Sync).await,
+        [
+            CheckOutcome::Match,
+            CheckOutcome::Match,
+            CheckOutcome::Match
+        ]
+    );
+    f.running.shutdown().await.unwrap();
+}
