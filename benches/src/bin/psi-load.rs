@@ -271,6 +271,43 @@ fn audit_summary(
     Ok((v, honest))
 }
 
+/// Each institution checks registered people in bucket mode until
+/// `deadline`; per institution, the latencies of the right answers and the
+/// count of errors (a wrong answer is one).
+async fn honest_load(
+    sessions: Vec<Session>,
+    people: &[psi_server::tools::synth::Person],
+    institutions: usize,
+    deadline: Instant,
+) -> Vec<(Vec<Duration>, u64)> {
+    let workers = sessions
+        .into_iter()
+        .enumerate()
+        .map(|(i, session)| async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let mut n = i;
+            while Instant::now() < deadline {
+                let p = &people[n % people.len()];
+                n += institutions;
+                let t = Instant::now();
+                match check(&session, &p.name, &p.id, QueryMode::Bucket).await {
+                    Ok(CheckOutcome::Match) => latencies.push(t.elapsed()),
+                    Ok(other) => {
+                        eprintln!("wrong answer for a registered person: {other:?}");
+                        errors += 1;
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        errors += 1;
+                    }
+                }
+            }
+            (latencies, errors)
+        });
+    futures::future::join_all(workers).await
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -376,33 +413,8 @@ async fn main() -> Result<()> {
         args.institutions, args.seconds, args.attack
     );
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
-    let workers = sessions.into_iter().enumerate().map(|(i, session)| {
-        let people = people.clone();
-        async move {
-            let mut latencies = Vec::new();
-            let mut errors = 0u64;
-            let mut n = i;
-            while Instant::now() < deadline {
-                let p = &people[n % people.len()];
-                n += args.institutions;
-                let t = Instant::now();
-                match check(&session, &p.name, &p.id, QueryMode::Bucket).await {
-                    Ok(CheckOutcome::Match) => latencies.push(t.elapsed()),
-                    Ok(other) => {
-                        eprintln!("wrong answer for a registered person: {other:?}");
-                        errors += 1;
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e:#}");
-                        errors += 1;
-                    }
-                }
-            }
-            (latencies, errors)
-        }
-    });
     let started = Instant::now();
-    let results = futures::future::join_all(workers).await;
+    let results = honest_load(sessions, &people, args.institutions, deadline).await;
     let elapsed = started.elapsed().as_secs_f64();
     let _ = stop_tx.send(true);
     let tally = attacker.await.context("attacker task")??;
