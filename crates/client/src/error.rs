@@ -134,10 +134,10 @@ impl Error {
         if status.metadata().get(psi_proto::PIR_KEYS_HEADER).is_some() {
             return Self::PirKeysUnknown { what, message };
         }
-        if is_transport(status) {
+        if let Some(cause) = std::error::Error::source(status) {
             return Self::Transport {
                 what,
-                message: with_causes(status),
+                message: format!("{message}: {}", with_causes(cause)),
             };
         }
         match status.code() {

@@ -928,3 +928,92 @@ fn excel_workbooks_in_and_out_with_chinese_headers_and_numeric_ids() {
     assert_ne!(code, 0);
     assert!(err.contains("the ID column (证件号)"), "{err}");
 }
+
+#[test]
+fn a_server_killed_mid_batch_is_ridden_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let registry = root.join("registry.csv");
+    let (code, _, err) = run(Command::new(server_bin())
+        .args(["generate", "--count", "3000", "--seed", "5", "--out"])
+        .arg(&registry));
+    assert_eq!(code, 0, "{err}");
+    let data = root.join("data");
+    let (code, _, err) = run(Command::new(server_bin())
+        .args(["init", "--no-progress", "--registry"])
+        .arg(&registry)
+        .arg("--data-dir")
+        .arg(&data));
+    assert_eq!(code, 0, "{err}");
+    let input = root.join("in.csv");
+    let mut text = String::from("n,name,id\n");
+    for (i, line) in std::fs::read_to_string(&registry)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .enumerate()
+    {
+        text.push_str(&format!("{i},{line}\n"));
+    }
+    std::fs::write(&input, text).unwrap();
+    let port = psi_testbed::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let args = |a: &[&str]| a.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
+    let mut server = psi_testbed::Process::start(
+        &server_bin(),
+        args(&[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]),
+        root.join("server.log"),
+    );
+    psi_testbed::wait_for("the server to listen", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let output = root.join("out.csv");
+    let partial = root.join("out.csv.partial");
+    let mut client = Command::new(client_bin())
+        .args([
+            "batch",
+            "--no-progress",
+            "--chunk-rows",
+            "200",
+            "--server",
+            &url,
+            "--purpose",
+            "kyc-onboarding",
+            "--input",
+        ])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .arg("--cache-dir")
+        .arg(root.join("cache"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Requests follow each other without pause, so one is in flight when,
+    // once some rows are answered, the server is killed (SIGKILL: no
+    // drain); it starts again on the same port a moment later.
+    psi_testbed::wait_for("the first answers", Duration::from_secs(60), || {
+        std::fs::read_to_string(&partial).is_ok_and(|t| t.lines().count() > 201)
+    });
+    server.kill_9();
+    std::thread::sleep(Duration::from_millis(500));
+    server.spawn();
+    let out = client.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("retrying"), "the batch saw the outage: {err}");
+    let mut r = csv::Reader::from_path(&output).unwrap();
+    let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 3000);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(&row[0], i.to_string(), "each row once, in order");
+        assert_eq!(&row[3], "match");
+    }
+}

@@ -97,8 +97,9 @@ pub const MAX_QUOTA_WAIT: std::time::Duration = std::time::Duration::from_secs(1
 pub const MAX_UNAVAILABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Runs an RPC and sends the same request again when the server asks to wait
-/// (`RESOURCE_EXHAUSTED` with `retry-after-ms`, up to [`MAX_QUOTA_WAIT`]) or is
-/// unavailable (backing off, up to [`MAX_UNAVAILABLE_WAIT`] in all). The
+/// (`RESOURCE_EXHAUSTED` with `retry-after-ms`, up to [`MAX_QUOTA_WAIT`]), is
+/// unavailable, or the connection broke (backing off, up to
+/// [`MAX_UNAVAILABLE_WAIT`] in all). The
 /// caller's rows wait for the answer, so none is lost or answered twice.
 async fn with_retry<T, F, Fut>(what: &str, mut call: F) -> Result<T>
 where
@@ -129,11 +130,15 @@ where
                     _ => return Err(Error::from_status(&status, what)),
                 }
             }
+            // Every exchange is read-only: after a broken connection (a
+            // server killed mid-request, a balancer's reset) the same
+            // request is sent again, as when the server says it is unavailable.
             Err(status)
-                if status.code() == Code::Unavailable && unavailable_for < MAX_UNAVAILABLE_WAIT =>
+                if (status.code() == Code::Unavailable || is_transport(&status))
+                    && unavailable_for < MAX_UNAVAILABLE_WAIT =>
             {
                 tracing::warn!(
-                    "{what}: server unavailable ({}); retrying in {:.1} s",
+                    "{what}: server unavailable or connection lost ({}); retrying in {:.1} s",
                     status.message(),
                     backoff.as_secs_f64()
                 );
