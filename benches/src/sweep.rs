@@ -253,7 +253,7 @@ pub fn prepare_registry(dir: &Path, n: u64) -> Result<(PathBuf, PathBuf, f64)> {
     let data = dir.join(format!("data-{n}-{profile}"));
     let timing = data.join("init-seconds.txt");
     if let Ok(t) = std::fs::read_to_string(&timing) {
-        if data.join(psi_server::store::SNAPSHOT_FILE).exists() {
+        if psi_server::store::has_registry(&data) {
             return Ok((csv, data, t.trim().parse().unwrap_or(0.0)));
         }
     }
@@ -388,8 +388,7 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
         client_threads: spec.client_threads,
         blinding: spec.blinding.clone(),
         init_seconds,
-        disk_bytes_per_entry: std::fs::metadata(data.join(psi_server::store::SNAPSHOT_FILE))?.len()
-            as f64
+        disk_bytes_per_entry: std::fs::metadata(psi_server::store::base_file(&data)?)?.len() as f64
             / spec.registry_size as f64,
         memory_bytes_per_entry: status_bytes(&pid, "VmRSS:") as f64 / spec.registry_size as f64,
         ..PointResult::default()

@@ -300,7 +300,7 @@ async fn e2e(args: E2eArgs) -> Result<()> {
         registry_size: args.registry_size,
         init_seconds,
         init_rows_per_second: report.counts.rows as f64 / init_seconds,
-        snapshot_bytes: std::fs::metadata(data_dir.join(psi_server::store::SNAPSHOT_FILE))?.len(),
+        snapshot_bytes: std::fs::metadata(psi_server::store::base_file(&data_dir)?)?.len(),
         first_sync_seconds,
         first_sync_bytes: synced.bytes_fetched,
         sync_bytes_per_entry: synced.bytes_fetched as f64 / args.registry_size as f64,

@@ -975,7 +975,7 @@ fn a_server_killed_mid_batch_is_ridden_out() {
     });
     let output = root.join("out.csv");
     let partial = root.join("out.csv.partial");
-    let mut client = Command::new(client_bin())
+    let client = Command::new(client_bin())
         .args([
             "batch",
             "--no-progress",

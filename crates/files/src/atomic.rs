@@ -113,19 +113,26 @@ pub fn same_content(a: &Path, b: &Path) -> bool {
 }
 
 /// Removes temporary files that a killed writer left in `dir` (names made
-/// by [`write_atomically`]: `.NAME.tmp-PID`). Returns how many it removed.
+/// by [`write_atomically`]: `.NAME.tmp-PID-UNIQUE`, or `.NAME.tmp-PID` from
+/// earlier versions). Returns how many it removed; a missing `dir` has none.
 ///
 /// # Errors
 /// An unreadable directory.
 pub fn remove_stale_temps(dir: &Path) -> io::Result<usize> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(context(e, "reading", dir)),
+    };
     let mut removed = 0;
-    for entry in fs::read_dir(dir).map_err(|e| context(e, "reading", dir))? {
+    for entry in entries {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let stale = name.starts_with('.')
-            && name
-                .rsplit_once(".tmp-")
-                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+            && name.rsplit_once(".tmp-").is_some_and(|(_, suffix)| {
+                suffix.bytes().next().is_some_and(|b| b.is_ascii_digit())
+                    && suffix.bytes().all(|b| b.is_ascii_digit() || b == b'-')
+            });
         if stale && fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }
@@ -133,12 +140,24 @@ pub fn remove_stale_temps(dir: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
+/// A temporary name beside `path`, unique to this process and call: a
+/// leftover of a killed run under the same process id (a container's PID
+/// 1) never collides with it.
 fn temp_path(path: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    path.with_file_name(format!(
+        ".{name}.tmp-{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 /// Syncs the directory holding `path`, so that a rename or removal there is durable.
@@ -224,10 +243,26 @@ mod tests {
     fn stale_temporaries_are_removed_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(".registry.bkt.tmp-4242"), b"x").unwrap();
+        fs::write(dir.path().join(".registry.bkt.tmp-4242-17-0"), b"x").unwrap();
         fs::write(dir.path().join("registry.bkt"), b"x").unwrap();
         fs::write(dir.path().join(".hidden.tmp-"), b"x").unwrap();
+        fs::write(dir.path().join(".hidden.tmp-x1"), b"x").unwrap();
+        assert_eq!(remove_stale_temps(dir.path()).unwrap(), 2);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3);
+        assert_eq!(remove_stale_temps(&dir.path().join("missing")).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_leftover_of_a_killed_run_under_the_same_pid_is_no_obstacle() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        // What the earlier naming made for this process: it must not collide.
+        let leftover = dir.path().join(format!(".f.tmp-{}", std::process::id()));
+        fs::write(&leftover, b"half").unwrap();
+        write_atomically(&p, b"new", 0o600).unwrap();
+        write_atomically(&p, b"newer", 0o600).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"newer");
         assert_eq!(remove_stale_temps(dir.path()).unwrap(), 1);
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]

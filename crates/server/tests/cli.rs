@@ -159,7 +159,7 @@ fn init_and_update_refuse_to_publish_a_registry_that_lost_its_rows() {
     let (ok, out) = init(&people, &data, &[]);
     assert!(ok, "{out}");
     assert!(out.contains("1000 records"), "{out}");
-    let snapshot = data.join("registry.bkt");
+    let snapshot = psi_server::store::base_file(&data).unwrap();
     let published = std::fs::read(&snapshot).unwrap();
 
     // The name and ID columns swapped: every row rejected, nothing published.
@@ -265,6 +265,7 @@ fn init_and_update_refuse_to_publish_a_registry_that_lost_its_rows() {
     w.push_str("\"王五,11010519491231002X\n");
     w.extend(text.lines().skip(10).take(100).map(|l| format!("{l}\n")));
     std::fs::write(&open, w).unwrap();
+    let snapshot = psi_server::store::base_file(&data).unwrap();
     let before = std::fs::read(&snapshot).unwrap();
     let (ok, out) = init(&open, &data, &["--force"]);
     assert!(!ok);
@@ -272,6 +273,7 @@ fn init_and_update_refuse_to_publish_a_registry_that_lost_its_rows() {
         out.contains("line 11: a quoted field opened here is never closed"),
         "{out}"
     );
+    assert_eq!(psi_server::store::base_file(&data).unwrap(), snapshot);
     assert_eq!(std::fs::read(&snapshot).unwrap(), before);
 }
 
@@ -469,8 +471,9 @@ fn publish_from_the_command_line_writes_a_serving_directory_without_records() {
         out.contains("published registry version 1 (key epoch 1)"),
         "{out}"
     );
-    assert!(serving.join("registry.bkt").is_file());
-    assert!(!serving.join("records.bin").exists());
+    assert!(psi_server::store::base_file(&serving).unwrap().is_file());
+    assert!(psi_server::store::records_file(&serving).is_err());
+    assert!(!psi_server::store::holds_records(&serving));
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&serving), 0o700);
@@ -563,14 +566,16 @@ fn partitioned_init_merged_is_byte_identical_to_a_single_init() {
     // A damaged part is refused, naming it; nothing is published.
     let bytes = std::fs::read(parts.join("part-2-of-3.bin")).unwrap();
     std::fs::write(parts.join("part-2-of-3.bin"), &bytes[..bytes.len() - 7]).unwrap();
-    let published = std::fs::read(parted.join("registry.bkt")).unwrap();
+    let base = psi_server::store::base_file(&parted).unwrap();
+    let published = std::fs::read(&base).unwrap();
     let (ok, out) = merge("3");
     assert!(!ok);
     assert!(
         out.contains("part-2-of-3.bin is truncated or damaged"),
         "{out}"
     );
-    assert!(std::fs::read(parted.join("registry.bkt")).unwrap() == published);
+    assert_eq!(psi_server::store::base_file(&parted).unwrap(), base);
+    assert!(std::fs::read(&base).unwrap() == published);
 
     // One process, the same key, the same rows.
     std::fs::create_dir(&single).unwrap();
@@ -581,10 +586,18 @@ fn partitioned_init_merged_is_byte_identical_to_a_single_init() {
     .unwrap();
     let (ok, out) = init(&people, &single, &[]);
     assert!(ok, "{out}");
-    for file in ["registry.bkt", "records.bin", "rejected-rows.csv"] {
+    let files = |dir: &std::path::Path| {
+        [
+            psi_server::store::base_file(dir).unwrap(),
+            psi_server::store::records_file(dir).unwrap(),
+            dir.join("rejected-rows.csv"),
+        ]
+    };
+    for (a, b) in files(&parted).iter().zip(files(&single)) {
         assert!(
-            std::fs::read(parted.join(file)).unwrap() == std::fs::read(single.join(file)).unwrap(),
-            "{file} differs"
+            std::fs::read(a).unwrap() == std::fs::read(&b).unwrap(),
+            "{} differs",
+            a.display()
         );
     }
 }

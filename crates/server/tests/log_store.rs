@@ -108,7 +108,7 @@ proptest! {
         let mut version = 1;
         let mut prev = Snapshot::load(d).unwrap();
         for s in &steps {
-            let base_before = std::fs::read(d.join(store::SNAPSHOT_FILE)).unwrap();
+            let base_before = store::base_file(d).unwrap();
             let add = (!s.add.is_empty()).then(|| csv(&d.join("add.csv"), s.add.iter().copied()));
             let remove =
                 (!s.remove.is_empty()).then(|| csv(&d.join("remove.csv"), s.remove.iter().copied()));
@@ -152,7 +152,7 @@ proptest! {
             prop_assert_eq!(served.tagset.len(), full.len() as u64);
             // A running server applies just the new updates to what it
             // serves, and gets the same snapshot.
-            let base_same = std::fs::read(d.join(store::SNAPSHOT_FILE)).unwrap() == base_before;
+            let base_same = store::base_file(d).unwrap() == base_before;
             let applied = Snapshot::apply_log(&prev, d).unwrap();
             let logged = version > prev.index.registry_version();
             prop_assert_eq!(applied.is_some(), base_same && logged);
@@ -187,10 +187,11 @@ fn an_update_writes_only_its_change_and_the_log_is_compacted_at_its_limit() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     registry::init(&csv(&d.join("start.csv"), 0..START), d, false).unwrap();
-    let base_bytes = std::fs::read(d.join(store::SNAPSHOT_FILE)).unwrap();
-    let records_bytes = std::fs::read(d.join("records.bin")).unwrap();
+    let base_file = store::base_file(d).unwrap();
+    let base_bytes = std::fs::read(&base_file).unwrap();
+    let records_bytes = std::fs::read(store::records_file(d).unwrap()).unwrap();
     let base = |d: &Path| {
-        BucketIndex::from_bytes(&std::fs::read(d.join(store::SNAPSHOT_FILE)).unwrap())
+        BucketIndex::from_bytes(&std::fs::read(store::base_file(d).unwrap()).unwrap())
             .unwrap()
             .registry_version()
     };
@@ -213,11 +214,12 @@ fn an_update_writes_only_its_change_and_the_log_is_compacted_at_its_limit() {
         let r = update(n);
         assert_eq!((r.added, r.removed), (10, 5));
     }
+    assert_eq!(store::base_file(d).unwrap(), base_file);
+    assert_eq!(std::fs::read(&base_file).unwrap(), base_bytes);
     assert_eq!(
-        std::fs::read(d.join(store::SNAPSHOT_FILE)).unwrap(),
-        base_bytes
+        std::fs::read(store::records_file(d).unwrap()).unwrap(),
+        records_bytes
     );
-    assert_eq!(std::fs::read(d.join("records.bin")).unwrap(), records_bytes);
     assert_eq!(
         files(&d.join("records.d")),
         ["v1-v2.seg", "v2-v3.seg"].map(String::from).into()

@@ -91,16 +91,18 @@ fn a_published_serving_directory_holds_no_personal_data_and_serves_updates_live(
     let serving = root.join("serving");
     registry::init(&Source::csv(&csv), &encoding, false).unwrap();
     // The encoding directory does hold the records (the check can see them).
-    assert!(std::fs::read(encoding.join("records.bin"))
-        .unwrap()
-        .windows(18)
-        .any(|w| w == members[0].id.as_bytes()));
+    assert!(
+        std::fs::read(psi_server::store::records_file(&encoding).unwrap())
+            .unwrap()
+            .windows(18)
+            .any(|w| w == members[0].id.as_bytes())
+    );
 
     let report = publish(&encoding, &serving).unwrap();
     assert_eq!((report.epoch, report.registry_version), (1, 1));
     assert_eq!(
         assert_no_personal_data(&serving, &people),
-        [".lock", "oprf-epoch-1.key", "registry.bkt"]
+        [".lock", "MANIFEST", "oprf-epoch-1.key", "registry-1.bkt"]
     );
     // Publishing the same snapshot again rewrites only the key.
     assert_eq!(publish(&encoding, &serving).unwrap().files_written, 1);
@@ -161,9 +163,10 @@ fn a_published_serving_directory_holds_no_personal_data_and_serves_updates_live(
         assert_no_personal_data(&serving, &people),
         [
             ".lock",
+            "MANIFEST",
             "deltas/epoch-1-v1-v2.delta",
             "oprf-epoch-1.key",
-            "registry.bkt"
+            "registry-1.bkt"
         ]
     );
     psi_testbed::wait_for("version 2 served", Duration::from_secs(10), || {
@@ -178,14 +181,18 @@ fn a_published_serving_directory_holds_no_personal_data_and_serves_updates_live(
     registry::rotate_key(&encoding, Duration::ZERO, false).unwrap();
     let report = publish(&encoding, &serving).unwrap();
     assert_eq!(report.epoch, 2);
-    assert_eq!(report.files_removed, 2, "the old key and the old delta");
+    assert_eq!(
+        report.files_removed, 3,
+        "the old key, the old delta and the old base"
+    );
     assert_eq!(
         assert_no_personal_data(&serving, &people),
         [
             ".lock",
+            "MANIFEST",
             "key-history.txt",
             "oprf-epoch-2.key",
-            "registry.bkt"
+            "registry-2.bkt"
         ]
     );
     psi_testbed::wait_for("key epoch 2 served", Duration::from_secs(10), || {

@@ -69,13 +69,13 @@ async fn a_snapshot_that_fails_to_load_stops_the_server_with_the_reason() {
     let data = dir.path().join("data");
     registry::init_guarded(&Source::csv(&csv), &data, false, &LENIENT).unwrap();
     std::fs::write(
-        data.join(psi_server::store::SNAPSHOT_FILE),
+        psi_server::store::base_file(&data).unwrap(),
         b"PSIBKT\0\x01 truncated",
     )
     .unwrap();
     let running = start(&data, 0).await;
     let err = running.run_until(std::future::pending()).await.unwrap_err();
-    assert!(format!("{err:#}").contains("bucket index"), "{err:#}");
+    assert!(format!("{err:#}").contains("base index"), "{err:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

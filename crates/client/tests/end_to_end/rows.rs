@@ -172,7 +172,7 @@ async fn corrupt_cache_is_refetched_and_reports_hold_no_personal_data() {
     // The canonical records are kept for updates and rotation, readable by
     // the operator only; no other file of the data directory, and nothing
     // in the client cache, holds a name or an ID.
-    let records = f.data_dir.join(psi_server::store::records::RECORDS_FILE);
+    let records = psi_server::store::records_file(&f.data_dir).unwrap();
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&records).unwrap().permissions().mode();

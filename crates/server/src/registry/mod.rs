@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use psi_core::bucket::prefix_bits_for;
 use psi_core::record::bucket_of_encoding;
 use psi_core::rotation::{self, KeyStep};
@@ -31,8 +31,7 @@ use crate::registry::source::Source;
 use crate::store::delta::{Delta, KEEP_DELTAS};
 use crate::store::keystore::{self, EpochKey};
 use crate::store::records::Records;
-use crate::store::{current, current_index, lock, read_index, Current, SNAPSHOT_FILE};
-use psi_files::atomic::write_atomically;
+use crate::store::{Current, Writer};
 
 /// The rejected-rows report's name inside the data directory.
 pub const REPORT_FILE: &str = "rejected-rows.csv";
@@ -235,14 +234,15 @@ pub fn init_guarded(
     guard: &PublishGuard,
 ) -> Result<InitReport> {
     let started = Instant::now();
-    let _lock = lock(data_dir, true)?;
-    let previous = read_index(data_dir)?;
+    let mut store = Writer::open(data_dir, true)?;
+    let previous = store.current()?.map(|c| c.index);
     let (key, key_created) = match (&previous, keystore::latest_epoch(data_dir)?) {
-        (Some(index), _) => (keystore::load(data_dir, index.epoch())?, false),
+        (Some(_), _) => (store.key()?, false),
         (None, Some(epoch)) => (keystore::load(data_dir, epoch)?, false),
         (None, None) => (keystore::create(data_dir, 1)?, true),
     };
     let epoch = key.epoch;
+    let public_key = key.key.public_key().to_bytes();
     let server = Server::new(Mode::Voprf, key.key);
     let mut rejected = report_writer()?;
     let (enc, counts) = encrypt_source(
@@ -254,9 +254,9 @@ pub fn init_guarded(
         None,
     )?;
     let mut report = publish_version(
-        data_dir,
+        &mut store,
         previous,
-        epoch,
+        (epoch, public_key),
         enc,
         counts,
         rejected.into_inner()?,
@@ -268,20 +268,21 @@ pub fn init_guarded(
 }
 
 /// What `init` and `merge` share once the rows are encrypted: drops
-/// repeated records, applies `guard`, and writes the records, the delta
-/// from `previous`, the rejected-rows report (`rejected`: CSV with its
-/// header) and, last, the snapshot, as the next registry version. The
-/// caller holds the data directory's lock.
+/// repeated records, applies `guard`, writes the rejected-rows report
+/// (`rejected`: CSV with its header) and commits the records, the index
+/// and the delta from `previous` as the next registry version, under the
+/// key of `(epoch, public key)`.
 pub(crate) fn publish_version(
-    data_dir: &Path,
+    store: &mut Writer,
     previous: Option<BucketIndex>,
-    epoch: u64,
+    (epoch, public_key): (u64, [u8; 32]),
     enc: Encrypted,
     counts: RowCounts,
     rejected: Vec<u8>,
     guard: &PublishGuard,
 ) -> Result<InitReport> {
     let started = Instant::now();
+    let data_dir = store.dir().to_path_buf();
     let report_path = data_dir.join(REPORT_FILE);
     let accepted = enc.tags.len() as u64;
     let enc = dedup(enc);
@@ -293,7 +294,7 @@ pub(crate) fn publish_version(
         )
     });
     if let Err(e) = refusal {
-        write_atomically(&report_path, &rejected, 0o600)?;
+        store.write_report(REPORT_FILE, &rejected)?;
         return Err(e.context(format!(
             "nothing was published; rejected rows are listed in {}",
             report_path.display()
@@ -304,16 +305,14 @@ pub(crate) fn publish_version(
     let index = BucketIndex::build(p, &buckets_of(&enc.hashes, p), &enc.tags, epoch, version)?;
     let mut records = enc.records;
     records.version = version;
-    records.write(data_dir)?;
-    Records::remove_segments(data_dir)?;
-    if let Some(prev) = previous.filter(|i| i.epoch() == epoch) {
+    let sync_delta = previous.filter(|i| i.epoch() == epoch).map(|prev| {
         let old: Vec<Tag> = prev.tags().collect();
         Delta::between(epoch, prev.registry_version(), version, &old, &enc.tags)
-            .store(data_dir, version)?;
-    }
-    write_atomically(&report_path, &rejected, 0o600)?;
-    write_atomically(&data_dir.join(SNAPSHOT_FILE), &index.to_bytes(), 0o600)?;
-    keystore::sweep(data_dir, epoch, SystemTime::now())?;
+    });
+    store.write_report(REPORT_FILE, &rejected)?;
+    // The commit point.
+    store.commit_base(&index, &records, public_key, sync_delta.as_ref())?;
+    keystore::sweep(&data_dir, epoch, SystemTime::now())?;
     Ok(InitReport {
         counts,
         key_created: false,
@@ -392,15 +391,15 @@ pub fn update_with(
     if !(1..=KEEP_DELTAS).contains(&compact_after) {
         bail!("--compact-after must be between 1 and {KEEP_DELTAS}, not {compact_after}");
     }
-    let _lock = lock(data_dir, false)?;
-    let mut current = current(data_dir)?;
+    let mut store = Writer::open(data_dir, false)?;
+    let mut current = committed_version(&store)?;
     if current.log_len >= compact_after {
-        compact_locked(data_dir, &current)?;
+        compact_locked(&mut store, &current)?;
         current.base_version = current.index.registry_version();
         current.log_len = 0;
     }
     let index = &current.index;
-    let EpochKey { epoch, key } = keystore::load(data_dir, index.epoch())?;
+    let EpochKey { epoch, key } = store.key()?;
     let server = Server::new(Mode::Voprf, key);
     let report_path = data_dir.join(REPORT_FILE);
     let mut rejected = report_writer()?;
@@ -471,8 +470,9 @@ pub fn update_with(
         .check_rows("add", &report.add)
         .and_then(|()| guard.check_rows("remove", &report.remove))
         .and_then(|()| guard.check_shrink(before, report.records));
+    let rejected = rejected.into_inner()?;
     if let Err(e) = refusal {
-        write_atomically(&report_path, &rejected.into_inner()?, 0o600)?;
+        store.write_report(REPORT_FILE, &rejected)?;
         return Err(e.context(format!(
             "nothing was published; rejected rows are listed in {}",
             report_path.display()
@@ -480,14 +480,28 @@ pub fn update_with(
     }
     let from = index.registry_version();
     let version = from + 1;
-    Records::write_segment(data_dir, from, version, &added_records, &removed_records)?;
-    write_atomically(&report_path, &rejected.into_inner()?, 0o600)?;
+    store.write_report(REPORT_FILE, &rejected)?;
     // The commit point: the delta that leads on from the current version.
-    Delta::of_change(epoch, from, version, &added, &removed)
-        .store(data_dir, current.base_version)?;
+    let delta = Delta::of_change(epoch, from, version, &added, &removed);
+    store.commit_update(
+        current.base_version,
+        &delta,
+        &added_records,
+        &removed_records,
+    )?;
     report.registry_version = version;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// The committed version of `store`; an error if there is no registry.
+fn committed_version(store: &Writer) -> Result<Current> {
+    store.current()?.with_context(|| {
+        format!(
+            "{} has no registry: run `psi-server init` first",
+            store.dir().display()
+        )
+    })
 }
 
 /// What `compact` did.
@@ -510,12 +524,12 @@ pub struct CompactReport {
 /// No registry yet, a record store out of step with the registry, I/O errors.
 pub fn compact(data_dir: &Path) -> Result<CompactReport> {
     let started = Instant::now();
-    let _lock = lock(data_dir, false)?;
-    let current = current(data_dir)?;
+    let mut store = Writer::open(data_dir, false)?;
+    let current = committed_version(&store)?;
     let records = if current.log_len == 0 {
-        Records::read_base(data_dir)?.len()
+        store.records()?.len()
     } else {
-        compact_locked(data_dir, &current)?
+        compact_locked(&mut store, &current)?
     };
     Ok(CompactReport {
         registry_version: current.index.registry_version(),
@@ -525,19 +539,12 @@ pub fn compact(data_dir: &Path) -> Result<CompactReport> {
     })
 }
 
-/// Writes `current` as the new base: the record store first, then the
-/// index (a new base of the same version: a watcher reloads the same
-/// registry), then the folded segments go. The caller holds the lock.
-fn compact_locked(data_dir: &Path, current: &Current) -> Result<u64> {
+/// Commits `current` as the new base (a new base of the same version: a
+/// watcher reloads the same registry); the folded segments go.
+fn compact_locked(store: &mut Writer, current: &Current) -> Result<u64> {
     let version = current.index.registry_version();
-    let records = Records::read(data_dir, version)?;
-    records.write(data_dir)?;
-    write_atomically(
-        &data_dir.join(SNAPSHOT_FILE),
-        &current.index.to_bytes(),
-        0o600,
-    )?;
-    Records::remove_segments(data_dir)?;
+    let records = store.records()?;
+    store.commit_base(&current.index, &records, current.manifest.public_key, None)?;
     tracing::info!(
         registry_version = version,
         updates = current.log_len,
@@ -555,10 +562,10 @@ fn compact_locked(data_dir: &Path, current: &Current) -> Result<u64> {
 /// No registry yet, a record store out of step with the registry, I/O errors.
 pub fn rotate_key(data_dir: &Path, grace: Duration, show_progress: bool) -> Result<RotateReport> {
     let started = Instant::now();
-    let _lock = lock(data_dir, false)?;
-    let index = current_index(data_dir)?;
-    let old = keystore::load(data_dir, index.epoch())?;
-    let mut records = Records::read(data_dir, index.registry_version())?;
+    let mut store = Writer::open(data_dir, false)?;
+    let index = committed_version(&store)?.index;
+    let old = store.key()?;
+    let mut records = store.records()?;
     let epoch = old.epoch + 1;
     let new = keystore::create(data_dir, epoch)?;
     let endorsement =
@@ -591,11 +598,9 @@ pub fn rotate_key(data_dir: &Path, grace: Duration, show_progress: bool) -> Resu
     let new_index = BucketIndex::build(p, &buckets_of(&hashes, p), &tags, epoch, version)?;
     keystore::append_history(data_dir, &step)?;
     records.version = version;
-    records.write(data_dir)?;
-    // The commit point: from here the new epoch is the registry's.
-    write_atomically(&data_dir.join(SNAPSHOT_FILE), &new_index.to_bytes(), 0o600)?;
-    Delta::remove_all(data_dir)?;
-    Records::remove_segments(data_dir)?;
+    // The commit point: from here the new epoch is the registry's (the old
+    // epoch's deltas and segments go with it).
+    store.commit_base(&new_index, &records, step.public_key.to_bytes(), None)?;
     keystore::retire(data_dir, index.epoch(), grace)?;
     keystore::sweep(data_dir, epoch, SystemTime::now())?;
     Ok(RotateReport {

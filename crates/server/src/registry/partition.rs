@@ -82,17 +82,21 @@ pub fn encode_part(
     show_progress: bool,
 ) -> Result<PartReport> {
     let started = Instant::now();
-    let epoch = match store::read_index(data_dir)? {
-        Some(index) => index.epoch(),
-        None => keystore::latest_epoch(data_dir)?.with_context(|| {
-            format!(
-                "{} has no key: create it once with `psi-server keygen --data-dir {}` before the partitions run",
-                data_dir.display(),
-                data_dir.display()
-            )
-        })?,
+    let key = match store::committed(data_dir)? {
+        // The registry's key, checked against the manifest.
+        Some(m) => keystore::load_committed(data_dir, m.epoch, &m.public_key)?,
+        None => {
+            let epoch = keystore::latest_epoch(data_dir)?.with_context(|| {
+                format!(
+                    "{} has no key: create it once with `psi-server keygen --data-dir {}` before the partitions run",
+                    data_dir.display(),
+                    data_dir.display()
+                )
+            })?;
+            keystore::load(data_dir, epoch)?
+        }
     };
-    let key = keystore::load(data_dir, epoch)?;
+    let epoch = key.epoch;
     let server = Server::new(Mode::Voprf, key.key);
     let mut rejected = csv::Writer::from_writer(Vec::new());
     let (enc, counts) = registry::encode::encrypt_source(
@@ -274,8 +278,8 @@ pub fn merge(
     if count == 0 {
         bail!("--partitions must be at least 1");
     }
-    let _lock = store::lock(data_dir, true)?;
-    let previous = store::read_index(data_dir)?;
+    let mut store = store::Writer::open(data_dir, true)?;
+    let previous = store.current()?.map(|c| c.index);
     let mut counts = RowCounts::default();
     let mut rejected = Vec::new();
     let mut encrypted = Vec::new();
@@ -318,10 +322,17 @@ pub fn merge(
     for (_, record) in &rejected {
         report.write_record(record)?;
     }
+    let public_key = match &previous {
+        Some(_) => store.key()?,
+        None => keystore::load(data_dir, epoch)?,
+    }
+    .key
+    .public_key()
+    .to_bytes();
     let mut r = registry::publish_version(
-        data_dir,
+        &mut store,
         previous,
-        epoch,
+        (epoch, public_key),
         enc,
         counts,
         report.into_inner()?,
@@ -372,7 +383,7 @@ fn merge_in_line_order(parts: &[Encrypted]) -> Result<Encrypted> {
 /// # Errors
 /// I/O errors.
 pub fn keygen(data_dir: &Path) -> Result<(u64, bool)> {
-    let _lock = store::lock(data_dir, true)?;
+    let _store = store::Writer::open(data_dir, true)?;
     match keystore::latest_epoch(data_dir)? {
         Some(epoch) => Ok((epoch, false)),
         None => Ok((keystore::create(data_dir, 1)?.epoch, true)),

@@ -1,18 +1,18 @@
 //! Publishing a serving directory: what `serve` reads (the OPRF keys, the
-//! public key history, the deltas and the bucket index), and nothing of the
-//! plaintext registry. `records.bin` (every canonical name and ID number)
+//! public key history, the deltas and the bucket index, and the manifest
+//! that names them), and nothing of the plaintext registry. The record store
 //! and the rejected-rows report stay in the encoding directory, on the host
 //! where the source lives; the host that institutions connect to holds keys
 //! and tags only.
 //!
-//! The serving directory mirrors the encoding directory's serving files:
-//! keys, history and deltas first, each written atomically (a new delta is
-//! an update's commit: a running server applies it to the base it holds),
-//! then the base bucket index, whose replacement is the commit point of
-//! `init`, `compact` and `rotate-key`. Files the encoding directory no
-//! longer has are removed: a destroyed key (overwritten with zeros first)
-//! before the index, a delta past its window or of an old epoch after it. The encoding directory's retired keys are swept before, so a key
-//! destroyed on either side is never brought back.
+//! Every prefix of a publication is a directory that serves: the new files
+//! (keys, history, deltas, a new base under its own name) are copied beside
+//! the ones the serving directory's manifest names, then its manifest is
+//! replaced (the commit point), and only then are the files it no longer
+//! names removed: old bases and deltas, and keys the encoding directory
+//! destroyed (overwritten with zeros first). The encoding directory's
+//! retired keys are swept before, so a key destroyed on either side is never
+//! brought back.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -24,8 +24,9 @@ use anyhow::{bail, Context, Result};
 
 use crate::store::delta::DELTA_DIR;
 use crate::store::keystore::{self, HISTORY_FILE};
+use crate::store::manifest::Manifest;
 use crate::store::records::RECORDS_FILE;
-use crate::store::{self, SNAPSHOT_FILE};
+use crate::store::{self};
 use psi_files::atomic::{copy_atomically, same_content};
 
 /// What a publication wrote.
@@ -64,14 +65,28 @@ pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
         );
     }
     // No init, update or rotation on either side meanwhile.
-    let _source = store::lock(data_dir, false)?;
-    let _target = store::lock(to, true)?;
-    let index = store::current_index(data_dir)?;
-    keystore::sweep(data_dir, index.epoch(), SystemTime::now())?;
+    let source = store::Writer::open(data_dir, false)?;
+    let target = store::Writer::open(to, true)?;
+    if target.manifest().is_some_and(|m| m.records.is_some()) {
+        bail!(
+            "{} holds a record store: it is an encoding directory, not a serving one; publish into an empty or serving directory",
+            to.display()
+        );
+    }
+    // Every file the source's manifest names, verified before it is copied.
+    let current = source.current()?.with_context(|| {
+        format!(
+            "{} has no registry: run `psi-server init` first",
+            data_dir.display()
+        )
+    })?;
+    let manifest = current.manifest;
+    source.key()?;
+    keystore::sweep(data_dir, manifest.epoch, SystemTime::now())?;
 
     let mut report = PublishReport {
-        epoch: index.epoch(),
-        registry_version: index.registry_version(),
+        epoch: manifest.epoch,
+        registry_version: manifest.version,
         ..PublishReport::default()
     };
     // Each file keeps its mode (keys and the index are 0600); copied as a
@@ -82,6 +97,9 @@ pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
         // Unchanged files are left alone (a running server may be reading them).
         if !secret && same_content(from, to) {
             return Ok(());
+        }
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
         let meta = fs::metadata(from).with_context(|| format!("reading {}", from.display()))?;
         copy_atomically(from, to, meta.permissions().mode() & 0o777)?;
@@ -95,41 +113,43 @@ pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
     for name in &keys {
         copy(&data_dir.join(name), &to.join(name), true)?;
     }
-    for stale in keystore::key_file_names(to)?.difference(&keys) {
-        keystore::destroy(&to.join(stale))?;
-        report.files_removed += 1;
-    }
     // The public key history.
     let history = data_dir.join(HISTORY_FILE);
     if history.exists() {
         copy(&history, &to.join(HISTORY_FILE), false)?;
     }
-    // Deltas.
-    let (from_deltas, to_deltas) = (data_dir.join(DELTA_DIR), to.join(DELTA_DIR));
-    let deltas = file_names(&from_deltas)?;
-    if !deltas.is_empty() {
-        fs::create_dir_all(&to_deltas)
-            .with_context(|| format!("creating {}", to_deltas.display()))?;
+    // The deltas and the base, beside what the serving directory serves.
+    for entry in manifest.deltas.iter().chain([&manifest.base]) {
+        copy(&data_dir.join(&entry.name), &to.join(&entry.name), false)?;
     }
-    for name in &deltas {
-        copy(&from_deltas.join(name), &to_deltas.join(name), false)?;
-    }
-    // The commit point: the base index (an update's commit, its delta, is
-    // already in place).
-    copy(
-        &data_dir.join(SNAPSHOT_FILE),
-        &to.join(SNAPSHOT_FILE),
-        false,
-    )?;
-    // Only then the deltas the encoding side dropped: removed earlier, an
-    // old epoch's log could vanish under the old base and a watching server
-    // fall back to that base's version for a moment.
-    for stale in file_names(&to_deltas)?.difference(&deltas) {
-        let path = to_deltas.join(stale);
-        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    // The commit point; then what the serving directory no longer names.
+    let serving = Manifest {
+        records: None,
+        segments: Vec::new(),
+        ..manifest
+    };
+    let before = files_in(to)?;
+    store::commit_serving(to, &serving)?;
+    report.files_removed += before.difference(&files_in(to)?).count();
+    // Keys the encoding directory destroyed, last: the old manifest's epoch
+    // served until the commit.
+    for stale in keystore::key_file_names(to)?.difference(&keys) {
+        keystore::destroy(&to.join(stale))?;
         report.files_removed += 1;
     }
+    drop(target);
     Ok(report)
+}
+
+/// The store's files in the serving directory `dir`, with the deltas'.
+fn files_in(dir: &Path) -> Result<BTreeSet<String>> {
+    let mut names = file_names(dir)?;
+    names.extend(
+        file_names(&dir.join(DELTA_DIR))?
+            .into_iter()
+            .map(|n| format!("{DELTA_DIR}/{n}")),
+    );
+    Ok(names)
 }
 
 /// Names of the regular files in `dir` (none if it does not exist), but

@@ -399,15 +399,13 @@ impl ServeArgs {
         if reload_ms < 10 {
             bail!("reload_interval_ms must be at least 10");
         }
-        {
-            let p = data_dir.join(crate::store::SNAPSHOT_FILE);
-            if !p.exists() {
-                bail!(
-                    "{} is missing: run `psi-server init --registry FILE --data-dir {}` first",
-                    p.display(),
-                    data_dir.display()
-                );
-            }
+        if !crate::store::has_registry(&data_dir) {
+            bail!(
+                "{} holds no registry ({} is missing): run `psi-server init --registry FILE --data-dir {}` first",
+                data_dir.display(),
+                crate::store::manifest::MANIFEST_FILE,
+                data_dir.display()
+            );
         }
         let tls = tls_files(
             self.tls_cert.or(file.tls_cert),
@@ -573,7 +571,7 @@ mod tests {
 
     fn data_dir() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join(crate::store::SNAPSHOT_FILE), b"x").unwrap();
+        std::fs::write(d.path().join(crate::store::manifest::MANIFEST_FILE), b"x").unwrap();
         d
     }
 

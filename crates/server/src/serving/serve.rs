@@ -127,14 +127,9 @@ async fn run(
             tracing::warn!("no policy file: every authenticated caller is served without limits")
         }
     }
-    if cfg
-        .data_dir
-        .join(crate::store::records::RECORDS_FILE)
-        .exists()
-    {
+    if crate::store::holds_records(&cfg.data_dir) {
         tracing::info!(
-            "serving an all-in-one directory: it holds the plaintext records ({}); a host institutions connect to should serve a directory made by `psi-server publish`",
-            crate::store::records::RECORDS_FILE
+            "serving an all-in-one directory: it holds the plaintext records; a host institutions connect to should serve a directory made by `psi-server publish`"
         );
     }
     let state = Arc::new(State::new(

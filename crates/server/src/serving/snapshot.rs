@@ -4,13 +4,14 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use psi_core::rotation::KeyStep;
 use psi_core::tagset::TagSetParams;
 use psi_core::{BucketIndex, Mode, Server, Tag, TagSet};
 
 use crate::store::delta::Delta;
-use crate::store::{current, file_stamp, keystore, net_change, Current, FileStamp, SNAPSHOT_FILE};
+use crate::store::manifest::Entry;
+use crate::store::{committed, current, keystore, net_change, Current};
 
 /// What the server serves: the key and the encrypted registry of one epoch
 /// and version.
@@ -31,8 +32,8 @@ pub struct Snapshot {
     /// The PIR database derived from the index (PIR mode), when offered:
     /// set by the server after loading (see `crate::serving::pir::database_for`).
     pub pir: Option<std::sync::Arc<psi_pir::Database>>,
-    /// The base index file it was loaded from.
-    base: Option<FileStamp>,
+    /// The base index file it was loaded from, as the manifest named it.
+    base: Option<Entry>,
 }
 
 impl Snapshot {
@@ -41,19 +42,17 @@ impl Snapshot {
     /// set.
     ///
     /// # Errors
-    /// Missing or corrupt files.
+    /// Missing or damaged files (every one is checked against the manifest;
+    /// the key must derive the public key it commits).
     pub fn load(data_dir: &Path) -> Result<Self> {
-        // Stamped before it is read: a replacement meanwhile makes the next
-        // reload a full one.
-        let base_stamp = file_stamp(&data_dir.join(SNAPSHOT_FILE))
-            .with_context(|| format!("{} has no registry", data_dir.display()))?;
         let Current {
             index,
             deltas,
             mapped,
+            manifest,
             ..
         } = current(data_dir)?;
-        let key = keystore::load(data_dir, index.epoch())?;
+        let key = keystore::load_committed(data_dir, manifest.epoch, &manifest.public_key)?;
         let tagset = TagSet::build_from_iter(
             index.tags(),
             index.len(),
@@ -71,7 +70,7 @@ impl Snapshot {
             index,
             tagset,
             pir: None,
-            base: Some(base_stamp),
+            base: Some(manifest.base),
         })
     }
 
@@ -100,17 +99,31 @@ impl Snapshot {
     /// quarter as many entries as there are shards, and over 256).
     ///
     /// # Errors
-    /// Unreadable deltas, key or history.
+    /// A damaged manifest, deltas, key or history.
     pub fn apply_log(prev: &Snapshot, data_dir: &Path) -> Result<Option<Self>> {
-        if prev.base.is_none() || file_stamp(&data_dir.join(SNAPSHOT_FILE)) != prev.base {
+        let Some(manifest) = committed(data_dir)? else {
+            return Ok(None);
+        };
+        if prev.base.as_ref() != Some(&manifest.base) || manifest.epoch != prev.epoch {
             return Ok(None);
         }
         let from = prev.index.registry_version();
-        let all = Delta::load(data_dir, prev.epoch, u64::MAX)?;
+        let all = manifest
+            .deltas
+            .iter()
+            .map(|e| Delta::read(data_dir, e))
+            .collect::<Result<Vec<Delta>>>()?;
         let chain = Delta::chain_from(&all, from);
         let Some(last) = chain.last() else {
             return Ok(None);
         };
+        if last.to != manifest.version {
+            anyhow::bail!(
+                "the deltas lead from version {from} to {}, the manifest commits {}: the store is damaged",
+                last.to,
+                manifest.version
+            );
+        }
         let (added, removed) = net_change(&chain);
         // A change that touches most shards costs more applied than loaded
         // afresh (every shard re-coded, every bucket read): at 10^8 entries
@@ -134,7 +147,7 @@ impl Snapshot {
         let tagset = prev
             .tagset
             .apply_delta(&values(&added), &values(&removed), last.to)?;
-        let key = keystore::load(data_dir, prev.epoch)?;
+        let key = keystore::load_committed(data_dir, prev.epoch, &manifest.public_key)?;
         let version = index.registry_version();
         Ok(Some(Self {
             server: Server::new(Mode::Voprf, key.key),
@@ -144,7 +157,7 @@ impl Snapshot {
             index,
             tagset,
             pir: None,
-            base: prev.base,
+            base: prev.base.clone(),
         }))
     }
 }

@@ -14,14 +14,13 @@
 //! A delta without buckets (an `init`'s, after which a new base follows)
 //! serves sync clients only and never counts as part of the log.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use psi_core::Tag;
 use rayon::prelude::*;
 
-use crate::store::named_files;
-use psi_files::atomic::write_atomically;
+use crate::store::manifest::Entry;
 
 /// The delta directory's name inside the data directory.
 pub const DELTA_DIR: &str = "deltas";
@@ -182,21 +181,18 @@ impl Delta {
         (at == to && to != from).then(|| (sorted(net.added), sorted(net.removed)))
     }
 
-    fn path(data_dir: &Path, epoch: u64, from: u64, to: u64) -> PathBuf {
-        data_dir
-            .join(DELTA_DIR)
-            .join(format!("epoch-{epoch}-v{from}-v{to}.delta"))
+    /// Its file name inside the data directory (`deltas/epoch-E-vA-vB.delta`).
+    #[must_use]
+    pub fn name(&self) -> String {
+        format!(
+            "{DELTA_DIR}/epoch-{}-v{}-v{}.delta",
+            self.epoch, self.from, self.to
+        )
     }
 
-    /// Writes the delta and drops, beyond the newest [`KEEP_DELTAS`], the
-    /// oldest ones not after `base` (the base index's version: later ones are
-    /// the log, kept until compacted), and every delta of another epoch.
-    ///
-    /// # Errors
-    /// I/O errors.
-    pub fn store(&self, data_dir: &Path, base: u64) -> Result<()> {
-        let dir = data_dir.join(DELTA_DIR);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    /// Its file's bytes.
+    #[must_use]
+    pub fn to_bytes(&self) -> Vec<u8> {
         let changes = self.added.len() + self.removed.len();
         let mut out = Vec::with_capacity(48 + 16 * changes);
         out.extend_from_slice(if self.has_buckets() { MAGIC } else { MAGIC_V1 });
@@ -217,74 +213,49 @@ impl Delta {
                 out.extend_from_slice(&u64::from(*b).to_be_bytes());
             }
         }
-        write_atomically(
-            &Self::path(data_dir, self.epoch, self.from, self.to),
-            &out,
-            0o600,
-        )?;
-        let mut all = list(data_dir)?;
-        all.sort_by_key(|(e, from, _, _)| (*e != self.epoch, std::cmp::Reverse(*from)));
-        let mut kept = 0;
-        for (epoch, from, _, path) in all {
-            if epoch == self.epoch && (kept < KEEP_DELTAS || from >= base) {
-                kept += 1;
-            } else {
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("removing {}", path.display()))?;
-            }
-        }
-        Ok(())
+        out
     }
 
-    /// Removes every delta (a new key epoch makes them useless).
+    /// Reads the delta the manifest names by `entry` from `data_dir`: its
+    /// length and checksum verified, its content matching its name.
     ///
     /// # Errors
-    /// I/O errors.
-    pub fn remove_all(data_dir: &Path) -> Result<()> {
-        for (_, _, _, path) in list(data_dir)? {
-            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    /// A missing, damaged or malformed file.
+    pub fn read(data_dir: &Path, entry: &Entry) -> Result<Self> {
+        let bytes = entry.read(data_dir)?;
+        let d = parse(&bytes).with_context(|| format!("{} is malformed", entry.name))?;
+        if d.name() != entry.name {
+            bail!("{} holds the delta {}", entry.name, d.name());
         }
-        Ok(())
-    }
-
-    /// The deltas of `epoch` up to version `to`, oldest first. Unreadable
-    /// delta files are skipped with a warning (clients then fetch shards).
-    ///
-    /// # Errors
-    /// An unreadable directory.
-    pub fn load(data_dir: &Path, epoch: u64, to: u64) -> Result<Vec<Delta>> {
-        let mut out = Vec::new();
-        for (e, from, t, path) in list(data_dir)? {
-            if e != epoch || t > to {
-                continue;
-            }
-            match std::fs::read(&path)
-                .map_err(anyhow::Error::from)
-                .and_then(|b| parse(&b))
-            {
-                Ok(d) if d.epoch == e && d.from == from && d.to == t => out.push(d),
-                Ok(_) => {
-                    tracing::warn!(path = %path.display(), "delta file does not match its name; ignored")
-                }
-                Err(err) => {
-                    tracing::warn!(path = %path.display(), "unreadable delta file ignored: {err:#}")
-                }
-            }
-        }
-        out.sort_by_key(|d| d.from);
-        Ok(out)
+        Ok(d)
     }
 }
 
-/// The newest delta file's (epoch, from, to), if any: part of what a
-/// watcher compares to see a new version.
+/// `(epoch, from, to)` of a delta file's name (`deltas/epoch-E-vA-vB.delta`).
 #[must_use]
-pub fn newest(data_dir: &Path) -> Option<(u64, u64, u64)> {
-    list(data_dir)
-        .ok()?
+pub fn parse_name(name: &str) -> Option<(u64, u64, u64)> {
+    let n = name
+        .strip_prefix(DELTA_DIR)?
+        .strip_prefix('/')?
+        .strip_prefix("epoch-")?
+        .strip_suffix(".delta")?;
+    let (e, rest) = n.split_once("-v")?;
+    let (a, b) = rest.split_once("-v")?;
+    Some((e.parse().ok()?, a.parse().ok()?, b.parse().ok()?))
+}
+
+/// Of one epoch's deltas, `(from, item)` in any order, those kept with the
+/// base index at version `base`: every one from the base on (the log, kept
+/// until compacted), and beyond those the newest, up to [`KEEP_DELTAS`] in all.
+#[must_use]
+pub fn retained<T>(mut deltas: Vec<(u64, T)>, base: u64) -> Vec<T> {
+    deltas.sort_by_key(|(from, _)| std::cmp::Reverse(*from));
+    deltas
         .into_iter()
-        .map(|(e, a, b, _)| (e, a, b))
-        .max()
+        .enumerate()
+        .filter(|(rank, (from, _))| *rank < KEEP_DELTAS || *from >= base)
+        .map(|(_, (_, item))| item)
+        .collect()
 }
 
 fn pairs(buckets: &[u32], tags: &[u64]) -> Vec<(u32, Tag)> {
@@ -295,7 +266,11 @@ fn pairs(buckets: &[u32], tags: &[u64]) -> Vec<(u32, Tag)> {
         .collect()
 }
 
-fn parse(bytes: &[u8]) -> Result<Delta> {
+/// A delta from its file's bytes.
+///
+/// # Errors
+/// Not a delta file, or one whose length does not match its counts.
+pub fn parse(bytes: &[u8]) -> Result<Delta> {
     let with_buckets = match bytes.get(..8) {
         Some(m) if m == MAGIC => true,
         Some(m) if m == MAGIC_V1 => false,
@@ -341,26 +316,12 @@ fn parse(bytes: &[u8]) -> Result<Delta> {
     })
 }
 
-fn list(data_dir: &Path) -> Result<Vec<(u64, u64, u64, PathBuf)>> {
-    let found = named_files(&data_dir.join(DELTA_DIR), |name| {
-        let n = name.strip_prefix("epoch-")?.strip_suffix(".delta")?;
-        let (e, rest) = n.split_once("-v")?;
-        let (a, b) = rest.split_once("-v")?;
-        Some((e.parse().ok()?, a.parse().ok()?, b.parse().ok()?))
-    })?;
-    Ok(found
-        .into_iter()
-        .map(|((e, a, b), p)| (e, a, b, p))
-        .collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn deltas_round_trip_compose_and_are_pruned() {
-        let dir = tempfile::tempdir().unwrap();
+    fn deltas_round_trip_and_compose() {
         let t = |v: &[u64]| {
             v.iter()
                 .map(|&x| ((x % 4) as u32, Tag(x)))
@@ -370,11 +331,12 @@ mod tests {
         assert_eq!((d1.added.clone(), d1.removed.clone()), (vec![4], vec![1]));
         assert_eq!((d1.added_pairs(), d1.removed_pairs()), (t(&[4]), t(&[1])));
         let d2 = Delta::of_change(3, 2, 3, &t(&[1, 5]), &t(&[2, 4]));
-        d1.store(dir.path(), 0).unwrap();
-        d2.store(dir.path(), 0).unwrap();
-        let loaded = Delta::load(dir.path(), 3, 3).unwrap();
+        let loaded: Vec<Delta> = [&d1, &d2]
+            .iter()
+            .map(|d| parse(&d.to_bytes()).unwrap())
+            .collect();
         assert_eq!(loaded, vec![d1.clone(), d2.clone()]);
-        assert_eq!(Delta::load(dir.path(), 3, 2).unwrap(), vec![d1.clone()]);
+        assert_eq!(parse_name(&d2.name()), Some((3, 2, 3)));
         let (add, rem) = Delta::compose(&loaded, 1, 3).unwrap();
         // 1 removed then re-added: no change; 2 and 4 gone in the end.
         assert_eq!((add, rem), (vec![5], vec![2]));
@@ -395,50 +357,30 @@ mod tests {
         assert!(Delta::chain_from(&loaded[1..], 1).is_empty(), "a gap");
         // A delta without buckets (an init's) serves sync but is no log.
         let plain = |v: &[u64]| v.iter().map(|&x| Tag(x)).collect::<Vec<_>>();
-        Delta::between(3, 3, 4, &plain(&[1, 3, 5]), &plain(&[1, 3, 5, 9]))
-            .store(dir.path(), 0)
-            .unwrap();
-        let with_v1 = Delta::load(dir.path(), 3, 4).unwrap();
-        assert_eq!(with_v1.len(), 3);
-        assert_eq!(with_v1[2].added, vec![9]);
-        assert!(!with_v1[2].has_buckets());
+        let d3 = Delta::between(3, 3, 4, &plain(&[1, 3, 5]), &plain(&[1, 3, 5, 9]));
+        let d3 = parse(&d3.to_bytes()).unwrap();
+        assert_eq!(d3.added, vec![9]);
+        assert!(!d3.has_buckets());
+        let with_v1 = vec![d1, d2, d3];
         assert!(Delta::chain_from(&with_v1, 3).is_empty());
         assert_eq!(Delta::compose(&with_v1, 3, 4).unwrap().0, vec![9]);
-        // A new epoch's delta removes the old epoch's.
-        Delta::of_change(4, 3, 4, &t(&[9]), &[])
-            .store(dir.path(), 0)
-            .unwrap();
-        assert!(Delta::load(dir.path(), 3, 9).unwrap().is_empty());
-        assert_eq!(Delta::load(dir.path(), 4, 9).unwrap().len(), 1);
-        // Garbage is skipped.
-        std::fs::write(
-            dir.path().join(DELTA_DIR).join("epoch-4-v4-v5.delta"),
-            b"junk",
-        )
-        .unwrap();
-        assert_eq!(Delta::load(dir.path(), 4, 9).unwrap().len(), 1);
+        // Garbage and truncations are errors.
+        assert!(parse(b"junk").is_err());
+        let bytes = with_v1[1].to_bytes();
+        for cut in [8, 16, bytes.len() - 8] {
+            assert!(parse(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]
     fn the_log_after_the_base_is_never_pruned() {
-        let dir = tempfile::tempdir().unwrap();
         let n = KEEP_DELTAS as u64 + 10;
-        for v in 1..=n {
-            Delta::of_change(1, v, v + 1, &[(0, Tag(v))], &[])
-                .store(dir.path(), 5)
-                .unwrap();
-        }
+        let all: Vec<(u64, u64)> = (1..=n).map(|v| (v, v)).collect();
         // Everything from the base (version 5) on is kept, whatever the window.
-        let kept = Delta::load(dir.path(), 1, u64::MAX).unwrap();
-        assert_eq!(kept.first().map(|d| d.from), Some(5));
+        let kept = retained(all.clone(), 5);
+        assert_eq!(kept.iter().min(), Some(&5));
         assert_eq!(kept.len() as u64, n - 4);
         // With the base at the newest version, only the window remains.
-        Delta::of_change(1, n + 1, n + 2, &[], &[(0, Tag(1))])
-            .store(dir.path(), n + 2)
-            .unwrap();
-        assert_eq!(
-            Delta::load(dir.path(), 1, u64::MAX).unwrap().len(),
-            KEEP_DELTAS
-        );
+        assert_eq!(retained(all, n + 1).len(), KEEP_DELTAS);
     }
 }

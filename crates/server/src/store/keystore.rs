@@ -18,12 +18,17 @@ use anyhow::{bail, Context, Result};
 use psi_core::rotation::KeyStep;
 use psi_core::{PublicKey, ServerKey};
 use rand_core::OsRng;
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use psi_files::atomic::write_atomically;
 
-const MAGIC: &[u8; 8] = b"PSIKEY\x00\x01";
-const FILE_LEN: usize = 8 + 8 + 32;
+/// Key files written before they carried their public key and a checksum.
+const MAGIC_V1: &[u8; 8] = b"PSIKEY\x00\x01";
+const FILE_LEN_V1: usize = 8 + 8 + 32;
+/// Magic, epoch, secret scalar, public key, SHA-256 of what precedes.
+const MAGIC: &[u8; 8] = b"PSIKEY\x00\x02";
+const FILE_LEN: usize = 8 + 8 + 32 + 32 + 32;
 /// The public key history's name inside the data directory.
 pub const HISTORY_FILE: &str = "key-history.txt";
 /// How long a retired key is kept when nobody says otherwise.
@@ -116,6 +121,9 @@ pub fn store(data_dir: &Path, key: &EpochKey) -> Result<()> {
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&key.epoch.to_be_bytes());
     bytes.extend_from_slice(key.key.to_bytes().as_slice());
+    bytes.extend_from_slice(&key.key.public_key().to_bytes());
+    let digest = Sha256::digest(bytes.as_slice());
+    bytes.extend_from_slice(&digest);
     Ok(write_atomically(
         &key_path(data_dir, key.epoch),
         &bytes,
@@ -245,10 +253,12 @@ pub fn append_history(data_dir: &Path, step: &KeyStep) -> Result<()> {
     )?)
 }
 
-/// Loads the key file of `epoch`.
+/// Loads the key file of `epoch`, checking its checksum and that its secret
+/// derives the public key it holds.
 ///
 /// # Errors
-/// Missing, unreadable, malformed, of another epoch, or readable by group or others.
+/// Missing, unreadable, malformed, damaged, of another epoch, or readable
+/// by group or others.
 pub fn load(data_dir: &Path, key_epoch: u64) -> Result<EpochKey> {
     let path = key_path(data_dir, key_epoch);
     let meta = fs::metadata(&path).with_context(|| {
@@ -267,10 +277,23 @@ pub fn load(data_dir: &Path, key_epoch: u64) -> Result<EpochKey> {
     let bytes =
         Zeroizing::new(fs::read(&path).with_context(|| format!("reading {}", path.display()))?);
     let (magic, rest) = bytes.split_at_checked(8).unwrap_or((&[], &[]));
-    let (epoch, secret) = rest.split_at_checked(8).unwrap_or((&[], &[]));
-    if bytes.len() != FILE_LEN || magic != MAGIC {
-        bail!("{} is not a psi-server key file", path.display());
-    }
+    let (epoch, rest) = rest.split_at_checked(8).unwrap_or((&[], &[]));
+    let (secret, rest) = rest.split_at_checked(32).unwrap_or((&[], &[]));
+    let public = match (magic, bytes.len()) {
+        (m, FILE_LEN) if m == MAGIC => {
+            let (public, digest) = rest.split_at(32);
+            let body = bytes.get(..FILE_LEN - 32).unwrap_or(&[]);
+            if Sha256::digest(body)[..] != *digest {
+                bail!(
+                    "{} is damaged (its checksum does not match): restore the key file from a backup",
+                    path.display()
+                );
+            }
+            Some(public)
+        }
+        (m, FILE_LEN_V1) if m == MAGIC_V1 => None,
+        _ => bail!("{} is not a psi-server key file", path.display()),
+    };
     let epoch = u64::from_be_bytes(epoch.try_into()?);
     if epoch != key_epoch {
         bail!("{} holds the key of epoch {epoch}", path.display());
@@ -278,7 +301,29 @@ pub fn load(data_dir: &Path, key_epoch: u64) -> Result<EpochKey> {
     let secret: Zeroizing<[u8; 32]> = Zeroizing::new(secret.try_into()?);
     let key = ServerKey::from_bytes(&secret)
         .map_err(|_| anyhow::anyhow!("{} holds an invalid key", path.display()))?;
+    if public.is_some_and(|p| p != key.public_key().to_bytes()) {
+        bail!(
+            "{} is damaged (its secret does not derive its public key): restore the key file from a backup",
+            path.display()
+        );
+    }
     Ok(EpochKey { epoch, key })
+}
+
+/// Loads the key file of `epoch` and checks that it derives `public_key`
+/// (the one the manifest committed for the epoch).
+///
+/// # Errors
+/// As [`load`], and a key that derives another public key.
+pub fn load_committed(data_dir: &Path, epoch: u64, public_key: &[u8; 32]) -> Result<EpochKey> {
+    let key = load(data_dir, epoch)?;
+    if key.key.public_key().to_bytes() != *public_key {
+        bail!(
+            "{} does not derive the public key the manifest committed for epoch {epoch}:              the key file is damaged or not this registry's; restore it from a backup",
+            key_path(data_dir, epoch).display()
+        );
+    }
+    Ok(key)
 }
 
 #[cfg(test)]
@@ -316,6 +361,35 @@ mod tests {
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         fs::write(&p, b"garbage").unwrap();
         assert!(load(dir.path(), 1).is_err());
+    }
+
+    #[test]
+    fn any_flipped_bit_is_refused_and_a_foreign_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = create(dir.path(), 1).unwrap();
+        let public = key.key.public_key().to_bytes();
+        let p = key_path(dir.path(), 1);
+        let good = fs::read(&p).unwrap();
+        for bit in 0..good.len() * 8 {
+            let mut bad = good.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            fs::write(&p, &bad).unwrap();
+            assert!(load(dir.path(), 1).is_err(), "bit {bit} flipped");
+        }
+        fs::write(&p, &good).unwrap();
+        assert!(load_committed(dir.path(), 1, &public).is_ok());
+        let err = load_committed(dir.path(), 1, &[9; 32]).unwrap_err();
+        assert!(err.to_string().contains("manifest"), "{err}");
+        // A key file of the earlier format (no public key, no checksum)
+        // still loads; the manifest's public key is what checks it.
+        let mut v1 = MAGIC_V1.to_vec();
+        v1.extend_from_slice(&1u64.to_be_bytes());
+        v1.extend_from_slice(key.key.to_bytes().as_slice());
+        fs::write(&p, &v1).unwrap();
+        assert!(load_committed(dir.path(), 1, &public).is_ok());
+        v1[20] ^= 1;
+        fs::write(&p, &v1).unwrap();
+        assert!(load_committed(dir.path(), 1, &public).is_err());
     }
 
     #[test]

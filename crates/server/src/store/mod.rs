@@ -25,6 +25,7 @@
 
 pub mod delta;
 pub mod keystore;
+pub mod manifest;
 pub mod mapped;
 pub mod records;
 
@@ -39,10 +40,13 @@ use psi_core::bucket::SharedBytes;
 use psi_core::{BucketIndex, Tag};
 
 use delta::Delta;
+use keystore::EpochKey;
+use manifest::{Entry, Manifest, MANIFEST_FILE};
 use mapped::MappedFile;
 use records::Records;
 
-/// The snapshot file's name inside the data directory.
+/// The base index's name in a data directory written before manifests
+/// (now `registry-G.bkt`, named by the manifest: see [`base_file`]).
 pub const SNAPSHOT_FILE: &str = "registry.bkt";
 const LOCK_FILE: &str = ".lock";
 
@@ -133,25 +137,79 @@ mod tests {
     }
 }
 
-/// What a change to the data directory alters: the base index file and the
-/// newest delta. A watcher reloads when it changes.
+/// What a commit to the data directory alters: its manifest (replaced by
+/// every commit), or for a directory written before manifests, the base
+/// index file and the newest delta. A watcher reloads when it changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stamp {
-    base: FileStamp,
-    newest_delta: Option<(u64, u64, u64)>,
+    committed: FileStamp,
+    newest_delta: Option<String>,
 }
 
-/// Identifies the current snapshot's files (a commit replaces the base
-/// index, so its inode changes, or adds a delta).
+/// Identifies the committed state's files.
 #[must_use]
 pub fn snapshot_stamp(data_dir: &Path) -> Option<Stamp> {
+    if let Some(committed) = file_stamp(&data_dir.join(MANIFEST_FILE)) {
+        return Some(Stamp {
+            committed,
+            newest_delta: None,
+        });
+    }
     Some(Stamp {
-        base: file_stamp(&data_dir.join(SNAPSHOT_FILE))?,
-        newest_delta: crate::store::delta::newest(data_dir),
+        committed: file_stamp(&data_dir.join(SNAPSHOT_FILE))?,
+        newest_delta: legacy_files(&data_dir.join(delta::DELTA_DIR), ".delta")
+            .ok()?
+            .into_iter()
+            .max(),
     })
 }
 
-/// The current registry version and how it is stored.
+/// Whether `data_dir` holds a registry (committed, or written before manifests).
+#[must_use]
+pub fn has_registry(data_dir: &Path) -> bool {
+    data_dir.join(MANIFEST_FILE).is_file() || data_dir.join(SNAPSHOT_FILE).is_file()
+}
+
+/// The committed base index file of `data_dir` (its name changes with
+/// every new base: `registry-G.bkt`).
+///
+/// # Errors
+/// No registry, or a damaged manifest.
+pub fn base_file(data_dir: &Path) -> Result<PathBuf> {
+    committed_or_none(data_dir).map(|m| data_dir.join(m.base.name))
+}
+
+/// The committed record store file of `data_dir` (`records-G.bin`).
+///
+/// # Errors
+/// No registry or record store, or a damaged manifest.
+pub fn records_file(data_dir: &Path) -> Result<PathBuf> {
+    committed_or_none(data_dir)?
+        .records
+        .map(|r| data_dir.join(r.name))
+        .with_context(|| format!("{} holds no record store", data_dir.display()))
+}
+
+fn committed_or_none(data_dir: &Path) -> Result<Manifest> {
+    committed(data_dir)?.with_context(|| {
+        format!(
+            "{} has no registry: run `psi-server init` first",
+            data_dir.display()
+        )
+    })
+}
+
+/// Whether `data_dir` holds the plaintext record store (an encoding
+/// directory, not one made by `psi-server publish`).
+#[must_use]
+pub fn holds_records(data_dir: &Path) -> bool {
+    match Manifest::read(data_dir) {
+        Ok(Some(m)) => m.records.is_some(),
+        _ => data_dir.join(records::RECORDS_FILE).exists(),
+    }
+}
+
+/// The committed registry version and how it is stored.
 pub(crate) struct Current {
     /// The index of the current version.
     pub(crate) index: BucketIndex,
@@ -163,9 +221,11 @@ pub(crate) struct Current {
     pub(crate) deltas: Vec<Delta>,
     /// The mapped base index file.
     pub(crate) mapped: Arc<MappedFile>,
+    /// The manifest it was read from.
+    pub(crate) manifest: Manifest,
 }
 
-/// The current version: the base index with the log applied (in memory;
+/// The committed version: the base index with the log applied (in memory;
 /// nothing is written). An error if there is no registry yet.
 pub(crate) fn current(data_dir: &Path) -> Result<Current> {
     read_current(data_dir)?.with_context(|| {
@@ -176,12 +236,38 @@ pub(crate) fn current(data_dir: &Path) -> Result<Current> {
     })
 }
 
+/// The committed version, if there is a registry; every file it is read
+/// from checked against the manifest.
+///
+/// # Errors
+/// A damaged manifest or file, or files out of step with the manifest.
 pub(crate) fn read_current(data_dir: &Path) -> Result<Option<Current>> {
-    let Some((base, mapped)) = read_base(data_dir)? else {
-        return Ok(None);
-    };
+    committed(data_dir)?
+        .map(|m| load_state(data_dir, m))
+        .transpose()
+}
+
+/// The state `manifest` commits: its base index (length and checksum
+/// verified), its deltas (each verified), the log applied.
+fn load_state(data_dir: &Path, manifest: Manifest) -> Result<Current> {
+    let (base, mapped) = read_base(data_dir, &manifest.base)?;
+    if base.epoch() != manifest.epoch {
+        bail!(
+            "{} is of key epoch {}, the manifest says {}: the store is damaged",
+            manifest.base.name,
+            base.epoch(),
+            manifest.epoch
+        );
+    }
     let base_version = base.registry_version();
-    let all = Delta::load(data_dir, base.epoch(), u64::MAX)?;
+    let all = manifest
+        .deltas
+        .iter()
+        .map(|e| Delta::read(data_dir, e))
+        .collect::<Result<Vec<Delta>>>()?;
+    if let Some(d) = all.iter().find(|d| d.epoch != manifest.epoch) {
+        bail!("the manifest names {}, of another key epoch", d.name());
+    }
     let chain = Delta::chain_from(&all, base_version);
     let log_len = chain.len();
     let index = match chain.last() {
@@ -194,47 +280,162 @@ pub(crate) fn read_current(data_dir: &Path) -> Result<Option<Current>> {
         }
     };
     let version = index.registry_version();
+    if version != manifest.version {
+        bail!(
+            "{} and its deltas make registry version {version}, the manifest commits {}: the store is damaged",
+            manifest.base.name,
+            manifest.version
+        );
+    }
     let deltas = all.into_iter().filter(|d| d.to <= version).collect();
-    Ok(Some(Current {
+    Ok(Current {
         index,
         base_version,
         log_len,
         deltas,
         mapped,
-    }))
+        manifest,
+    })
 }
 
-/// The current registry version's index; an error if there is none yet.
-pub(crate) fn current_index(data_dir: &Path) -> Result<BucketIndex> {
-    current(data_dir).map(|c| c.index)
-}
-
-/// The canonical records of the current version (the record store with the
-/// segments of the updates since replayed): what `rotate-key` re-encrypts.
+/// The canonical records of the committed version (the record store with
+/// the segments of the updates since replayed): what `rotate-key` re-encrypts.
 ///
 /// # Errors
 /// No registry, a missing or damaged record store or segment.
 pub fn current_records(data_dir: &Path) -> Result<Records> {
-    Records::read(data_dir, current_index(data_dir)?.registry_version())
+    Records::read(data_dir, &committed_or_none(data_dir)?)
 }
 
-/// The base index alone (without the log), memory-mapped and verified.
-pub(crate) fn read_base(data_dir: &Path) -> Result<Option<(BucketIndex, Arc<MappedFile>)>> {
-    let path = data_dir.join(SNAPSHOT_FILE);
-    match fs::metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        Ok(_) => {}
+/// The base index file `entry` names, memory-mapped, its length and
+/// checksum verified.
+pub(crate) fn read_base(data_dir: &Path, entry: &Entry) -> Result<(BucketIndex, Arc<MappedFile>)> {
+    let path = data_dir.join(&entry.name);
+    let mapped = MappedFile::open(&path).with_context(|| {
+        format!(
+            "opening {}, which the manifest names: the store is damaged",
+            path.display()
+        )
+    })?;
+    let bytes: &[u8] = (*mapped).as_ref();
+    let trailer = bytes.len().checked_sub(32).and_then(|at| bytes.get(at..));
+    if bytes.len() as u64 != entry.len || trailer != Some(entry.digest.as_slice()) {
+        bail!(
+            "{} is not the base index the manifest committed ({} bytes, {} expected): the file is damaged or replaced",
+            path.display(),
+            bytes.len(),
+            entry.len
+        );
     }
-    let mapped = MappedFile::open(&path)?;
     let index = BucketIndex::from_shared(Arc::clone(&mapped) as SharedBytes)
-        .with_context(|| format!("loading {}", path.display()))?;
-    Ok(Some((index, mapped)))
+        .with_context(|| format!("loading {}: the file is damaged", path.display()))?;
+    Ok((index, mapped))
 }
 
-/// The current version's index, if there is a registry.
-pub(crate) fn read_index(data_dir: &Path) -> Result<Option<BucketIndex>> {
-    Ok(read_current(data_dir)?.map(|c| c.index))
+/// The manifest entry of a base index file's bytes: its trailing checksum
+/// (which loading verifies over the whole file) is its digest.
+fn base_entry(name: String, bytes: &[u8]) -> Entry {
+    let mut digest = [0u8; 32];
+    if let Some(tail) = bytes.len().checked_sub(32).and_then(|at| bytes.get(at..)) {
+        digest.copy_from_slice(tail);
+    }
+    Entry {
+        name,
+        len: bytes.len() as u64,
+        digest,
+    }
+}
+
+/// The committed state of `data_dir`: its manifest, verified; for a
+/// directory written before manifests, one describing its files as found
+/// (the next writer commits it). `None` when there is no registry.
+///
+/// # Errors
+/// A damaged manifest; in an older directory, unreadable files.
+pub(crate) fn committed(data_dir: &Path) -> Result<Option<Manifest>> {
+    match Manifest::read(data_dir)? {
+        Some(m) => Ok(Some(m)),
+        None => legacy_manifest(data_dir),
+    }
+}
+
+/// A directory written before manifests: `registry.bkt`, `records.bin` (in
+/// an encoding directory), the deltas of the base's epoch and the record
+/// segments, as found. The deltas and segments are hashed as they are: a
+/// damaged one then fails to parse when read, and is never skipped.
+fn legacy_manifest(data_dir: &Path) -> Result<Option<Manifest>> {
+    let base_path = data_dir.join(SNAPSHOT_FILE);
+    if !base_path.is_file() {
+        return Ok(None);
+    }
+    let bytes = fs::read(&base_path).with_context(|| format!("reading {}", base_path.display()))?;
+    let base = base_entry(SNAPSHOT_FILE.to_string(), &bytes);
+    drop(bytes);
+    let (index, _) = read_base(data_dir, &base)?;
+    let epoch = index.epoch();
+    let base_version = index.registry_version();
+    let public_key = keystore::load(data_dir, epoch)?.key.public_key().to_bytes();
+    let mut deltas = Vec::new();
+    let mut parsed = Vec::new();
+    for name in legacy_files(&data_dir.join(delta::DELTA_DIR), ".delta")? {
+        let name = format!("{}/{name}", delta::DELTA_DIR);
+        if delta::parse_name(&name).is_some_and(|(e, _, _)| e == epoch) {
+            let bytes =
+                fs::read(data_dir.join(&name)).with_context(|| format!("reading {name}"))?;
+            let d = delta::parse(&bytes).with_context(|| format!("{name} is damaged"))?;
+            deltas.push(Entry::of(name, &bytes));
+            parsed.push(d);
+        }
+    }
+    let version = Delta::chain_from(&parsed, base_version)
+        .last()
+        .map_or(base_version, |d| d.to);
+    let records_path = data_dir.join(records::RECORDS_FILE);
+    let (records, segments) = if records_path.is_file() {
+        let bytes = fs::read(&records_path)
+            .with_context(|| format!("reading {}", records_path.display()))?;
+        let stored = Records::from_bytes(bytes.clone())
+            .with_context(|| format!("{} is damaged", records_path.display()))?
+            .version;
+        let mut segments = Vec::new();
+        for name in legacy_files(&data_dir.join(records::SEGMENT_DIR), ".seg")? {
+            let name = format!("{}/{name}", records::SEGMENT_DIR);
+            // Segments of an interrupted run, past the version: not committed.
+            if records::parse_segment_name(&name).is_some_and(|(a, b)| a >= stored && b <= version)
+            {
+                let bytes =
+                    fs::read(data_dir.join(&name)).with_context(|| format!("reading {name}"))?;
+                segments.push(Entry::of(name, &bytes));
+            }
+        }
+        (
+            Some(Entry::of(records::RECORDS_FILE.to_string(), &bytes)),
+            segments,
+        )
+    } else {
+        (None, Vec::new())
+    };
+    Ok(Some(Manifest {
+        generation: 0,
+        version,
+        epoch,
+        public_key,
+        base,
+        records,
+        deltas,
+        segments,
+    }))
+}
+
+/// Names of the files in `dir` ending in `suffix`, but hidden (temporary)
+/// ones; none when `dir` does not exist.
+fn legacy_files(dir: &Path, suffix: &str) -> Result<Vec<String>> {
+    Ok(named_files(dir, |name| {
+        (name.ends_with(suffix) && !name.starts_with('.')).then(|| name.to_string())
+    })?
+    .into_iter()
+    .map(|(name, _)| name)
+    .collect())
 }
 
 /// Takes the data directory's lock: one writer (init, update, rotate-key)
@@ -248,11 +449,10 @@ pub(crate) fn lock(data_dir: &Path, create: bool) -> Result<fs::File> {
             .mode(0o700)
             .create(data_dir)
             .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-    } else if !data_dir.join(SNAPSHOT_FILE).is_file() {
+    } else if !has_registry(data_dir) {
         bail!(
-            "{} holds no registry ({} is missing): check the path, or run `psi-server init` first",
-            data_dir.display(),
-            SNAPSHOT_FILE
+            "{} holds no registry (no {MANIFEST_FILE}): check the path, or run `psi-server init` first",
+            data_dir.display()
         );
     }
     let path = data_dir.join(LOCK_FILE);
@@ -272,11 +472,290 @@ pub(crate) fn lock(data_dir: &Path, create: bool) -> Result<fs::File> {
             return Err(e).with_context(|| format!("locking {}", path.display()))
         }
     }
-    let stale = psi_files::atomic::remove_stale_temps(data_dir)?;
+    let mut stale = 0;
+    for dir in [
+        data_dir.to_path_buf(),
+        data_dir.join(delta::DELTA_DIR),
+        data_dir.join(records::SEGMENT_DIR),
+    ] {
+        stale += psi_files::atomic::remove_stale_temps(&dir)?;
+    }
     if stale > 0 {
         tracing::warn!(stale, "removed temporary files left by an interrupted run");
     }
     Ok(file)
+}
+
+/// The one writer of a data directory: holds its lock, knows its layout,
+/// reads and verifies the committed state, and commits new states through
+/// the manifest. Every file of a new state is written under a name the
+/// committed manifest does not hold, and synced, before the manifest that
+/// names it replaces the old one; files no longer named are removed only
+/// after. A directory written before manifests is committed as found when
+/// opened (its files keep their names until a new base replaces them).
+#[derive(Debug)]
+pub(crate) struct Writer {
+    dir: PathBuf,
+    committed: Option<Manifest>,
+    _lock: fs::File,
+}
+
+impl Writer {
+    /// Takes `data_dir`'s lock (creating the directory when `create`) and
+    /// reads its committed state, removing what an interrupted run left.
+    ///
+    /// # Errors
+    /// As [`lock`]; a damaged manifest.
+    pub(crate) fn open(data_dir: &Path, create: bool) -> Result<Self> {
+        let lock = lock(data_dir, create)?;
+        let committed = committed(data_dir)?;
+        let writer = Self {
+            dir: data_dir.to_path_buf(),
+            committed,
+            _lock: lock,
+        };
+        if let Some(m) = &writer.committed {
+            if !data_dir.join(MANIFEST_FILE).exists() {
+                m.commit(data_dir)?;
+                tracing::info!(
+                    registry_version = m.version,
+                    "the data directory now has a manifest (it was written by an earlier version)"
+                );
+            }
+            collect_garbage(data_dir, m)?;
+        }
+        Ok(writer)
+    }
+
+    /// The data directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The committed manifest, if there is a registry.
+    pub(crate) fn manifest(&self) -> Option<&Manifest> {
+        self.committed.as_ref()
+    }
+
+    fn committed(&self) -> Result<&Manifest> {
+        self.committed.as_ref().with_context(|| {
+            format!(
+                "{} has no registry: run `psi-server init` first",
+                self.dir.display()
+            )
+        })
+    }
+
+    /// The committed version, every file verified.
+    ///
+    /// # Errors
+    /// A damaged or out-of-step store.
+    pub(crate) fn current(&self) -> Result<Option<Current>> {
+        self.committed
+            .clone()
+            .map(|m| load_state(&self.dir, m))
+            .transpose()
+    }
+
+    /// The committed version's canonical records, every file verified.
+    ///
+    /// # Errors
+    /// No registry or record store, a damaged file.
+    pub(crate) fn records(&self) -> Result<Records> {
+        Records::read(&self.dir, self.committed()?)
+    }
+
+    /// The committed epoch's key, checked against the manifest's public key.
+    ///
+    /// # Errors
+    /// No registry; a missing, damaged or foreign key file.
+    pub(crate) fn key(&self) -> Result<EpochKey> {
+        let m = self.committed()?;
+        keystore::load_committed(&self.dir, m.epoch, &m.public_key)
+    }
+
+    /// Writes `bytes` as `name` (mode 0600, atomically, its directory made).
+    fn put(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.dir.join(name);
+        if let Some(parent) = path.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        psi_files::atomic::write_atomically(&path, bytes, 0o600)?;
+        Ok(())
+    }
+
+    /// Writes the last run's rejected-rows report (`REPORT_FILE`): not part
+    /// of the committed state.
+    pub(crate) fn write_report(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.put(name, bytes)
+    }
+
+    /// Commits a new base: `index` and its `records` (the registry version
+    /// and key epoch are the index's), with `sync_delta` (the change from
+    /// the committed version, for sync clients) when it is of the same
+    /// epoch. `public_key` is the epoch's. The log starts afresh; deltas of
+    /// the same epoch are kept for sync, up to the window.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub(crate) fn commit_base(
+        &mut self,
+        index: &BucketIndex,
+        records: &Records,
+        public_key: [u8; 32],
+        sync_delta: Option<&Delta>,
+    ) -> Result<()> {
+        let generation = self.committed.as_ref().map_or(1, |m| m.generation + 1);
+        let epoch = index.epoch();
+        let version = index.registry_version();
+        let records_name = Manifest::records_name(generation);
+        let records_bytes = records.to_bytes();
+        self.put(&records_name, &records_bytes)?;
+        let records = Entry::of(records_name, &records_bytes);
+        drop(records_bytes);
+        let base_name = Manifest::base_name(generation);
+        let base_bytes = index.to_bytes();
+        self.put(&base_name, &base_bytes)?;
+        let base = base_entry(base_name, &base_bytes);
+        drop(base_bytes);
+        let mut deltas: Vec<Entry> = self
+            .committed
+            .as_ref()
+            .filter(|m| m.epoch == epoch)
+            .map(|m| m.deltas.clone())
+            .unwrap_or_default();
+        if let Some(d) = sync_delta.filter(|d| d.epoch == epoch && d.to == version) {
+            let bytes = d.to_bytes();
+            self.put(&d.name(), &bytes)?;
+            deltas.retain(|e| e.name != d.name());
+            deltas.push(Entry::of(d.name(), &bytes));
+        }
+        let manifest = Manifest {
+            generation,
+            version,
+            epoch,
+            public_key,
+            base,
+            records: Some(records),
+            deltas: retained_deltas(deltas, version),
+            segments: Vec::new(),
+        };
+        self.commit(manifest)
+    }
+
+    /// Commits an update: `delta` (with buckets, from the committed version)
+    /// and the records it `added` and `removed`, on the base of version
+    /// `base_version`.
+    ///
+    /// # Errors
+    /// No registry; a delta that does not follow on; I/O errors.
+    pub(crate) fn commit_update(
+        &mut self,
+        base_version: u64,
+        delta: &Delta,
+        added: &Records,
+        removed: &Records,
+    ) -> Result<()> {
+        let mut manifest = self.committed()?.clone();
+        if delta.from != manifest.version || delta.epoch != manifest.epoch {
+            bail!(
+                "the update leads from version {} of epoch {}, the committed version is {} of epoch {}",
+                delta.from,
+                delta.epoch,
+                manifest.version,
+                manifest.epoch
+            );
+        }
+        let segment_name = Records::segment_name(delta.from, delta.to);
+        let segment = Records::segment_bytes(delta.from, delta.to, added, removed);
+        self.put(&segment_name, &segment)?;
+        let bytes = delta.to_bytes();
+        self.put(&delta.name(), &bytes)?;
+        manifest.deltas.retain(|e| e.name != delta.name());
+        manifest.deltas.push(Entry::of(delta.name(), &bytes));
+        manifest.deltas = retained_deltas(manifest.deltas, base_version);
+        manifest.segments.retain(|e| e.name != segment_name);
+        manifest.segments.push(Entry::of(segment_name, &segment));
+        manifest.version = delta.to;
+        self.commit(manifest)
+    }
+
+    /// The commit point: the manifest replaced; then what it no longer
+    /// names is removed.
+    fn commit(&mut self, manifest: Manifest) -> Result<()> {
+        manifest.commit(&self.dir)?;
+        let committed = self.committed.insert(manifest);
+        collect_garbage(&self.dir, committed)
+    }
+}
+
+/// The deltas kept with the base at version `base`: see [`delta::retained`].
+fn retained_deltas(deltas: Vec<Entry>, base: u64) -> Vec<Entry> {
+    let mut kept = delta::retained(
+        deltas
+            .into_iter()
+            .map(|e| (delta::parse_name(&e.name).map_or(0, |(_, from, _)| from), e))
+            .collect(),
+        base,
+    );
+    kept.sort_by_key(|e| delta::parse_name(&e.name).map(|(_, from, _)| from));
+    kept
+}
+
+/// Commits `manifest` into the serving directory `dir` (whose lock the
+/// caller holds) and removes the files it no longer names.
+pub(crate) fn commit_serving(dir: &Path, manifest: &Manifest) -> Result<()> {
+    manifest.commit(dir)?;
+    collect_garbage(dir, manifest)
+}
+
+/// Removes the store's files that `manifest` does not name: those of
+/// earlier states, and those an interrupted run wrote but never committed.
+/// Keys, the key history and the report are not the manifest's: left alone.
+fn collect_garbage(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let named: std::collections::HashSet<&str> = manifest.names().collect();
+    let mut candidates = Vec::new();
+    for (sub, suffix) in [
+        ("", ".bkt"),
+        ("", ".bin"),
+        (delta::DELTA_DIR, ".delta"),
+        (records::SEGMENT_DIR, ".seg"),
+    ] {
+        let at = if sub.is_empty() {
+            dir.to_path_buf()
+        } else {
+            dir.join(sub)
+        };
+        for name in legacy_files(&at, suffix)? {
+            let store_file = !sub.is_empty()
+                || name == SNAPSHOT_FILE
+                || name == records::RECORDS_FILE
+                || name.starts_with("registry-")
+                || name.starts_with("records-");
+            if store_file {
+                candidates.push(if sub.is_empty() {
+                    name
+                } else {
+                    format!("{sub}/{name}")
+                });
+            }
+        }
+    }
+    for name in candidates {
+        if !named.contains(name.as_str()) {
+            let path = dir.join(&name);
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    for sub in [delta::DELTA_DIR, records::SEGMENT_DIR] {
+        let _ = psi_files::atomic::sync_parent_dir(&dir.join(sub).join("x"));
+    }
+    psi_files::atomic::sync_parent_dir(&dir.join(MANIFEST_FILE))?;
+    Ok(())
 }
 
 /// The files in `dir` whose names `parse` recognises, with what it read

@@ -1,4 +1,4 @@
-//! The canonical record store, `DIR/records.bin` (mode 0600): every accepted
+//! The canonical record store, `DIR/records-G.bin` (mode 0600): every accepted
 //! record's encoding, so that an update can drop records and a key rotation
 //! can re-encrypt the registry without the source. It holds the same
 //! personal data as the registry source and is protected like the key.
@@ -14,15 +14,14 @@
 //! and `rotate-key` fold them into a new store.
 
 use std::collections::HashSet;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::store::named_files;
-use psi_files::atomic::write_atomically;
+use crate::store::manifest::{Entry, Manifest};
 
-/// The store's name inside the data directory.
+/// The store's name in a data directory written before manifests (now
+/// `records-G.bin`, named by the manifest).
 pub const RECORDS_FILE: &str = "records.bin";
 /// The directory of record segments inside the data directory.
 pub const SEGMENT_DIR: &str = "records.d";
@@ -115,42 +114,92 @@ impl Records {
         Ok(out)
     }
 
-    /// Writes the store atomically, mode 0600.
-    ///
-    /// # Errors
-    /// I/O errors.
-    pub fn write(&self, data_dir: &Path) -> Result<()> {
+    /// The store file's bytes.
+    #[must_use]
+    pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(24 + self.bytes.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.version.to_be_bytes());
         out.extend_from_slice(&self.count.to_be_bytes());
         out.extend_from_slice(&self.bytes);
-        Ok(write_atomically(&data_dir.join(RECORDS_FILE), &out, 0o600)?)
+        out
     }
 
-    /// Reads the records of registry version `version`: the store with the
-    /// segments that lead on from its version to `version` replayed.
+    /// A store from its file's bytes.
     ///
     /// # Errors
-    /// A missing or malformed file; no segments leading to `version`.
-    pub fn read(data_dir: &Path, version: u64) -> Result<Self> {
-        let base = Self::read_base(data_dir)?;
-        if base.version == version {
+    /// Not a record store, or one whose records do not fill it exactly.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
+        if bytes.get(..8) != Some(MAGIC.as_slice()) {
+            bail!("not a record store");
+        }
+        let (_, _, records) = parse_store(bytes).context("truncated or corrupt")?;
+        Ok(records)
+    }
+
+    /// The file name of the segment of the update from `from` to `to`.
+    #[must_use]
+    pub fn segment_name(from: u64, to: u64) -> String {
+        format!("{SEGMENT_DIR}/v{from}-v{to}.seg")
+    }
+
+    /// The bytes of the segment of the update from `from` to `to`: what it
+    /// added and removed.
+    #[must_use]
+    pub fn segment_bytes(from: u64, to: u64, added: &Records, removed: &Records) -> Vec<u8> {
+        let mut out = Vec::with_capacity(40 + added.bytes.len() + removed.bytes.len());
+        out.extend_from_slice(SEGMENT_MAGIC);
+        for n in [from, to, added.count, removed.count] {
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        out.extend_from_slice(&added.bytes);
+        out.extend_from_slice(&removed.bytes);
+        out
+    }
+
+    /// The records of the committed registry version: the store `manifest`
+    /// names with its segments replayed, each file's checksum verified.
+    ///
+    /// # Errors
+    /// No record store (a serving directory), a missing or damaged file,
+    /// segments that do not lead to the manifest's version.
+    pub fn read(data_dir: &Path, manifest: &Manifest) -> Result<Self> {
+        let entry = manifest.records.as_ref().with_context(|| {
+            format!(
+                "{} holds no record store: it is a serving directory; run this on the encoding directory",
+                data_dir.display()
+            )
+        })?;
+        let base = Self::from_bytes(entry.read(data_dir)?)
+            .with_context(|| format!("{} is damaged", data_dir.join(&entry.name).display()))?;
+        let version = manifest.version;
+        if manifest.segments.is_empty() && base.version == version {
             return Ok(base);
         }
+        let mut segments: Vec<(u64, u64, &Entry)> = manifest
+            .segments
+            .iter()
+            .map(|e| {
+                parse_segment_name(&e.name)
+                    .map(|(a, b)| (a, b, e))
+                    .with_context(|| format!("the manifest names a segment `{}`", e.name))
+            })
+            .collect::<Result<_>>()?;
+        segments.sort_by_key(|(a, b, _)| (*a, *b));
         let mut at = base.version;
         // Each record with the order it was first seen in, so that the
         // records added keep the order of the updates that added them.
         let mut net = crate::store::NetChange::new();
         let mut seen = 0usize;
-        for (from, to, path) in segments(data_dir)? {
-            if from < at || to > version {
-                continue;
-            }
+        for (from, to, entry) in segments {
             if from != at {
-                break;
+                bail!(
+                    "the record segments do not follow on from version {at} ({} starts at {from}): the store is damaged",
+                    entry.name
+                );
             }
-            let seg = read_segment(&path)?;
+            let seg = parse_segment(&entry.read(data_dir)?)
+                .with_context(|| format!("{} is damaged", entry.name))?;
             for r in seg.removed.iter() {
                 net.remove(r.to_vec(), seen);
                 seen += 1;
@@ -163,11 +212,8 @@ impl Records {
         }
         if at != version {
             bail!(
-                "{} is of registry version {} and the segments in {} lead to version {at}, not {version}: \
-                 the record store is out of step with the registry (an interrupted run); rerun `psi-server init`",
-                data_dir.join(RECORDS_FILE).display(),
-                base.version,
-                data_dir.join(SEGMENT_DIR).display()
+                "the record store is of registry version {} and its segments lead to version {at}, not {version}: the store is damaged",
+                base.version
             );
         }
         let mut added: Vec<(Vec<u8>, usize)> = net.added.into_iter().collect();
@@ -176,69 +222,17 @@ impl Records {
         let removed: HashSet<&[u8]> = net.removed.keys().map(Vec::as_slice).collect();
         base.updated(&removed, &added, version)
     }
+}
 
-    /// Reads the store alone, without its segments.
-    ///
-    /// # Errors
-    /// A missing or malformed file.
-    pub fn read_base(data_dir: &Path) -> Result<Self> {
-        let path = data_dir.join(RECORDS_FILE);
-        let bytes = std::fs::read(&path).with_context(|| {
-            format!(
-                "reading {} (the data directory predates updates: rerun `psi-server init`)",
-                path.display()
-            )
-        })?;
-        if bytes.get(..8) != Some(MAGIC.as_slice()) {
-            bail!("{} is not a record store", path.display());
-        }
-        let (_, _, records) = parse_store(bytes)
-            .with_context(|| format!("{} is truncated or corrupt", path.display()))?;
-        Ok(records)
-    }
-
-    /// Writes what the update from version `from` to `to` added and removed
-    /// as a segment (atomically, mode 0600).
-    ///
-    /// # Errors
-    /// I/O errors.
-    pub fn write_segment(
-        data_dir: &Path,
-        from: u64,
-        to: u64,
-        added: &Records,
-        removed: &Records,
-    ) -> Result<()> {
-        let dir = data_dir.join(SEGMENT_DIR);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-        let mut out = Vec::with_capacity(40 + added.bytes.len() + removed.bytes.len());
-        out.extend_from_slice(SEGMENT_MAGIC);
-        for n in [from, to, added.count, removed.count] {
-            out.extend_from_slice(&n.to_be_bytes());
-        }
-        out.extend_from_slice(&added.bytes);
-        out.extend_from_slice(&removed.bytes);
-        Ok(write_atomically(
-            &dir.join(format!("v{from}-v{to}.seg")),
-            &out,
-            0o600,
-        )?)
-    }
-
-    /// Removes every segment (after a new store has folded them in).
-    ///
-    /// # Errors
-    /// I/O errors.
-    pub fn remove_segments(data_dir: &Path) -> Result<()> {
-        for (_, _, path) in segments(data_dir)? {
-            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-        }
-        Ok(())
-    }
+/// `(from, to)` of a segment's file name (`records.d/vA-vB.seg`).
+#[must_use]
+pub fn parse_segment_name(name: &str) -> Option<(u64, u64)> {
+    let n = name
+        .strip_prefix(SEGMENT_DIR)?
+        .strip_prefix("/v")?
+        .strip_suffix(".seg")?;
+    let (a, b) = n.split_once("-v")?;
+    Some((a.parse().ok()?, b.parse().ok()?))
 }
 
 /// What one segment holds.
@@ -247,25 +241,11 @@ struct Segment {
     removed: Records,
 }
 
-/// The segments in the data directory, by starting version.
-fn segments(data_dir: &Path) -> Result<Vec<(u64, u64, PathBuf)>> {
-    let found = named_files(&data_dir.join(SEGMENT_DIR), |name| {
-        let n = name.strip_prefix('v')?.strip_suffix(".seg")?;
-        let (a, b) = n.split_once("-v")?;
-        Some((a.parse().ok()?, b.parse().ok()?))
-    })?;
-    let mut out: Vec<(u64, u64, PathBuf)> =
-        found.into_iter().map(|((a, b), p)| (a, b, p)).collect();
-    out.sort_by_key(|(a, b, _)| (*a, *b));
-    Ok(out)
-}
-
-fn read_segment(path: &Path) -> Result<Segment> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let bad = || format!("{} is truncated or corrupt", path.display());
+fn parse_segment(bytes: &[u8]) -> Result<Segment> {
+    let bad = || "truncated or corrupt".to_string();
     let (magic, rest) = bytes.split_first_chunk::<8>().with_context(bad)?;
     if magic != SEGMENT_MAGIC {
-        bail!("{} is not a records segment", path.display());
+        bail!("not a records segment");
     }
     let word = |at: usize| -> Option<u64> {
         Some(u64::from_be_bytes(*rest.get(at..)?.first_chunk::<8>()?))
@@ -320,16 +300,21 @@ fn parse_store(mut bytes: Vec<u8>) -> Option<([u8; 8], u64, Records)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::manifest::Entry;
+
+    fn of(list: &[&[u8]]) -> Records {
+        let mut r = Records::new(0);
+        for e in list {
+            r.push(e).unwrap();
+        }
+        r
+    }
 
     #[test]
     fn round_trips_and_updates_without_duplicates() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut r = Records::new(1);
-        for e in [b"aa".as_slice(), b"b", b"ccc"] {
-            r.push(e).unwrap();
-        }
-        r.write(dir.path()).unwrap();
-        let back = Records::read(dir.path(), 1).unwrap();
+        let mut r = of(&[b"aa", b"b", b"ccc"]);
+        r.version = 1;
+        let back = Records::from_bytes(r.to_bytes()).unwrap();
         assert_eq!(back.version, 1);
         assert_eq!(
             back.iter().collect::<Vec<_>>(),
@@ -345,59 +330,72 @@ mod tests {
         );
         assert_eq!(next.len(), 3);
         // Truncation is detected.
-        let p = dir.path().join(RECORDS_FILE);
-        let bytes = std::fs::read(&p).unwrap();
-        std::fs::write(&p, &bytes[..bytes.len() - 1]).unwrap();
-        assert!(Records::read(dir.path(), 1).is_err());
-    }
-
-    fn of(list: &[&[u8]]) -> Records {
-        let mut r = Records::new(0);
-        for e in list {
-            r.push(e).unwrap();
-        }
-        r
+        let bytes = r.to_bytes();
+        assert!(Records::from_bytes(bytes[..bytes.len() - 1].to_vec()).is_err());
     }
 
     #[test]
-    fn segments_replay_onto_the_store_up_to_the_version_asked() {
+    fn segments_replay_onto_the_store_up_to_the_manifests_version() {
         let dir = tempfile::tempdir().unwrap();
-        of(&[b"a", b"b", b"c"]).with(4).write(dir.path()).unwrap();
+        std::fs::create_dir(dir.path().join(SEGMENT_DIR)).unwrap();
+        let put = |name: String, bytes: Vec<u8>| {
+            std::fs::write(dir.path().join(&name), &bytes).unwrap();
+            Entry::of(name, &bytes)
+        };
+        let mut base = of(&[b"a", b"b", b"c"]);
+        base.version = 4;
+        let records = put("records-1.bin".into(), base.to_bytes());
         // 4 -> 5: b out, d in; 5 -> 6: d out again, b back, e in.
-        Records::write_segment(dir.path(), 4, 5, &of(&[b"d"]), &of(&[b"b"])).unwrap();
-        Records::write_segment(dir.path(), 5, 6, &of(&[b"b", b"e"]), &of(&[b"d"])).unwrap();
-        // A segment from an interrupted run, past the version asked: ignored.
-        Records::write_segment(dir.path(), 6, 7, &of(&[b"z"]), &of(&[])).unwrap();
-        let sorted = |v: u64| {
-            let r = Records::read(dir.path(), v).unwrap();
-            assert_eq!(r.version, v);
+        let s1 = put(
+            Records::segment_name(4, 5),
+            Records::segment_bytes(4, 5, &of(&[b"d"]), &of(&[b"b"])),
+        );
+        let s2 = put(
+            Records::segment_name(5, 6),
+            Records::segment_bytes(5, 6, &of(&[b"b", b"e"]), &of(&[b"d"])),
+        );
+        let manifest = |version: u64, segments: Vec<Entry>| Manifest {
+            generation: 1,
+            version,
+            epoch: 1,
+            public_key: [0; 32],
+            base: Entry::of("registry-1.bkt", b""),
+            records: Some(records.clone()),
+            deltas: Vec::new(),
+            segments,
+        };
+        let sorted = |m: &Manifest| {
+            let r = Records::read(dir.path(), m).unwrap();
+            assert_eq!(r.version, m.version);
             let mut all: Vec<Vec<u8>> = r.iter().map(<[u8]>::to_vec).collect();
             all.sort();
             all
         };
-        assert_eq!(sorted(4), [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
-        assert_eq!(sorted(5), [b"a".to_vec(), b"c".to_vec(), b"d".to_vec()]);
         assert_eq!(
-            sorted(6),
+            sorted(&manifest(4, vec![])),
+            [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
+        );
+        assert_eq!(
+            sorted(&manifest(5, vec![s1.clone()])),
+            [b"a".to_vec(), b"c".to_vec(), b"d".to_vec()]
+        );
+        assert_eq!(
+            sorted(&manifest(6, vec![s2.clone(), s1.clone()])),
             [b"a".to_vec(), b"b".to_vec(), b"c".to_vec(), b"e".to_vec()]
         );
         assert!(
-            Records::read(dir.path(), 9).is_err(),
+            Records::read(dir.path(), &manifest(9, vec![s1.clone()])).is_err(),
             "no segments lead there"
         );
+        assert!(
+            Records::read(dir.path(), &manifest(6, vec![s2.clone()])).is_err(),
+            "a gap"
+        );
         // A damaged segment is an error, never a silently shorter registry.
-        let seg = dir.path().join(SEGMENT_DIR).join("v5-v6.seg");
-        let bytes = std::fs::read(&seg).unwrap();
-        std::fs::write(&seg, &bytes[..bytes.len() - 1]).unwrap();
-        assert!(Records::read(dir.path(), 6).is_err());
-        Records::remove_segments(dir.path()).unwrap();
-        assert_eq!(sorted(4).len(), 3);
-    }
-
-    impl Records {
-        fn with(mut self, version: u64) -> Self {
-            self.version = version;
-            self
-        }
+        let seg = dir.path().join(&s2.name);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[40] ^= 1;
+        std::fs::write(&seg, &bytes).unwrap();
+        assert!(Records::read(dir.path(), &manifest(6, vec![s1, s2])).is_err());
     }
 }
