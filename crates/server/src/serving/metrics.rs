@@ -52,6 +52,7 @@ pub struct Metrics {
     latency: Family<MethodLabels, Histogram>,
     audit_latency: Histogram,
     serving: Gauge,
+    snapshot_load_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -65,6 +66,12 @@ impl Default for Metrics {
         let audit_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         let connections = Gauge::default();
         let serving = Gauge::default();
+        let snapshot_load_failures = Counter::default();
+        registry.register(
+            "snapshot_load_failures",
+            "Committed registry versions that failed to load (a damaged or missing file): the previous version is still served",
+            snapshot_load_failures.clone(),
+        );
         registry.register(
             "serving",
             "1 when the snapshot is loaded and the server is not draining (the gRPC health status of psi.v1.Match, also at /ready)",
@@ -113,11 +120,17 @@ impl Default for Metrics {
             latency,
             audit_latency,
             serving,
+            snapshot_load_failures,
         }
     }
 }
 
 impl Metrics {
+    /// Counts a committed version that failed to load.
+    pub fn snapshot_load_failed(&self) {
+        self.snapshot_load_failures.inc();
+    }
+
     /// Records whether the server is serving (kept with the gRPC health status).
     pub fn set_serving(&self, serving: bool) {
         self.serving.set(i64::from(serving));

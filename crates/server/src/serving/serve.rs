@@ -302,9 +302,12 @@ async fn watch(
             stamp = now;
             match load(&data_dir, state.snapshot(), state.limits()).await {
                 Ok(snapshot) => state.publish(snapshot),
-                Err(e) => tracing::error!(
-                    "a new registry snapshot failed to load; still serving the previous one: {e:#}"
-                ),
+                Err(e) => {
+                    state.metrics().snapshot_load_failed();
+                    tracing::error!(
+                        "a new registry snapshot failed to load; still serving the previous one: {e:#}"
+                    );
+                }
             }
         }
         if let Ok(current) = state.current_epoch() {
