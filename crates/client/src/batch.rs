@@ -252,6 +252,8 @@ struct Views {
     no_sync: bool,
     shards_fetched: std::sync::atomic::AtomicUsize,
     bytes_synced: std::sync::atomic::AtomicU64,
+    /// Whether a chunk was answered yet.
+    answered: std::sync::atomic::AtomicBool,
 }
 
 impl Views {
@@ -274,6 +276,7 @@ impl Views {
             no_sync,
             shards_fetched: 0.into(),
             bytes_synced: 0.into(),
+            answered: false.into(),
         };
         if mode == QueryMode::Sync {
             let view = if no_sync {
@@ -381,7 +384,7 @@ impl Views {
         name_col: usize,
         id_col: usize,
         today: psi_core::CivilDate,
-    ) -> Result<(Vec<CheckOutcome>, Arc<View>)> {
+    ) -> Result<(Vec<CheckOutcome>, Arc<View>, Option<(u64, u64)>)> {
         let mut view = self.get().await?;
         let mut rotations = 0;
         loop {
@@ -390,7 +393,15 @@ impl Views {
                 None => Answering::Remotely(self.mode),
             };
             match answer_chunk(&view.session, how, chunk, columns, name_col, id_col, today).await {
-                Ok(answers) => return Ok((answers, view)),
+                Ok((answers, versions)) => {
+                    // The versions that answered: the tag set's, or those
+                    // the server's responses named (none if nothing was asked).
+                    let versions = match view.lookup {
+                        Some(_) => Some((view.version, view.version)),
+                        None => versions,
+                    };
+                    return Ok((answers, view, versions));
+                }
                 Err(e) if e.is_stale_epoch() && rotations < 3 => {
                     rotations += 1;
                     view = self.rotated(&view).await?;
@@ -398,6 +409,20 @@ impl Views {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Notes in `summary` the registry versions that answered a chunk
+    /// (`versions`, first and last, if anything was asked) under `view`'s
+    /// key epoch: the summary names the versions whose answers it holds.
+    fn note_answered(&self, summary: &mut BatchSummary, view: &View, versions: Option<(u64, u64)>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some((first, last)) = versions {
+            if !self.answered.swap(true, Relaxed) {
+                summary.first_registry_version = first;
+            }
+            summary.registry_version = last;
+        }
+        summary.key_epoch = view.epoch;
     }
 
     /// Fills in what the syncs fetched and the time taken.
@@ -475,17 +500,16 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
             let views = &views;
             async move {
                 let chunk = chunk?;
-                let (answers, view) = views
+                let (answers, view, versions) = views
                     .answer(&chunk, columns, name_col, id_col, today)
                     .await?;
-                Ok::<_, anyhow::Error>((chunk, answers, view))
+                Ok::<_, anyhow::Error>((chunk, answers, view, versions))
             }
         })
         .buffered(opts.chunks_in_flight.max(1));
     while let Some(item) = answered.next().await {
-        let (chunk, answers, view) = item?;
-        summary.registry_version = view.version;
-        summary.key_epoch = view.epoch;
+        let (chunk, answers, view, versions) = item?;
+        views.note_answered(&mut summary, &view, versions);
         for (row, answer) in chunk.rows.iter().zip(answers) {
             // As many fields as the header, so the added columns line up
             // under their headers (a longer row is answered `invalid`).
@@ -751,9 +775,8 @@ where
         .buffered(opts.chunks_in_flight.max(1));
     let mut answers = Vec::with_capacity(pairs.len());
     while let Some(item) = answered.next().await {
-        let (chunk_answers, view) = item?;
-        summary.registry_version = view.version;
-        summary.key_epoch = view.epoch;
+        let (chunk_answers, view, versions) = item?;
+        views.note_answered(&mut summary, &view, versions);
         for answer in chunk_answers {
             summary.count(&answer);
             answers.push(answer);
@@ -948,7 +971,7 @@ async fn answer_chunk(
     name_col: usize,
     id_col: usize,
     today: psi_core::CivilDate,
-) -> crate::error::Result<Vec<CheckOutcome>> {
+) -> crate::error::Result<(Vec<CheckOutcome>, Option<(u64, u64)>)> {
     let parsed: Vec<Result<Record, String>> = chunk
         .rows
         .par_iter()
@@ -978,20 +1001,21 @@ async fn answer_chunk(
         .iter()
         .filter_map(|p| p.as_ref().ok().cloned())
         .collect();
-    let mut found = match how {
+    let answers = match how {
         Answering::Locally(lookup) => {
             let inputs: Vec<Vec<u8>> = valid.iter().map(Record::encode).collect();
             let outputs = session.evaluate(inputs).await?;
-            outputs
-                .iter()
-                .map(|o| lookup.contains(o.tag()))
-                .collect::<Vec<_>>()
+            let found = outputs.iter().map(|o| lookup.contains(o.tag())).collect();
+            crate::Answers {
+                found,
+                registry_versions: None,
+            }
         }
         Answering::Remotely(QueryMode::Pir) => session.pir_check(&valid).await?,
         Answering::Remotely(_) => session.bucket_check(&valid).await?,
-    }
-    .into_iter();
-    parsed
+    };
+    let mut found = answers.found.into_iter();
+    let outcomes = parsed
         .into_iter()
         .map(|p| match p {
             Ok(_) => match found.next() {
@@ -1003,7 +1027,8 @@ async fn answer_chunk(
             },
             Err(reason) => Ok(CheckOutcome::Invalid(reason)),
         })
-        .collect()
+        .collect::<crate::error::Result<Vec<_>>>()?;
+    Ok((outcomes, answers.registry_versions))
 }
 
 #[cfg(test)]

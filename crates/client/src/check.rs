@@ -63,8 +63,13 @@ pub async fn check(
 
 async fn check_record(session: &Session, record: &Record, mode: QueryMode) -> Result<CheckOutcome> {
     let found = match mode {
-        QueryMode::Bucket => session.bucket_check(std::slice::from_ref(record)).await?,
-        QueryMode::Pir => session.pir_check(std::slice::from_ref(record)).await?,
+        QueryMode::Bucket => {
+            session
+                .bucket_check(std::slice::from_ref(record))
+                .await?
+                .found
+        }
+        QueryMode::Pir => session.pir_check(std::slice::from_ref(record)).await?.found,
         QueryMode::Sync => {
             let lookup = session.sync().await?.set.lookup().map_err(Error::lookup)?;
             let outputs = session.evaluate(vec![record.encode()]).await?;

@@ -20,7 +20,7 @@ pub mod pir;
 pub mod session;
 
 pub use error::Error;
-pub use session::{ConnectOptions, Session};
+pub use session::{Answers, ConnectOptions, Session};
 
 /// How membership is tested.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -233,7 +233,7 @@ impl Drop for Server {
 async fn honest_check(server: &Server, cache: &Path, pair: &(String, String)) -> bool {
     let session = server.session(cache).await;
     let record = Record::parse(&pair.0, &pair.1, psi_core::CivilDate::today()).unwrap();
-    session.bucket_check(&[record]).await.unwrap()[0]
+    session.bucket_check(&[record]).await.unwrap().found[0]
 }
 
 /// Whether the server closes `s` within 20 s (whatever it sends first).
@@ -263,7 +263,7 @@ async fn honest_check_eventually(server: &Server, cache: &Path, pair: &(String, 
             session.bucket_check(std::slice::from_ref(&record)).await
         };
         match attempt.await {
-            Ok(found) => return found[0],
+            Ok(answers) => return answers.found[0],
             Err(e) if started.elapsed() < Duration::from_secs(20) => {
                 eprintln!("honest check refused, retrying: {e:#}");
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -511,7 +511,8 @@ async fn idle_connections_are_closed_and_do_not_keep_out_honest_checks() {
         session
             .bucket_check(std::slice::from_ref(&record))
             .await
-            .unwrap()[0]
+            .unwrap()
+            .found[0]
     );
     let mut idle = Vec::new();
     for _ in 0..500 {
@@ -663,7 +664,7 @@ async fn cancelled_evaluations_stop_and_are_recorded() {
     }
     // An honest check right behind them.
     let record = Record::parse(&pair.0, &pair.1, psi_core::CivilDate::today()).unwrap();
-    assert!(session.bucket_check(&[record]).await.unwrap()[0]);
+    assert!(session.bucket_check(&[record]).await.unwrap().found[0]);
     let records = server.audited("Evaluate", "Cancelled", 40).await;
     assert!(records.iter().all(|(_, _, n)| *n == 4096), "{records:?}");
     // Whatever work of theirs was still running has ended once the server

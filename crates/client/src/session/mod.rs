@@ -73,6 +73,31 @@ pub struct Session {
     pir: Arc<tokio::sync::Mutex<Option<crate::pir::PirState>>>,
 }
 
+/// The answers of bucket or PIR checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Answers {
+    /// Whether each record is in the registry, in order.
+    pub found: Vec<bool>,
+    /// The registry versions that answered: the first and the last (a
+    /// request may be answered by a newer version than the one before it).
+    pub registry_versions: Option<(u64, u64)>,
+}
+
+impl Answers {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            found: Vec::with_capacity(n),
+            registry_versions: None,
+        }
+    }
+
+    /// Notes that a response of `version` answered.
+    fn answered_by(&mut self, version: u64) {
+        let first = self.registry_versions.map_or(version, |(first, _)| first);
+        self.registry_versions = Some((first, version));
+    }
+}
+
 /// The result of a sync.
 #[derive(Debug)]
 pub struct SyncOutcome {

@@ -11,7 +11,7 @@ use psi_proto::v1::{BucketQueryRequest, EvaluateRequest, PirQueryRequest, PirSet
 use psi_proto::{pack, unpack_evaluated, unpack_tags};
 use rand_core::OsRng;
 
-use super::{on_cpu, with_retry, Session};
+use super::{on_cpu, with_retry, Answers, Session};
 use crate::error::{Error, Result};
 
 impl Session {
@@ -113,10 +113,10 @@ impl Session {
     ///
     /// # Errors
     /// As [`Session::evaluate`].
-    pub async fn bucket_check(&self, records: &[Record]) -> Result<Vec<bool>> {
+    pub async fn bucket_check(&self, records: &[Record]) -> Result<Answers> {
         let p = u8::try_from(self.info.bucket_prefix_bits).unwrap_or(32);
         let max = (self.info.max_bucket_batch as usize).max(1);
-        let mut answers = Vec::with_capacity(records.len());
+        let mut answers = Answers::with_capacity(records.len());
         for chunk in records.chunks(max) {
             let inputs: Vec<Vec<u8>> = chunk.iter().map(Record::encode).collect();
             let buckets: Vec<u32> = chunk.iter().map(|r| r.bucket(p)).collect();
@@ -132,6 +132,7 @@ impl Session {
                 async move { grpc.bucket_query(request).await }
             })
             .await?;
+            answers.answered_by(response.registry_version);
             let outputs = self
                 .finalize(
                     state,
@@ -151,7 +152,7 @@ impl Session {
                 let tags = tags_by_bucket.get(bucket).ok_or_else(|| {
                     Error::Invalid(format!("the server left out bucket {bucket}"))
                 })?;
-                answers.push(tags.binary_search(&out.tag().0).is_ok());
+                answers.found.push(tags.binary_search(&out.tag().0).is_ok());
             }
         }
         Ok(answers)
@@ -167,7 +168,7 @@ impl Session {
     /// # Errors
     /// A server without PIR mode, RPC failures, a stale epoch, a proof or
     /// an answer that does not verify.
-    pub async fn pir_check(&self, records: &[Record]) -> Result<Vec<bool>> {
+    pub async fn pir_check(&self, records: &[Record]) -> Result<Answers> {
         let info = self
             .info
             .pir
@@ -190,7 +191,7 @@ impl Session {
         let state = state
             .as_mut()
             .ok_or_else(|| Error::Internal("PIR state missing".into()))?;
-        let mut answers = Vec::with_capacity(records.len());
+        let mut answers = Answers::with_capacity(records.len());
         for chunk in records.chunks(max) {
             let inputs: Vec<Vec<u8>> = chunk.iter().map(Record::encode).collect();
             let buckets: Vec<u32> = chunk.iter().map(|r| r.bucket(p)).collect();
@@ -251,6 +252,7 @@ impl Session {
             }
             let client = Arc::clone(&state.client);
             let epoch = response.key_epoch;
+            let response_version = response.registry_version;
             let tags: Vec<u64> = outputs.iter().map(|o| o.tag().0).collect();
             let found = on_cpu(move || {
                 buckets
@@ -270,7 +272,8 @@ impl Session {
                     e,
                 )
             })?;
-            answers.extend(found);
+            answers.answered_by(response_version);
+            answers.found.extend(found);
         }
         Ok(answers)
     }

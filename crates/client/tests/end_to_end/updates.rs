@@ -158,6 +158,35 @@ async fn a_batch_during_updates_answers_every_row_correctly() {
     assert!(summary
         .to_string()
         .contains("answered against registry version"));
+
+    // Bucket mode with the session of version 1: the server answers with
+    // the version it serves now, and the summary names that version, not
+    // the one the session connected at.
+    let latest = reconnect_at(&session, 51).await.info().registry_version;
+    assert_eq!(session.info().registry_version, 1);
+    let summary = batch::run(
+        &session,
+        &options(
+            &f.root.join("queries.csv"),
+            &f.root.join("out-bucket.csv"),
+            QueryMode::Bucket,
+            32,
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (summary.first_registry_version, summary.registry_version),
+        (latest, latest)
+    );
+    // And the audit records of those requests name it too.
+    let audit = audit_records(&f.data_dir.join(psi_server::serving::audit::AUDIT_FILE));
+    let bucket: Vec<&serde_json::Value> = audit
+        .iter()
+        .filter(|r| r["method"] == "BucketQuery")
+        .collect();
+    assert!(!bucket.is_empty());
+    assert!(bucket.iter().all(|r| r["registry_version"] == latest));
     f.running.shutdown().await.unwrap();
 }
 

@@ -226,6 +226,14 @@ pub struct MatchService {
     state: Arc<State>,
 }
 
+tokio::task_local! {
+    /// The key epoch and registry version of the snapshot that answered the
+    /// request being accounted (set where a handler takes its snapshot), so
+    /// that its audit record names them even when a new version is
+    /// published before the record is written.
+    static ANSWERED_BY: std::cell::Cell<Option<(u64, u64)>>;
+}
+
 impl MatchService {
     /// A service over `state`.
     #[must_use]
@@ -283,20 +291,25 @@ impl MatchService {
         if let Some(note) = &caller.note {
             note.set_elements(entry.elements);
         }
-        let result = match (caller.institution, caller.purpose) {
-            (Err(e), _) | (_, Err(e)) => Err(e),
-            (Ok(institution), Ok(purpose)) => {
-                match self
-                    .state
-                    .enforcer
-                    .admit(&institution, mode, &purpose, elements as u64)
-                    .await
-                {
-                    Ok(()) => work.await,
-                    Err(e) => Err(e),
-                }
-            }
-        };
+        let (result, answered_by) = ANSWERED_BY
+            .scope(std::cell::Cell::new(None), async {
+                let result = match (caller.institution, caller.purpose) {
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                    (Ok(institution), Ok(purpose)) => {
+                        match self
+                            .state
+                            .enforcer
+                            .admit(&institution, mode, &purpose, elements as u64)
+                            .await
+                        {
+                            Ok(()) => work.await,
+                            Err(e) => Err(e),
+                        }
+                    }
+                };
+                (result, ANSWERED_BY.with(std::cell::Cell::get))
+            })
+            .await;
         // Finished after the deadline: not an answer anyone receives.
         let result = match result {
             Ok(_) if caller.note.as_ref().is_some_and(|n| n.past_deadline()) => {
@@ -304,9 +317,17 @@ impl MatchService {
             }
             other => other,
         };
-        if let Ok(snap) = self.state.current() {
-            entry.key_epoch = snap.epoch;
-            entry.registry_version = snap.index.registry_version();
+        // The snapshot that answered; for a refusal before any was taken,
+        // the one current now.
+        let answered_by = answered_by.or_else(|| {
+            self.state
+                .current()
+                .ok()
+                .map(|snap| (snap.epoch, snap.index.registry_version()))
+        });
+        if let Some((epoch, version)) = answered_by {
+            entry.key_epoch = epoch;
+            entry.registry_version = version;
         }
         entry.outcome = match &result {
             Ok(_) => "ok".to_string(),
@@ -351,6 +372,9 @@ impl MatchService {
 
     fn snapshot_for(&self, epoch: u64) -> Result<Arc<Snapshot>, ServiceError> {
         let snap = self.state.current()?;
+        // Noted for the request's audit record (outside an accounted request,
+        // as in unit tests, there is nothing to note it in).
+        let _ = ANSWERED_BY.try_with(|a| a.set(Some((snap.epoch, snap.index.registry_version()))));
         if epoch > snap.epoch {
             // A key rotation other replicas have loaded and this one not
             // yet: the client's epoch is right, this replica is behind.
