@@ -3,7 +3,7 @@
 //! version, `rotate_key` re-encrypts everything under a new key epoch,
 //! `compact` folds the log into a new base.
 //!
-//! Each writes through the data directory's layout in [`crate::store`]
+//! Each writes through the data directory's one writer, `store::Writer`
 //! (log-structured: a base plus the deltas and record segments of the
 //! updates since).
 

@@ -49,7 +49,7 @@ pub struct PublishReport {
 ///
 /// # Errors
 /// No registry in `data_dir`, `to` being an encoding directory (it holds
-/// `records.bin`) or `data_dir` itself, another publication or change
+/// a record store) or `data_dir` itself, another publication or change
 /// running, I/O errors.
 pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
     let same = fs::canonicalize(data_dir)

@@ -5,7 +5,7 @@
 //!   the shards, which a small change touches nearly all of;
 //! - they are the registry's log: an `update` writes only its delta (and,
 //!   on the encoding side, a records segment), and the current version is
-//!   the base index `registry.bkt` with the chain of deltas from the base's
+//!   the base index (`registry-G.bkt`) with the chain of deltas from the base's
 //!   version applied, until `compact` writes a new base (see `registry`).
 //!
 //! Format: magic, then 64-bit big-endian words: epoch, from, to, added

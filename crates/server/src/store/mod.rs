@@ -1,5 +1,6 @@
-//! The data directory: its layout, its files' formats, reading the current
-//! version and taking the writers' lock.
+//! The data directory: its layout, its files' formats, its one writer
+//! (`Writer`: the lock, the committed state read and verified, new states
+//! committed), and reading the committed version.
 //!
 //! The store is log-structured: `init`, `merge`, `rotate-key` and `compact`
 //! write a base (the bucket index and the record store of one version); an
@@ -9,19 +10,25 @@
 //! on from its version applied. An update that makes the log longer than
 //! its `compact_after` setting folds it into a new base first.
 //!
-//! Data directory (everything written atomically; see also `keystore`,
-//! `records`, `delta`):
-//! - `registry.bkt`: the base bucket index. Replacing it, or writing a
-//!   delta that leads on from the current version, is the commit point of
-//!   every change: a server watching the directory publishes the new version.
+//! Data directory (see also `manifest`, `keystore`, `records`, `delta`):
+//! - `MANIFEST`: the committed state, and the one commit point of every
+//!   writer: each file below with its length and SHA-256, the key epoch and
+//!   its public key. A server watching the directory loads each new one.
+//! - `registry-G.bkt`: the base bucket index of generation G (a new base
+//!   gets a new name, so the committed one is never overwritten).
 //! - `deltas/`: what each version added and removed (the log since the
 //!   base, and recent versions for incremental sync).
-//! - `oprf-epoch-N.key`: the key of each live epoch (mode 0600).
+//! - `oprf-epoch-N.key`: the key of each live epoch (mode 0600), with its
+//!   public key and a checksum.
 //! - `key-history.txt`: each rotation's new public key, endorsed by the old key.
-//! - `records.bin` and `records.d/`: the canonical records (mode 0600) of the
-//!   base version and the updates since, for updates, compaction and rotation.
+//! - `records-G.bin` and `records.d/`: the canonical records (mode 0600) of
+//!   the base version and the updates since, for updates, compaction and
+//!   rotation (not in a serving directory).
 //! - `rejected-rows.csv`: the last run's rejected rows: source, row, field,
 //!   reason; never a name or an ID number.
+//!
+//! Directories written before manifests (`registry.bkt`, `records.bin`) are
+//! read as found and committed by the next writer.
 
 pub mod delta;
 pub mod keystore;
