@@ -274,3 +274,45 @@ fn a_running_server_keeps_serving_when_a_committed_version_is_damaged() {
     // And a restart refuses to serve it.
     assert!(Snapshot::load(&d).is_err());
 }
+
+#[test]
+fn a_reader_racing_commits_always_loads_a_whole_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("data");
+    registry::init(&csv(&tmp.path().join("a.csv"), 0..200), &d, false).unwrap();
+    let writer = {
+        let (d, root) = (d.clone(), tmp.path().to_path_buf());
+        std::thread::spawn(move || {
+            for n in 0..12 {
+                let add = csv(&root.join("add.csv"), 200 + n * 10..210 + n * 10);
+                registry::update_with(
+                    Some(&add),
+                    None,
+                    &d,
+                    false,
+                    &registry::PublishGuard::default(),
+                    2,
+                )
+                .unwrap();
+                if n % 3 == 0 {
+                    registry::compact(&d).unwrap();
+                }
+                if n % 5 == 4 {
+                    registry::rotate_key(&d, Duration::ZERO, false).unwrap();
+                }
+            }
+        })
+    };
+    // Each load sees a version whole (its size is that version's), while
+    // bases are replaced, deltas pruned and keys retired under it.
+    let mut loads = 0;
+    while !writer.is_finished() {
+        let s = Snapshot::load(&d).unwrap_or_else(|e| panic!("load {loads}: {e:#}"));
+        let v = s.index.registry_version();
+        let updates = v - 1 - (s.epoch - 1); // each rotation is a version too
+        assert_eq!(s.index.len() as u64, 200 + 10 * updates, "version {v}");
+        loads += 1;
+    }
+    writer.join().unwrap();
+    assert!(loads > 0);
+}

@@ -4,14 +4,14 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use psi_core::rotation::KeyStep;
 use psi_core::tagset::TagSetParams;
 use psi_core::{BucketIndex, Mode, Server, Tag, TagSet};
 
 use crate::store::delta::Delta;
 use crate::store::manifest::Entry;
-use crate::store::{committed, current, keystore, net_change, Current};
+use crate::store::{committed, keystore, load_state, net_change, read_committed, Current};
 
 /// What the server serves: the key and the encrypted registry of one epoch
 /// and version.
@@ -45,14 +45,23 @@ impl Snapshot {
     /// Missing or damaged files (every one is checked against the manifest;
     /// the key must derive the public key it commits).
     pub fn load(data_dir: &Path) -> Result<Self> {
+        let (current, key) = read_committed(data_dir, |m| {
+            let key = keystore::load_committed(data_dir, m.epoch, &m.public_key)?;
+            Ok((load_state(data_dir, m)?, key))
+        })?
+        .with_context(|| {
+            format!(
+                "{} has no registry: run `psi-server init` first",
+                data_dir.display()
+            )
+        })?;
         let Current {
             index,
             deltas,
             mapped,
             manifest,
             ..
-        } = current(data_dir)?;
-        let key = keystore::load_committed(data_dir, manifest.epoch, &manifest.public_key)?;
+        } = current;
         let tagset = TagSet::build_from_iter(
             index.tags(),
             index.len(),

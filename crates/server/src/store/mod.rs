@@ -232,31 +232,40 @@ pub(crate) struct Current {
     pub(crate) manifest: Manifest,
 }
 
-/// The committed version: the base index with the log applied (in memory;
-/// nothing is written). An error if there is no registry yet.
-pub(crate) fn current(data_dir: &Path) -> Result<Current> {
-    read_current(data_dir)?.with_context(|| {
-        format!(
-            "{} has no registry: run `psi-server init` first",
-            data_dir.display()
-        )
-    })
-}
-
-/// The committed version, if there is a registry; every file it is read
-/// from checked against the manifest.
+/// `read(manifest)` of the committed manifest, if there is a registry. A
+/// reader does not hold the writers' lock: when `read` fails because a
+/// commit replaced the manifest meanwhile (and removed what the old one
+/// named), it reads the new one, a few times; a failure under an unchanged
+/// manifest is the store's and is returned.
 ///
 /// # Errors
-/// A damaged manifest or file, or files out of step with the manifest.
-pub(crate) fn read_current(data_dir: &Path) -> Result<Option<Current>> {
-    committed(data_dir)?
-        .map(|m| load_state(data_dir, m))
-        .transpose()
+/// A damaged manifest, or `read`'s error under an unchanged manifest.
+pub(crate) fn read_committed<T>(
+    data_dir: &Path,
+    read: impl Fn(Manifest) -> Result<T>,
+) -> Result<Option<T>> {
+    let mut attempts = 0;
+    loop {
+        let Some(manifest) = committed(data_dir)? else {
+            return Ok(None);
+        };
+        match read(manifest.clone()) {
+            Ok(value) => return Ok(Some(value)),
+            Err(e) => {
+                attempts += 1;
+                let moved_on = committed(data_dir)?.is_some_and(|now| now != manifest);
+                if !moved_on || attempts >= 5 {
+                    return Err(e);
+                }
+                tracing::debug!("a commit replaced the manifest while it was read; reading again");
+            }
+        }
+    }
 }
 
 /// The state `manifest` commits: its base index (length and checksum
 /// verified), its deltas (each verified), the log applied.
-fn load_state(data_dir: &Path, manifest: Manifest) -> Result<Current> {
+pub(crate) fn load_state(data_dir: &Path, manifest: Manifest) -> Result<Current> {
     let (base, mapped) = read_base(data_dir, &manifest.base)?;
     if base.epoch() != manifest.epoch {
         bail!(
