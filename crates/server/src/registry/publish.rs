@@ -14,20 +14,16 @@
 //! retired keys are swept before, so a key destroyed on either side is never
 //! brought back.
 
-use std::collections::BTreeSet;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::SystemTime;
 
 use anyhow::{bail, Context, Result};
 
-use crate::store::delta::DELTA_DIR;
 use crate::store::keystore::{self, HISTORY_FILE};
 use crate::store::manifest::Manifest;
 use crate::store::records::RECORDS_FILE;
 use crate::store::{self};
-use psi_files::atomic::{copy_atomically, same_content};
 
 /// What a publication wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -66,7 +62,7 @@ pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
     }
     // No init, update or rotation on either side meanwhile.
     let source = store::Writer::open(data_dir, false)?;
-    let target = store::Writer::open(to, true)?;
+    let mut target = store::Writer::open(to, true)?;
     if target.manifest().is_some_and(|m| m.records.is_some()) {
         bail!(
             "{} holds a record store: it is an encoding directory, not a serving one; publish into an empty or serving directory",
@@ -89,87 +85,34 @@ pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
         registry_version: manifest.version,
         ..PublishReport::default()
     };
-    // Each file keeps its mode (keys and the index are 0600); copied as a
-    // stream, never held in memory (the index is ~8 bytes per entry).
-    // Keys are copied by the kernel (copy_file_range), never read into this
-    // process's memory, so they are not compared: always rewritten.
-    let mut copy = |from: &Path, to: &Path, secret: bool| -> Result<()> {
-        // Unchanged files are left alone (a running server may be reading them).
-        if !secret && same_content(from, to) {
-            return Ok(());
+    let mut copy = |name: &str, secret: bool| -> Result<()> {
+        if let Some(bytes) = target.copy_in(data_dir, name, secret)? {
+            report.files_written += 1;
+            report.bytes_written += bytes;
         }
-        if let Some(parent) = to.parent() {
-            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        }
-        let meta = fs::metadata(from).with_context(|| format!("reading {}", from.display()))?;
-        copy_atomically(from, to, meta.permissions().mode() & 0o777)?;
-        report.files_written += 1;
-        report.bytes_written += meta.len();
         Ok(())
     };
-
     // Keys (live and retired, as named in the encoding directory).
     let keys = keystore::key_file_names(data_dir)?;
     for name in &keys {
-        copy(&data_dir.join(name), &to.join(name), true)?;
+        copy(name, true)?;
     }
     // The public key history.
-    let history = data_dir.join(HISTORY_FILE);
-    if history.exists() {
-        copy(&history, &to.join(HISTORY_FILE), false)?;
+    if data_dir.join(HISTORY_FILE).exists() {
+        copy(HISTORY_FILE, false)?;
     }
     // The deltas and the base, beside what the serving directory serves.
     for entry in manifest.deltas.iter().chain([&manifest.base]) {
-        copy(&data_dir.join(&entry.name), &to.join(&entry.name), false)?;
+        copy(&entry.name, false)?;
     }
-    // The commit point; then what the serving directory no longer names.
-    let serving = Manifest {
+    // The commit point; then what the serving directory no longer names,
+    // and last the keys the encoding directory destroyed (the old
+    // manifest's epoch served until the commit).
+    report.files_removed += target.commit_serving(Manifest {
         records: None,
         segments: Vec::new(),
         ..manifest
-    };
-    let before = files_in(to)?;
-    store::commit_serving(to, &serving)?;
-    report.files_removed += before.difference(&files_in(to)?).count();
-    // Keys the encoding directory destroyed, last: the old manifest's epoch
-    // served until the commit.
-    for stale in keystore::key_file_names(to)?.difference(&keys) {
-        keystore::destroy(&to.join(stale))?;
-        report.files_removed += 1;
-    }
-    drop(target);
+    })?;
+    report.files_removed += target.destroy_keys_except(&keys)?;
     Ok(report)
-}
-
-/// The store's files in the serving directory `dir`, with the deltas'.
-fn files_in(dir: &Path) -> Result<BTreeSet<String>> {
-    let mut names = file_names(dir)?;
-    names.extend(
-        file_names(&dir.join(DELTA_DIR))?
-            .into_iter()
-            .map(|n| format!("{DELTA_DIR}/{n}")),
-    );
-    Ok(names)
-}
-
-/// Names of the regular files in `dir` (none if it does not exist), but
-/// for temporary files of an atomic write in progress.
-fn file_names(dir: &Path) -> Result<BTreeSet<String>> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
-        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
-    };
-    let mut names = BTreeSet::new();
-    for entry in entries {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            if let Some(name) = entry.file_name().to_str() {
-                if !name.starts_with('.') {
-                    names.insert(name.to_string());
-                }
-            }
-        }
-    }
-    Ok(names)
 }

@@ -660,7 +660,7 @@ impl Writer {
             deltas: retained_deltas(deltas, version),
             segments: Vec::new(),
         };
-        self.commit(manifest)
+        self.commit(manifest).map(drop)
     }
 
     /// Commits an update: `delta` (with buckets, from the committed version)
@@ -697,15 +697,68 @@ impl Writer {
         manifest.segments.retain(|e| e.name != segment_name);
         manifest.segments.push(Entry::of(segment_name, &segment));
         manifest.version = delta.to;
-        self.commit(manifest)
+        self.commit(manifest).map(drop)
     }
 
     /// The commit point: the manifest replaced; then what it no longer
-    /// names is removed.
-    fn commit(&mut self, manifest: Manifest) -> Result<()> {
+    /// names is removed. Returns how many files that was.
+    fn commit(&mut self, manifest: Manifest) -> Result<usize> {
         manifest.commit(&self.dir)?;
         let committed = self.committed.insert(manifest);
         collect_garbage(&self.dir, committed)
+    }
+
+    /// Copies `name` from the data directory `source` into this one (a
+    /// serving directory), atomically and keeping its mode, unless an
+    /// identical file is already there (a running server may be reading
+    /// it). A `secret` (a key) is never read into this process to be
+    /// compared: it is copied by the kernel, every time. Returns the bytes
+    /// written, or `None` when the file was already there.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub(crate) fn copy_in(&self, source: &Path, name: &str, secret: bool) -> Result<Option<u64>> {
+        use std::os::unix::fs::PermissionsExt;
+        let (from, to) = (source.join(name), self.dir.join(name));
+        if !secret && psi_files::atomic::same_content(&from, &to) {
+            return Ok(None);
+        }
+        if let Some(parent) = to.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let meta = fs::metadata(&from).with_context(|| format!("reading {}", from.display()))?;
+        psi_files::atomic::copy_atomically(&from, &to, meta.permissions().mode() & 0o777)?;
+        Ok(Some(meta.len()))
+    }
+
+    /// Commits `manifest` as this serving directory's (its files copied in
+    /// already) and removes what it no longer names; returns how many.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub(crate) fn commit_serving(&mut self, manifest: Manifest) -> Result<usize> {
+        self.commit(manifest)
+    }
+
+    /// Destroys (overwritten with zeros, then removed) the key files here
+    /// that are not among `keep`; returns how many.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub(crate) fn destroy_keys_except(
+        &self,
+        keep: &std::collections::BTreeSet<String>,
+    ) -> Result<usize> {
+        let stale = keystore::key_file_names(&self.dir)?;
+        let stale: Vec<&String> = stale.difference(keep).collect();
+        for name in &stale {
+            keystore::destroy(&self.dir.join(name))?;
+        }
+        Ok(stale.len())
     }
 }
 
@@ -722,17 +775,11 @@ fn retained_deltas(deltas: Vec<Entry>, base: u64) -> Vec<Entry> {
     kept
 }
 
-/// Commits `manifest` into the serving directory `dir` (whose lock the
-/// caller holds) and removes the files it no longer names.
-pub(crate) fn commit_serving(dir: &Path, manifest: &Manifest) -> Result<()> {
-    manifest.commit(dir)?;
-    collect_garbage(dir, manifest)
-}
-
 /// Removes the store's files that `manifest` does not name: those of
 /// earlier states, and those an interrupted run wrote but never committed.
 /// Keys, the key history and the report are not the manifest's: left alone.
-fn collect_garbage(dir: &Path, manifest: &Manifest) -> Result<()> {
+/// Returns how many files it removed.
+fn collect_garbage(dir: &Path, manifest: &Manifest) -> Result<usize> {
     let named: std::collections::HashSet<&str> = manifest.names().collect();
     let mut candidates = Vec::new();
     for (sub, suffix) in [
@@ -761,17 +808,19 @@ fn collect_garbage(dir: &Path, manifest: &Manifest) -> Result<()> {
             }
         }
     }
+    let mut removed = 0;
     for name in candidates {
         if !named.contains(name.as_str()) {
             let path = dir.join(&name);
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            removed += 1;
         }
     }
     for sub in [delta::DELTA_DIR, records::SEGMENT_DIR] {
         let _ = psi_files::atomic::sync_parent_dir(&dir.join(sub).join("x"));
     }
     psi_files::atomic::sync_parent_dir(&dir.join(MANIFEST_FILE))?;
-    Ok(())
+    Ok(removed)
 }
 
 /// The files in `dir` whose names `parse` recognises, with what it read
