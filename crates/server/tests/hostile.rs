@@ -379,7 +379,8 @@ async fn partial_request_bodies_stay_within_the_buffer_budget() {
     // With the attacker gone the budget is free again.
     assert!(honest_check(&server, &dir.path().join("c2"), &pair).await);
 
-    // A BucketQuery is refused as soon as it passes its own small limit.
+    // A BucketQuery is refused as soon as it passes its own small limit:
+    // a mistake in the request (as one element over the batch limit is).
     let (send, _conn) = h2_from(server.addr, None).await;
     let mut send = send.ready().await.unwrap();
     let (response, mut stream) = send
@@ -390,8 +391,8 @@ async fn partial_request_bodies_stay_within_the_buffer_budget() {
         .unwrap();
     let big = Bytes::from(vec![0u8; 1 << 20]);
     send_all(&mut stream, big, false).await;
-    assert_eq!(grpc_status(response).await, Some(RESOURCE_EXHAUSTED));
-    server.audited("BucketQuery", "ResourceExhausted", 1).await;
+    assert_eq!(grpc_status(response).await, Some(INVALID_ARGUMENT));
+    server.audited("BucketQuery", "InvalidArgument", 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -711,7 +712,8 @@ async fn malformed_oversized_and_late_requests_are_refused_precisely_and_recorde
         call("Evaluate", truncated.into(), true).await,
         Some(INVALID_ARGUMENT)
     );
-    // 65 elements when the limit is 64: refused before it is all read.
+    // 65 elements when the limit is 64: refused before it is all read,
+    // with the status a batch just over the limit gets.
     let over = psi_proto::v1::EvaluateRequest {
         key_epoch: 1,
         blinded_elements: vec![1u8; 32 * 65 + 200],
@@ -723,7 +725,7 @@ async fn malformed_oversized_and_late_requests_are_refused_precisely_and_recorde
             true
         )
         .await,
-        Some(RESOURCE_EXHAUSTED)
+        Some(INVALID_ARGUMENT)
     );
     // Half a body, then silence: refused at the body timeout.
     let half = framed(&[0u8; 1000]).slice(..500);
@@ -731,8 +733,7 @@ async fn malformed_oversized_and_late_requests_are_refused_precisely_and_recorde
         call("BucketQuery", half, false).await,
         Some(DEADLINE_EXCEEDED)
     );
-    server.audited("Evaluate", "InvalidArgument", 2).await;
-    server.audited("Evaluate", "ResourceExhausted", 1).await;
+    server.audited("Evaluate", "InvalidArgument", 3).await;
     server.audited("BucketQuery", "DeadlineExceeded", 1).await;
 
     // A client deadline shorter than the work: the answer is not waited

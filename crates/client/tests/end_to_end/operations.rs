@@ -157,7 +157,7 @@ async fn metrics_count_requests_elements_and_refusals_on_the_admin_port() {
     let _ = raw
         .evaluate(with_purpose(EvaluateRequest {
             key_epoch: 0,
-            blinded_elements: vec![],
+            blinded_elements: psi_proto::pack([&curve25519_dalek_basepoint()]),
         }))
         .await;
     let admin = f.running.admin_addr.expect("admin address");
@@ -192,7 +192,7 @@ async fn metrics_count_requests_elements_and_refusals_on_the_admin_port() {
         ),
         "{text}"
     );
-    assert!(text.contains(r#"outcome="FailedPrecondition""#), "{text}");
+    assert!(text.contains(r#"outcome="InvalidArgument""#), "{text}");
     assert!(text.contains("psi_serving 1"), "{text}");
     assert!(
         text.contains("psi_audit_write_duration_seconds_count"),

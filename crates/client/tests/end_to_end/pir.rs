@@ -211,7 +211,7 @@ async fn malformed_pir_requests_are_refused_and_the_server_stays_up() {
                 vec![vec![0; 1]; max + 1],
                 good.repeat(max + 1),
             ),
-            "exceeds the maximum",
+            "pir_max_batch = 4",
         ),
     ] {
         let e = raw.pir_query(with_purpose(req)).await.unwrap_err();

@@ -6,10 +6,59 @@ use super::common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
     let f = fixture(100).await;
-    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    // A rotation first, so that there is a stale epoch (1) to ask under.
+    registry::rotate_key(&f.data_dir, Duration::ZERO, false).unwrap();
+    let mut session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    for _ in 0..400 {
+        if session.info().key_epoch == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        session = session.reconnect().await.unwrap();
+    }
     let epoch = session.info().key_epoch;
+    assert_eq!(epoch, 2);
     let mut raw = MatchClient::connect(f.url.clone()).await.unwrap();
     let good = psi_proto::pack([&curve25519_dalek_basepoint()]);
+
+    // The epoch left out (0): a malformed request, said so; not "stale".
+    let missing = raw
+        .evaluate(with_purpose(EvaluateRequest {
+            key_epoch: 0,
+            blinded_elements: good.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::InvalidArgument);
+    assert!(
+        missing.message().contains("key_epoch is 0"),
+        "{}",
+        missing.message()
+    );
+    // One element over max_batch and twice max_batch: the same refusal,
+    // naming the limit (the second is refused by the body limit, before
+    // the body is read in full).
+    let max = session.info().max_batch as usize;
+    for n in [max + 1, 2 * max] {
+        let over = raw
+            .evaluate(with_purpose(EvaluateRequest {
+                key_epoch: epoch,
+                blinded_elements: good.repeat(n),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            over.code(),
+            Code::InvalidArgument,
+            "{n}: {}",
+            over.message()
+        );
+        assert!(
+            over.message().contains(&format!("max_batch = {max}")),
+            "{n}: {}",
+            over.message()
+        );
+    }
 
     let stale = raw
         .evaluate(with_purpose(EvaluateRequest {
@@ -46,7 +95,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
     assert_eq!(stale.code(), Code::FailedPrecondition);
     let stale = raw
         .sync_tag_set(with_purpose(SyncTagSetRequest {
-            key_epoch: 0,
+            key_epoch: epoch - 1,
             held_digests: vec![],
             held_version: 0,
             root_only: false,
@@ -60,7 +109,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
         (vec![0u8; 33], "multiple of 32"),
         (vec![0u8; 32], "identity"),
         (vec![0xffu8; 32], "canonical"),
-        (good.repeat(65), "exceeds the maximum of 64"),
+        (good.repeat(65), "max_batch = 64"),
     ];
     for (bytes, want) in cases {
         let e = raw

@@ -99,20 +99,35 @@ const MESSAGE_OVERHEAD: usize = 64;
 /// health, reflection).
 const SMALL_BODY: usize = 64 << 10;
 
-/// The largest request body accepted on `path`.
-fn body_limit(path: &str, limits: &crate::serving::service::Limits) -> usize {
+/// The largest request body accepted on `path`, with the setting it
+/// follows from (named in the refusal).
+fn body_limit(path: &str, limits: &crate::serving::service::Limits) -> (usize, String) {
+    let batch = |setting: &str, n: usize, per: usize| {
+        (
+            n * per + MESSAGE_OVERHEAD,
+            format!("a batch of at most {setting} = {n} elements"),
+        )
+    };
+    let message = || {
+        (
+            limits.max_message_bytes + MESSAGE_OVERHEAD,
+            format!("max_message_bytes = {}", limits.max_message_bytes),
+        )
+    };
     match path {
-        "/psi.v1.Match/Evaluate" => limits.max_batch * 32 + MESSAGE_OVERHEAD,
+        "/psi.v1.Match/Evaluate" => batch("max_batch", limits.max_batch, 32),
         // 32 bytes per element and at most 5 per packed bucket number.
-        "/psi.v1.Match/BucketQuery" => limits.max_bucket_batch * (32 + 5) + MESSAGE_OVERHEAD,
-        "/psi.v1.Match/SyncTagSet" => limits.max_message_bytes + MESSAGE_OVERHEAD,
+        "/psi.v1.Match/BucketQuery" => batch("max_bucket_batch", limits.max_bucket_batch, 32 + 5),
+        "/psi.v1.Match/SyncTagSet" => message(),
         // The public parameters (6-7.9 MB), whole.
-        "/psi.v1.Match/PirSetup" => limits.max_message_bytes + MESSAGE_OVERHEAD,
+        "/psi.v1.Match/PirSetup" => message(),
         // Per element: 32 bytes, one query, and their framing.
-        "/psi.v1.Match/PirQuery" => {
-            limits.pir_max_batch * (32 + psi_pir::shape::QUERY_BYTES + 8) + MESSAGE_OVERHEAD
-        }
-        _ => SMALL_BODY,
+        "/psi.v1.Match/PirQuery" => batch(
+            "pir_max_batch",
+            limits.pir_max_batch,
+            32 + psi_pir::shape::QUERY_BYTES + 8,
+        ),
+        _ => (SMALL_BODY, "a request without a payload".to_string()),
     }
 }
 
@@ -197,7 +212,7 @@ impl Shared {
     {
         let started = Instant::now();
         let path = req.uri().path().to_string();
-        let limit = body_limit(&path, &self.state.limits());
+        let (limit, limit_setting) = body_limit(&path, &self.state.limits());
         let conn = peer_info(req.extensions()).map(|p| Arc::clone(&p.conn));
         // Capped: no deadline needs to reach past the request's whole life.
         let client_deadline =
@@ -245,6 +260,7 @@ impl Shared {
                 inner: body,
                 tracker: Arc::clone(&tracker),
                 limit,
+                limit_setting,
                 seen: 0,
                 timer,
             })
@@ -523,6 +539,8 @@ struct LimitedBody {
     inner: Body,
     tracker: Arc<Tracker>,
     limit: usize,
+    /// What the limit follows from, for the refusal.
+    limit_setting: String,
     seen: usize,
     timer: Pin<Box<Sleep>>,
 }
@@ -550,10 +568,12 @@ impl http_body::Body for LimitedBody {
             let n = data.len();
             this.seen = this.seen.saturating_add(n);
             if this.seen > this.limit {
-                return Poll::Ready(Some(Err(this.tracker.refused(Status::resource_exhausted(
+                // The same refusal as a batch the service counts over its
+                // limit: a mistake in the request, never resent unchanged.
+                return Poll::Ready(Some(Err(this.tracker.refused(Status::invalid_argument(
                     format!(
-                        "the request body is over the limit of {} bytes for {}",
-                        this.limit, this.tracker.method
+                        "the request body is over the limit of {} bytes for {} ({}); split it",
+                        this.limit, this.tracker.method, this.limit_setting
                     ),
                 )))));
             }
@@ -635,19 +655,22 @@ mod tests {
     fn body_limits_follow_the_batch_limits() {
         let limits = crate::serving::service::Limits::default();
         assert_eq!(
-            body_limit("/psi.v1.Match/Evaluate", &limits),
+            body_limit("/psi.v1.Match/Evaluate", &limits).0,
             4096 * 32 + 64
         );
+        assert!(body_limit("/psi.v1.Match/Evaluate", &limits)
+            .1
+            .contains("max_batch = 4096"));
         assert_eq!(
-            body_limit("/psi.v1.Match/BucketQuery", &limits),
+            body_limit("/psi.v1.Match/BucketQuery", &limits).0,
             64 * 37 + 64
         );
         assert_eq!(
-            body_limit("/psi.v1.Match/SyncTagSet", &limits),
+            body_limit("/psi.v1.Match/SyncTagSet", &limits).0,
             (16 << 20) + 64
         );
         assert_eq!(
-            body_limit("/grpc.health.v1.Health/Check", &limits),
+            body_limit("/grpc.health.v1.Health/Check", &limits).0,
             SMALL_BODY
         );
     }

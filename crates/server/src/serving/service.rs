@@ -371,6 +371,12 @@ impl MatchService {
     }
 
     fn snapshot_for(&self, epoch: u64) -> Result<Arc<Snapshot>, ServiceError> {
+        if epoch == 0 {
+            return Err(ServiceError::InvalidArgument(
+                "key_epoch is 0: the field is missing; send the key epoch ServerInfo advertises"
+                    .into(),
+            ));
+        }
         let snap = self.state.current()?;
         // Noted for the request's audit record (outside an accounted request,
         // as in unit tests, there is nothing to note it in).
@@ -392,13 +398,13 @@ impl MatchService {
         Ok(snap)
     }
 
-    fn check_batch(&self, n: usize, max: usize) -> Result<(), ServiceError> {
+    fn check_batch(&self, n: usize, setting: &str, max: usize) -> Result<(), ServiceError> {
         if n == 0 {
             return Err(ServiceError::InvalidArgument("the batch is empty".into()));
         }
         if n > max {
             return Err(ServiceError::InvalidArgument(format!(
-                "batch of {n} elements exceeds the maximum of {max}; split it"
+                "a batch of {n} elements is over the limit of a batch of at most {setting} = {max} elements; split it"
             )));
         }
         Ok(())
@@ -583,7 +589,7 @@ impl MatchService {
     async fn evaluate_inner(&self, req: EvaluateRequest) -> Result<EvaluateResponse, ServiceError> {
         let snap = self.snapshot_for(req.key_epoch)?;
         let blinded = unpack_blinded(&req.blinded_elements)?;
-        self.check_batch(blinded.len(), self.state.limits.max_batch)?;
+        self.check_batch(blinded.len(), "max_batch", self.state.limits.max_batch)?;
         let epoch = snap.epoch;
         let evaluation =
             on_cpu(move |stop| snap.server.blind_evaluate_until(&blinded, &mut OsRng, stop))
@@ -602,7 +608,11 @@ impl MatchService {
     ) -> Result<BucketQueryResponse, ServiceError> {
         let snap = self.snapshot_for(req.key_epoch)?;
         let blinded = unpack_blinded(&req.blinded_elements)?;
-        self.check_batch(blinded.len(), self.state.limits.max_bucket_batch)?;
+        self.check_batch(
+            blinded.len(),
+            "max_bucket_batch",
+            self.state.limits.max_bucket_batch,
+        )?;
         if req.buckets.len() != blinded.len() {
             return Err(ServiceError::InvalidArgument(format!(
                 "{} buckets for {} elements",
@@ -685,7 +695,11 @@ impl MatchService {
         let snap = self.snapshot_for(req.key_epoch)?;
         let db = Self::pir_database(&snap)?;
         let blinded = unpack_blinded(&req.blinded_elements)?;
-        self.check_batch(blinded.len(), self.state.limits.pir_max_batch)?;
+        self.check_batch(
+            blinded.len(),
+            "pir_max_batch",
+            self.state.limits.pir_max_batch,
+        )?;
         if req.queries.len() != blinded.len() {
             return Err(ServiceError::InvalidArgument(format!(
                 "{} PIR queries for {} elements",
