@@ -152,6 +152,9 @@ pub enum Command {
     /// A local certificate authority for mutual TLS.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The registry's public key, to publish to institutions.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Check or export the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -221,6 +224,19 @@ impl GuardArgs {
             force: self.force,
         })
     }
+}
+
+/// `psi-server key` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Print the current key epoch, its public key (what institutions pin,
+    /// `psi-client --pin-key`), its fingerprint and the endorsed history of
+    /// rotations. Reads public data only: an encoding or a serving directory.
+    Show {
+        /// Data directory.
+        #[arg(long, env = "PSI_DATA_DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 /// `psi-server ca` subcommands.
@@ -343,12 +359,13 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => {
             let source = source.source(&registry)?;
             let guard = guard.guard()?;
+            let dir = data_dir.clone();
             let report = tokio::task::spawn_blocking(move || {
-                registry::init_guarded(&source, &data_dir, !no_progress, &guard)
+                registry::init_guarded(&source, &dir, !no_progress, &guard)
             })
             .await??;
             print_init(&report);
-            Ok(())
+            print_key(&data_dir, false)
         }
         Command::Update {
             add,
@@ -444,6 +461,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .await
         }
         Command::Ca(command) => ca(command),
+        Command::Key(KeyCommand::Show { data_dir }) => print_key(&data_dir, true),
         Command::Audit(command) => audit(command).await,
     }
 }
@@ -608,6 +626,42 @@ fn print_rotation(r: &registry::RotateReport) {
         r.elapsed.as_secs_f64(),
         humantime::format_duration(r.old_key_destroyed_after)
     );
+}
+
+/// Prints the committed key epoch's public key and fingerprint; with
+/// `history`, every endorsed rotation too.
+fn print_key(data_dir: &std::path::Path, history: bool) -> Result<()> {
+    let (epoch, key) = crate::store::public_key(data_dir)?;
+    println!(
+        "key epoch {epoch}: public key {} (fingerprint {}); institutions pin it with psi-client --pin-key",
+        key.to_hex(),
+        fingerprint(&key)
+    );
+    if history {
+        for step in crate::store::keystore::load_history(data_dir)? {
+            println!(
+                "  epoch {}: public key {} (fingerprint {}), endorsed by the key of epoch {}",
+                step.epoch,
+                step.public_key.to_hex(),
+                fingerprint(&step.public_key),
+                step.epoch.saturating_sub(1)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The first 16 bytes of SHA-256 over a public key, in groups of four hex
+/// digits: short enough to read out over the telephone.
+fn fingerprint(key: &psi_core::PublicKey) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(key.to_bytes());
+    hex::encode(digest.get(..16).unwrap_or_default())
+        .as_bytes()
+        .chunks(4)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Prints an init summary.

@@ -601,3 +601,59 @@ fn partitioned_init_merged_is_byte_identical_to_a_single_init() {
         );
     }
 }
+
+#[test]
+fn the_public_key_to_publish_is_printed_and_a_header_only_update_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let people = dir.path().join("people.csv");
+    let (ok, out) = run(server()
+        .args(["generate", "--count", "200", "--seed", "4", "--out"])
+        .arg(&people));
+    assert!(ok, "{out}");
+    let data = dir.path().join("data");
+    let (ok, out) = init(&people, &data, &[]);
+    assert!(ok, "{out}");
+    // init prints the key to publish; `key show` prints the same.
+    let key_of = |text: &str| -> String {
+        let at = text.find("public key ").expect("a public key line") + "public key ".len();
+        text[at..at + 64].to_string()
+    };
+    let printed = key_of(&out);
+    assert!(printed.bytes().all(|b| b.is_ascii_hexdigit()), "{out}");
+    let show = |data: &std::path::Path| run(server().args(["key", "show", "--data-dir"]).arg(data));
+    let (ok, shown) = show(&data);
+    assert!(ok, "{shown}");
+    assert!(shown.starts_with("key epoch 1: public key "), "{shown}");
+    assert_eq!(key_of(&shown), printed);
+    assert!(shown.contains("fingerprint "), "{shown}");
+    // After a rotation: epoch 2, and the endorsed step in the history.
+    let (ok, out) = run(server()
+        .args(["rotate-key", "--no-progress", "--data-dir"])
+        .arg(&data));
+    assert!(ok, "{out}");
+    let (ok, shown) = show(&data);
+    assert!(ok, "{shown}");
+    assert!(shown.starts_with("key epoch 2: public key "), "{shown}");
+    assert_ne!(key_of(&shown), printed);
+    assert!(
+        shown.contains("epoch 2: public key ") && shown.contains("endorsed by the key of epoch 1"),
+        "{shown}"
+    );
+    // A header-only add file is a slip: refused, nothing published.
+    let empty = dir.path().join("empty.csv");
+    std::fs::write(&empty, "name,id\n").unwrap();
+    let update = |extra: &[&str]| {
+        run(server()
+            .args(["update", "--no-progress", "--add"])
+            .arg(&empty)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(extra))
+    };
+    let (ok, out) = update(&[]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("the add source gave no valid row"), "{out}");
+    assert!(out.contains("nothing was published"), "{out}");
+    let (ok, out) = update(&["--force"]);
+    assert!(ok, "{out}");
+}

@@ -74,9 +74,10 @@ impl PublishGuard {
         }
     }
 
-    /// Refuses `label`'s rows when none was accepted or too many were rejected.
+    /// Refuses `label`'s rows when none was accepted (a header-only file
+    /// included) or too many were rejected.
     fn check_rows(&self, label: &str, counts: &RowCounts) -> Result<()> {
-        if self.force || counts.rows == 0 && label != "registry" {
+        if self.force {
             return Ok(());
         }
         let rejected = counts.rejected_total();
@@ -466,10 +467,15 @@ pub fn update_with(
     report.added = added.len() as u64;
     let before = index.len() as u64;
     report.records = before - report.removed + report.added;
-    let refusal = guard
-        .check_rows("add", &report.add)
-        .and_then(|()| guard.check_rows("remove", &report.remove))
-        .and_then(|()| guard.check_shrink(before, report.records));
+    // Each source given must have valid rows (a header-only file is a slip).
+    let refusal = [
+        (add.is_some(), "add", &report.add),
+        (remove.is_some(), "remove", &report.remove),
+    ]
+    .into_iter()
+    .filter(|(given, _, _)| *given)
+    .try_for_each(|(_, label, counts)| guard.check_rows(label, counts))
+    .and_then(|()| guard.check_shrink(before, report.records));
     let rejected = rejected.into_inner()?;
     if let Err(e) = refusal {
         store.write_report(REPORT_FILE, &rejected)?;

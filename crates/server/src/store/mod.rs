@@ -186,6 +186,18 @@ pub fn base_file(data_dir: &Path) -> Result<PathBuf> {
     committed_or_none(data_dir).map(|m| data_dir.join(m.base.name))
 }
 
+/// The committed key epoch of `data_dir` and its public key (public data:
+/// read from the manifest, no key file opened).
+///
+/// # Errors
+/// No registry, or a damaged manifest.
+pub fn public_key(data_dir: &Path) -> Result<(u64, psi_core::PublicKey)> {
+    let m = committed_or_none(data_dir)?;
+    let key = psi_core::PublicKey::from_bytes(&m.public_key)
+        .context("the manifest's public key is not a valid ristretto255 element")?;
+    Ok((m.epoch, key))
+}
+
 /// The committed record store file of `data_dir` (`records-G.bin`).
 ///
 /// # Errors
