@@ -370,6 +370,7 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
     let options = ConnectOptions {
         server: format!("http://{relay_addr}"),
         pin_key: None,
+        pin_exact: false,
         cache_dir: cache.path().to_path_buf(),
         blinding: match spec.blinding.as_str() {
             "multiplicative" => psi_core::Blinding::Multiplicative,

@@ -231,6 +231,7 @@ async fn e2e(args: E2eArgs) -> Result<()> {
     let options = ConnectOptions {
         server: url,
         pin_key: None,
+        pin_exact: false,
         cache_dir,
         blinding: psi_core::Blinding::Additive,
         concurrency: 4,

@@ -376,6 +376,7 @@ async fn main() -> Result<()> {
         let opts = ConnectOptions {
             server: url.clone(),
             pin_key: None,
+            pin_exact: false,
             cache_dir: args.dir.join(format!("cache-{i}")),
             blinding: psi_core::Blinding::Additive,
             concurrency: 1,

@@ -26,7 +26,7 @@ pub struct Cli {
 /// environment or the config file (flags > environment > file > defaults).
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
-    /// Config file (TOML; keys server, pin_key, purpose, cache_dir,
+    /// Config file (TOML; keys server, pin_key, pin_exact, purpose, cache_dir,
     /// concurrency, tls_ca, tls_cert, tls_key) [default:
     /// $XDG_CONFIG_HOME/psi-client/config.toml or ~/.config/psi-client/config.toml, if present].
     #[arg(long, env = "PSI_CLIENT_CONFIG")]
@@ -34,10 +34,16 @@ pub struct ServerArgs {
     /// Server URL [default: http://127.0.0.1:50051].
     #[arg(long, env = "PSI_SERVER")]
     pub server: Option<String>,
-    /// The server's public key (hex), as published by the operator. Without
-    /// it the key is trusted on first use and remembered in the cache directory.
+    /// The server's public key (hex), as published by the operator: a root
+    /// of trust, from which the operator's endorsed key rotations are
+    /// followed. Without it the key is trusted on first use and remembered
+    /// in the cache directory.
     #[arg(long, env = "PSI_PIN_KEY")]
     pub pin_key: Option<String>,
+    /// Accept only the --pin-key itself, not keys the operator's rotations
+    /// endorsed from it (a new key then needs a new --pin-key).
+    #[arg(long, env = "PSI_PIN_EXACT")]
+    pub pin_exact: Option<bool>,
     /// Directory for the known-servers file and the synced tag set
     /// [default: $XDG_CACHE_HOME/psi-client or ~/.cache/psi-client].
     #[arg(long, env = "PSI_CACHE_DIR")]
@@ -69,6 +75,8 @@ pub struct Effective {
     pub server: (String, Source),
     /// Pinned key.
     pub pin_key: Option<(String, Source)>,
+    /// Whether only the pinned key itself is accepted.
+    pub pin_exact: (bool, Source),
     /// Purpose.
     pub purpose: Option<(String, Source)>,
     /// Cache directory.
@@ -104,6 +112,7 @@ impl ServerArgs {
             config: self.config.or(env.config),
             server: self.server.or(env.server),
             pin_key: self.pin_key.or(env.pin_key),
+            pin_exact: self.pin_exact.or(env.pin_exact),
             cache_dir: self.cache_dir.or(env.cache_dir),
             concurrency: self.concurrency.or(env.concurrency),
             purpose: self.purpose.or(env.purpose),
@@ -145,6 +154,8 @@ impl ServerArgs {
             server: config::pick(self.server.clone(), file.server)
                 .unwrap_or_else(|| ("http://127.0.0.1:50051".into(), Source::Default)),
             pin_key: config::pick(self.pin_key.clone(), file.pin_key),
+            pin_exact: config::pick(self.pin_exact, file.pin_exact)
+                .unwrap_or((false, Source::Default)),
             purpose: config::pick(self.purpose.clone(), file.purpose),
             cache_dir: config::pick(self.cache_dir.clone(), file.cache_dir)
                 .unwrap_or_else(|| (cache_default(), Source::Default)),
@@ -180,6 +191,7 @@ impl Effective {
         Ok(ConnectOptions {
             server: self.server.0.clone(),
             pin_key: self.pin_key.as_ref().map(|(k, _)| k.clone()),
+            pin_exact: self.pin_exact.0,
             cache_dir: self.cache_dir.0.clone(),
             blinding: Blinding::Additive,
             concurrency: self.concurrency.0,
@@ -206,7 +218,13 @@ impl std::fmt::Display for Effective {
             None => writeln!(f, "purpose       not set: every query must declare one")?,
         }
         match &self.pin_key {
-            Some((k, s)) => writeln!(f, "pinned key    {k} ({s})")?,
+            Some((k, s)) if self.pin_exact.0 => {
+                writeln!(f, "pinned key    {k} ({s}), exactly ({})", self.pin_exact.1)?
+            }
+            Some((k, s)) => writeln!(
+                f,
+                "pinned key    {k} ({s}), and keys its endorsed rotations lead to"
+            )?,
             None => writeln!(
                 f,
                 "pinned key    none: trusted on first use, then remembered"
@@ -491,6 +509,7 @@ mod tests {
             config: None,
             server: None,
             pin_key: None,
+            pin_exact: None,
             cache_dir: None,
             concurrency: None,
             purpose: None,

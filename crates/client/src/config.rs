@@ -32,6 +32,8 @@ pub struct FileConfig {
     pub server: Option<String>,
     /// The server's public key (hex).
     pub pin_key: Option<String>,
+    /// Accept only `pin_key` itself, not keys endorsed from it.
+    pub pin_exact: Option<bool>,
     /// The declared purpose code.
     pub purpose: Option<String>,
     /// Cache directory.

@@ -1,8 +1,10 @@
-//! Pinning the server's public key and key epoch: given by flag, or trusted
-//! on first use and remembered in `known-servers.txt` (one line per server:
-//! `URL PUBLIC_KEY_HEX EPOCH`). A changed key is accepted only when each
-//! key from the pinned one to it is endorsed by its predecessor (a key
-//! rotation); any other change is an error, never silently accepted.
+//! Pinning the server's public key and key epoch: given by flag (a root of
+//! trust), or trusted on first use and remembered in `known-servers.txt`
+//! (one line per server: `URL PUBLIC_KEY_HEX EPOCH`). A changed key is
+//! accepted only when each key from the pinned one to it is endorsed by its
+//! predecessor (a key rotation); with `pin_exact`, a key given by flag must
+//! be the server's exactly. Any other change is an error, never silently
+//! accepted.
 
 use std::fs;
 use std::io::Write;
@@ -21,6 +23,12 @@ pub const KNOWN_SERVERS: &str = "known-servers.txt";
 pub enum Pinned {
     /// The key matches the pin given by flag.
     ByFlag,
+    /// The key given by flag is an earlier epoch's: each key from it to the
+    /// presented one is endorsed by its predecessor.
+    EndorsedFromFlag {
+        /// The epoch of the key given by flag.
+        from_epoch: u64,
+    },
     /// The key and epoch match the remembered ones.
     Known,
     /// First contact: the key and epoch are now remembered.
@@ -49,8 +57,9 @@ pub struct OlderThanPinned {
     pub pinned: u64,
 }
 
-/// Checks `key` and `epoch` for `server` against `pin` or the known-servers
-/// file in `dir`; a newer key is accepted only through `history`'s endorsements.
+/// Checks `key` and `epoch` for `server` against `pin` (followed through
+/// `history`'s endorsements unless `exact`) or the known-servers file in
+/// `dir`; a newer key is accepted only through `history`'s endorsements.
 ///
 /// # Errors
 /// A mismatch (with what to do about it), or an unwritable file.
@@ -60,17 +69,33 @@ pub fn check(
     epoch: u64,
     history: &[KeyStep],
     pin: Option<&str>,
+    exact: bool,
     dir: &Path,
 ) -> Result<Pinned> {
     let key_hex = key.to_hex();
     if let Some(pin) = pin {
-        if !pin.trim().eq_ignore_ascii_case(&key_hex) {
-            return Err(Error::KeyNotTrusted(format!(
-                "the server's public key {key_hex} does not match the pinned key {}; do not proceed unless the operator confirms a new key",
-                pin.trim()
-            )));
+        let pin = pin.trim();
+        if pin.eq_ignore_ascii_case(&key_hex) {
+            return Ok(Pinned::ByFlag);
         }
-        return Ok(Pinned::ByFlag);
+        let mismatch = |why: &str| {
+            Error::KeyNotTrusted(format!(
+                "the server's public key {key_hex} (epoch {epoch}) is not the pinned key {pin}{why}; do not proceed unless the operator confirms a new key"
+            ))
+        };
+        if exact {
+            return Err(mismatch(" (pin_exact: only that key is accepted)"));
+        }
+        // The pinned key as the key of some earlier epoch, from which every
+        // rotation up to the server's key is endorsed.
+        let pinned = hex::decode(pin)
+            .ok()
+            .and_then(|b| PublicKey::from_bytes(&b).ok())
+            .ok_or_else(|| mismatch(" (which is not a public key)"))?;
+        return (1..epoch)
+            .find(|&e| rotation::verify_chain(&pinned, e, key, epoch, history).is_ok())
+            .map(|from_epoch| Pinned::EndorsedFromFlag { from_epoch })
+            .ok_or_else(|| mismatch(" and the server shows no endorsed rotation from it"));
     }
     let path = dir.join(KNOWN_SERVERS);
     let known = fs::read_to_string(&path).unwrap_or_default();
@@ -145,22 +170,22 @@ mod tests {
         let [a, b, c] = [(); 3].map(|()| ServerKey::generate(&mut OsRng));
         let (a, b, c) = (a.public_key(), b.public_key(), c.public_key());
         assert_eq!(
-            check("http://a", a, 1, &[], None, d.path()).unwrap(),
+            check("http://a", a, 1, &[], None, false, d.path()).unwrap(),
             Pinned::FirstUse
         );
         assert_eq!(
-            check("http://a", a, 1, &[], None, d.path()).unwrap(),
+            check("http://a", a, 1, &[], None, false, d.path()).unwrap(),
             Pinned::Known
         );
         assert_eq!(
-            check("http://b", b, 1, &[], None, d.path()).unwrap(),
+            check("http://b", b, 1, &[], None, false, d.path()).unwrap(),
             Pinned::FirstUse
         );
-        let e = check("http://a", c, 1, &[], None, d.path())
+        let e = check("http://a", c, 1, &[], None, false, d.path())
             .unwrap_err()
             .to_string();
         assert!(e.contains(&format!("--pin-key {}", c.to_hex())), "{e}");
-        assert!(check("http://a", a, 2, &[], None, d.path()).is_err());
+        assert!(check("http://a", a, 2, &[], None, false, d.path()).is_err());
         assert_eq!(
             check(
                 "http://a",
@@ -168,12 +193,13 @@ mod tests {
                 2,
                 &[],
                 Some(&c.to_hex().to_uppercase()),
+                false,
                 d.path()
             )
             .unwrap(),
             Pinned::ByFlag
         );
-        assert!(check("http://a", c, 2, &[], Some(&b.to_hex()), d.path()).is_err());
+        assert!(check("http://a", c, 2, &[], Some(&b.to_hex()), false, d.path()).is_err());
     }
 
     #[test]
@@ -182,8 +208,17 @@ mod tests {
         let k1 = ServerKey::generate(&mut OsRng);
         let k2 = ServerKey::generate(&mut OsRng);
         let rogue = ServerKey::generate(&mut OsRng);
-        check("http://a", k1.public_key(), 1, &[], None, d.path()).unwrap();
-        check("http://z", rogue.public_key(), 1, &[], None, d.path()).unwrap();
+        check("http://a", k1.public_key(), 1, &[], None, false, d.path()).unwrap();
+        check(
+            "http://z",
+            rogue.public_key(),
+            1,
+            &[],
+            None,
+            false,
+            d.path(),
+        )
+        .unwrap();
         let step = |signer: &ServerKey| KeyStep {
             epoch: 2,
             public_key: *k2.public_key(),
@@ -196,21 +231,100 @@ mod tests {
             2,
             &[step(&rogue)],
             None,
+            false,
             d.path()
         )
         .is_err());
         assert_eq!(
-            check("http://a", k2.public_key(), 2, &[step(&k1)], None, d.path()).unwrap(),
+            check(
+                "http://a",
+                k2.public_key(),
+                2,
+                &[step(&k1)],
+                None,
+                false,
+                d.path()
+            )
+            .unwrap(),
             Pinned::Rotated { from_epoch: 1 }
         );
         assert_eq!(
-            check("http://a", k2.public_key(), 2, &[], None, d.path()).unwrap(),
+            check("http://a", k2.public_key(), 2, &[], None, false, d.path()).unwrap(),
             Pinned::Known
         );
         // The other server's line is untouched.
         assert_eq!(
-            check("http://z", rogue.public_key(), 1, &[], None, d.path()).unwrap(),
+            check(
+                "http://z",
+                rogue.public_key(),
+                1,
+                &[],
+                None,
+                false,
+                d.path()
+            )
+            .unwrap(),
             Pinned::Known
         );
+    }
+
+    #[test]
+    fn a_configured_key_is_a_root_of_trust_unless_exact() {
+        let d = tempfile::tempdir().unwrap();
+        let keys: Vec<ServerKey> = (0..3).map(|_| ServerKey::generate(&mut OsRng)).collect();
+        let rogue = ServerKey::generate(&mut OsRng);
+        // Epochs 1 -> 2 -> 3, each endorsed by its predecessor.
+        let history: Vec<KeyStep> = (1..3)
+            .map(|i| KeyStep {
+                epoch: i as u64 + 1,
+                public_key: *keys[i].public_key(),
+                endorsement: rotation::endorse(
+                    &keys[i - 1],
+                    i as u64,
+                    keys[i].public_key(),
+                    i as u64 + 1,
+                    &mut OsRng,
+                ),
+            })
+            .collect();
+        let pin1 = keys[0].public_key().to_hex();
+        let now = keys[2].public_key();
+        assert_eq!(
+            check("http://a", now, 3, &history, Some(&pin1), false, d.path()).unwrap(),
+            Pinned::EndorsedFromFlag { from_epoch: 1 }
+        );
+        // The epoch-2 key configured: followed from there.
+        let pin2 = keys[1].public_key().to_hex();
+        assert_eq!(
+            check("http://a", now, 3, &history, Some(&pin2), false, d.path()).unwrap(),
+            Pinned::EndorsedFromFlag { from_epoch: 2 }
+        );
+        // With pin_exact, only the configured key itself.
+        let e = check("http://a", now, 3, &history, Some(&pin1), true, d.path()).unwrap_err();
+        assert!(e.to_string().contains("pin_exact"), "{e}");
+        // A key the chain does not lead from, or a history that breaks.
+        let rogue_pin = rogue.public_key().to_hex();
+        let e = check(
+            "http://a",
+            now,
+            3,
+            &history,
+            Some(&rogue_pin),
+            false,
+            d.path(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no endorsed rotation"), "{e}");
+        assert!(check(
+            "http://a",
+            now,
+            3,
+            &history[1..],
+            Some(&pin1),
+            false,
+            d.path()
+        )
+        .is_err());
+        assert!(check("http://a", now, 3, &history, Some("zz"), false, d.path()).is_err());
     }
 }

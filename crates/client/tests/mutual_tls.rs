@@ -29,6 +29,7 @@ fn options(url: &str, cache: &Path, tls: Option<ClientTls>) -> ConnectOptions {
     ConnectOptions {
         server: url.to_string(),
         pin_key: None,
+        pin_exact: false,
         cache_dir: cache.to_path_buf(),
         blinding: psi_core::Blinding::Additive,
         concurrency: 2,

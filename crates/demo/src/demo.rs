@@ -196,6 +196,7 @@ async fn client_side(dir: &Path, url: &str, count: u64) -> Result<()> {
     let options = ConnectOptions {
         server: url.to_string(),
         pin_key: None,
+        pin_exact: false,
         cache_dir,
         blinding: psi_core::Blinding::Additive,
         concurrency: 4,

@@ -209,6 +209,7 @@ impl Server {
             ConnectOptions {
                 server: self.url(),
                 pin_key: None,
+                pin_exact: false,
                 cache_dir: cache.to_path_buf(),
                 blinding: psi_core::Blinding::Additive,
                 concurrency: 2,
@@ -252,6 +253,7 @@ async fn honest_check_eventually(server: &Server, cache: &Path, pair: &(String, 
         let opts = ConnectOptions {
             server: server.url(),
             pin_key: None,
+            pin_exact: false,
             cache_dir: cache.to_path_buf(),
             blinding: psi_core::Blinding::Additive,
             concurrency: 1,

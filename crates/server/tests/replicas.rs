@@ -301,6 +301,7 @@ fn three_replicas_behind_haproxy_survive_a_kill_9() {
     let options = |cache: &str| ConnectOptions {
         server: url.clone(),
         pin_key: None,
+        pin_exact: false,
         cache_dir: root.join(cache),
         blinding: psi_core::Blinding::Additive,
         concurrency: 4,
@@ -515,6 +516,7 @@ fn replicas_at_different_versions_answer_right_through_an_update_and_a_rotation(
             ConnectOptions {
                 server,
                 pin_key: None,
+                pin_exact: false,
                 cache_dir: root.join(cache),
                 blinding: psi_core::Blinding::Additive,
                 concurrency: 2,

@@ -122,6 +122,7 @@ fn a_published_serving_directory_holds_no_personal_data_and_serves_updates_live(
     let options = ConnectOptions {
         server: format!("http://{}", server.local_addr),
         pin_key: None,
+        pin_exact: false,
         cache_dir: root.join("client-cache"),
         blinding: psi_core::Blinding::Additive,
         concurrency: 2,

@@ -28,8 +28,11 @@ use psi_proto::{PURPOSE_HEADER, RETRY_AFTER_MS};
 pub struct ConnectOptions {
     /// Server URL, e.g. `http://127.0.0.1:50051`.
     pub server: String,
-    /// The server's public key in hex, if known out of band.
+    /// The server's public key in hex, if known out of band: a root of
+    /// trust, from which endorsed rotations are followed.
     pub pin_key: Option<String>,
+    /// Accept only `pin_key` itself, not keys endorsed from it.
+    pub pin_exact: bool,
     /// Where the known-servers file and tag-set caches live.
     pub cache_dir: PathBuf,
     /// Blinding path (both give the same answers).
@@ -302,14 +305,21 @@ impl Session {
             info.key_epoch,
             &history,
             options.pin_key.as_deref(),
+            options.pin_exact,
             &options.cache_dir,
         )?;
-        if let Pinned::Rotated { from_epoch } = pinned {
-            tracing::warn!(
+        match pinned {
+            Pinned::Rotated { from_epoch } => tracing::warn!(
                 "{}: key rotated from epoch {from_epoch} to {}; the new key is endorsed by the pinned one and is now pinned",
                 options.server,
                 info.key_epoch
-            );
+            ),
+            Pinned::EndorsedFromFlag { from_epoch } => tracing::info!(
+                "{}: key epoch {}, endorsed through every rotation from the configured key (epoch {from_epoch})",
+                options.server,
+                info.key_epoch
+            ),
+            _ => {}
         }
         Ok((info, pk, pinned))
     }

@@ -80,16 +80,21 @@ pub async fn connect(
     cache: &Path,
     pin: Option<String>,
 ) -> Result<Session, psi_client::Error> {
-    let opts = ConnectOptions {
+    Session::connect_when_ready(client_options(url, cache, pin), Duration::from_secs(10)).await
+}
+
+/// The tests' connection options.
+pub fn client_options(url: &str, cache: &Path, pin: Option<String>) -> ConnectOptions {
+    ConnectOptions {
         server: url.to_string(),
         pin_key: pin,
+        pin_exact: false,
         cache_dir: cache.to_path_buf(),
         blinding: psi_core::Blinding::Additive,
         concurrency: 3,
         tls: None,
         purpose: "kyc-onboarding".to_string(),
-    };
-    Session::connect_when_ready(opts, Duration::from_secs(10)).await
+    }
 }
 
 pub struct Fixture {

@@ -197,6 +197,13 @@ async fn a_key_rotation_is_followed_by_checks_and_batches() {
     let session = connect(&f.url, &cache, None).await.unwrap();
     session.sync().await.unwrap();
     let old_key = session.info().public_key.clone();
+    // An institution that configured the key the operator published (the
+    // README's quick start), with a cache of its own.
+    let published = psi_core::PublicKey::from_bytes(&old_key).unwrap().to_hex();
+    let configured = connect(&f.url, &f.root.join("configured"), Some(published.clone()))
+        .await
+        .unwrap();
+    assert_eq!(configured.pinned, Pinned::ByFlag);
     // Rotate with no grace: the retired key is destroyed at the server's next sweep.
     let r = registry::rotate_key(&f.data_dir, Duration::ZERO, false).unwrap();
     assert_eq!((r.old_epoch, r.epoch), (1, 2));
@@ -222,6 +229,30 @@ async fn a_key_rotation_is_followed_by_checks_and_batches() {
         .map(|r| r.get(r.len() - 2).unwrap().to_string())
         .collect();
     assert_eq!(got, expected);
+    // The configured key is a root of trust: the rotation it endorsed is
+    // followed, and a check answered.
+    let followed = configured.follow_rotation().await.unwrap();
+    assert_eq!(followed.pinned, Pinned::EndorsedFromFlag { from_epoch: 1 });
+    assert_eq!(
+        answers(
+            &followed,
+            &[("张伟", "11010519491231002X")],
+            QueryMode::Bucket
+        )
+        .await,
+        [CheckOutcome::Match]
+    );
+    // Asked for exactly that key, it is refused, saying so.
+    let exact = Session::connect(ConnectOptions {
+        pin_exact: true,
+        ..client_options(&f.url, &f.root.join("exact"), Some(published))
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(exact, psi_client::Error::KeyNotTrusted(_)),
+        "{exact}"
+    );
     // Single checks in both modes follow it too.
     let pairs = [
         ("张伟", "11010519491231002X"),
