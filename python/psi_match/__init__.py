@@ -105,8 +105,10 @@ class Client:
 
     ``server``, ``purpose`` and ``tls`` (a :class:`Tls`, a dict with ``ca``,
     ``cert`` and ``key``, or a 3-tuple of paths) are the usual settings;
-    ``pin_key`` (the operator's published public key, hex), ``cache_dir``,
-    ``concurrency`` and ``config`` (a client config file) are as for the CLI.
+    ``pin_key`` (the operator's published public key, hex: a root of trust
+    whose endorsed rotations are followed), ``pin_exact`` (accept only that
+    key), ``cache_dir``, ``concurrency`` and ``config`` (a client config
+    file) are as for the CLI.
     ``mode`` is the default query mode: ``"bucket"`` (nothing downloaded),
     ``"pir"`` (nothing downloaded and the server learns not even the
     pair's bucket; about a second of server work per pair) or ``"sync"``
@@ -124,6 +126,7 @@ class Client:
         tls: Union[Tls, Mapping[str, Path], Sequence[Path], None] = None,
         *,
         pin_key: Optional[str] = None,
+        pin_exact: Optional[bool] = None,
         cache_dir: Optional[Path] = None,
         concurrency: Optional[int] = None,
         config: Optional[Path] = None,
@@ -133,7 +136,7 @@ class Client:
             raise ValueError(f'mode must be "bucket", "sync" or "pir", not {mode!r}')
         ca, cert, key = _tls_files(tls)
         self._session = _native.Session(
-            server, purpose, ca, cert, key, pin_key, cache_dir, concurrency, config
+            server, purpose, ca, cert, key, pin_key, cache_dir, concurrency, config, pin_exact
         )
         self.mode = mode
         #: The last batch's summary line (rows, answers, time, registry version).

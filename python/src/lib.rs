@@ -102,7 +102,7 @@ impl Session {
     /// (`PSI_SERVER`, `PSI_PURPOSE`, ...) and the config file, as the CLI
     /// does (arguments > environment > file > defaults).
     #[new]
-    #[pyo3(signature = (server=None, purpose=None, tls_ca=None, tls_cert=None, tls_key=None, pin_key=None, cache_dir=None, concurrency=None, config=None))]
+    #[pyo3(signature = (server=None, purpose=None, tls_ca=None, tls_cert=None, tls_key=None, pin_key=None, cache_dir=None, concurrency=None, config=None, pin_exact=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -115,11 +115,13 @@ impl Session {
         cache_dir: Option<PathBuf>,
         concurrency: Option<usize>,
         config: Option<PathBuf>,
+        pin_exact: Option<bool>,
     ) -> PyResult<Self> {
         let args = ServerArgs {
             config,
             server,
             pin_key,
+            pin_exact,
             cache_dir,
             concurrency,
             purpose,
