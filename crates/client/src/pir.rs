@@ -57,8 +57,9 @@ pub fn shape_of(info: &PirInfo) -> Result<Shape> {
     Ok(shape)
 }
 
-/// A client's PIR state for one server, key epoch and dimensions.
-#[derive(Debug)]
+/// A client's PIR state for one server, key epoch and dimensions. Its
+/// `Debug` shows the shape, epoch and whether parameters are registered,
+/// never the seed.
 pub struct PirState {
     /// The scheme's client (its secret key from the seed).
     pub client: Arc<PirClient>,
@@ -68,6 +69,16 @@ pub struct PirState {
     pub epoch: u64,
     seed: Zeroizing<[u8; 32]>,
     id_path: PathBuf,
+}
+
+impl std::fmt::Debug for PirState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PirState")
+            .field("shape", &self.client.shape())
+            .field("epoch", &self.epoch)
+            .field("registered", &self.keys_id.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl PirState {
@@ -184,6 +195,24 @@ fn master_seed(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_state_never_shows_its_seed() {
+        let dir = tempfile::tempdir().unwrap();
+        let shape = psi_pir::Shape {
+            nu1: 7,
+            nu2: 2,
+            instances: 1,
+            bucket_shift: 0,
+        };
+        let state = PirState::open(dir.path(), "abcd", 1, shape).unwrap();
+        let shown = format!("{state:?}");
+        let seed_hex = hex::encode(state.seed.as_slice());
+        assert!(!shown.contains(&seed_hex), "{shown}");
+        let bytes: Vec<String> = state.seed.iter().map(u8::to_string).collect();
+        assert!(!shown.contains(&bytes.join(", ")), "{shown}");
+        assert!(shown.contains("epoch: 1"), "{shown}");
+    }
 
     #[test]
     fn the_seed_is_made_once_private_and_reused() {

@@ -576,6 +576,30 @@ impl fmt::Debug for Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The province-level prefixes PROTOCOL.md section 2 lists, exactly.
+    #[test]
+    fn the_documented_province_prefixes_are_the_accepted_ones() {
+        let documented: Vec<u32> = (11..=15)
+            .chain(21..=23)
+            .chain(31..=37)
+            .chain(41..=46)
+            .chain(50..=54)
+            .chain(61..=65)
+            .chain([71, 81, 82, 83])
+            .chain(90..=99)
+            .collect();
+        let protocol = include_str!("../../../docs/PROTOCOL.md");
+        assert!(protocol.contains("11-15 (Beijing, Tianjin, Hebei, Shanxi, Inner Mongolia), 21-23"));
+        for code in 0..100u32 {
+            let d = |x: u32| u8::try_from(x).unwrap() + b'0';
+            assert_eq!(
+                region_is_plausible(d(code / 10), d(code % 10)),
+                documented.contains(&code),
+                "prefix {code:02}"
+            );
+        }
+    }
     use proptest::prelude::*;
 
     const TODAY: CivilDate = CivilDate {
