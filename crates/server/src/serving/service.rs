@@ -414,13 +414,29 @@ impl MatchService {
 /// Runs CPU-heavy work on the rayon pool and awaits it. The work is given
 /// a `stop` test that turns true once nobody awaits the result any more
 /// (the request was cancelled or timed out), to give up between chunks.
+///
+/// A panic in the work (a bug, or a library's assertion) is caught at this
+/// boundary: the request is answered `INTERNAL` and logged, and the server
+/// keeps serving (uncaught, a panic on the rayon pool aborts the process).
 async fn on_cpu<T: Send + 'static>(
     work: impl FnOnce(&(dyn Fn() -> bool + Sync)) -> T + Send + 'static,
 ) -> Result<T, ServiceError> {
     let (tx, rx) = oneshot::channel();
     rayon::spawn(move || {
-        let result = work(&|| tx.is_closed());
-        let _ = tx.send(result);
+        let stop = || tx.is_closed();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&stop))) {
+            Ok(result) => {
+                let _ = tx.send(result);
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!("request work panicked (answered INTERNAL, still serving): {what}");
+            }
+        }
     });
     rx.await.map_err(|_| ServiceError::Internal)
 }
@@ -856,4 +872,20 @@ fn delta_since(snap: &Snapshot, held: u64, max_bytes: usize) -> Option<TagSetDel
         added: values(added),
         removed: values(removed),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_in_request_work_is_an_internal_error_and_the_pool_lives_on() {
+        let panicked = on_cpu(|_| -> u32 { panic!("injected") }).await;
+        assert!(matches!(panicked, Err(ServiceError::Internal)), "{panicked:?}");
+        assert_eq!(Status::from(ServiceError::Internal).code(), tonic::Code::Internal);
+        // The pool still answers, on every thread.
+        for n in 0..8u32 {
+            assert_eq!(on_cpu(move |_| n * 2).await.unwrap(), n * 2);
+        }
+    }
 }
