@@ -258,7 +258,7 @@ impl std::fmt::Display for Effective {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Check one pair: prints match or no_match; exit status 0 match, 1 no match, 2 invalid input or error.
+    /// Check one pair: prints `match`, `no_match`, or `invalid: REASON` (a pair that is not a valid name and ID; nothing is sent); exit status 0 match, 1 no match, 2 invalid input or error.
     Check {
         #[command(flatten)]
         server: ServerArgs,

@@ -1017,3 +1017,16 @@ fn a_server_killed_mid_batch_is_ridden_out() {
         assert_eq!(&row[3], "match");
     }
 }
+
+/// `check --help` names all three answers.
+#[test]
+fn check_help_names_every_answer() {
+    let out = Command::new(client_bin())
+        .args(["check", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in ["match", "no_match", "invalid"] {
+        assert!(help.contains(word), "{word}: {help}");
+    }
+}

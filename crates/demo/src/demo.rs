@@ -1,7 +1,7 @@
 //! `psi-demo`: the whole job on synthetic data in one command. It
 //! generates a registry, encrypts it, serves it on a local port, and runs the
 //! client library against it: a batch in sync mode, the same batch in bucket
-//! mode, and a single check, printing what happened.
+//! and PIR mode, and single checks, printing what happened.
 
 use std::path::Path;
 use std::time::Duration;

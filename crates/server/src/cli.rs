@@ -247,7 +247,8 @@ pub enum CaCommand {
         /// Directory for ca.pem, ca.key, server.pem, server.key.
         #[arg(long)]
         dir: PathBuf,
-        /// DNS names and IP addresses clients reach the server at.
+        /// A DNS name or IP address clients reach the server at; repeat the
+        /// flag for each (`--server-name a.example --server-name 10.0.0.5`).
         #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         server_names: Vec<String>,
     },

@@ -685,3 +685,21 @@ fn the_systemd_unit_lets_the_server_sweep_retired_keys() {
         "{data_dir} is read-only: {unit}"
     );
 }
+
+/// What the help says matches what the commands do.
+#[test]
+fn help_texts_say_what_the_commands_do() {
+    let help = |args: &[&str]| {
+        let out = server().args(args).arg("--help").output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let serve = help(&["serve"]);
+    assert!(
+        serve.contains("/metrics") && serve.contains("/ready"),
+        "{serve}"
+    );
+    let ca = help(&["ca", "init"]);
+    assert!(ca.contains("repeat the flag"), "{ca}");
+    let key = help(&["key", "show"]);
+    assert!(key.contains("public key"), "{key}");
+}

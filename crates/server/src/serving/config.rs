@@ -73,8 +73,10 @@ pub struct ServeArgs {
     /// that passes authentication is served without limits.
     #[arg(long, env = "PSI_POLICY")]
     pub policy: Option<PathBuf>,
-    /// Address of the admin endpoint serving Prometheus metrics at /metrics
-    /// (e.g. 127.0.0.1:9090); none by default.
+    /// Address of the admin endpoint: Prometheus metrics at /metrics,
+    /// readiness at /ready (200 once the snapshot is loaded and while not
+    /// draining, 503 otherwise: for load balancers) (e.g. 127.0.0.1:9090);
+    /// none by default.
     #[arg(long, env = "PSI_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
     /// Audit database: an SQLite file, or a postgres:// URL shared by every
@@ -557,11 +559,39 @@ fn tls_files(
 }
 
 impl FileConfig {
-    /// Reads and parses the configuration file at `path`.
+    /// Reads and parses the configuration file at `path`. Relative paths in
+    /// it are the file's neighbours (as in psi-client's config file), not
+    /// relative to the working directory.
     fn read(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+        let mut config: Self = toml::from_str(&text)
+            .with_context(|| format!("parsing config file {}", path.display()))?;
+        let base = path.parent().unwrap_or(std::path::Path::new("."));
+        for p in [
+            &mut config.data_dir,
+            &mut config.tls_cert,
+            &mut config.tls_key,
+            &mut config.client_ca,
+            &mut config.policy,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(db) = &mut config.audit_db {
+            if let crate::serving::audit::AuditStore::Sqlite(p) =
+                crate::serving::audit::AuditStore::parse(db)
+            {
+                if p.is_relative() {
+                    *db = base.join(p).display().to_string();
+                }
+            }
+        }
+        Ok(config)
     }
 }
 
@@ -643,6 +673,24 @@ mod tests {
         let cfg = args.resolve().unwrap();
         assert_eq!(cfg.listen.port(), 7000);
         assert_eq!(cfg.limits.max_batch, 200);
+        // Relative paths in the file are the file's neighbours, wherever
+        // the server is started from.
+        std::fs::write(
+            &cfg_path,
+            "data_dir = \".\"\naudit_db = \"audit/trail.sqlite\"\n",
+        )
+        .unwrap();
+        let cfg = ServeArgs {
+            config: Some(cfg_path.clone()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(cfg.data_dir, d.path().join("."));
+        assert_eq!(
+            cfg.audit_db,
+            crate::serving::audit::AuditStore::from(d.path().join("audit/trail.sqlite"))
+        );
 
         let bad = ServeArgs {
             listen: Some("localhost".into()),

@@ -881,8 +881,14 @@ mod tests {
     #[tokio::test]
     async fn a_panic_in_request_work_is_an_internal_error_and_the_pool_lives_on() {
         let panicked = on_cpu(|_| -> u32 { panic!("injected") }).await;
-        assert!(matches!(panicked, Err(ServiceError::Internal)), "{panicked:?}");
-        assert_eq!(Status::from(ServiceError::Internal).code(), tonic::Code::Internal);
+        assert!(
+            matches!(panicked, Err(ServiceError::Internal)),
+            "{panicked:?}"
+        );
+        assert_eq!(
+            Status::from(ServiceError::Internal).code(),
+            tonic::Code::Internal
+        );
         // The pool still answers, on every thread.
         for n in 0..8u32 {
             assert_eq!(on_cpu(move |_| n * 2).await.unwrap(), n * 2);

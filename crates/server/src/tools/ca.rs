@@ -45,6 +45,14 @@ pub fn is_valid_institution(id: &str) -> bool {
 /// # Errors
 /// An existing CA in `dir` (never overwritten), or I/O errors.
 pub fn init(dir: &Path, server_names: &[String]) -> Result<()> {
+    if let Some(bad) = server_names
+        .iter()
+        .find(|n| n.is_empty() || n.chars().any(|c| c.is_whitespace() || c == ','))
+    {
+        bail!(
+            "`{bad}` is not one server name: give each DNS name or IP address with its own --server-name"
+        );
+    }
     if dir.join(CA_KEY).exists() {
         bail!(
             "{} already holds a CA; refusing to overwrite it",
@@ -166,6 +174,10 @@ mod tests {
     #[test]
     fn issued_certificates_name_their_institution() {
         let dir = tempfile::tempdir().unwrap();
+        // Two names in one flag's value: refused, saying to repeat the flag.
+        let err = init(dir.path(), &["a.example b.example".into()]).unwrap_err();
+        assert!(err.to_string().contains("its own --server-name"), "{err}");
+        assert!(!dir.path().join(CA_KEY).exists(), "nothing written");
         init(dir.path(), &["localhost".into(), "127.0.0.1".into()]).unwrap();
         assert!(init(dir.path(), &[]).is_err(), "never overwrites a CA");
         let (cert, key) = issue(dir.path(), "bank-001", &dir.path().join("out"), false).unwrap();
