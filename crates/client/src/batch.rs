@@ -192,6 +192,9 @@ pub struct BatchSummary {
     pub bytes_synced: u64,
     /// Rows taken over from an interrupted run (`--resume`).
     pub resumed_rows: u64,
+    /// The server's ids of the batch's first and last requests (the ids
+    /// its audit records hold), if any request was answered.
+    pub request_ids: Option<(String, String)>,
 }
 
 impl std::fmt::Display for BatchSummary {
@@ -209,7 +212,12 @@ impl std::fmt::Display for BatchSummary {
             self.rows as f64 / secs.max(1e-9),
             span(self.first_registry_version, self.registry_version),
             span(self.first_key_epoch, self.key_epoch)
-        )
+        )?;
+        match &self.request_ids {
+            Some((first, last)) if first == last => write!(f, "; request id {first}"),
+            Some((first, last)) => write!(f, "; request ids {first} to {last}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -263,6 +271,7 @@ impl Views {
         max_age: Duration,
         no_sync: bool,
     ) -> Result<Self> {
+        let session = session.with_own_request_ids();
         let views = Self {
             current: tokio::sync::Mutex::new(Arc::new(View {
                 version: session.info().registry_version,
@@ -426,8 +435,9 @@ impl Views {
     }
 
     /// Fills in what the syncs fetched and the time taken.
-    fn finish(&self, summary: &mut BatchSummary, started: Instant) {
+    async fn finish(&self, summary: &mut BatchSummary, started: Instant) {
         use std::sync::atomic::Ordering::Relaxed;
+        summary.request_ids = self.current.lock().await.session.request_ids();
         summary.shards_fetched = self.shards_fetched.load(Relaxed);
         summary.bytes_synced = self.bytes_synced.load(Relaxed);
         summary.elapsed = started.elapsed();
@@ -533,7 +543,7 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
     bar.finish_and_clear();
     sink.finish(&partial, &out_headers, &opts.output).await?;
     psi_files::atomic::rename_durably(&partial, &opts.output)?;
-    views.finish(&mut summary, started);
+    views.finish(&mut summary, started).await;
     Ok(summary)
 }
 
@@ -782,7 +792,7 @@ where
             answers.push(answer);
         }
     }
-    views.finish(&mut summary, started);
+    views.finish(&mut summary, started).await;
     Ok((answers, summary))
 }
 

@@ -130,7 +130,16 @@ impl Error {
     /// The error for a status of the exchange `what`.
     pub(crate) fn from_status(status: &tonic::Status, what: &str) -> Self {
         let what = what.to_string();
-        let message = status.message().to_string();
+        // The server's id of the request (its audit record's), for speaking
+        // with the operator about it.
+        let message = match status
+            .metadata()
+            .get(psi_proto::REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(id) => format!("{}; request id {id}", status.message()),
+            None => status.message().to_string(),
+        };
         if status.metadata().get(psi_proto::PIR_KEYS_HEADER).is_some() {
             return Self::PirKeysUnknown { what, message };
         }

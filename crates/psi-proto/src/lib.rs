@@ -34,6 +34,11 @@ pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 /// evicted, a restart, or made for other dimensions). Value: `unknown`.
 pub const PIR_KEYS_HEADER: &str = "x-psi-pir-keys";
 
+/// Response metadata of every answer and refusal of the `Match` service:
+/// the request's id, the one its audit record holds, so that an
+/// institution and the operator can speak of one request.
+pub const REQUEST_ID_HEADER: &str = "x-psi-request-id";
+
 /// The service name, for health checks.
 pub const SERVICE_NAME: &str = "psi.v1.Match";
 

@@ -232,6 +232,7 @@ fn the_systemd_units_and_the_balancer_agree_with_the_server() {
         ("Service", "ProtectKernelTunables"),
         ("Service", "ProtectControlGroups"),
         ("Service", "RestrictAddressFamilies"),
+        ("Service", "ReadWritePaths"),
         ("Service", "ReadOnlyPaths"),
         ("Install", "WantedBy"),
     ]
@@ -456,4 +457,32 @@ fn the_partitioned_encoding_jobs_agree_with_the_server_and_the_deployment() {
     );
     assert!(deployment.contains("claimName: psi-data"));
     assert!(yaml.contains("claimName: psi-data"));
+}
+
+/// The systemd unit lets the server write its data directory (the sweep of
+/// retired keys destroys them there) and nothing else of the system.
+#[test]
+fn the_systemd_unit_lets_the_server_sweep_retired_keys() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/systemd");
+    let unit = std::fs::read_to_string(root.join("psi-server@.service")).unwrap();
+    let env = std::fs::read_to_string(root.join("psi-server.env")).unwrap();
+    let data_dir = env
+        .lines()
+        .find_map(|l| l.strip_prefix("PSI_DATA_DIR="))
+        .expect("the unit's environment names the data directory");
+    let paths = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(key))
+            .flat_map(|v| v.split_whitespace().map(str::to_string))
+            .collect()
+    };
+    assert!(unit.contains("ProtectSystem=strict"), "{unit}");
+    assert!(
+        paths("ReadWritePaths=").iter().any(|p| p == data_dir),
+        "{data_dir} must be writable: {unit}"
+    );
+    assert!(
+        !paths("ReadOnlyPaths=").iter().any(|p| p == data_dir),
+        "{data_dir} is read-only: {unit}"
+    );
 }

@@ -74,6 +74,43 @@ pub struct Session {
     pub pinned: Pinned,
     /// PIR mode's state, made on first use.
     pir: Arc<tokio::sync::Mutex<Option<crate::pir::PirState>>>,
+    /// The ids of the requests the server answered (shared with the
+    /// sessions that follow this one through a rotation).
+    request_ids: Arc<RequestIds>,
+}
+
+/// The first and the last request id the server answered with
+/// (`x-psi-request-id`, the id its audit record holds).
+#[derive(Debug, Default)]
+pub struct RequestIds(std::sync::Mutex<(Option<String>, Option<String>)>);
+
+impl RequestIds {
+    fn note(&self, metadata: &tonic::metadata::MetadataMap) {
+        let Some(id) = metadata
+            .get(psi_proto::REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return;
+        };
+        let mut ids = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ids.0.is_none() {
+            ids.0 = Some(id.to_string());
+        }
+        ids.1 = Some(id.to_string());
+    }
+
+    /// The first and the last request id answered, if any.
+    #[must_use]
+    pub fn span(&self) -> Option<(String, String)> {
+        let ids = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some((ids.0.clone()?, ids.1.clone()?))
+    }
 }
 
 /// The answers of bucket or PIR checks.
@@ -124,62 +161,65 @@ pub const MAX_QUOTA_WAIT: std::time::Duration = std::time::Duration::from_secs(1
 /// load balancer moving it) before giving up.
 pub const MAX_UNAVAILABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Runs an RPC and sends the same request again when the server asks to wait
-/// (`RESOURCE_EXHAUSTED` with `retry-after-ms`, up to [`MAX_QUOTA_WAIT`]), is
-/// unavailable, or the connection broke (backing off, up to
-/// [`MAX_UNAVAILABLE_WAIT`] in all). The
-/// caller's rows wait for the answer, so none is lost or answered twice.
-async fn with_retry<T, F, Fut>(what: &str, mut call: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    let mut unavailable_for = std::time::Duration::ZERO;
-    let mut backoff = std::time::Duration::from_millis(100);
-    loop {
-        match call().await {
-            Ok(response) => return Ok(response.into_inner()),
-            Err(status) if status.code() == Code::ResourceExhausted => {
-                let wait = status
-                    .metadata()
-                    .get(RETRY_AFTER_MS)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .map(std::time::Duration::from_millis);
-                match wait {
-                    Some(wait) if wait <= MAX_QUOTA_WAIT => {
-                        tracing::warn!(
-                            "{what}: {}; waiting {:.1} s, then resuming",
-                            status.message(),
-                            wait.as_secs_f64()
-                        );
-                        tokio::time::sleep(wait).await;
-                    }
-                    _ => return Err(Error::from_status(&status, what)),
+impl Session {
+    /// Runs an RPC and sends the same request again when the server asks to wait
+    /// (`RESOURCE_EXHAUSTED` with `retry-after-ms`, up to [`MAX_QUOTA_WAIT`]), is
+    /// unavailable, or the connection broke (backing off, up to
+    /// [`MAX_UNAVAILABLE_WAIT`] in all). The
+    /// caller's rows wait for the answer, so none is lost or answered twice.
+    async fn ask<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut unavailable_for = std::time::Duration::ZERO;
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            match call().await {
+                Ok(response) => {
+                    self.request_ids.note(response.metadata());
+                    return Ok(response.into_inner());
                 }
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    let wait = status
+                        .metadata()
+                        .get(RETRY_AFTER_MS)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .map(std::time::Duration::from_millis);
+                    match wait {
+                        Some(wait) if wait <= MAX_QUOTA_WAIT => {
+                            tracing::warn!(
+                                "{what}: {}; waiting {:.1} s, then resuming",
+                                status.message(),
+                                wait.as_secs_f64()
+                            );
+                            tokio::time::sleep(wait).await;
+                        }
+                        _ => return Err(Error::from_status(&status, what)),
+                    }
+                }
+                // Every exchange is read-only: after a broken connection (a
+                // server killed mid-request, a balancer's reset) the same
+                // request is sent again, as when the server says it is unavailable.
+                Err(status)
+                    if (status.code() == Code::Unavailable || is_transport(&status))
+                        && unavailable_for < MAX_UNAVAILABLE_WAIT =>
+                {
+                    tracing::warn!(
+                        "{what}: server unavailable or connection lost ({}); retrying in {:.1} s",
+                        status.message(),
+                        backoff.as_secs_f64()
+                    );
+                    tokio::time::sleep(backoff).await;
+                    unavailable_for += backoff;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                }
+                Err(status) => return Err(Error::from_status(&status, what)),
             }
-            // Every exchange is read-only: after a broken connection (a
-            // server killed mid-request, a balancer's reset) the same
-            // request is sent again, as when the server says it is unavailable.
-            Err(status)
-                if (status.code() == Code::Unavailable || is_transport(&status))
-                    && unavailable_for < MAX_UNAVAILABLE_WAIT =>
-            {
-                tracing::warn!(
-                    "{what}: server unavailable or connection lost ({}); retrying in {:.1} s",
-                    status.message(),
-                    backoff.as_secs_f64()
-                );
-                tokio::time::sleep(backoff).await;
-                unavailable_for += backoff;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
-            }
-            Err(status) => return Err(Error::from_status(&status, what)),
         }
     }
-}
 
-impl Session {
     /// A request carrying the declared purpose.
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
@@ -241,6 +281,7 @@ impl Session {
             options,
             pinned,
             pir: Arc::default(),
+            request_ids: Arc::default(),
         })
     }
 
@@ -379,7 +420,26 @@ impl Session {
     /// # Errors
     /// As [`Session::connect`].
     pub async fn reconnect(&self) -> Result<Self> {
-        Self::connect(self.options.clone()).await
+        let mut next = Self::connect(self.options.clone()).await?;
+        next.request_ids = Arc::clone(&self.request_ids);
+        Ok(next)
+    }
+
+    /// This session with a request-id record of its own (a batch's: its
+    /// first and last request, not the session's since it connected).
+    #[must_use]
+    pub fn with_own_request_ids(&self) -> Self {
+        Self {
+            request_ids: Arc::default(),
+            ..self.clone()
+        }
+    }
+
+    /// The first and the last request id the server answered this session
+    /// (and the sessions it led to through rotations) with.
+    #[must_use]
+    pub fn request_ids(&self) -> Option<(String, String)> {
+        self.request_ids.span()
     }
 
     /// After the server refused this session's key epoch as stale: a new

@@ -11,7 +11,7 @@ use psi_proto::v1::{BucketQueryRequest, EvaluateRequest, PirQueryRequest, PirSet
 use psi_proto::{pack, unpack_evaluated, unpack_tags};
 use rand_core::OsRng;
 
-use super::{on_cpu, with_retry, Answers, Session};
+use super::{on_cpu, Answers, Session};
 use crate::error::{Error, Result};
 
 impl Session {
@@ -46,12 +46,13 @@ impl Session {
             key_epoch: self.info.key_epoch,
             blinded_elements: pack(blinded.iter().map(|b| &b.0)),
         };
-        let response = with_retry("evaluating", || {
-            let mut grpc = self.grpc.clone();
-            let request = self.request(message.clone());
-            async move { grpc.evaluate(request).await }
-        })
-        .await?;
+        let response = self
+            .ask("evaluating", || {
+                let mut grpc = self.grpc.clone();
+                let request = self.request(message.clone());
+                async move { grpc.evaluate(request).await }
+            })
+            .await?;
         self.finalize(
             state,
             inputs,
@@ -126,12 +127,13 @@ impl Session {
                 blinded_elements: pack(blinded.iter().map(|b| &b.0)),
                 buckets: buckets.clone(),
             };
-            let response = with_retry("querying buckets", || {
-                let mut grpc = self.grpc.clone();
-                let request = self.request(message.clone());
-                async move { grpc.bucket_query(request).await }
-            })
-            .await?;
+            let response = self
+                .ask("querying buckets", || {
+                    let mut grpc = self.grpc.clone();
+                    let request = self.request(message.clone());
+                    async move { grpc.bucket_query(request).await }
+                })
+                .await?;
             answers.answered_by(response.registry_version);
             let outputs = self
                 .finalize(
@@ -220,12 +222,13 @@ impl Session {
                     continue;
                 };
                 message.keys_id = id;
-                let sent = with_retry("PIR query", || {
-                    let mut grpc = self.grpc.clone();
-                    let request = self.request(message.clone());
-                    async move { grpc.pir_query(request).await }
-                })
-                .await;
+                let sent = self
+                    .ask("PIR query", || {
+                        let mut grpc = self.grpc.clone();
+                        let request = self.request(message.clone());
+                        async move { grpc.pir_query(request).await }
+                    })
+                    .await;
                 match sent {
                     Err(Error::PirKeysUnknown { .. }) if setups < 2 => {
                         tracing::info!("the server no longer holds this client's PIR parameters; sending them again");
@@ -292,12 +295,13 @@ impl Session {
             nu2: shape.nu2.into(),
             public_parameters: pp,
         };
-        let response = with_retry("registering PIR public parameters", || {
-            let mut grpc = self.grpc.clone();
-            let request = self.request(message.clone());
-            async move { grpc.pir_setup(request).await }
-        })
-        .await?;
+        let response = self
+            .ask("registering PIR public parameters", || {
+                let mut grpc = self.grpc.clone();
+                let request = self.request(message.clone());
+                async move { grpc.pir_setup(request).await }
+            })
+            .await?;
         tracing::info!(
             bytes = message.public_parameters.len(),
             ms = started.elapsed().as_millis() as u64,

@@ -11,7 +11,7 @@ use psi_proto::v1::{
 };
 use psi_proto::{manifest_parts, pack, unpack_tags};
 
-use super::{with_retry, Session, SyncOutcome};
+use super::{Session, SyncOutcome};
 use crate::error::{Error, Result};
 
 impl Session {
@@ -235,12 +235,13 @@ impl Session {
             held_version,
             root_only,
         };
-        let mut stream = with_retry("syncing the tag set", || {
-            let mut grpc = self.grpc.clone();
-            let request = self.request(message.clone());
-            async move { grpc.sync_tag_set(request).await }
-        })
-        .await?;
+        let mut stream = self
+            .ask("syncing the tag set", || {
+                let mut grpc = self.grpc.clone();
+                let request = self.request(message.clone());
+                async move { grpc.sync_tag_set(request).await }
+            })
+            .await?;
         let first = stream
             .message()
             .await

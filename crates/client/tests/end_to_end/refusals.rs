@@ -431,3 +431,91 @@ async fn malformed_protobuf_is_refused_and_the_server_stays_up() {
     );
     f.running.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_and_refusal_carries_the_request_id_of_its_audit_record() {
+    let f = fixture(50).await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let epoch = session.info().key_epoch;
+    let mut raw = MatchClient::connect(f.url.clone()).await.unwrap();
+    let good = psi_proto::pack([&curve25519_dalek_basepoint()]);
+    let id_of = |m: &tonic::metadata::MetadataMap| {
+        m.get(psi_proto::REQUEST_ID_HEADER)
+            .expect("x-psi-request-id")
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    // An answer.
+    let answered = raw
+        .evaluate(with_purpose(EvaluateRequest {
+            key_epoch: epoch,
+            blinded_elements: good.clone(),
+        }))
+        .await
+        .unwrap();
+    let answer_id = id_of(answered.metadata());
+    // A refusal by the service, and one by the admission layer (the body
+    // over its limit, refused before the service sees it).
+    let refused = raw
+        .evaluate(with_purpose(EvaluateRequest {
+            key_epoch: 0,
+            blinded_elements: good.clone(),
+        }))
+        .await
+        .unwrap_err();
+    let refused_id = id_of(refused.metadata());
+    let too_big = raw
+        .evaluate(with_purpose(EvaluateRequest {
+            key_epoch: epoch,
+            blinded_elements: good.repeat(1000),
+        }))
+        .await
+        .unwrap_err();
+    let too_big_id = id_of(too_big.metadata());
+    // psi-client says it with its errors, and in a batch's summary.
+    let mut bad_purpose = client_options(&f.url, &f.root.join("cache"), None);
+    bad_purpose.purpose = "NOT VALID".into();
+    let bad = Session::connect(bad_purpose).await.unwrap();
+    let err = bad.evaluate(vec![b"x".to_vec()]).await.unwrap_err();
+    let said = err.to_string();
+    let said_id = said
+        .rsplit("request id ")
+        .next()
+        .filter(|_| said.contains("request id "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{said}"))
+        .to_string();
+    let input = f.root.join("queries.csv");
+    write_queries(&input, 1);
+    let summary = batch::run(
+        &session,
+        &options(&input, &f.root.join("out.csv"), QueryMode::Bucket, 4),
+    )
+    .await
+    .unwrap();
+    let (first, last) = summary.request_ids.clone().expect("request ids");
+    assert!(
+        summary
+            .to_string()
+            .contains(&format!("request ids {first} to {last}")),
+        "{summary}"
+    );
+    // The operator's audit trail holds each id with its outcome.
+    let audit = audit_records(&f.data_dir.join(psi_server::serving::audit::AUDIT_FILE));
+    let outcome = |id: &str| {
+        audit
+            .iter()
+            .find(|r| r["request_id"] == id)
+            .map(|r| r["outcome"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("{id} not in the audit trail"))
+    };
+    assert_eq!(outcome(&answer_id), "ok");
+    assert_eq!(outcome(&refused_id), "InvalidArgument");
+    assert_eq!(outcome(&too_big_id), "InvalidArgument");
+    assert_eq!(outcome(&said_id), "InvalidArgument");
+    assert_eq!(outcome(&first), "ok");
+    assert_eq!(outcome(&last), "ok");
+    assert_ne!(first, last);
+    f.running.shutdown().await.unwrap();
+}

@@ -40,6 +40,9 @@ use crate::serving::service::{State, PURPOSE_HEADER};
 /// handler notes the element count and that it wrote the audit record.
 #[derive(Debug, Default)]
 pub struct RequestNote {
+    /// The request's id: in its audit record and its response's
+    /// `x-psi-request-id` metadata.
+    pub request_id: String,
     reached: AtomicBool,
     audited: AtomicBool,
     elements: AtomicU64,
@@ -51,6 +54,7 @@ impl RequestNote {
     #[must_use]
     pub fn new(deadline: Instant) -> Self {
         Self {
+            request_id: crate::serving::audit::new_request_id(),
             deadline: Some(deadline),
             ..Self::default()
         }
@@ -242,11 +246,11 @@ impl Shared {
             if let Some(institution) = tracker.institution.as_deref() {
                 match self.state.slot(institution) {
                     Ok(slot) => tracker.hold(slot),
-                    Err(e) => return Ok(tracker.refuse(e.into())),
+                    Err(e) => return Ok(identified(tracker.refuse(e.into()), &note)),
                 }
             }
             if self.buffered.load(Ordering::Acquire) >= self.limits.buffer_budget_bytes {
-                return Ok(tracker.refuse(budget_refusal()));
+                return Ok(identified(tracker.refuse(budget_refusal()), &note));
             }
         }
         req.extensions_mut().insert(Arc::clone(&note));
@@ -267,7 +271,7 @@ impl Shared {
         });
         match tokio::time::timeout_at(deadline, inner.call(req)).await {
             Ok(Ok(response)) => {
-                let response = malformed_is_invalid(response, &path, &note);
+                let response = identified(malformed_is_invalid(response, &path, &note), &note);
                 tracker.saw_headers(response.headers());
                 Ok(response.map(|body| {
                     Body::new(TrackedBody {
@@ -278,10 +282,13 @@ impl Shared {
             }
             Ok(Err(e)) => Err(e),
             // Dropping the handler's future stops its work.
-            Err(_) => Ok(tracker.refuse(Status::deadline_exceeded(format!(
-                "no answer within {} ms (request_timeout, or the client's deadline)",
-                deadline.duration_since(started).as_millis()
-            )))),
+            Err(_) => Ok(identified(
+                tracker.refuse(Status::deadline_exceeded(format!(
+                    "no answer within {} ms (request_timeout, or the client's deadline)",
+                    deadline.duration_since(started).as_millis()
+                ))),
+                &note,
+            )),
         }
     }
 
@@ -305,6 +312,19 @@ impl Shared {
 /// tonic answers `INTERNAL` to a body that ends inside a message (or a bad
 /// compression flag) before any handler runs; for our methods that is a
 /// malformed request: `INVALID_ARGUMENT`.
+/// `response` with the request's id in its `x-psi-request-id` metadata
+/// (requests of the `Match` service, the ones audited).
+fn identified(mut response: Response<Body>, note: &RequestNote) -> Response<Body> {
+    if let Ok(value) = http::HeaderValue::from_str(&note.request_id) {
+        if !note.request_id.is_empty() {
+            response
+                .headers_mut()
+                .insert(psi_proto::REQUEST_ID_HEADER, value);
+        }
+    }
+    response
+}
+
 fn malformed_is_invalid(
     response: Response<Body>,
     path: &str,
@@ -490,6 +510,7 @@ impl Drop for Tracker {
             audited.mode,
         );
         entry.time_unix_ms = crate::serving::audit::unix_ms(audited.received);
+        entry.request_id.clone_from(&self.note.request_id);
         let now = Instant::now();
         let late = self.client_deadline.is_some_and(|d| now >= d) || now >= self.stream_deadline;
         // Dropped before it ended (no outcome), or its work stopped because

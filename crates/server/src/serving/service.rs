@@ -290,6 +290,7 @@ impl MatchService {
         entry.elements = elements as u64;
         if let Some(note) = &caller.note {
             note.set_elements(entry.elements);
+            entry.request_id.clone_from(&note.request_id);
         }
         let (result, answered_by) = ANSWERED_BY
             .scope(std::cell::Cell::new(None), async {

@@ -70,8 +70,6 @@ impl Entry {
         let time_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let mut id = [0u8; 16];
-        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
         Self {
             time_unix_ms,
             institution: institution.to_string(),
@@ -80,11 +78,19 @@ impl Entry {
             mode: mode.to_string(),
             elements: 0,
             outcome: "ok".to_string(),
-            request_id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            request_id: new_request_id(),
             key_epoch: 0,
             registry_version: 0,
         }
     }
+}
+
+/// A fresh request id: 16 random bytes in hex.
+#[must_use]
+pub fn new_request_id() -> String {
+    let mut id = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
+    hex::encode(id)
 }
 
 /// `SHA-256("psi.v1.audit" || prev || seq || each field, length-prefixed)`.
