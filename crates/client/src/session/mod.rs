@@ -373,9 +373,11 @@ impl Session {
         let mut backoff = std::time::Duration::from_millis(50);
         loop {
             match grpc.get_server_info(GetServerInfoRequest {}).await {
+                // Up but unavailable (loading, or at its connection limit,
+                // which psi-server answers in the clear): wait; a connection
+                // that fails otherwise is not waited for.
                 Err(s)
-                    if s.code() == Code::Unavailable
-                        && !is_transport(&s)
+                    if matches!(Error::from_status(&s, ""), Error::Unavailable { .. })
                         && waited < MAX_UNAVAILABLE_WAIT =>
                 {
                     if waited.is_zero() {

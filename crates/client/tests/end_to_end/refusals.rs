@@ -519,3 +519,44 @@ async fn every_answer_and_refusal_carries_the_request_id_of_its_audit_record() {
     assert_ne!(first, last);
     f.running.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_refused_at_the_connection_limit_is_told_so_and_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("r.csv");
+    write_registry(&csv, 10);
+    let data = dir.path().join("data");
+    registry::init_guarded(&Source::csv(&csv), &data, false, &LENIENT).unwrap();
+    let running = serve::start(ServeConfig {
+        net: psi_server::serving::connection::NetLimits {
+            max_connections_per_peer: 1,
+            ..ServeConfig::local(&data).net
+        },
+        ..ServeConfig::local(&data)
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}", running.local_addr);
+    // This address's one connection, held.
+    let held = connect(&url, &dir.path().join("held"), None).await.unwrap();
+    // A second connection from the same address: refused at accept with a
+    // GOAWAY saying why; the client waits (not "did not speak HTTP/2")...
+    let waiting = tokio::spawn({
+        let (url, cache) = (url.clone(), dir.path().join("second"));
+        async move { Session::connect(client_options(&url, &cache, None)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    if waiting.is_finished() {
+        let gave_up = waiting.await.unwrap().map(|_| ()).unwrap_err();
+        panic!("the refused client gave up at once: {gave_up}");
+    }
+    // ... and is served once the address has room again.
+    drop(held);
+    let second = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("connected once there was room")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.info().key_epoch, 1);
+    running.shutdown().await.unwrap();
+}

@@ -97,6 +97,11 @@ fn audited_method(path: &str) -> Option<(&'static str, &'static str)> {
     }
 }
 
+/// How much earlier than the server's reckoning a client's own deadline can
+/// pass (the request's transit): a cancellation within it of the deadline
+/// is recorded `DeadlineExceeded`, not `Cancelled`.
+const DEADLINE_TRANSIT_SLACK: Duration = Duration::from_millis(20);
+
 /// gRPC framing (5 bytes) plus protobuf tags, lengths and the epoch.
 const MESSAGE_OVERHEAD: usize = 64;
 /// Body limit of methods without a payload worth the name (server info,
@@ -512,7 +517,13 @@ impl Drop for Tracker {
         entry.time_unix_ms = crate::serving::audit::unix_ms(audited.received);
         entry.request_id.clone_from(&self.note.request_id);
         let now = Instant::now();
-        let late = self.client_deadline.is_some_and(|d| now >= d) || now >= self.stream_deadline;
+        // The client's deadline runs on its clock from when it sent the
+        // request; ours from when it arrived: a client that gave up at its
+        // deadline cancels up to a transit time before ours passes.
+        let late = self
+            .client_deadline
+            .is_some_and(|d| now + DEADLINE_TRANSIT_SLACK >= d)
+            || now >= self.stream_deadline;
         // Dropped before it ended (no outcome), or its work stopped because
         // the client went away (Cancelled): past its deadline if one has
         // passed, whichever of the two noticed first.

@@ -96,19 +96,34 @@ impl NetLimits {
     /// `max_connections` lowered, if needed, so that the connections and
     /// [`RESERVED_DESCRIPTORS`] fit under the process's open-file limit.
     #[must_use]
-    pub fn fitted_to_open_file_limit(mut self) -> Self {
+    pub fn fitted_to_open_file_limit(self) -> Self {
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-        if let Some(limit) = limit {
-            let room =
-                usize::try_from(limit.saturating_sub(RESERVED_DESCRIPTORS)).unwrap_or(usize::MAX);
-            if self.max_connections > room {
-                tracing::warn!(
-                    open_file_limit = limit,
-                    max_connections = room.max(1),
-                    "max_connections lowered to fit the open-file limit (raise it with `ulimit -n` or LimitNOFILE=)"
-                );
-                self.max_connections = room.max(1);
-            }
+        match limit {
+            Some(limit) => self.fitted_to(limit),
+            None => self,
+        }
+    }
+
+    /// As [`NetLimits::fitted_to_open_file_limit`] under an open-file limit
+    /// of `open_files`. The per-address limit is lowered in proportion, so
+    /// that one address never fills a server the limit made small.
+    #[must_use]
+    pub fn fitted_to(mut self, open_files: u64) -> Self {
+        let room =
+            usize::try_from(open_files.saturating_sub(RESERVED_DESCRIPTORS)).unwrap_or(usize::MAX);
+        if self.max_connections > room {
+            let fitted = room.max(1);
+            let per_peer = (self.max_connections_per_peer.saturating_mul(fitted)
+                / self.max_connections.max(1))
+            .max(1);
+            tracing::warn!(
+                open_file_limit = open_files,
+                max_connections = fitted,
+                max_connections_per_peer = per_peer,
+                "max_connections lowered to fit the open-file limit, and the per-address limit in proportion (raise it with `ulimit -n` or LimitNOFILE=)"
+            );
+            self.max_connections = fitted;
+            self.max_connections_per_peer = self.max_connections_per_peer.min(per_peer);
         }
         self
     }
@@ -509,6 +524,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 struct Acceptor {
     listener: TcpListener,
+    /// Whether connections speak HTTP/2 in the clear (no TLS): a refused
+    /// one is then told why.
+    plaintext: bool,
+    /// Refused connections being told why.
+    explaining: Arc<AtomicUsize>,
     limits: NetLimits,
     census: Arc<Census>,
     metrics: Arc<Metrics>,
@@ -526,8 +546,23 @@ impl Acceptor {
                     match self.census.admit(peer.ip(), &self.limits, &self.metrics) {
                         Ok(counted) => return self.guard(stream, peer, counted),
                         Err(limit) => {
-                            // Closed at once: the peer sees a reset, not a hang.
-                            drop(stream);
+                            // In the clear, told why (a client backs off and
+                            // retries); otherwise, or when many are being
+                            // told already, closed at once: a reset, not a hang.
+                            if self.plaintext
+                                && self.explaining.fetch_add(1, Ordering::AcqRel) < MAX_EXPLAINING
+                            {
+                                let explaining = Arc::clone(&self.explaining);
+                                tokio::spawn(async move {
+                                    explain_refusal(stream, limit).await;
+                                    explaining.fetch_sub(1, Ordering::AcqRel);
+                                });
+                            } else {
+                                if self.plaintext {
+                                    self.explaining.fetch_sub(1, Ordering::AcqRel);
+                                }
+                                drop(stream);
+                            }
                             self.metrics.connection_refused(limit);
                             if self.refused_log.ready() {
                                 tracing::warn!(peer = %peer.ip(), limit, "connection refused: over its limit (logged at most every 10 s)");
@@ -569,14 +604,50 @@ impl Acceptor {
     }
 }
 
-/// The accepted connections of `listener`, counted, limited and guarded.
+/// Refused plaintext connections being told why at once, at most; beyond
+/// that a refused connection is closed without a word.
+pub const MAX_EXPLAINING: usize = 16;
+/// How long a refused connection is given to send its first request.
+pub const EXPLAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Answers a refused connection's first request with `UNAVAILABLE` saying
+/// the server is at its connection limit (a client backs off and retries,
+/// as for a server that is loading), then closes it. Bounded by
+/// [`EXPLAIN_TIMEOUT`].
+async fn explain_refusal(stream: TcpStream, limit: &'static str) {
+    let told = async move {
+        let mut conn = h2::server::handshake(stream).await.ok()?;
+        let (_request, mut respond) = conn.accept().await?.ok()?;
+        let response = http::Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "14")
+            .header(
+                "grpc-message",
+                format!("the server is at its connection limit ({limit}); retry shortly"),
+            )
+            .body(())
+            .ok()?;
+        respond.send_response(response, true).ok()?;
+        conn.graceful_shutdown();
+        while let Some(Ok(_)) = conn.accept().await {}
+        Some(())
+    };
+    let _ = tokio::time::timeout(EXPLAIN_TIMEOUT, told).await;
+}
+
+/// The accepted connections of `listener`, counted, limited and guarded;
+/// `plaintext` when they speak HTTP/2 in the clear.
 pub fn incoming(
     listener: TcpListener,
+    plaintext: bool,
     limits: NetLimits,
     metrics: Arc<Metrics>,
 ) -> impl Stream<Item = Result<GuardedIo, io::Error>> {
     let acceptor = Acceptor {
         listener,
+        plaintext,
+        explaining: Arc::default(),
         limits,
         census: Arc::new(Census::default()),
         metrics,
@@ -593,6 +664,24 @@ pub fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_small_open_file_limit_lowers_the_per_address_limit_in_proportion() {
+        let limits = NetLimits::default().fitted_to(128);
+        assert_eq!(limits.max_connections, 64);
+        assert_eq!(limits.max_connections_per_peer, 8);
+        // Room enough: nothing changes.
+        assert_eq!(
+            NetLimits::default().fitted_to(1 << 20),
+            NetLimits::default()
+        );
+        // Never below one.
+        let tiny = NetLimits::default().fitted_to(65);
+        assert_eq!(
+            (tiny.max_connections, tiny.max_connections_per_peer),
+            (1, 1)
+        );
+    }
 
     #[test]
     fn the_census_holds_both_limits_and_forgets_closed_connections() {
