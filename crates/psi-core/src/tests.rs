@@ -11,7 +11,7 @@ use crate::{
     BlindedElement, Blinding, Client, Error, EvaluatedElement, Mode, Proof, Server, ServerKey,
 };
 
-const RFC_TEXT: &str = include_str!("../tests/data/rfc9497-a1.txt");
+const RFC_TEXT: &str = include_str!("../../../docs/vectors/rfc9497-a1.txt");
 
 #[derive(Debug, Default)]
 struct Suite {

@@ -87,7 +87,8 @@ fn generate() -> String {
         })
         .collect();
     let doc = serde_json::json!({
-        "about": "psi-match wire vectors v1: RFC 9497 VOPRF, ristretto255-SHA512, multiplicative blinding; all hex, numbers decimal; records are public specimen numbers with synthetic names; today = 2026-11-23 for ID validation",
+        "about": "psi-match wire vectors v1: RFC 9497 VOPRF, ristretto255-SHA512, multiplicative blinding; all hex, numbers decimal; records are public specimen numbers with synthetic names; `today` is the date ID numbers are validated against (a birth date after it is refused)",
+        "today": format!("{:04}-{:02}-{:02}", today.year, today.month, today.day),
         "suite": crate::suite::SUITE_ID,
         "derive_key_pair": {"seed": hex::encode(seed), "info": hex::encode(info)},
         "secret_key": hex::encode(*server.key().to_bytes()),
@@ -128,6 +129,8 @@ fn the_published_vectors_match_the_code() {
     );
     // The raw spellings of one person normalise to one record.
     let doc: serde_json::Value = serde_json::from_str(&published).unwrap();
+    // The validation date is a field, not only prose.
+    assert_eq!(doc["today"], "2026-11-23");
     assert_eq!(doc["rows"][0]["encoding"], doc["rows"][1]["encoding"]);
     assert_eq!(doc["rows"][0]["tag"], doc["rows"][1]["tag"]);
 }
