@@ -150,3 +150,85 @@ fn postgres_import_equals_csv_import_and_feeds_updates() {
     assert!(err.contains("SELEKT nonsense"), "{err}");
     assert!(!err.contains(&pg.url), "{err}");
 }
+
+/// The registry source (every name and ID) and the audit trail reach
+/// PostgreSQL over TLS, the server's certificate verified against
+/// `PSI_PG_CA_FILE`; a database elsewhere than on this host is refused in
+/// the clear.
+#[test]
+fn postgres_is_reached_over_verified_tls_and_never_in_the_clear_across_the_network() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("ca");
+    psi_server::tools::ca::init(&ca, &["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let pg = match psi_testbed::start_postgres_with_tls(
+        Durability::Volatile,
+        &ca.join("server.pem"),
+        &ca.join("server.key"),
+    ) {
+        Ok(pg) => pg,
+        Err(why) => {
+            println!("SKIPPED: no PostgreSQL server could be started here: {why}");
+            return;
+        }
+    };
+    let mut client = postgres::Client::connect(&pg.url, postgres::NoTls).unwrap();
+    client
+        .batch_execute("CREATE TABLE psi_people (name text, id text)")
+        .unwrap();
+    for (name, id) in people(20) {
+        client
+            .execute("INSERT INTO psi_people VALUES ($1, $2)", &[&name, &id])
+            .unwrap();
+    }
+    let other = tmp.path().join("other-ca");
+    psi_server::tools::ca::init(&other, &["127.0.0.1".into()]).unwrap();
+    let init = |url: &str, ca_file: Option<&Path>, dir: &str| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_psi-server"));
+        c.args([
+            "init",
+            "--no-progress",
+            "--force",
+            "--registry",
+            "psi_people",
+            "--postgres",
+            url,
+        ])
+        .arg("--data-dir")
+        .arg(tmp.path().join(dir))
+        .env_remove("PSI_PG_CA_FILE")
+        .env_remove("PSI_PG_INSECURE_PLAINTEXT");
+        if let Some(ca_file) = ca_file {
+            c.env("PSI_PG_CA_FILE", ca_file);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let require = format!("{}?sslmode=require", pg.url);
+    // Verified TLS: the import runs.
+    let (ok, err) = init(&require, Some(&ca.join("ca.pem")), "a");
+    assert!(ok, "{err}");
+    // TLS asked for without a CA to verify against: refused, saying what to set.
+    let (ok, err) = init(&require, None, "b");
+    assert!(!ok && err.contains("PSI_PG_CA_FILE"), "{err}");
+    // A server certificate another CA signed: refused.
+    let (ok, err) = init(&require, Some(&other.join("ca.pem")), "c");
+    assert!(!ok, "a certificate of another CA was accepted: {err}");
+    // A database elsewhere than on this host, without TLS: refused before
+    // a byte is sent (the address is not even reachable).
+    let (ok, err) = init("postgres://psi@192.0.2.1:5432/postgres", None, "d");
+    assert!(!ok && err.contains("without TLS"), "{err}");
+    // The audit trail too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_psi-server"))
+        .args(["audit", "verify", "--db", &require])
+        .env("PSI_PG_CA_FILE", ca.join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

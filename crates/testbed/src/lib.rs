@@ -130,6 +130,24 @@ pub fn start_postgres(durability: Durability) -> Result<Postgres, String> {
     if let Ok(url) = std::env::var("PSI_TEST_POSTGRES_URL") {
         return Ok(Postgres { url, cluster: None });
     }
+    start_cluster(durability, None)
+}
+
+/// A cluster created with the installed binaries that also offers TLS with
+/// the server certificate and key in the PEM files `cert` and `key` (its
+/// URL: TCP on loopback).
+///
+/// # Errors
+/// As [`start_postgres`].
+pub fn start_postgres_with_tls(
+    durability: Durability,
+    cert: &Path,
+    key: &Path,
+) -> Result<Postgres, String> {
+    start_cluster(durability, Some((cert, key)))
+}
+
+fn start_cluster(durability: Durability, tls: Option<(&Path, &Path)>) -> Result<Postgres, String> {
     let bin =
         postgres_bindir().ok_or("no initdb/pg_ctl found (install Debian's postgresql package)")?;
     let dir = tempfile::Builder::new()
@@ -137,6 +155,17 @@ pub fn start_postgres(durability: Durability) -> Result<Postgres, String> {
         .tempdir_in("/tmp")
         .map_err(|e| e.to_string())?;
     let data = dir.path().join("data");
+    // The server's certificate and key, the key readable by its owner only
+    // (PostgreSQL refuses it otherwise).
+    if let Some((cert, key)) = tls {
+        for (from, name, mode) in [(cert, "server.crt", 0o644), (key, "server.key", 0o600)] {
+            let to = dir.path().join(name);
+            std::fs::copy(from, &to).map_err(|e| format!("copying {}: {e}", from.display()))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| e.to_string())?;
+        }
+    }
     if is_root() {
         let ok = Command::new("chown")
             .args(["-R", "postgres:postgres"])
@@ -165,6 +194,11 @@ pub fn start_postgres(durability: Durability) -> Result<Postgres, String> {
         format!("-p {port} -k {socket} -c listen_addresses=127.0.0.1 -c max_connections=200");
     if durability == Durability::Volatile {
         options.push_str(" -c fsync=off");
+    }
+    if tls.is_some() {
+        options.push_str(&format!(
+            " -c ssl=on -c ssl_cert_file={socket}/server.crt -c ssl_key_file={socket}/server.key"
+        ));
     }
     let started = as_owner(&bin.join("pg_ctl"))
         .arg("-D")

@@ -291,8 +291,20 @@ const CURSOR: &str = "psi_registry_import";
 impl PgRows {
     fn open(url: &str, query: &str) -> Result<Self> {
         // The connection string is not echoed: it may carry a password.
-        let mut client =
-            postgres::Client::connect(url, postgres::NoTls).context("connecting to PostgreSQL")?;
+        let mut config: postgres::Config = url.parse().map_err(|e| {
+            anyhow::anyhow!("the PostgreSQL URL of the registry source is malformed: {e}")
+        })?;
+        let (tls, ssl_mode) = crate::serving::pg_tls::connector(
+            config.get_hosts(),
+            config.get_ssl_mode(),
+            "the registry source",
+        )?;
+        config.ssl_mode(ssl_mode);
+        let mut client = match tls {
+            Some(tls) => config.connect(tls),
+            None => config.connect(postgres::NoTls),
+        }
+        .context("connecting to PostgreSQL")?;
         client
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .context("starting a read-only transaction")?;

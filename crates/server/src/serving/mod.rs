@@ -20,6 +20,7 @@ pub mod connection;
 pub mod error;
 pub mod metrics;
 pub mod pg;
+pub mod pg_tls;
 pub mod pir;
 pub mod policy;
 pub mod serve;

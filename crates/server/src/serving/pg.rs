@@ -104,25 +104,43 @@ impl Pg {
                 statement_ms.map(|ms| Duration::from_millis(ms) + connect_timeout)
             }
         };
+        let (tls, ssl_mode) =
+            crate::serving::pg_tls::connector(config.get_hosts(), config.get_ssl_mode(), what)?;
+        config.ssl_mode(ssl_mode);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        // The handshake too: a server that accepts and never answers.
+        // The handshake too: a server that accepts and never answers. The
+        // connection is driven whenever a call below blocks on the runtime.
         let connected = runtime.block_on(async {
-            tokio::time::timeout(connect_timeout, config.connect(tokio_postgres::NoTls)).await
+            tokio::time::timeout(connect_timeout, async {
+                match tls {
+                    Some(tls) => {
+                        let (client, connection) = config.connect(tls).await?;
+                        tokio::spawn(async move {
+                            let _ = connection.await;
+                        });
+                        Ok(client)
+                    }
+                    None => {
+                        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+                        tokio::spawn(async move {
+                            let _ = connection.await;
+                        });
+                        Ok(client)
+                    }
+                }
+            })
+            .await
         });
-        let (client, connection) = match connected {
-            Ok(Ok(pair)) => pair,
+        let client = match connected {
+            Ok(Ok(client)) => client,
             Ok(Err(e)) => bail_pg(what, &e)?,
             Err(_) => anyhow::bail!(
                 "connecting to PostgreSQL for {what}: no answer within {} s (connect_timeout)",
                 connect_timeout.as_secs_f64()
             ),
         };
-        // Driven whenever a call below blocks on the runtime.
-        runtime.spawn(async move {
-            let _ = connection.await;
-        });
         Ok(Self {
             runtime,
             client,
