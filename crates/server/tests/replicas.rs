@@ -718,3 +718,99 @@ fn an_append_waiting_too_long_for_the_chain_fails_and_the_next_one_succeeds() {
     assert_eq!(rt.block_on(log.append(entry())).unwrap(), 2);
     assert_eq!(audit::verify(&store).unwrap().records, 2);
 }
+
+/// Behind haproxy in TCP mode every connection comes from the balancer's
+/// address; with its PROXY protocol v2 header trusted, the server counts
+/// and limits connections by the client's own address: more clients than
+/// the per-address limit all get in, one address still gets only its share.
+#[test]
+fn behind_a_trusted_balancer_connections_are_limited_by_the_clients_address() {
+    const TEST: &str = "behind_a_trusted_balancer_connections_are_limited_by_the_clients_address";
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let registry = root.join("registry.csv");
+    let mut text = String::from("name,id\n");
+    for p in Generator::new(9, psi_core::CivilDate::today())
+        .unwrap()
+        .take(50)
+    {
+        text.push_str(&format!("{},{}\n", p.name, p.id));
+    }
+    std::fs::write(&registry, text).unwrap();
+    let data = root.join("data");
+    psi_server::registry::init(&Source::csv(&registry), &data, false).unwrap();
+    let (port, admin) = (psi_testbed::free_port(), psi_testbed::free_port());
+    let args = [
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        &data.display().to_string(),
+        "--admin-listen",
+        &format!("127.0.0.1:{admin}"),
+        "--max-connections-per-peer",
+        "4",
+        "--trusted-proxies",
+        "127.0.0.1",
+    ]
+    .map(String::from)
+    .to_vec();
+    let _server = Process::start(
+        Path::new(env!("CARGO_BIN_EXE_psi-server")),
+        args,
+        root.join("server.log"),
+    );
+    let balancer = match Haproxy::start(root, Balancing::TcpProxyV2, &[(port, admin)]) {
+        Ok(h) => h,
+        Err(why) => {
+            eprintln!("{TEST}: skipped: haproxy cannot run here: {why}");
+            return;
+        }
+    };
+    balancer.wait_all_up(1, Duration::from_secs(60));
+    let metric = |name: &str| -> f64 {
+        psi_testbed::http_get(admin, "/metrics")
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with(name))
+                    .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    let rt = runtime();
+    let front = balancer.front;
+    // Ten clients with addresses of their own (127.0.0.10 .. 19), one
+    // connection each, and one client (127.0.0.2) with eight.
+    let connect_from = |source: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(std::net::SocketAddr::from((source, 0)))
+            .unwrap();
+        socket
+            .connect(std::net::SocketAddr::from(([127, 0, 0, 1], front)))
+            .await
+            .unwrap()
+    };
+    let held = rt.block_on(async {
+        let mut held = Vec::new();
+        for last in 10..20u8 {
+            held.push(connect_from([127, 0, 0, last]).await);
+        }
+        for _ in 0..8 {
+            held.push(connect_from([127, 0, 0, 2]).await);
+        }
+        held
+    });
+    psi_testbed::wait_for("the connections counted", Duration::from_secs(20), || {
+        metric("psi_connections ") >= 14.0
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // 10 + 4 admitted (more than the per-address limit in all), the other
+    // 4 of 127.0.0.2 refused by its own limit.
+    assert_eq!(metric("psi_connections "), 14.0);
+    assert_eq!(
+        metric(r#"psi_connections_refused_total{reason="max_connections_per_peer"}"#),
+        4.0
+    );
+    drop(held);
+}

@@ -300,6 +300,9 @@ pub enum Balancing {
     /// TCP passthrough, balanced per connection: mutual TLS ends at the
     /// replicas, which read the institution from the client certificate.
     Tcp,
+    /// As `Tcp`, each connection opened with a PROXY protocol v2 header
+    /// naming the client (`send-proxy-v2`): the replicas trust 127.0.0.1.
+    TcpProxyV2,
 }
 
 /// haproxy in front of replicas, each checked every 200 ms at its admin
@@ -351,6 +354,11 @@ impl Haproxy {
                 "tcp",
                 "",
                 "  balance roundrobin\n  default-server inter 200ms fall 2 rise 2 on-marked-down shutdown-sessions\n",
+            ),
+            Balancing::TcpProxyV2 => (
+                "tcp",
+                "",
+                "  balance roundrobin\n  default-server send-proxy-v2 inter 200ms fall 2 rise 2 on-marked-down shutdown-sessions\n",
             ),
         };
         format!(

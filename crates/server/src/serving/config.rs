@@ -79,6 +79,14 @@ pub struct ServeArgs {
     /// none by default.
     #[arg(long, env = "PSI_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
+    /// Load balancers whose connections start with a PROXY protocol v2
+    /// header (haproxy `send-proxy-v2`): addresses or CIDR blocks,
+    /// comma-separated (e.g. 10.0.0.5,10.1.0.0/16). Their connections are
+    /// counted, limited and logged by the client address the header names;
+    /// a connection from them without a valid header is closed. None by
+    /// default: every connection is taken by the address it comes from.
+    #[arg(long, env = "PSI_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
     /// Audit database: an SQLite file, or a postgres:// URL shared by every
     /// replica (which then also keeps the institutions' quotas there)
     /// [default: DATA_DIR/audit.sqlite]. A URL without `connect_timeout=`
@@ -292,6 +300,7 @@ struct FileConfig {
     audit_db: Option<String>,
     policy: Option<PathBuf>,
     admin_listen: Option<String>,
+    trusted_proxies: Option<String>,
     #[serde(default)]
     net: NetArgs,
 }
@@ -336,6 +345,8 @@ pub struct ServeConfig {
     pub admin_listen: Option<SocketAddr>,
     /// Connection, stream, buffer and time limits.
     pub net: NetLimits,
+    /// Balancers that send a PROXY protocol v2 header.
+    pub trusted_proxies: crate::serving::connection::TrustedProxies,
 }
 
 impl ServeConfig {
@@ -356,6 +367,7 @@ impl ServeConfig {
             policy: None,
             admin_listen: None,
             net: NetLimits::default(),
+            trusted_proxies: crate::serving::connection::TrustedProxies::default(),
         }
     }
 }
@@ -440,8 +452,14 @@ impl ServeArgs {
             })?),
             None => None,
         };
+        let trusted_proxies = match self.trusted_proxies.or(file.trusted_proxies) {
+            Some(list) => crate::serving::connection::TrustedProxies::parse(&list)
+                .map_err(|e| anyhow::anyhow!("trusted_proxies: {e}"))?,
+            None => crate::serving::connection::TrustedProxies::default(),
+        };
         let net = self.net.resolve(file.net, limits.max_message_bytes)?;
         Ok(ServeConfig {
+            trusted_proxies,
             net,
             data_dir,
             listen,

@@ -529,6 +529,11 @@ struct Acceptor {
     plaintext: bool,
     /// Refused connections being told why.
     explaining: Arc<AtomicUsize>,
+    /// Balancers whose connections start with a PROXY protocol v2 header.
+    trusted: TrustedProxies,
+    /// Their connections, once the header named the client.
+    proxied_tx: tokio::sync::mpsc::Sender<(TcpStream, SocketAddr)>,
+    proxied_rx: tokio::sync::mpsc::Receiver<(TcpStream, SocketAddr)>,
     limits: NetLimits,
     census: Arc<Census>,
     metrics: Arc<Metrics>,
@@ -540,34 +545,25 @@ struct Acceptor {
 impl Acceptor {
     async fn next(&mut self) -> GuardedIo {
         loop {
-            match self.listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                // A balancer's connection whose PROXY header named the client.
+                Some((stream, client)) = self.proxied_rx.recv() => {
+                    if let Some(io) = self.admit(stream, client) {
+                        return io;
+                    }
+                    continue;
+                }
+            };
+            match accepted {
                 Ok((stream, peer)) => {
                     self.backoff = BACKOFF_MIN;
-                    match self.census.admit(peer.ip(), &self.limits, &self.metrics) {
-                        Ok(counted) => return self.guard(stream, peer, counted),
-                        Err(limit) => {
-                            // In the clear, told why (a client backs off and
-                            // retries); otherwise, or when many are being
-                            // told already, closed at once: a reset, not a hang.
-                            if self.plaintext
-                                && self.explaining.fetch_add(1, Ordering::AcqRel) < MAX_EXPLAINING
-                            {
-                                let explaining = Arc::clone(&self.explaining);
-                                tokio::spawn(async move {
-                                    explain_refusal(stream, limit).await;
-                                    explaining.fetch_sub(1, Ordering::AcqRel);
-                                });
-                            } else {
-                                if self.plaintext {
-                                    self.explaining.fetch_sub(1, Ordering::AcqRel);
-                                }
-                                drop(stream);
-                            }
-                            self.metrics.connection_refused(limit);
-                            if self.refused_log.ready() {
-                                tracing::warn!(peer = %peer.ip(), limit, "connection refused: over its limit (logged at most every 10 s)");
-                            }
-                        }
+                    if self.trusted.contains(peer.ip()) {
+                        self.read_proxy_header(stream, peer);
+                        continue;
+                    }
+                    if let Some(io) = self.admit(stream, peer) {
+                        return io;
                     }
                 }
                 Err(e) if is_exhaustion(&e) => {
@@ -587,6 +583,65 @@ impl Acceptor {
         }
     }
 
+    /// Reads, off the accept loop, the PROXY protocol v2 header a trusted
+    /// balancer sends first (within `handshake_timeout`); the connection
+    /// then comes back to be counted and limited by the client's address.
+    /// A balancer's connection without a valid header is closed.
+    fn read_proxy_header(&self, mut stream: TcpStream, balancer: SocketAddr) {
+        let tx = self.proxied_tx.clone();
+        let metrics = Arc::clone(&self.metrics);
+        let patience = self.limits.handshake_timeout;
+        tokio::spawn(async move {
+            match tokio::time::timeout(patience, read_proxy_v2(&mut stream)).await {
+                Ok(Ok(Some(client))) => {
+                    let _ = tx.send((stream, client)).await;
+                }
+                // LOCAL (the balancer's own health check): its own address.
+                Ok(Ok(None)) => {
+                    let _ = tx.send((stream, balancer)).await;
+                }
+                Ok(Err(e)) => {
+                    metrics.connection_refused("proxy_header");
+                    tracing::warn!(%balancer, "connection from a trusted balancer refused: {e}");
+                }
+                Err(_) => {
+                    metrics.connection_refused("proxy_header");
+                    tracing::warn!(%balancer, "connection from a trusted balancer refused: no PROXY header within the handshake timeout");
+                }
+            }
+        });
+    }
+
+    /// Counts `stream` from `peer`, or refuses it over a limit.
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) -> Option<GuardedIo> {
+        match self.census.admit(peer.ip(), &self.limits, &self.metrics) {
+            Ok(counted) => Some(self.guard(stream, peer, counted)),
+            Err(limit) => {
+                // In the clear, told why (a client backs off and
+                // retries); otherwise, or when many are being
+                // told already, closed at once: a reset, not a hang.
+                if self.plaintext && self.explaining.fetch_add(1, Ordering::AcqRel) < MAX_EXPLAINING
+                {
+                    let explaining = Arc::clone(&self.explaining);
+                    tokio::spawn(async move {
+                        explain_refusal(stream, limit).await;
+                        explaining.fetch_sub(1, Ordering::AcqRel);
+                    });
+                } else {
+                    if self.plaintext {
+                        self.explaining.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    drop(stream);
+                }
+                self.metrics.connection_refused(limit);
+                if self.refused_log.ready() {
+                    tracing::warn!(peer = %peer.ip(), limit, "connection refused: over its limit (logged at most every 10 s)");
+                }
+                None
+            }
+        }
+    }
+
     fn guard(&self, stream: TcpStream, peer: SocketAddr, counted: Counted) -> GuardedIo {
         // Without TCP_NODELAY small responses wait for delayed ACKs (~40 ms).
         let _ = stream.set_nodelay(true);
@@ -601,6 +656,120 @@ impl Acceptor {
             metrics: Arc::clone(&self.metrics),
             _counted: counted,
         }
+    }
+}
+
+/// The balancers (addresses or CIDR blocks) whose connections start with a
+/// PROXY protocol v2 header naming the client (haproxy `send-proxy-v2`):
+/// connections from them are counted, limited and logged by that client's
+/// address. A connection from any other address is taken as it comes (a
+/// PROXY header from it is not honoured: it fails as HTTP/2 or TLS).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<(IpAddr, u8)>);
+
+impl TrustedProxies {
+    /// Parses `a.b.c.d`, `a.b.c.d/n`, IPv6 alike, comma-separated.
+    ///
+    /// # Errors
+    /// An entry that is neither an address nor a CIDR block.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(|entry| {
+                let (addr, bits) = entry.split_once('/').unwrap_or((entry, ""));
+                let ip: IpAddr = addr
+                    .parse()
+                    .map_err(|_| format!("`{entry}` is not an IP address or CIDR block"))?;
+                let max = if ip.is_ipv4() { 32 } else { 128 };
+                let bits = if bits.is_empty() {
+                    max
+                } else {
+                    bits.parse::<u8>()
+                        .ok()
+                        .filter(|b| *b <= max)
+                        .ok_or_else(|| format!("`{entry}`: the prefix length must be 0 to {max}"))?
+                };
+                Ok((ip, bits))
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+
+    /// Whether `ip` is one of them.
+    #[must_use]
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|&(net, bits)| match (net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        })
+    }
+
+    /// Whether there are none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The PROXY protocol v2 signature.
+const PROXY_V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+/// The longest PROXY v2 address block accepted (addresses and TLVs).
+const PROXY_V2_MAX_LEN: usize = 1024;
+
+/// Reads a PROXY protocol v2 header from `stream`: the client's address,
+/// or `None` for a LOCAL header (the balancer's own connection).
+async fn read_proxy_v2(stream: &mut TcpStream) -> io::Result<Option<SocketAddr>> {
+    use tokio::io::AsyncReadExt;
+    let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_string());
+    let mut head = [0u8; 16];
+    stream.read_exact(&mut head).await?;
+    let (signature, rest) = head.split_at(12);
+    if signature != PROXY_V2_SIGNATURE {
+        return Err(bad("no PROXY protocol v2 header"));
+    }
+    let [ver_cmd, family, len_hi, len_lo] = <[u8; 4]>::try_from(rest).map_err(|_| bad("short"))?;
+    let len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
+    if ver_cmd >> 4 != 2 || len > PROXY_V2_MAX_LEN {
+        return Err(bad("not a PROXY protocol v2 header"));
+    }
+    let mut block = vec![0u8; len];
+    stream.read_exact(&mut block).await?;
+    match (ver_cmd & 0x0f, family) {
+        (0, _) => Ok(None),
+        // TCP over IPv4: source address, destination, source port, destination port.
+        (1, 0x11) => {
+            let b: [u8; 12] = block
+                .get(..12)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| bad("short IPv4 address block"))?;
+            let ip = std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+            Ok(Some(SocketAddr::new(
+                ip.into(),
+                u16::from_be_bytes([b[8], b[9]]),
+            )))
+        }
+        (1, 0x21) => {
+            let b: [u8; 36] = block
+                .get(..36)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| bad("short IPv6 address block"))?;
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(b.get(..16).unwrap_or(&[0; 16]));
+            let ip = std::net::Ipv6Addr::from(octets);
+            Ok(Some(SocketAddr::new(
+                ip.into(),
+                u16::from_be_bytes([b[32], b[33]]),
+            )))
+        }
+        _ => Err(bad("a PROXY header for other than TCP")),
     }
 }
 
@@ -637,17 +806,24 @@ async fn explain_refusal(stream: TcpStream, limit: &'static str) {
 }
 
 /// The accepted connections of `listener`, counted, limited and guarded;
-/// `plaintext` when they speak HTTP/2 in the clear.
+/// `plaintext` when they speak HTTP/2 in the clear; those from `trusted`
+/// balancers by the client address their PROXY protocol v2 header names.
 pub fn incoming(
     listener: TcpListener,
     plaintext: bool,
     limits: NetLimits,
+    trusted: TrustedProxies,
     metrics: Arc<Metrics>,
 ) -> impl Stream<Item = Result<GuardedIo, io::Error>> {
+    // Bounded: headers read ahead of the accept loop wait here.
+    let (proxied_tx, proxied_rx) = tokio::sync::mpsc::channel(64);
     let acceptor = Acceptor {
         listener,
         plaintext,
         explaining: Arc::default(),
+        trusted,
+        proxied_tx,
+        proxied_rx,
         limits,
         census: Arc::new(Census::default()),
         metrics,
@@ -664,6 +840,64 @@ pub fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trusted_proxies_are_addresses_and_blocks() {
+        let t = TrustedProxies::parse("10.0.0.5, 10.1.0.0/16,::1").unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(t.contains(ip("10.0.0.5")));
+        assert!(!t.contains(ip("10.0.0.6")));
+        assert!(t.contains(ip("10.1.255.7")));
+        assert!(!t.contains(ip("10.2.0.1")));
+        assert!(t.contains(ip("::1")));
+        assert!(!t.contains(ip("::2")));
+        assert!(TrustedProxies::parse("").unwrap().is_empty());
+        assert!(TrustedProxies::parse("0.0.0.0/0")
+            .unwrap()
+            .contains(ip("8.8.8.8")));
+        for bad in ["10.0.0.0/33", "host.example", "10.0.0.1/x"] {
+            assert!(TrustedProxies::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn proxy_v2_headers_name_the_client_and_anything_else_is_refused() {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let send = |bytes: Vec<u8>| async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(&bytes).await.unwrap();
+            c
+        };
+        let header = |cmd: u8, family: u8, block: &[u8]| {
+            let mut h = PROXY_V2_SIGNATURE.to_vec();
+            h.extend_from_slice(&[0x20 | cmd, family]);
+            h.extend_from_slice(&u16::try_from(block.len()).unwrap().to_be_bytes());
+            h.extend_from_slice(block);
+            h
+        };
+        let v4 = [192, 0, 2, 7, 10, 0, 0, 1, 0x30, 0x39, 0, 80];
+        let _c = send(header(1, 0x11, &v4)).await;
+        let (mut s, _) = listener.accept().await.unwrap();
+        assert_eq!(
+            read_proxy_v2(&mut s).await.unwrap(),
+            Some("192.0.2.7:12345".parse().unwrap())
+        );
+        let _c = send(header(0, 0x00, &[])).await;
+        let (mut s, _) = listener.accept().await.unwrap();
+        assert_eq!(read_proxy_v2(&mut s).await.unwrap(), None, "LOCAL");
+        // An HTTP/2 preface, a short block, UDP: refused.
+        for bytes in [
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+            header(1, 0x11, &v4[..6]),
+            header(1, 0x12, &v4),
+        ] {
+            let _c = send(bytes).await;
+            let (mut s, _) = listener.accept().await.unwrap();
+            assert!(read_proxy_v2(&mut s).await.is_err());
+        }
+    }
 
     #[test]
     fn a_small_open_file_limit_lowers_the_per_address_limit_in_proportion() {

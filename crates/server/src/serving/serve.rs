@@ -232,7 +232,13 @@ async fn run(
         .add_service(reflection)
         .add_service(service)
         .serve_with_incoming_shutdown(
-            crate::serving::connection::incoming(listener, cfg.tls.is_none(), net, metrics),
+            crate::serving::connection::incoming(
+                listener,
+                cfg.tls.is_none(),
+                net,
+                cfg.trusted_proxies.clone(),
+                metrics,
+            ),
             signal,
         )
         .await
