@@ -28,6 +28,8 @@ pub mod tag;
 pub mod tagset;
 
 #[cfg(test)]
+mod conformance;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod vectors;
