@@ -64,7 +64,7 @@ fn generate() -> String {
         .chain(0x2_0000..0x4_0000)
         .filter_map(char::from_u32);
     let mut run: Option<(char, char, Outcome)> = None;
-    let mut flush = |out: &mut String, (first, last, o): (char, char, Outcome)| {
+    let flush = |out: &mut String, (first, last, o): (char, char, Outcome)| {
         let (a, b) = (u32::from(first), u32::from(last));
         let _ = match o {
             Outcome::Removed => writeln!(out, "{a:04X}\t{b:04X}\tremoved"),

@@ -531,6 +531,8 @@ struct Acceptor {
     explaining: Arc<AtomicUsize>,
     /// Balancers whose connections start with a PROXY protocol v2 header.
     trusted: TrustedProxies,
+    /// Their connections whose header is being read.
+    reading_headers: Arc<AtomicUsize>,
     /// Their connections, once the header named the client.
     proxied_tx: tokio::sync::mpsc::Sender<(TcpStream, SocketAddr)>,
     proxied_rx: tokio::sync::mpsc::Receiver<(TcpStream, SocketAddr)>,
@@ -559,6 +561,16 @@ impl Acceptor {
                 Ok((stream, peer)) => {
                     self.backoff = BACKOFF_MIN;
                     if self.trusted.contains(peer.ip()) {
+                        // Headers being read count against max_connections
+                        // too: a balancer forwarding a flood cannot make
+                        // readers pile up.
+                        if self.reading_headers.load(Ordering::Acquire)
+                            >= self.limits.max_connections
+                        {
+                            self.metrics.connection_refused("max_connections");
+                            drop(stream);
+                            continue;
+                        }
                         self.read_proxy_header(stream, peer);
                         continue;
                     }
@@ -591,8 +603,12 @@ impl Acceptor {
         let tx = self.proxied_tx.clone();
         let metrics = Arc::clone(&self.metrics);
         let patience = self.limits.handshake_timeout;
+        let reading = Arc::clone(&self.reading_headers);
+        reading.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
-            match tokio::time::timeout(patience, read_proxy_v2(&mut stream)).await {
+            let header = tokio::time::timeout(patience, read_proxy_v2(&mut stream)).await;
+            reading.fetch_sub(1, Ordering::AcqRel);
+            match header {
                 Ok(Ok(Some(client))) => {
                     let _ = tx.send((stream, client)).await;
                 }
@@ -822,6 +838,7 @@ pub fn incoming(
         plaintext,
         explaining: Arc::default(),
         trusted,
+        reading_headers: Arc::default(),
         proxied_tx,
         proxied_rx,
         limits,
