@@ -38,16 +38,16 @@ pub fn connector(
     ssl_mode: SslMode,
     what: &str,
 ) -> Result<(Option<RustlsConnect>, SslMode)> {
-    let local = !hosts.is_empty()
-        && hosts.iter().all(|h| match h {
-            Host::Unix(_) => true,
-            Host::Tcp(name) => {
-                name == "localhost"
-                    || name
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback())
-            }
-        });
+    // No host named: the client library refuses the URL itself.
+    let local = hosts.iter().all(|h| match h {
+        Host::Unix(_) => true,
+        Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    });
     let insecure = std::env::var(INSECURE_ENV).is_ok_and(|v| v == "1" || v == "true");
     match std::env::var_os(CA_FILE_ENV) {
         Some(ca) => {
