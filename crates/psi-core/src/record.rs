@@ -268,11 +268,49 @@ fn is_forbidden(c: char) -> bool {
         || ('\u{FF01}'..='\u{FF0F}').contains(&c)
 }
 
-/// One pass of the mapping: dot look-alikes to U+00B7, invisible characters removed.
+/// The 14 ideographs GB 18030-2005 still mapped to private-use code points,
+/// with the standard code points Unicode 4.1 gave them and GB 18030-2022
+/// maps them to (GBK bytes FE51, FE52, FE53, FE59, FE61, FE66, FE67, FE6C,
+/// FE6D, FE76, FE7E, FE90, FE91, FEA0): a name typed in a system of either
+/// standard is the same name.
+const GB18030_PUA_IDEOGRAPHS: [(char, char); 14] = [
+    ('\u{E816}', '\u{20087}'),
+    ('\u{E817}', '\u{20089}'),
+    ('\u{E818}', '\u{200CC}'),
+    ('\u{E81E}', '\u{9FB4}'),
+    ('\u{E826}', '\u{9FB5}'),
+    ('\u{E82B}', '\u{9FB6}'),
+    ('\u{E82C}', '\u{9FB7}'),
+    ('\u{E831}', '\u{215D7}'),
+    ('\u{E832}', '\u{9FB8}'),
+    ('\u{E83B}', '\u{2298F}'),
+    ('\u{E843}', '\u{9FB9}'),
+    ('\u{E854}', '\u{9FBA}'),
+    ('\u{E855}', '\u{241FE}'),
+    ('\u{E864}', '\u{9FBB}'),
+];
+
+/// The standard code point of a GB 18030-2005 private-use ideograph.
+fn gb18030_standard(c: char) -> char {
+    GB18030_PUA_IDEOGRAPHS
+        .iter()
+        .find(|(pua, _)| *pua == c)
+        .map_or(c, |(_, standard)| *standard)
+}
+
+/// One pass of the mapping: dot look-alikes to U+00B7, GB 18030-2005
+/// private-use ideographs to their standard code points, invisible
+/// characters removed.
 fn map_dots_and_strip(s: &str) -> String {
     s.chars()
         .filter(|&c| !is_invisible(c))
-        .map(|c| if is_dot_lookalike(c) { MIDDLE_DOT } else { c })
+        .map(|c| {
+            if is_dot_lookalike(c) {
+                MIDDLE_DOT
+            } else {
+                gb18030_standard(c)
+            }
+        })
         .collect()
 }
 
@@ -576,6 +614,20 @@ impl fmt::Debug for Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name typed under GB 18030-2005 (a private-use code point) and under
+    /// GB 18030-2022 (the standard one) is one name.
+    #[test]
+    fn gb18030_private_use_ideographs_are_their_standard_characters() {
+        for (pua, standard) in GB18030_PUA_IDEOGRAPHS {
+            let old = normalize_name(&format!("王{pua}")).unwrap();
+            let new = normalize_name(&format!("王{standard}")).unwrap();
+            assert_eq!(old, new, "U+{:04X}", u32::from(pua));
+            assert_eq!(old, format!("王{standard}"));
+        }
+        // Other private-use code points are kept as they are.
+        assert_eq!(normalize_name("王\u{E000}").unwrap(), "王\u{E000}");
+    }
 
     /// The province-level prefixes PROTOCOL.md section 2 lists, exactly.
     #[test]
