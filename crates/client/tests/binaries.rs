@@ -419,13 +419,19 @@ fn sighup_reloads_the_policy_without_a_restart() {
     assert_eq!(check("aml-recheck").0, 0);
 }
 
-#[test]
-fn a_killed_batch_resumes_with_every_row_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
+/// `count` synthetic people (`seed`) initialised in `root/data`, and an
+/// input `root/in.csv` of the same people with a leading row number `n`.
+fn numbered_registry(root: &Path, count: u64, seed: u64) -> (PathBuf, PathBuf) {
     let registry = root.join("registry.csv");
     let (code, _, err) = run(Command::new(server_bin())
-        .args(["generate", "--count", "400", "--seed", "3", "--out"])
+        .args([
+            "generate",
+            "--count",
+            &count.to_string(),
+            "--seed",
+            &seed.to_string(),
+            "--out",
+        ])
         .arg(&registry));
     assert_eq!(code, 0, "{err}");
     let data = root.join("data");
@@ -435,7 +441,6 @@ fn a_killed_batch_resumes_with_every_row_exactly_once() {
         .arg("--data-dir")
         .arg(&data));
     assert_eq!(code, 0, "{err}");
-    // 400 registered rows, numbered; a slow rate keeps the batch running.
     let input = root.join("in.csv");
     let mut text = String::from("n,name,id\n");
     for (i, line) in std::fs::read_to_string(&registry)
@@ -447,6 +452,15 @@ fn a_killed_batch_resumes_with_every_row_exactly_once() {
         text.push_str(&format!("{i},{line}\n"));
     }
     std::fs::write(&input, text).unwrap();
+    (data, input)
+}
+
+#[test]
+fn a_killed_batch_resumes_with_every_row_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // 400 registered people, and the same people numbered as the input.
+    let (data, input) = numbered_registry(root, 400, 3);
     let policy = root.join("policy.toml");
     std::fs::write(&policy, "[institutions.local]\nmodes=[\"sync\"]\npurposes=[\"kyc-onboarding\"]\nrate_per_second=100\ndaily_cap=100000\nmax_batch=64\n").unwrap();
     let (_server, url) = serve(&data, Some(&policy));
@@ -933,29 +947,8 @@ fn excel_workbooks_in_and_out_with_chinese_headers_and_numeric_ids() {
 fn a_server_killed_mid_batch_is_ridden_out() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let registry = root.join("registry.csv");
-    let (code, _, err) = run(Command::new(server_bin())
-        .args(["generate", "--count", "3000", "--seed", "5", "--out"])
-        .arg(&registry));
-    assert_eq!(code, 0, "{err}");
-    let data = root.join("data");
-    let (code, _, err) = run(Command::new(server_bin())
-        .args(["init", "--no-progress", "--registry"])
-        .arg(&registry)
-        .arg("--data-dir")
-        .arg(&data));
-    assert_eq!(code, 0, "{err}");
-    let input = root.join("in.csv");
-    let mut text = String::from("n,name,id\n");
-    for (i, line) in std::fs::read_to_string(&registry)
-        .unwrap()
-        .lines()
-        .skip(1)
-        .enumerate()
-    {
-        text.push_str(&format!("{i},{line}\n"));
-    }
-    std::fs::write(&input, text).unwrap();
+    // 3000 registered people, and the same people numbered as the input.
+    let (data, input) = numbered_registry(root, 3000, 5);
     let port = psi_testbed::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let args = |a: &[&str]| a.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();

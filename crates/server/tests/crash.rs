@@ -382,44 +382,47 @@ fn every_writer_killed_at_every_durable_step_leaves_the_old_or_the_new_version()
     };
     let strings = |a: &[&str]| a.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
     let mut total = 0;
-    let mut step = |case: Case, then: &dyn Fn()| {
+    let mut step = |case: Case, advance: bool, then: &dyn Fn()| {
         let kills = kill_everywhere(&prepared, &scratch, &case);
         eprintln!("{}: {kills} kills checked", case.name);
         total += kills;
-        // The prepared tree moves on to the case's new state.
+        // The prepared tree moves on to the case's new state (when later
+        // cases start from it), then takes what else they need.
+        if advance {
+            bin(&case.args.iter().map(String::as_str).collect::<Vec<_>>());
+        }
         then();
     };
-    step(
-        Case {
-            name: "init",
-            args: strings(&[
-                "init",
-                "--no-progress",
-                "--registry",
-                "@a.csv",
-                "--data-dir",
-                "@data",
-            ]),
+    let data_case =
+        |name: &'static str, args: &[&str], before: Option<&State>, after: &State| Case {
+            name,
+            args: strings(args),
             target: "data",
             encoding: true,
-            before: None,
-            after: v1.clone(),
-        },
-        &|| {
-            bin(&[
+            before: before.cloned(),
+            after: after.clone(),
+        };
+    step(
+        data_case(
+            "init",
+            &[
                 "init",
                 "--no-progress",
                 "--registry",
                 "@a.csv",
                 "--data-dir",
                 "@data",
-            ])
-        },
+            ],
+            None,
+            &v1,
+        ),
+        true,
+        &|| {},
     );
     step(
-        Case {
-            name: "update",
-            args: strings(&[
+        data_case(
+            "update",
+            &[
                 "update",
                 "--no-progress",
                 "--add",
@@ -428,69 +431,45 @@ fn every_writer_killed_at_every_durable_step_leaves_the_old_or_the_new_version()
                 "@remove.csv",
                 "--data-dir",
                 "@data",
-            ]),
-            target: "data",
-            encoding: true,
-            before: Some(v1.clone()),
-            after: v2.clone(),
-        },
-        &|| {
-            bin(&[
-                "update",
-                "--no-progress",
-                "--add",
-                "@add.csv",
-                "--remove",
-                "@remove.csv",
-                "--data-dir",
-                "@data",
-            ]);
-            // The serving directory starts at version 2 of epoch 1.
-            bin(&["publish", "--data-dir", "@data", "--to", "@serving"]);
-        },
+            ],
+            Some(&v1),
+            &v2,
+        ),
+        true,
+        // The serving directory starts at version 2 of epoch 1.
+        &|| bin(&["publish", "--data-dir", "@data", "--to", "@serving"]),
     );
     step(
-        Case {
-            name: "compact",
-            args: strings(&["compact", "--data-dir", "@data"]),
-            target: "data",
-            encoding: true,
-            before: Some(v2.clone()),
-            after: v2.clone(),
-        },
-        &|| bin(&["compact", "--data-dir", "@data"]),
+        data_case(
+            "compact",
+            &["compact", "--data-dir", "@data"],
+            Some(&v2),
+            &v2,
+        ),
+        true,
+        &|| {},
     );
     step(
-        Case {
-            name: "rotate-key",
-            args: strings(&[
+        data_case(
+            "rotate-key",
+            &[
                 "rotate-key",
                 "--no-progress",
                 "--grace-period",
                 "0s",
                 "--data-dir",
                 "@data",
-            ]),
-            target: "data",
-            encoding: true,
-            before: Some(v2.clone()),
-            after: v3.clone(),
-        },
-        &|| {
-            bin(&[
-                "rotate-key",
-                "--no-progress",
-                "--grace-period",
-                "0s",
-                "--data-dir",
-                "@data",
-            ])
-        },
+            ],
+            Some(&v2),
+            &v3,
+        ),
+        true,
+        &|| {},
     );
     step(
-        Case {
-            name: "init over a registry",
-            args: strings(&[
+        data_case(
+            "init over a registry",
+            &[
                 "init",
                 "--no-progress",
                 "--registry",
@@ -498,24 +477,14 @@ fn every_writer_killed_at_every_durable_step_leaves_the_old_or_the_new_version()
                 "--data-dir",
                 "@data",
                 "--force",
-            ]),
-            target: "data",
-            encoding: true,
-            before: Some(v3.clone()),
-            after: v4.clone(),
-        },
+            ],
+            Some(&v3),
+            &v4,
+        ),
+        true,
+        // Two partitions of a.csv encoded under the registry's key, for
+        // the merge.
         &|| {
-            bin(&[
-                "init",
-                "--no-progress",
-                "--registry",
-                "@b.csv",
-                "--data-dir",
-                "@data",
-                "--force",
-            ]);
-            // Two partitions of a.csv encoded under the registry's key, for
-            // the merge.
             for slice in ["0/2", "1/2"] {
                 bin(&[
                     "init",
@@ -532,10 +501,11 @@ fn every_writer_killed_at_every_durable_step_leaves_the_old_or_the_new_version()
             }
         },
     );
+    // The tree stays at version 4 for the publication below.
     step(
-        Case {
-            name: "merge",
-            args: strings(&[
+        data_case(
+            "merge",
+            &[
                 "merge",
                 "--data-dir",
                 "@data",
@@ -544,12 +514,11 @@ fn every_writer_killed_at_every_durable_step_leaves_the_old_or_the_new_version()
                 "--partitions",
                 "2",
                 "--force",
-            ]),
-            target: "data",
-            encoding: true,
-            before: Some(v4.clone()),
-            after: v5.clone(),
-        },
+            ],
+            Some(&v4),
+            &v5,
+        ),
+        false,
         &|| {},
     );
     // A publication of a new epoch over a serving directory of the old one:
@@ -563,6 +532,7 @@ fn every_writer_killed_at_every_durable_step_leaves_the_old_or_the_new_version()
             before: Some(v2.clone()),
             after: v4.clone(),
         },
+        false,
         &|| {},
     );
     eprintln!("{total} kills, each followed by the checks");

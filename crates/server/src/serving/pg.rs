@@ -69,6 +69,23 @@ impl std::fmt::Debug for Pg {
     }
 }
 
+/// Connects with `tls` and spawns the connection's driver on the current
+/// runtime.
+async fn connect_driven<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = config.connect(tls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
 /// The statement timeout `options` sets (`-c statement_timeout=N`, in ms).
 fn statement_timeout_ms(options: &str) -> Option<u64> {
     let (_, rest) = options.split_once("statement_timeout=")?;
@@ -115,20 +132,8 @@ impl Pg {
         let connected = runtime.block_on(async {
             tokio::time::timeout(connect_timeout, async {
                 match tls {
-                    Some(tls) => {
-                        let (client, connection) = config.connect(tls).await?;
-                        tokio::spawn(async move {
-                            let _ = connection.await;
-                        });
-                        Ok(client)
-                    }
-                    None => {
-                        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-                        tokio::spawn(async move {
-                            let _ = connection.await;
-                        });
-                        Ok(client)
-                    }
+                    Some(tls) => connect_driven(&config, tls).await,
+                    None => connect_driven(&config, tokio_postgres::NoTls).await,
                 }
             })
             .await
