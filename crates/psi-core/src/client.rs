@@ -28,6 +28,7 @@ use crate::suite::{
     check_input_len, decode_element, finalize_hash, hash_to_group, random_scalar, BlindedElement,
     EvaluatedElement, Mode, Output,
 };
+use crate::threshold::{self, Committee, Partial};
 
 /// How the client blinds its inputs. Both give the RFC's outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -63,7 +64,7 @@ pub struct BlindState {
     blinding: Blinding,
     public_key: PublicKey,
     blinds: Vec<Scalar>,
-    blinded_points: Vec<RistrettoPoint>,
+    pub(crate) blinded_points: Vec<RistrettoPoint>,
     blinded: Vec<[u8; 32]>,
 }
 
@@ -202,6 +203,41 @@ impl Client {
             &points,
             &evaluated_bytes,
             proof,
+        )?;
+        self.unblind(&state, inputs, &points)
+    }
+
+    /// `Finalize` in threshold mode: verifies each key holder's partial
+    /// evaluation against its public share in `committee`, combines `t` of
+    /// them into the key's evaluation, then unblinds and hashes. The
+    /// outputs are those of [`Client::finalize`] under the committee's key.
+    /// A partial that does not verify is passed over while `t` others do.
+    ///
+    /// # Errors
+    /// [`Error::KeyMismatch`] when the committee's key is not this client's;
+    /// [`Error::PartialProof`] naming a holder when fewer than `t` verify;
+    /// [`Error::TooFewPartials`]; [`Error::LengthMismatch`].
+    pub fn finalize_threshold<I: AsRef<[u8]> + Sync>(
+        &self,
+        state: BlindState,
+        inputs: &[I],
+        committee: &Committee,
+        partials: &[Partial],
+    ) -> Result<Vec<Output>> {
+        if *committee.public_key() != self.public_key || state.public_key != self.public_key {
+            return Err(Error::KeyMismatch);
+        }
+        if inputs.len() != state.len() {
+            return Err(Error::LengthMismatch {
+                expected: state.len(),
+                got: inputs.len(),
+            });
+        }
+        let points = threshold::verify_and_combine(
+            committee,
+            &state.blinded_points,
+            &state.blinded,
+            partials,
         )?;
         self.unblind(&state, inputs, &points)
     }

@@ -107,6 +107,48 @@ pub enum Error {
     /// A parameter is outside its allowed range.
     #[error("invalid parameter: {0}")]
     InvalidParameter(&'static str),
+    /// A key holder's partial evaluation does not verify against its
+    /// public share (or its elements are malformed).
+    #[error("key holder {holder}'s partial evaluation does not verify against its public share")]
+    PartialProof {
+        /// The holder's index.
+        holder: u16,
+    },
+    /// A holder index the committee does not have.
+    #[error("key holder {holder} is not in the committee")]
+    UnknownHolder {
+        /// The index given.
+        holder: u16,
+    },
+    /// Fewer verified partial answers than the threshold.
+    #[error("{got} key holders answered correctly, {needed} are needed")]
+    TooFewPartials {
+        /// `t`.
+        needed: u16,
+        /// How many verified.
+        got: u16,
+    },
+    /// Public shares that do not lie on one polynomial through the public
+    /// key (holder 0: the public key itself does not match), or a DKG share
+    /// from a dealer that does not match its commitments.
+    #[error("key holder {holder}'s share does not match the committee's commitments")]
+    ShareMismatch {
+        /// The holder (dealer) whose share is off; 0 for the public key.
+        holder: u16,
+    },
+    /// A DKG round-1 package that is missing, malformed, or not signed by
+    /// its holder's identity key.
+    #[error("key holder {holder}'s key-generation package does not check")]
+    DkgPackage {
+        /// The holder's index.
+        holder: u16,
+    },
+    /// A signer's threshold-signature share is missing or wrong.
+    #[error("key holder {holder}'s signature share does not verify")]
+    BadSignatureShare {
+        /// The signer's index.
+        holder: u16,
+    },
     /// The caller asked the work to stop (its peer went away or its deadline passed).
     #[error("the work was cancelled")]
     Cancelled,

@@ -9,6 +9,9 @@
 //!   path for the server.
 //! - [`record`]: canonical (name, ID number) records, the OPRF input.
 //! - [`rotation`]: the retiring key's endorsement of its successor.
+//! - [`threshold`]: the key as t-of-n shares on key holders (partial
+//!   evaluations, their combination, distributed key generation, refresh,
+//!   threshold endorsements), with outputs identical to the single key's.
 //! - [`tag`], [`tagset`], [`bucket`]: how the server's encrypted registry is
 //!   held and shipped in the sync and bucket modes.
 //!
@@ -22,10 +25,12 @@ pub mod proof;
 pub mod record;
 mod rice;
 pub mod rotation;
+mod schnorr;
 pub mod server;
 pub mod suite;
 pub mod tag;
 pub mod tagset;
+pub mod threshold;
 
 #[cfg(test)]
 mod conformance;
@@ -44,3 +49,4 @@ pub use server::{Evaluation, Server};
 pub use suite::{BlindedElement, EvaluatedElement, Mode, Output};
 pub use tag::Tag;
 pub use tagset::{TagLookup, TagSet};
+pub use threshold::{Committee, KeyShare, Partial, PublicShare};

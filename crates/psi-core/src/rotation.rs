@@ -8,20 +8,21 @@
 //! `s = r + c*sk_old`; it verifies when `s*G == R + c*pk_old`. The challenge
 //! hash uses its own domain separation tag, so no OPRF evaluation or DLEQ
 //! proof the server ever produces can stand in for an endorsement.
+//!
+//! In threshold mode the retiring epoch's key holders make the same
+//! signature together ([`crate::threshold::sign`]); it verifies here like
+//! any other.
 
-use curve25519_dalek::constants::RISTRETTO_BASEPOINT_TABLE;
-use curve25519_dalek::ristretto::{CompressedRistretto, RistrettoPoint};
-use curve25519_dalek::scalar::Scalar;
 use rand_core::CryptoRngCore;
 
 use crate::error::{Error, Result};
 use crate::key::{PublicKey, ServerKey};
-use crate::suite::{decode_scalar, hash_to_scalar_dst, random_scalar};
+use crate::schnorr;
 
 /// Serialised endorsement length: `R || s`.
-pub const ENDORSEMENT_LEN: usize = 64;
+pub const ENDORSEMENT_LEN: usize = schnorr::SIGNATURE_LEN;
 
-const DST: &[u8] = b"psi.v1.key-rotation-ristretto255-SHA512";
+pub(crate) const DST: &[u8] = b"psi.v1.key-rotation-ristretto255-SHA512";
 
 /// One step of a key's history: the key of `epoch`, endorsed by the key of
 /// the epoch before it (epoch 1 has no endorsement).
@@ -35,23 +36,14 @@ pub struct KeyStep {
     pub endorsement: [u8; ENDORSEMENT_LEN],
 }
 
-fn challenge(
-    old: &PublicKey,
-    old_epoch: u64,
-    new: &PublicKey,
-    new_epoch: u64,
-    r: &[u8; 32],
-) -> Scalar {
-    hash_to_scalar_dst(
-        &[
-            &old.to_bytes(),
-            &old_epoch.to_be_bytes(),
-            &new.to_bytes(),
-            &new_epoch.to_be_bytes(),
-            r,
-        ],
-        DST,
-    )
+/// What an endorsement signs after the retiring key:
+/// `I2OSP(old_epoch, 8) || pk_new || I2OSP(new_epoch, 8)`.
+pub(crate) fn message(old_epoch: u64, new: &PublicKey, new_epoch: u64) -> [u8; 48] {
+    let mut out = [0u8; 48];
+    out[..8].copy_from_slice(&old_epoch.to_be_bytes());
+    out[8..40].copy_from_slice(&new.to_bytes());
+    out[40..].copy_from_slice(&new_epoch.to_be_bytes());
+    out
 }
 
 /// The retiring key's signature over the new key and epoch.
@@ -62,15 +54,7 @@ pub fn endorse<R: CryptoRngCore + ?Sized>(
     new_epoch: u64,
     rng: &mut R,
 ) -> [u8; ENDORSEMENT_LEN] {
-    let mut r = random_scalar(rng);
-    let big_r = (RISTRETTO_BASEPOINT_TABLE * &r).compress().to_bytes();
-    let c = challenge(old.public_key(), old_epoch, new, new_epoch, &big_r);
-    let s = r + c * old.scalar();
-    zeroize::Zeroize::zeroize(&mut r);
-    let mut out = [0u8; ENDORSEMENT_LEN];
-    out[..32].copy_from_slice(&big_r);
-    out[32..].copy_from_slice(s.as_bytes());
-    out
+    schnorr::sign(DST, old, &[&message(old_epoch, new, new_epoch)], rng)
 }
 
 /// Checks that `old` (the key of `old_epoch`) endorsed `new` for `new_epoch`.
@@ -85,24 +69,15 @@ pub fn verify(
     new_epoch: u64,
     endorsement: &[u8],
 ) -> Result<()> {
-    if new_epoch <= old_epoch || endorsement.len() != ENDORSEMENT_LEN {
+    if new_epoch <= old_epoch {
         return Err(Error::ProofVerification);
     }
-    let (r_bytes, s_bytes) = endorsement.split_at(32);
-    let r_bytes: [u8; 32] = r_bytes.try_into().map_err(|_| Error::ProofVerification)?;
-    let s_bytes: [u8; 32] = s_bytes.try_into().map_err(|_| Error::ProofVerification)?;
-    let big_r = CompressedRistretto(r_bytes)
-        .decompress()
-        .ok_or(Error::ProofVerification)?;
-    let s = decode_scalar(&s_bytes).map_err(|_| Error::ProofVerification)?;
-    let c = challenge(old, old_epoch, new, new_epoch, &r_bytes);
-    // s*G - c*pk == R
-    let lhs = RistrettoPoint::vartime_double_scalar_mul_basepoint(&(-c), old.point(), &s);
-    if lhs == big_r {
-        Ok(())
-    } else {
-        Err(Error::ProofVerification)
-    }
+    schnorr::verify(
+        DST,
+        old,
+        &[&message(old_epoch, new, new_epoch)],
+        endorsement,
+    )
 }
 
 /// Walks `history` from the pinned key of `pinned_epoch` to the key of

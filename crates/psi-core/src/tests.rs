@@ -14,21 +14,21 @@ use crate::{
 const RFC_TEXT: &str = include_str!("../../../docs/vectors/rfc9497-a1.txt");
 
 #[derive(Debug, Default)]
-struct Suite {
-    seed: Vec<u8>,
-    key_info: Vec<u8>,
+pub(crate) struct Suite {
+    pub(crate) seed: Vec<u8>,
+    pub(crate) key_info: Vec<u8>,
     sk: Vec<u8>,
     pk: Option<Vec<u8>>,
-    vectors: Vec<Vector>,
+    pub(crate) vectors: Vec<Vector>,
 }
 
 #[derive(Debug, Default)]
-struct Vector {
+pub(crate) struct Vector {
     fields: Vec<(String, Vec<Vec<u8>>)>,
 }
 
 impl Vector {
-    fn get(&self, key: &str) -> &[Vec<u8>] {
+    pub(crate) fn get(&self, key: &str) -> &[Vec<u8>] {
         self.fields
             .iter()
             .find(|(k, _)| k == key)
@@ -47,7 +47,7 @@ impl Vector {
 /// Parses the RFC's layout: `Key = hex[,hex...]` with the value wrapped onto
 /// following indented lines; sections `A.1.1.  OPRF Mode`, `A.1.2.  VOPRF
 /// Mode`, each test vector under a `Test Vector N` heading.
-fn parse_rfc() -> Vec<(Mode, Suite)> {
+pub(crate) fn parse_rfc() -> Vec<(Mode, Suite)> {
     // Join wrapped values first.
     let mut logical: Vec<String> = Vec::new();
     for line in RFC_TEXT.lines() {
@@ -100,7 +100,7 @@ fn parse_rfc() -> Vec<(Mode, Suite)> {
     suites
 }
 
-fn scalar(bytes: &[u8]) -> Scalar {
+pub(crate) fn scalar(bytes: &[u8]) -> Scalar {
     decode_scalar(bytes.try_into().unwrap()).unwrap()
 }
 
