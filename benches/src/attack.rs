@@ -314,6 +314,7 @@ async fn cancelled_evaluations(target: &Target, tally: &Tally) -> Result<()> {
         let mut req = tonic::Request::new(psi_proto::v1::EvaluateRequest {
             key_epoch: target.epoch,
             blinded_elements: target.blinded.clone(),
+            combines_partials: false,
         });
         req.metadata_mut()
             .insert(psi_proto::PURPOSE_HEADER, target.purpose.parse()?);

@@ -17,7 +17,8 @@ pub mod v1 {
 
 use psi_core::suite::ELEMENT_LEN;
 use psi_core::tagset::{Shard, TagSetHeader, TagSetParams};
-use psi_core::{BlindedElement, Error, EvaluatedElement};
+use psi_core::threshold::{Committee, Partial, PublicShare};
+use psi_core::{BlindedElement, Error, EvaluatedElement, Proof, PublicKey};
 
 /// The encoded `FileDescriptorSet` of `psi.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -214,4 +215,73 @@ mod tests {
     fn descriptor_set_is_embedded() {
         assert!(!FILE_DESCRIPTOR_SET.is_empty());
     }
+}
+
+/// A holder's partial evaluation on the wire.
+#[must_use]
+pub fn partial_to_proto(p: &Partial) -> v1::PartialEvaluation {
+    v1::PartialEvaluation {
+        holder_index: u32::from(p.index),
+        evaluated_elements: pack(p.elements.iter().map(EvaluatedElement::as_bytes)),
+        proof: p.proof.to_bytes().to_vec(),
+    }
+}
+
+/// A partial evaluation read from the wire (not yet verified).
+///
+/// # Errors
+/// An index above 255, elements of a wrong length, a malformed proof.
+pub fn partial_from_proto(p: &v1::PartialEvaluation) -> Result<Partial, Error> {
+    Ok(Partial {
+        index: holder_index(p.holder_index)?,
+        elements: unpack_evaluated(&p.evaluated_elements)?,
+        proof: Proof::from_bytes(&p.proof)?,
+    })
+}
+
+fn holder_index(index: u32) -> Result<u16, Error> {
+    u16::try_from(index)
+        .ok()
+        .filter(|i| (1..=psi_core::threshold::MAX_HOLDERS).contains(i))
+        .ok_or_else(|| malformed("holder share", "holder index outside 1..255"))
+}
+
+/// A committee's public data on the wire.
+#[must_use]
+pub fn committee_to_proto(c: &Committee) -> v1::ThresholdInfo {
+    v1::ThresholdInfo {
+        threshold: u32::from(c.threshold()),
+        holders: c
+            .shares()
+            .iter()
+            .map(|s| v1::HolderShare {
+                index: u32::from(s.index),
+                public_share: s.key.to_bytes().to_vec(),
+            })
+            .collect(),
+    }
+}
+
+/// The committee `info` describes for `public_key`, checked: the shares must
+/// lie on one polynomial of degree `t - 1` through the public key.
+///
+/// # Errors
+/// A malformed share, a bad shape, or shares that do not interpolate to the key.
+pub fn committee_from_proto(
+    public_key: &PublicKey,
+    info: &v1::ThresholdInfo,
+) -> Result<Committee, Error> {
+    let shares = info
+        .holders
+        .iter()
+        .map(|h| {
+            Ok(PublicShare {
+                index: holder_index(h.index)?,
+                key: PublicKey::from_bytes(&h.public_share)?,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let t = u16::try_from(info.threshold)
+        .map_err(|_| malformed("threshold info", "threshold above 255"))?;
+    Committee::new(t, *public_key, shares)
 }

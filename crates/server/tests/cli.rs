@@ -320,7 +320,7 @@ fn init_killed_at_any_point_leaves_a_loadable_snapshot_and_reruns() {
     };
     assert!(init().status().unwrap().success());
     let first = Snapshot::load(&data).unwrap();
-    let pk = first.server.public_key().to_bytes();
+    let pk = first.evaluator.public_key().to_bytes();
     for delay_ms in [5u64, 40, 120, 300, 600] {
         let mut child = init().spawn().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
@@ -330,7 +330,7 @@ fn init_killed_at_any_point_leaves_a_loadable_snapshot_and_reruns() {
         let snap = Snapshot::load(&data)
             .unwrap_or_else(|e| panic!("after a kill at {delay_ms} ms: {e:#}"));
         assert_eq!(
-            snap.server.public_key().to_bytes(),
+            snap.evaluator.public_key().to_bytes(),
             pk,
             "the key never changes"
         );
@@ -433,9 +433,9 @@ fn update_and_rotate_key_from_the_command_line_survive_a_kill() {
     assert_eq!(now.index.len(), 20_000);
     // Every key since the first is endorsed by its predecessor.
     psi_core::rotation::verify_chain(
-        v1.server.public_key(),
+        &v1.evaluator.public_key(),
         1,
-        now.server.public_key(),
+        &now.evaluator.public_key(),
         now.epoch,
         &now.history,
     )

@@ -641,6 +641,7 @@ async fn cancelled_evaluations_stop_and_are_recorded() {
     let request = psi_proto::v1::EvaluateRequest {
         key_epoch: epoch,
         blinded_elements: psi_proto::pack(blinded.iter().map(|b| &b.0)),
+        ..Default::default()
     };
     let mut channel = psi_proto::v1::match_client::MatchClient::connect(server.url())
         .await
@@ -719,6 +720,7 @@ async fn malformed_oversized_and_late_requests_are_refused_precisely_and_recorde
     let over = psi_proto::v1::EvaluateRequest {
         key_epoch: 1,
         blinded_elements: vec![1u8; 32 * 65 + 200],
+        ..Default::default()
     };
     assert_eq!(
         call(
@@ -758,6 +760,7 @@ async fn malformed_oversized_and_late_requests_are_refused_precisely_and_recorde
     let mut req = tonic::Request::new(psi_proto::v1::EvaluateRequest {
         key_epoch: session.info().key_epoch,
         blinded_elements: psi_proto::pack(valid.iter().map(|b| &b.0)),
+        ..Default::default()
     });
     req.metadata_mut()
         .insert(psi_proto::PURPOSE_HEADER, PURPOSE.parse().unwrap());

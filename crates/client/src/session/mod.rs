@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use psi_core::rotation::KeyStep;
 use psi_core::suite::SUITE_ID;
-use psi_core::{Blinding, Client, Mode, PublicKey, TagSet};
+use psi_core::{Blinding, Client, Committee, Mode, PublicKey, TagSet};
 use psi_proto::v1::match_client::MatchClient;
 use psi_proto::v1::{GetServerInfoRequest, ServerInfo};
 use tonic::transport::{Channel, Endpoint};
@@ -69,6 +69,9 @@ pub struct Session {
     grpc: MatchClient<Channel>,
     info: ServerInfo,
     core: Arc<Client>,
+    /// Threshold mode: the key holders' public shares, checked to
+    /// interpolate to the pinned key.
+    committee: Option<Arc<Committee>>,
     options: ConnectOptions,
     /// How the key was pinned.
     pub pinned: Pinned,
@@ -274,10 +277,22 @@ impl Session {
             }
         };
         let core = Arc::new(Client::new(Mode::Voprf, pk));
+        let committee = info
+            .threshold
+            .as_ref()
+            .map(|t| psi_proto::committee_from_proto(&pk, t).map(Arc::new))
+            .transpose()
+            .map_err(|e| {
+                Error::invalid(
+                    "the key holders' public shares in ServerInfo do not make the pinned public key",
+                    e,
+                )
+            })?;
         Ok(Self {
             grpc,
             info,
             core,
+            committee,
             options,
             pinned,
             pir: Arc::default(),

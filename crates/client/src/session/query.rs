@@ -7,8 +7,10 @@ use std::sync::Arc;
 use futures::{StreamExt, TryStreamExt};
 
 use psi_core::{BlindState, BlindedElement, Output, Proof, Record};
-use psi_proto::v1::{BucketQueryRequest, EvaluateRequest, PirQueryRequest, PirSetupRequest};
-use psi_proto::{pack, unpack_evaluated, unpack_tags};
+use psi_proto::v1::{
+    BucketQueryRequest, EvaluateRequest, PartialEvaluation, PirQueryRequest, PirSetupRequest,
+};
+use psi_proto::{pack, partial_from_proto, unpack_evaluated, unpack_tags};
 use rand_core::OsRng;
 
 use super::{on_cpu, Answers, Session};
@@ -45,6 +47,7 @@ impl Session {
         let message = EvaluateRequest {
             key_epoch: self.info.key_epoch,
             blinded_elements: pack(blinded.iter().map(|b| &b.0)),
+            combines_partials: true,
         };
         let response = self
             .ask("evaluating", || {
@@ -59,6 +62,7 @@ impl Session {
             response.key_epoch,
             &response.evaluated_elements,
             &response.proof,
+            &response.partials,
         )
         .await
     }
@@ -80,7 +84,9 @@ impl Session {
         Ok((inputs, state, blinded))
     }
 
-    /// Checks an answer's epoch, verifies its proof and unblinds, on the rayon pool.
+    /// Checks an answer's epoch, verifies its proof (in threshold mode each
+    /// key holder's, against its public share, then combines them) and
+    /// unblinds, on the rayon pool.
     async fn finalize(
         &self,
         state: BlindState,
@@ -88,8 +94,36 @@ impl Session {
         epoch: u64,
         evaluated: &[u8],
         proof: &[u8],
+        partials: &[PartialEvaluation],
     ) -> Result<Vec<Output>> {
         self.check_epoch(epoch)?;
+        match (&self.committee, partials.is_empty()) {
+            (Some(committee), false) => {
+                let partials = partials
+                    .iter()
+                    .map(partial_from_proto)
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| Error::invalid("a key holder's partial evaluation", e))?;
+                let core = Arc::clone(&self.core);
+                let committee = Arc::clone(committee);
+                return on_cpu(move || {
+                    core.finalize_threshold(state, &inputs, &committee, &partials)
+                })
+                .await?
+                .map_err(|e| Error::invalid("verifying the key holders' partial evaluations", e));
+            }
+            (Some(_), true) => {
+                return Err(Error::Invalid(
+                    "the server is in threshold mode but answered without its key holders' partial evaluations".into(),
+                ))
+            }
+            (None, false) => {
+                return Err(Error::Invalid(
+                    "the server sent partial evaluations but announced no key holders in ServerInfo".into(),
+                ))
+            }
+            (None, true) => {}
+        }
         let evaluated = unpack_evaluated(evaluated)
             .map_err(|e| Error::invalid("the server's evaluated elements", e))?;
         let proof =
@@ -126,6 +160,7 @@ impl Session {
                 key_epoch: self.info.key_epoch,
                 blinded_elements: pack(blinded.iter().map(|b| &b.0)),
                 buckets: buckets.clone(),
+                combines_partials: true,
             };
             let response = self
                 .ask("querying buckets", || {
@@ -142,6 +177,7 @@ impl Session {
                     response.key_epoch,
                     &response.evaluated_elements,
                     &response.proof,
+                    &response.partials,
                 )
                 .await?;
             let mut tags_by_bucket = HashMap::new();
@@ -213,6 +249,7 @@ impl Session {
                 keys_id: Vec::new(),
                 blinded_elements: pack(blinded.iter().map(|b| &b.0)),
                 queries,
+                combines_partials: true,
             };
             let mut setups = 0;
             let response = loop {
@@ -244,6 +281,7 @@ impl Session {
                     response.key_epoch,
                     &response.evaluated_elements,
                     &response.proof,
+                    &response.partials,
                 )
                 .await?;
             if response.answers.len() != buckets.len() {

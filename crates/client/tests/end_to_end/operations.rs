@@ -158,6 +158,7 @@ async fn metrics_count_requests_elements_and_refusals_on_the_admin_port() {
         .evaluate(with_purpose(EvaluateRequest {
             key_epoch: 0,
             blinded_elements: psi_proto::pack([&curve25519_dalek_basepoint()]),
+            ..Default::default()
         }))
         .await;
     let admin = f.running.admin_addr.expect("admin address");

@@ -162,6 +162,7 @@ async fn malformed_pir_requests_are_refused_and_the_server_stays_up() {
         keys_id,
         blinded_elements: blinded,
         queries,
+        ..Default::default()
     };
     let e = raw
         .pir_query(with_purpose(query(
@@ -331,6 +332,7 @@ async fn pir_limits_hold_concurrent_answers_and_the_database_size() {
             keys_id: keys_id.clone(),
             blinded_elements: good.clone(),
             queries: vec![client.query(0).unwrap()],
+            ..Default::default()
         };
         async move { c.pir_query(with_purpose(req)).await }
     });

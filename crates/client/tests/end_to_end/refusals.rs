@@ -26,6 +26,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
         .evaluate(with_purpose(EvaluateRequest {
             key_epoch: 0,
             blinded_elements: good.clone(),
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -44,6 +45,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
             .evaluate(with_purpose(EvaluateRequest {
                 key_epoch: epoch,
                 blinded_elements: good.repeat(n),
+                ..Default::default()
             }))
             .await
             .unwrap_err();
@@ -64,6 +66,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
         .evaluate(with_purpose(EvaluateRequest {
             key_epoch: epoch - 1,
             blinded_elements: good.clone(),
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -75,6 +78,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
         .evaluate(with_purpose(EvaluateRequest {
             key_epoch: epoch + 1,
             blinded_elements: good.clone(),
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -89,6 +93,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
             key_epoch: epoch - 1,
             blinded_elements: good.clone(),
             buckets: vec![0],
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -116,6 +121,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
             .evaluate(with_purpose(EvaluateRequest {
                 key_epoch: epoch,
                 blinded_elements: bytes,
+                ..Default::default()
             }))
             .await
             .unwrap_err();
@@ -131,6 +137,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
             key_epoch: epoch,
             blinded_elements: good.clone(),
             buckets: vec![1 << 20],
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -140,6 +147,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
             key_epoch: epoch,
             blinded_elements: good.clone(),
             buckets: vec![],
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -149,6 +157,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
         .evaluate(EvaluateRequest {
             key_epoch: epoch,
             blinded_elements: good.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -157,6 +166,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
     let mut bad = with_purpose(EvaluateRequest {
         key_epoch: epoch,
         blinded_elements: good.clone(),
+        ..Default::default()
     });
     bad.metadata_mut()
         .insert(psi_proto::PURPOSE_HEADER, "Not A Code!".parse().unwrap());
@@ -168,7 +178,8 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
     assert!(raw
         .evaluate(with_purpose(EvaluateRequest {
             key_epoch: epoch,
-            blinded_elements: good
+            blinded_elements: good,
+            ..Default::default()
         }))
         .await
         .is_ok());
@@ -252,6 +263,7 @@ max_batch = 64
     let mut req = with_purpose(EvaluateRequest {
         key_epoch: session.info().key_epoch,
         blinded_elements: psi_proto::pack([&curve25519_dalek_basepoint()]),
+        ..Default::default()
     });
     req.metadata_mut()
         .insert(psi_proto::PURPOSE_HEADER, "marketing".parse().unwrap());
@@ -267,6 +279,7 @@ max_batch = 64
             .evaluate(with_purpose(EvaluateRequest {
                 key_epoch: session.info().key_epoch,
                 blinded_elements: many.clone(),
+                ..Default::default()
             }))
             .await;
         if let Err(e) = r {
@@ -303,6 +316,7 @@ async fn oversized_messages_and_request_floods_are_refused_and_the_server_stays_
         .evaluate(with_purpose(EvaluateRequest {
             key_epoch: epoch,
             blinded_elements: huge,
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -324,6 +338,7 @@ async fn oversized_messages_and_request_floods_are_refused_and_the_server_stays_
             c.evaluate(with_purpose(EvaluateRequest {
                 key_epoch: epoch,
                 blinded_elements: body,
+                ..Default::default()
             }))
             .await
         }
@@ -451,6 +466,7 @@ async fn every_answer_and_refusal_carries_the_request_id_of_its_audit_record() {
         .evaluate(with_purpose(EvaluateRequest {
             key_epoch: epoch,
             blinded_elements: good.clone(),
+            ..Default::default()
         }))
         .await
         .unwrap();
@@ -461,6 +477,7 @@ async fn every_answer_and_refusal_carries_the_request_id_of_its_audit_record() {
         .evaluate(with_purpose(EvaluateRequest {
             key_epoch: 0,
             blinded_elements: good.clone(),
+            ..Default::default()
         }))
         .await
         .unwrap_err();
@@ -469,6 +486,7 @@ async fn every_answer_and_refusal_carries_the_request_id_of_its_audit_record() {
         .evaluate(with_purpose(EvaluateRequest {
             key_epoch: epoch,
             blinded_elements: good.repeat(1000),
+            ..Default::default()
         }))
         .await
         .unwrap_err();

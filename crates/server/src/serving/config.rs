@@ -103,6 +103,10 @@ pub struct ServeArgs {
     /// config file).
     #[command(flatten)]
     pub net: NetArgs,
+    /// Threshold mode: the key holders (the `[holders]` table of the config
+    /// file).
+    #[command(flatten)]
+    pub holders: crate::keyholder::pool::HolderLinkArgs,
 }
 
 /// The connection, stream, buffer and time limits of `serve`: flags,
@@ -303,6 +307,8 @@ struct FileConfig {
     trusted_proxies: Option<String>,
     #[serde(default)]
     net: NetArgs,
+    #[serde(default)]
+    holders: crate::keyholder::pool::HolderLinkArgs,
 }
 
 /// PEM contents for mutual TLS, read before anything binds.
@@ -347,6 +353,8 @@ pub struct ServeConfig {
     pub net: NetLimits,
     /// Balancers that send a PROXY protocol v2 header.
     pub trusted_proxies: crate::serving::connection::TrustedProxies,
+    /// Threshold mode: how to reach the key holders.
+    pub holders: Option<crate::keyholder::pool::HoldersConfig>,
 }
 
 impl ServeConfig {
@@ -368,6 +376,7 @@ impl ServeConfig {
             admin_listen: None,
             net: NetLimits::default(),
             trusted_proxies: crate::serving::connection::TrustedProxies::default(),
+            holders: None,
         }
     }
 }
@@ -458,7 +467,9 @@ impl ServeArgs {
             None => crate::serving::connection::TrustedProxies::default(),
         };
         let net = self.net.resolve(file.net, limits.max_message_bytes)?;
+        let holders = self.holders.resolve(file.holders)?;
         Ok(ServeConfig {
+            holders,
             trusted_proxies,
             net,
             data_dir,
@@ -559,7 +570,7 @@ fn check_limits(limits: &Limits) -> Result<()> {
 }
 
 /// Reads the TLS files: all three, or none (plaintext).
-fn tls_files(
+pub(crate) fn tls_files(
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     ca: Option<PathBuf>,
@@ -592,6 +603,9 @@ impl FileConfig {
             &mut config.tls_key,
             &mut config.client_ca,
             &mut config.policy,
+            &mut config.holders.ca,
+            &mut config.holders.cert,
+            &mut config.holders.key,
         ]
         .into_iter()
         .flatten()

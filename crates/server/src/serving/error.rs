@@ -54,6 +54,10 @@ pub enum ServiceError {
     PirKeysUnknown,
     #[error("no answer within the request's deadline")]
     DeadlineExceeded,
+    /// Threshold mode, and a request from a client that does not say it
+    /// combines partial evaluations.
+    #[error("this server runs in threshold mode: the key exists only as shares on key holders, and each evaluation comes as their partial evaluations, to verify against ServerInfo.threshold and combine (docs/PROTOCOL.md, \"Threshold mode\"); this client does not combine them (combines_partials is unset): upgrade it")]
+    ThresholdMode,
     /// The server failed internally.
     #[error("internal error")]
     Internal,
@@ -65,9 +69,9 @@ impl ServiceError {
     pub fn code(&self) -> Code {
         match self {
             ServiceError::Loading | ServiceError::Unavailable(_) => Code::Unavailable,
-            ServiceError::StaleEpoch { .. } | ServiceError::PirKeysUnknown => {
-                Code::FailedPrecondition
-            }
+            ServiceError::StaleEpoch { .. }
+            | ServiceError::PirKeysUnknown
+            | ServiceError::ThresholdMode => Code::FailedPrecondition,
             ServiceError::Core(psi_core::Error::Cancelled) => Code::Cancelled,
             ServiceError::InvalidArgument(_) | ServiceError::Core(_) => Code::InvalidArgument,
             ServiceError::Unauthenticated => Code::Unauthenticated,

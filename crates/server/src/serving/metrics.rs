@@ -40,6 +40,22 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Labels of a key holder's answer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HolderLabels {
+    /// The holder's index.
+    pub holder: String,
+    /// `ok`, `timeout`, `unreachable`, `refused` or `bad_proof`.
+    pub outcome: String,
+}
+
+/// Labels of a key holder's latency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HolderIndexLabels {
+    /// The holder's index.
+    pub holder: String,
+}
+
 /// The server's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -53,6 +69,8 @@ pub struct Metrics {
     audit_latency: Histogram,
     serving: Gauge,
     snapshot_load_failures: Counter,
+    holder_answers: Family<HolderLabels, Counter>,
+    holder_latency: Family<HolderIndexLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -67,6 +85,20 @@ impl Default for Metrics {
         let connections = Gauge::default();
         let serving = Gauge::default();
         let snapshot_load_failures = Counter::default();
+        let holder_answers = Family::<HolderLabels, Counter>::default();
+        let holder_latency = Family::<HolderIndexLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+        });
+        registry.register(
+            "holder_answers",
+            "Threshold mode: key holders' answers to partial evaluations, by holder and outcome (ok, timeout, unreachable, refused, bad_proof: a partial whose proof does not verify)",
+            holder_answers.clone(),
+        );
+        registry.register(
+            "holder_duration_seconds",
+            "Threshold mode: time from asking a key holder to its verified answer, by holder",
+            holder_latency.clone(),
+        );
         registry.register(
             "snapshot_load_failures",
             "Committed registry versions that failed to load (a damaged or missing file): the previous version is still served",
@@ -121,6 +153,8 @@ impl Default for Metrics {
             audit_latency,
             serving,
             snapshot_load_failures,
+            holder_answers,
+            holder_latency,
         }
     }
 }
@@ -186,6 +220,20 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    /// Records one key holder's answer (threshold mode).
+    pub fn holder_answer(&self, holder: u16, outcome: &str, took: Duration) {
+        let holder = holder.to_string();
+        self.holder_answers
+            .get_or_create(&HolderLabels {
+                holder: holder.clone(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        self.holder_latency
+            .get_or_create(&HolderIndexLabels { holder })
+            .observe(took.as_secs_f64());
     }
 
     /// Records one audit write.

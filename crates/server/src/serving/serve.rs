@@ -132,13 +132,15 @@ async fn run(
             "serving an all-in-one directory: it holds the plaintext records; a host institutions connect to should serve a directory made by `psi-server publish`"
         );
     }
-    let state = Arc::new(State::new(
-        cfg.limits,
-        cfg.tls.is_some(),
-        audit,
-        enforcer,
-        metrics,
-    ));
+    let holders = cfg
+        .holders
+        .as_ref()
+        .map(|h| crate::keyholder::pool::HolderPool::new(h, Some(Arc::clone(&metrics))))
+        .transpose()?
+        .map(Arc::new);
+    let state = Arc::new(
+        State::new(cfg.limits, cfg.tls.is_some(), audit, enforcer, metrics).with_holders(holders),
+    );
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_not_serving::<MatchServer<MatchService>>()

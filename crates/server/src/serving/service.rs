@@ -10,10 +10,14 @@ use psi_proto::v1::match_server::Match;
 use psi_proto::v1::{
     sync_tag_set_response, Bucket, BucketQueryRequest, BucketQueryResponse, EvaluateRequest,
     EvaluateResponse, GetServerInfoRequest, KeyStep, PirInfo, PirQueryRequest, PirQueryResponse,
-    PirSetupRequest, PirSetupResponse, QueryMode, ServerInfo, ShardData, SyncTagSetRequest,
+    PartialEvaluation, PirSetupRequest, PirSetupResponse, QueryMode, ServerInfo, ShardData, SyncTagSetRequest,
     SyncTagSetResponse, TagSetDelta,
 };
-use psi_proto::{manifest_of, pack, pack_tags, root_only_manifest, unpack_blinded};
+use psi_core::BlindedElement;
+use psi_proto::{
+    committee_to_proto, manifest_of, pack, pack_tags, partial_to_proto, root_only_manifest,
+    unpack_blinded,
+};
 use rand_core::OsRng;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
@@ -21,7 +25,8 @@ use tonic::{Request, Response, Status};
 use crate::serving::audit::{AuditLog, Entry};
 use crate::serving::error::ServiceError;
 use crate::serving::policy::Enforcer;
-use crate::serving::snapshot::Snapshot;
+use crate::keyholder::pool::{HolderPool, OnBehalf};
+use crate::serving::snapshot::{Evaluator, Snapshot};
 
 pub use psi_proto::PURPOSE_HEADER;
 
@@ -87,6 +92,7 @@ pub struct State {
     in_flight: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
     pir_keys: crate::serving::pir::KeysCache,
     pir_slots: Arc<tokio::sync::Semaphore>,
+    holders: Option<Arc<HolderPool>>,
 }
 
 /// The institution of a plaintext (loopback) connection.
@@ -113,7 +119,16 @@ impl State {
             in_flight: std::sync::Mutex::new(std::collections::HashMap::new()),
             pir_keys: crate::serving::pir::KeysCache::new(limits.pir_keys_cache_bytes),
             pir_slots: Arc::new(tokio::sync::Semaphore::new(limits.pir_max_concurrent)),
+            holders: None,
         }
+    }
+
+    /// The same state, asking `holders` for evaluations of a threshold-mode
+    /// snapshot.
+    #[must_use]
+    pub fn with_holders(mut self, holders: Option<Arc<HolderPool>>) -> Self {
+        self.holders = holders;
+        self
     }
 
     /// A slot among the institution's concurrent requests, or a refusal.
@@ -227,6 +242,12 @@ pub struct MatchService {
 }
 
 tokio::task_local! {
+    /// On whose behalf the request runs: what a threshold-mode evaluation
+    /// tells the key holders (their audit trails and quotas).
+    static ON_BEHALF: OnBehalf;
+}
+
+tokio::task_local! {
     /// The key epoch and registry version of the snapshot that answered the
     /// request being accounted (set where a handler takes its snapshot), so
     /// that its audit record names them even when a new version is
@@ -292,8 +313,14 @@ impl MatchService {
             note.set_elements(entry.elements);
             entry.request_id.clone_from(&note.request_id);
         }
-        let (result, answered_by) = ANSWERED_BY
-            .scope(std::cell::Cell::new(None), async {
+        let on_behalf = OnBehalf {
+            institution: entry.institution.clone(),
+            purpose: entry.purpose.clone(),
+            mode: mode.to_string(),
+            request_id: entry.request_id.clone(),
+        };
+        let (result, answered_by) = ON_BEHALF
+            .scope(on_behalf, ANSWERED_BY.scope(std::cell::Cell::new(None), async {
                 let result = match (caller.institution, caller.purpose) {
                     (Err(e), _) | (_, Err(e)) => Err(e),
                     (Ok(institution), Ok(purpose)) => {
@@ -309,7 +336,7 @@ impl MatchService {
                     }
                 };
                 (result, ANSWERED_BY.with(std::cell::Cell::get))
-            })
+            }))
             .await;
         // Finished after the deadline: not an answer anyone receives.
         let result = match result {
@@ -399,6 +426,45 @@ impl MatchService {
         Ok(snap)
     }
 
+    /// Evaluates a blinded batch: with the key (single-key mode), or by
+    /// asking `t` key holders (threshold mode, for a client that combines
+    /// partial evaluations; others are refused saying why).
+    async fn evaluate_blinded(
+        &self,
+        snap: &Arc<Snapshot>,
+        blinded: Vec<BlindedElement>,
+        combines_partials: bool,
+    ) -> Result<Evaluated, ServiceError> {
+        match &snap.evaluator {
+            Evaluator::Key(_) => {
+                let work = Arc::clone(snap);
+                let evaluation = on_cpu(move |stop| match &work.evaluator {
+                    Evaluator::Key(server) => server
+                        .blind_evaluate_until(&blinded, &mut OsRng, stop)
+                        .map_err(ServiceError::from),
+                    Evaluator::Holders(_) => Err(ServiceError::Internal),
+                })
+                .await??;
+                Ok(Evaluated::Whole(evaluation))
+            }
+            Evaluator::Holders(committee) => {
+                if !combines_partials {
+                    return Err(ServiceError::ThresholdMode);
+                }
+                let pool = self.state.holders.as_ref().ok_or_else(|| {
+                    ServiceError::Unavailable(
+                        "this replica serves a threshold-mode epoch but has no key holders configured (--holders)".into(),
+                    )
+                })?;
+                let on_behalf = ON_BEHALF.try_with(Clone::clone).unwrap_or_default();
+                let partials = pool
+                    .evaluate(committee, snap.epoch, &Arc::new(blinded), &on_behalf)
+                    .await?;
+                Ok(Evaluated::Partials(partials))
+            }
+        }
+    }
+
     fn check_batch(&self, n: usize, setting: &str, max: usize) -> Result<(), ServiceError> {
         if n == 0 {
             return Err(ServiceError::InvalidArgument("the batch is empty".into()));
@@ -409,6 +475,34 @@ impl MatchService {
             )));
         }
         Ok(())
+    }
+}
+
+/// A batch's evaluation: whole (single-key mode) or as the holders'
+/// verified partial evaluations (threshold mode).
+enum Evaluated {
+    Whole(psi_core::Evaluation),
+    Partials(Vec<psi_core::Partial>),
+}
+
+impl Evaluated {
+    /// The response fields: evaluated elements, proof, partials.
+    fn into_fields(self) -> Result<(Vec<u8>, Vec<u8>, Vec<PartialEvaluation>), ServiceError> {
+        match self {
+            Evaluated::Whole(e) => {
+                let proof = e.proof.ok_or(ServiceError::Internal)?;
+                Ok((
+                    pack(e.elements.iter().map(|e| &e.0)),
+                    proof.to_bytes().to_vec(),
+                    Vec::new(),
+                ))
+            }
+            Evaluated::Partials(p) => Ok((
+                Vec::new(),
+                Vec::new(),
+                p.iter().map(partial_to_proto).collect(),
+            )),
+        }
     }
 }
 
@@ -454,7 +548,8 @@ impl Match for MatchService {
         Ok(Response::new(ServerInfo {
             ciphersuite: SUITE_ID.to_string(),
             oprf_mode: 1,
-            public_key: snap.server.public_key().to_bytes().to_vec(),
+            public_key: snap.evaluator.public_key().to_bytes().to_vec(),
+            threshold: snap.evaluator.committee().map(|c| committee_to_proto(c)),
             key_epoch: snap.epoch,
             registry_version: snap.index.registry_version(),
             registry_size: snap.index.len() as u64,
@@ -607,15 +702,15 @@ impl MatchService {
         let snap = self.snapshot_for(req.key_epoch)?;
         let blinded = unpack_blinded(&req.blinded_elements)?;
         self.check_batch(blinded.len(), "max_batch", self.state.limits.max_batch)?;
-        let epoch = snap.epoch;
-        let evaluation =
-            on_cpu(move |stop| snap.server.blind_evaluate_until(&blinded, &mut OsRng, stop))
-                .await??;
-        let proof = evaluation.proof.ok_or(ServiceError::Internal)?;
+        let (evaluated_elements, proof, partials) = self
+            .evaluate_blinded(&snap, blinded, req.combines_partials)
+            .await?
+            .into_fields()?;
         Ok(EvaluateResponse {
-            key_epoch: epoch,
-            evaluated_elements: pack(evaluation.elements.iter().map(|e| &e.0)),
-            proof: proof.to_bytes().to_vec(),
+            key_epoch: snap.epoch,
+            evaluated_elements,
+            proof,
+            partials,
         })
     }
 
@@ -644,11 +739,10 @@ impl MatchService {
                 snap.index.prefix_bits()
             )));
         }
-        let work = Arc::clone(&snap);
-        let evaluation =
-            on_cpu(move |stop| work.server.blind_evaluate_until(&blinded, &mut OsRng, stop))
-                .await??;
-        let proof = evaluation.proof.ok_or(ServiceError::Internal)?;
+        let (evaluated_elements, proof, partials) = self
+            .evaluate_blinded(&snap, blinded, req.combines_partials)
+            .await?
+            .into_fields()?;
         let buckets = ids
             .into_iter()
             .map(|id| Bucket {
@@ -663,9 +757,10 @@ impl MatchService {
         Ok(BucketQueryResponse {
             key_epoch: snap.epoch,
             registry_version: snap.index.registry_version(),
-            evaluated_elements: pack(evaluation.elements.iter().map(|e| &e.0)),
-            proof: proof.to_bytes().to_vec(),
+            evaluated_elements,
+            proof,
             buckets,
+            partials,
         })
     }
 
@@ -751,12 +846,12 @@ impl MatchService {
                 ),
                 retry_after: std::time::Duration::from_millis(500),
             })?;
-        let work = Arc::clone(&snap);
+        let (evaluated_elements, proof, partials) = self
+            .evaluate_blinded(&snap, blinded, req.combines_partials)
+            .await?
+            .into_fields()?;
         let queries = req.queries;
-        let (evaluation, answers) = on_cpu(move |stop| {
-            let evaluation = work
-                .server
-                .blind_evaluate_until(&blinded, &mut OsRng, stop)?;
+        let answers = on_cpu(move |stop| {
             let mut answers = Vec::with_capacity(queries.len());
             for q in &queries {
                 if stop() {
@@ -769,16 +864,16 @@ impl MatchService {
                     other => ServiceError::InvalidArgument(other.to_string()),
                 })?);
             }
-            Ok::<_, ServiceError>((evaluation, answers))
+            Ok::<_, ServiceError>(answers)
         })
         .await??;
-        let proof = evaluation.proof.ok_or(ServiceError::Internal)?;
         Ok(PirQueryResponse {
             key_epoch: snap.epoch,
             registry_version: snap.index.registry_version(),
-            evaluated_elements: pack(evaluation.elements.iter().map(|e| &e.0)),
-            proof: proof.to_bytes().to_vec(),
+            evaluated_elements,
+            proof,
             answers,
+            partials,
         })
     }
 

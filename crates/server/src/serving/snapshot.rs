@@ -1,24 +1,27 @@
-//! The served snapshot: the key, bucket index, tag set, deltas and key
-//! history of the data directory's current version, loaded in full or
-//! brought forward by applying the updates logged since.
+//! The served snapshot: the key (or, in threshold mode, the committee of
+//! key holders), bucket index, tag set, deltas and key history of the data
+//! directory's current version, loaded in full or brought forward by
+//! applying the updates logged since.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use psi_core::rotation::KeyStep;
 use psi_core::tagset::TagSetParams;
-use psi_core::{BucketIndex, Mode, Server, Tag, TagSet};
+use psi_core::threshold::Committee;
+use psi_core::{BucketIndex, Mode, PublicKey, Server, Tag, TagSet};
 
 use crate::store::delta::Delta;
 use crate::store::manifest::Entry;
-use crate::store::{committed, keystore, load_state, net_change, read_committed, Current};
+use crate::store::{committed, committee, keystore, load_state, net_change, read_committed, Current};
 
 /// What the server serves: the key and the encrypted registry of one epoch
 /// and version.
 #[derive(Debug)]
 pub struct Snapshot {
-    /// The VOPRF server with the epoch's key.
-    pub server: Server,
+    /// What evaluates: the epoch's key, or (threshold mode) its holders.
+    pub evaluator: Evaluator,
     /// The key epoch.
     pub epoch: u64,
     /// Tags by bucket (bucket mode).
@@ -36,6 +39,50 @@ pub struct Snapshot {
     base: Option<Entry>,
 }
 
+/// What evaluates blinded elements for a snapshot.
+#[derive(Debug)]
+pub enum Evaluator {
+    /// Single-key mode: the epoch's key, in this process.
+    Key(Server),
+    /// Threshold mode: the committee of holders whose shares make the key;
+    /// no key or share is on this host.
+    Holders(Arc<Committee>),
+}
+
+impl Evaluator {
+    /// The epoch's evaluator in `data_dir`: its committee file when there
+    /// is one (threshold mode), else its key file; either checked against
+    /// the public key the manifest committed.
+    ///
+    /// # Errors
+    /// A missing, damaged or foreign key or committee file.
+    pub fn load(data_dir: &Path, epoch: u64, public_key: &[u8; 32]) -> Result<Self> {
+        if let Some(c) = committee::load_committed(data_dir, epoch, public_key)? {
+            return Ok(Self::Holders(Arc::new(c)));
+        }
+        let key = keystore::load_committed(data_dir, epoch, public_key)?;
+        Ok(Self::Key(Server::new(Mode::Voprf, key.key)))
+    }
+
+    /// The epoch's public key.
+    #[must_use]
+    pub fn public_key(&self) -> PublicKey {
+        match self {
+            Self::Key(server) => *server.public_key(),
+            Self::Holders(c) => *c.public_key(),
+        }
+    }
+
+    /// The committee, in threshold mode.
+    #[must_use]
+    pub fn committee(&self) -> Option<&Arc<Committee>> {
+        match self {
+            Self::Key(_) => None,
+            Self::Holders(c) => Some(c),
+        }
+    }
+}
+
 impl Snapshot {
     /// Loads the current version (the base index with the log applied), the
     /// key of its epoch, its deltas and the key history, and builds the tag
@@ -45,9 +92,9 @@ impl Snapshot {
     /// Missing or damaged files (every one is checked against the manifest;
     /// the key must derive the public key it commits).
     pub fn load(data_dir: &Path) -> Result<Self> {
-        let (current, key) = read_committed(data_dir, |m| {
-            let key = keystore::load_committed(data_dir, m.epoch, &m.public_key)?;
-            Ok((load_state(data_dir, m)?, key))
+        let (current, evaluator) = read_committed(data_dir, |m| {
+            let evaluator = Evaluator::load(data_dir, m.epoch, &m.public_key)?;
+            Ok((load_state(data_dir, m)?, evaluator))
         })?
         .with_context(|| {
             format!(
@@ -65,15 +112,15 @@ impl Snapshot {
         let tagset = TagSet::build_from_iter(
             index.tags(),
             index.len(),
-            key.epoch,
+            manifest.epoch,
             index.registry_version(),
         )?;
         // Verifying the index and building the tag set read every page of
         // it; lookups need only their buckets' pages.
         mapped.release();
         Ok(Self {
-            server: Server::new(Mode::Voprf, key.key),
-            epoch: key.epoch,
+            evaluator,
+            epoch: manifest.epoch,
             deltas,
             history: keystore::load_history(data_dir)?,
             index,
@@ -156,10 +203,10 @@ impl Snapshot {
         let tagset = prev
             .tagset
             .apply_delta(&values(&added), &values(&removed), last.to)?;
-        let key = keystore::load_committed(data_dir, prev.epoch, &manifest.public_key)?;
+        let evaluator = Evaluator::load(data_dir, prev.epoch, &manifest.public_key)?;
         let version = index.registry_version();
         Ok(Some(Self {
-            server: Server::new(Mode::Voprf, key.key),
+            evaluator,
             epoch: prev.epoch,
             deltas: all.into_iter().filter(|d| d.to <= version).collect(),
             history: keystore::load_history(data_dir)?,

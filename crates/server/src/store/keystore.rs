@@ -253,6 +253,21 @@ pub fn append_history(data_dir: &Path, step: &KeyStep) -> Result<()> {
     )?)
 }
 
+/// Refuses a secret file (a key, a key share) that group or others may read.
+///
+/// # Errors
+/// A mode with any group or other bit.
+pub fn check_owner_only(path: &Path, meta: &fs::Metadata) -> Result<()> {
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "key file {} has mode {mode:o}; it must be readable by its owner only (chmod 600)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Loads the key file of `epoch`, checking its checksum and that its secret
 /// derives the public key it holds.
 ///
@@ -267,13 +282,7 @@ pub fn load(data_dir: &Path, key_epoch: u64) -> Result<EpochKey> {
             path.display()
         )
     })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        bail!(
-            "key file {} has mode {mode:o}; it must be readable by its owner only (chmod 600)",
-            path.display()
-        );
-    }
+    check_owner_only(&path, &meta)?;
     let bytes =
         Zeroizing::new(fs::read(&path).with_context(|| format!("reading {}", path.display()))?);
     let (magic, rest) = bytes.split_at_checked(8).unwrap_or((&[], &[]));

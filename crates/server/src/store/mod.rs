@@ -21,6 +21,8 @@
 //! - `oprf-epoch-N.key`: the key of each live epoch (mode 0600), with its
 //!   public key and a checksum.
 //! - `key-history.txt`: each rotation's new public key, endorsed by the old key.
+//! - `committee-epoch-N.txt`: in threshold mode, instead of the key file:
+//!   the holders' public shares (`committee`); the key is on the holders.
 //! - `records-G.bin` and `records.d/`: the canonical records (mode 0600) of
 //!   the base version and the updates since, for updates, compaction and
 //!   rotation (not in a serving directory).
@@ -30,6 +32,7 @@
 //! Directories written before manifests (`registry.bkt`, `records.bin`) are
 //! read as found and committed by the next writer.
 
+pub mod committee;
 pub mod delta;
 pub mod keystore;
 pub mod manifest;

@@ -1,0 +1,172 @@
+//! `committee-epoch-N.txt`: the public side of a threshold epoch (`t`, the
+//! public key, every holder's public share), in a data directory whose key
+//! exists only as shares on key holders, and in each holder's directory.
+//! Its presence is what puts a data directory's epoch in threshold mode.
+//!
+//! ```text
+//! psi-committee 1
+//! epoch 3
+//! threshold 2
+//! public_key <64 hex>
+//! holder 1 <64 hex>
+//! holder 2 <64 hex>
+//! holder 3 <64 hex>
+//! end <SHA-256 of the lines above, 64 hex>
+//! ```
+//!
+//! Read back, it is checked: its checksum, its epoch, and that the shares
+//! lie on one polynomial through the public key ([`Committee::new`]).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use psi_core::threshold::{Committee, PublicShare};
+use psi_core::PublicKey;
+use sha2::{Digest, Sha256};
+
+use psi_files::atomic::write_atomically;
+
+const HEADER: &str = "psi-committee 1";
+
+/// Path of the committee file of `epoch` in `dir`.
+#[must_use]
+pub fn path(dir: &Path, epoch: u64) -> PathBuf {
+    dir.join(format!("committee-epoch-{epoch}.txt"))
+}
+
+/// Writes the committee file of `epoch` atomically (mode 0644: public).
+///
+/// # Errors
+/// I/O errors.
+pub fn store(dir: &Path, epoch: u64, committee: &Committee) -> Result<()> {
+    let mut body = format!(
+        "{HEADER}\nepoch {epoch}\nthreshold {}\npublic_key {}\n",
+        committee.threshold(),
+        committee.public_key().to_hex()
+    );
+    for s in committee.shares() {
+        body.push_str(&format!("holder {} {}\n", s.index, s.key.to_hex()));
+    }
+    let digest = hex::encode(Sha256::digest(body.as_bytes()));
+    body.push_str(&format!("end {digest}\n"));
+    let p = path(dir, epoch);
+    write_atomically(&p, body.as_bytes(), 0o644).with_context(|| format!("writing {}", p.display()))
+}
+
+/// The committee of `epoch` in `dir`, or `None` when there is no file
+/// (single-key mode).
+///
+/// # Errors
+/// An unreadable, damaged or inconsistent file.
+pub fn load(dir: &Path, epoch: u64) -> Result<Option<Committee>> {
+    let p = path(dir, epoch);
+    let text = match std::fs::read_to_string(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+    };
+    parse(&text, epoch)
+        .map(Some)
+        .with_context(|| format!("{} is damaged or not a committee file", p.display()))
+}
+
+/// Loads the committee of `epoch` and checks it is for `public_key` (the
+/// one the manifest committed).
+///
+/// # Errors
+/// As [`load`], and a committee of another key.
+pub fn load_committed(dir: &Path, epoch: u64, public_key: &[u8; 32]) -> Result<Option<Committee>> {
+    let c = load(dir, epoch)?;
+    if let Some(c) = &c {
+        if c.public_key().to_bytes() != *public_key {
+            bail!(
+                "{} is for another public key than the manifest committed for epoch {epoch}",
+                path(dir, epoch).display()
+            );
+        }
+    }
+    Ok(c)
+}
+
+fn parse(text: &str, epoch: u64) -> Result<Committee> {
+    let (body, end) = text
+        .strip_suffix('\n')
+        .and_then(|t| t.rsplit_once('\n'))
+        .context("no end line")?;
+    let body = format!("{body}\n");
+    let digest = end.strip_prefix("end ").context("no end line")?;
+    if hex::encode(Sha256::digest(body.as_bytes())) != digest {
+        bail!("its checksum does not match");
+    }
+    let mut lines = body.lines();
+    if lines.next() != Some(HEADER) {
+        bail!("it does not start with `{HEADER}`");
+    }
+    let mut field = |name: &str| -> Result<String> {
+        lines
+            .next()
+            .and_then(|l| l.strip_prefix(name))
+            .and_then(|l| l.strip_prefix(' '))
+            .map(str::to_string)
+            .with_context(|| format!("no `{name}` line"))
+    };
+    let got: u64 = field("epoch")?.parse()?;
+    if got != epoch {
+        bail!("it is the committee of epoch {got}");
+    }
+    let threshold: u16 = field("threshold")?.parse()?;
+    let public_key = key(&field("public_key")?)?;
+    let shares = lines
+        .map(|l| {
+            let (index, hex) = l
+                .strip_prefix("holder ")
+                .and_then(|r| r.split_once(' '))
+                .context("a line that is not `holder <index> <public share>`")?;
+            Ok(PublicShare {
+                index: index.parse()?,
+                key: key(hex)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Committee::new(threshold, public_key, shares)?)
+}
+
+fn key(hex_text: &str) -> Result<PublicKey> {
+    let bytes = hex::decode(hex_text).context("not hex")?;
+    Ok(PublicKey::from_bytes(&bytes)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use psi_core::ServerKey;
+    use rand_core::OsRng;
+
+    #[test]
+    fn written_read_and_every_damage_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ServerKey::generate(&mut OsRng);
+        let shares = psi_core::threshold::split(&key, 2, 3, &mut OsRng).unwrap();
+        let c = Committee::new(
+            2,
+            *key.public_key(),
+            shares.iter().map(psi_core::KeyShare::public_share).collect(),
+        )
+        .unwrap();
+        assert_eq!(load(dir.path(), 4).unwrap(), None);
+        store(dir.path(), 4, &c).unwrap();
+        assert_eq!(load(dir.path(), 4).unwrap(), Some(c.clone()));
+        assert!(load_committed(dir.path(), 4, &key.public_key().to_bytes()).is_ok());
+        assert!(load_committed(dir.path(), 4, &[1; 32]).is_err());
+        // Another epoch's name on it, any changed byte: refused.
+        std::fs::copy(path(dir.path(), 4), path(dir.path(), 5)).unwrap();
+        assert!(load(dir.path(), 5).is_err());
+        let good = std::fs::read(path(dir.path(), 4)).unwrap();
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x01;
+            std::fs::write(path(dir.path(), 4), &bad).unwrap();
+            assert!(load(dir.path(), 4).is_err(), "byte {i}");
+        }
+    }
+}
