@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::registry;
 use crate::registry::source::Source;
+use crate::keyholder::pool::HolderLinkArgs;
 use crate::serving::config::ServeArgs;
 use crate::tools::synth::Generator;
 
@@ -63,6 +64,9 @@ pub enum Command {
         /// Do not draw a progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Threshold mode: the key holders that make the tags.
+        #[command(flatten)]
+        holders: HolderLinkArgs,
     },
     /// Create the OPRF key (epoch 1) in a data directory, for partitions
     /// (`init --partition`) to share; an existing key is kept.
@@ -111,6 +115,9 @@ pub enum Command {
         /// Do not draw a progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Threshold mode: the key holders that make the tags.
+        #[command(flatten)]
+        holders: HolderLinkArgs,
     },
     /// Fold the updates since the last base into a new base (index and
     /// record store): the registry served does not change; later updates
@@ -158,6 +165,17 @@ pub enum Command {
     /// Check or export the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Threshold mode: run a key holder, holding one share of the key.
+    #[command(subcommand)]
+    Keyholder(KeyholderCommand),
+}
+
+/// `psi-server keyholder` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeyholderCommand {
+    /// Serve `psi.v1.KeyHolder` from a holder directory (its share and
+    /// committee files) until SIGINT or SIGTERM.
+    Serve(Box<crate::keyholder::serve::HolderArgs>),
 }
 
 /// Where registry rows come from when not a CSV file.
@@ -236,6 +254,25 @@ pub enum KeyCommand {
         /// Data directory.
         #[arg(long, env = "PSI_DATA_DIR")]
         data_dir: PathBuf,
+    },
+    /// Threshold mode, once for a single-key deployment: split the current
+    /// epoch's key into N shares any T of which evaluate (same public key:
+    /// no re-encoding), write each holder's directory, put the committee
+    /// file in the data directory, then destroy the key file. Move each
+    /// holder directory to its host; nothing of it stays here.
+    Split {
+        /// Encoding data directory.
+        #[arg(long, env = "PSI_DATA_DIR")]
+        data_dir: PathBuf,
+        /// T: holders needed for an evaluation.
+        #[arg(long)]
+        threshold: u16,
+        /// N: holders (at most 255).
+        #[arg(long)]
+        holders: u16,
+        /// Where to write holder-1 .. holder-N (each mode 0700).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -334,9 +371,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             partition: Some(slice),
             parts_dir: Some(parts_dir),
             no_progress,
+            holders,
             ..
         } => {
             let source = source.source(&registry)?;
+            let holders = holders.resolve(HolderLinkArgs::default())?;
             let r = tokio::task::spawn_blocking(move || {
                 crate::registry::partition::encode_part(
                     &source,
@@ -344,6 +383,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     &parts_dir,
                     slice,
                     !no_progress,
+                    holders.as_ref(),
                 )
             })
             .await??;
@@ -356,13 +396,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             guard,
             data_dir,
             no_progress,
+            holders,
             ..
         } => {
             let source = source.source(&registry)?;
             let guard = guard.guard()?;
+            let holders = holders.resolve(HolderLinkArgs::default())?;
             let dir = data_dir.clone();
             let report = tokio::task::spawn_blocking(move || {
-                registry::init_guarded(&source, &dir, !no_progress, &guard)
+                registry::init_guarded(&source, &dir, !no_progress, &guard, holders.as_ref())
             })
             .await??;
             print_init(&report);
@@ -376,10 +418,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             data_dir,
             compact_after,
             no_progress,
+            holders,
         } => {
             let add = add.map(|a| source.source(&a)).transpose()?;
             let remove = remove.map(|r| source.source(&r)).transpose()?;
             let guard = guard.guard()?;
+            let holders = holders.resolve(HolderLinkArgs::default())?;
             let r = tokio::task::spawn_blocking(move || {
                 registry::update_with(
                     add.as_ref(),
@@ -388,6 +432,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     !no_progress,
                     &guard,
                     compact_after,
+                    holders.as_ref(),
                 )
             })
             .await??;
@@ -463,6 +508,35 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Ca(command) => ca(command),
         Command::Key(KeyCommand::Show { data_dir }) => print_key(&data_dir, true),
+        Command::Key(KeyCommand::Split {
+            data_dir,
+            threshold,
+            holders,
+            out,
+        }) => {
+            let r = tokio::task::spawn_blocking(move || {
+                crate::keyholder::split::split(&data_dir, threshold, holders, &out)
+            })
+            .await??;
+            println!(
+                "key epoch {} split into {} shares, any {} of which evaluate (public key unchanged: {}); the key file is destroyed.",
+                r.epoch,
+                r.holder_dirs.len(),
+                r.threshold,
+                r.public_key_hex
+            );
+            for (i, dir) in r.holder_dirs.iter().enumerate() {
+                println!("  holder {}: {} (move it to the holder's host)", i + 1, dir.display());
+            }
+            println!("Serve each with `psi-server keyholder serve --dir DIR ...`; serve and update with --holders.");
+            Ok(())
+        }
+        Command::Keyholder(KeyholderCommand::Serve(args)) => {
+            let running = crate::keyholder::serve::start(*args).await?;
+            println!("psi-server keyholder listening on {}", running.local_addr);
+            crate::serving::serve::termination_signal().await;
+            running.shutdown().await
+        }
         Command::Audit(command) => audit(command).await,
     }
 }

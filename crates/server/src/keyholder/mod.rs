@@ -12,3 +12,4 @@ pub mod pool;
 pub mod serve;
 pub mod service;
 pub mod share;
+pub mod split;

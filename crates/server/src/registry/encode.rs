@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use psi_core::record::bucket_of_encoding;
-use psi_core::{CivilDate, Error as CoreError, Record, Server, Tag};
+use psi_core::{CivilDate, Error as CoreError, Record, Tag};
 use rayon::prelude::*;
 
 use crate::registry::source::Source;
@@ -71,7 +71,7 @@ pub struct Slice {
 pub(crate) fn encrypt_source(
     source: &Source,
     label: &str,
-    server: &Server,
+    server: &crate::registry::tagger::Tagger,
     rejected: &mut csv::Writer<Vec<u8>>,
     show_progress: bool,
     slice: Option<Slice>,

@@ -11,6 +11,7 @@ pub mod encode;
 pub mod partition;
 pub mod publish;
 pub mod source;
+pub mod tagger;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -29,7 +30,9 @@ use crate::registry::encode::{
 };
 use crate::registry::source::Source;
 use crate::store::delta::{Delta, KEEP_DELTAS};
-use crate::store::keystore::{self, EpochKey};
+use crate::keyholder::pool::HoldersConfig;
+use crate::registry::tagger::Tagger;
+use crate::store::keystore;
 use crate::store::records::Records;
 use crate::store::{Current, Writer};
 
@@ -219,37 +222,56 @@ pub struct RotateReport {
 /// # Errors
 /// Unreadable input, a source without the name and ID columns, I/O errors.
 pub fn init(source: &Source, data_dir: &Path, show_progress: bool) -> Result<InitReport> {
-    init_guarded(source, data_dir, show_progress, &PublishGuard::default())
+    init_guarded(
+        source,
+        data_dir,
+        show_progress,
+        &PublishGuard::default(),
+        None,
+    )
 }
 
 /// [`init`] held to `guard`: a source with too many rejected rows, or a
 /// registry that shrinks too much, is refused before anything is published
-/// (the rejected-rows report is still written, to say why).
+/// (the rejected-rows report is still written, to say why). In threshold
+/// mode (a committee file for the epoch, from `psi-server keyholder dkg`
+/// or `psi-server key split`) the tags are made through `holders`.
 ///
 /// # Errors
-/// As [`init`], and the guard's refusals.
+/// As [`init`], and the guard's refusals; a threshold-mode epoch without
+/// `holders`, or fewer than `t` of them answering.
 pub fn init_guarded(
     source: &Source,
     data_dir: &Path,
     show_progress: bool,
     guard: &PublishGuard,
+    holders: Option<&HoldersConfig>,
 ) -> Result<InitReport> {
     let started = Instant::now();
     let mut store = Writer::open(data_dir, true)?;
     let previous = store.current()?.map(|c| c.index);
-    let (key, key_created) = match (&previous, keystore::latest_epoch(data_dir)?) {
-        (Some(_), _) => (store.key()?, false),
-        (None, Some(epoch)) => (keystore::load(data_dir, epoch)?, false),
-        (None, None) => (keystore::create(data_dir, 1)?, true),
+    let (epoch, tagger, key_created) = match (&previous, Tagger::newest_epoch(data_dir)?) {
+        (Some(_), _) => {
+            let m = store.committed()?;
+            let tagger = Tagger::of_epoch(data_dir, m.epoch, Some(&m.public_key), holders)?;
+            (m.epoch, tagger, false)
+        }
+        (None, Some(epoch)) => (
+            epoch,
+            Tagger::of_epoch(data_dir, epoch, None, holders)?,
+            false,
+        ),
+        (None, None) => {
+            let key = keystore::create(data_dir, 1)?;
+            (1, Tagger::Key(Server::new(Mode::Voprf, key.key)), true)
+        }
     };
-    let epoch = key.epoch;
-    let public_key = key.key.public_key().to_bytes();
-    let server = Server::new(Mode::Voprf, key.key);
+    let public_key = tagger.public_key().to_bytes();
     let mut rejected = report_writer()?;
     let (enc, counts) = encrypt_source(
         source,
         "registry",
-        &server,
+        &tagger,
         &mut rejected,
         show_progress,
         None,
@@ -369,14 +391,17 @@ pub fn update_guarded(
         show_progress,
         guard,
         DEFAULT_COMPACT_AFTER,
+        None,
     )
 }
 
 /// [`update_guarded`] compacting the log once it holds `compact_after`
-/// updates (1 to [`KEEP_DELTAS`]).
+/// updates (1 to [`KEEP_DELTAS`]), making tags through `holders` in
+/// threshold mode.
 ///
 /// # Errors
-/// As [`update_guarded`]; `compact_after` out of range.
+/// As [`update_guarded`]; `compact_after` out of range; a threshold-mode
+/// epoch without `holders`, or fewer than `t` of them answering.
 pub fn update_with(
     add: Option<&Source>,
     remove: Option<&Source>,
@@ -384,6 +409,7 @@ pub fn update_with(
     show_progress: bool,
     guard: &PublishGuard,
     compact_after: usize,
+    holders: Option<&HoldersConfig>,
 ) -> Result<UpdateReport> {
     let started = Instant::now();
     if add.is_none() && remove.is_none() {
@@ -400,8 +426,9 @@ pub fn update_with(
         current.log_len = 0;
     }
     let index = &current.index;
-    let EpochKey { epoch, key } = store.key()?;
-    let server = Server::new(Mode::Voprf, key);
+    let m = store.committed()?;
+    let epoch = m.epoch;
+    let tagger = Tagger::of_epoch(data_dir, epoch, Some(&m.public_key), holders)?;
     let report_path = data_dir.join(REPORT_FILE);
     let mut rejected = report_writer()?;
     let mut report = UpdateReport {
@@ -411,7 +438,7 @@ pub fn update_with(
     };
     let mut run = |source: Option<&Source>, label: &str| -> Result<(Encrypted, RowCounts)> {
         match source {
-            Some(s) => encrypt_source(s, label, &server, &mut rejected, show_progress, None),
+            Some(s) => encrypt_source(s, label, &tagger, &mut rejected, show_progress, None),
             None => Ok((Encrypted::default(), RowCounts::default())),
         }
     };
@@ -570,6 +597,13 @@ pub fn rotate_key(data_dir: &Path, grace: Duration, show_progress: bool) -> Resu
     let started = Instant::now();
     let mut store = Writer::open(data_dir, false)?;
     let index = committed_version(&store)?.index;
+    let m = store.committed()?;
+    if crate::store::committee::load(data_dir, m.epoch)?.is_some() {
+        bail!(
+            "key epoch {} is in threshold mode: its key is on the key holders, and a new epoch is made by them (`psi-server keyholder dkg`), endorsed by the old epoch's holders",
+            m.epoch
+        );
+    }
     let old = store.key()?;
     let mut records = store.records()?;
     let epoch = old.epoch + 1;

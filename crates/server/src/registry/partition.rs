@@ -25,7 +25,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use psi_core::{Mode, Server, Tag};
+use psi_core::Tag;
+
+use crate::keyholder::pool::HoldersConfig;
+use crate::registry::tagger::Tagger;
 
 use crate::registry::encode::{Encrypted, Slice};
 use crate::registry::source::Source;
@@ -80,24 +83,26 @@ pub fn encode_part(
     parts_dir: &Path,
     slice: Slice,
     show_progress: bool,
+    holders: Option<&HoldersConfig>,
 ) -> Result<PartReport> {
     let started = Instant::now();
-    let key = match store::committed(data_dir)? {
-        // The registry's key, checked against the manifest.
-        Some(m) => keystore::load_committed(data_dir, m.epoch, &m.public_key)?,
+    let (epoch, server) = match store::committed(data_dir)? {
+        // The registry's key (or committee), checked against the manifest.
+        Some(m) => (
+            m.epoch,
+            Tagger::of_epoch(data_dir, m.epoch, Some(&m.public_key), holders)?,
+        ),
         None => {
-            let epoch = keystore::latest_epoch(data_dir)?.with_context(|| {
+            let epoch = Tagger::newest_epoch(data_dir)?.with_context(|| {
                 format!(
-                    "{} has no key: create it once with `psi-server keygen --data-dir {}` before the partitions run",
+                    "{} has no key: create it once with `psi-server keygen --data-dir {}` (or, in threshold mode, `psi-server keyholder dkg`) before the partitions run",
                     data_dir.display(),
                     data_dir.display()
                 )
             })?;
-            keystore::load(data_dir, epoch)?
+            (epoch, Tagger::of_epoch(data_dir, epoch, None, holders)?)
         }
     };
-    let epoch = key.epoch;
-    let server = Server::new(Mode::Voprf, key.key);
     let mut rejected = csv::Writer::from_writer(Vec::new());
     let (enc, counts) = registry::encode::encrypt_source(
         source,
@@ -322,13 +327,10 @@ pub fn merge(
     for (_, record) in &rejected {
         report.write_record(record)?;
     }
-    let public_key = match &previous {
-        Some(_) => store.key()?,
-        None => keystore::load(data_dir, epoch)?,
-    }
-    .key
-    .public_key()
-    .to_bytes();
+    let public_key = match store.manifest() {
+        Some(m) if m.epoch == epoch => m.public_key,
+        _ => Tagger::public_key_of(data_dir, epoch)?,
+    };
     let mut r = registry::publish_version(
         &mut store,
         previous,

@@ -77,7 +77,8 @@ pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
         )
     })?;
     let manifest = current.manifest;
-    source.key()?;
+    // The epoch's key, or in threshold mode its committee, checked.
+    crate::serving::snapshot::Evaluator::load(data_dir, manifest.epoch, &manifest.public_key)?;
     keystore::sweep(data_dir, manifest.epoch, SystemTime::now())?;
 
     let mut report = PublishReport {
@@ -96,6 +97,13 @@ pub fn publish(data_dir: &Path, to: &Path) -> Result<PublishReport> {
     let keys = keystore::key_file_names(data_dir)?;
     for name in &keys {
         copy(name, true)?;
+    }
+    // Threshold mode: the committee (public) instead of a key.
+    let committee = crate::store::committee::path(data_dir, manifest.epoch);
+    if committee.exists() {
+        if let Some(name) = committee.file_name().and_then(|n| n.to_str()) {
+            copy(name, false)?;
+        }
     }
     // The public key history.
     if data_dir.join(HISTORY_FILE).exists() {

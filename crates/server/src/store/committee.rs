@@ -34,6 +34,30 @@ pub fn path(dir: &Path, epoch: u64) -> PathBuf {
     dir.join(format!("committee-epoch-{epoch}.txt"))
 }
 
+/// The epochs of the committee files in `dir`, lowest first.
+///
+/// # Errors
+/// An unreadable directory (a missing one has none).
+pub fn epochs(dir: &Path) -> Result<Vec<u64>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    let mut out: Vec<u64> = entries
+        .filter_map(|e| {
+            let name = e.ok()?.file_name();
+            name.to_str()?
+                .strip_prefix("committee-epoch-")?
+                .strip_suffix(".txt")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    out.sort_unstable();
+    Ok(out)
+}
+
 /// Writes the committee file of `epoch` atomically (mode 0644: public).
 ///
 /// # Errors

@@ -568,7 +568,7 @@ impl Writer {
         self.committed.as_ref()
     }
 
-    fn committed(&self) -> Result<&Manifest> {
+    pub(crate) fn committed(&self) -> Result<&Manifest> {
         self.committed.as_ref().with_context(|| {
             format!(
                 "{} has no registry: run `psi-server init` first",
