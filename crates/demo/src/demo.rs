@@ -155,6 +155,7 @@ pub async fn run(dir: &Path, count: u64) -> Result<()> {
             &data,
             true,
             &registry::PublishGuard::force(),
+            None,
         )
     })
     .await??;

@@ -177,46 +177,6 @@ pub fn manifest_parts(m: &v1::TagSetManifest) -> Result<(TagSetHeader, Vec<[u8; 
     Ok((header, digests))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packing_round_trips_and_rejects_ragged_input() {
-        let elems = [[1u8; 32], [2u8; 32]];
-        let packed = pack(elems.iter());
-        assert_eq!(packed.len(), 64);
-        let back = unpack_blinded(&packed).unwrap();
-        assert_eq!(back, vec![BlindedElement([1; 32]), BlindedElement([2; 32])]);
-        assert!(unpack_blinded(&packed[..63]).is_err());
-        assert_eq!(
-            unpack_tags(&pack_tags(&[1, u64::MAX])).unwrap(),
-            vec![1, u64::MAX]
-        );
-        assert!(unpack_tags(&[0; 9]).is_err());
-    }
-
-    #[test]
-    fn manifest_round_trips() {
-        let tags: Vec<psi_core::Tag> = (0..5000u64)
-            .map(|i| psi_core::Tag(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
-            .collect();
-        let set = psi_core::TagSet::build(&tags, 3, 4).unwrap();
-        let m = manifest_of(&set);
-        let (header, digests) = manifest_parts(&m).unwrap();
-        assert_eq!(&header, set.header());
-        assert_eq!(digests.len(), set.shards().len());
-        let mut bad = m.clone();
-        bad.shard_counts.pop();
-        assert!(manifest_parts(&bad).is_err());
-    }
-
-    #[test]
-    fn descriptor_set_is_embedded() {
-        assert!(!FILE_DESCRIPTOR_SET.is_empty());
-    }
-}
-
 /// A holder's partial evaluation on the wire.
 #[must_use]
 pub fn partial_to_proto(p: &Partial) -> v1::PartialEvaluation {
@@ -284,4 +244,44 @@ pub fn committee_from_proto(
     let t = u16::try_from(info.threshold)
         .map_err(|_| malformed("threshold info", "threshold above 255"))?;
     Committee::new(t, *public_key, shares)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_round_trips_and_rejects_ragged_input() {
+        let elems = [[1u8; 32], [2u8; 32]];
+        let packed = pack(elems.iter());
+        assert_eq!(packed.len(), 64);
+        let back = unpack_blinded(&packed).unwrap();
+        assert_eq!(back, vec![BlindedElement([1; 32]), BlindedElement([2; 32])]);
+        assert!(unpack_blinded(&packed[..63]).is_err());
+        assert_eq!(
+            unpack_tags(&pack_tags(&[1, u64::MAX])).unwrap(),
+            vec![1, u64::MAX]
+        );
+        assert!(unpack_tags(&[0; 9]).is_err());
+    }
+
+    #[test]
+    fn manifest_round_trips() {
+        let tags: Vec<psi_core::Tag> = (0..5000u64)
+            .map(|i| psi_core::Tag(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+            .collect();
+        let set = psi_core::TagSet::build(&tags, 3, 4).unwrap();
+        let m = manifest_of(&set);
+        let (header, digests) = manifest_parts(&m).unwrap();
+        assert_eq!(&header, set.header());
+        assert_eq!(digests.len(), set.shards().len());
+        let mut bad = m.clone();
+        bad.shard_counts.pop();
+        assert!(manifest_parts(&bad).is_err());
+    }
+
+    #[test]
+    fn descriptor_set_is_embedded() {
+        assert!(!FILE_DESCRIPTOR_SET.is_empty());
+    }
 }

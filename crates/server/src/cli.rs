@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use crate::keyholder::pool::HolderLinkArgs;
 use crate::registry;
 use crate::registry::source::Source;
-use crate::keyholder::pool::HolderLinkArgs;
 use crate::serving::config::ServeArgs;
 use crate::tools::synth::Generator;
 
@@ -526,7 +526,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                 r.public_key_hex
             );
             for (i, dir) in r.holder_dirs.iter().enumerate() {
-                println!("  holder {}: {} (move it to the holder's host)", i + 1, dir.display());
+                println!(
+                    "  holder {}: {} (move it to the holder's host)",
+                    i + 1,
+                    dir.display()
+                );
             }
             println!("Serve each with `psi-server keyholder serve --dir DIR ...`; serve and update with --holders.");
             Ok(())

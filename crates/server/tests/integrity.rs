@@ -292,6 +292,7 @@ fn a_reader_racing_commits_always_loads_a_whole_version() {
                     false,
                     &registry::PublishGuard::default(),
                     2,
+                    None,
                 )
                 .unwrap();
                 if n % 3 == 0 {

@@ -68,7 +68,7 @@ fn rebuilt(dir: &Path, live: &BTreeSet<usize>) -> (tempfile::TempDir, BucketInde
     let key = "oprf-epoch-1.key";
     std::fs::copy(dir.join(key), fresh.path().join(key)).unwrap();
     let source = csv(&fresh.path().join("live.csv"), live.iter().copied());
-    registry::init_guarded(&source, fresh.path(), false, &PublishGuard::force()).unwrap();
+    registry::init_guarded(&source, fresh.path(), false, &PublishGuard::force(), None).unwrap();
     let index = Snapshot::load(fresh.path()).unwrap().index;
     (fresh, index)
 }
@@ -120,6 +120,7 @@ proptest! {
                     false,
                     &PublishGuard::force(),
                     compact_after,
+                    None,
                 )
                 .unwrap();
                 let before = live.len();
@@ -205,6 +206,7 @@ fn an_update_writes_only_its_change_and_the_log_is_compacted_at_its_limit() {
             false,
             &PublishGuard::default(),
             2,
+            None,
         )
         .unwrap()
     };
@@ -265,8 +267,16 @@ fn an_update_writes_only_its_change_and_the_log_is_compacted_at_its_limit() {
     // The setting's range is enforced.
     let add = csv(&d.join("add.csv"), 0..1);
     for bad in [0, 65] {
-        let err = registry::update_with(Some(&add), None, d, false, &PublishGuard::default(), bad)
-            .unwrap_err();
+        let err = registry::update_with(
+            Some(&add),
+            None,
+            d,
+            false,
+            &PublishGuard::default(),
+            bad,
+            None,
+        )
+        .unwrap_err();
         assert!(format!("{err:#}").contains("--compact-after"), "{err:#}");
     }
 }

@@ -115,6 +115,24 @@ fn write_registry(path: &Path, extra: usize) {
     w.flush().unwrap();
 }
 
+/// An Evaluate request of one (arbitrary, valid) blinded element.
+fn evaluate_request(
+    key_epoch: u64,
+    combines_partials: bool,
+) -> tonic::Request<psi_proto::v1::EvaluateRequest> {
+    let element = psi_core::suite::hash_to_group(psi_core::Mode::Voprf, b"x")
+        .compress()
+        .to_bytes();
+    let mut r = tonic::Request::new(psi_proto::v1::EvaluateRequest {
+        key_epoch,
+        blinded_elements: element.to_vec(),
+        combines_partials,
+    });
+    r.metadata_mut()
+        .insert(psi_proto::PURPOSE_HEADER, PURPOSE.parse().unwrap());
+    r
+}
+
 /// Every file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -194,7 +212,10 @@ fn a_split_registry_is_answered_through_any_two_of_three_holders() {
     // The split: same public key, the key file gone, three holder directories.
     let split = psi_server::keyholder::split::split(&data, 2, 3, &root.join("holders")).unwrap();
     assert_eq!(split.public_key_hex, pk_before.to_hex());
-    assert!(!key_file.exists(), "the key file is destroyed after a split");
+    assert!(
+        !key_file.exists(),
+        "the key file is destroyed after a split"
+    );
     assert!(psi_server::keyholder::split::split(&data, 2, 3, &root.join("again")).is_err());
 
     ca::init(&ca_dir, &["127.0.0.1".to_string()]).unwrap();
@@ -240,15 +261,14 @@ fn a_split_registry_is_answered_through_any_two_of_three_holders() {
     let shares: Vec<Zeroizing<[u8; 32]>> = split
         .holder_dirs
         .iter()
-        .map(|d| {
-            psi_server::keyholder::share::load(d, 1)
-                .unwrap()
-                .to_bytes()
-        })
+        .map(|d| psi_server::keyholder::share::load(d, 1).unwrap().to_bytes())
         .collect();
     for f in files(&serving).into_iter().chain(files(&data)) {
         let name = f.file_name().unwrap().to_string_lossy().to_string();
-        assert!(!name.ends_with(".key"), "{name} on the serving or encoding host");
+        assert!(
+            !name.ends_with(".key"),
+            "{name} on the serving or encoding host"
+        );
         let bytes = std::fs::read(&f).unwrap();
         for secret in std::iter::once(&key_bytes).chain(&shares) {
             assert!(
@@ -307,10 +327,17 @@ fn a_split_registry_is_answered_through_any_two_of_three_holders() {
     // Any two of the three suffice: each holder down in turn.
     for down in 0..3 {
         holders.procs[down].kill_9();
-        rows_right(&rt, &session, QueryMode::Bucket, &format!("holder {} down", down + 1));
+        rows_right(
+            &rt,
+            &session,
+            QueryMode::Bucket,
+            &format!("holder {} down", down + 1),
+        );
         holders.procs[down].spawn();
         let p = holders.ports[down];
-        wait_for("a restarted key holder", Duration::from_secs(30), || listening(p));
+        wait_for("a restarted key holder", Duration::from_secs(30), || {
+            listening(p)
+        });
     }
 
     // A holder killed with SIGKILL mid-batch: every row still right.
@@ -319,7 +346,8 @@ fn a_split_registry_is_answered_through_any_two_of_three_holders() {
         .take(400)
         .map(|p| (p.name, p.id.as_str().to_string()))
         .collect();
-    let batch = std::thread::scope(|s| {
+    let people: Vec<(String, String)> = people.iter().cycle().take(2000).cloned().collect();
+    let (batch, finished, killed) = std::thread::scope(|s| {
         let job = s.spawn(|| {
             let opts = PairOptions {
                 mode: QueryMode::Bucket,
@@ -327,20 +355,28 @@ fn a_split_registry_is_answered_through_any_two_of_three_holders() {
                 chunks_in_flight: 2,
                 ..PairOptions::default()
             };
-            rt.block_on(answer_pairs(&session, &people, &opts))
+            let answers = rt.block_on(answer_pairs(&session, &people, &opts));
+            (answers, std::time::Instant::now())
         });
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(150));
         holders.procs[1].kill_9();
-        job.join().unwrap()
-    })
-    .unwrap();
+        let killed = std::time::Instant::now();
+        let (answers, finished) = job.join().unwrap();
+        (answers.unwrap(), finished, killed)
+    });
+    assert!(
+        finished > killed,
+        "the holder was killed while the batch ran"
+    );
     assert!(
         batch.0.iter().all(|o| o.result() == "match"),
         "every registered person found through the kill"
     );
     holders.procs[1].spawn();
     let p1 = holders.ports[1];
-    wait_for("a restarted key holder", Duration::from_secs(30), || listening(p1));
+    wait_for("a restarted key holder", Duration::from_secs(30), || {
+        listening(p1)
+    });
 
     // A holder that answers with another share (a compromised or broken
     // host) is caught by its proof and named; with another holder up, the
@@ -352,7 +388,10 @@ fn a_split_registry_is_answered_through_any_two_of_three_holders() {
         let committee = psi_core::Committee::new(
             2,
             *other.public_key(),
-            shares.iter().map(psi_core::KeyShare::public_share).collect(),
+            shares
+                .iter()
+                .map(psi_core::KeyShare::public_share)
+                .collect(),
         )
         .unwrap();
         std::fs::create_dir_all(&liar_dir).unwrap();
@@ -366,7 +405,9 @@ fn a_split_registry_is_answered_through_any_two_of_three_holders() {
         logs.join("liar.log"),
     );
     let p0 = holders.ports[0];
-    wait_for("the lying holder", Duration::from_secs(30), || listening(p0));
+    wait_for("the lying holder", Duration::from_secs(30), || {
+        listening(p0)
+    });
     rows_right(&rt, &session, QueryMode::Bucket, "holder 1 lying");
     let metrics = psi_testbed::http_get(admin.port(), "/metrics").unwrap();
     assert!(
@@ -377,12 +418,21 @@ fn a_split_registry_is_answered_through_any_two_of_three_holders() {
     );
     // With only the liar and one honest holder, nothing is answered wrong:
     // the refusal names the liar.
+    // (Asked without the client's retries of UNAVAILABLE.)
     holders.procs[2].kill_9();
-    let err = rt
-        .block_on(check(&session, registered()[0].0, registered()[0].1, QueryMode::Bucket))
-        .unwrap_err();
-    let text = format!("{err:#}");
-    assert!(text.contains("holder 1") && text.contains("does not verify"), "{text}");
+    let status = rt.block_on(async {
+        let mut raw =
+            psi_proto::v1::match_client::MatchClient::connect(format!("http://127.0.0.1:{port}"))
+                .await
+                .unwrap();
+        raw.evaluate(evaluate_request(1, true)).await.unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("holder 1") && status.message().contains("does not verify"),
+        "{}",
+        status.message()
+    );
     liar.kill_9();
 
     rt.block_on(running.shutdown()).unwrap();
@@ -422,7 +472,10 @@ fn a_split_registry_is_answered_through_any_two_of_three_holders() {
             i + 1,
             answered(i as u16 + 1)
         );
-        assert!(text.contains("\"institution\":\"local\"") || text.contains("\"institution\":\"encoding\""));
+        assert!(
+            text.contains("\"institution\":\"local\"")
+                || text.contains("\"institution\":\"encoding\"")
+        );
     }
 }
 
@@ -433,8 +486,14 @@ fn a_replica_without_holders_and_an_old_client_are_refused_saying_why() {
     let data = root.join("data");
     let csv = root.join("registry.csv");
     write_registry(&csv, 10);
-    registry::init_guarded(&Source::csv(&csv), &data, false, &PublishGuard::force(), None)
-        .unwrap();
+    registry::init_guarded(
+        &Source::csv(&csv),
+        &data,
+        false,
+        &PublishGuard::force(),
+        None,
+    )
+    .unwrap();
     psi_server::keyholder::split::split(&data, 2, 3, &root.join("holders")).unwrap();
     let rt = runtime();
     let running = rt
@@ -456,24 +515,15 @@ fn a_replica_without_holders_and_an_old_client_are_refused_saying_why() {
         };
         let t = info.threshold.expect("ServerInfo announces threshold mode");
         assert_eq!((t.threshold, t.holders.len()), (2, 3));
-        let blinded = psi_proto::pack([psi_core::suite::hash_to_group(psi_core::Mode::Voprf, b"x")
-            .compress()
-            .to_bytes()]
-        .iter());
-        let ask = |combines_partials| {
-            let mut r = tonic::Request::new(psi_proto::v1::EvaluateRequest {
-                key_epoch: info.key_epoch,
-                blinded_elements: blinded.clone(),
-                combines_partials,
-            });
-            r.metadata_mut()
-                .insert(psi_proto::PURPOSE_HEADER, PURPOSE.parse().unwrap());
-            r
-        };
+        let ask = |combines_partials| evaluate_request(info.key_epoch, combines_partials);
         // A client that does not combine partials: refused, saying so.
         let old = raw.evaluate(ask(false)).await.unwrap_err();
         assert_eq!(old.code(), tonic::Code::FailedPrecondition);
-        assert!(old.message().contains("threshold mode"), "{}", old.message());
+        assert!(
+            old.message().contains("threshold mode"),
+            "{}",
+            old.message()
+        );
         // A replica with no holders configured: unavailable, saying so.
         let none = raw.evaluate(ask(true)).await.unwrap_err();
         assert_eq!(none.code(), tonic::Code::Unavailable);

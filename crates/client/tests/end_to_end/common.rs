@@ -111,7 +111,8 @@ pub async fn fixture(extra: usize) -> Fixture {
     let csv = root.join("registry.csv");
     write_registry(&csv, extra);
     let data_dir = root.join("data");
-    let report = registry::init_guarded(&Source::csv(&csv), &data_dir, false, &LENIENT).unwrap();
+    let report =
+        registry::init_guarded(&Source::csv(&csv), &data_dir, false, &LENIENT, None).unwrap();
     assert_eq!(report.counts.accepted, (registered().len() + extra) as u64);
     assert_eq!(report.counts.rejected_total(), 2);
     let running = start(&data_dir, 0).await;

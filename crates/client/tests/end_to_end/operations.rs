@@ -67,7 +67,7 @@ async fn a_snapshot_that_fails_to_load_stops_the_server_with_the_reason() {
     let csv = dir.path().join("r.csv");
     write_registry(&csv, 10);
     let data = dir.path().join("data");
-    registry::init_guarded(&Source::csv(&csv), &data, false, &LENIENT).unwrap();
+    registry::init_guarded(&Source::csv(&csv), &data, false, &LENIENT, None).unwrap();
     std::fs::write(
         psi_server::store::base_file(&data).unwrap(),
         b"PSIBKT\0\x01 truncated",
@@ -85,7 +85,7 @@ async fn a_server_restart_mid_batch_is_ridden_out() {
     let csv = root.join("registry.csv");
     write_registry(&csv, 100);
     let data = root.join("data");
-    registry::init_guarded(&Source::csv(&csv), &data, false, &LENIENT).unwrap();
+    registry::init_guarded(&Source::csv(&csv), &data, false, &LENIENT, None).unwrap();
     // A slow rate keeps the batch running for a few seconds.
     let slow = "[institutions.local]\nmodes=[\"sync\"]\npurposes=[\"kyc-onboarding\"]\nrate_per_second=60\ndaily_cap=100000\nmax_batch=64\n";
     let first = start_with_policy(&data, 0, Some(slow)).await;

@@ -193,7 +193,7 @@ async fn policy_limits_modes_purposes_and_rates_and_the_client_waits_it_out() {
     let csv = root.join("registry.csv");
     write_registry(&csv, 200);
     let data = root.join("data");
-    registry::init_guarded(&Source::csv(&csv), &data, false, &LENIENT).unwrap();
+    registry::init_guarded(&Source::csv(&csv), &data, false, &LENIENT, None).unwrap();
     let policy = r#"
 [institutions.local]
 modes = ["sync"]
@@ -544,7 +544,7 @@ async fn a_client_refused_at_the_connection_limit_is_told_so_and_waits() {
     let csv = dir.path().join("r.csv");
     write_registry(&csv, 10);
     let data = dir.path().join("data");
-    registry::init_guarded(&Source::csv(&csv), &data, false, &LENIENT).unwrap();
+    registry::init_guarded(&Source::csv(&csv), &data, false, &LENIENT, None).unwrap();
     let running = serve::start(ServeConfig {
         net: psi_server::serving::connection::NetLimits {
             max_connections_per_peer: 1,

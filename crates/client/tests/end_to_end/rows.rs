@@ -117,6 +117,7 @@ async fn a_wrong_proof_is_an_error_never_a_no_match() {
         &other.path().join("data"),
         false,
         &LENIENT,
+        None,
     )
     .unwrap();
     let impostor = start(&other.path().join("data"), port).await;

@@ -130,7 +130,11 @@ impl std::fmt::Debug for HolderPool {
         f.debug_struct("HolderPool")
             .field(
                 "holders",
-                &self.holders.iter().map(|h| (h.index, &h.url)).collect::<Vec<_>>(),
+                &self
+                    .holders
+                    .iter()
+                    .map(|h| (h.index, &h.url))
+                    .collect::<Vec<_>>(),
             )
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
@@ -237,19 +241,17 @@ impl HolderPool {
             .map(|(i, f)| format!("holder {i}: {f}"))
             .collect::<Vec<_>>()
             .join("; ");
-        if let Some((_, Failure::Refused(status))) = failures
-            .iter()
-            .find(|(_, f)| matches!(f, Failure::Refused(s) if s.code() == tonic::Code::ResourceExhausted))
-        {
+        if let Some((_, Failure::Refused(status))) = failures.iter().find(
+            |(_, f)| matches!(f, Failure::Refused(s) if s.code() == tonic::Code::ResourceExhausted),
+        ) {
             return Err(ServiceError::QuotaExhausted {
                 what: format!("the key holders' quota: {}", status.message()),
                 retry_after: Duration::from_secs(1),
             });
         }
-        if let Some((_, Failure::Refused(status))) = failures
-            .iter()
-            .find(|(_, f)| matches!(f, Failure::Refused(s) if s.code() == tonic::Code::InvalidArgument))
-        {
+        if let Some((_, Failure::Refused(status))) = failures.iter().find(
+            |(_, f)| matches!(f, Failure::Refused(s) if s.code() == tonic::Code::InvalidArgument),
+        ) {
             return Err(ServiceError::InvalidArgument(status.message().to_string()));
         }
         Err(ServiceError::Unavailable(format!(
@@ -284,7 +286,8 @@ impl HolderPool {
                     if partial.index != expected {
                         return Err(Failure::WrongIndex(partial.index));
                     }
-                    verify_partial(&committee, &blinded, &partial).map_err(|_| Failure::BadProof)?;
+                    verify_partial(&committee, &blinded, &partial)
+                        .map_err(|_| Failure::BadProof)?;
                     Ok(partial)
                 })
                 .await
@@ -337,7 +340,9 @@ impl std::fmt::Display for Failure {
             Failure::Timeout(t) => write!(f, "no answer within {:.1} s", t.as_secs_f64()),
             Failure::Unreachable(s) => write!(f, "unreachable ({})", s.message()),
             Failure::Refused(s) => write!(f, "refused: {:?}: {}", s.code(), s.message()),
-            Failure::BadProof => f.write_str("its partial evaluation does not verify against its public share"),
+            Failure::BadProof => {
+                f.write_str("its partial evaluation does not verify against its public share")
+            }
             Failure::WrongIndex(i) => write!(f, "it answered as holder {i}"),
         }
     }
@@ -440,7 +445,13 @@ mod tests {
     #[test]
     fn endpoints_parse_and_plaintext_stays_on_loopback() {
         let e = HoldersConfig::parse_endpoints("1=http://127.0.0.1:1, 3=http://[::1]:2").unwrap();
-        assert_eq!(e, vec![(1, "http://127.0.0.1:1".into()), (3, "http://[::1]:2".into())]);
+        assert_eq!(
+            e,
+            vec![
+                (1, "http://127.0.0.1:1".into()),
+                (3, "http://[::1]:2".into())
+            ]
+        );
         for bad in ["", "1", "0=http://x", "256=http://x", "1=a,1=b"] {
             assert!(HoldersConfig::parse_endpoints(bad).is_err(), "{bad}");
         }

@@ -11,9 +11,7 @@ use std::sync::Arc;
 use psi_core::threshold::{Committee, Partial};
 use psi_core::{Mode, Server};
 use psi_proto::v1::key_holder_server::KeyHolder;
-use psi_proto::v1::{
-    GetHolderInfoRequest, HolderInfo, PartialEvaluateRequest, PartialEvaluation,
-};
+use psi_proto::v1::{GetHolderInfoRequest, HolderInfo, PartialEvaluateRequest, PartialEvaluation};
 use psi_proto::{committee_to_proto, partial_to_proto, unpack_blinded};
 use rand_core::OsRng;
 use tonic::{Request, Response, Status};
@@ -74,7 +72,8 @@ impl HolderService {
         }
         let certs = request.peer_certs().ok_or(ServiceError::Unauthenticated)?;
         let leaf = certs.first().ok_or(ServiceError::Unauthenticated)?;
-        let name = crate::tools::ca::institution_of(leaf).map_err(|_| ServiceError::Unauthenticated)?;
+        let name =
+            crate::tools::ca::institution_of(leaf).map_err(|_| ServiceError::Unauthenticated)?;
         if !self.state.callers.contains(&name) {
             return Err(ServiceError::PermissionDenied(format!(
                 "`{name}` is not among this key holder's callers (--callers)"
@@ -107,7 +106,12 @@ impl HolderService {
         }
         self.state
             .enforcer
-            .admit(&req.institution, &req.mode, &req.purpose, blinded.len() as u64)
+            .admit(
+                &req.institution,
+                &req.mode,
+                &req.purpose,
+                blinded.len() as u64,
+            )
             .await?;
         let work = Arc::clone(&share);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -198,7 +202,9 @@ impl KeyHolder for HolderService {
         }
         match &result {
             Ok(_) => tracing::info!(%request_id, elements, "partial evaluation"),
-            Err(e) => tracing::warn!(%request_id, elements, outcome = %e, "partial evaluation refused"),
+            Err(e) => {
+                tracing::warn!(%request_id, elements, outcome = %e, "partial evaluation refused")
+            }
         }
         result.map(Response::new).map_err(Status::from)
     }

@@ -72,7 +72,9 @@ pub fn load(dir: &Path, epoch: u64) -> Result<KeyShare> {
     let meta = fs::metadata(&p).with_context(|| format!("no share file at {}", p.display()))?;
     check_owner_only(&p, &meta)?;
     let bytes = Zeroizing::new(fs::read(&p).with_context(|| format!("reading {}", p.display()))?);
-    let damaged = || anyhow::anyhow!("{} is damaged or not a share file: restore it from the holder's backup, or have the committee refresh its shares", p.display());
+    let damaged = || {
+        anyhow::anyhow!("{} is damaged or not a share file: restore it from the holder's backup, or have the committee refresh its shares", p.display())
+    };
     if bytes.len() != FILE_LEN || bytes.get(..8) != Some(MAGIC.as_slice()) {
         return Err(damaged());
     }
@@ -106,7 +108,10 @@ mod tests {
         let shares = psi_core::threshold::split(&key, 2, 3, &mut rand_core::OsRng).unwrap();
         store(dir.path(), 2, &shares[1]).unwrap();
         let p = path(dir.path(), 2);
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let back = load(dir.path(), 2).unwrap();
         assert_eq!(back.public_share(), shares[1].public_share());
         assert_eq!(epochs(dir.path()).unwrap(), vec![2]);
@@ -120,6 +125,9 @@ mod tests {
         }
         fs::write(&p, &good).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(load(dir.path(), 2).unwrap_err().to_string().contains("chmod 600"));
+        assert!(load(dir.path(), 2)
+            .unwrap_err()
+            .to_string()
+            .contains("chmod 600"));
     }
 }

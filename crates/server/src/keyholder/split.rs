@@ -58,7 +58,10 @@ pub fn split(data_dir: &Path, t: u16, n: u16, out: &Path) -> Result<SplitReport>
     let committee = Committee::new(
         t,
         *key.key.public_key(),
-        shares.iter().map(psi_core::KeyShare::public_share).collect(),
+        shares
+            .iter()
+            .map(psi_core::KeyShare::public_share)
+            .collect(),
     )?;
     let mut dirs = Vec::with_capacity(shares.len());
     for s in &shares {
@@ -84,7 +87,10 @@ pub fn split(data_dir: &Path, t: u16, n: u16, out: &Path) -> Result<SplitReport>
         let back = share::load(dir, m.epoch)?;
         let c = committee::load(dir, m.epoch)?.context("the committee file just written")?;
         if back.public_share() != s.public_share() || c != committee {
-            bail!("{} does not read back as written: nothing destroyed", dir.display());
+            bail!(
+                "{} does not read back as written: nothing destroyed",
+                dir.display()
+            );
         }
     }
     committee::store(data_dir, m.epoch, &committee)?;

@@ -25,13 +25,13 @@ use psi_core::{BucketIndex, Mode, Server, Tag};
 use rand_core::OsRng;
 use rayon::prelude::*;
 
+use crate::keyholder::pool::HoldersConfig;
 use crate::registry::encode::{
     bar, buckets_of, dedup, encrypt_source, report_writer, Encrypted, CHUNK_ROWS,
 };
 use crate::registry::source::Source;
-use crate::store::delta::{Delta, KEEP_DELTAS};
-use crate::keyholder::pool::HoldersConfig;
 use crate::registry::tagger::Tagger;
+use crate::store::delta::{Delta, KEEP_DELTAS};
 use crate::store::keystore;
 use crate::store::records::Records;
 use crate::store::{Current, Writer};

@@ -186,7 +186,8 @@ impl HolderTagger {
                 }
             });
             let answers = self.handle.block_on(futures::future::join_all(asks));
-            for ((state, _), (chunk, answer)) in blinded.into_iter().zip(group.iter().zip(answers)) {
+            for ((state, _), (chunk, answer)) in blinded.into_iter().zip(group.iter().zip(answers))
+            {
                 let partials = answer.context("evaluating through the key holders")?;
                 out.extend(self.client.finalize_threshold(
                     state,

@@ -6,14 +6,14 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 
 use psi_core::suite::SUITE_ID;
+use psi_core::BlindedElement;
 use psi_proto::v1::match_server::Match;
 use psi_proto::v1::{
     sync_tag_set_response, Bucket, BucketQueryRequest, BucketQueryResponse, EvaluateRequest,
-    EvaluateResponse, GetServerInfoRequest, KeyStep, PirInfo, PirQueryRequest, PirQueryResponse,
-    PartialEvaluation, PirSetupRequest, PirSetupResponse, QueryMode, ServerInfo, ShardData, SyncTagSetRequest,
-    SyncTagSetResponse, TagSetDelta,
+    EvaluateResponse, GetServerInfoRequest, KeyStep, PartialEvaluation, PirInfo, PirQueryRequest,
+    PirQueryResponse, PirSetupRequest, PirSetupResponse, QueryMode, ServerInfo, ShardData,
+    SyncTagSetRequest, SyncTagSetResponse, TagSetDelta,
 };
-use psi_core::BlindedElement;
 use psi_proto::{
     committee_to_proto, manifest_of, pack, pack_tags, partial_to_proto, root_only_manifest,
     unpack_blinded,
@@ -22,10 +22,10 @@ use rand_core::OsRng;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
+use crate::keyholder::pool::{HolderPool, OnBehalf};
 use crate::serving::audit::{AuditLog, Entry};
 use crate::serving::error::ServiceError;
 use crate::serving::policy::Enforcer;
-use crate::keyholder::pool::{HolderPool, OnBehalf};
 use crate::serving::snapshot::{Evaluator, Snapshot};
 
 pub use psi_proto::PURPOSE_HEADER;
@@ -320,23 +320,26 @@ impl MatchService {
             request_id: entry.request_id.clone(),
         };
         let (result, answered_by) = ON_BEHALF
-            .scope(on_behalf, ANSWERED_BY.scope(std::cell::Cell::new(None), async {
-                let result = match (caller.institution, caller.purpose) {
-                    (Err(e), _) | (_, Err(e)) => Err(e),
-                    (Ok(institution), Ok(purpose)) => {
-                        match self
-                            .state
-                            .enforcer
-                            .admit(&institution, mode, &purpose, elements as u64)
-                            .await
-                        {
-                            Ok(()) => work.await,
-                            Err(e) => Err(e),
+            .scope(
+                on_behalf,
+                ANSWERED_BY.scope(std::cell::Cell::new(None), async {
+                    let result = match (caller.institution, caller.purpose) {
+                        (Err(e), _) | (_, Err(e)) => Err(e),
+                        (Ok(institution), Ok(purpose)) => {
+                            match self
+                                .state
+                                .enforcer
+                                .admit(&institution, mode, &purpose, elements as u64)
+                                .await
+                            {
+                                Ok(()) => work.await,
+                                Err(e) => Err(e),
+                            }
                         }
-                    }
-                };
-                (result, ANSWERED_BY.with(std::cell::Cell::get))
-            }))
+                    };
+                    (result, ANSWERED_BY.with(std::cell::Cell::get))
+                }),
+            )
             .await;
         // Finished after the deadline: not an answer anyone receives.
         let result = match result {
@@ -478,6 +481,9 @@ impl MatchService {
     }
 }
 
+/// A response's evaluated elements (packed), proof, and partial evaluations.
+type EvaluationFields = (Vec<u8>, Vec<u8>, Vec<PartialEvaluation>);
+
 /// A batch's evaluation: whole (single-key mode) or as the holders'
 /// verified partial evaluations (threshold mode).
 enum Evaluated {
@@ -487,7 +493,7 @@ enum Evaluated {
 
 impl Evaluated {
     /// The response fields: evaluated elements, proof, partials.
-    fn into_fields(self) -> Result<(Vec<u8>, Vec<u8>, Vec<PartialEvaluation>), ServiceError> {
+    fn into_fields(self) -> Result<EvaluationFields, ServiceError> {
         match self {
             Evaluated::Whole(e) => {
                 let proof = e.proof.ok_or(ServiceError::Internal)?;

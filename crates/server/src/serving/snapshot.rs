@@ -14,7 +14,9 @@ use psi_core::{BucketIndex, Mode, PublicKey, Server, Tag, TagSet};
 
 use crate::store::delta::Delta;
 use crate::store::manifest::Entry;
-use crate::store::{committed, committee, keystore, load_state, net_change, read_committed, Current};
+use crate::store::{
+    committed, committee, keystore, load_state, net_change, read_committed, Current,
+};
 
 /// What the server serves: the key and the encrypted registry of one epoch
 /// and version.

@@ -174,7 +174,10 @@ mod tests {
         let c = Committee::new(
             2,
             *key.public_key(),
-            shares.iter().map(psi_core::KeyShare::public_share).collect(),
+            shares
+                .iter()
+                .map(psi_core::KeyShare::public_share)
+                .collect(),
         )
         .unwrap();
         assert_eq!(load(dir.path(), 4).unwrap(), None);
