@@ -177,13 +177,15 @@ pub fn manifest_parts(m: &v1::TagSetManifest) -> Result<(TagSetHeader, Vec<[u8; 
     Ok((header, digests))
 }
 
-/// A holder's partial evaluation on the wire.
+/// A holder's partial evaluation on the wire, made with the share of
+/// `generation`.
 #[must_use]
-pub fn partial_to_proto(p: &Partial) -> v1::PartialEvaluation {
+pub fn partial_to_proto(p: &Partial, generation: u32) -> v1::PartialEvaluation {
     v1::PartialEvaluation {
         holder_index: u32::from(p.index),
         evaluated_elements: pack(p.elements.iter().map(EvaluatedElement::as_bytes)),
         proof: p.proof.to_bytes().to_vec(),
+        generation,
     }
 }
 
@@ -206,10 +208,11 @@ fn holder_index(index: u32) -> Result<u16, Error> {
         .ok_or_else(|| malformed("holder share", "holder index outside 1..255"))
 }
 
-/// A committee's public data on the wire.
+/// A committee's public data (of the sharing `generation`) on the wire.
 #[must_use]
-pub fn committee_to_proto(c: &Committee) -> v1::ThresholdInfo {
+pub fn committee_to_proto(c: &Committee, generation: u32) -> v1::ThresholdInfo {
     v1::ThresholdInfo {
+        generation,
         threshold: u32::from(c.threshold()),
         holders: c
             .shares()

@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -140,6 +141,9 @@ pub enum Command {
         /// Do not draw a progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Threshold mode: the key holders, who make the next key.
+        #[command(flatten)]
+        holders: HolderLinkArgs,
     },
     /// Copy what `serve` needs (keys, key history, deltas, bucket index) from
     /// the encoding directory into a serving directory, without the
@@ -176,6 +180,45 @@ pub enum KeyholderCommand {
     /// Serve `psi.v1.KeyHolder` from a holder directory (its share and
     /// committee files) until SIGINT or SIGTERM.
     Serve(Box<crate::keyholder::serve::HolderArgs>),
+    /// Create a holder's identity (for key generation) in its directory and
+    /// print its public identity, for the committee's holders.txt.
+    Init {
+        /// The holder's directory (created with mode 0700).
+        #[arg(long, env = "PSI_HOLDER_DIR")]
+        dir: PathBuf,
+    },
+    /// A new threshold deployment: the holders generate epoch 1's key among
+    /// themselves (no dealer); its committee goes into the data directory,
+    /// where `init --holders` then encodes the registry.
+    Dkg {
+        /// Encoding data directory (no registry or key yet).
+        #[arg(long, env = "PSI_DATA_DIR")]
+        data_dir: PathBuf,
+        /// T: holders needed for an evaluation (at least 2).
+        #[arg(long)]
+        threshold: u16,
+        #[command(flatten)]
+        holders: HolderLinkArgs,
+    },
+    /// Proactive refresh: the holders make new shares of the current key
+    /// (same public key, nothing re-encoded); the committee file in the
+    /// data directory is replaced. Publish, then `retire` the old shares.
+    Refresh {
+        /// Encoding data directory.
+        #[arg(long, env = "PSI_DATA_DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        holders: HolderLinkArgs,
+    },
+    /// Have every holder destroy its shares older than the data
+    /// directory's current epoch and sharing (once the replicas serve it).
+    Retire {
+        /// Encoding data directory.
+        #[arg(long, env = "PSI_DATA_DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        holders: HolderLinkArgs,
+    },
 }
 
 /// Where registry rows come from when not a CSV file.
@@ -448,9 +491,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             data_dir,
             grace_period,
             no_progress,
+            holders,
         } => {
+            let holders = holders.resolve(HolderLinkArgs::default())?;
             let r = tokio::task::spawn_blocking(move || {
-                registry::rotate_key(&data_dir, grace_period, !no_progress)
+                registry::rotate_key_with(&data_dir, grace_period, !no_progress, holders.as_ref())
             })
             .await??;
             print_rotation(&r);
@@ -535,13 +580,84 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("Serve each with `psi-server keyholder serve --dir DIR ...`; serve and update with --holders.");
             Ok(())
         }
-        Command::Keyholder(KeyholderCommand::Serve(args)) => {
+        Command::Keyholder(command) => keyholder(command).await,
+        Command::Audit(command) => audit(command).await,
+    }
+}
+
+/// `psi-server keyholder ...`: the key holders and their ceremonies.
+async fn keyholder(command: KeyholderCommand) -> Result<()> {
+    let link = |h: HolderLinkArgs| -> Result<crate::keyholder::pool::HoldersConfig> {
+        h.resolve(HolderLinkArgs::default())?
+            .context("list the key holders with --holders (every holder takes part)")
+    };
+    match command {
+        KeyholderCommand::Serve(args) => {
             let running = crate::keyholder::serve::start(*args).await?;
             println!("psi-server keyholder listening on {}", running.local_addr);
             crate::serving::serve::termination_signal().await;
             running.shutdown().await
         }
-        Command::Audit(command) => audit(command).await,
+        KeyholderCommand::Init { dir } => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+            let pk = crate::keyholder::identity::create(&dir)?;
+            println!(
+                "holder identity {} in {}; list every holder's identity, in index order, in {} in each holder's directory (`holder <index> <identity>` lines)",
+                pk.to_hex(),
+                dir.display(),
+                crate::keyholder::identity::HOLDERS_FILE
+            );
+            Ok(())
+        }
+        KeyholderCommand::Dkg {
+            data_dir,
+            threshold,
+            holders,
+        } => {
+            if threshold < 2 {
+                anyhow::bail!("--threshold must be at least 2");
+            }
+            let s =
+                crate::keyholder::ceremony::new_deployment(&data_dir, threshold, &link(holders)?)
+                    .await?;
+            println!(
+                "key epoch 1 generated by {} holders, any {} of which evaluate: public key {} (institutions pin it); committee in {}",
+                s.committee.shares().len(),
+                threshold,
+                s.committee.public_key().to_hex(),
+                data_dir.display()
+            );
+            Ok(())
+        }
+        KeyholderCommand::Refresh { data_dir, holders } => {
+            let (epoch, s) =
+                crate::keyholder::ceremony::refresh(&data_dir, &link(holders)?).await?;
+            println!(
+                "key epoch {epoch} refreshed: generation {} of its shares, same public key {}. Publish, and once the replicas serve it run `psi-server keyholder retire`",
+                s.generation,
+                s.committee.public_key().to_hex()
+            );
+            Ok(())
+        }
+        KeyholderCommand::Retire { data_dir, holders } => {
+            for (i, gone) in
+                crate::keyholder::ceremony::retire_old(&data_dir, &link(holders)?).await?
+            {
+                println!(
+                    "holder {i}: destroyed {}",
+                    if gone.is_empty() {
+                        "nothing (no older share)".to_string()
+                    } else {
+                        format!("the shares of {}", gone.join(", "))
+                    }
+                );
+            }
+            Ok(())
+        }
     }
 }
 

@@ -53,6 +53,8 @@ fn holder_args(dir: &Path, port: u16, ca_dir: &Path) -> Vec<String> {
         &ca_dir.join(ca::CA_CERT).display().to_string(),
         "--callers",
         "replica,encoder",
+        "--operators",
+        "encoder",
     ]
     .into_iter()
     .map(String::from)
@@ -261,7 +263,11 @@ fn a_split_registry_is_answered_through_any_two_of_three_holders() {
     let shares: Vec<Zeroizing<[u8; 32]>> = split
         .holder_dirs
         .iter()
-        .map(|d| psi_server::keyholder::share::load(d, 1).unwrap().to_bytes())
+        .map(|d| {
+            psi_server::keyholder::share::load(d, 1, 0)
+                .unwrap()
+                .to_bytes()
+        })
         .collect();
     for f in files(&serving).into_iter().chain(files(&data)) {
         let name = f.file_name().unwrap().to_string_lossy().to_string();
@@ -395,7 +401,7 @@ fn a_split_registry_is_answered_through_any_two_of_three_holders() {
         )
         .unwrap();
         std::fs::create_dir_all(&liar_dir).unwrap();
-        psi_server::keyholder::share::store(&liar_dir, 1, &shares[0]).unwrap();
+        psi_server::keyholder::share::store(&liar_dir, 1, 0, &shares[0]).unwrap();
         psi_server::store::committee::store(&liar_dir, 1, &committee).unwrap();
     }
     holders.procs[0].kill_9();
@@ -530,4 +536,201 @@ fn a_replica_without_holders_and_an_old_client_are_refused_saying_why() {
         assert!(none.message().contains("--holders"), "{}", none.message());
     });
     rt.block_on(running.shutdown()).unwrap();
+}
+
+#[test]
+fn holders_generate_refresh_rotate_and_retire_without_a_dealer() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let data = root.join("data");
+    let serving = root.join("serving");
+    let ca_dir = root.join("ca");
+    ca::init(&ca_dir, &["127.0.0.1".to_string()]).unwrap();
+    for who in ["replica", "encoder"] {
+        ca::issue(&ca_dir, who, &ca_dir, false).unwrap();
+    }
+    // Three holders, each with its identity, each told the others'.
+    let dirs: Vec<PathBuf> = (1..=3).map(|i| root.join(format!("holder-{i}"))).collect();
+    let identities: Vec<psi_core::PublicKey> = dirs
+        .iter()
+        .map(|d| {
+            std::fs::create_dir_all(d).unwrap();
+            psi_server::keyholder::identity::create(d).unwrap()
+        })
+        .collect();
+    for d in &dirs {
+        psi_server::keyholder::identity::store_holders(
+            &d.join(psi_server::keyholder::identity::HOLDERS_FILE),
+            &identities,
+        )
+        .unwrap();
+    }
+    let logs = root.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let holders = start_holders(&dirs, &ca_dir, &logs);
+    let encoder = link(&holders, &ca_dir, "encoder");
+    let rt = runtime();
+
+    // Epoch 1 made by the holders: no key anywhere, shares on the holders.
+    let first = rt
+        .block_on(psi_server::keyholder::ceremony::new_deployment(
+            &data, 2, &encoder,
+        ))
+        .unwrap();
+    let pk1 = *first.committee.public_key();
+    let replica = link(&holders, &ca_dir, "replica");
+    let csv = root.join("registry.csv");
+    write_registry(&csv, 200);
+    {
+        let (data, csv, encoder) = (data.clone(), csv.clone(), encoder.clone());
+        rt.block_on(rt.spawn_blocking(move || {
+            registry::init_guarded(
+                &Source::csv(&csv),
+                &data,
+                false,
+                &PublishGuard::force(),
+                Some(&encoder),
+            )
+        }))
+        .unwrap()
+        .unwrap();
+    }
+    assert!(files(&data)
+        .iter()
+        .all(|f| !f.to_string_lossy().ends_with(".key")));
+    // A replica is not an operator: it runs no ceremony.
+    let refused = rt
+        .block_on(psi_server::keyholder::ceremony::refresh(&data, &replica))
+        .unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("--operators"),
+        "{refused:#}"
+    );
+    psi_server::registry::publish::publish(&data, &serving).unwrap();
+    let port = free_port();
+    let running = rt
+        .block_on(serve::start(ServeConfig {
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            holders: Some(replica.clone()),
+            reload_interval: Duration::from_millis(50),
+            ..ServeConfig::local(&serving)
+        }))
+        .unwrap();
+    let options = |cache: &str| ConnectOptions {
+        server: format!("http://127.0.0.1:{port}"),
+        pin_key: Some(pk1.to_hex()),
+        pin_exact: false,
+        cache_dir: root.join(cache),
+        blinding: psi_core::Blinding::Additive,
+        concurrency: 2,
+        tls: None,
+        purpose: PURPOSE.into(),
+    };
+    let session = rt
+        .block_on(Session::connect_when_ready(
+            options("cache"),
+            Duration::from_secs(30),
+        ))
+        .unwrap();
+    rows_right(&rt, &session, QueryMode::Bucket, "epoch 1");
+    rows_right(&rt, &session, QueryMode::Sync, "epoch 1");
+
+    // A refresh: new shares, same key; the open session follows it.
+    let before: Vec<Zeroizing<[u8; 32]>> = dirs
+        .iter()
+        .map(|d| {
+            psi_server::keyholder::share::load(d, 1, 0)
+                .unwrap()
+                .to_bytes()
+        })
+        .collect();
+    let (epoch, refreshed) = rt
+        .block_on(psi_server::keyholder::ceremony::refresh(&data, &encoder))
+        .unwrap();
+    assert_eq!((epoch, refreshed.generation), (1, 1));
+    assert_eq!(refreshed.committee.public_key(), &pk1);
+    for (d, old) in dirs.iter().zip(&before) {
+        let new = psi_server::keyholder::share::load(d, 1, 1)
+            .unwrap()
+            .to_bytes();
+        assert_ne!(*new, **old, "every share changes");
+    }
+    psi_server::registry::publish::publish(&data, &serving).unwrap();
+    let info = || {
+        rt.block_on(async {
+            let mut raw = psi_proto::v1::match_client::MatchClient::connect(format!(
+                "http://127.0.0.1:{port}"
+            ))
+            .await
+            .unwrap();
+            raw.get_server_info(psi_proto::v1::GetServerInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        })
+    };
+    wait_for(
+        "the replica to load the refresh",
+        Duration::from_secs(30),
+        || info().threshold.is_some_and(|t| t.generation == 1),
+    );
+    rows_right(&rt, &session, QueryMode::Bucket, "after the refresh");
+    // Retired: the pre-refresh shares are destroyed on every holder.
+    let retired = rt
+        .block_on(psi_server::keyholder::ceremony::retire_old(&data, &encoder))
+        .unwrap();
+    assert!(retired
+        .iter()
+        .all(|(_, gone)| gone == &vec!["1.0".to_string()]));
+    for d in &dirs {
+        assert!(!psi_server::keyholder::share::path(d, 1, 0).exists());
+    }
+
+    // A rotation: the holders make epoch 2's key; epoch 1's endorse it.
+    {
+        let (data, encoder) = (data.clone(), encoder.clone());
+        rt.block_on(rt.spawn_blocking(move || {
+            registry::rotate_key_with(&data, Duration::ZERO, false, Some(&encoder))
+        }))
+        .unwrap()
+        .unwrap();
+    }
+    psi_server::registry::publish::publish(&data, &serving).unwrap();
+    wait_for(
+        "the replica to load epoch 2",
+        Duration::from_secs(30),
+        || info().key_epoch == 2,
+    );
+    // A client that pinned epoch 1's key follows the endorsement.
+    let next = rt
+        .block_on(Session::connect_when_ready(
+            options("cache-2"),
+            Duration::from_secs(30),
+        ))
+        .unwrap();
+    assert_eq!(next.info().key_epoch, 2);
+    rows_right(&rt, &next, QueryMode::Bucket, "epoch 2");
+    rows_right(&rt, &next, QueryMode::Pir, "epoch 2");
+    let retired = rt
+        .block_on(psi_server::keyholder::ceremony::retire_old(&data, &encoder))
+        .unwrap();
+    assert!(retired
+        .iter()
+        .all(|(_, gone)| gone == &vec!["1.1".to_string()]));
+    rt.block_on(running.shutdown()).unwrap();
+    // The ceremonies are in each holder's audit trail.
+    for d in &dirs {
+        let store = AuditStore::parse(
+            &d.join(psi_server::keyholder::serve::HOLDER_AUDIT_FILE)
+                .display()
+                .to_string(),
+        );
+        audit::verify(&store).unwrap();
+        let mut out = Vec::new();
+        audit::export(&store, &ExportFilter::default(), Format::Json, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        for step in ["DkgStart", "DkgDeal", "DkgFinish", "RetireShares"] {
+            assert!(text.contains(step), "{step} audited");
+        }
+    }
 }

@@ -70,8 +70,9 @@ pub struct Session {
     info: ServerInfo,
     core: Arc<Client>,
     /// Threshold mode: the key holders' public shares, checked to
-    /// interpolate to the pinned key.
-    committee: Option<Arc<Committee>>,
+    /// interpolate to the pinned key, and their generation (updated when a
+    /// refresh gives the holders new shares).
+    committee: Arc<std::sync::RwLock<Option<Holders>>>,
     options: ConnectOptions,
     /// How the key was pinned.
     pub pinned: Pinned,
@@ -80,6 +81,27 @@ pub struct Session {
     /// The ids of the requests the server answered (shared with the
     /// sessions that follow this one through a rotation).
     request_ids: Arc<RequestIds>,
+}
+
+/// Threshold mode: the key holders' committee and the generation of its
+/// shares.
+type Holders = (Arc<Committee>, u32);
+
+/// Threshold mode: the committee `info` announces, checked to make `pk`.
+fn committee_of(pk: &PublicKey, info: &ServerInfo) -> Result<Option<Holders>> {
+    info.threshold
+        .as_ref()
+        .map(|t| {
+            psi_proto::committee_from_proto(pk, t)
+                .map(|c| (Arc::new(c), t.generation))
+                .map_err(|e| {
+                    Error::invalid(
+                        "the key holders' public shares in ServerInfo do not make the pinned public key",
+                        e,
+                    )
+                })
+        })
+        .transpose()
 }
 
 /// The first and the last request id the server answered with
@@ -277,27 +299,62 @@ impl Session {
             }
         };
         let core = Arc::new(Client::new(Mode::Voprf, pk));
-        let committee = info
-            .threshold
-            .as_ref()
-            .map(|t| psi_proto::committee_from_proto(&pk, t).map(Arc::new))
-            .transpose()
-            .map_err(|e| {
-                Error::invalid(
-                    "the key holders' public shares in ServerInfo do not make the pinned public key",
-                    e,
-                )
-            })?;
+        let committee = committee_of(&pk, &info)?;
         Ok(Self {
             grpc,
             info,
             core,
-            committee,
+            committee: Arc::new(std::sync::RwLock::new(committee)),
             options,
             pinned,
             pir: Arc::default(),
             request_ids: Arc::default(),
         })
+    }
+
+    /// Threshold mode: the committee, reading it again from `ServerInfo`
+    /// when the server's partial evaluations are of another `generation`
+    /// (the holders were refreshed: same key, new shares). The new public
+    /// shares must make the pinned key.
+    pub(super) async fn committee_for(&self, generation: u32) -> Result<Option<Arc<Committee>>> {
+        let current = self
+            .committee
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match current {
+            None => Ok(None),
+            Some((c, g)) if g == generation => Ok(Some(c)),
+            Some(_) => {
+                let mut grpc = self.grpc.clone();
+                let info = Self::server_info(&mut grpc)
+                    .await
+                    .map_err(|s| Error::from_status(&s, "reading the server's key holders"))?;
+                if info.key_epoch != self.info.key_epoch {
+                    return Err(Error::StaleEpoch {
+                        what: "reading the server's key holders".into(),
+                        message: format!(
+                            "the server moved to key epoch {} from {}",
+                            info.key_epoch, self.info.key_epoch
+                        ),
+                    });
+                }
+                let fresh = committee_of(self.core.public_key(), &info)?;
+                match fresh {
+                    Some((c, g)) if g == generation => {
+                        *self
+                            .committee
+                            .write()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some((Arc::clone(&c), g));
+                        Ok(Some(c))
+                    }
+                    _ => Err(Error::Invalid(format!(
+                        "the server answered with key holders' shares of generation {generation}, which its ServerInfo does not announce"
+                    ))),
+                }
+            }
+        }
     }
 
     /// Reads `ServerInfo`, checks the ciphersuite and pins the key and epoch.

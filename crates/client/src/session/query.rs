@@ -97,7 +97,14 @@ impl Session {
         partials: &[PartialEvaluation],
     ) -> Result<Vec<Output>> {
         self.check_epoch(epoch)?;
-        match (&self.committee, partials.is_empty()) {
+        let generation = partials.first().map_or(0, |p| p.generation);
+        if partials.iter().any(|p| p.generation != generation) {
+            return Err(Error::Invalid(
+                "the server's partial evaluations are of different share generations".into(),
+            ));
+        }
+        let committee = self.committee_for(generation).await?;
+        match (&committee, partials.is_empty()) {
             (Some(committee), false) => {
                 let partials = partials
                     .iter()

@@ -7,7 +7,12 @@
 //! - `service`, `serve`: the `psi.v1.KeyHolder` service and its process.
 //! - `pool`: how replicas and the encoding side reach `t` of the holders.
 //! - `split`: the one-time migration of a single-key epoch into shares.
+//! - `identity`: a holder's long-term identity for key generation.
+//! - `ceremony`: key generation, refresh, endorsement and retirement, as
+//!   the coordinator runs them.
 
+pub mod ceremony;
+pub mod identity;
 pub mod pool;
 pub mod serve;
 pub mod service;

@@ -185,8 +185,22 @@ impl HolderPool {
         })
     }
 
+    /// Each holder's index and client, holder by holder (for ceremonies,
+    /// which every holder takes part in).
+    pub(crate) fn clients(&self) -> Vec<(u16, KeyHolderClient<Channel>)> {
+        self.holders
+            .iter()
+            .map(|h| (h.index, h.client.clone()))
+            .collect()
+    }
+
+    /// The per-holder timeout.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// `t` verified partial evaluations of `blinded` under `committee`'s
-    /// key of `epoch`.
+    /// key of `epoch`, sharing `generation`.
     ///
     /// # Errors
     /// `Unavailable` (naming each holder and what went wrong) when fewer
@@ -196,7 +210,7 @@ impl HolderPool {
     pub async fn evaluate(
         &self,
         committee: &Arc<Committee>,
-        epoch: u64,
+        (epoch, generation): (u64, u32),
         blinded: &Arc<Vec<BlindedElement>>,
         on_behalf: &OnBehalf,
     ) -> Result<Vec<Partial>, ServiceError> {
@@ -214,6 +228,7 @@ impl HolderPool {
             purpose: on_behalf.purpose.clone(),
             mode: on_behalf.mode.clone(),
             request_id: on_behalf.request_id.clone(),
+            generation,
         };
         let mut pending = FuturesUnordered::new();
         for h in order.by_ref().take(t) {
@@ -419,6 +434,27 @@ impl HolderLinkArgs {
             tls,
             timeout: Duration::from_millis(ms),
         }))
+    }
+}
+
+/// A runtime handle for code that runs outside async code (the encoding
+/// commands): the current runtime's when there is one (on a blocking
+/// thread), else one of its own, returned with it to keep alive.
+///
+/// # Errors
+/// The runtime cannot start.
+pub(crate) fn runtime_handle() -> Result<(tokio::runtime::Handle, Option<tokio::runtime::Runtime>)>
+{
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => Ok((h, None)),
+        Err(_) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("starting the runtime that talks to the key holders")?;
+            Ok((rt.handle().clone(), Some(rt)))
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use psi_proto::v1::key_holder_server::KeyHolderServer;
 use tokio::net::TcpListener;
 
-use crate::keyholder::service::{load_shares, HolderService, HolderState};
+use crate::keyholder::service::{load_identity, load_shares, HolderService, HolderState};
 use crate::serving::audit::{AuditLog, AuditStore};
 use crate::serving::config::TlsFiles;
 use crate::serving::policy::{Enforcer, Policy};
@@ -42,6 +42,11 @@ pub struct HolderArgs {
     /// the encoding side), comma-separated; required with TLS.
     #[arg(long, env = "PSI_HOLDER_CALLERS", value_delimiter = ',')]
     pub callers: Vec<String>,
+    /// Client-certificate names allowed to run key ceremonies (key
+    /// generation, refresh, endorsement) and retire old shares: the
+    /// operator's encoding host, comma-separated [default: none].
+    #[arg(long, env = "PSI_HOLDER_OPERATORS", value_delimiter = ',')]
+    pub operators: Vec<String>,
     /// Serve plaintext without TLS: only for a test's or a demo's loopback.
     #[arg(long)]
     pub insecure_plaintext: bool,
@@ -114,7 +119,18 @@ pub async fn start(args: HolderArgs) -> Result<RunningHolder> {
         _ => {}
     }
     let dir = args.dir.clone();
-    let shares = tokio::task::spawn_blocking(move || load_shares(&dir)).await??;
+    let (shares, identity) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let shares = load_shares(&dir)?;
+        let identity = load_identity(&dir)?;
+        if shares.is_empty() && identity.is_none() {
+            bail!(
+                "{} holds no key share and no identity: run `psi-server keyholder init` (then a key generation) or `psi-server key split` first",
+                dir.display()
+            );
+        }
+        Ok((shares, identity))
+    })
+    .await??;
     let store = args
         .audit_db
         .clone()
@@ -129,23 +145,27 @@ pub async fn start(args: HolderArgs) -> Result<RunningHolder> {
         Ok((audit, Arc::new(enforcer)))
     })
     .await??;
-    for (epoch, s) in &shares {
+    for ((epoch, generation), s) in &shares {
         tracing::info!(
             epoch,
+            generation,
             holder = s.index,
-            threshold = s.committee.threshold(),
-            holders = s.committee.shares().len(),
+            threshold = s.sharing.committee.threshold(),
+            holders = s.sharing.committee.shares().len(),
             "key share loaded"
         );
     }
-    let state = Arc::new(HolderState {
+    let state = Arc::new(HolderState::new(
+        args.dir.clone(),
         shares,
-        callers: args.callers.clone(),
-        mutual_tls: tls.is_some(),
+        identity,
+        args.callers.clone(),
+        args.operators.clone(),
+        tls.is_some(),
         audit,
         enforcer,
-        max_batch: args.max_batch,
-    });
+        args.max_batch,
+    ));
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

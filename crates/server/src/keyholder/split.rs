@@ -71,20 +71,20 @@ pub fn split(data_dir: &Path, t: u16, n: u16, out: &Path) -> Result<SplitReport>
             .mode(0o700)
             .create(&dir)
             .with_context(|| format!("creating {}", dir.display()))?;
-        if share::path(&dir, m.epoch).exists() {
+        if share::path(&dir, m.epoch, 0).exists() {
             bail!(
                 "{} already holds a share of epoch {}: refusing to overwrite it",
                 dir.display(),
                 m.epoch
             );
         }
-        share::store(&dir, m.epoch, s)?;
+        share::store(&dir, m.epoch, 0, s)?;
         committee::store(&dir, m.epoch, &committee)?;
         dirs.push(dir);
     }
     // Read back before the key goes: every share loads and is its holder's.
     for (dir, s) in dirs.iter().zip(&shares) {
-        let back = share::load(dir, m.epoch)?;
+        let back = share::load(dir, m.epoch, 0)?;
         let c = committee::load(dir, m.epoch)?.context("the committee file just written")?;
         if back.public_share() != s.public_share() || c != committee {
             bail!(

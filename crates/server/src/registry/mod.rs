@@ -594,29 +594,97 @@ fn compact_locked(store: &mut Writer, current: &Current) -> Result<u64> {
 /// # Errors
 /// No registry yet, a record store out of step with the registry, I/O errors.
 pub fn rotate_key(data_dir: &Path, grace: Duration, show_progress: bool) -> Result<RotateReport> {
+    rotate_key_with(data_dir, grace, show_progress, None)
+}
+
+/// [`rotate_key`], in threshold mode through `holders`: they generate the
+/// next epoch's key among themselves (no dealer), the retiring epoch's
+/// holders endorse it with a threshold signature, and the records are
+/// re-encrypted through them. (A rotation that failed after the key
+/// generation reuses the new epoch's committee file on its next run.) Once
+/// the replicas serve the new epoch, retire the old shares
+/// (`psi-server keyholder retire`).
+///
+/// # Errors
+/// As [`rotate_key`]; a threshold-mode epoch without `holders`; a
+/// ceremony failure.
+pub fn rotate_key_with(
+    data_dir: &Path,
+    grace: Duration,
+    show_progress: bool,
+    holders: Option<&HoldersConfig>,
+) -> Result<RotateReport> {
     let started = Instant::now();
     let mut store = Writer::open(data_dir, false)?;
     let index = committed_version(&store)?.index;
-    let m = store.committed()?;
-    if crate::store::committee::load(data_dir, m.epoch)?.is_some() {
-        bail!(
-            "key epoch {} is in threshold mode: its key is on the key holders, and a new epoch is made by them (`psi-server keyholder dkg`), endorsed by the old epoch's holders",
-            m.epoch
-        );
-    }
-    let old = store.key()?;
+    let m = store.committed()?.clone();
     let mut records = store.records()?;
-    let epoch = old.epoch + 1;
-    let new = keystore::create(data_dir, epoch)?;
-    let endorsement =
-        rotation::endorse(&old.key, old.epoch, new.key.public_key(), epoch, &mut OsRng);
-    let step = KeyStep {
-        epoch,
-        public_key: *new.key.public_key(),
-        endorsement,
+    let epoch = m.epoch + 1;
+    let (step, server) = match crate::store::committee::load_committed(
+        data_dir,
+        m.epoch,
+        &m.public_key,
+    )? {
+        None => {
+            let old = store.key()?;
+            let new = keystore::create(data_dir, epoch)?;
+            let endorsement =
+                rotation::endorse(&old.key, old.epoch, new.key.public_key(), epoch, &mut OsRng);
+            let step = KeyStep {
+                epoch,
+                public_key: *new.key.public_key(),
+                endorsement,
+            };
+            drop(old);
+            (step, Tagger::Key(Server::new(Mode::Voprf, new.key)))
+        }
+        Some(old) => {
+            let holders = holders.with_context(|| {
+                format!(
+                    "key epoch {} is in threshold mode: its holders make the next key; give --holders (with --holders-ca, --holders-cert, --holders-key)",
+                    m.epoch
+                )
+            })?;
+            let (handle, _runtime) = crate::keyholder::pool::runtime_handle()?;
+            let pool = {
+                let _entered = handle.enter();
+                crate::keyholder::pool::HolderPool::new(holders, None)?
+            };
+            let new_path = crate::store::committee::path(data_dir, epoch);
+            let new = match crate::store::committee::load_at(&new_path, epoch)? {
+                Some(made) => made,
+                None => {
+                    let made = handle.block_on(crate::keyholder::ceremony::generate(
+                        &pool,
+                        old.committee.threshold(),
+                        epoch,
+                        0,
+                    ))?;
+                    crate::store::committee::store_at(&new_path, epoch, &made)?;
+                    made
+                }
+            };
+            let message = psi_core::threshold::sign::Endorsed {
+                old_epoch: m.epoch,
+                new_key: *new.committee.public_key(),
+                new_epoch: epoch,
+            };
+            let endorsement = handle.block_on(crate::keyholder::ceremony::endorse(
+                &pool,
+                &old.committee,
+                &message,
+            ))?;
+            let step = KeyStep {
+                epoch,
+                public_key: message.new_key,
+                endorsement,
+            };
+            (
+                step,
+                Tagger::of_epoch(data_dir, epoch, None, Some(holders))?,
+            )
+        }
     };
-    drop(old);
-    let server = Server::new(Mode::Voprf, new.key);
     let bar = bar(show_progress, Some(records.len()), "re-encrypting");
     let mut tags = Vec::with_capacity(usize::try_from(records.len()).unwrap_or(0));
     let mut hashes = Vec::with_capacity(tags.capacity());

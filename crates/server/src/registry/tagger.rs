@@ -14,7 +14,8 @@ use psi_core::{Blinding, Client, Mode, Output, PublicKey, Server};
 use rand_core::OsRng;
 
 use crate::keyholder::pool::{HolderPool, HoldersConfig, OnBehalf};
-use crate::store::{committee, keystore};
+use crate::store::committee::{self, Sharing};
+use crate::store::keystore;
 
 /// The name the encoding side gives the holders for their audit trails and
 /// quotas (a holder's policy lists it with mode `encode`).
@@ -40,6 +41,7 @@ pub struct HolderTagger {
     client: Client,
     committee: Arc<Committee>,
     epoch: u64,
+    generation: u32,
     pool: HolderPool,
     handle: tokio::runtime::Handle,
     // Kept while the handle is in use, when no runtime was running.
@@ -70,11 +72,11 @@ impl Tagger {
         public_key: Option<&[u8; 32]>,
         holders: Option<&HoldersConfig>,
     ) -> Result<Self> {
-        let committee = match public_key {
+        let sharing = match public_key {
             Some(pk) => committee::load_committed(data_dir, epoch, pk)?,
-            None => committee::load(data_dir, epoch)?,
+            None => committee::load_at(&committee::path(data_dir, epoch), epoch)?,
         };
-        if let Some(committee) = committee {
+        if let Some(sharing) = sharing {
             let Some(holders) = holders else {
                 bail!(
                     "key epoch {epoch} of {} is in threshold mode (its key exists only as shares on the key holders): give --holders, with --holders-ca, --holders-cert and --holders-key",
@@ -82,7 +84,7 @@ impl Tagger {
                 );
             };
             return Ok(Self::Holders(Box::new(HolderTagger::new(
-                committee, epoch, holders,
+                sharing, epoch, holders,
             )?)));
         }
         let key = match public_key {
@@ -136,18 +138,9 @@ impl Tagger {
 }
 
 impl HolderTagger {
-    fn new(committee: Committee, epoch: u64, holders: &HoldersConfig) -> Result<Self> {
-        let (handle, runtime) = match tokio::runtime::Handle::try_current() {
-            Ok(h) => (h, None),
-            Err(_) => {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                    .context("starting the runtime that talks to the key holders")?;
-                (rt.handle().clone(), Some(rt))
-            }
-        };
+    fn new(sharing: Sharing, epoch: u64, holders: &HoldersConfig) -> Result<Self> {
+        let committee = sharing.committee;
+        let (handle, runtime) = crate::keyholder::pool::runtime_handle()?;
         let pool = {
             // Channels are made inside the runtime they will run on.
             let _entered = handle.enter();
@@ -157,6 +150,7 @@ impl HolderTagger {
             client: Client::new(Mode::Voprf, *committee.public_key()),
             committee: Arc::new(committee),
             epoch,
+            generation: sharing.generation,
             pool,
             handle,
             _runtime: runtime,
@@ -181,7 +175,12 @@ impl HolderTagger {
                 };
                 async move {
                     self.pool
-                        .evaluate(&self.committee, self.epoch, &b, &on_behalf)
+                        .evaluate(
+                            &self.committee,
+                            (self.epoch, self.generation),
+                            &b,
+                            &on_behalf,
+                        )
                         .await
                 }
             });

@@ -445,12 +445,15 @@ impl MatchService {
                     Evaluator::Key(server) => server
                         .blind_evaluate_until(&blinded, &mut OsRng, stop)
                         .map_err(ServiceError::from),
-                    Evaluator::Holders(_) => Err(ServiceError::Internal),
+                    Evaluator::Holders { .. } => Err(ServiceError::Internal),
                 })
                 .await??;
                 Ok(Evaluated::Whole(evaluation))
             }
-            Evaluator::Holders(committee) => {
+            Evaluator::Holders {
+                committee,
+                generation,
+            } => {
                 if !combines_partials {
                     return Err(ServiceError::ThresholdMode);
                 }
@@ -461,9 +464,14 @@ impl MatchService {
                 })?;
                 let on_behalf = ON_BEHALF.try_with(Clone::clone).unwrap_or_default();
                 let partials = pool
-                    .evaluate(committee, snap.epoch, &Arc::new(blinded), &on_behalf)
+                    .evaluate(
+                        committee,
+                        (snap.epoch, *generation),
+                        &Arc::new(blinded),
+                        &on_behalf,
+                    )
                     .await?;
-                Ok(Evaluated::Partials(partials))
+                Ok(Evaluated::Partials(partials, *generation))
             }
         }
     }
@@ -488,7 +496,7 @@ type EvaluationFields = (Vec<u8>, Vec<u8>, Vec<PartialEvaluation>);
 /// verified partial evaluations (threshold mode).
 enum Evaluated {
     Whole(psi_core::Evaluation),
-    Partials(Vec<psi_core::Partial>),
+    Partials(Vec<psi_core::Partial>, u32),
 }
 
 impl Evaluated {
@@ -503,10 +511,10 @@ impl Evaluated {
                     Vec::new(),
                 ))
             }
-            Evaluated::Partials(p) => Ok((
+            Evaluated::Partials(p, generation) => Ok((
                 Vec::new(),
                 Vec::new(),
-                p.iter().map(partial_to_proto).collect(),
+                p.iter().map(|p| partial_to_proto(p, generation)).collect(),
             )),
         }
     }
@@ -555,7 +563,10 @@ impl Match for MatchService {
             ciphersuite: SUITE_ID.to_string(),
             oprf_mode: 1,
             public_key: snap.evaluator.public_key().to_bytes().to_vec(),
-            threshold: snap.evaluator.committee().map(|c| committee_to_proto(c)),
+            threshold: snap
+                .evaluator
+                .committee()
+                .map(|(c, generation)| committee_to_proto(c, generation)),
             key_epoch: snap.epoch,
             registry_version: snap.index.registry_version(),
             registry_size: snap.index.len() as u64,

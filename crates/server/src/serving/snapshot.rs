@@ -46,9 +46,14 @@ pub struct Snapshot {
 pub enum Evaluator {
     /// Single-key mode: the epoch's key, in this process.
     Key(Server),
-    /// Threshold mode: the committee of holders whose shares make the key;
-    /// no key or share is on this host.
-    Holders(Arc<Committee>),
+    /// Threshold mode: the committee of holders whose shares make the key
+    /// (no key or share is on this host), and which sharing of it.
+    Holders {
+        /// The public shares.
+        committee: Arc<Committee>,
+        /// The sharing's generation (refreshes so far).
+        generation: u32,
+    },
 }
 
 impl Evaluator {
@@ -59,8 +64,11 @@ impl Evaluator {
     /// # Errors
     /// A missing, damaged or foreign key or committee file.
     pub fn load(data_dir: &Path, epoch: u64, public_key: &[u8; 32]) -> Result<Self> {
-        if let Some(c) = committee::load_committed(data_dir, epoch, public_key)? {
-            return Ok(Self::Holders(Arc::new(c)));
+        if let Some(s) = committee::load_committed(data_dir, epoch, public_key)? {
+            return Ok(Self::Holders {
+                committee: Arc::new(s.committee),
+                generation: s.generation,
+            });
         }
         let key = keystore::load_committed(data_dir, epoch, public_key)?;
         Ok(Self::Key(Server::new(Mode::Voprf, key.key)))
@@ -71,16 +79,19 @@ impl Evaluator {
     pub fn public_key(&self) -> PublicKey {
         match self {
             Self::Key(server) => *server.public_key(),
-            Self::Holders(c) => *c.public_key(),
+            Self::Holders { committee, .. } => *committee.public_key(),
         }
     }
 
-    /// The committee, in threshold mode.
+    /// The committee and its generation, in threshold mode.
     #[must_use]
-    pub fn committee(&self) -> Option<&Arc<Committee>> {
+    pub fn committee(&self) -> Option<(&Arc<Committee>, u32)> {
         match self {
             Self::Key(_) => None,
-            Self::Holders(c) => Some(c),
+            Self::Holders {
+                committee,
+                generation,
+            } => Some((committee, *generation)),
         }
     }
 }
@@ -141,6 +152,9 @@ impl Snapshot {
     /// # Errors
     /// As [`Snapshot::load`].
     pub fn reload(prev: &Snapshot, data_dir: &Path) -> Result<Self> {
+        if let Some(next) = Self::refreshed(prev, data_dir)? {
+            return Ok(next);
+        }
         match Self::apply_log(prev, data_dir) {
             Ok(Some(next)) => Ok(next),
             Ok(None) => Self::load(data_dir),
@@ -149,6 +163,41 @@ impl Snapshot {
                 Self::load(data_dir)
             }
         }
+    }
+
+    /// `prev` with a refreshed committee (threshold mode: the holders were
+    /// given new shares of the same key), when that is all that changed;
+    /// `None` otherwise. The registry is not read again.
+    ///
+    /// # Errors
+    /// A damaged manifest or committee file.
+    fn refreshed(prev: &Snapshot, data_dir: &Path) -> Result<Option<Self>> {
+        let Some((_, generation)) = prev.evaluator.committee() else {
+            return Ok(None);
+        };
+        let Some(m) = committed(data_dir)? else {
+            return Ok(None);
+        };
+        let same = prev.base.as_ref() == Some(&m.base)
+            && m.epoch == prev.epoch
+            && m.version == prev.index.registry_version();
+        if !same {
+            return Ok(None);
+        }
+        let evaluator = Evaluator::load(data_dir, m.epoch, &m.public_key)?;
+        if evaluator.committee().map(|(_, g)| g) == Some(generation) {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            evaluator,
+            epoch: prev.epoch,
+            index: prev.index.clone(),
+            tagset: prev.tagset.clone(),
+            deltas: prev.deltas.clone(),
+            history: prev.history.clone(),
+            pir: prev.pir.clone(),
+            base: prev.base.clone(),
+        }))
     }
 
     /// `prev` with the updates logged since applied, or `None` when a full

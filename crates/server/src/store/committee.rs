@@ -6,6 +6,7 @@
 //! ```text
 //! psi-committee 1
 //! epoch 3
+//! generation 0
 //! threshold 2
 //! public_key <64 hex>
 //! holder 1 <64 hex>
@@ -16,6 +17,11 @@
 //!
 //! Read back, it is checked: its checksum, its epoch, and that the shares
 //! lie on one polynomial through the public key ([`Committee::new`]).
+//!
+//! The generation counts proactive refreshes: new shares of the same key.
+//! A data directory holds the current generation's file; a holder keeps
+//! each generation it holds a share of, generation G > 0 as
+//! `committee-epoch-N.gen-G.txt` ([`path_of`]).
 
 use std::path::{Path, PathBuf};
 
@@ -28,10 +34,29 @@ use psi_files::atomic::write_atomically;
 
 const HEADER: &str = "psi-committee 1";
 
-/// Path of the committee file of `epoch` in `dir`.
+/// The committee of an epoch in one generation of its sharing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sharing {
+    /// 0 for the first sharing, one more after each refresh.
+    pub generation: u32,
+    /// The public shares.
+    pub committee: Committee,
+}
+
+/// Path of the committee file of `epoch` in a data directory `dir`.
 #[must_use]
 pub fn path(dir: &Path, epoch: u64) -> PathBuf {
-    dir.join(format!("committee-epoch-{epoch}.txt"))
+    path_of(dir, epoch, 0)
+}
+
+/// Path of the committee file of `epoch`, generation `generation`, in a
+/// holder's directory (generation 0 is [`path`]'s name).
+#[must_use]
+pub fn path_of(dir: &Path, epoch: u64, generation: u32) -> PathBuf {
+    match generation {
+        0 => dir.join(format!("committee-epoch-{epoch}.txt")),
+        g => dir.join(format!("committee-epoch-{epoch}.gen-{g}.txt")),
+    }
 }
 
 /// The epochs of the committee files in `dir`, lowest first.
@@ -58,13 +83,17 @@ pub fn epochs(dir: &Path) -> Result<Vec<u64>> {
     Ok(out)
 }
 
-/// Writes the committee file of `epoch` atomically (mode 0644: public).
+/// Writes `sharing` as the committee file of `epoch` at `p` atomically
+/// (mode 0644: public): [`path`] in a data directory, [`path_of`] in a
+/// holder's.
 ///
 /// # Errors
 /// I/O errors.
-pub fn store(dir: &Path, epoch: u64, committee: &Committee) -> Result<()> {
+pub fn store_at(p: &Path, epoch: u64, sharing: &Sharing) -> Result<()> {
+    let committee = &sharing.committee;
     let mut body = format!(
-        "{HEADER}\nepoch {epoch}\nthreshold {}\npublic_key {}\n",
+        "{HEADER}\nepoch {epoch}\ngeneration {}\nthreshold {}\npublic_key {}\n",
+        sharing.generation,
         committee.threshold(),
         committee.public_key().to_hex()
     );
@@ -73,8 +102,22 @@ pub fn store(dir: &Path, epoch: u64, committee: &Committee) -> Result<()> {
     }
     let digest = hex::encode(Sha256::digest(body.as_bytes()));
     body.push_str(&format!("end {digest}\n"));
-    let p = path(dir, epoch);
-    write_atomically(&p, body.as_bytes(), 0o644).with_context(|| format!("writing {}", p.display()))
+    write_atomically(p, body.as_bytes(), 0o644).with_context(|| format!("writing {}", p.display()))
+}
+
+/// Writes the first sharing (generation 0) of `epoch` into `dir`.
+///
+/// # Errors
+/// I/O errors.
+pub fn store(dir: &Path, epoch: u64, committee: &Committee) -> Result<()> {
+    store_at(
+        &path(dir, epoch),
+        epoch,
+        &Sharing {
+            generation: 0,
+            committee: committee.clone(),
+        },
+    )
 }
 
 /// The committee of `epoch` in `dir`, or `None` when there is no file
@@ -83,8 +126,15 @@ pub fn store(dir: &Path, epoch: u64, committee: &Committee) -> Result<()> {
 /// # Errors
 /// An unreadable, damaged or inconsistent file.
 pub fn load(dir: &Path, epoch: u64) -> Result<Option<Committee>> {
-    let p = path(dir, epoch);
-    let text = match std::fs::read_to_string(&p) {
+    Ok(load_at(&path(dir, epoch), epoch)?.map(|s| s.committee))
+}
+
+/// The sharing in the committee file at `p`, or `None` when there is none.
+///
+/// # Errors
+/// An unreadable, damaged or inconsistent file, or one of another epoch.
+pub fn load_at(p: &Path, epoch: u64) -> Result<Option<Sharing>> {
+    let text = match std::fs::read_to_string(p) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
@@ -94,15 +144,15 @@ pub fn load(dir: &Path, epoch: u64) -> Result<Option<Committee>> {
         .with_context(|| format!("{} is damaged or not a committee file", p.display()))
 }
 
-/// Loads the committee of `epoch` and checks it is for `public_key` (the
-/// one the manifest committed).
+/// Loads the sharing of `epoch` in a data directory and checks it is for
+/// `public_key` (the one the manifest committed).
 ///
 /// # Errors
 /// As [`load`], and a committee of another key.
-pub fn load_committed(dir: &Path, epoch: u64, public_key: &[u8; 32]) -> Result<Option<Committee>> {
-    let c = load(dir, epoch)?;
+pub fn load_committed(dir: &Path, epoch: u64, public_key: &[u8; 32]) -> Result<Option<Sharing>> {
+    let c = load_at(&path(dir, epoch), epoch)?;
     if let Some(c) = &c {
-        if c.public_key().to_bytes() != *public_key {
+        if c.committee.public_key().to_bytes() != *public_key {
             bail!(
                 "{} is for another public key than the manifest committed for epoch {epoch}",
                 path(dir, epoch).display()
@@ -112,7 +162,7 @@ pub fn load_committed(dir: &Path, epoch: u64, public_key: &[u8; 32]) -> Result<O
     Ok(c)
 }
 
-fn parse(text: &str, epoch: u64) -> Result<Committee> {
+fn parse(text: &str, epoch: u64) -> Result<Sharing> {
     let (body, end) = text
         .strip_suffix('\n')
         .and_then(|t| t.rsplit_once('\n'))
@@ -138,6 +188,7 @@ fn parse(text: &str, epoch: u64) -> Result<Committee> {
     if got != epoch {
         bail!("it is the committee of epoch {got}");
     }
+    let generation: u32 = field("generation")?.parse()?;
     let threshold: u16 = field("threshold")?.parse()?;
     let public_key = key(&field("public_key")?)?;
     let shares = lines
@@ -152,7 +203,10 @@ fn parse(text: &str, epoch: u64) -> Result<Committee> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Committee::new(threshold, public_key, shares)?)
+    Ok(Sharing {
+        generation,
+        committee: Committee::new(threshold, public_key, shares)?,
+    })
 }
 
 fn key(hex_text: &str) -> Result<PublicKey> {

@@ -149,20 +149,29 @@ mod tests {
 
 /// What a commit to the data directory alters: its manifest (replaced by
 /// every commit), or for a directory written before manifests, the base
-/// index file and the newest delta. A watcher reloads when it changes.
+/// index file and the newest delta; and in threshold mode the committee
+/// files (a refresh replaces one without a new manifest). A watcher
+/// reloads when it changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stamp {
     committed: FileStamp,
     newest_delta: Option<String>,
+    committees: Vec<Option<FileStamp>>,
 }
 
 /// Identifies the committed state's files.
 #[must_use]
 pub fn snapshot_stamp(data_dir: &Path) -> Option<Stamp> {
+    let committees = committee::epochs(data_dir)
+        .ok()?
+        .into_iter()
+        .map(|e| file_stamp(&committee::path(data_dir, e)))
+        .collect();
     if let Some(committed) = file_stamp(&data_dir.join(MANIFEST_FILE)) {
         return Some(Stamp {
             committed,
             newest_delta: None,
+            committees,
         });
     }
     Some(Stamp {
@@ -171,6 +180,7 @@ pub fn snapshot_stamp(data_dir: &Path) -> Option<Stamp> {
             .ok()?
             .into_iter()
             .max(),
+        committees,
     })
 }
 
