@@ -149,6 +149,33 @@ mod tests {
     }
 
     #[test]
+    fn endorsements_keep_the_byte_format_of_earlier_releases() {
+        // The formula of section 7 of docs/PROTOCOL.md, computed by hand:
+        // key histories written before this code still verify.
+        use crate::suite::hash_to_scalar_dst;
+        use curve25519_dalek::constants::RISTRETTO_BASEPOINT_TABLE;
+        let old = ServerKey::from_bytes(&[3; 32]).unwrap();
+        let new = *ServerKey::from_bytes(&[4; 32]).unwrap().public_key();
+        let r = curve25519_dalek::scalar::Scalar::from(77u8);
+        let big_r = (RISTRETTO_BASEPOINT_TABLE * &r).compress().to_bytes();
+        let c = hash_to_scalar_dst(
+            &[
+                &old.public_key().to_bytes(),
+                &5u64.to_be_bytes(),
+                &new.to_bytes(),
+                &6u64.to_be_bytes(),
+                &big_r,
+            ],
+            DST,
+        );
+        let s = r + c * old.scalar();
+        let mut e = [0u8; ENDORSEMENT_LEN];
+        e[..32].copy_from_slice(&big_r);
+        e[32..].copy_from_slice(s.as_bytes());
+        verify(old.public_key(), 5, &new, 6, &e).unwrap();
+    }
+
+    #[test]
     fn chains_verify_step_by_step() {
         let k1 = ServerKey::generate(&mut OsRng);
         let k2 = ServerKey::generate(&mut OsRng);

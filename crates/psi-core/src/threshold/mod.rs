@@ -438,3 +438,5 @@ pub(crate) fn base_mul(x: &Scalar) -> RistrettoPoint {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vectors;

@@ -82,10 +82,12 @@ pub struct Endorsed {
 
 /// Round 1 for one signer.
 pub fn commit<R: CryptoRngCore + ?Sized>(share: &KeyShare, rng: &mut R) -> (Nonces, Commitment) {
-    let nonces = Nonces {
-        hiding: random_scalar(rng),
-        binding: random_scalar(rng),
-    };
+    commit_with(share, random_scalar(rng), random_scalar(rng))
+}
+
+/// Round 1 with the nonces given (the vectors fix them).
+pub(crate) fn commit_with(share: &KeyShare, hiding: Scalar, binding: Scalar) -> (Nonces, Commitment) {
+    let nonces = Nonces { hiding, binding };
     let commitment = Commitment {
         index: share.index(),
         hiding: base_mul(&nonces.hiding).compress().to_bytes(),
