@@ -25,8 +25,14 @@ fn deploy() -> PathBuf {
 
 /// The environment variables `psi-server serve` reads, from its help.
 fn serve_env() -> BTreeSet<String> {
+    env_of(&["serve"])
+}
+
+/// The environment variables a subcommand reads, from its help.
+fn env_of(subcommand: &[&str]) -> BTreeSet<String> {
     let help = Command::new(env!("CARGO_BIN_EXE_psi-server"))
-        .args(["serve", "--help"])
+        .args(subcommand)
+        .arg("--help")
         .output()
         .unwrap();
     let text = String::from_utf8(help.stdout).unwrap();
@@ -485,4 +491,94 @@ fn the_systemd_unit_lets_the_server_sweep_retired_keys() {
         !paths("ReadOnlyPaths=").iter().any(|p| p == data_dir),
         "{data_dir} is read-only: {unit}"
     );
+}
+
+#[test]
+fn the_key_holders_statefulset_agrees_with_the_server_and_the_replicas() {
+    let yaml = std::fs::read_to_string(deploy().join("k8s/keyholders.yaml")).unwrap();
+    let docs: BTreeMap<(String, String), Value> = serde_yaml_ng::Deserializer::from_str(&yaml)
+        .map(|doc| {
+            let v = Value::deserialize(doc).expect("valid YAML");
+            ((text(&v, "kind"), text(&v, "metadata.name")), v)
+        })
+        .collect();
+    let doc = |kind: &str, name: &str| &docs[&(kind.to_string(), name.to_string())];
+    let holder_env = env_of(&["keyholder", "serve"]);
+    let config = doc("ConfigMap", "psi-keyholder");
+    let Value::Mapping(data) = get(config, "data") else {
+        panic!("ConfigMap data");
+    };
+    for (key, _) in data {
+        let key = key.as_str().unwrap();
+        assert!(
+            holder_env.contains(key),
+            "ConfigMap sets {key}, which keyholder serve does not read"
+        );
+    }
+    let set = doc("StatefulSet", "psi-keyholder");
+    let container = get(set, "spec.template.spec.containers.0");
+    assert_eq!(text(container, "args.0"), "keyholder");
+    assert_eq!(text(container, "args.1"), "serve");
+    let port = text(container, "ports.0.containerPort");
+    assert!(text(config, "data.PSI_LISTEN").ends_with(&format!(":{port}")));
+    let mounts: BTreeMap<String, String> = get(container, "volumeMounts")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| (text(m, "name"), text(m, "mountPath")))
+        .collect();
+    assert_eq!(text(config, "data.PSI_HOLDER_DIR"), mounts["holder"]);
+    for var in ["PSI_TLS_CERT", "PSI_TLS_KEY", "PSI_CLIENT_CA"] {
+        assert!(text(config, &format!("data.{var}")).starts_with(&mounts["tls"]));
+    }
+    assert_eq!(
+        text(set, "spec.volumeClaimTemplates.0.metadata.name"),
+        "holder",
+        "each holder keeps its own volume"
+    );
+    // The replicas' settings name every holder by its stable DNS name, in
+    // index order, at the port it listens on; and serve reads them.
+    let replicas = get(set, "spec.replicas").as_u64().unwrap();
+    let service = text(set, "spec.serviceName");
+    let link = doc("ConfigMap", "psi-server-holders");
+    let serve = serve_env();
+    let Value::Mapping(data) = get(link, "data") else {
+        panic!("ConfigMap data");
+    };
+    for (key, _) in data {
+        let key = key.as_str().unwrap();
+        assert!(serve.contains(key), "{key} is not a serve setting");
+    }
+    let expected: Vec<String> = (0..replicas)
+        .map(|i| format!("{}=https://psi-keyholder-{i}.{service}:{port}", i + 1))
+        .collect();
+    assert_eq!(text(link, "data.PSI_HOLDERS"), expected.join(","));
+    // Callers are the replicas and the encoder; the NetworkPolicy lets in
+    // just their pods.
+    assert_eq!(text(config, "data.PSI_HOLDER_CALLERS"), "replica,encoder");
+    let policy = doc("NetworkPolicy", "psi-keyholder");
+    let from: Vec<String> = get(policy, "spec.ingress.0.from")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            f["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(from, ["psi-server", "psi-encode"]);
+    assert_eq!(text(doc("Service", "psi-keyholder"), "spec.clusterIP"), "None");
+    // The pods named there carry those labels.
+    let jobs = std::fs::read_to_string(deploy().join("k8s/encode-job.yaml")).unwrap();
+    for doc in serde_yaml_ng::Deserializer::from_str(&jobs) {
+        let job = Value::deserialize(doc).unwrap();
+        assert_eq!(
+            job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"].as_str(),
+            Some("psi-encode")
+        );
+    }
+    let servers = std::fs::read_to_string(deploy().join("k8s/psi-server.yaml")).unwrap();
+    assert!(servers.contains("labels: {app.kubernetes.io/name: psi-server}"));
 }
