@@ -253,6 +253,99 @@ fn voprf_crate(c: &mut Criterion) {
     g.finish();
 }
 
+/// Threshold mode on one core: a holder's partial evaluation (its share as
+/// the key: the single-key cost, per holder), the replica's check of one
+/// partial, and the client's verification of `t` partials and combination.
+fn threshold_steps(c: &mut Criterion) {
+    use psi_core::threshold::{split, verify_partial, Committee, KeyShare, Partial};
+    let pool = single_thread_pool();
+    let key = ServerKey::generate(&mut OsRng);
+    let client = Client::new(Mode::Voprf, *key.public_key());
+    let mut g = c.benchmark_group("threshold");
+    for (t, n) in [(2u16, 3u16), (3, 5)] {
+        let shares = split(&key, t, n, &mut OsRng).unwrap();
+        let committee = Committee::new(
+            t,
+            *key.public_key(),
+            shares.iter().map(KeyShare::public_share).collect(),
+        )
+        .unwrap();
+        let holders: Vec<(u16, Server)> = shares
+            .iter()
+            .take(usize::from(t))
+            .map(|s| {
+                let copy = KeyShare::from_bytes(s.index(), &s.to_bytes()).unwrap();
+                (s.index(), Server::new(Mode::Voprf, copy.into_key()))
+            })
+            .collect();
+        for batch in BATCHES {
+            let inputs = encoded_records(batch);
+            g.throughput(Throughput::Elements(batch as u64));
+            let (_, blinded) = client
+                .blind(&inputs, Blinding::Additive, &mut OsRng)
+                .unwrap();
+            let partials = || -> Vec<Partial> {
+                holders
+                    .iter()
+                    .map(|(i, server)| {
+                        let e = server.blind_evaluate(&blinded, &mut OsRng).unwrap();
+                        Partial {
+                            index: *i,
+                            elements: e.elements,
+                            proof: e.proof.unwrap(),
+                        }
+                    })
+                    .collect()
+            };
+            if t == 2 {
+                g.bench_function(BenchmarkId::new("holder_partial_evaluate", batch), |b| {
+                    pool.install(|| {
+                        b.iter(|| holders[0].1.blind_evaluate(&blinded, &mut OsRng).unwrap())
+                    })
+                });
+                let one = partials().remove(0);
+                g.bench_function(BenchmarkId::new("replica_verify_partial", batch), |b| {
+                    pool.install(|| b.iter(|| verify_partial(&committee, &blinded, &one).unwrap()))
+                });
+            }
+            g.bench_function(
+                BenchmarkId::new(format!("client_finalize_{t}_of_{n}"), batch),
+                |b| {
+                    pool.install(|| {
+                        b.iter_batched(
+                            || {
+                                let (state, blinded) = client
+                                    .blind(&inputs, Blinding::Additive, &mut OsRng)
+                                    .unwrap();
+                                let p = holders
+                                    .iter()
+                                    .map(|(i, server)| {
+                                        let e =
+                                            server.blind_evaluate(&blinded, &mut OsRng).unwrap();
+                                        Partial {
+                                            index: *i,
+                                            elements: e.elements,
+                                            proof: e.proof.unwrap(),
+                                        }
+                                    })
+                                    .collect::<Vec<_>>();
+                                (state, p)
+                            },
+                            |(state, p)| {
+                                client
+                                    .finalize_threshold(state, &inputs, &committee, &p)
+                                    .unwrap()
+                            },
+                            BatchSize::PerIteration,
+                        )
+                    })
+                },
+            );
+        }
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -263,6 +356,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = primitives, server_steps, client_steps, registry_steps, voprf_crate
+    targets = primitives, server_steps, client_steps, registry_steps, voprf_crate, threshold_steps
 }
 criterion_main!(benches);

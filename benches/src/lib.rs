@@ -1,8 +1,9 @@
 //! Shared pieces of the benchmarks: deterministic synthetic inputs, a
 //! one-thread pool for per-core figures, and the sweep harness behind
 //! `psi-bench` ([`sweep`] points, [`costs`] per element beside the
-//! baselines, [`report`] tables, charts and BENCHMARKS.md), and the
-//! attackers `psi-load --attack` runs beside its honest load ([`attack`]).
+//! baselines, [`report`] tables, charts and BENCHMARKS.md), the attackers
+//! `psi-load --attack` runs beside its honest load ([`attack`]), and
+//! single-key against threshold mode end to end ([`threshold`]).
 
 // The benchmark harness: a run that cannot proceed stops with the reason.
 #![allow(
@@ -16,6 +17,7 @@ pub mod attack;
 pub mod costs;
 pub mod report;
 pub mod sweep;
+pub mod threshold;
 
 use psi_core::record::{CivilDate, IdNumber, Record};
 

@@ -10,6 +10,8 @@
 //!   sweep's JSON.
 //! - `psi-bench e2e`: one registry served in this process: init, first sync,
 //!   a sync-mode batch, bucket checks, then an update and a key rotation.
+//! - `psi-bench threshold`: single-key against 2-of-3 key holders on one
+//!   registry: encoding, a sync-mode batch, single checks.
 
 // The benchmark harness: a run that cannot proceed stops with the reason.
 #![allow(
@@ -68,6 +70,21 @@ enum Cmd {
     },
     /// One registry served in this process, with the update and rotation phases.
     E2e(E2eArgs),
+    /// Single-key against threshold mode (2-of-3 holders in this process).
+    Threshold {
+        /// Registry size.
+        #[arg(long, default_value_t = 1_000_000)]
+        registry_size: u64,
+        /// Rows in the sync-mode batch (half registered).
+        #[arg(long, default_value_t = 100_000)]
+        queries: u64,
+        /// Single bucket-mode checks to time.
+        #[arg(long, default_value_t = 300)]
+        checks: usize,
+        /// Working directory.
+        #[arg(long, default_value = "target/psi-bench")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -193,6 +210,21 @@ fn main() -> Result<()> {
             publish(&sweep, &out, Some(&benchmarks_md))
         }
         Cmd::E2e(args) => tokio::runtime::Runtime::new()?.block_on(e2e(args)),
+        Cmd::Threshold {
+            registry_size,
+            queries,
+            checks,
+            dir,
+        } => {
+            let results = tokio::runtime::Runtime::new()?.block_on(psi_bench::threshold::run(
+                &dir,
+                registry_size,
+                queries,
+                checks,
+            ))?;
+            println!("{}", serde_json::to_string_pretty(&results)?);
+            Ok(())
+        }
     }
 }
 

@@ -569,7 +569,10 @@ fn the_key_holders_statefulset_agrees_with_the_server_and_the_replicas() {
         })
         .collect();
     assert_eq!(from, ["psi-server", "psi-encode"]);
-    assert_eq!(text(doc("Service", "psi-keyholder"), "spec.clusterIP"), "None");
+    assert_eq!(
+        text(doc("Service", "psi-keyholder"), "spec.clusterIP"),
+        "None"
+    );
     // The pods named there carry those labels.
     let jobs = std::fs::read_to_string(deploy().join("k8s/encode-job.yaml")).unwrap();
     for doc in serde_yaml_ng::Deserializer::from_str(&jobs) {

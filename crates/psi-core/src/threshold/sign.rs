@@ -86,7 +86,11 @@ pub fn commit<R: CryptoRngCore + ?Sized>(share: &KeyShare, rng: &mut R) -> (Nonc
 }
 
 /// Round 1 with the nonces given (the vectors fix them).
-pub(crate) fn commit_with(share: &KeyShare, hiding: Scalar, binding: Scalar) -> (Nonces, Commitment) {
+pub(crate) fn commit_with(
+    share: &KeyShare,
+    hiding: Scalar,
+    binding: Scalar,
+) -> (Nonces, Commitment) {
     let nonces = Nonces { hiding, binding };
     let commitment = Commitment {
         index: share.index(),

@@ -64,10 +64,14 @@ fn evaluation(t: u16, n: u16, subset: &[u16], key: &ServerKey) -> Value {
             let share = &shares[usize::from(i) - 1];
             let server = Server::new(
                 Mode::Voprf,
-                KeyShare::from_bytes(i, &share.to_bytes()).unwrap().into_key(),
+                KeyShare::from_bytes(i, &share.to_bytes())
+                    .unwrap()
+                    .into_key(),
             );
             let r = scalar(&format!("proof {t}-of-{n}"), usize::from(i));
-            let e = server.blind_evaluate_with(&blinded, Some(&r), &|| false).unwrap();
+            let e = server
+                .blind_evaluate_with(&blinded, Some(&r), &|| false)
+                .unwrap();
             Partial {
                 index: i,
                 elements: e.elements,
@@ -113,10 +117,16 @@ fn evaluation(t: u16, n: u16, subset: &[u16], key: &ServerKey) -> Value {
 fn key_generation() -> (Value, Vec<KeyShare>, Committee) {
     let (t, n) = (2u16, 3u16);
     let polys: Vec<Vec<Scalar>> = (1..=n)
-        .map(|i| (0..t).map(|k| scalar(&format!("dkg f_{i}"), usize::from(k))).collect())
+        .map(|i| {
+            (0..t)
+                .map(|k| scalar(&format!("dkg f_{i}"), usize::from(k)))
+                .collect()
+        })
         .collect();
-    let commitments: Vec<Vec<RistrettoPoint>> =
-        polys.iter().map(|p| p.iter().map(base_mul).collect()).collect();
+    let commitments: Vec<Vec<RistrettoPoint>> = polys
+        .iter()
+        .map(|p| p.iter().map(base_mul).collect())
+        .collect();
     let key: Scalar = polys.iter().map(|p| p[0]).sum();
     let shares: Vec<KeyShare> = (1..=n)
         .map(|j| {
