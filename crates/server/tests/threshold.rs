@@ -734,3 +734,110 @@ fn holders_generate_refresh_rotate_and_retire_without_a_dealer() {
         }
     }
 }
+
+#[test]
+fn a_silent_holder_is_replaced_within_its_timeout_and_batches_over_a_holders_limit_are_refused() {
+    use psi_server::keyholder::pool::HolderPool;
+    use psi_server::keyholder::serve::HolderArgs;
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let data = root.join("data");
+    let csv = root.join("registry.csv");
+    write_registry(&csv, 10);
+    registry::init_guarded(&Source::csv(&csv), &data, false, &PublishGuard::force(), None)
+        .unwrap();
+    let split = psi_server::keyholder::split::split(&data, 2, 3, &root.join("holders")).unwrap();
+    let committee = std::sync::Arc::new(
+        psi_server::store::committee::load(&data, 1).unwrap().unwrap(),
+    );
+    // Holder 3 accepts connections and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming() {
+            held.push(c);
+        }
+    });
+    let rt = runtime();
+    rt.block_on(async {
+        let mut holders = Vec::new();
+        for d in &split.holder_dirs[..2] {
+            holders.push(
+                psi_server::keyholder::serve::start(HolderArgs {
+                    dir: d.clone(),
+                    listen: "127.0.0.1:0".into(),
+                    tls_cert: None,
+                    tls_key: None,
+                    client_ca: None,
+                    callers: Vec::new(),
+                    operators: Vec::new(),
+                    insecure_plaintext: true,
+                    audit_db: None,
+                    policy: None,
+                    max_batch: 4,
+                    request_timeout_secs: 30,
+                    max_concurrent_per_connection: 8,
+                })
+                .await
+                .unwrap(),
+            );
+        }
+        let metrics = std::sync::Arc::new(psi_server::serving::metrics::Metrics::default());
+        let pool = HolderPool::new(
+            &HoldersConfig {
+                endpoints: vec![
+                    (1, format!("http://{}", holders[0].local_addr)),
+                    (2, format!("http://{}", holders[1].local_addr)),
+                    (3, format!("http://{silent_addr}")),
+                ],
+                tls: None,
+                timeout: Duration::from_millis(300),
+            },
+            Some(std::sync::Arc::clone(&metrics)),
+        )
+        .unwrap();
+        let client = psi_core::Client::new(psi_core::Mode::Voprf, *committee.public_key());
+        let inputs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i]).collect();
+        let (_, five) = client
+            .blind(&inputs, psi_core::Blinding::Additive, &mut rand_core::OsRng)
+            .unwrap();
+        let four = std::sync::Arc::new(five[..4].to_vec());
+        let who = psi_server::keyholder::pool::OnBehalf {
+            institution: "bank-a".into(),
+            purpose: PURPOSE.into(),
+            mode: "bucket".into(),
+            request_id: "00".repeat(16),
+        };
+        // Each batch starts at another holder: twice the silent one is
+        // asked, times out, and the next holder answers in its place.
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            let partials = pool.evaluate(&committee, (1, 0), &four, &who).await.unwrap();
+            let mut got: Vec<u16> = partials.iter().map(|p| p.index).collect();
+            got.sort_unstable();
+            assert_eq!(got, vec![1, 2]);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "a silent holder does not hold a batch past its timeout"
+        );
+        // (Its connection never completes the HTTP/2 handshake, which the
+        // connect timeout, the same setting, cuts: counted as unreachable.)
+        let text = metrics.render();
+        assert!(
+            text.contains("psi_holder_answers_total{holder=\"3\",outcome=\"unreachable\"} 2")
+                || text.contains("psi_holder_answers_total{holder=\"3\",outcome=\"timeout\"} 2"),
+            "{text}"
+        );
+        // Over the holders' max_batch: refused, naming the setting.
+        let over = pool
+            .evaluate(&committee, (1, 0), &std::sync::Arc::new(five), &who)
+            .await
+            .unwrap_err();
+        assert!(over.to_string().contains("max_batch = 4"), "{over}");
+        for h in holders {
+            h.shutdown().await.unwrap();
+        }
+    });
+}
