@@ -72,19 +72,8 @@ pub async fn run(
     for d in &split.holder_dirs {
         running.push(
             psi_server::keyholder::serve::start(HolderArgs {
-                dir: d.clone(),
-                listen: "127.0.0.1:0".into(),
-                tls_cert: None,
-                tls_key: None,
-                client_ca: None,
-                callers: Vec::new(),
-                operators: Vec::new(),
-                insecure_plaintext: true,
-                audit_db: None,
-                policy: None,
-                max_batch: psi_core::proof::MAX_PROOF_BATCH,
                 request_timeout_secs: 120,
-                max_concurrent_per_connection: 64,
+                ..HolderArgs::local(d)
             })
             .await?,
         );

@@ -135,6 +135,27 @@ fn evaluate_request(
     r
 }
 
+/// A registry of the fixture's people and `extra` synthetic ones, encoded
+/// under one key, then split 2-of-3: the data directory and the split.
+fn split_registry(
+    root: &Path,
+    extra: usize,
+) -> (PathBuf, psi_server::keyholder::split::SplitReport) {
+    let data = root.join("data");
+    let csv = root.join("registry.csv");
+    write_registry(&csv, extra);
+    registry::init_guarded(
+        &Source::csv(&csv),
+        &data,
+        false,
+        &PublishGuard::force(),
+        None,
+    )
+    .unwrap();
+    let split = psi_server::keyholder::split::split(&data, 2, 3, &root.join("holders")).unwrap();
+    (data, split)
+}
+
 /// Every file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -489,18 +510,7 @@ fn a_split_registry_is_answered_through_any_two_of_three_holders() {
 fn a_replica_without_holders_and_an_old_client_are_refused_saying_why() {
     let root = tempfile::tempdir().unwrap();
     let root = root.path();
-    let data = root.join("data");
-    let csv = root.join("registry.csv");
-    write_registry(&csv, 10);
-    registry::init_guarded(
-        &Source::csv(&csv),
-        &data,
-        false,
-        &PublishGuard::force(),
-        None,
-    )
-    .unwrap();
-    psi_server::keyholder::split::split(&data, 2, 3, &root.join("holders")).unwrap();
+    let (data, _) = split_registry(root, 10);
     let rt = runtime();
     let running = rt
         .block_on(serve::start(ServeConfig::local(&data)))
@@ -741,14 +751,11 @@ fn a_silent_holder_is_replaced_within_its_timeout_and_batches_over_a_holders_lim
     use psi_server::keyholder::serve::HolderArgs;
     let root = tempfile::tempdir().unwrap();
     let root = root.path();
-    let data = root.join("data");
-    let csv = root.join("registry.csv");
-    write_registry(&csv, 10);
-    registry::init_guarded(&Source::csv(&csv), &data, false, &PublishGuard::force(), None)
-        .unwrap();
-    let split = psi_server::keyholder::split::split(&data, 2, 3, &root.join("holders")).unwrap();
+    let (data, split) = split_registry(root, 10);
     let committee = std::sync::Arc::new(
-        psi_server::store::committee::load(&data, 1).unwrap().unwrap(),
+        psi_server::store::committee::load(&data, 1)
+            .unwrap()
+            .unwrap(),
     );
     // Holder 3 accepts connections and never says a word.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -765,19 +772,8 @@ fn a_silent_holder_is_replaced_within_its_timeout_and_batches_over_a_holders_lim
         for d in &split.holder_dirs[..2] {
             holders.push(
                 psi_server::keyholder::serve::start(HolderArgs {
-                    dir: d.clone(),
-                    listen: "127.0.0.1:0".into(),
-                    tls_cert: None,
-                    tls_key: None,
-                    client_ca: None,
-                    callers: Vec::new(),
-                    operators: Vec::new(),
-                    insecure_plaintext: true,
-                    audit_db: None,
-                    policy: None,
                     max_batch: 4,
-                    request_timeout_secs: 30,
-                    max_concurrent_per_connection: 8,
+                    ..HolderArgs::local(d)
                 })
                 .await
                 .unwrap(),
@@ -813,7 +809,10 @@ fn a_silent_holder_is_replaced_within_its_timeout_and_batches_over_a_holders_lim
         // asked, times out, and the next holder answers in its place.
         let started = std::time::Instant::now();
         for _ in 0..3 {
-            let partials = pool.evaluate(&committee, (1, 0), &four, &who).await.unwrap();
+            let partials = pool
+                .evaluate(&committee, (1, 0), &four, &who)
+                .await
+                .unwrap();
             let mut got: Vec<u16> = partials.iter().map(|p| p.index).collect();
             got.sort_unstable();
             assert_eq!(got, vec![1, 2]);

@@ -70,6 +70,30 @@ pub struct HolderArgs {
     pub max_concurrent_per_connection: usize,
 }
 
+impl HolderArgs {
+    /// A holder of `dir` in this process on a free loopback port, in
+    /// plaintext, with the defaults of every setting: for tests, benchmarks
+    /// and demonstrations only. Change what differs with struct update.
+    #[must_use]
+    pub fn local(dir: &std::path::Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            listen: "127.0.0.1:0".into(),
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            callers: Vec::new(),
+            operators: Vec::new(),
+            insecure_plaintext: true,
+            audit_db: None,
+            policy: None,
+            max_batch: psi_core::proof::MAX_PROOF_BATCH,
+            request_timeout_secs: 30,
+            max_concurrent_per_connection: 64,
+        }
+    }
+}
+
 /// A holder running in this process.
 #[derive(Debug)]
 pub struct RunningHolder {
