@@ -275,6 +275,7 @@ async fn stalled_streams(
         held_version: 0,
         held_digests: Vec::new(),
         root_only: false,
+        ..Default::default()
     };
     let framed = framed(&prost::Message::encode_to_vec(&msg));
     let mut held = Vec::new();

@@ -60,6 +60,25 @@ impl TagSetParams {
         })
     }
 
+    /// [`TagSetParams::for_count`] with at least `2^min_shard_bits` shards
+    /// (at most 2^20): more shards make a re-sync finer-grained and the
+    /// manifest larger (a server's `tagset_min_shard_bits` tuning, and how a
+    /// small set is given a population's shard count to test with). The
+    /// Rice parameter stays below the bits a shard's values keep.
+    ///
+    /// # Errors
+    /// As [`TagSetParams::for_count`]; a set too small for that many shards.
+    pub fn for_count_at_least(n: u64, min_shard_bits: u8) -> Result<Self> {
+        let mut p = Self::for_count(n)?;
+        if min_shard_bits > p.shard_bits {
+            p.shard_bits = min_shard_bits.min(MAX_SHARD_BITS);
+            p.rice_bits = p
+                .rice_bits
+                .min(p.tag_bits.saturating_sub(p.shard_bits).saturating_sub(1));
+        }
+        p.validate()
+    }
+
     fn validate(self) -> Result<Self> {
         let ok = (1..=64).contains(&self.tag_bits)
             && self.shard_bits <= MAX_SHARD_BITS
@@ -216,6 +235,21 @@ impl TagSet {
         registry_version: u64,
     ) -> Result<Self> {
         let params = TagSetParams::for_count(count as u64)?.validate()?;
+        Self::build_from_iter_with(params, tags, count, epoch, registry_version)
+    }
+
+    /// [`TagSet::build_from_iter`] with given parameters.
+    ///
+    /// # Errors
+    /// As [`TagSet::build_from_iter`].
+    pub fn build_from_iter_with(
+        params: TagSetParams,
+        tags: impl Iterator<Item = Tag>,
+        count: usize,
+        epoch: u64,
+        registry_version: u64,
+    ) -> Result<Self> {
+        let params = params.validate()?;
         let mut values: Vec<u64> = Vec::with_capacity(count);
         values.extend(tags.map(|t| params.value(t)));
         if values.len() != count {

@@ -122,7 +122,92 @@ pub fn manifest_of(set: &psi_core::TagSet) -> v1::TagSetManifest {
         shard_digests: pack(set.shards().iter().map(Shard::digest)),
         shard_counts: set.shards().iter().map(Shard::count).collect(),
         root_digest: set.root_digest().to_vec(),
+        lists_in_parts: false,
     }
+}
+
+/// Bytes one shard takes in a manifest's lists, at most: its digest and
+/// its count (a varint of up to 5 bytes, and its share of the field tags).
+const LISTED_SHARD_BYTES: usize = 32 + 6;
+
+/// The manifest of a tag set for a stream whose messages carry at most
+/// `part_bytes` of shard lists: the whole manifest when its lists fit,
+/// else the manifest with `lists_in_parts` and the lists in parts.
+#[must_use]
+pub fn manifest_in_parts(
+    set: &psi_core::TagSet,
+    part_bytes: usize,
+) -> (v1::TagSetManifest, Vec<v1::TagSetManifestPart>) {
+    let shards = set.shards();
+    if shards.len() * LISTED_SHARD_BYTES <= part_bytes {
+        return (manifest_of(set), Vec::new());
+    }
+    let per_part = (part_bytes / LISTED_SHARD_BYTES).max(1);
+    let parts = shards
+        .chunks(per_part)
+        .enumerate()
+        .map(|(k, run)| v1::TagSetManifestPart {
+            first_shard: u32::try_from(k * per_part).unwrap_or(u32::MAX),
+            shard_digests: pack(run.iter().map(Shard::digest)),
+            shard_counts: run.iter().map(Shard::count).collect(),
+        })
+        .collect();
+    let head = v1::TagSetManifest {
+        lists_in_parts: true,
+        ..root_only_manifest(set)
+    };
+    (head, parts)
+}
+
+/// Appends `part` to the lists of `manifest` (announced with
+/// `lists_in_parts`); true once the lists are whole.
+///
+/// # Errors
+/// A part out of order, lists of different lengths, or more shards than
+/// the manifest's parameters give.
+pub fn append_manifest_part(
+    manifest: &mut v1::TagSetManifest,
+    part: v1::TagSetManifestPart,
+) -> Result<bool, Error> {
+    let total = 1usize
+        .checked_shl(manifest.shard_bits)
+        .filter(|_| manifest.shard_bits <= 24)
+        .ok_or_else(|| malformed("manifest", "too many shards"))?;
+    let have = manifest.shard_counts.len();
+    if !manifest.lists_in_parts
+        || usize::try_from(part.first_shard).ok() != Some(have)
+        || part.shard_digests.len() != part.shard_counts.len() * 32
+        || part.shard_counts.is_empty()
+        || have + part.shard_counts.len() > total
+    {
+        return Err(malformed("manifest part", "out of order or of the wrong size"));
+    }
+    manifest.shard_digests.extend_from_slice(&part.shard_digests);
+    manifest.shard_counts.extend(part.shard_counts);
+    let whole = manifest.shard_counts.len() == total;
+    if whole {
+        manifest.lists_in_parts = false;
+    }
+    Ok(whole)
+}
+
+/// A bitmap of shard indices (`SyncTagSetRequest.wanted_shards`): bit
+/// `i % 8` of byte `i / 8`, least significant first, for `n` shards.
+#[must_use]
+pub fn shard_bitmap(n: usize, wanted: impl Iterator<Item = usize>) -> Vec<u8> {
+    let mut out = vec![0u8; n.div_ceil(8)];
+    for i in wanted.filter(|&i| i < n) {
+        if let Some(b) = out.get_mut(i / 8) {
+            *b |= 1 << (i % 8);
+        }
+    }
+    out
+}
+
+/// Whether shard `i` is in `bitmap`.
+#[must_use]
+pub fn in_bitmap(bitmap: &[u8], i: usize) -> bool {
+    bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
 /// A manifest without its shard lists (the answer to a `root_only` sync
@@ -136,10 +221,11 @@ pub fn root_only_manifest(set: &psi_core::TagSet) -> v1::TagSetManifest {
     }
 }
 
-/// Whether a manifest carries no shard lists (see [`root_only_manifest`]).
+/// Whether a manifest carries no shard lists (see [`root_only_manifest`]),
+/// and none follow in parts.
 #[must_use]
 pub fn is_root_only(m: &v1::TagSetManifest) -> bool {
-    m.shard_digests.is_empty() && m.shard_counts.is_empty()
+    m.shard_digests.is_empty() && m.shard_counts.is_empty() && !m.lists_in_parts
 }
 
 /// A manifest's header and shard digests, checked for consistent sizes;

@@ -422,6 +422,7 @@ async fn stalled_response_streams_hold_a_slot_and_are_cut_at_the_stream_timeout(
         held_version: 0,
         held_digests: vec![7u8; 1 << 20],
         root_only: false,
+        ..Default::default()
     };
     let body = framed(&prost::Message::encode_to_vec(&request));
     let mut connections = Vec::new();

@@ -9,7 +9,7 @@ use psi_core::TagSet;
 use psi_proto::v1::{
     sync_tag_set_response, ShardData, SyncTagSetRequest, TagSetDelta, TagSetManifest,
 };
-use psi_proto::{manifest_parts, pack, unpack_tags};
+use psi_proto::{append_manifest_part, manifest_parts, pack, shard_bitmap, unpack_tags};
 
 use super::{Session, SyncOutcome};
 use crate::error::{Error, Result};
@@ -52,13 +52,12 @@ impl Session {
             }
         }
         let first = self
-            .fetch(
+            .fetch_changed(
                 cache
                     .intact
                     .as_ref()
                     .map_or(0, |s| s.header().registry_version),
                 &cache.held,
-                false,
             )
             .await?;
         let mut bytes_fetched = bytes_tried + first.bytes;
@@ -77,7 +76,7 @@ impl Session {
             tracing::warn!(
                 "{missing} shards differ from the manifest after the delta; fetching them"
             );
-            let second = self.fetch(0, &shards, false).await?;
+            let second = self.fetch_changed(0, &shards).await?;
             if second.header != header || second.digests != digests {
                 return Err(Error::Invalid(
                     "the registry changed during the sync; run it again".into(),
@@ -170,7 +169,7 @@ impl Session {
     /// server has no delta for it or the patched set does not match.
     async fn sync_by_delta(&self, set: &TagSet, path: &Path) -> Result<ByDelta> {
         let held_version = set.header().registry_version;
-        let reply = self.fetch(held_version, &[], true).await?;
+        let reply = self.fetch(held_version, Held::Digests(&[]), true).await?;
         let fallback = ByDelta::Fallback(reply.bytes);
         let same = same_params(set.header(), &reply.header);
         let patched = match &reply.delta {
@@ -214,26 +213,61 @@ impl Session {
         }))
     }
 
-    /// One `SyncTagSet` exchange: the manifest, then the delta or the shards.
-    async fn fetch(
-        &self,
-        held_version: u64,
-        held: &[Option<Shard>],
-        root_only: bool,
-    ) -> Result<Fetched> {
-        let held_digests = if held.is_empty() {
-            Vec::new()
-        } else {
-            pack(
-                held.iter()
-                    .map(|s| s.as_ref().map_or(&[0u8; 32], Shard::digest)),
-            )
+    /// The manifest and what differs from `held` (and, for a small set, a
+    /// delta from `held_version` when the server has one). The held
+    /// shards' digests go with the request while they fit in half a
+    /// message; beyond (2^19 shards' are 16 MiB), the manifest comes first
+    /// (in parts) and the shards whose digests differ are asked for by a
+    /// bitmap.
+    async fn fetch_changed(&self, held_version: u64, held: &[Option<Shard>]) -> Result<Fetched> {
+        let limit = usize::try_from(self.info.max_message_bytes / 2).unwrap_or(usize::MAX);
+        if held.len() * 32 <= limit {
+            return self.fetch(held_version, Held::Digests(held), false).await;
+        }
+        let first = self.fetch(0, Held::Digests(&[]), true).await?;
+        let wanted = shard_bitmap(
+            first.digests.len(),
+            first.digests.iter().enumerate().filter_map(|(i, d)| {
+                let have = held.get(i).and_then(Option::as_ref).map(Shard::digest);
+                (have != Some(d)).then_some(i)
+            }),
+        );
+        let second = self.fetch(0, Held::Wanted(wanted), false).await?;
+        if second.header != first.header
+            || second.manifest.root_digest != first.manifest.root_digest
+        {
+            return Err(Error::Invalid(
+                "the registry changed during the sync; run it again".into(),
+            ));
+        }
+        Ok(Fetched {
+            shards: second.shards,
+            bytes: first.bytes + second.bytes,
+            ..first
+        })
+    }
+
+    /// One `SyncTagSet` exchange: the manifest (its shard lists in parts
+    /// when the server sends them so), then the delta (in one or more
+    /// parts) or the shards.
+    async fn fetch(&self, held_version: u64, held: Held<'_>, root_only: bool) -> Result<Fetched> {
+        let (held_digests, wanted_shards) = match held {
+            Held::Digests([]) => (Vec::new(), Vec::new()),
+            Held::Digests(held) => (
+                pack(
+                    held.iter()
+                        .map(|s| s.as_ref().map_or(&[0u8; 32], Shard::digest)),
+                ),
+                Vec::new(),
+            ),
+            Held::Wanted(bitmap) => (Vec::new(), bitmap),
         };
         let message = SyncTagSetRequest {
             key_epoch: self.info.key_epoch,
             held_digests,
             held_version,
             root_only,
+            wanted_shards,
         };
         let mut stream = self
             .ask("syncing the tag set", || {
@@ -247,44 +281,76 @@ impl Session {
             .await
             .map_err(|s| Error::from_status(&s, "syncing the tag set"))?
             .and_then(|m| m.item);
-        let Some(sync_tag_set_response::Item::Manifest(manifest)) = first else {
+        let Some(sync_tag_set_response::Item::Manifest(mut manifest)) = first else {
             return Err(Error::Invalid(
                 "the server's sync stream did not start with a manifest".into(),
             ));
         };
         let mut bytes = prost::Message::encoded_len(&manifest) as u64;
-        let (header, digests) =
-            manifest_parts(&manifest).map_err(|e| Error::invalid("the server's manifest", e))?;
-        self.check_epoch(header.epoch)?;
+        self.check_epoch(manifest.key_epoch)?;
         let mut shards = Vec::new();
-        let mut delta = None;
+        let mut delta: Option<TagSetDelta> = None;
         while let Some(msg) = stream
             .message()
             .await
             .map_err(|s| Error::from_status(&s, "syncing the tag set"))?
         {
             match msg.item {
-                Some(sync_tag_set_response::Item::Shard(data)) => {
+                Some(sync_tag_set_response::Item::ManifestPart(part))
+                    if manifest.lists_in_parts =>
+                {
+                    bytes += prost::Message::encoded_len(&part) as u64;
+                    append_manifest_part(&mut manifest, part)
+                        .map_err(|e| Error::invalid("the server's manifest", e))?;
+                }
+                Some(sync_tag_set_response::Item::Shard(data))
+                    if !manifest.lists_in_parts && delta.is_none() =>
+                {
                     bytes += prost::Message::encoded_len(&data) as u64;
                     shards.push(data);
                 }
                 Some(sync_tag_set_response::Item::Delta(d))
-                    if delta.is_none() && shards.is_empty() =>
+                    if !manifest.lists_in_parts && shards.is_empty() =>
                 {
                     bytes += prost::Message::encoded_len(&d) as u64;
-                    if d.to_version != header.registry_version {
-                        return Err(Error::Invalid(format!(
-                            "the server's delta leads to version {}, its manifest is of {}",
-                            d.to_version, header.registry_version
-                        )));
+                    match &mut delta {
+                        None => delta = Some(d),
+                        // A delta in parts: the same versions, lists concatenated.
+                        Some(so_far)
+                            if (so_far.from_version, so_far.to_version)
+                                == (d.from_version, d.to_version) =>
+                        {
+                            so_far.added.extend_from_slice(&d.added);
+                            so_far.removed.extend_from_slice(&d.removed);
+                        }
+                        Some(_) => {
+                            return Err(Error::Invalid(
+                                "the parts of the server's delta are of different versions".into(),
+                            ))
+                        }
                     }
-                    delta = Some(d);
                 }
                 _ => {
                     return Err(Error::Invalid(
                         "unexpected message in the sync stream".into(),
                     ))
                 }
+            }
+        }
+        if manifest.lists_in_parts {
+            return Err(Error::Invalid(
+                "the server's manifest announced shard lists in parts that did not all come"
+                    .into(),
+            ));
+        }
+        let (header, digests) =
+            manifest_parts(&manifest).map_err(|e| Error::invalid("the server's manifest", e))?;
+        if let Some(d) = &delta {
+            if d.to_version != header.registry_version {
+                return Err(Error::Invalid(format!(
+                    "the server's delta leads to version {}, its manifest is of {}",
+                    d.to_version, header.registry_version
+                )));
             }
         }
         Ok(Fetched {
@@ -404,6 +470,14 @@ enum ByDelta {
     Done(SyncOutcome),
     /// It could not be brought up to date this way; the bytes the try cost.
     Fallback(u64),
+}
+
+/// What a sync request says the client holds.
+enum Held<'a> {
+    /// The digests of the shards it holds (a missing one: zeros); none: nothing.
+    Digests(&'a [Option<Shard>]),
+    /// The shards it wants, as a bitmap (it has the manifest).
+    Wanted(Vec<u8>),
 }
 
 /// What one sync exchange brought.

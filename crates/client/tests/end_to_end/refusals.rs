@@ -104,6 +104,7 @@ async fn stale_epochs_and_hostile_requests_get_precise_statuses() {
             held_digests: vec![],
             held_version: 0,
             root_only: false,
+            ..Default::default()
         }))
         .await
         .unwrap_err();

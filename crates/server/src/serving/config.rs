@@ -58,6 +58,11 @@ pub struct ServeArgs {
     /// [default: 4294967296].
     #[arg(long, env = "PSI_PIR_MAX_DATABASE_BYTES")]
     pub pir_max_database_bytes: Option<usize>,
+    /// At least 2^N shards in the sync tag set: more shards make a re-sync
+    /// of a changed set finer-grained and its manifest larger (0 to 20)
+    /// [default: 0, by the registry's size: 2^11 to 2^12 entries a shard].
+    #[arg(long, env = "PSI_TAGSET_MIN_SHARD_BITS")]
+    pub tagset_min_shard_bits: Option<u8>,
     /// Server certificate (PEM) for TLS; with --tls-key and --client-ca,
     /// every client must present a certificate issued by that CA.
     #[arg(long, env = "PSI_TLS_CERT")]
@@ -298,6 +303,7 @@ struct FileConfig {
     pir_max_concurrent: Option<usize>,
     pir_keys_cache_bytes: Option<usize>,
     pir_max_database_bytes: Option<usize>,
+    tagset_min_shard_bits: Option<u8>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
@@ -520,12 +526,22 @@ impl ServeArgs {
                 .pir_max_database_bytes
                 .or(file.pir_max_database_bytes)
                 .unwrap_or(defaults.pir_max_database_bytes),
+            tagset_min_shard_bits: self
+                .tagset_min_shard_bits
+                .or(file.tagset_min_shard_bits)
+                .unwrap_or(defaults.tagset_min_shard_bits),
         }
     }
 }
 
 /// Checks that `limits` are within their bounds.
 fn check_limits(limits: &Limits) -> Result<()> {
+    if limits.tagset_min_shard_bits > 20 {
+        bail!(
+            "tagset_min_shard_bits must be between 0 and 20, got {}",
+            limits.tagset_min_shard_bits
+        );
+    }
     if !(1..=64).contains(&limits.pir_max_batch) {
         bail!(
             "pir_max_batch must be between 1 and 64, got {}",

@@ -266,7 +266,7 @@ async fn load(
     let snapshot = tokio::task::spawn_blocking(move || -> Result<Snapshot> {
         let mut next = match &prev {
             Some(prev) => Snapshot::reload(prev, &dir),
-            None => Snapshot::load(&dir),
+            None => Snapshot::load_with(&dir, limits.tagset_min_shard_bits),
         }?;
         // PIR mode's database, from the previous one's where it can.
         next.pir = crate::serving::pir::database_for(

@@ -15,8 +15,8 @@ use psi_proto::v1::{
     SyncTagSetRequest, SyncTagSetResponse, TagSetDelta,
 };
 use psi_proto::{
-    committee_to_proto, manifest_of, pack, pack_tags, partial_to_proto, root_only_manifest,
-    unpack_blinded,
+    committee_to_proto, in_bitmap, manifest_in_parts, pack, pack_tags, partial_to_proto,
+    root_only_manifest, unpack_blinded,
 };
 use rand_core::OsRng;
 use tokio::sync::oneshot;
@@ -62,6 +62,9 @@ pub struct Limits {
     /// Largest PIR database built; a registry that needs more serves
     /// without PIR mode. 0: no PIR mode.
     pub pir_max_database_bytes: usize,
+    /// At least `2^tagset_min_shard_bits` shards in the sync tag set (0:
+    /// by the registry's size; at most 20).
+    pub tagset_min_shard_bits: u8,
 }
 
 impl Default for Limits {
@@ -75,6 +78,7 @@ impl Default for Limits {
             pir_max_concurrent: 2,
             pir_keys_cache_bytes: 1 << 30,
             pir_max_database_bytes: 4 << 30,
+            tagset_min_shard_bits: 0,
         }
     }
 }
@@ -905,60 +909,119 @@ impl MatchService {
                 "held_digests length is not a multiple of 32".into(),
             ));
         }
-        let manifest = |m| SyncTagSetResponse {
-            item: Some(sync_tag_set_response::Item::Manifest(m)),
-        };
-        // Composing the deltas is O(changes): off the async threads.
-        let max_bytes = self.state.limits.max_message_bytes / 2;
-        let work = Arc::clone(&snap);
-        let delta = on_cpu(move |_| delta_since(&work, req.held_version, max_bytes)).await?;
-        if let Some(delta) = delta {
-            let head = if req.root_only {
-                root_only_manifest(&snap.tagset)
-            } else {
-                manifest_of(&snap.tagset)
-            };
-            let delta = SyncTagSetResponse {
-                item: Some(sync_tag_set_response::Item::Delta(delta)),
-            };
-            return Ok(Box::pin(tokio_stream::iter([
-                Ok(manifest(head)),
-                Ok(delta),
-            ])));
-        }
-        if req.root_only && req.held_version == snap.tagset.header().registry_version {
-            // The client is current: the root digest confirms it.
-            let head = manifest(root_only_manifest(&snap.tagset));
-            return Ok(Box::pin(tokio_stream::iter([Ok(head)])));
-        }
-        let manifest = manifest(manifest_of(&snap.tagset));
-        if req.root_only {
-            // No delta reaches the client's version: the manifest alone; the
-            // client asks again with the digests of the shards it holds.
-            return Ok(Box::pin(tokio_stream::iter([Ok(manifest)])));
-        }
         let n = snap.tagset.shards().len();
-        let shards = (0..n).filter_map(move |i| {
-            let shard = snap.tagset.shards().get(i)?;
-            let has = held.get(i * 32..(i + 1) * 32);
-            if has == Some(shard.digest().as_slice()) {
-                return None;
-            }
-            Some(Ok(SyncTagSetResponse {
-                item: Some(sync_tag_set_response::Item::Shard(ShardData {
+        let wanted = req.wanted_shards;
+        if !wanted.is_empty() && (!held.is_empty() || wanted.len() != n.div_ceil(8)) {
+            return Err(ServiceError::InvalidArgument(format!(
+                "wanted_shards is a bitmap of {} bytes for {n} shards, sent without held_digests",
+                n.div_ceil(8)
+            )));
+        }
+        let item = |i| Ok(SyncTagSetResponse { item: Some(i) });
+        // Every message of the stream stays within half the message limit.
+        let part_bytes = self.state.limits.max_message_bytes / 2;
+        let whole_manifest = |snap: &Snapshot| -> Vec<Result<SyncTagSetResponse, Status>> {
+            let (head, parts) = manifest_in_parts(&snap.tagset, part_bytes);
+            std::iter::once(item(sync_tag_set_response::Item::Manifest(head)))
+                .chain(
+                    parts
+                        .into_iter()
+                        .map(|p| item(sync_tag_set_response::Item::ManifestPart(p))),
+                )
+                .collect()
+        };
+        let shards_of = move |snap: Arc<Snapshot>, send: Box<dyn Fn(usize, &[u8]) -> bool + Send>| {
+            (0..n).filter_map(move |i| {
+                let shard = snap.tagset.shards().get(i)?;
+                if !send(i, shard.digest()) {
+                    return None;
+                }
+                Some(item(sync_tag_set_response::Item::Shard(ShardData {
                     index: u32::try_from(i).unwrap_or(u32::MAX),
                     count: shard.count(),
                     data: shard.data().to_vec(),
-                })),
-            }))
-        });
-        let stream = tokio_stream::iter(std::iter::once(Ok(manifest)).chain(shards));
-        Ok(Box::pin(stream))
+                })))
+            })
+        };
+        if !wanted.is_empty() {
+            // The client has the manifest and says which shards it lacks.
+            let head = item(sync_tag_set_response::Item::Manifest(root_only_manifest(
+                &snap.tagset,
+            )));
+            let shards = shards_of(
+                Arc::clone(&snap),
+                Box::new(move |i, _| in_bitmap(&wanted, i)),
+            );
+            return Ok(Box::pin(tokio_stream::iter(std::iter::once(head).chain(shards))));
+        }
+        // Composing the deltas is O(changes): off the async threads.
+        let max_delta = self.state.limits.max_message_bytes.saturating_mul(MAX_DELTA_MESSAGES);
+        let work = Arc::clone(&snap);
+        let delta = on_cpu(move |_| delta_since(&work, req.held_version, max_delta)).await?;
+        if let Some(delta) = delta {
+            let mut out = if req.root_only {
+                vec![item(sync_tag_set_response::Item::Manifest(root_only_manifest(
+                    &snap.tagset,
+                )))]
+            } else {
+                whole_manifest(&snap)
+            };
+            out.extend(
+                split_delta(delta, part_bytes)
+                    .into_iter()
+                    .map(|d| item(sync_tag_set_response::Item::Delta(d))),
+            );
+            return Ok(Box::pin(tokio_stream::iter(out)));
+        }
+        if req.root_only && req.held_version == snap.tagset.header().registry_version {
+            // The client is current: the root digest confirms it.
+            let head = item(sync_tag_set_response::Item::Manifest(root_only_manifest(
+                &snap.tagset,
+            )));
+            return Ok(Box::pin(tokio_stream::iter([head])));
+        }
+        let manifest = whole_manifest(&snap);
+        if req.root_only {
+            // No delta reaches the client's version: the manifest alone; the
+            // client asks again for the shards that differ (by its digests,
+            // or for a large set by a bitmap of the shards it wants).
+            return Ok(Box::pin(tokio_stream::iter(manifest)));
+        }
+        let shards = shards_of(
+            Arc::clone(&snap),
+            Box::new(move |i, digest| held.get(i * 32..(i + 1) * 32) != Some(digest)),
+        );
+        Ok(Box::pin(tokio_stream::iter(manifest.into_iter().chain(shards))))
     }
 }
 
+/// How many messages' worth a delta may be (`max_message_bytes` each);
+/// beyond, the changed shards are sent instead.
+pub const MAX_DELTA_MESSAGES: usize = 8;
+
+/// `delta` as messages of at most `part_bytes` of tags each, in order.
+fn split_delta(delta: TagSetDelta, part_bytes: usize) -> Vec<TagSetDelta> {
+    let per = (part_bytes / 8).max(1) * 8;
+    if delta.added.len() + delta.removed.len() <= per {
+        return vec![delta];
+    }
+    let part = |added: &[u8], removed: &[u8]| TagSetDelta {
+        from_version: delta.from_version,
+        to_version: delta.to_version,
+        added: added.to_vec(),
+        removed: removed.to_vec(),
+    };
+    delta
+        .added
+        .chunks(per)
+        .map(|a| part(a, &[]))
+        .chain(delta.removed.chunks(per).map(|r| part(&[], r)))
+        .collect()
+}
+
 /// The net change since `held` as tag-set values, if the deltas reach back
-/// that far and it is smaller than half the whole set and `max_bytes`.
+/// that far and it is smaller than half the whole set and `max_bytes`
+/// (sent in parts: [`split_delta`]).
 fn delta_since(snap: &Snapshot, held: u64, max_bytes: usize) -> Option<TagSetDelta> {
     let current = snap.tagset.header().registry_version;
     if held == 0 || held >= current {

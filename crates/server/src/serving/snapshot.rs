@@ -39,6 +39,8 @@ pub struct Snapshot {
     pub pir: Option<std::sync::Arc<psi_pir::Database>>,
     /// The base index file it was loaded from, as the manifest named it.
     base: Option<Entry>,
+    /// The tag set has at least `2^min_shard_bits` shards (a setting).
+    min_shard_bits: u8,
 }
 
 /// What evaluates blinded elements for a snapshot.
@@ -105,6 +107,15 @@ impl Snapshot {
     /// Missing or damaged files (every one is checked against the manifest;
     /// the key must derive the public key it commits).
     pub fn load(data_dir: &Path) -> Result<Self> {
+        Self::load_with(data_dir, 0)
+    }
+
+    /// [`Snapshot::load`] with at least `2^min_shard_bits` shards in the
+    /// tag set (`Limits::tagset_min_shard_bits`).
+    ///
+    /// # Errors
+    /// As [`Snapshot::load`]; a registry too small for that many shards.
+    pub fn load_with(data_dir: &Path, min_shard_bits: u8) -> Result<Self> {
         let (current, evaluator) = read_committed(data_dir, |m| {
             let evaluator = Evaluator::load(data_dir, m.epoch, &m.public_key)?;
             Ok((load_state(data_dir, m)?, evaluator))
@@ -122,7 +133,8 @@ impl Snapshot {
             manifest,
             ..
         } = current;
-        let tagset = TagSet::build_from_iter(
+        let tagset = TagSet::build_from_iter_with(
+            TagSetParams::for_count_at_least(index.len() as u64, min_shard_bits)?,
             index.tags(),
             index.len(),
             manifest.epoch,
@@ -140,6 +152,7 @@ impl Snapshot {
             tagset,
             pir: None,
             base: Some(manifest.base),
+            min_shard_bits,
         })
     }
 
@@ -157,10 +170,10 @@ impl Snapshot {
         }
         match Self::apply_log(prev, data_dir) {
             Ok(Some(next)) => Ok(next),
-            Ok(None) => Self::load(data_dir),
+            Ok(None) => Self::load_with(data_dir, prev.min_shard_bits),
             Err(e) => {
                 tracing::warn!("applying the new updates failed, loading in full: {e:#}");
-                Self::load(data_dir)
+                Self::load_with(data_dir, prev.min_shard_bits)
             }
         }
     }
@@ -197,6 +210,7 @@ impl Snapshot {
             history: prev.history.clone(),
             pir: prev.pir.clone(),
             base: prev.base.clone(),
+            min_shard_bits: prev.min_shard_bits,
         }))
     }
 
@@ -243,7 +257,7 @@ impl Snapshot {
         // The tag set keeps its parameters only while they suit the new
         // count; a full load chooses new ones.
         let params = prev.tagset.header().params;
-        if TagSetParams::for_count(index.len() as u64)? != params {
+        if TagSetParams::for_count_at_least(index.len() as u64, prev.min_shard_bits)? != params {
             return Ok(None);
         }
         let values = |pairs: &[(u32, Tag)]| -> Vec<u64> {
@@ -265,6 +279,7 @@ impl Snapshot {
             tagset,
             pir: None,
             base: prev.base.clone(),
+            min_shard_bits: prev.min_shard_bits,
         }))
     }
 }
