@@ -180,9 +180,14 @@ pub fn append_manifest_part(
         || part.shard_counts.is_empty()
         || have + part.shard_counts.len() > total
     {
-        return Err(malformed("manifest part", "out of order or of the wrong size"));
+        return Err(malformed(
+            "manifest part",
+            "out of order or of the wrong size",
+        ));
     }
-    manifest.shard_digests.extend_from_slice(&part.shard_digests);
+    manifest
+        .shard_digests
+        .extend_from_slice(&part.shard_digests);
     manifest.shard_counts.extend(part.shard_counts);
     let whole = manifest.shard_counts.len() == total;
     if whole {
@@ -335,6 +340,52 @@ pub fn committee_from_proto(
     Committee::new(t, *public_key, shares)
 }
 
+/// `delta` as messages of at most `part_bytes` of tags each, in order (a
+/// delta too large for one message; `append_delta_part` puts it back).
+#[must_use]
+pub fn delta_parts(delta: v1::TagSetDelta, part_bytes: usize) -> Vec<v1::TagSetDelta> {
+    let per = (part_bytes / 8).max(1) * 8;
+    if delta.added.len() + delta.removed.len() <= per {
+        return vec![delta];
+    }
+    let part = |added: &[u8], removed: &[u8]| v1::TagSetDelta {
+        from_version: delta.from_version,
+        to_version: delta.to_version,
+        added: added.to_vec(),
+        removed: removed.to_vec(),
+    };
+    delta
+        .added
+        .chunks(per)
+        .map(|a| part(a, &[]))
+        .chain(delta.removed.chunks(per).map(|r| part(&[], r)))
+        .collect()
+}
+
+/// Adds one part of a delta to what came before it.
+///
+/// # Errors
+/// A part of other versions than the first.
+pub fn append_delta_part(
+    so_far: &mut Option<v1::TagSetDelta>,
+    part: v1::TagSetDelta,
+) -> Result<(), Error> {
+    match so_far {
+        None => *so_far = Some(part),
+        Some(d) if (d.from_version, d.to_version) == (part.from_version, part.to_version) => {
+            d.added.extend_from_slice(&part.added);
+            d.removed.extend_from_slice(&part.removed);
+        }
+        Some(_) => {
+            return Err(malformed(
+                "delta part",
+                "the parts of a delta are of different versions",
+            ))
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,5 +423,63 @@ mod tests {
     #[test]
     fn descriptor_set_is_embedded() {
         assert!(!FILE_DESCRIPTOR_SET.is_empty());
+    }
+
+    #[test]
+    fn manifests_and_deltas_in_parts_come_back_whole() {
+        let tags: Vec<psi_core::Tag> = (0..5000u64)
+            .map(|i| psi_core::Tag(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+            .collect();
+        let params = TagSetParams::for_count_at_least(5000, 12).unwrap();
+        let set = psi_core::TagSet::build_with(params, &tags, 1, 1).unwrap();
+        let whole = manifest_of(&set);
+        // Fits: one message.
+        let (head, parts) = manifest_in_parts(&set, 1 << 20);
+        assert!(parts.is_empty() && head == whole);
+        // Does not fit: parts, in order, and back to the whole manifest.
+        let (mut head, parts) = manifest_in_parts(&set, 10_000);
+        assert!(head.lists_in_parts && head.shard_counts.is_empty() && parts.len() > 10);
+        assert!(!is_root_only(&head));
+        let mut done = false;
+        for p in parts.clone() {
+            assert!(!done);
+            done = append_manifest_part(&mut head, p).unwrap();
+        }
+        assert!(done);
+        assert_eq!(head, whole);
+        // Out of order, repeated, or after the lists are whole: refused.
+        let (mut head, _) = manifest_in_parts(&set, 10_000);
+        assert!(append_manifest_part(&mut head, parts[1].clone()).is_err());
+        let (mut head, _) = manifest_in_parts(&set, 10_000);
+        append_manifest_part(&mut head, parts[0].clone()).unwrap();
+        assert!(append_manifest_part(&mut head, parts[0].clone()).is_err());
+
+        let delta = v1::TagSetDelta {
+            from_version: 3,
+            to_version: 9,
+            added: pack_tags(&(0..1000).collect::<Vec<u64>>()),
+            removed: pack_tags(&(5000..5300).collect::<Vec<u64>>()),
+        };
+        let pieces = delta_parts(delta.clone(), 1000);
+        assert!(pieces.len() > 5);
+        assert!(pieces
+            .iter()
+            .all(|p| p.added.len() + p.removed.len() <= 1000));
+        let mut back = None;
+        for p in pieces {
+            append_delta_part(&mut back, p).unwrap();
+        }
+        assert_eq!(back, Some(delta.clone()));
+        let mut other = Some(delta);
+        let stray = v1::TagSetDelta {
+            from_version: 4,
+            ..v1::TagSetDelta::default()
+        };
+        assert!(append_delta_part(&mut other, stray).is_err());
+        assert_eq!(
+            shard_bitmap(10, [0, 3, 9, 12].into_iter()),
+            vec![0b0000_1001, 0b0000_0010]
+        );
+        assert!(in_bitmap(&[0b0000_1001, 0b10], 9) && !in_bitmap(&[0b1001, 0b10], 8));
     }
 }

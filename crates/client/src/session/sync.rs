@@ -9,7 +9,10 @@ use psi_core::TagSet;
 use psi_proto::v1::{
     sync_tag_set_response, ShardData, SyncTagSetRequest, TagSetDelta, TagSetManifest,
 };
-use psi_proto::{append_manifest_part, manifest_parts, pack, shard_bitmap, unpack_tags};
+use psi_proto::{
+    append_delta_part, append_manifest_part, is_root_only, manifest_parts, pack, shard_bitmap,
+    unpack_tags,
+};
 
 use super::{Session, SyncOutcome};
 use crate::error::{Error, Result};
@@ -45,10 +48,14 @@ impl Session {
         // An intact cache first asks for the delta alone, checked against
         // the root digest: no shard digests either way.
         let mut bytes_tried = 0;
+        let mut known = None;
         if let Some(set) = &cache.intact {
             match self.sync_by_delta(set, &path).await? {
                 ByDelta::Done(outcome) => return Ok(outcome),
-                ByDelta::Fallback(bytes) => bytes_tried = bytes,
+                ByDelta::Fallback(reply) => {
+                    bytes_tried = reply.bytes;
+                    known = Some(*reply);
+                }
             }
         }
         let first = self
@@ -58,6 +65,7 @@ impl Session {
                     .as_ref()
                     .map_or(0, |s| s.header().registry_version),
                 &cache.held,
+                known,
             )
             .await?;
         let mut bytes_fetched = bytes_tried + first.bytes;
@@ -76,7 +84,7 @@ impl Session {
             tracing::warn!(
                 "{missing} shards differ from the manifest after the delta; fetching them"
             );
-            let second = self.fetch_changed(0, &shards).await?;
+            let second = self.fetch_changed(0, &shards, None).await?;
             if second.header != header || second.digests != digests {
                 return Err(Error::Invalid(
                     "the registry changed during the sync; run it again".into(),
@@ -170,7 +178,6 @@ impl Session {
     async fn sync_by_delta(&self, set: &TagSet, path: &Path) -> Result<ByDelta> {
         let held_version = set.header().registry_version;
         let reply = self.fetch(held_version, Held::Digests(&[]), true).await?;
-        let fallback = ByDelta::Fallback(reply.bytes);
         let same = same_params(set.header(), &reply.header);
         let patched = match &reply.delta {
             None if reply.header == *set.header()
@@ -183,10 +190,10 @@ impl Session {
                 let (added, removed) = delta_tags(delta)?;
                 match set.apply_delta(&added, &removed, delta.to_version) {
                     Ok(p) => p,
-                    Err(_) => return Ok(fallback),
+                    Err(_) => return Ok(ByDelta::Fallback(Box::new(reply))),
                 }
             }
-            _ => return Ok(fallback),
+            _ => return Ok(ByDelta::Fallback(Box::new(reply))),
         };
         if patched.header() != &reply.header
             || patched.root_digest().as_slice() != reply.manifest.root_digest.as_slice()
@@ -194,7 +201,7 @@ impl Session {
             tracing::warn!(
                 "the delta did not reproduce the server's tag set; fetching the shards that differ"
             );
-            return Ok(fallback);
+            return Ok(ByDelta::Fallback(Box::new(reply)));
         }
         let delta_applied = reply.delta.is_some();
         if delta_applied {
@@ -217,14 +224,23 @@ impl Session {
     /// delta from `held_version` when the server has one). The held
     /// shards' digests go with the request while they fit in half a
     /// message; beyond (2^19 shards' are 16 MiB), the manifest comes first
-    /// (in parts) and the shards whose digests differ are asked for by a
-    /// bitmap.
-    async fn fetch_changed(&self, held_version: u64, held: &[Option<Shard>]) -> Result<Fetched> {
+    /// (in parts; `known`, when an earlier exchange brought the whole
+    /// manifest already, and its bytes were counted) and the shards whose
+    /// digests differ are asked for by a bitmap.
+    async fn fetch_changed(
+        &self,
+        held_version: u64,
+        held: &[Option<Shard>],
+        known: Option<Fetched>,
+    ) -> Result<Fetched> {
         let limit = usize::try_from(self.info.max_message_bytes / 2).unwrap_or(usize::MAX);
         if held.len() * 32 <= limit {
             return self.fetch(held_version, Held::Digests(held), false).await;
         }
-        let first = self.fetch(0, Held::Digests(&[]), true).await?;
+        let first = match known.filter(|k| k.delta.is_none() && !is_root_only(&k.manifest)) {
+            Some(k) => Fetched { bytes: 0, ..k },
+            None => self.fetch(0, Held::Digests(&[]), true).await?,
+        };
         let wanted = shard_bitmap(
             first.digests.len(),
             first.digests.iter().enumerate().filter_map(|(i, d)| {
@@ -313,22 +329,8 @@ impl Session {
                     if !manifest.lists_in_parts && shards.is_empty() =>
                 {
                     bytes += prost::Message::encoded_len(&d) as u64;
-                    match &mut delta {
-                        None => delta = Some(d),
-                        // A delta in parts: the same versions, lists concatenated.
-                        Some(so_far)
-                            if (so_far.from_version, so_far.to_version)
-                                == (d.from_version, d.to_version) =>
-                        {
-                            so_far.added.extend_from_slice(&d.added);
-                            so_far.removed.extend_from_slice(&d.removed);
-                        }
-                        Some(_) => {
-                            return Err(Error::Invalid(
-                                "the parts of the server's delta are of different versions".into(),
-                            ))
-                        }
-                    }
+                    append_delta_part(&mut delta, d)
+                        .map_err(|e| Error::invalid("the server's delta", e))?;
                 }
                 _ => {
                     return Err(Error::Invalid(
@@ -339,8 +341,7 @@ impl Session {
         }
         if manifest.lists_in_parts {
             return Err(Error::Invalid(
-                "the server's manifest announced shard lists in parts that did not all come"
-                    .into(),
+                "the server's manifest announced shard lists in parts that did not all come".into(),
             ));
         }
         let (header, digests) =
@@ -468,8 +469,9 @@ fn same_params(a: &TagSetHeader, b: &TagSetHeader) -> bool {
 enum ByDelta {
     /// The cache is current.
     Done(SyncOutcome),
-    /// It could not be brought up to date this way; the bytes the try cost.
-    Fallback(u64),
+    /// It could not be brought up to date this way: the server's reply
+    /// (whose bytes the try cost; the whole manifest, when no delta came).
+    Fallback(Box<Fetched>),
 }
 
 /// What a sync request says the client holds.

@@ -321,3 +321,90 @@ async fn a_registry_that_outgrows_its_tag_parameters_is_synced_in_full() {
     );
     f.running.shutdown().await.unwrap();
 }
+
+/// A tag set of 2^19 shards, as 1.4x10^9 entries have, forced on a small
+/// registry: the manifest (2^19 digests and counts, about 20 MB) comes in
+/// parts within the message limit; an update comes as a delta; a client
+/// whose held digests would not fit in a request (16 MiB) asks for the
+/// shards that differ by a bitmap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_population_sized_tag_set_syncs_within_the_message_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let csv = root.join("registry.csv");
+    // 2^11 to 2^12 entries before and after the updates: the same tag
+    // parameters throughout (outgrowing them is another test's).
+    write_registry(&csv, 2200);
+    let data_dir = root.join("data");
+    registry::init_guarded(&Source::csv(&csv), &data_dir, false, &LENIENT, None).unwrap();
+    let limits = Limits {
+        max_batch: 64,
+        tagset_min_shard_bits: 19,
+        ..Limits::default()
+    };
+    let running = start_with_limits(&data_dir, limits).await;
+    let url = format!("http://{}", running.local_addr);
+    let cache = root.join("cache");
+    let session = connect(&url, &cache, None).await.unwrap();
+
+    let full = session.sync().await.unwrap();
+    assert_eq!(full.shards_total, 1 << 19);
+    assert!(
+        full.bytes_fetched > limits.max_message_bytes as u64,
+        "the manifest alone is over one message: {} bytes",
+        full.bytes_fetched
+    );
+    let (newcomer_name, newcomer_id) = newcomer();
+    let pairs = [
+        ("张伟", "11010519491231002X"),
+        (newcomer_name.as_str(), newcomer_id.as_str()),
+    ];
+    assert_eq!(
+        answers(&session, &pairs, QueryMode::Sync).await,
+        [CheckOutcome::Match, CheckOutcome::NoMatch]
+    );
+
+    // A small update: a delta, checked against the root digest.
+    let add = root.join("add.csv");
+    write_pairs(&add, &[pairs[1]]);
+    registry::update_guarded(Some(&Source::csv(&add)), None, &data_dir, false, &LENIENT).unwrap();
+    let session = reconnect_at(&session, 2).await;
+    let step = session.sync().await.unwrap();
+    assert!(step.delta_applied && step.shards_fetched == 0);
+    assert!(step.bytes_fetched < 1 << 16, "{} bytes", step.bytes_fetched);
+    assert_eq!(
+        answers(&session, &pairs, QueryMode::Sync).await,
+        [CheckOutcome::Match, CheckOutcome::Match]
+    );
+
+    // A change too large for a delta: the client holds 2^19 shards, whose
+    // digests do not fit in a request; it asks for the changed ones by bitmap.
+    let many: Vec<(String, String)> = Generator::new(777, psi_core::CivilDate::today())
+        .unwrap()
+        .take(1500)
+        .map(|p| (p.name, p.id.as_str().to_string()))
+        .collect();
+    let more = root.join("more.csv");
+    let refs: Vec<(&str, &str)> = many.iter().map(|(n, i)| (n.as_str(), i.as_str())).collect();
+    write_pairs(&more, &refs);
+    registry::update_guarded(Some(&Source::csv(&more)), None, &data_dir, false, &LENIENT).unwrap();
+    let session = reconnect_at(&session, 3).await;
+    let step = session.sync().await.unwrap();
+    assert!(!step.delta_applied);
+    assert!(
+        (1..=1500).contains(&step.shards_fetched),
+        "only the changed shards: {}",
+        step.shards_fetched
+    );
+    assert!(
+        step.bytes_fetched < 2 * full.bytes_fetched,
+        "one manifest and the changed shards: {} bytes",
+        step.bytes_fetched
+    );
+    let some: Vec<(&str, &str)> = refs.iter().step_by(100).copied().collect();
+    assert!(answers(&session, &some, QueryMode::Sync)
+        .await
+        .iter()
+        .all(|a| *a == CheckOutcome::Match));
+    running.shutdown().await.unwrap();
+}

@@ -15,8 +15,8 @@ use psi_proto::v1::{
     SyncTagSetRequest, SyncTagSetResponse, TagSetDelta,
 };
 use psi_proto::{
-    committee_to_proto, in_bitmap, manifest_in_parts, pack, pack_tags, partial_to_proto,
-    root_only_manifest, unpack_blinded,
+    committee_to_proto, delta_parts, in_bitmap, manifest_in_parts, pack, pack_tags,
+    partial_to_proto, root_only_manifest, unpack_blinded,
 };
 use rand_core::OsRng;
 use tokio::sync::oneshot;
@@ -930,44 +930,34 @@ impl MatchService {
                 )
                 .collect()
         };
-        let shards_of = move |snap: Arc<Snapshot>, send: Box<dyn Fn(usize, &[u8]) -> bool + Send>| {
-            (0..n).filter_map(move |i| {
-                let shard = snap.tagset.shards().get(i)?;
-                if !send(i, shard.digest()) {
-                    return None;
-                }
-                Some(item(sync_tag_set_response::Item::Shard(ShardData {
-                    index: u32::try_from(i).unwrap_or(u32::MAX),
-                    count: shard.count(),
-                    data: shard.data().to_vec(),
-                })))
-            })
-        };
         if !wanted.is_empty() {
             // The client has the manifest and says which shards it lacks.
             let head = item(sync_tag_set_response::Item::Manifest(root_only_manifest(
                 &snap.tagset,
             )));
-            let shards = shards_of(
-                Arc::clone(&snap),
-                Box::new(move |i, _| in_bitmap(&wanted, i)),
-            );
-            return Ok(Box::pin(tokio_stream::iter(std::iter::once(head).chain(shards))));
+            let shards = shard_messages(Arc::clone(&snap), move |i, _| in_bitmap(&wanted, i));
+            return Ok(Box::pin(tokio_stream::iter(
+                std::iter::once(head).chain(shards),
+            )));
         }
         // Composing the deltas is O(changes): off the async threads.
-        let max_delta = self.state.limits.max_message_bytes.saturating_mul(MAX_DELTA_MESSAGES);
+        let max_delta = self
+            .state
+            .limits
+            .max_message_bytes
+            .saturating_mul(MAX_DELTA_MESSAGES);
         let work = Arc::clone(&snap);
         let delta = on_cpu(move |_| delta_since(&work, req.held_version, max_delta)).await?;
         if let Some(delta) = delta {
             let mut out = if req.root_only {
-                vec![item(sync_tag_set_response::Item::Manifest(root_only_manifest(
-                    &snap.tagset,
-                )))]
+                vec![item(sync_tag_set_response::Item::Manifest(
+                    root_only_manifest(&snap.tagset),
+                ))]
             } else {
                 whole_manifest(&snap)
             };
             out.extend(
-                split_delta(delta, part_bytes)
+                delta_parts(delta, part_bytes)
                     .into_iter()
                     .map(|d| item(sync_tag_set_response::Item::Delta(d))),
             );
@@ -987,41 +977,44 @@ impl MatchService {
             // or for a large set by a bitmap of the shards it wants).
             return Ok(Box::pin(tokio_stream::iter(manifest)));
         }
-        let shards = shards_of(
-            Arc::clone(&snap),
-            Box::new(move |i, digest| held.get(i * 32..(i + 1) * 32) != Some(digest)),
-        );
-        Ok(Box::pin(tokio_stream::iter(manifest.into_iter().chain(shards))))
+        let shards = shard_messages(Arc::clone(&snap), move |i, digest| {
+            held.get(i * 32..(i + 1) * 32) != Some(digest.as_slice())
+        });
+        Ok(Box::pin(tokio_stream::iter(
+            manifest.into_iter().chain(shards),
+        )))
     }
+}
+
+/// The shards of `snap`'s tag set that `send` picks (by index and digest),
+/// one message each, in shard order.
+fn shard_messages(
+    snap: Arc<Snapshot>,
+    send: impl Fn(usize, &[u8; 32]) -> bool + Send + 'static,
+) -> impl Iterator<Item = Result<SyncTagSetResponse, Status>> + Send {
+    let n = snap.tagset.shards().len();
+    (0..n).filter_map(move |i| {
+        let shard = snap.tagset.shards().get(i)?;
+        if !send(i, shard.digest()) {
+            return None;
+        }
+        Some(Ok(SyncTagSetResponse {
+            item: Some(sync_tag_set_response::Item::Shard(ShardData {
+                index: u32::try_from(i).unwrap_or(u32::MAX),
+                count: shard.count(),
+                data: shard.data().to_vec(),
+            })),
+        }))
+    })
 }
 
 /// How many messages' worth a delta may be (`max_message_bytes` each);
 /// beyond, the changed shards are sent instead.
 pub const MAX_DELTA_MESSAGES: usize = 8;
 
-/// `delta` as messages of at most `part_bytes` of tags each, in order.
-fn split_delta(delta: TagSetDelta, part_bytes: usize) -> Vec<TagSetDelta> {
-    let per = (part_bytes / 8).max(1) * 8;
-    if delta.added.len() + delta.removed.len() <= per {
-        return vec![delta];
-    }
-    let part = |added: &[u8], removed: &[u8]| TagSetDelta {
-        from_version: delta.from_version,
-        to_version: delta.to_version,
-        added: added.to_vec(),
-        removed: removed.to_vec(),
-    };
-    delta
-        .added
-        .chunks(per)
-        .map(|a| part(a, &[]))
-        .chain(delta.removed.chunks(per).map(|r| part(&[], r)))
-        .collect()
-}
-
 /// The net change since `held` as tag-set values, if the deltas reach back
 /// that far and it is smaller than half the whole set and `max_bytes`
-/// (sent in parts: [`split_delta`]).
+/// (sent in parts: `psi_proto::delta_parts`).
 fn delta_since(snap: &Snapshot, held: u64, max_bytes: usize) -> Option<TagSetDelta> {
     let current = snap.tagset.header().registry_version;
     if held == 0 || held >= current {
