@@ -339,6 +339,95 @@ pub enum Command {
     /// The configuration file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Serve the HTTP/JSON gateway for this institution's systems (POST
+    /// /v1/check, /v1/batch; GET /v1/status, /healthz, /metrics,
+    /// /openapi.json) over one warm session, logging every check.
+    Serve(Box<GatewayArgs>),
+    /// API tokens for the gateway's calling systems.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The institution's query log.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+/// `psi-client serve` settings.
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Where the gateway listens [default: loopback only].
+    #[arg(long, env = "PSI_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// The calling systems' tokens: `NAME SHA256HEX` lines (`psi-client
+    /// token new --name NAME` makes one); required unless --insecure-no-auth.
+    #[arg(long, env = "PSI_GATEWAY_TOKENS")]
+    tokens: Option<PathBuf>,
+    /// Serve without tokens or staff ids (every call is `local`): a
+    /// demonstration on one machine only.
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// The query log (SQLite, mode 0600) [default: query-log.sqlite in the
+    /// cache directory].
+    #[arg(long, env = "PSI_QUERY_LOG")]
+    query_log: Option<PathBuf>,
+    /// Purposes callers may declare, comma-separated; the first is the
+    /// default [default: --purpose].
+    #[arg(long, env = "PSI_GATEWAY_PURPOSES", value_delimiter = ',')]
+    purposes: Vec<String>,
+    /// The mode of a check that names none.
+    #[arg(long, value_enum, default_value_t = QueryMode::Bucket)]
+    default_mode: QueryMode,
+    /// Largest request body in bytes.
+    #[arg(long, env = "PSI_GATEWAY_MAX_BODY_BYTES", default_value_t = 64 << 10)]
+    max_body_bytes: usize,
+    /// Most rows in one /v1/batch call.
+    #[arg(long, env = "PSI_GATEWAY_MAX_BATCH_ROWS", default_value_t = 1000)]
+    max_batch_rows: usize,
+    /// Calls answered at once; more are refused 429.
+    #[arg(long, env = "PSI_GATEWAY_MAX_CONCURRENT", default_value_t = 32)]
+    max_concurrent: usize,
+    /// Seconds for one call's answer; past it, 504.
+    #[arg(long, env = "PSI_GATEWAY_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    request_timeout_secs: u64,
+    /// Seconds between renewals of the session (rotations followed, a
+    /// restarted server reached again).
+    #[arg(long, default_value_t = 60)]
+    refresh_interval_secs: u64,
+}
+
+/// `psi-client token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token for a calling system: prints the token (give it to the
+    /// system) and the line for the gateway's tokens file (which holds only
+    /// its SHA-256).
+    New {
+        /// The system's name, as the query log records it.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+/// `psi-client log` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// Walk the query log's hash chain: a changed, deleted or inserted
+    /// record is named.
+    Verify {
+        /// The query log.
+        #[arg(long, env = "PSI_QUERY_LOG")]
+        log: PathBuf,
+    },
+    /// Remove records older than the retention period (the rest still verifies).
+    Prune {
+        /// The query log.
+        #[arg(long, env = "PSI_QUERY_LOG")]
+        log: PathBuf,
+        /// Days kept [default: three years].
+        #[arg(long, default_value_t = crate::querylog::DEFAULT_RETENTION_DAYS)]
+        retention_days: u64,
+    },
 }
 
 /// `psi-client config` subcommands.
@@ -477,6 +566,70 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
                 psi_core::PublicKey::from_bytes(&info.public_key)
                     .map(|k| k.to_hex())
                     .unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(args) => {
+            let args = *args;
+            let options = args.server.options()?;
+            let query_log = args
+                .query_log
+                .clone()
+                .unwrap_or_else(|| options.cache_dir.join("query-log.sqlite"));
+            let tokens = match (&args.tokens, args.insecure_no_auth) {
+                (Some(path), false) => Some(crate::gateway::load_tokens(path)?),
+                (None, true) => None,
+                (Some(_), true) => bail!("--tokens and --insecure-no-auth both given"),
+                (None, false) => bail!(
+                    "the gateway needs --tokens FILE (callers' token hashes; `psi-client token new`), or --insecure-no-auth for a demonstration"
+                ),
+            };
+            let purposes = if args.purposes.is_empty() {
+                vec![options.purpose.clone()]
+            } else {
+                args.purposes.clone()
+            };
+            if let Some(bad) = purposes.iter().find(|p| !psi_proto::is_valid_purpose(p)) {
+                bail!("purpose `{bad}`: 1 to 32 of a-z, 0-9, '_' or '-'");
+            }
+            let settings = crate::gateway::GatewaySettings {
+                tokens,
+                purposes,
+                default_mode: args.default_mode,
+                max_body_bytes: args.max_body_bytes.max(1024),
+                max_batch_rows: args.max_batch_rows.max(1),
+                max_concurrent: args.max_concurrent.max(1),
+                request_timeout: std::time::Duration::from_secs(args.request_timeout_secs.max(1)),
+                refresh_interval: std::time::Duration::from_secs(args.refresh_interval_secs.max(1)),
+                ..crate::gateway::GatewaySettings::new(args.listen, &options.purpose, query_log)
+            };
+            let running = crate::gateway::start(options, settings).await?;
+            eprintln!(
+                "psi-client gateway listening on http://{}",
+                running.local_addr
+            );
+            let _ = tokio::signal::ctrl_c().await;
+            running.shutdown().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::New { name }) => {
+            let (token, line) = crate::gateway::new_token(&name)?;
+            println!("token for {name}: {token}");
+            println!("add this line to the gateway's tokens file: {line}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Log(LogCommand::Verify { log }) => {
+            let n = crate::querylog::verify(&log)?;
+            println!("{}: {n} records, the chain verifies", log.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Log(LogCommand::Prune {
+            log,
+            retention_days,
+        }) => {
+            let n = crate::querylog::QueryLog::open(&log)?.prune(retention_days)?;
+            println!(
+                "removed {n} records older than {retention_days} days; the rest still verifies"
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -9,14 +9,18 @@
 //! - [`pir`]: PIR mode's secret seed and registered public parameters.
 //! - [`config`]: the configuration file (flags > environment > file > defaults).
 //! - [`error`]: what can go wrong in a session, as variants a caller acts on.
+//! - [`gateway`]: `psi-client serve`, the institution's HTTP/JSON gateway.
+//! - [`querylog`]: the institution's hash-chained log of every check.
 
 pub mod batch;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod gateway;
 pub mod pin;
 pub mod pir;
+pub mod querylog;
 pub mod session;
 
 pub use error::Error;

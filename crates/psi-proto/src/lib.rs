@@ -27,6 +27,16 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// gRPC metadata key carrying a request's declared purpose code.
 pub const PURPOSE_HEADER: &str = "x-psi-purpose";
 
+/// Whether `code` is a well-formed purpose code (the `x-psi-purpose`
+/// header's value): 1 to 32 of `a-z 0-9 _ -`.
+#[must_use]
+pub fn is_valid_purpose(code: &str) -> bool {
+    (1..=32).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+}
+
 /// gRPC metadata key of the retry delay, in milliseconds, on `RESOURCE_EXHAUSTED`.
 pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 

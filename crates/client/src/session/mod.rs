@@ -499,6 +499,21 @@ impl Session {
         Ok(next)
     }
 
+    /// This session declaring `purpose` instead (a gateway answering for
+    /// several purposes over one session).
+    #[must_use]
+    pub fn with_purpose(&self, purpose: &str) -> Self {
+        let mut s = self.clone();
+        s.options.purpose = purpose.to_string();
+        s
+    }
+
+    /// The server's URL.
+    #[must_use]
+    pub fn server(&self) -> &str {
+        &self.options.server
+    }
+
     /// This session with a request-id record of its own (a batch's: its
     /// first and last request, not the session's since it connected).
     #[must_use]

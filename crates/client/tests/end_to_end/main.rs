@@ -11,6 +11,7 @@
 )]
 
 mod common;
+mod gateway;
 mod operations;
 mod pir;
 mod refusals;

@@ -28,16 +28,7 @@ use crate::serving::error::ServiceError;
 use crate::serving::policy::Enforcer;
 use crate::serving::snapshot::{Evaluator, Snapshot};
 
-pub use psi_proto::PURPOSE_HEADER;
-
-/// Whether `code` is a well-formed purpose code: 1 to 32 of `a-z 0-9 _ -`.
-#[must_use]
-pub fn is_valid_purpose(code: &str) -> bool {
-    (1..=32).contains(&code.len())
-        && code
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
-}
+pub use psi_proto::{is_valid_purpose, PURPOSE_HEADER};
 
 /// Request size limits, stated in `ServerInfo`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

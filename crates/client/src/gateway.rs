@@ -1,0 +1,775 @@
+//! `psi-client serve`: the institution's HTTP/JSON gateway. One warm
+//! session with the operator (mutual TLS, pinned key, rotations followed on
+//! a schedule), and a local HTTP API any system can call:
+//!
+//! - `POST /v1/check`: `{name, id, purpose?, mode?}` -> `{result, error,
+//!   request_id, registry_version, key_epoch}`;
+//! - `POST /v1/batch`: `{rows: [{name, id}, ...], purpose?, mode?}` ->
+//!   `{results: [{result, error}], request_ids, registry_version, key_epoch}`;
+//! - `GET /v1/status`, `GET /healthz`, `GET /metrics`, `GET /openapi.json`
+//!   (`docs/openapi.json`, checked against [`ROUTES`] by a test).
+//!
+//! Every `/v1/` call names its system (`Authorization: Bearer TOKEN`, the
+//! token's SHA-256 listed in the tokens file) and the person asking
+//! (`X-Staff-Id`); both are required unless the gateway runs with
+//! `--insecure-no-auth`. Every check is one record in the institution's
+//! query log ([`crate::querylog`]) before its answer is returned. Errors are
+//! JSON `{"error": "..."}` with a status a caller can act on.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{RwLock, Semaphore};
+
+use crate::check::{check, CheckOutcome};
+use crate::querylog::{LogRecord, QueryLog};
+use crate::session::{ConnectOptions, Session};
+use crate::QueryMode;
+
+/// The routes, as `docs/openapi.json` documents them.
+pub const ROUTES: [(&str, &str); 6] = [
+    ("post", "/v1/check"),
+    ("post", "/v1/batch"),
+    ("get", "/v1/status"),
+    ("get", "/healthz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+];
+
+/// The OpenAPI 3 document of the API.
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+/// The gateway's settings.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// Where to listen (loopback by default).
+    pub listen: SocketAddr,
+    /// Callers by the SHA-256 (hex) of their token; `None`: no
+    /// authentication (`--insecure-no-auth`, for a demonstration only).
+    pub tokens: Option<HashMap<String, String>>,
+    /// The query log's path.
+    pub query_log: PathBuf,
+    /// Purposes a caller may declare; the first is the default.
+    pub purposes: Vec<String>,
+    /// The mode of a check that names none.
+    pub default_mode: QueryMode,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most rows in one `/v1/batch`.
+    pub max_batch_rows: usize,
+    /// Calls answered at once; more get 429.
+    pub max_concurrent: usize,
+    /// Time for one call's answer; past it, 504.
+    pub request_timeout: Duration,
+    /// How often the session is renewed (rotations followed, a restarted
+    /// server reached again).
+    pub refresh_interval: Duration,
+}
+
+impl GatewaySettings {
+    /// The defaults for a session's purpose, listening on `listen`.
+    #[must_use]
+    pub fn new(listen: SocketAddr, purpose: &str, query_log: PathBuf) -> Self {
+        Self {
+            listen,
+            tokens: Some(HashMap::new()),
+            query_log,
+            purposes: vec![purpose.to_string()],
+            default_mode: QueryMode::Bucket,
+            max_body_bytes: 64 << 10,
+            max_batch_rows: 1000,
+            max_concurrent: 32,
+            request_timeout: Duration::from_secs(30),
+            refresh_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Reads a tokens file: one `NAME SHA256HEX` line per calling system
+/// (`psi-client token new --name NAME` makes a token and its line).
+///
+/// # Errors
+/// Unreadable, a malformed line, a repeated name.
+pub fn load_tokens(path: &Path) -> Result<HashMap<String, String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = HashMap::new();
+    for (n, line) in text.lines().map(str::trim).enumerate() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = || format!("{} line {}: not `NAME SHA256HEX`", path.display(), n + 1);
+        let mut parts = line.split_whitespace();
+        let (Some(name), Some(digest), None) = (parts.next(), parts.next(), parts.next()) else {
+            bail!(bad());
+        };
+        if digest.len() != 64
+            || !digest.bytes().all(|b| b.is_ascii_hexdigit())
+            || !valid_label(name)
+        {
+            bail!(bad());
+        }
+        if out.values().any(|v| v == name) {
+            bail!("{}: {name} is listed twice", path.display());
+        }
+        out.insert(digest.to_ascii_lowercase(), name.to_string());
+    }
+    Ok(out)
+}
+
+/// A new random token and its tokens-file line for `name`.
+///
+/// # Errors
+/// A name that is not 1 to 64 of `A-Z a-z 0-9 . _ -`.
+pub fn new_token(name: &str) -> Result<(String, String)> {
+    if !valid_label(name) {
+        bail!("a caller's name is 1 to 64 of A-Z a-z 0-9 . _ -");
+    }
+    let mut raw = [0u8; 32];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut raw);
+    let token = hex::encode(raw);
+    let line = format!("{name} {}", hex::encode(Sha256::digest(token.as_bytes())));
+    Ok((token, line))
+}
+
+fn valid_label(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    route: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+struct Gateway {
+    settings: GatewaySettings,
+    session: RwLock<Session>,
+    log: QueryLog,
+    slots: Arc<Semaphore>,
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    latency: Family<RouteLabels, Histogram>,
+}
+
+/// A gateway running in this process.
+#[derive(Debug)]
+pub struct RunningGateway {
+    /// The bound address.
+    pub local_addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl RunningGateway {
+    /// Stops accepting, finishes the calls in flight, and waits.
+    ///
+    /// # Errors
+    /// If serving failed.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.await.context("gateway task")?
+    }
+}
+
+/// Connects to the operator, opens the query log, binds and serves.
+///
+/// # Errors
+/// The operator unreachable (at start the gateway waits up to a minute),
+/// the query log unusable, the address unbindable.
+pub async fn start(options: ConnectOptions, settings: GatewaySettings) -> Result<RunningGateway> {
+    if settings.purposes.is_empty() {
+        bail!("the gateway needs at least one allowed purpose");
+    }
+    let session = Session::connect_when_ready(options, Duration::from_secs(60)).await?;
+    let log = QueryLog::open(&settings.query_log)?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.listen))?;
+    let local_addr = listener.local_addr()?;
+    let mut registry = Registry::with_prefix("psi_gateway");
+    let calls = Family::<CallLabels, Counter>::default();
+    let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+        Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
+    });
+    registry.register("calls", "Calls by route and HTTP status", calls.clone());
+    registry.register(
+        "call_duration_seconds",
+        "Time from a call's receipt to its answer, by route",
+        latency.clone(),
+    );
+    let gateway = Arc::new(Gateway {
+        slots: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
+        session: RwLock::new(session),
+        log,
+        registry,
+        calls,
+        latency,
+        settings,
+    });
+    let refresher = tokio::spawn(refresh(Arc::clone(&gateway)));
+    let app = Router::new()
+        .route("/v1/check", post(check_route))
+        .route("/v1/batch", post(batch_route))
+        .route("/v1/status", get(status_route))
+        .route("/healthz", get(health_route))
+        .route("/metrics", get(metrics_route))
+        .route("/openapi.json", get(openapi_route))
+        .layer(DefaultBodyLimit::max(gateway.settings.max_body_bytes))
+        .with_state(Arc::clone(&gateway));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await
+            .context("serving");
+        refresher.abort();
+        served
+    });
+    tracing::info!(addr = %local_addr, "gateway listening");
+    Ok(RunningGateway {
+        local_addr,
+        shutdown: Some(tx),
+        task,
+    })
+}
+
+/// Renews the session on a schedule: a rotation is followed along its
+/// endorsements, a restarted server is reached again; a failure keeps the
+/// session in use and is logged.
+async fn refresh(g: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(g.settings.refresh_interval);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let current = g.session.read().await.clone();
+        match current.reconnect().await {
+            Ok(next) => *g.session.write().await = next,
+            Err(e) => tracing::warn!("renewing the session with the operator: {e}"),
+        }
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    let text = serde_json::to_string(body).unwrap_or_else(|_| "{}".to_string());
+    (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+/// A refusal: its status and what to tell the caller.
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        #[derive(Serialize)]
+        struct Body {
+            error: String,
+        }
+        json(self.0, &Body { error: self.1 })
+    }
+}
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> Refusal {
+    Refusal(status, message.into())
+}
+
+/// The calling system and the person asking.
+struct Caller {
+    system: String,
+    staff: String,
+}
+
+impl Gateway {
+    fn caller(&self, headers: &HeaderMap) -> Result<Caller, Refusal> {
+        let Some(tokens) = &self.settings.tokens else {
+            let staff = headers
+                .get("x-staff-id")
+                .and_then(|v| v.to_str().ok())
+                .filter(|s| valid_label(s))
+                .unwrap_or("unnamed");
+            return Ok(Caller {
+                system: "local".into(),
+                staff: staff.into(),
+            });
+        };
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "an `Authorization: Bearer TOKEN` header is required (a token from `psi-client token new`)",
+                )
+            })?;
+        let digest = hex::encode(Sha256::digest(token.trim().as_bytes()));
+        let system = tokens
+            .get(&digest)
+            .ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "unknown token"))?;
+        let staff = headers
+            .get("x-staff-id")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                refuse(
+                    StatusCode::BAD_REQUEST,
+                    "an `X-Staff-Id` header naming who asks is required",
+                )
+            })?;
+        if !valid_label(staff) {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "X-Staff-Id is 1 to 64 of A-Z a-z 0-9 . _ -",
+            ));
+        }
+        Ok(Caller {
+            system: system.clone(),
+            staff: staff.to_string(),
+        })
+    }
+
+    fn purpose(&self, asked: Option<&str>) -> Result<String, Refusal> {
+        match asked {
+            None => Ok(self.settings.purposes.first().cloned().unwrap_or_default()),
+            Some(p) if self.settings.purposes.iter().any(|a| a == p) => Ok(p.to_string()),
+            Some(p) => Err(refuse(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "purpose `{p}` is not one this gateway allows ({})",
+                    self.settings.purposes.join(", ")
+                ),
+            )),
+        }
+    }
+
+    fn mode(&self, asked: Option<&str>) -> Result<QueryMode, Refusal> {
+        match asked {
+            None => Ok(self.settings.default_mode),
+            Some("sync") => Ok(QueryMode::Sync),
+            Some("bucket") => Ok(QueryMode::Bucket),
+            Some("pir") => Ok(QueryMode::Pir),
+            Some(m) => Err(refuse(
+                StatusCode::BAD_REQUEST,
+                format!("mode `{m}` is not sync, bucket or pir"),
+            )),
+        }
+    }
+
+    /// The session for one call, with its own request-id record and the
+    /// call's purpose.
+    async fn session_for(&self, purpose: &str) -> Session {
+        self.session
+            .read()
+            .await
+            .with_own_request_ids()
+            .with_purpose(purpose)
+    }
+
+    fn record(&self, route: &str, status: StatusCode, started: Instant) {
+        self.calls
+            .get_or_create(&CallLabels {
+                route: route.into(),
+                status: status.as_u16().to_string(),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels {
+                route: route.into(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+fn mode_name(mode: QueryMode) -> &'static str {
+    match mode {
+        QueryMode::Sync => "sync",
+        QueryMode::Bucket => "bucket",
+        QueryMode::Pir => "pir",
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> Result<T, Refusal> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the request body is over the gateway's max_body_bytes",
+            )
+        } else {
+            refuse(r.status(), r.body_text())
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not the JSON this route takes: {e}"),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckRequest {
+    name: String,
+    id: String,
+    purpose: Option<String>,
+    mode: Option<String>,
+}
+
+#[derive(Serialize)]
+struct CheckResponse {
+    result: &'static str,
+    error: Option<String>,
+    request_id: Option<String>,
+    registry_version: u64,
+    key_epoch: u64,
+}
+
+async fn check_route(
+    State(g): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let response = match check_call(&g, &headers, body).await {
+        Ok(r) => json(StatusCode::OK, &r),
+        Err(refusal) => refusal.into_response(),
+    };
+    g.record("/v1/check", response.status(), started);
+    response
+}
+
+async fn check_call(
+    g: &Gateway,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<CheckResponse, Refusal> {
+    let caller = g.caller(headers)?;
+    let req: CheckRequest = parse(body)?;
+    let purpose = g.purpose(req.purpose.as_deref())?;
+    let mode = g.mode(req.mode.as_deref())?;
+    let _slot = Arc::clone(&g.slots).try_acquire_owned().map_err(|_| {
+        refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "the gateway is answering max_concurrent calls; retry shortly",
+        )
+    })?;
+    let session = g.session_for(&purpose).await;
+    let answered = tokio::time::timeout(
+        g.settings.request_timeout,
+        check(&session, &req.name, &req.id, mode),
+    )
+    .await;
+    let outcome = match answered {
+        Err(_) => Err(refuse(
+            StatusCode::GATEWAY_TIMEOUT,
+            "no answer within the gateway's request_timeout",
+        )),
+        Ok(Err(e)) if e.is_not_reached() => Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the operator's server cannot be reached now: {e}"),
+        )),
+        Ok(Err(e)) => Err(refuse(StatusCode::BAD_GATEWAY, format!("{e}"))),
+        Ok(Ok(o)) => Ok(o),
+    };
+    let request_id = session.request_ids().map(|(_, last)| last);
+    let (result, error) = match &outcome {
+        Ok(o) => (o.result(), o.reason().map(str::to_string)),
+        Err(r) => ("error", Some(r.1.clone())),
+    };
+    // The answer leaves only once its log record is durable.
+    let record = LogRecord::now(
+        &caller.staff,
+        &caller.system,
+        &purpose,
+        mode_name(mode),
+        &req.name,
+        &req.id,
+        result,
+        request_id.as_deref().unwrap_or(""),
+    );
+    let log = g.log.clone();
+    tokio::task::spawn_blocking(move || log.append(&record))
+        .await
+        .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "the query log failed"))?
+        .map_err(|e| {
+            tracing::error!("query log: {e:#}");
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the query log cannot record this check now; nothing was answered",
+            )
+        })?;
+    let outcome = outcome?;
+    let info = session.info();
+    Ok(CheckResponse {
+        result: outcome.result(),
+        error,
+        request_id,
+        registry_version: info.registry_version,
+        key_epoch: info.key_epoch,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    rows: Vec<Row>,
+    purpose: Option<String>,
+    mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Row {
+    name: String,
+    id: String,
+}
+
+#[derive(Serialize)]
+struct RowAnswer {
+    result: &'static str,
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct BatchResponse {
+    results: Vec<RowAnswer>,
+    request_ids: Option<(String, String)>,
+    registry_version: u64,
+    key_epoch: u64,
+}
+
+async fn batch_route(
+    State(g): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let response = match batch_call(&g, &headers, body).await {
+        Ok(r) => json(StatusCode::OK, &r),
+        Err(refusal) => refusal.into_response(),
+    };
+    g.record("/v1/batch", response.status(), started);
+    response
+}
+
+async fn batch_call(
+    g: &Gateway,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<BatchResponse, Refusal> {
+    let caller = g.caller(headers)?;
+    let req: BatchRequest = parse(body)?;
+    if req.rows.is_empty() || req.rows.len() > g.settings.max_batch_rows {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "a batch holds 1 to max_batch_rows = {} rows, not {}",
+                g.settings.max_batch_rows,
+                req.rows.len()
+            ),
+        ));
+    }
+    let purpose = g.purpose(req.purpose.as_deref())?;
+    let mode = g.mode(req.mode.as_deref())?;
+    let _slot = Arc::clone(&g.slots).try_acquire_owned().map_err(|_| {
+        refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "the gateway is answering max_concurrent calls; retry shortly",
+        )
+    })?;
+    let session = g.session_for(&purpose).await;
+    let pairs: Vec<(&str, &str)> = req
+        .rows
+        .iter()
+        .map(|r| (r.name.as_str(), r.id.as_str()))
+        .collect();
+    let work = async {
+        match mode {
+            QueryMode::Pir => {
+                let mut out = Vec::with_capacity(pairs.len());
+                for (name, id) in &pairs {
+                    out.push(check(&session, name, id, mode).await?);
+                }
+                Ok(out)
+            }
+            _ => {
+                let opts = crate::batch::PairOptions {
+                    mode,
+                    ..crate::batch::PairOptions::default()
+                };
+                crate::batch::answer_pairs(&session, &pairs, &opts)
+                    .await
+                    .map(|(answers, _)| answers)
+                    .map_err(|e| crate::Error::Internal(format!("{e:#}")))
+            }
+        }
+    };
+    let answers: Vec<CheckOutcome> =
+        match tokio::time::timeout(g.settings.request_timeout, work).await {
+            Err(_) => {
+                return Err(refuse(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "no answer within the gateway's request_timeout",
+                ))
+            }
+            Ok(Err(e)) if e.is_not_reached() => {
+                return Err(refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the operator's server cannot be reached now: {e}"),
+                ))
+            }
+            Ok(Err(e)) => return Err(refuse(StatusCode::BAD_GATEWAY, format!("{e}"))),
+            Ok(Ok(a)) => a,
+        };
+    let request_ids = session.request_ids();
+    let last_id = request_ids
+        .as_ref()
+        .map(|(_, l)| l.clone())
+        .unwrap_or_default();
+    let records: Vec<LogRecord> = req
+        .rows
+        .iter()
+        .zip(&answers)
+        .map(|(r, a)| {
+            LogRecord::now(
+                &caller.staff,
+                &caller.system,
+                &purpose,
+                mode_name(mode),
+                &r.name,
+                &r.id,
+                a.result(),
+                &last_id,
+            )
+        })
+        .collect();
+    let log = g.log.clone();
+    tokio::task::spawn_blocking(move || records.iter().try_for_each(|r| log.append(r).map(|_| ())))
+        .await
+        .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "the query log failed"))?
+        .map_err(|e| {
+            tracing::error!("query log: {e:#}");
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the query log cannot record this batch now; nothing was answered",
+            )
+        })?;
+    let info = session.info();
+    Ok(BatchResponse {
+        results: answers
+            .iter()
+            .map(|a| RowAnswer {
+                result: a.result(),
+                error: a.reason().map(str::to_string),
+            })
+            .collect(),
+        request_ids,
+        registry_version: info.registry_version,
+        key_epoch: info.key_epoch,
+    })
+}
+
+#[derive(Serialize)]
+struct Status {
+    server: String,
+    key_epoch: u64,
+    registry_version: u64,
+    registry_size: u64,
+    public_key: String,
+    modes: Vec<&'static str>,
+    purposes: Vec<String>,
+    default_mode: &'static str,
+}
+
+async fn status_route(State(g): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    let started = Instant::now();
+    let response = match g.caller(&headers) {
+        Err(r) => r.into_response(),
+        Ok(_) => {
+            let session = g.session.read().await.clone();
+            let info = session.info();
+            let modes = info
+                .modes
+                .iter()
+                .filter_map(|m| match psi_proto::v1::QueryMode::try_from(*m) {
+                    Ok(psi_proto::v1::QueryMode::Sync) => Some("sync"),
+                    Ok(psi_proto::v1::QueryMode::Bucket) => Some("bucket"),
+                    Ok(psi_proto::v1::QueryMode::Pir) => Some("pir"),
+                    _ => None,
+                })
+                .collect();
+            json(
+                StatusCode::OK,
+                &Status {
+                    server: session.server().to_string(),
+                    key_epoch: info.key_epoch,
+                    registry_version: info.registry_version,
+                    registry_size: info.registry_size,
+                    public_key: hex::encode(&info.public_key),
+                    modes,
+                    purposes: g.settings.purposes.clone(),
+                    default_mode: mode_name(g.settings.default_mode),
+                },
+            )
+        }
+    };
+    g.record("/v1/status", response.status(), started);
+    response
+}
+
+async fn health_route() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics_route(State(g): State<Arc<Gateway>>) -> Response {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &g.registry).is_err() {
+        return refuse(StatusCode::INTERNAL_SERVER_ERROR, "metrics").into_response();
+    }
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+async fn openapi_route() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
+}

@@ -1,0 +1,421 @@
+//! The institution's query log: one record per check (time, staff id,
+//! calling system, purpose, the pair as given, the answer, the operator's
+//! request id), in an embedded SQLite database kept by the institution,
+//! mode 0600, hash-chained so that a record changed, deleted or inserted
+//! is found by [`verify`] (`psi-client log verify`).
+//!
+//! This log holds personal data (the pairs asked about): it is the
+//! institution's record of who asked about whom and why, which the law asks
+//! it to keep; the operator never sees it.
+//!
+//! Record hash: `SHA-256("psi.v1.querylog" || prev || I2OSP(seq, 8) ||
+//! I2OSP(time_ms, 8) || each text field as I2OSP(len, 8) || bytes)`, fields
+//! in the order staff, caller, purpose, mode, name, id, result, request_id;
+//! `prev` is the previous record's hash (32 zero bytes for the first).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+
+/// How long records are kept unless said otherwise: three years.
+pub const DEFAULT_RETENTION_DAYS: u64 = 3 * 366;
+
+/// One check, as logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: i64,
+    /// Who at the institution asked (the gateway's `X-Staff-Id`).
+    pub staff: String,
+    /// Which internal system asked (its API token's name), or the command.
+    pub caller: String,
+    /// The declared purpose.
+    pub purpose: String,
+    /// `sync`, `bucket` or `pir`.
+    pub mode: String,
+    /// The name as given.
+    pub name: String,
+    /// The ID number as given.
+    pub id: String,
+    /// `match`, `no_match`, `invalid` or `error`.
+    pub result: String,
+    /// The operator's request id (empty when nothing was sent).
+    pub request_id: String,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl LogRecord {
+    /// A record stamped now.
+    #[must_use]
+    #[allow(clippy::too_many_arguments)]
+    pub fn now(
+        staff: &str,
+        caller: &str,
+        purpose: &str,
+        mode: &str,
+        name: &str,
+        id: &str,
+        result: &str,
+        request_id: &str,
+    ) -> Self {
+        Self {
+            time_ms: now_ms(),
+            staff: staff.into(),
+            caller: caller.into(),
+            purpose: purpose.into(),
+            mode: mode.into(),
+            name: name.into(),
+            id: id.into(),
+            result: result.into(),
+            request_id: request_id.into(),
+        }
+    }
+
+    fn hash(&self, prev: &[u8], seq: i64) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"psi.v1.querylog");
+        h.update(prev);
+        h.update(seq.to_be_bytes());
+        h.update(self.time_ms.to_be_bytes());
+        for field in [
+            &self.staff,
+            &self.caller,
+            &self.purpose,
+            &self.mode,
+            &self.name,
+            &self.id,
+            &self.result,
+            &self.request_id,
+        ] {
+            h.update((field.len() as u64).to_be_bytes());
+            h.update(field.as_bytes());
+        }
+        h.finalize().into()
+    }
+}
+
+/// An open query log. Cloning shares the connection; appends are serialised.
+#[derive(Clone)]
+pub struct QueryLog {
+    path: PathBuf,
+    db: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for QueryLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryLog")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS querylog (
+    seq INTEGER PRIMARY KEY,
+    time_ms INTEGER NOT NULL,
+    staff TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    name TEXT NOT NULL,
+    id TEXT NOT NULL,
+    result TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    hash BLOB NOT NULL
+)";
+
+impl QueryLog {
+    /// Opens (creating it, mode 0600) the log at `path`. A log whose last
+    /// record does not hash to itself is refused: appending would extend a
+    /// chain that no longer verifies.
+    ///
+    /// # Errors
+    /// An unreadable, damaged, or group- or world-readable file.
+    pub fn open(path: &Path) -> Result<Self> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        // Created 0600 before SQLite opens it: it holds the pairs asked about.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("opening the query log {}", path.display()))?;
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            bail!(
+                "the query log {} has mode {mode:o}: it holds names and ID numbers; chmod 600 it",
+                path.display()
+            );
+        }
+        let db = Connection::open(path)
+            .with_context(|| format!("opening the query log {}", path.display()))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "FULL")?;
+        db.execute_batch(SCHEMA)?;
+        let log = Self {
+            path: path.to_path_buf(),
+            db: Arc::new(Mutex::new(db)),
+        };
+        log.check_tail()?;
+        Ok(log)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn check_tail(&self) -> Result<()> {
+        let db = self.lock();
+        let rows = read_rows(&db, "ORDER BY seq DESC LIMIT 2")?;
+        if let Some((seq, record, hash)) = rows.first() {
+            let prev = rows.get(1).map_or(vec![0u8; 32], |r| r.2.clone());
+            if record.hash(&prev, *seq).as_slice() != hash.as_slice() {
+                bail!(
+                    "the query log {}: its last record ({seq}) was changed; `psi-client log verify` says more",
+                    self.path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends `record` durably; returns its sequence number.
+    ///
+    /// # Errors
+    /// The database cannot be written.
+    pub fn append(&self, record: &LogRecord) -> Result<i64> {
+        let mut db = self.lock();
+        let tx = db.transaction()?;
+        let last: Option<(i64, Vec<u8>)> = tx
+            .query_row(
+                "SELECT seq, hash FROM querylog ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let (seq, prev) = last.map_or((1, vec![0u8; 32]), |(s, h)| (s + 1, h));
+        let hash = record.hash(&prev, seq);
+        tx.execute(
+            "INSERT INTO querylog (seq, time_ms, staff, caller, purpose, mode, name, id, result, request_id, hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                seq,
+                record.time_ms,
+                record.staff,
+                record.caller,
+                record.purpose,
+                record.mode,
+                record.name,
+                record.id,
+                record.result,
+                record.request_id,
+                hash.as_slice()
+            ],
+        )?;
+        tx.commit()?;
+        Ok(seq)
+    }
+
+    /// Removes the records older than `retention_days` from the front of
+    /// the chain (the first kept record's `prev` is then the last removed's
+    /// hash: [`verify`] starts from the first record's stored predecessor).
+    ///
+    /// # Errors
+    /// The database cannot be written.
+    pub fn prune(&self, retention_days: u64) -> Result<u64> {
+        let cutoff = now_ms().saturating_sub(
+            i64::try_from(retention_days.saturating_mul(86_400_000)).unwrap_or(i64::MAX),
+        );
+        let mut db = self.lock();
+        let tx = db.transaction()?;
+        // The anchor: the hash of the last record removed, kept so the
+        // chain still verifies from there.
+        let anchor: Option<(i64, Vec<u8>)> = tx
+            .query_row(
+                "SELECT seq, hash FROM querylog WHERE time_ms < ?1 ORDER BY seq DESC LIMIT 1",
+                [cutoff],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((anchor_seq, anchor_hash)) = anchor else {
+            return Ok(0);
+        };
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS querylog_anchor (seq INTEGER NOT NULL, hash BLOB NOT NULL)",
+        )?;
+        tx.execute("DELETE FROM querylog_anchor", [])?;
+        tx.execute(
+            "INSERT INTO querylog_anchor (seq, hash) VALUES (?1, ?2)",
+            params![anchor_seq, anchor_hash],
+        )?;
+        let n = tx.execute("DELETE FROM querylog WHERE seq <= ?1", [anchor_seq])?;
+        tx.commit()?;
+        Ok(n as u64)
+    }
+}
+
+type Row = (i64, LogRecord, Vec<u8>);
+
+fn read_rows(db: &Connection, tail: &str) -> Result<Vec<Row>> {
+    let mut stmt = db.prepare(&format!(
+        "SELECT seq, time_ms, staff, caller, purpose, mode, name, id, result, request_id, hash FROM querylog {tail}"
+    ))?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                LogRecord {
+                    time_ms: r.get(1)?,
+                    staff: r.get(2)?,
+                    caller: r.get(3)?,
+                    purpose: r.get(4)?,
+                    mode: r.get(5)?,
+                    name: r.get(6)?,
+                    id: r.get(7)?,
+                    result: r.get(8)?,
+                    request_id: r.get(9)?,
+                },
+                r.get(10)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<Row>>>()?;
+    Ok(rows)
+}
+
+/// Walks the whole chain of the log at `path`; returns how many records it
+/// holds.
+///
+/// # Errors
+/// The first record that was changed, or a gap (a record deleted or
+/// inserted), named by its sequence number.
+pub fn verify(path: &Path) -> Result<u64> {
+    let db = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("opening the query log {}", path.display()))?;
+    let anchor: Option<(i64, Vec<u8>)> = db
+        .query_row("SELECT seq, hash FROM querylog_anchor LIMIT 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()
+        .unwrap_or(None);
+    let (mut expected_seq, mut prev) = anchor.map_or((1, vec![0u8; 32]), |(s, h)| (s + 1, h));
+    let mut n = 0;
+    for (seq, record, hash) in read_rows(&db, "ORDER BY seq")? {
+        if seq != expected_seq {
+            bail!("record {expected_seq} is missing (the next one is {seq}): records were deleted");
+        }
+        if record.hash(&prev, seq).as_slice() != hash.as_slice() {
+            bail!("record {seq}: its content was changed, or a record was inserted before it");
+        }
+        prev = hash;
+        expected_seq += 1;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn record(i: usize) -> LogRecord {
+        LogRecord::now(
+            "staff-7",
+            "onboarding",
+            "kyc-onboarding",
+            "bucket",
+            "张伟",
+            "11010519491231002X",
+            if i.is_multiple_of(2) {
+                "match"
+            } else {
+                "no_match"
+            },
+            &format!("{i:032x}"),
+        )
+    }
+
+    #[test]
+    fn the_chain_finds_a_changed_a_deleted_and_an_inserted_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.sqlite");
+        let log = QueryLog::open(&path).unwrap();
+        for i in 0..5 {
+            assert_eq!(log.append(&record(i)).unwrap(), i as i64 + 1);
+        }
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(verify(&path).unwrap(), 5);
+        let db = Connection::open(&path).unwrap();
+        db.execute("UPDATE querylog SET result = 'match' WHERE seq = 2", [])
+            .unwrap();
+        let err = verify(&path).unwrap_err().to_string();
+        assert!(err.contains("record 2"), "{err}");
+        db.execute("UPDATE querylog SET result = 'no_match' WHERE seq = 2", [])
+            .unwrap();
+        verify(&path).unwrap();
+        db.execute("DELETE FROM querylog WHERE seq = 3", [])
+            .unwrap();
+        let err = verify(&path).unwrap_err().to_string();
+        assert!(err.contains("record 3 is missing"), "{err}");
+        // A record slipped in with a plausible hash of its own is found.
+        let fake = record(9);
+        let h = fake.hash(&[0u8; 32], 3);
+        db.execute(
+            "INSERT INTO querylog VALUES (3, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                fake.time_ms,
+                fake.staff,
+                fake.caller,
+                fake.purpose,
+                fake.mode,
+                fake.name,
+                fake.id,
+                fake.result,
+                fake.request_id,
+                h.as_slice()
+            ],
+        )
+        .unwrap();
+        assert!(verify(&path).is_err());
+        // An edited last record: the log refuses to extend it.
+        db.execute("UPDATE querylog SET staff = 'x' WHERE seq = 5", [])
+            .unwrap();
+        drop(log);
+        assert!(QueryLog::open(&path).is_err());
+    }
+
+    #[test]
+    fn pruning_keeps_the_rest_verifiable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.sqlite");
+        let log = QueryLog::open(&path).unwrap();
+        for i in 0..4 {
+            let mut r = record(i);
+            if i < 2 {
+                r.time_ms -= 10 * 86_400_000;
+            }
+            log.append(&r).unwrap();
+        }
+        assert_eq!(log.prune(5).unwrap(), 2);
+        assert_eq!(verify(&path).unwrap(), 2);
+        log.append(&record(5)).unwrap();
+        assert_eq!(verify(&path).unwrap(), 3);
+    }
+}

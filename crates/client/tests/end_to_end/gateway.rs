@@ -1,0 +1,317 @@
+//! The institution's HTTP gateway: every end-to-end row answered as the
+//! library answers it, in all three modes and in batches; refusals as JSON;
+//! the OpenAPI document against the routes; a key rotation ridden out; the
+//! query log holding every check, its chain intact.
+
+use super::common::*;
+use psi_client::gateway::{self, GatewaySettings, RunningGateway};
+use psi_client::querylog;
+
+/// One HTTP/1.1 exchange on a fresh connection: (status, body).
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    // Chunked bodies: keep the JSON object or array inside.
+    let body = match (body.find(['{', '[']), body.rfind(['}', ']'])) {
+        (Some(a), Some(b)) if a <= b => body[a..=b].to_string(),
+        _ => body.to_string(),
+    };
+    (status, body)
+}
+
+fn value(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// A refused call: headers, body, the status and a word its error says.
+type Refused<'a> = (Vec<(&'a str, &'a str)>, String, u16, &'a str);
+
+struct Gateway {
+    running: RunningGateway,
+    token: String,
+    log: PathBuf,
+}
+
+async fn gateway(
+    f: &Fixture,
+    settings: impl FnOnce(GatewaySettings) -> GatewaySettings,
+) -> Gateway {
+    let (token, line) = gateway::new_token("onboarding").unwrap();
+    let tokens = f.root.join("tokens.txt");
+    std::fs::write(&tokens, format!("# systems\n{line}\n")).unwrap();
+    let log = f.root.join("query-log.sqlite");
+    let base = GatewaySettings {
+        tokens: Some(gateway::load_tokens(&tokens).unwrap()),
+        purposes: vec!["kyc-onboarding".into(), "aml-recheck".into()],
+        refresh_interval: Duration::from_millis(200),
+        ..GatewaySettings::new(
+            "127.0.0.1:0".parse().unwrap(),
+            "kyc-onboarding",
+            log.clone(),
+        )
+    };
+    let running = gateway::start(
+        client_options(&f.url, &f.root.join("gw-cache"), None),
+        settings(base),
+    )
+    .await
+    .unwrap();
+    Gateway {
+        running,
+        token,
+        log,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_answers_every_row_and_logs_every_check() {
+    let f = fixture(300).await;
+    let g = gateway(&f, |s| GatewaySettings {
+        max_body_bytes: 4096,
+        max_batch_rows: 50,
+        ..s
+    })
+    .await;
+    let addr = g.running.local_addr;
+    let bearer = format!("Bearer {}", g.token);
+    let auth = [
+        ("Authorization", bearer.as_str()),
+        ("X-Staff-Id", "clerk-17"),
+    ];
+    let mut logged = 0;
+    for mode in ["sync", "bucket", "pir"] {
+        for q in queries() {
+            let body = serde_json::json!({"name": q.name, "id": q.id, "mode": mode}).to_string();
+            let (status, text) = http(addr, "POST", "/v1/check", &auth, &body).await;
+            assert_eq!(status, 200, "{mode} {}: {text}", q.what);
+            let v = value(&text);
+            assert_eq!(v["result"], q.expected, "{mode} {}", q.what);
+            assert_eq!(v["error"].is_string(), q.expected == "invalid", "{text}");
+            if q.expected != "invalid" {
+                assert_eq!(v["request_id"].as_str().map(str::len), Some(32), "{text}");
+            }
+            logged += 1;
+        }
+    }
+    // Batches, as `psi-client batch` answers them.
+    for mode in ["sync", "bucket"] {
+        let rows: Vec<_> = queries()
+            .iter()
+            .map(|q| serde_json::json!({"name": q.name, "id": q.id}))
+            .collect();
+        let body =
+            serde_json::json!({"rows": rows, "mode": mode, "purpose": "aml-recheck"}).to_string();
+        let (status, text) = http(addr, "POST", "/v1/batch", &auth, &body).await;
+        assert_eq!(status, 200, "{text}");
+        let v = value(&text);
+        let got: Vec<&str> = v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["result"].as_str().unwrap())
+            .collect();
+        let want: Vec<&str> = queries().iter().map(|q| q.expected).collect();
+        assert_eq!(got, want, "{mode}");
+        logged += rows.len();
+    }
+
+    // Refusals: JSON errors with statuses a caller acts on; none logged.
+    let body = serde_json::json!({"name": "张伟", "id": "11010519491231002X"}).to_string();
+    let cases: Vec<Refused> = vec![
+        (
+            vec![("X-Staff-Id", "clerk-17")],
+            body.clone(),
+            401,
+            "Authorization",
+        ),
+        (
+            vec![("Authorization", "Bearer nope"), ("X-Staff-Id", "c")],
+            body.clone(),
+            401,
+            "unknown token",
+        ),
+        (
+            vec![("Authorization", bearer.as_str())],
+            body.clone(),
+            400,
+            "X-Staff-Id",
+        ),
+        (auth.to_vec(), "{\"name\": 1}".into(), 400, "JSON"),
+        (
+            auth.to_vec(),
+            serde_json::json!({"name": "a", "id": "b", "extra": 1}).to_string(),
+            400,
+            "JSON",
+        ),
+        (
+            auth.to_vec(),
+            serde_json::json!({"name": "张伟", "id": "11010519491231002X", "purpose": "marketing"})
+                .to_string(),
+            400,
+            "purpose",
+        ),
+        (
+            auth.to_vec(),
+            serde_json::json!({"name": "张伟", "id": "11010519491231002X", "mode": "fast"})
+                .to_string(),
+            400,
+            "mode",
+        ),
+        (
+            auth.to_vec(),
+            format!("{{\"name\": \"{}\", \"id\": \"x\"}}", "x".repeat(5000)),
+            413,
+            "max_body_bytes",
+        ),
+    ];
+    for (headers, body, status, says) in cases {
+        let (got, text) = http(addr, "POST", "/v1/check", &headers, &body).await;
+        assert_eq!(got, status, "{text}");
+        assert!(
+            value(&text)["error"].as_str().unwrap().contains(says),
+            "{text}"
+        );
+    }
+    let many: Vec<_> = (0..51)
+        .map(|_| serde_json::json!({"name": "a", "id": "b"}))
+        .collect();
+    let (got, text) = http(
+        addr,
+        "POST",
+        "/v1/batch",
+        &auth,
+        &serde_json::json!({"rows": many}).to_string(),
+    )
+    .await;
+    assert_eq!(got, 400, "{text}");
+    assert!(text.contains("max_batch_rows = 50"), "{text}");
+
+    // Status, health, metrics, and the OpenAPI document against the routes.
+    let (got, text) = http(addr, "GET", "/v1/status", &auth, "").await;
+    assert_eq!(got, 200, "{text}");
+    assert_eq!(value(&text)["key_epoch"], 1);
+    assert_eq!(http(addr, "GET", "/healthz", &[], "").await.0, 200);
+    let (got, text) = http(addr, "GET", "/metrics", &[], "").await;
+    assert_eq!(got, 200);
+    assert!(
+        text.contains("psi_gateway_calls_total{route=\"/v1/check\",status=\"200\"}"),
+        "{text}"
+    );
+    let (got, text) = http(addr, "GET", "/openapi.json", &[], "").await;
+    assert_eq!(got, 200);
+    let served = value(&text);
+    let on_disk: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/openapi.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(served, on_disk);
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, item) in on_disk["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.push((method.clone(), path.clone()));
+        }
+    }
+    documented.sort();
+    let mut routes: Vec<(String, String)> = gateway::ROUTES
+        .iter()
+        .map(|(m, p)| ((*m).to_string(), (*p).to_string()))
+        .collect();
+    routes.sort();
+    assert_eq!(
+        documented, routes,
+        "docs/openapi.json documents exactly the routes"
+    );
+    for (method, path) in gateway::ROUTES {
+        let (got, _) = http(addr, &method.to_uppercase(), path, &auth, "{}").await;
+        assert_ne!(got, 404, "{method} {path} is served");
+    }
+
+    // The query log: one record per check, the staff id and system named,
+    // the chain intact, readable by its owner only.
+    g.running.shutdown().await.unwrap();
+    assert_eq!(querylog::verify(&g.log).unwrap(), logged as u64);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&g.log).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let db = rusqlite::Connection::open(&g.log).unwrap();
+    let (staff, caller): (String, String) = db
+        .query_row(
+            "SELECT staff, caller FROM querylog WHERE seq = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (staff.as_str(), caller.as_str()),
+        ("clerk-17", "onboarding")
+    );
+    f.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_rides_out_a_key_rotation() {
+    let f = fixture(50).await;
+    let g = gateway(&f, |s| s).await;
+    let addr = g.running.local_addr;
+    let bearer = format!("Bearer {}", g.token);
+    let auth = [
+        ("Authorization", bearer.as_str()),
+        ("X-Staff-Id", "clerk-2"),
+    ];
+    let ask = || async {
+        let body = serde_json::json!({"name": "张伟", "id": "11010519491231002X"}).to_string();
+        let (status, text) = http(addr, "POST", "/v1/check", &auth, &body).await;
+        assert_eq!(status, 200, "{text}");
+        value(&text)
+    };
+    assert_eq!(ask().await["key_epoch"], 1);
+    let data = f.data_dir.clone();
+    tokio::task::spawn_blocking(move || registry::rotate_key(&data, Duration::ZERO, false))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut epoch = 1;
+    for _ in 0..100 {
+        let v = ask().await;
+        assert_eq!(v["result"], "match");
+        epoch = v["key_epoch"].as_u64().unwrap();
+        if epoch == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(epoch, 2, "the gateway follows the endorsed rotation");
+    g.running.shutdown().await.unwrap();
+    f.running.shutdown().await.unwrap();
+}
