@@ -7,7 +7,9 @@
 //! - `POST /v1/batch`: `{rows: [{name, id}, ...], purpose?, mode?}` ->
 //!   `{results: [{result, error}], request_ids, registry_version, key_epoch}`;
 //! - `GET /v1/status`, `GET /healthz`, `GET /metrics`, `GET /openapi.json`
-//!   (`docs/openapi.json`, checked against [`ROUTES`] by a test).
+//!   (`docs/openapi.json`, checked against [`ROUTES`] by a test);
+//! - `GET /`: the front-desk page: one check at a time, PIR mode, the answer
+//!   in Chinese and English; nothing stored in the browser.
 //!
 //! Every `/v1/` call names its system (`Authorization: Bearer TOKEN`, the
 //! token's SHA-256 listed in the tokens file) and the person asking
@@ -45,7 +47,8 @@ use crate::session::{ConnectOptions, Session};
 use crate::QueryMode;
 
 /// The routes, as `docs/openapi.json` documents them.
-pub const ROUTES: [(&str, &str); 6] = [
+pub const ROUTES: [(&str, &str); 7] = [
+    ("get", "/"),
     ("post", "/v1/check"),
     ("post", "/v1/batch"),
     ("get", "/v1/status"),
@@ -56,6 +59,29 @@ pub const ROUTES: [(&str, &str); 6] = [
 
 /// The OpenAPI 3 document of the API.
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+/// The front-desk page (its purposes filled in where it says `<!--PURPOSES-->`).
+const PAGE: &str = include_str!("gateway-page.html");
+
+/// The front-desk page for `purposes`, and its Content-Security-Policy:
+/// its one script allowed by hash, requests to this gateway only, nothing
+/// framed, nothing else loaded.
+fn page(purposes: &[String]) -> (String, String) {
+    let list = serde_json::to_string(purposes).unwrap_or_else(|_| "[]".into());
+    let html = PAGE.replace(
+        "<!--PURPOSES-->",
+        &format!("<script type=\"application/json\" id=\"purposes\">{list}</script>"),
+    );
+    let script = PAGE
+        .rsplit_once("<script>")
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map_or("", |(body, _)| body);
+    let hash = base64(&Sha256::digest(script.as_bytes()));
+    let csp = format!(
+        "default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
+    );
+    (html, csp)
+}
 
 /// The gateway's settings.
 #[derive(Debug, Clone)]
@@ -236,6 +262,7 @@ pub async fn start(options: ConnectOptions, settings: GatewaySettings) -> Result
     });
     let refresher = tokio::spawn(refresh(Arc::clone(&gateway)));
     let app = Router::new()
+        .route("/", get(page_route))
         .route("/v1/check", post(check_route))
         .route("/v1/batch", post(batch_route))
         .route("/v1/status", get(status_route))
@@ -745,6 +772,44 @@ async fn status_route(State(g): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
     response
 }
 
+/// Standard base64 with padding (RFC 4648 section 4): the CSP's hash source.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk.first().copied().unwrap_or(0),
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (k, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            if k <= chunk.len() {
+                let i = usize::try_from((n >> shift) & 63).unwrap_or(0);
+                out.push(char::from(ALPHABET.get(i).copied().unwrap_or(b'=')));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+async fn page_route(State(g): State<Arc<Gateway>>) -> Response {
+    let (html, csp) = page(&g.settings.purposes);
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8".to_string()),
+            (header::CONTENT_SECURITY_POLICY, csp),
+            (header::CACHE_CONTROL, "no-store".to_string()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
+        ],
+        html,
+    )
+        .into_response()
+}
+
 async fn health_route() -> &'static str {
     "ok\n"
 }
@@ -772,4 +837,33 @@ async fn openapi_route() -> Response {
         OPENAPI,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_is_rfc_4648() {
+        for (raw, want) in [
+            (&b""[..], ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+            (b"foob", "Zm9vYg=="),
+            (b"fooba", "Zm9vYmE="),
+            (b"foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(raw), want);
+        }
+    }
+
+    #[test]
+    fn the_page_lists_the_purposes_and_allows_only_its_own_script() {
+        let (html, csp) = page(&["kyc-onboarding".into(), "aml-recheck".into()]);
+        assert!(html.contains(r#"id="purposes">["kyc-onboarding","aml-recheck"]</script>"#));
+        assert!(!html.contains("<!--PURPOSES-->"));
+        assert!(csp.contains("script-src 'sha256-") && csp.contains("connect-src 'self'"));
+        assert!(!html.contains("localStorage") && !html.contains("sessionStorage"));
+    }
 }

@@ -315,3 +315,180 @@ async fn the_gateway_rides_out_a_key_rotation() {
     g.running.shutdown().await.unwrap();
     f.running.shutdown().await.unwrap();
 }
+
+/// A Chrome DevTools Protocol session over the page's websocket.
+struct Devtools {
+    ws: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
+    next: u64,
+}
+
+impl Devtools {
+    fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.next += 1;
+        let id = self.next;
+        let msg = serde_json::json!({"id": id, "method": method, "params": params});
+        self.ws
+            .send(tungstenite::Message::text(msg.to_string()))
+            .unwrap();
+        loop {
+            let reply = self.ws.read().unwrap();
+            let Ok(text) = reply.to_text() else { continue };
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    fn eval(&mut self, expression: &str) -> serde_json::Value {
+        self.call(
+            "Runtime.evaluate",
+            serde_json::json!({"expression": expression, "returnByValue": true}),
+        )["result"]["value"]
+            .clone()
+    }
+
+    /// Types `text` into the field `id` through the browser's input pipeline.
+    fn type_into(&mut self, id: &str, text: &str) {
+        self.eval(&format!("document.getElementById('{id}').focus()"));
+        self.call("Input.insertText", serde_json::json!({"text": text}));
+    }
+
+    fn wait_for(&mut self, expression: &str) -> serde_json::Value {
+        for _ in 0..200 {
+            let v = self.eval(expression);
+            if !v.is_null() && v != false && v != "" && v != "…" {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the page never satisfied {expression}");
+    }
+}
+
+/// The front-desk page in a real headless Chromium: a clerk types a pair
+/// and submits; the page shows the answer in words, the request id, and
+/// keeps nothing in the browser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_desk_page_answers_in_a_real_browser() {
+    let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find_map(|b| which(b))
+    else {
+        eprintln!("the_front_desk_page_answers_in_a_real_browser: skipped: no chromium on PATH (.ci/run installs Debian's)");
+        return;
+    };
+    let f = fixture(30).await;
+    let g = gateway(&f, |s| s).await;
+    let url = format!("http://{}/", g.running.local_addr);
+    let token = g.token.clone();
+    let profile = f.root.join("chromium-profile");
+    let port = psi_testbed::free_port();
+    let mut browser = std::process::Command::new(chromium)
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            &format!("--remote-debugging-port={port}"),
+            &format!("--user-data-dir={}", profile.display()),
+            "about:blank",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut ws_url = None;
+        psi_testbed::wait_for("chromium's devtools", Duration::from_secs(30), || {
+            ws_url = devtools_list(port).and_then(|body| {
+                let start = body.find('[')?;
+                let list: serde_json::Value = serde_json::from_str(&body[start..]).ok()?;
+                list.as_array()?
+                    .iter()
+                    .find(|t| t["type"] == "page")?["webSocketDebuggerUrl"]
+                    .as_str()
+                    .map(str::to_string)
+            });
+            ws_url.is_some()
+        });
+        let (ws, _) = tungstenite::connect(ws_url.unwrap()).unwrap();
+        let mut dt = Devtools { ws, next: 0 };
+        dt.call("Page.enable", serde_json::json!({}));
+        dt.call("Page.navigate", serde_json::json!({"url": url}));
+        dt.wait_for("document.readyState === 'complete' && document.getElementById('purpose').options.length > 0");
+        let mut seen = Vec::new();
+        for (name, id) in [("张伟", "11010519491231002X"), ("张伟", "11010519491231002")] {
+            dt.type_into("staff", "desk-3");
+            dt.eval("document.getElementById('token').value = ''");
+            dt.type_into("token", &token);
+            dt.type_into("name", name);
+            dt.type_into("id", id);
+            dt.eval("document.getElementById('answer').textContent = ''");
+            dt.eval("document.getElementById('submit').click()");
+            let text = dt.wait_for("document.getElementById('answer').textContent");
+            seen.push(text.as_str().unwrap_or_default().to_string());
+            dt.eval("document.getElementById('staff').value = ''");
+        }
+        let stored = dt.eval("localStorage.length + sessionStorage.length + document.cookie.length");
+        (seen, stored)
+    })
+    .await;
+    let _ = browser.kill();
+    let _ = browser.wait();
+    let (seen, stored) = answers.unwrap();
+    assert!(seen[0].starts_with("一致 · Match"), "{seen:?}");
+    assert!(seen[0].contains("request id"), "{seen:?}");
+    assert!(seen[1].starts_with("无效 · Invalid"), "{seen:?}");
+    assert_eq!(stored, 0, "nothing kept in the browser");
+    g.running.shutdown().await.unwrap();
+    // Both checks are in the query log under the clerk's staff id.
+    assert_eq!(querylog::verify(&g.log).unwrap(), 2);
+    f.running.shutdown().await.unwrap();
+}
+
+/// Chromium's list of debuggable targets (its HTTP server answers HTTP/1.1
+/// only, and keeps the connection open: read to the Content-Length).
+fn devtools_list(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(
+        format!("GET /json/list HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())?;
+            if body.len() >= len {
+                return Some(body.to_string());
+            }
+        }
+    }
+    None
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
+}
