@@ -273,6 +273,13 @@ pub enum Command {
         /// the pair (about 0.5-2 s of server work a check); sync: use the local tag set.
         #[arg(long, value_enum, default_value_t = QueryMode::Bucket)]
         mode: QueryMode,
+        /// Record the check in this query log (the institution's
+        /// hash-chained record of who asked about whom; mode 0600).
+        #[arg(long, env = "PSI_QUERY_LOG")]
+        query_log: Option<PathBuf>,
+        /// Who asks, for the query log.
+        #[arg(long, env = "PSI_STAFF_ID", requires = "query_log")]
+        staff: Option<String>,
     },
     /// Answer every row of a CSV file (columns `name` and `id`; others pass through).
     Batch {
@@ -457,6 +464,11 @@ async fn connect(args: &ServerArgs) -> Result<Session> {
     Ok(session)
 }
 
+/// The purpose the settings declare.
+fn session_purpose(args: &ServerArgs) -> Result<String> {
+    Ok(args.options()?.purpose)
+}
+
 async fn connect_checked(options: ConnectOptions) -> Result<Session> {
     Session::connect(options)
         .await
@@ -481,9 +493,32 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
             name,
             id,
             mode,
+            query_log,
+            staff,
         } => {
-            let session = connect(&server).await?;
-            Ok(match check(&session, &name, &id, mode).await? {
+            let log = query_log
+                .as_deref()
+                .map(crate::querylog::QueryLog::open)
+                .transpose()?;
+            let session = connect(&server).await?.with_own_request_ids();
+            let outcome = check(&session, &name, &id, mode).await?;
+            if let Some(log) = log {
+                let purpose = session_purpose(&server)?;
+                log.append(&crate::querylog::LogRecord::now(
+                    staff.as_deref().unwrap_or("unnamed"),
+                    "psi-client check",
+                    &purpose,
+                    crate::gateway::mode_name(mode),
+                    &name,
+                    &id,
+                    outcome.result(),
+                    &session
+                        .request_ids()
+                        .map(|(_, last)| last)
+                        .unwrap_or_default(),
+                ))?;
+            }
+            Ok(match outcome {
                 CheckOutcome::Match => {
                     println!("match");
                     ExitCode::SUCCESS

@@ -434,7 +434,9 @@ impl Gateway {
     }
 }
 
-fn mode_name(mode: QueryMode) -> &'static str {
+/// The wire name of a mode, as the query log records it.
+#[must_use]
+pub fn mode_name(mode: QueryMode) -> &'static str {
     match mode {
         QueryMode::Sync => "sync",
         QueryMode::Bucket => "bucket",

@@ -158,14 +158,25 @@ fn init_serve_batch_check_with_the_real_binaries() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // With a query log: the check is recorded, and the chain verifies.
+    let log = root.join("query-log.sqlite");
+    let log_arg = log.display().to_string();
     let (code, out, _) = run(&mut client(&[
         "check",
         "--name",
         "张三",
         "--id",
         "11010519491231002X",
+        "--query-log",
+        &log_arg,
+        "--staff",
+        "clerk-9",
     ]));
     assert_eq!((code, out.trim()), (1, "no_match"));
+    let (code, out, err) =
+        run(Command::new(client_bin()).args(["log", "verify", "--log", &log_arg]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 records, the chain verifies"), "{out}");
     let (code, out, _) = run(&mut client(&[
         "check",
         "--name",

@@ -492,3 +492,58 @@ fn which(program: &str) -> Option<PathBuf> {
             .find(|p| p.is_file())
     })
 }
+
+/// The operator's server goes away and comes back: meanwhile the gateway
+/// answers 503 with a JSON error (logged as an error, nothing answered),
+/// then answers again without a restart of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_rides_out_a_server_restart() {
+    let f = fixture(20).await;
+    let port = f.running.local_addr.port();
+    let g = gateway(&f, |s| GatewaySettings {
+        request_timeout: Duration::from_secs(5),
+        ..s
+    })
+    .await;
+    let addr = g.running.local_addr;
+    let bearer = format!("Bearer {}", g.token);
+    let auth = [
+        ("Authorization", bearer.as_str()),
+        ("X-Staff-Id", "clerk-4"),
+    ];
+    let body = serde_json::json!({"name": "张伟", "id": "11010519491231002X"}).to_string();
+    let (status, _) = http(addr, "POST", "/v1/check", &auth, &body).await;
+    assert_eq!(status, 200);
+    f.running.shutdown().await.unwrap();
+    let (status, text) = http(addr, "POST", "/v1/check", &auth, &body).await;
+    assert!(
+        status == 503 || status == 504,
+        "the operator away: {status} {text}"
+    );
+    assert!(value(&text)["error"].is_string(), "{text}");
+    let again = start(&f.data_dir, port).await;
+    let mut status = 0;
+    for _ in 0..100 {
+        let (s, text) = http(addr, "POST", "/v1/check", &auth, &body).await;
+        status = s;
+        if s == 200 {
+            assert_eq!(value(&text)["result"], "match");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "answered again once the server is back");
+    g.running.shutdown().await.unwrap();
+    // Every call is in the log, the refused one as an error.
+    let db = rusqlite::Connection::open(&g.log).unwrap();
+    let errors: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM querylog WHERE result = 'error'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(errors >= 1);
+    querylog::verify(&g.log).unwrap();
+    again.shutdown().await.unwrap();
+}
