@@ -3,7 +3,8 @@
 //! `psi-bench` ([`sweep`] points, [`costs`] per element beside the
 //! baselines, [`report`] tables, charts and BENCHMARKS.md), the attackers
 //! `psi-load --attack` runs beside its honest load ([`attack`]), and
-//! single-key against threshold mode end to end ([`threshold`]).
+//! single-key against threshold mode end to end ([`threshold`]), and single
+//! checks through the institution's HTTP gateway ([`gateway`]).
 
 // The benchmark harness: a run that cannot proceed stops with the reason.
 #![allow(
@@ -15,6 +16,7 @@
 
 pub mod attack;
 pub mod costs;
+pub mod gateway;
 pub mod report;
 pub mod sweep;
 pub mod threshold;

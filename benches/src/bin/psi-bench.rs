@@ -12,6 +12,7 @@
 //!   a sync-mode batch, bucket checks, then an update and a key rotation.
 //! - `psi-bench threshold`: single-key against 2-of-3 key holders on one
 //!   registry: encoding, a sync-mode batch, single checks.
+//! - `psi-bench gateway`: single checks through the HTTP gateway.
 
 // The benchmark harness: a run that cannot proceed stops with the reason.
 #![allow(
@@ -70,6 +71,18 @@ enum Cmd {
     },
     /// One registry served in this process, with the update and rotation phases.
     E2e(E2eArgs),
+    /// Single checks through the institution's HTTP gateway, each mode.
+    Gateway {
+        /// Registry size.
+        #[arg(long, default_value_t = 100_000)]
+        registry_size: u64,
+        /// Checks timed per mode (PIR: at most 50).
+        #[arg(long, default_value_t = 500)]
+        checks: usize,
+        /// Working directory.
+        #[arg(long, default_value = "target/psi-bench")]
+        dir: PathBuf,
+    },
     /// Single-key against threshold mode (2-of-3 holders in this process).
     Threshold {
         /// Registry size.
@@ -210,6 +223,19 @@ fn main() -> Result<()> {
             publish(&sweep, &out, Some(&benchmarks_md))
         }
         Cmd::E2e(args) => tokio::runtime::Runtime::new()?.block_on(e2e(args)),
+        Cmd::Gateway {
+            registry_size,
+            checks,
+            dir,
+        } => {
+            let results = tokio::runtime::Runtime::new()?.block_on(psi_bench::gateway::run(
+                &dir,
+                registry_size,
+                checks,
+            ))?;
+            println!("{}", serde_json::to_string_pretty(&results)?);
+            Ok(())
+        }
         Cmd::Threshold {
             registry_size,
             queries,
