@@ -3,7 +3,9 @@
 //! a schedule), and a local HTTP API any system can call:
 //!
 //! - `POST /v1/check`: `{name, id, purpose?, mode?}` -> `{result, error,
-//!   request_id, registry_version, key_epoch}`;
+//!   request_id, registry_version, key_epoch}` (sync mode against the tag
+//!   set the gateway holds in memory, brought up to date at every renewal
+//!   of the session: answers are at most `refresh_interval` behind);
 //! - `POST /v1/batch`: `{rows: [{name, id}, ...], purpose?, mode?}` ->
 //!   `{results: [{result, error}], request_ids, registry_version, key_epoch}`;
 //! - `GET /v1/status`, `GET /healthz`, `GET /metrics`, `GET /openapi.json`
@@ -196,6 +198,9 @@ struct RouteLabels {
 struct Gateway {
     settings: GatewaySettings,
     session: RwLock<Session>,
+    /// Sync mode's tag set, decoded, with its key epoch: synced at the
+    /// first sync-mode check and again at every renewal of the session.
+    tags: RwLock<Option<(u64, Arc<psi_core::TagLookup>)>>,
     log: QueryLog,
     slots: Arc<Semaphore>,
     registry: Registry,
@@ -254,6 +259,7 @@ pub async fn start(options: ConnectOptions, settings: GatewaySettings) -> Result
     let gateway = Arc::new(Gateway {
         slots: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
         session: RwLock::new(session),
+        tags: RwLock::new(None),
         log,
         registry,
         calls,
@@ -302,6 +308,14 @@ async fn refresh(g: Arc<Gateway>) {
         match current.reconnect().await {
             Ok(next) => *g.session.write().await = next,
             Err(e) => tracing::warn!("renewing the session with the operator: {e}"),
+        }
+        // Sync mode's tag set, once a check has asked for it: brought up
+        // to date (a delta, usually) so that checks need no sync of their own.
+        if g.tags.read().await.is_some() {
+            let session = g.session.read().await.clone();
+            if let Err(e) = g.sync_tags(&session).await {
+                tracing::warn!("refreshing the tag set: {e}");
+            }
         }
     }
 }
@@ -419,6 +433,55 @@ impl Gateway {
             .with_purpose(purpose)
     }
 
+    /// Syncs the tag set and keeps it decoded.
+    async fn sync_tags(&self, session: &Session) -> Result<Arc<psi_core::TagLookup>, crate::Error> {
+        let synced = session.sync().await?;
+        let epoch = synced.set.header().epoch;
+        let lookup = Arc::new(synced.set.lookup().map_err(crate::Error::lookup)?);
+        *self.tags.write().await = Some((epoch, Arc::clone(&lookup)));
+        Ok(lookup)
+    }
+
+    /// A check: in sync mode against the tag set held in memory (synced at
+    /// most `refresh_interval` ago), so that a check is one evaluation;
+    /// otherwise as `psi-client check`.
+    async fn check(
+        &self,
+        session: &Session,
+        name: &str,
+        id: &str,
+        mode: QueryMode,
+    ) -> Result<CheckOutcome, crate::Error> {
+        if mode != QueryMode::Sync {
+            return check(session, name, id, mode).await;
+        }
+        let record = match psi_core::Record::parse(name, id, psi_core::CivilDate::today()) {
+            Ok(r) => r,
+            Err(e) => return Ok(CheckOutcome::Invalid(e.to_string())),
+        };
+        let held = self
+            .tags
+            .read()
+            .await
+            .clone()
+            .filter(|(epoch, _)| *epoch == session.info().key_epoch);
+        let lookup = match held {
+            Some((_, l)) => l,
+            None => self.sync_tags(session).await?,
+        };
+        match session.evaluate(vec![record.encode()]).await {
+            Ok(out) => Ok(if out.first().is_some_and(|o| lookup.contains(o.tag())) {
+                CheckOutcome::Match
+            } else {
+                CheckOutcome::NoMatch
+            }),
+            // A rotation: the library follows it (and syncs the new set);
+            // the next renewal brings the gateway's session and set along.
+            Err(e) if e.is_stale_epoch() => check(session, name, id, mode).await,
+            Err(e) => Err(e),
+        }
+    }
+
     fn record(&self, route: &str, status: StatusCode, started: Instant) {
         self.calls
             .get_or_create(&CallLabels {
@@ -513,7 +576,7 @@ async fn check_call(
     let session = g.session_for(&purpose).await;
     let answered = tokio::time::timeout(
         g.settings.request_timeout,
-        check(&session, &req.name, &req.id, mode),
+        g.check(&session, &req.name, &req.id, mode),
     )
     .await;
     let outcome = match answered {
