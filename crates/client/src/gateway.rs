@@ -482,6 +482,68 @@ impl Gateway {
         }
     }
 
+    /// One of the `max_concurrent` slots, or a 429.
+    fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Refusal> {
+        Arc::clone(&self.slots).try_acquire_owned().map_err(|_| {
+            refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "the gateway is answering max_concurrent calls; retry shortly",
+            )
+        })
+    }
+
+    /// `work` within the request timeout, its failure as the status a
+    /// caller acts on.
+    async fn within_timeout<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, crate::Error>>,
+    ) -> Result<T, Refusal> {
+        match tokio::time::timeout(self.settings.request_timeout, work).await {
+            Err(_) => Err(refuse(
+                StatusCode::GATEWAY_TIMEOUT,
+                "no answer within the gateway's request_timeout",
+            )),
+            Ok(Err(e)) if e.is_not_reached() => Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the operator's server cannot be reached now: {e}"),
+            )),
+            Ok(Err(e)) => Err(refuse(StatusCode::BAD_GATEWAY, format!("{e}"))),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    /// Appends `records` to the query log durably; no answer leaves before.
+    async fn log(&self, records: Vec<LogRecord>) -> Result<(), Refusal> {
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || {
+            records.iter().try_for_each(|r| log.append(r).map(|_| ()))
+        })
+        .await
+        .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "the query log failed"))?
+        .map_err(|e| {
+            tracing::error!("query log: {e:#}");
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the query log cannot record this now; nothing was answered",
+            )
+        })
+    }
+
+    /// The response to a call on `route`, counted and timed.
+    fn respond<T: Serialize>(
+        &self,
+        route: &str,
+        started: Instant,
+        result: Result<T, Refusal>,
+    ) -> Response {
+        let response = match result {
+            Ok(r) => json(StatusCode::OK, &r),
+            Err(refusal) => refusal.into_response(),
+        };
+        self.record(route, response.status(), started);
+        response
+    }
+
     fn record(&self, route: &str, status: StatusCode, started: Instant) {
         self.calls
             .get_or_create(&CallLabels {
@@ -550,12 +612,8 @@ async fn check_route(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let response = match check_call(&g, &headers, body).await {
-        Ok(r) => json(StatusCode::OK, &r),
-        Err(refusal) => refusal.into_response(),
-    };
-    g.record("/v1/check", response.status(), started);
-    response
+    let result = check_call(&g, &headers, body).await;
+    g.respond("/v1/check", started, result)
 }
 
 async fn check_call(
@@ -567,37 +625,18 @@ async fn check_call(
     let req: CheckRequest = parse(body)?;
     let purpose = g.purpose(req.purpose.as_deref())?;
     let mode = g.mode(req.mode.as_deref())?;
-    let _slot = Arc::clone(&g.slots).try_acquire_owned().map_err(|_| {
-        refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "the gateway is answering max_concurrent calls; retry shortly",
-        )
-    })?;
+    let _slot = g.slot()?;
     let session = g.session_for(&purpose).await;
-    let answered = tokio::time::timeout(
-        g.settings.request_timeout,
-        g.check(&session, &req.name, &req.id, mode),
-    )
-    .await;
-    let outcome = match answered {
-        Err(_) => Err(refuse(
-            StatusCode::GATEWAY_TIMEOUT,
-            "no answer within the gateway's request_timeout",
-        )),
-        Ok(Err(e)) if e.is_not_reached() => Err(refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the operator's server cannot be reached now: {e}"),
-        )),
-        Ok(Err(e)) => Err(refuse(StatusCode::BAD_GATEWAY, format!("{e}"))),
-        Ok(Ok(o)) => Ok(o),
-    };
+    let outcome = g
+        .within_timeout(g.check(&session, &req.name, &req.id, mode))
+        .await;
     let request_id = session.request_ids().map(|(_, last)| last);
     let (result, error) = match &outcome {
         Ok(o) => (o.result(), o.reason().map(str::to_string)),
         Err(r) => ("error", Some(r.1.clone())),
     };
     // The answer leaves only once its log record is durable.
-    let record = LogRecord::now(
+    g.log(vec![LogRecord::now(
         &caller.staff,
         &caller.system,
         &purpose,
@@ -606,18 +645,8 @@ async fn check_call(
         &req.id,
         result,
         request_id.as_deref().unwrap_or(""),
-    );
-    let log = g.log.clone();
-    tokio::task::spawn_blocking(move || log.append(&record))
-        .await
-        .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "the query log failed"))?
-        .map_err(|e| {
-            tracing::error!("query log: {e:#}");
-            refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the query log cannot record this check now; nothing was answered",
-            )
-        })?;
+    )])
+    .await?;
     let outcome = outcome?;
     let info = session.info();
     Ok(CheckResponse {
@@ -664,12 +693,8 @@ async fn batch_route(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let response = match batch_call(&g, &headers, body).await {
-        Ok(r) => json(StatusCode::OK, &r),
-        Err(refusal) => refusal.into_response(),
-    };
-    g.record("/v1/batch", response.status(), started);
-    response
+    let result = batch_call(&g, &headers, body).await;
+    g.respond("/v1/batch", started, result)
 }
 
 async fn batch_call(
@@ -691,12 +716,7 @@ async fn batch_call(
     }
     let purpose = g.purpose(req.purpose.as_deref())?;
     let mode = g.mode(req.mode.as_deref())?;
-    let _slot = Arc::clone(&g.slots).try_acquire_owned().map_err(|_| {
-        refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "the gateway is answering max_concurrent calls; retry shortly",
-        )
-    })?;
+    let _slot = g.slot()?;
     let session = g.session_for(&purpose).await;
     let pairs: Vec<(&str, &str)> = req
         .rows
@@ -724,27 +744,12 @@ async fn batch_call(
             }
         }
     };
-    let answers: Vec<CheckOutcome> =
-        match tokio::time::timeout(g.settings.request_timeout, work).await {
-            Err(_) => {
-                return Err(refuse(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "no answer within the gateway's request_timeout",
-                ))
-            }
-            Ok(Err(e)) if e.is_not_reached() => {
-                return Err(refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("the operator's server cannot be reached now: {e}"),
-                ))
-            }
-            Ok(Err(e)) => return Err(refuse(StatusCode::BAD_GATEWAY, format!("{e}"))),
-            Ok(Ok(a)) => a,
-        };
+    let answers: Vec<CheckOutcome> = g.within_timeout(work).await?;
     let request_ids = session.request_ids();
-    let last_id = request_ids
+    // Each row's record names the batch's requests: FIRST..LAST.
+    let span = request_ids
         .as_ref()
-        .map(|(_, l)| l.clone())
+        .map(|(f, l)| format!("{f}..{l}"))
         .unwrap_or_default();
     let records: Vec<LogRecord> = req
         .rows
@@ -759,21 +764,11 @@ async fn batch_call(
                 &r.name,
                 &r.id,
                 a.result(),
-                &last_id,
+                &span,
             )
         })
         .collect();
-    let log = g.log.clone();
-    tokio::task::spawn_blocking(move || records.iter().try_for_each(|r| log.append(r).map(|_| ())))
-        .await
-        .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "the query log failed"))?
-        .map_err(|e| {
-            tracing::error!("query log: {e:#}");
-            refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the query log cannot record this batch now; nothing was answered",
-            )
-        })?;
+    g.log(records).await?;
     let info = session.info();
     Ok(BatchResponse {
         results: answers

@@ -43,7 +43,8 @@ pub struct LogRecord {
     pub id: String,
     /// `match`, `no_match`, `invalid` or `error`.
     pub result: String,
-    /// The operator's request id (empty when nothing was sent).
+    /// The operator's request id (empty when nothing was sent; for a row
+    /// of a batch, the batch's first and last ids as `FIRST..LAST`).
     pub request_id: String,
 }
 
