@@ -35,11 +35,27 @@ async fn http(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    // Chunked bodies: keep the JSON object or array inside.
-    let body = match (body.find(['{', '[']), body.rfind(['}', ']'])) {
-        (Some(a), Some(b)) if a <= b => body[a..=b].to_string(),
-        _ => body.to_string(),
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        // Chunked: size lines in hex, each followed by that many bytes.
+        let mut out = Vec::new();
+        let mut rest = body.as_bytes();
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = String::from_utf8_lossy(&rest[..eol]).trim().to_string();
+            let n = usize::from_str_radix(&size, 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            let chunk = &rest[eol + 2..];
+            out.extend_from_slice(&chunk[..n]);
+            rest = chunk[n..].strip_prefix(b"\r\n").unwrap_or(&chunk[n..]);
+        }
+        String::from_utf8_lossy(&out).to_string()
+    } else {
+        body.to_string()
     };
     (status, body)
 }

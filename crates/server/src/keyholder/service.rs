@@ -440,16 +440,18 @@ impl HolderService {
         ))
     }
 
-    /// Writes a new share and its committee, then serves it.
+    /// Writes a new share and its committee, then serves it. The committee
+    /// goes first: a crash between the two leaves a committee file without
+    /// a share (ignored at load), never a share without its committee
+    /// (which would stop the holder from starting).
     fn install(&self, epoch: u64, share: KeyShare, sharing: &Sharing) -> Result<(), ServiceError> {
         let dir = &self.state.dir;
-        let written = share::store(dir, epoch, sharing.generation, &share).and_then(|()| {
-            committee::store_at(
-                &committee::path_of(dir, epoch, sharing.generation),
-                epoch,
-                sharing,
-            )
-        });
+        let written = committee::store_at(
+            &committee::path_of(dir, epoch, sharing.generation),
+            epoch,
+            sharing,
+        )
+        .and_then(|()| share::store(dir, epoch, sharing.generation, &share));
         if let Err(e) = written {
             tracing::error!("writing a new share: {e:#}");
             return Err(ServiceError::Internal);

@@ -78,8 +78,9 @@ pub fn split(data_dir: &Path, t: u16, n: u16, out: &Path) -> Result<SplitReport>
                 m.epoch
             );
         }
-        share::store(&dir, m.epoch, 0, s)?;
+        // The committee first: a share is never left without its committee.
         committee::store(&dir, m.epoch, &committee)?;
+        share::store(&dir, m.epoch, 0, s)?;
         dirs.push(dir);
     }
     // Read back before the key goes: every share loads and is its holder's.
