@@ -287,7 +287,9 @@ pub async fn generate(
         match &agreed {
             None => agreed = Some(sharing),
             Some(a) if *a == sharing => {}
-            Some(_) => bail!("key holder {i} ended with another committee than holder 1"),
+            Some(_) => {
+                bail!("key holder {i} ended with another committee than the holders before it")
+            }
         }
     }
     let sharing = agreed.context("no holders")?;
