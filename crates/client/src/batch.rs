@@ -451,12 +451,40 @@ struct Chunk {
     end_byte: u64,
 }
 
+/// Where a batch records its rows in the institution's query log, and as
+/// whom.
+#[derive(Debug, Clone)]
+pub struct LogTarget {
+    /// The query log.
+    pub log: crate::querylog::QueryLog,
+    /// Who runs the batch.
+    pub staff: String,
+    /// The calling system (`psi-client batch`).
+    pub caller: String,
+    /// The declared purpose.
+    pub purpose: String,
+}
+
 /// Runs a batch. In sync mode the local tag set is refreshed first.
 ///
 /// # Errors
 /// Unreadable input, a header without `name` or `id`, RPC or proof failures,
 /// I/O errors. On error no output file is left claiming completeness.
 pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary> {
+    run_logged(session, opts, None).await
+}
+
+/// [`run`], each chunk's rows recorded in `log` (one transaction a chunk)
+/// before they are written to the output: no answer without its record.
+/// A row's record names the batch's requests so far as `FIRST..LAST`.
+///
+/// # Errors
+/// As [`run`], and a query log that cannot be written.
+pub async fn run_logged(
+    session: &Session,
+    opts: &BatchOptions,
+    log: Option<&LogTarget>,
+) -> Result<BatchSummary> {
     let started = Instant::now();
     // The whole input is checked before the first request: a file in
     // neither encoding is refused, never answered as a run of `invalid`.
@@ -520,6 +548,37 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
     while let Some(item) = answered.next().await {
         let (chunk, answers, view, versions) = item?;
         views.note_answered(&mut summary, &view, versions);
+        if let Some(target) = log {
+            let span = view
+                .session
+                .request_ids()
+                .map(|(first, last)| format!("{first}..{last}"))
+                .unwrap_or_default();
+            let field = |row: &csv::ByteRecord, col: usize| {
+                String::from_utf8_lossy(row.get(col).unwrap_or_default()).into_owned()
+            };
+            let records: Vec<crate::querylog::LogRecord> = chunk
+                .rows
+                .iter()
+                .zip(&answers)
+                .map(|(row, answer)| {
+                    crate::querylog::LogRecord::now(
+                        &target.staff,
+                        &target.caller,
+                        &target.purpose,
+                        crate::gateway::mode_name(opts.mode),
+                        &field(row, name_col),
+                        &field(row, id_col),
+                        answer.result(),
+                        &span,
+                    )
+                })
+                .collect();
+            let log = target.log.clone();
+            tokio::task::spawn_blocking(move || log.append_all(&records))
+                .await
+                .context("the query log")??;
+        }
         for (row, answer) in chunk.rows.iter().zip(answers) {
             // As many fields as the header, so the added columns line up
             // under their headers (a longer row is answered `invalid`).

@@ -337,6 +337,14 @@ pub enum Command {
         /// refused if it is older than --max-cache-age.
         #[arg(long)]
         no_sync: bool,
+        /// Record every row in this query log (the institution's
+        /// hash-chained record of who asked about whom; mode 0600), each
+        /// chunk before it is written to the output.
+        #[arg(long, env = "PSI_QUERY_LOG")]
+        query_log: Option<PathBuf>,
+        /// Who runs the batch, for the query log.
+        #[arg(long, env = "PSI_STAFF_ID", requires = "query_log")]
+        staff: Option<String>,
     },
     /// Fetch or refresh the local tag set.
     Sync {
@@ -549,9 +557,20 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
             resume,
             max_cache_age,
             no_sync,
+            query_log,
+            staff,
         } => {
+            let log = match &query_log {
+                Some(path) => Some(batch::LogTarget {
+                    log: crate::querylog::QueryLog::open(path)?,
+                    staff: staff.clone().unwrap_or_else(|| "unnamed".into()),
+                    caller: "psi-client batch".into(),
+                    purpose: session_purpose(&server)?,
+                }),
+                None => None,
+            };
             let session = connect(&server).await?;
-            let summary = batch::run(
+            let summary = batch::run_logged(
                 &session,
                 &BatchOptions {
                     input,
@@ -572,6 +591,7 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
                     max_cache_age,
                     no_sync,
                 },
+                log.as_ref(),
             )
             .await?;
             eprintln!("{summary}; answers in {}", output.display());

@@ -199,6 +199,15 @@ impl QueryLog {
     /// # Errors
     /// The database cannot be written.
     pub fn append(&self, record: &LogRecord) -> Result<i64> {
+        self.append_all(std::slice::from_ref(record))
+    }
+
+    /// Appends `records` durably, in one transaction (a batch's chunk);
+    /// returns the last one's sequence number (0 for none).
+    ///
+    /// # Errors
+    /// The database cannot be written (then none of them is).
+    pub fn append_all(&self, records: &[LogRecord]) -> Result<i64> {
         let mut db = self.lock();
         let tx = db.transaction()?;
         let last: Option<(i64, Vec<u8>)> = tx
@@ -208,9 +217,11 @@ impl QueryLog {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let (seq, prev) = last.map_or((1, vec![0u8; 32]), |(s, h)| (s + 1, h));
-        let hash = record.hash(&prev, seq);
-        tx.execute(
+        let (mut seq, mut prev) = last.map_or((0, vec![0u8; 32]), |(s, h)| (s, h));
+        for record in records {
+            seq += 1;
+            let hash = record.hash(&prev, seq);
+            tx.execute(
             "INSERT INTO querylog (seq, time_ms, staff, caller, purpose, mode, name, id, result, request_id, hash)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
@@ -226,7 +237,9 @@ impl QueryLog {
                 record.request_id,
                 hash.as_slice()
             ],
-        )?;
+            )?;
+            prev = hash.to_vec();
+        }
         tx.commit()?;
         Ok(seq)
     }

@@ -228,6 +228,10 @@ fn init_serve_batch_check_with_the_real_binaries() {
             input.to_str().unwrap(),
             "--output",
             output.to_str().unwrap(),
+            "--query-log",
+            &log_arg,
+            "--staff",
+            "batch-clerk",
         ]));
         assert_eq!(code, 0, "{out}{err}");
         assert!(
@@ -242,6 +246,14 @@ fn init_serve_batch_check_with_the_real_binaries() {
             .unwrap()
             .ends_with("name,id,ref,result,error"));
     }
+    // The check above and both batches' rows, every one in the query log.
+    let (code, out, err) =
+        run(Command::new(client_bin()).args(["log", "verify", "--log", &log_arg]));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("{} records, the chain verifies", 1 + 2 * 51)),
+        "{out}"
+    );
     let (code, out, _) = run(&mut client(&["sync"]));
     assert_eq!(code, 0);
     assert!(out.contains("fetched 0 of"), "{out}");
