@@ -434,6 +434,24 @@ pub enum LogCommand {
         #[arg(long, env = "PSI_QUERY_LOG")]
         log: PathBuf,
     },
+    /// The openings of a period for a regulator: every entry committed in
+    /// it, grouped by the commitment its request carried, to check against
+    /// the operator's audit chain (`psi-server audit check-openings`).
+    /// The file holds the pairs asked about: it is written mode 0600.
+    Open {
+        /// The query log.
+        #[arg(long, env = "PSI_QUERY_LOG")]
+        log: PathBuf,
+        /// From this time (RFC 3339, e.g. 2026-11-01T00:00:00Z).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        since: std::time::SystemTime,
+        /// Until this time, exclusive (RFC 3339).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        until: std::time::SystemTime,
+        /// Where to write the openings (JSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Remove records older than the retention period (the rest still verifies).
     Prune {
         /// The query log.
@@ -508,23 +526,36 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
                 .as_deref()
                 .map(crate::querylog::QueryLog::open)
                 .transpose()?;
-            let session = connect(&server).await?.with_own_request_ids();
-            let outcome = check(&session, &name, &id, mode).await?;
-            if let Some(log) = log {
-                let purpose = session_purpose(&server)?;
-                log.append(&crate::querylog::LogRecord::now(
+            // With a log, the record is made first and the request carries
+            // the commitment to it (`psi-client log open` opens it later).
+            let mut record = match &log {
+                Some(_) => Some(crate::querylog::LogRecord::now(
                     staff.as_deref().unwrap_or("unnamed"),
                     "psi-client check",
-                    &purpose,
+                    &session_purpose(&server)?,
                     crate::gateway::mode_name(mode),
                     &name,
                     &id,
-                    outcome.result(),
-                    &session
-                        .request_ids()
-                        .map(|(_, last)| last)
-                        .unwrap_or_default(),
-                ))?;
+                    "",
+                    "",
+                )),
+                None => None,
+            };
+            let mut session = connect(&server).await?.with_own_request_ids();
+            let commitment = record
+                .as_ref()
+                .map(|r| psi_core::commitment::commit(&[r.entry()]));
+            if let Some(c) = commitment {
+                session = session.with_log_commitment(c);
+            }
+            let outcome = check(&session, &name, &id, mode).await?;
+            if let (Some(log), Some(mut r), Some(c)) = (log, record.take(), commitment) {
+                r.result = outcome.result().into();
+                if let Some((_, last)) = session.request_ids() {
+                    r.request_id = last;
+                    r.commitment = hex::encode(c);
+                }
+                log.append(&r)?;
             }
             Ok(match outcome {
                 CheckOutcome::Match => {
@@ -676,6 +707,28 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
         Command::Log(LogCommand::Verify { log }) => {
             let n = crate::querylog::verify(&log)?;
             println!("{}: {n} records, the chain verifies", log.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Log(LogCommand::Open {
+            log,
+            since,
+            until,
+            out,
+        }) => {
+            let ms = |t: std::time::SystemTime| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            };
+            let openings = crate::querylog::open(&log, ms(since), ms(until))?;
+            let json = serde_json::to_vec_pretty(&openings)?;
+            psi_files::atomic::write_atomically(&out, &json, 0o600)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "{} commitments, {} entries opened into {} (mode 0600: it holds the pairs asked about)",
+                openings.groups.len(),
+                openings.groups.iter().map(|g| g.records.len()).sum::<usize>(),
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Log(LogCommand::Prune {

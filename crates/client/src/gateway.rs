@@ -626,27 +626,43 @@ async fn check_call(
     let purpose = g.purpose(req.purpose.as_deref())?;
     let mode = g.mode(req.mode.as_deref())?;
     let _slot = g.slot()?;
-    let session = g.session_for(&purpose).await;
-    let outcome = g
-        .within_timeout(g.check(&session, &req.name, &req.id, mode))
-        .await;
-    let request_id = session.request_ids().map(|(_, last)| last);
-    let (result, error) = match &outcome {
-        Ok(o) => (o.result(), o.reason().map(str::to_string)),
-        Err(r) => ("error", Some(r.1.clone())),
-    };
-    // The answer leaves only once its log record is durable.
-    g.log(vec![LogRecord::now(
+    // The log record is made first: the request carries the commitment to it.
+    let mut record = LogRecord::now(
         &caller.staff,
         &caller.system,
         &purpose,
         mode_name(mode),
         &req.name,
         &req.id,
-        result,
-        request_id.as_deref().unwrap_or(""),
-    )])
-    .await?;
+        "",
+        "",
+    );
+    let commitment = psi_core::commitment::commit(&[record.entry()]);
+    record.commitment = hex::encode(commitment);
+    let session = g
+        .session_for(&purpose)
+        .await
+        .with_log_commitment(commitment);
+    let outcome = g
+        .within_timeout(g.check(&session, &req.name, &req.id, mode))
+        .await;
+    let request_id = session.request_ids().map(|(_, last)| last);
+    let error = match &outcome {
+        Ok(o) => o.reason().map(str::to_string),
+        Err(r) => Some(r.1.clone()),
+    };
+    record.result = outcome
+        .as_ref()
+        .map_or("error", CheckOutcome::result)
+        .into();
+    record.request_id = request_id.clone().unwrap_or_default();
+    if request_id.is_none() {
+        // Nothing reached the operator (an invalid pair is never sent):
+        // no request carried the commitment, so none is recorded.
+        record.commitment.clear();
+    }
+    // The answer leaves only once its log record is durable.
+    g.log(vec![record]).await?;
     let outcome = outcome?;
     let info = session.info();
     Ok(CheckResponse {
@@ -717,7 +733,30 @@ async fn batch_call(
     let purpose = g.purpose(req.purpose.as_deref())?;
     let mode = g.mode(req.mode.as_deref())?;
     let _slot = g.slot()?;
-    let session = g.session_for(&purpose).await;
+    // The rows' log records are made first: the batch's requests carry the
+    // commitment to all of them.
+    let mut records: Vec<LogRecord> = req
+        .rows
+        .iter()
+        .map(|r| {
+            LogRecord::now(
+                &caller.staff,
+                &caller.system,
+                &purpose,
+                mode_name(mode),
+                &r.name,
+                &r.id,
+                "",
+                "",
+            )
+        })
+        .collect();
+    let entries: Vec<_> = records.iter().map(LogRecord::entry).collect();
+    let commitment = psi_core::commitment::commit(&entries);
+    let session = g
+        .session_for(&purpose)
+        .await
+        .with_log_commitment(commitment);
     let pairs: Vec<(&str, &str)> = req
         .rows
         .iter()
@@ -730,7 +769,7 @@ async fn batch_call(
                 for (name, id) in &pairs {
                     out.push(check(&session, name, id, mode).await?);
                 }
-                Ok(out)
+                Ok((out, session.request_ids()))
             }
             _ => {
                 let opts = crate::batch::PairOptions {
@@ -739,35 +778,39 @@ async fn batch_call(
                 };
                 crate::batch::answer_pairs(&session, &pairs, &opts)
                     .await
-                    .map(|(answers, _)| answers)
+                    .map(|(answers, summary)| (answers, summary.request_ids))
                     .map_err(|e| crate::Error::Internal(format!("{e:#}")))
             }
         }
     };
-    let answers: Vec<CheckOutcome> = g.within_timeout(work).await?;
-    let request_ids = session.request_ids();
+    let (answers, request_ids) = match g.within_timeout(work).await {
+        Ok(a) => a,
+        Err(refusal) => {
+            // Asked but not answered: logged as errors all the same, with
+            // the commitment its requests may have carried (an opened
+            // group of errors that no request carried is no finding).
+            for record in &mut records {
+                record.result = "error".into();
+                record.commitment = hex::encode(commitment);
+            }
+            g.log(records).await?;
+            return Err(refusal);
+        }
+    };
     // Each row's record names the batch's requests: FIRST..LAST.
     let span = request_ids
         .as_ref()
         .map(|(f, l)| format!("{f}..{l}"))
         .unwrap_or_default();
-    let records: Vec<LogRecord> = req
-        .rows
-        .iter()
-        .zip(&answers)
-        .map(|(r, a)| {
-            LogRecord::now(
-                &caller.staff,
-                &caller.system,
-                &purpose,
-                mode_name(mode),
-                &r.name,
-                &r.id,
-                a.result(),
-                &span,
-            )
-        })
-        .collect();
+    for (record, answer) in records.iter_mut().zip(&answers) {
+        record.result = answer.result().into();
+        record.request_id.clone_from(&span);
+        // Recorded when a request carried it (a batch of invalid rows
+        // sends none).
+        if request_ids.is_some() {
+            record.commitment = hex::encode(commitment);
+        }
+    }
     g.log(records).await?;
     let info = session.info();
     Ok(BatchResponse {

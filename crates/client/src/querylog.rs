@@ -9,9 +9,16 @@
 //! it to keep; the operator never sees it.
 //!
 //! Record hash: `SHA-256("psi.v1.querylog" || prev || I2OSP(seq, 8) ||
-//! I2OSP(time_ms, 8) || each text field as I2OSP(len, 8) || bytes)`, fields
-//! in the order staff, caller, purpose, mode, name, id, result, request_id;
-//! `prev` is the previous record's hash (32 zero bytes for the first).
+//! I2OSP(time_ms, 8) || salt || each text field as I2OSP(len, 8) ||
+//! bytes)`, fields in the order staff, caller, purpose, mode, name, id,
+//! result, request_id, commitment; `prev` is the previous record's hash (32
+//! zero bytes for the first).
+//!
+//! Each record has a random salt, and names the commitment
+//! (`psi_core::commitment`) its request carried to the operator, whose audit
+//! trail keeps it: [`open`] gives a regulator a period's records grouped by
+//! commitment, to check against the operator's chain
+//! (`psi-server audit check-openings`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -46,6 +53,12 @@ pub struct LogRecord {
     /// The operator's request id (empty when nothing was sent; for a row
     /// of a batch, the batch's first and last ids as `FIRST..LAST`).
     pub request_id: String,
+    /// Random, per record: what keeps its commitment from being tested
+    /// against guessed pairs.
+    pub salt: [u8; 32],
+    /// The commitment (hex) the request carried, to this record and those
+    /// committed with it; empty when none was sent.
+    pub commitment: String,
 }
 
 fn now_ms() -> i64 {
@@ -68,6 +81,8 @@ impl LogRecord {
         result: &str,
         request_id: &str,
     ) -> Self {
+        let mut salt = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut salt);
         Self {
             time_ms: now_ms(),
             staff: staff.into(),
@@ -78,6 +93,23 @@ impl LogRecord {
             id: id.into(),
             result: result.into(),
             request_id: request_id.into(),
+            salt,
+            commitment: String::new(),
+        }
+    }
+
+    /// What a request commits to of this record.
+    #[must_use]
+    pub fn entry(&self) -> psi_core::commitment::CommittedEntry {
+        psi_core::commitment::CommittedEntry {
+            salt: self.salt,
+            time_ms: self.time_ms,
+            staff: self.staff.clone(),
+            caller: self.caller.clone(),
+            purpose: self.purpose.clone(),
+            mode: self.mode.clone(),
+            name: self.name.clone(),
+            id: self.id.clone(),
         }
     }
 
@@ -87,6 +119,7 @@ impl LogRecord {
         h.update(prev);
         h.update(seq.to_be_bytes());
         h.update(self.time_ms.to_be_bytes());
+        h.update(self.salt);
         for field in [
             &self.staff,
             &self.caller,
@@ -96,6 +129,7 @@ impl LogRecord {
             &self.id,
             &self.result,
             &self.request_id,
+            &self.commitment,
         ] {
             h.update((field.len() as u64).to_be_bytes());
             h.update(field.as_bytes());
@@ -130,6 +164,8 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS querylog (
     id TEXT NOT NULL,
     result TEXT NOT NULL,
     request_id TEXT NOT NULL,
+    salt BLOB NOT NULL,
+    commitment TEXT NOT NULL,
     hash BLOB NOT NULL
 )";
 
@@ -222,8 +258,8 @@ impl QueryLog {
             seq += 1;
             let hash = record.hash(&prev, seq);
             tx.execute(
-            "INSERT INTO querylog (seq, time_ms, staff, caller, purpose, mode, name, id, result, request_id, hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            "INSERT INTO querylog (seq, time_ms, staff, caller, purpose, mode, name, id, result, request_id, salt, commitment, hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 seq,
                 record.time_ms,
@@ -235,6 +271,8 @@ impl QueryLog {
                 record.id,
                 record.result,
                 record.request_id,
+                record.salt.as_slice(),
+                record.commitment,
                 hash.as_slice()
             ],
             )?;
@@ -286,7 +324,7 @@ type Row = (i64, LogRecord, Vec<u8>);
 
 fn read_rows(db: &Connection, tail: &str) -> Result<Vec<Row>> {
     let mut stmt = db.prepare(&format!(
-        "SELECT seq, time_ms, staff, caller, purpose, mode, name, id, result, request_id, hash FROM querylog {tail}"
+        "SELECT seq, time_ms, staff, caller, purpose, mode, name, id, result, request_id, salt, commitment, hash FROM querylog {tail}"
     ))?;
     let rows = stmt
         .query_map([], |r| {
@@ -302,8 +340,10 @@ fn read_rows(db: &Connection, tail: &str) -> Result<Vec<Row>> {
                     id: r.get(7)?,
                     result: r.get(8)?,
                     request_id: r.get(9)?,
+                    salt: r.get::<_, Vec<u8>>(10)?.try_into().unwrap_or([0; 32]),
+                    commitment: r.get(11)?,
                 },
-                r.get(10)?,
+                r.get(12)?,
             ))
         })?
         .collect::<rusqlite::Result<Vec<Row>>>()?;
@@ -339,6 +379,124 @@ pub fn verify(path: &Path) -> Result<u64> {
         n += 1;
     }
     Ok(n)
+}
+
+/// A period's records, grouped by the commitment their requests carried:
+/// what a regulator checks against the operator's audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Openings {
+    /// From (ms since the Unix epoch, inclusive).
+    pub since_ms: i64,
+    /// Until (exclusive).
+    pub until_ms: i64,
+    /// One group per commitment, in log order.
+    pub groups: Vec<OpenedGroup>,
+}
+
+/// The records one commitment was made to, with what opens it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OpenedGroup {
+    /// The commitment (hex), as the operator's audit record holds it.
+    pub commitment: String,
+    /// The records, in the order committed.
+    pub records: Vec<OpenedRecord>,
+}
+
+/// One opened record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OpenedRecord {
+    /// The salt (hex).
+    pub salt: String,
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: i64,
+    /// Who asked.
+    pub staff: String,
+    /// The calling system.
+    pub caller: String,
+    /// The declared purpose.
+    pub purpose: String,
+    /// The mode.
+    pub mode: String,
+    /// The name as given.
+    pub name: String,
+    /// The ID number as given.
+    pub id: String,
+    /// The answer.
+    pub result: String,
+    /// The operator's request id.
+    pub request_id: String,
+}
+
+impl OpenedRecord {
+    /// What was committed of it.
+    ///
+    /// # Errors
+    /// A salt that is not 32 bytes of hex.
+    pub fn entry(&self) -> Result<psi_core::commitment::CommittedEntry> {
+        let salt: [u8; 32] = hex::decode(&self.salt)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .context("a salt is not 32 bytes of hex")?;
+        Ok(psi_core::commitment::CommittedEntry {
+            salt,
+            time_ms: self.time_ms,
+            staff: self.staff.clone(),
+            caller: self.caller.clone(),
+            purpose: self.purpose.clone(),
+            mode: self.mode.clone(),
+            name: self.name.clone(),
+            id: self.id.clone(),
+        })
+    }
+}
+
+/// The openings of the log at `path` for `[since_ms, until_ms)`: every
+/// commitment made in that period with all its records (a group begun in
+/// the period is given whole). Checks the chain first.
+///
+/// # Errors
+/// A log whose chain does not verify.
+pub fn open(path: &Path, since_ms: i64, until_ms: i64) -> Result<Openings> {
+    verify(path)?;
+    let db = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("opening the query log {}", path.display()))?;
+    let mut groups: Vec<OpenedGroup> = Vec::new();
+    let mut in_period = std::collections::HashSet::new();
+    let rows = read_rows(&db, "ORDER BY seq")?;
+    for (_, r, _) in &rows {
+        if !r.commitment.is_empty() && (since_ms..until_ms).contains(&r.time_ms) {
+            in_period.insert(r.commitment.clone());
+        }
+    }
+    for (_, r, _) in rows {
+        if !in_period.contains(&r.commitment) {
+            continue;
+        }
+        let record = OpenedRecord {
+            salt: hex::encode(r.salt),
+            time_ms: r.time_ms,
+            staff: r.staff,
+            caller: r.caller,
+            purpose: r.purpose,
+            mode: r.mode,
+            name: r.name,
+            id: r.id,
+            result: r.result,
+            request_id: r.request_id,
+        };
+        match groups.iter_mut().find(|g| g.commitment == r.commitment) {
+            Some(g) => g.records.push(record),
+            None => groups.push(OpenedGroup {
+                commitment: r.commitment,
+                records: vec![record],
+            }),
+        }
+    }
+    Ok(Openings {
+        since_ms,
+        until_ms,
+        groups,
+    })
 }
 
 #[cfg(test)]
@@ -392,7 +550,7 @@ mod tests {
         let fake = record(9);
         let h = fake.hash(&[0u8; 32], 3);
         db.execute(
-            "INSERT INTO querylog VALUES (3, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO querylog VALUES (3, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 fake.time_ms,
                 fake.staff,
@@ -403,6 +561,8 @@ mod tests {
                 fake.id,
                 fake.result,
                 fake.request_id,
+                fake.salt.as_slice(),
+                fake.commitment,
                 h.as_slice()
             ],
         )

@@ -9,6 +9,8 @@
 //!   path for the server.
 //! - [`record`]: canonical (name, ID number) records, the OPRF input.
 //! - [`rotation`]: the retiring key's endorsement of its successor.
+//! - [`commitment`]: an institution's commitment to the log entries a
+//!   request answers, which the operator's audit trail keeps.
 //! - [`threshold`]: the key as t-of-n shares on key holders (partial
 //!   evaluations, their combination, distributed key generation, refresh,
 //!   threshold endorsements), with outputs identical to the single key's.
@@ -19,6 +21,7 @@
 
 pub mod bucket;
 pub mod client;
+pub mod commitment;
 pub mod error;
 pub mod key;
 pub mod proof;

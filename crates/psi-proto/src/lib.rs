@@ -45,6 +45,11 @@ pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 /// evicted, a restart, or made for other dimensions). Value: `unknown`.
 pub const PIR_KEYS_HEADER: &str = "x-psi-pir-keys";
 
+/// Request metadata: the institution's commitment to the entries of its
+/// own query log that the request answers (`psi_core::commitment`; 64 hex
+/// digits), kept in the operator's audit record.
+pub const LOG_COMMITMENT_HEADER: &str = "x-psi-log-commitment";
+
 /// Response metadata of every answer and refusal of the `Match` service:
 /// the request's id, the one its audit record holds, so that an
 /// institution and the operator can speak of one request.

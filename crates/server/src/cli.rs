@@ -370,6 +370,21 @@ pub enum AuditCommand {
         #[arg(long, default_value_t = 1098)]
         retention_days: u64,
     },
+    /// Check an institution's opened query-log entries for a period
+    /// (`psi-client log open`) against this chain: every request of the
+    /// institution in the period opened, by entries that make its
+    /// commitment; nothing missing, added or changed.
+    CheckOpenings {
+        /// The audit database: an SQLite file or a postgres:// URL.
+        #[arg(long, env = "PSI_AUDIT_DB", value_parser = crate::serving::audit::AuditStore::from_arg)]
+        db: crate::serving::audit::AuditStore,
+        /// The institution (its certificate's name).
+        #[arg(long)]
+        institution: String,
+        /// The openings file the institution gave.
+        #[arg(long)]
+        openings: PathBuf,
+    },
     /// Export records, oldest first.
     Export {
         /// The audit database: an SQLite file or a postgres:// URL.
@@ -716,6 +731,23 @@ async fn audit(command: AuditCommand) -> Result<()> {
             println!(
                 "audit chain intact: {} records; head {} (keep this value outside the database to detect truncation)",
                 v.records, v.head
+            );
+            Ok(())
+        }
+        AuditCommand::CheckOpenings {
+            db,
+            institution,
+            openings,
+        } => {
+            let text = std::fs::read_to_string(&openings)
+                .with_context(|| format!("reading {}", openings.display()))?;
+            let who = institution.clone();
+            let c =
+                blocking(move || crate::serving::audit::check_openings(&db, &institution, &text))
+                    .await?;
+            println!(
+                "openings of {who} hold: {} requests in the period, each opened; {} commitments, {} log entries, nothing missing, added or changed",
+                c.requests, c.groups, c.entries
             );
             Ok(())
         }

@@ -81,6 +81,9 @@ pub struct Session {
     /// The ids of the requests the server answered (shared with the
     /// sessions that follow this one through a rotation).
     request_ids: Arc<RequestIds>,
+    /// The commitment to the institution's log entries that this session's
+    /// requests answer (`x-psi-log-commitment`), if any.
+    log_commitment: Option<[u8; 32]>,
 }
 
 /// Threshold mode: the key holders' committee and the generation of its
@@ -245,13 +248,32 @@ impl Session {
         }
     }
 
-    /// A request carrying the declared purpose.
+    /// A request carrying the declared purpose (and the log commitment,
+    /// when this session has one).
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         if let Ok(value) = self.options.purpose.parse() {
             request.metadata_mut().insert(PURPOSE_HEADER, value);
         }
+        if let Some(c) = &self.log_commitment {
+            if let Ok(value) = hex::encode(c).parse() {
+                request
+                    .metadata_mut()
+                    .insert(psi_proto::LOG_COMMITMENT_HEADER, value);
+            }
+        }
         request
+    }
+
+    /// This session sending `commitment` with every request: the commitment
+    /// to the institution's log entries the requests answer
+    /// (`psi_core::commitment`), which the operator's audit trail keeps.
+    #[must_use]
+    pub fn with_log_commitment(&self, commitment: [u8; 32]) -> Self {
+        Self {
+            log_commitment: Some(commitment),
+            ..self.clone()
+        }
     }
 
     /// Connects, reads `ServerInfo`, checks the ciphersuite and pins the key and epoch.
@@ -309,6 +331,7 @@ impl Session {
             pinned,
             pir: Arc::default(),
             request_ids: Arc::default(),
+            log_commitment: None,
         })
     }
 

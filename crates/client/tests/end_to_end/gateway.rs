@@ -280,6 +280,61 @@ async fn the_gateway_answers_every_row_and_logs_every_check() {
         std::fs::metadata(&g.log).unwrap().permissions().mode() & 0o777,
         0o600
     );
+    // Accountability without disclosure: the period's openings check out
+    // against the operator's audit chain; changed, left-out and added
+    // entries are found; another institution's requests are not these.
+    let openings = querylog::open(&g.log, 0, i64::MAX).unwrap();
+    let audit = f.data_dir.join("audit.sqlite");
+    let text = serde_json::to_string(&openings).unwrap();
+    let ok = psi_server::serving::audit::check_openings(&audit, "local", &text).unwrap();
+    assert!(ok.requests > 0 && ok.entries > 0, "{ok:?}");
+    assert_eq!(
+        ok.entries,
+        openings
+            .groups
+            .iter()
+            .map(|g| g.records.len() as u64)
+            .sum::<u64>()
+    );
+    let mut changed = openings.clone();
+    changed.groups[0].records[0].name.push('x');
+    let err = psi_server::serving::audit::check_openings(
+        &audit,
+        "local",
+        &serde_json::to_string(&changed).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("do not make its commitment"), "{err}");
+    let mut left_out = openings.clone();
+    left_out.groups.remove(0);
+    let err = psi_server::serving::audit::check_openings(
+        &audit,
+        "local",
+        &serde_json::to_string(&left_out).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("is not opened"), "{err}");
+    let mut added = openings.clone();
+    let mut fake = added.groups[0].clone();
+    fake.records[0].salt = "00".repeat(32);
+    fake.commitment = hex::encode(psi_core::commitment::commit(&[fake.records[0]
+        .entry()
+        .unwrap()]));
+    added.groups.push(fake);
+    let err = psi_server::serving::audit::check_openings(
+        &audit,
+        "local",
+        &serde_json::to_string(&added).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("no request of local in the period carried it"),
+        "{err}"
+    );
+    assert!(psi_server::serving::audit::check_openings(&audit, "bank-b", &text).is_err());
     let db = rusqlite::Connection::open(&g.log).unwrap();
     let (staff, caller): (String, String) = db
         .query_row(

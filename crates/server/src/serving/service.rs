@@ -277,6 +277,21 @@ impl MatchService {
                     "declare the purpose of the query in the `{PURPOSE_HEADER}` header: 1 to 32 of a-z, 0-9, '_' or '-' (psi-client --purpose CODE)"
                 ))
             });
+        let commitment = match request.metadata().get(psi_proto::LOG_COMMITMENT_HEADER) {
+            None => Ok(String::new()),
+            Some(v) => v
+                .to_str()
+                .ok()
+                .filter(|c| c.len() == 64 && c.bytes().all(|b| b.is_ascii_hexdigit()))
+                .map(str::to_ascii_lowercase)
+                .ok_or_else(|| {
+                    ServiceError::InvalidArgument(format!(
+                        "`{}` is 64 hex digits (a SHA-256)",
+                        psi_proto::LOG_COMMITMENT_HEADER
+                    ))
+                }),
+        };
+        let purpose = purpose.and_then(|p| commitment.map(|c| (p, c)));
         Caller {
             institution: self.state.institution_of(request.extensions()),
             purpose,
@@ -299,10 +314,13 @@ impl MatchService {
         let received = std::time::Instant::now();
         let mut entry = Entry::now(
             caller.institution.as_deref().unwrap_or("unauthenticated"),
-            caller.purpose.as_deref().unwrap_or(""),
+            caller.purpose.as_ref().map_or("", |(p, _)| p.as_str()),
             method,
             mode,
         );
+        if let Ok((_, commitment)) = &caller.purpose {
+            entry.commitment.clone_from(commitment);
+        }
         entry.elements = elements as u64;
         if let Some(note) = &caller.note {
             note.set_elements(entry.elements);
@@ -320,7 +338,7 @@ impl MatchService {
                 ANSWERED_BY.scope(std::cell::Cell::new(None), async {
                     let result = match (caller.institution, caller.purpose) {
                         (Err(e), _) | (_, Err(e)) => Err(e),
-                        (Ok(institution), Ok(purpose)) => {
+                        (Ok(institution), Ok((purpose, _))) => {
                             match self
                                 .state
                                 .enforcer
@@ -702,10 +720,11 @@ impl Match for MatchService {
     }
 }
 
-/// Who asks and why, each possibly refused, and the admission layer's note.
+/// Who asks and why (with the log commitment the request carries), each
+/// possibly refused, and the admission layer's note.
 struct Caller {
     institution: Result<String, ServiceError>,
-    purpose: Result<String, ServiceError>,
+    purpose: Result<(String, String), ServiceError>,
     note: Option<Arc<crate::serving::admission::RequestNote>>,
 }
 

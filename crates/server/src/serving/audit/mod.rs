@@ -18,6 +18,7 @@
 //! (`audit verify` prints the head hash and count for the operator to log
 //! elsewhere).
 
+mod openings;
 mod store;
 
 use std::sync::mpsc;
@@ -29,6 +30,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use crate::serving::pg::Use;
+pub use openings::{check_openings, OpeningsCheck};
 pub use store::AuditStore;
 use store::{Db, Val, ROW_COLUMNS};
 
@@ -61,6 +63,9 @@ pub struct Entry {
     pub key_epoch: u64,
     /// Registry version at the time.
     pub registry_version: u64,
+    /// The institution's commitment (hex) to the entries of its own query
+    /// log this request answers (`x-psi-log-commitment`); empty if none.
+    pub commitment: String,
 }
 
 impl Entry {
@@ -81,6 +86,7 @@ impl Entry {
             request_id: new_request_id(),
             key_epoch: 0,
             registry_version: 0,
+            commitment: String::new(),
         }
     }
 }
@@ -114,6 +120,12 @@ fn chain_hash(prev: &[u8], seq: i64, e: &Entry) -> [u8; 32] {
     h.update(e.elements.to_be_bytes());
     h.update(e.key_epoch.to_be_bytes());
     h.update(e.registry_version.to_be_bytes());
+    // Records without a commitment hash as they always have.
+    if !e.commitment.is_empty() {
+        h.update(b"commitment");
+        h.update((e.commitment.len() as u64).to_be_bytes());
+        h.update(e.commitment.as_bytes());
+    }
     h.finalize().into()
 }
 
@@ -265,7 +277,7 @@ fn holding_chain<T>(db: &mut Db, work: impl FnOnce(&mut Db) -> Result<T>) -> Res
 }
 
 /// Columns of one inserted record.
-const INSERT_COLUMNS: usize = 13;
+const INSERT_COLUMNS: usize = 14;
 
 fn append_locked(db: &mut Db, group: &[&Entry]) -> Result<Vec<i64>> {
     // The chain continues from its last record, or from the anchor a prune
@@ -306,6 +318,7 @@ fn append_locked(db: &mut Db, group: &[&Entry]) -> Result<Vec<i64>> {
             int(e.registry_version),
             Val::Bytes(prev),
             Val::Bytes(hash.to_vec()),
+            Val::Text(e.commitment.clone()),
         ]);
         prev = hash.to_vec();
         seqs.push(seq);
@@ -545,7 +558,7 @@ pub fn export(
                     "seq": seq, "time": time, "institution": e.institution, "purpose": e.purpose,
                     "method": e.method, "mode": e.mode, "elements": e.elements, "outcome": e.outcome,
                     "request_id": e.request_id, "key_epoch": e.key_epoch,
-                    "registry_version": e.registry_version, "hash": hash,
+                    "registry_version": e.registry_version, "commitment": e.commitment, "hash": hash,
                 });
                 serde_json::to_writer(&mut **w, &line)?;
                 w.write_all(b"\n")?;

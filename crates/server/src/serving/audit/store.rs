@@ -138,7 +138,7 @@ pub(crate) struct Row {
 }
 
 /// The columns of a [`Row`], in order, for `SELECT {ROW_COLUMNS} FROM audit`.
-pub(crate) const ROW_COLUMNS: &str = "seq, time_unix_ms, institution, purpose, method, mode, elements, outcome, request_id, key_epoch, registry_version, prev_hash, hash";
+pub(crate) const ROW_COLUMNS: &str = "seq, time_unix_ms, institution, purpose, method, mode, elements, outcome, request_id, key_epoch, registry_version, prev_hash, hash, commitment";
 
 /// An open audit database.
 pub(crate) enum Db {
@@ -170,7 +170,8 @@ const SQLITE_SCHEMA: &str = "PRAGMA journal_mode = WAL;
          key_epoch INTEGER NOT NULL,
          registry_version INTEGER NOT NULL,
          prev_hash BLOB NOT NULL,
-         hash BLOB NOT NULL
+         hash BLOB NOT NULL,
+         commitment TEXT NOT NULL DEFAULT ''
      );
      CREATE INDEX IF NOT EXISTS audit_by_institution ON audit (institution, time_unix_ms);
      CREATE TABLE IF NOT EXISTS audit_anchor (
@@ -193,8 +194,10 @@ const POSTGRES_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit (
          key_epoch BIGINT NOT NULL,
          registry_version BIGINT NOT NULL,
          prev_hash BYTEA NOT NULL,
-         hash BYTEA NOT NULL
+         hash BYTEA NOT NULL,
+         commitment TEXT NOT NULL DEFAULT ''
      );
+     ALTER TABLE audit ADD COLUMN IF NOT EXISTS commitment TEXT NOT NULL DEFAULT '';
      CREATE INDEX IF NOT EXISTS audit_by_institution ON audit (institution, time_unix_ms);
      CREATE TABLE IF NOT EXISTS audit_anchor (
          id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -212,6 +215,17 @@ impl Db {
                     .with_context(|| format!("opening audit database {}", path.display()))?;
                 conn.execute_batch(SQLITE_SCHEMA)
                     .with_context(|| format!("preparing audit database {}", path.display()))?;
+                // A trail written before records kept a log commitment.
+                let has: i64 = conn.query_row(
+                    "SELECT COUNT(*) FROM pragma_table_info('audit') WHERE name = 'commitment'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                if has == 0 {
+                    conn.execute_batch(
+                        "ALTER TABLE audit ADD COLUMN commitment TEXT NOT NULL DEFAULT ''",
+                    )?;
+                }
                 Ok(Db::Sqlite(conn))
             }
             AuditStore::Postgres(url) => {
@@ -328,6 +342,7 @@ impl Db {
                             request_id: r.get(8)?,
                             key_epoch: unsigned(r.get(9)?),
                             registry_version: unsigned(r.get(10)?),
+                            commitment: r.get(13)?,
                         },
                         prev_hash: r.get(11)?,
                         hash: r.get(12)?,
@@ -351,6 +366,7 @@ impl Db {
                         request_id: text(8)?,
                         key_epoch: unsigned(int(9)?),
                         registry_version: unsigned(int(10)?),
+                        commitment: text(13)?,
                     },
                     prev_hash: r.try_get(11).map_err(pg)?,
                     hash: r.try_get(12).map_err(pg)?,
