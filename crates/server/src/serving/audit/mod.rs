@@ -580,6 +580,37 @@ mod tests {
     use rusqlite::Connection;
     use std::path::Path;
 
+    /// A trail written before records kept a log commitment gains the
+    /// column in place: its old records verify unchanged, and new ones
+    /// with a commitment chain on (the commitment in their hash).
+    #[tokio::test]
+    async fn a_trail_without_the_commitment_column_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.sqlite");
+        filled(&path, 3).await;
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("ALTER TABLE audit DROP COLUMN commitment")
+            .unwrap();
+        assert_eq!(verify(&path).unwrap().records, 3);
+        let log = AuditLog::open(&path).unwrap();
+        let mut e = Entry::now("bank-a", "kyc", "Evaluate", "sync");
+        e.elements = 1;
+        e.commitment = "ab".repeat(32);
+        log.append(e).await.unwrap();
+        drop(log);
+        assert_eq!(verify(&path).unwrap().records, 4);
+        // The commitment is covered by the chain.
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "UPDATE audit SET commitment = ?1 WHERE seq = 4",
+                ["cd".repeat(32)],
+            )
+            .unwrap();
+        assert!(verify(&path).is_err());
+    }
+
     /// Appends `n` records concurrently; returns their sequence numbers, sorted.
     async fn filled(path: &Path, n: usize) -> Vec<i64> {
         let log = AuditLog::open(path).unwrap();
