@@ -78,6 +78,7 @@ async fn pir_mode_answers_like_the_other_modes_and_the_operator_learns_nothing_o
         assert_eq!(
             keys,
             [
+                "commitment",
                 "elements",
                 "hash",
                 "institution",
@@ -93,6 +94,8 @@ async fn pir_mode_answers_like_the_other_modes_and_the_operator_learns_nothing_o
             ],
             "an audit record holds these fields and nothing else"
         );
+        // No log commitment was sent here (and one would be salted).
+        assert_eq!(r["commitment"], "");
         for k in ["hash", "request_id", "seq", "time"] {
             r.remove(k);
         }
