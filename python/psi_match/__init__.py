@@ -40,6 +40,7 @@ from ._native import (
     bucket,
     encode_record,
     tag,
+    verify_log,
 )
 from . import _native
 
@@ -48,6 +49,7 @@ __all__ = [
     "BlindState",
     "Client",
     "PsiError",
+    "verify_log",
     "ServerKey",
     "TagSet",
     "Tls",
@@ -114,6 +116,11 @@ class Client:
     pair's bucket; about a second of server work per pair) or ``"sync"``
     (the tag set downloaded once, refreshed when it changes);
     by default, like the CLI, ``check`` uses bucket and ``batch`` sync.
+    ``query_log`` (a path) records every pair checked in the institution's
+    hash-chained query log (SQLite, created mode 0600), as ``staff`` (who
+    asks), each request carrying the commitment to its records for the
+    regulator's check (``psi-client log open``); :func:`verify_log` checks
+    the chain.
 
     Raises :class:`ValueError` for bad settings and :class:`PsiError` when
     the server cannot be reached or refuses.
@@ -131,12 +138,25 @@ class Client:
         concurrency: Optional[int] = None,
         config: Optional[Path] = None,
         mode: Optional[str] = None,
+        query_log: Optional[Path] = None,
+        staff: Optional[str] = None,
     ) -> None:
         if mode not in (None, "bucket", "sync", "pir"):
             raise ValueError(f'mode must be "bucket", "sync" or "pir", not {mode!r}')
         ca, cert, key = _tls_files(tls)
         self._session = _native.Session(
-            server, purpose, ca, cert, key, pin_key, cache_dir, concurrency, config, pin_exact
+            server,
+            purpose,
+            ca,
+            cert,
+            key,
+            pin_key,
+            cache_dir,
+            concurrency,
+            config,
+            pin_exact,
+            query_log,
+            staff,
         )
         self.mode = mode
         #: The last batch's summary line (rows, answers, time, registry version).
@@ -213,18 +233,24 @@ class Client:
         answers: List[Optional[Answer]] = [None] * len(pairs)
         asked: List[Tuple[str, str]] = []
         where: List[int] = []
+        # Rows answered here, never sent: still checks the query log records.
+        unsent: List[Tuple[str, str]] = []
         for i, (name, id_) in enumerate(pairs):
             known = _number_id(id_)
             if known is not None:
                 answers[i] = known
+                unsent.append((str(name), str(id_)))
                 continue
             try:
                 asked.append((_text(name, "name"), _text(id_, "id")))
             except TypeError as e:
                 # One odd cell is that row's answer, as in the CLI.
                 answers[i] = Answer("invalid", str(e))
+                unsent.append((str(name), str(id_)))
                 continue
             where.append(i)
+        if unsent:
+            self._session.record_invalid(unsent, mode)
         if asked:
             got, self.last_summary = self._session.batch(asked, mode, chunk_rows)
             for i, (result, error) in zip(where, got):

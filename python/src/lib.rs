@@ -12,9 +12,10 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use psi_client::batch::{answer_pairs, PairOptions};
+use psi_client::batch::{answer_pairs_logged, PairOptions};
 use psi_client::check::{check, CheckOutcome};
 use psi_client::cli::ServerArgs;
+use psi_client::querylog::{LogTarget, QueryLog};
 use psi_client::{QueryMode, Session as ClientSession};
 use psi_core::suite::{BlindedElement, EvaluatedElement, Mode};
 use pyo3::create_exception;
@@ -94,6 +95,8 @@ fn answer(outcome: CheckOutcome) -> PyAnswer {
 struct Session {
     session: ClientSession,
     summary: String,
+    /// The institution's query log, when given: every check recorded.
+    log: Option<LogTarget>,
 }
 
 #[pymethods]
@@ -102,7 +105,7 @@ impl Session {
     /// (`PSI_SERVER`, `PSI_PURPOSE`, ...) and the config file, as the CLI
     /// does (arguments > environment > file > defaults).
     #[new]
-    #[pyo3(signature = (server=None, purpose=None, tls_ca=None, tls_cert=None, tls_key=None, pin_key=None, cache_dir=None, concurrency=None, config=None, pin_exact=None))]
+    #[pyo3(signature = (server=None, purpose=None, tls_ca=None, tls_cert=None, tls_key=None, pin_key=None, cache_dir=None, concurrency=None, config=None, pin_exact=None, query_log=None, staff=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -116,6 +119,8 @@ impl Session {
         concurrency: Option<usize>,
         config: Option<PathBuf>,
         pin_exact: Option<bool>,
+        query_log: Option<PathBuf>,
+        staff: Option<String>,
     ) -> PyResult<Self> {
         let args = ServerArgs {
             config,
@@ -137,10 +142,20 @@ impl Session {
         let options = effective
             .options()
             .map_err(|e| PyValueError::new_err(format!("{e:#}")))?;
+        let log = match query_log {
+            Some(path) => Some(LogTarget {
+                log: QueryLog::open(&path).map_err(|e| PyValueError::new_err(format!("{e:#}")))?,
+                staff: staff.unwrap_or_else(|| "unnamed".into()),
+                caller: "psi_match".into(),
+                purpose: options.purpose.clone(),
+            }),
+            None => None,
+        };
         let session = wait(py, ClientSession::connect(options))?;
         Ok(Self {
             session,
             summary: effective.to_string(),
+            log,
         })
     }
 
@@ -186,7 +201,44 @@ impl Session {
     /// One pair's answer as `(result, error)`.
     fn check(&self, py: Python<'_>, name: &str, id: &str, mode: &str) -> PyResult<PyAnswer> {
         let mode = query_mode(mode)?;
-        wait(py, check(&self.session, name, id, mode)).map(answer)
+        match &self.log {
+            None => wait(py, check(&self.session, name, id, mode)).map(answer),
+            Some(target) => {
+                let (outcome, _) = wait(
+                    py,
+                    target.check(&self.session, name, id, mode, |s| async move {
+                        check(&s, name, id, mode).await
+                    }),
+                )?;
+                outcome
+                    .map(answer)
+                    .map_err(|e| PsiError::new_err(format!("{e:#}")))
+            }
+        }
+    }
+
+    /// With a query log: records pairs answered invalid without being sent
+    /// (the package's own checks of a row's cells), as the CLI records a
+    /// batch's invalid rows. Without one, does nothing.
+    fn record_invalid(
+        &self,
+        py: Python<'_>,
+        pairs: Vec<(String, String)>,
+        mode: &str,
+    ) -> PyResult<()> {
+        let Some(target) = &self.log else {
+            return Ok(());
+        };
+        let mode = query_mode(mode)?;
+        let records = pairs
+            .iter()
+            .map(|(name, id)| {
+                let mut r = target.record(mode, name, id);
+                r.result = "invalid".into();
+                r
+            })
+            .collect();
+        wait(py, target.append(records))
     }
 
     /// Every pair's answer as `(result, error)`, in order, and the batch's
@@ -206,7 +258,10 @@ impl Session {
             max_cache_age: Duration::from_secs(max_cache_age_secs),
             ..PairOptions::default()
         };
-        let (answers, summary) = wait(py, answer_pairs(&self.session, &pairs, &opts))?;
+        let (answers, summary) = wait(
+            py,
+            answer_pairs_logged(&self.session, &pairs, &opts, self.log.as_ref()),
+        )?;
         Ok((
             answers.into_iter().map(answer).collect(),
             summary.to_string(),
@@ -509,10 +564,17 @@ impl TagSet {
 }
 
 /// The Rust half of `psi_match`.
+/// Checks a query log's hash chain; returns its number of records.
+#[pyfunction]
+fn verify_log(path: PathBuf) -> PyResult<u64> {
+    psi_client::querylog::verify(&path).map_err(|e| PsiError::new_err(format!("{e:#}")))
+}
+
 #[pymodule]
 mod _native {
     #[pymodule_export]
     use super::{
-        blind, bucket, encode_record, tag, BlindState, PsiError, ServerKey, Session, TagSet,
+        blind, bucket, encode_record, tag, verify_log, BlindState, PsiError, ServerKey, Session,
+        TagSet,
     };
 }

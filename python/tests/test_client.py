@@ -1,5 +1,7 @@
 """psi_match.Client against a real psi-server with mutual TLS."""
 
+import subprocess
+
 import pytest
 
 import psi_match
@@ -177,3 +179,65 @@ def test_failures_are_psi_errors_never_answers(server, tmp_path):
         port = s.getsockname()[1]
     with pytest.raises(psi_match.PsiError):
         psi_match.Client(server=f"http://127.0.0.1:{port}", purpose=PURPOSE, cache_dir=tmp_path)
+
+
+def test_a_query_log_records_every_check_for_the_regulator(server, tmp_path):
+    import datetime
+    import json
+    import sqlite3
+    import stat
+    import time
+
+    from conftest import binary, run
+
+    def stamp(t: float) -> str:
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%S.%fZ"
+        )
+
+    # This test's requests alone in the window: the others' carry no commitment.
+    time.sleep(1.1)
+    since = time.time()
+    log = tmp_path / "query-log.sqlite"
+    client = server.client(cache_dir=tmp_path / "cache", query_log=log, staff="desk-3")
+    for mode in ("bucket", "pir"):
+        for what, name, id_, expected in QUERIES:
+            assert client.check(name, id_, mode=mode).result == expected, what
+    rows = PAIRS * 3 + [("张伟", 1.1010519491231002e17)]
+    answers = client.batch(rows, mode="sync", chunk_rows=10)
+    assert [a.result for a in answers] == EXPECTED * 3 + ["invalid"]
+    until = time.time() + 1
+    time.sleep(1.1)
+
+    assert psi_match.verify_log(log) == 2 * len(QUERIES) + len(rows)
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    db = sqlite3.connect(log)
+    callers = set(db.execute("SELECT DISTINCT staff || '/' || caller FROM querylog"))
+    assert callers == {("desk-3/psi_match",)}
+    db.close()
+
+    # The regulator's check: every request in the window opened, nothing added.
+    openings = tmp_path / "openings.json"
+    run(
+        binary("psi-client"), "log", "open", "--log", log,
+        "--since", stamp(since), "--until", stamp(until), "--out", openings,
+    )
+    done = run(
+        binary("psi-server"), "audit", "check-openings",
+        "--db", server.data / "audit.sqlite", "--institution", "bank-001",
+        "--openings", openings,
+    )
+    assert "nothing missing, added or changed" in done.stdout
+    opened = json.loads(openings.read_text(encoding="utf-8"))
+    opened["groups"][0]["records"][0]["name"] += "x"
+    openings.write_text(json.dumps(opened), encoding="utf-8")
+    failed = subprocess.run(
+        [
+            str(binary("psi-server")), "audit", "check-openings",
+            "--db", str(server.data / "audit.sqlite"), "--institution", "bank-001",
+            "--openings", str(openings),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode != 0 and "do not make its commitment" in failed.stderr

@@ -389,10 +389,9 @@ impl Views {
     async fn answer(
         &self,
         chunk: &Chunk,
-        columns: usize,
-        name_col: usize,
-        id_col: usize,
+        columns: Columns,
         today: psi_core::CivilDate,
+        commitment: Option<[u8; 32]>,
     ) -> Result<(Vec<CheckOutcome>, Arc<View>, Option<(u64, u64)>)> {
         let mut view = self.get().await?;
         let mut rotations = 0;
@@ -401,7 +400,13 @@ impl Views {
                 Some(lookup) => Answering::Locally(lookup),
                 None => Answering::Remotely(self.mode),
             };
-            match answer_chunk(&view.session, how, chunk, columns, name_col, id_col, today).await {
+            // The requests carry the commitment to the chunk's log records
+            // (the session shares the view's record of request ids).
+            let session = match commitment {
+                Some(c) => view.session.with_log_commitment(c),
+                None => view.session.clone(),
+            };
+            match answer_chunk(&session, how, chunk, columns, today).await {
                 Ok((answers, versions)) => {
                     // The versions that answered: the tag set's, or those
                     // the server's responses named (none if nothing was asked).
@@ -444,6 +449,123 @@ impl Views {
     }
 }
 
+/// Where a chunk's rows hold their fields: how many the header names, and
+/// the name and ID columns.
+#[derive(Debug, Clone, Copy)]
+struct Columns {
+    columns: usize,
+    name: usize,
+    id: usize,
+}
+
+impl Columns {
+    fn field(self, row: &csv::ByteRecord, col: usize) -> String {
+        String::from_utf8_lossy(row.get(col).unwrap_or_default()).into_owned()
+    }
+}
+
+/// Records a batch's chunks in the query log; once stopped (the run
+/// failed), chunks not yet begun are not asked.
+struct Recorder<'a> {
+    target: &'a LogTarget,
+    mode: QueryMode,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> Recorder<'a> {
+    fn new(target: &'a LogTarget, mode: QueryMode) -> Self {
+        Self {
+            target,
+            mode,
+            stopped: false.into(),
+        }
+    }
+}
+
+/// Answers `chunk` and, with a recorder, records it: the rows' records
+/// made first, the requests carrying their commitment, the records (with
+/// the answers, or `error` on failure) durable before this returns. `None`:
+/// the run had stopped before this chunk began; nothing was asked.
+async fn answer_recorded(
+    views: &Views,
+    recorder: Option<&Recorder<'_>>,
+    chunk: Chunk,
+    columns: Columns,
+    today: psi_core::CivilDate,
+) -> Result<Option<(Chunk, Vec<CheckOutcome>, Arc<View>, Option<(u64, u64)>)>> {
+    let Some(recorder) = recorder else {
+        let (answers, view, versions) = views.answer(&chunk, columns, today, None).await?;
+        return Ok(Some((chunk, answers, view, versions)));
+    };
+    if recorder.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(None);
+    }
+    let mut records: Vec<crate::querylog::LogRecord> = chunk
+        .rows
+        .iter()
+        .map(|row| {
+            recorder.target.record(
+                recorder.mode,
+                &columns.field(row, columns.name),
+                &columns.field(row, columns.id),
+            )
+        })
+        .collect();
+    let entries: Vec<_> = records
+        .iter()
+        .map(crate::querylog::LogRecord::entry)
+        .collect();
+    let commitment = psi_core::commitment::commit(&entries);
+    let answered = views.answer(&chunk, columns, today, Some(commitment)).await;
+    let commitment = hex::encode(commitment);
+    match &answered {
+        Ok((answers, view, _)) => {
+            let span = view
+                .session
+                .request_ids()
+                .map(|(first, last)| format!("{first}..{last}"))
+                .unwrap_or_default();
+            // Invalid rows are never sent: a chunk of only those sent nothing.
+            let sent = answers.iter().any(|a| a.reason().is_none());
+            for (record, answer) in records.iter_mut().zip(answers) {
+                record.result = answer.result().into();
+                record.request_id.clone_from(&span);
+                if sent {
+                    record.commitment.clone_from(&commitment);
+                }
+            }
+        }
+        Err(_) => {
+            // Asked but not answered: recorded all the same, with the
+            // commitment its requests may have carried.
+            for record in &mut records {
+                record.result = "error".into();
+                record.commitment.clone_from(&commitment);
+            }
+        }
+    }
+    recorder.target.append(records).await?;
+    let (answers, view, versions) = answered?;
+    Ok(Some((chunk, answers, view, versions)))
+}
+
+/// After a chunk failed: lets the chunks already asked alongside it (at
+/// most `in_flight - 1`) finish and be recorded; none is begun.
+async fn drain<S, T>(recorder: Option<&Recorder<'_>>, answered: &mut S, in_flight: usize)
+where
+    S: futures::Stream<Item = T> + Unpin,
+{
+    let Some(recorder) = recorder else { return };
+    recorder
+        .stopped
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    for _ in 1..in_flight {
+        if answered.next().await.is_none() {
+            break;
+        }
+    }
+}
+
 struct Chunk {
     rows: Vec<csv::ByteRecord>,
     /// Per row, a reason it is invalid already known (from the sheet).
@@ -451,19 +573,7 @@ struct Chunk {
     end_byte: u64,
 }
 
-/// Where a batch records its rows in the institution's query log, and as
-/// whom.
-#[derive(Debug, Clone)]
-pub struct LogTarget {
-    /// The query log.
-    pub log: crate::querylog::QueryLog,
-    /// Who runs the batch.
-    pub staff: String,
-    /// The calling system (`psi-client batch`).
-    pub caller: String,
-    /// The declared purpose.
-    pub purpose: String,
-}
+pub use crate::querylog::LogTarget;
 
 /// Runs a batch. In sync mode the local tag set is refreshed first.
 ///
@@ -474,9 +584,13 @@ pub async fn run(session: &Session, opts: &BatchOptions) -> Result<BatchSummary>
     run_logged(session, opts, None).await
 }
 
-/// [`run`], each chunk's rows recorded in `log` (one transaction a chunk)
-/// before they are written to the output: no answer without its record.
-/// A row's record names the batch's requests so far as `FIRST..LAST`.
+/// [`run`], each chunk's rows recorded in `log`: the records are made
+/// before the chunk is asked, its requests carry the commitment to them
+/// (`x-psi-log-commitment`), and they are durable (one transaction a chunk,
+/// with the answers) before the rows are written to the output: no answer
+/// without its record. A row's record names the batch's requests so far as
+/// `FIRST..LAST`. A run that stops on an error records the chunks it had
+/// asked as `error`.
 ///
 /// # Errors
 /// As [`run`], and a query log that cannot be written.
@@ -533,52 +647,31 @@ pub async fn run_logged(
 
     let today = psi_core::CivilDate::today();
     let columns = headers.len();
+    let recorder = log.map(|target| Recorder::new(target, opts.mode));
+    let in_flight = opts.chunks_in_flight.max(1);
     let mut answered = tokio_stream::wrappers::ReceiverStream::new(rx)
         .map(|chunk| {
-            let views = &views;
+            let (views, recorder) = (&views, recorder.as_ref());
             async move {
-                let chunk = chunk?;
-                let (answers, view, versions) = views
-                    .answer(&chunk, columns, name_col, id_col, today)
-                    .await?;
-                Ok::<_, anyhow::Error>((chunk, answers, view, versions))
+                let columns = Columns {
+                    columns,
+                    name: name_col,
+                    id: id_col,
+                };
+                answer_recorded(views, recorder, chunk?, columns, today).await
             }
         })
-        .buffered(opts.chunks_in_flight.max(1));
+        .buffered(in_flight);
     while let Some(item) = answered.next().await {
-        let (chunk, answers, view, versions) = item?;
+        let (chunk, answers, view, versions) = match item {
+            Ok(Some(answered)) => answered,
+            Ok(None) => continue,
+            Err(e) => {
+                drain(recorder.as_ref(), &mut answered, in_flight).await;
+                return Err(e);
+            }
+        };
         views.note_answered(&mut summary, &view, versions);
-        if let Some(target) = log {
-            let span = view
-                .session
-                .request_ids()
-                .map(|(first, last)| format!("{first}..{last}"))
-                .unwrap_or_default();
-            let field = |row: &csv::ByteRecord, col: usize| {
-                String::from_utf8_lossy(row.get(col).unwrap_or_default()).into_owned()
-            };
-            let records: Vec<crate::querylog::LogRecord> = chunk
-                .rows
-                .iter()
-                .zip(&answers)
-                .map(|(row, answer)| {
-                    crate::querylog::LogRecord::now(
-                        &target.staff,
-                        &target.caller,
-                        &target.purpose,
-                        crate::gateway::mode_name(opts.mode),
-                        &field(row, name_col),
-                        &field(row, id_col),
-                        answer.result(),
-                        &span,
-                    )
-                })
-                .collect();
-            let log = target.log.clone();
-            tokio::task::spawn_blocking(move || log.append_all(&records))
-                .await
-                .context("the query log")??;
-        }
         for (row, answer) in chunk.rows.iter().zip(answers) {
             // As many fields as the header, so the added columns line up
             // under their headers (a longer row is answered `invalid`).
@@ -818,12 +911,38 @@ where
     N: AsRef<str> + Sync,
     I: AsRef<str> + Sync,
 {
+    answer_pairs_logged(session, pairs, opts, None).await
+}
+
+/// [`answer_pairs`], each chunk recorded in `log` as [`run_logged`]
+/// records a file's.
+///
+/// # Errors
+/// As [`answer_pairs`], and a query log that cannot be written.
+pub async fn answer_pairs_logged<N, I>(
+    session: &Session,
+    pairs: &[(N, I)],
+    opts: &PairOptions,
+    log: Option<&LogTarget>,
+) -> Result<(Vec<CheckOutcome>, BatchSummary)>
+where
+    N: AsRef<str> + Sync,
+    I: AsRef<str> + Sync,
+{
     let started = Instant::now();
     let views = Views::open(session.clone(), opts.mode, opts.max_cache_age, false).await?;
     let mut summary = views.summary().await?;
     let today = psi_core::CivilDate::today();
     let views = &views;
+    let recorder = log.map(|target| Recorder::new(target, opts.mode));
+    let recorder = recorder.as_ref();
     let chunk_rows = opts.chunk_rows.max(1);
+    let in_flight = opts.chunks_in_flight.max(1);
+    let columns = Columns {
+        columns: 2,
+        name: 0,
+        id: 1,
+    };
     // Chunks by index: a stream of borrowed slices would make the future
     // depend on a higher-ranked lifetime, which the compiler cannot prove `Send`.
     let mut answered = futures::stream::iter((0..pairs.len()).step_by(chunk_rows))
@@ -839,12 +958,19 @@ where
                 notes: vec![None; rows.len()],
                 end_byte: 0,
             };
-            async move { views.answer(&chunk, 2, 0, 1, today).await }
+            answer_recorded(views, recorder, chunk, columns, today)
         })
-        .buffered(opts.chunks_in_flight.max(1));
+        .buffered(in_flight);
     let mut answers = Vec::with_capacity(pairs.len());
     while let Some(item) = answered.next().await {
-        let (chunk_answers, view, versions) = item?;
+        let (_, chunk_answers, view, versions) = match item {
+            Ok(Some(answered)) => answered,
+            Ok(None) => continue,
+            Err(e) => {
+                drain(recorder, &mut answered, in_flight).await;
+                return Err(e);
+            }
+        };
         views.note_answered(&mut summary, &view, versions);
         for answer in chunk_answers {
             summary.count(&answer);
@@ -921,6 +1047,33 @@ async fn input_encoding(input: &Path, named: Option<Encoding>) -> Result<Encodin
     })
     .await
     .context("checking the input's encoding")?
+}
+
+/// How many data rows `opts.input` holds, its encoding and header checked
+/// as [`run`] checks them: what a caller that limits a batch's rows (the
+/// gateway's uploads) reads before anything is asked.
+///
+/// # Errors
+/// As [`run`] for the input: unreadable, in neither encoding, a header
+/// without the name or ID column, a row over the longest allowed.
+pub async fn count_rows(opts: &BatchOptions) -> Result<u64> {
+    let encoding = if is_xlsx(&opts.input) {
+        Encoding::Utf8Bom
+    } else {
+        input_encoding(&opts.input, opts.file.encoding).await?
+    };
+    let opts = opts.clone();
+    tokio::task::spawn_blocking(move || -> Result<u64> {
+        let (headers, mut reader, _) = open_input(&opts, encoding, &Arc::default())?;
+        name_and_id_columns(&headers, &opts)?;
+        let (mut row, mut note, mut n) = (csv::ByteRecord::new(), None, 0u64);
+        while reader.next(&mut row, &mut note)? {
+            n += 1;
+        }
+        Ok(n)
+    })
+    .await
+    .context("counting the input's rows")?
 }
 
 /// Rows in one Excel sheet.
@@ -1036,9 +1189,11 @@ async fn answer_chunk(
     session: &Session,
     how: Answering<'_>,
     chunk: &Chunk,
-    columns: usize,
-    name_col: usize,
-    id_col: usize,
+    Columns {
+        columns,
+        name: name_col,
+        id: id_col,
+    }: Columns,
     today: psi_core::CivilDate,
 ) -> crate::error::Result<(Vec<CheckOutcome>, Option<(u64, u64)>)> {
     let parsed: Vec<Result<Record, String>> = chunk

@@ -405,6 +405,16 @@ pub struct GatewayArgs {
     /// Seconds for one call's answer; past it, 504.
     #[arg(long, env = "PSI_GATEWAY_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     request_timeout_secs: u64,
+    /// Largest CSV or .xlsx upload to /v1/batch, in bytes.
+    #[arg(long, env = "PSI_GATEWAY_MAX_UPLOAD_BYTES", default_value_t = 32 << 20)]
+    max_upload_bytes: usize,
+    /// Most rows in one upload.
+    #[arg(long, env = "PSI_GATEWAY_MAX_UPLOAD_ROWS", default_value_t = 200_000)]
+    max_upload_rows: u64,
+    /// Seconds for an upload's answers; past it, 504 (the rows asked are
+    /// recorded in the query log all the same).
+    #[arg(long, env = "PSI_GATEWAY_UPLOAD_TIMEOUT_SECS", default_value_t = 600)]
+    upload_timeout_secs: u64,
     /// Seconds between renewals of the session (rotations followed, a
     /// restarted server reached again).
     #[arg(long, default_value_t = 60)]
@@ -522,41 +532,28 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
             query_log,
             staff,
         } => {
-            let log = query_log
-                .as_deref()
-                .map(crate::querylog::QueryLog::open)
-                .transpose()?;
-            // With a log, the record is made first and the request carries
-            // the commitment to it (`psi-client log open` opens it later).
-            let mut record = match &log {
-                Some(_) => Some(crate::querylog::LogRecord::now(
-                    staff.as_deref().unwrap_or("unnamed"),
-                    "psi-client check",
-                    &session_purpose(&server)?,
-                    crate::gateway::mode_name(mode),
-                    &name,
-                    &id,
-                    "",
-                    "",
-                )),
-                None => None,
-            };
-            let mut session = connect(&server).await?.with_own_request_ids();
-            let commitment = record
-                .as_ref()
-                .map(|r| psi_core::commitment::commit(&[r.entry()]));
-            if let Some(c) = commitment {
-                session = session.with_log_commitment(c);
-            }
-            let outcome = check(&session, &name, &id, mode).await?;
-            if let (Some(log), Some(mut r), Some(c)) = (log, record.take(), commitment) {
-                r.result = outcome.result().into();
-                if let Some((_, last)) = session.request_ids() {
-                    r.request_id = last;
-                    r.commitment = hex::encode(c);
+            let session = connect(&server).await?;
+            let outcome = match query_log {
+                // With a log, the record is made first and the request
+                // carries the commitment to it (`psi-client log open`
+                // opens it later).
+                Some(path) => {
+                    let target = crate::querylog::LogTarget {
+                        log: crate::querylog::QueryLog::open(&path)?,
+                        staff: staff.unwrap_or_else(|| "unnamed".into()),
+                        caller: "psi-client check".into(),
+                        purpose: session_purpose(&server)?,
+                    };
+                    let (name, id) = (name.as_str(), id.as_str());
+                    let (outcome, _) = target
+                        .check(&session, name, id, mode, |s| async move {
+                            check(&s, name, id, mode).await
+                        })
+                        .await?;
+                    outcome?
                 }
-                log.append(&r)?;
-            }
+                None => check(&session, &name, &id, mode).await?,
+            };
             Ok(match outcome {
                 CheckOutcome::Match => {
                     println!("match");
@@ -686,6 +683,9 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
                 max_batch_rows: args.max_batch_rows.max(1),
                 max_concurrent: args.max_concurrent.max(1),
                 request_timeout: std::time::Duration::from_secs(args.request_timeout_secs.max(1)),
+                max_upload_bytes: args.max_upload_bytes.max(1024),
+                max_upload_rows: args.max_upload_rows.max(1),
+                upload_timeout: std::time::Duration::from_secs(args.upload_timeout_secs.max(1)),
                 refresh_interval: std::time::Duration::from_secs(args.refresh_interval_secs.max(1)),
                 ..crate::gateway::GatewaySettings::new(args.listen, &options.purpose, query_log)
             };

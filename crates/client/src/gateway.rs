@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -44,7 +44,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{RwLock, Semaphore};
 
 use crate::check::{check, CheckOutcome};
-use crate::querylog::{LogRecord, QueryLog};
+use crate::querylog::{LogTarget, QueryLog};
 use crate::session::{ConnectOptions, Session};
 use crate::QueryMode;
 
@@ -107,6 +107,13 @@ pub struct GatewaySettings {
     pub max_concurrent: usize,
     /// Time for one call's answer; past it, 504.
     pub request_timeout: Duration,
+    /// Largest CSV or `.xlsx` upload to `/v1/batch`, in bytes.
+    pub max_upload_bytes: usize,
+    /// Most rows in one upload.
+    pub max_upload_rows: u64,
+    /// Time for an upload's answers; past it, 504 (the rows asked are
+    /// recorded all the same).
+    pub upload_timeout: Duration,
     /// How often the session is renewed (rotations followed, a restarted
     /// server reached again).
     pub refresh_interval: Duration,
@@ -126,6 +133,9 @@ impl GatewaySettings {
             max_batch_rows: 1000,
             max_concurrent: 32,
             request_timeout: Duration::from_secs(30),
+            max_upload_bytes: 32 << 20,
+            max_upload_rows: 200_000,
+            upload_timeout: Duration::from_secs(600),
             refresh_interval: Duration::from_secs(60),
         }
     }
@@ -270,7 +280,15 @@ pub async fn start(options: ConnectOptions, settings: GatewaySettings) -> Result
     let app = Router::new()
         .route("/", get(page_route))
         .route("/v1/check", post(check_route))
-        .route("/v1/batch", post(batch_route))
+        .route(
+            "/v1/batch",
+            post(batch_route).layer(DefaultBodyLimit::max(
+                gateway
+                    .settings
+                    .max_upload_bytes
+                    .max(gateway.settings.max_body_bytes),
+            )),
+        )
         .route("/v1/status", get(status_route))
         .route("/healthz", get(health_route))
         .route("/metrics", get(metrics_route))
@@ -512,21 +530,14 @@ impl Gateway {
         }
     }
 
-    /// Appends `records` to the query log durably; no answer leaves before.
-    async fn log(&self, records: Vec<LogRecord>) -> Result<(), Refusal> {
-        let log = self.log.clone();
-        tokio::task::spawn_blocking(move || {
-            records.iter().try_for_each(|r| log.append(r).map(|_| ()))
-        })
-        .await
-        .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "the query log failed"))?
-        .map_err(|e| {
-            tracing::error!("query log: {e:#}");
-            refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the query log cannot record this now; nothing was answered",
-            )
-        })
+    /// Where a call's checks are recorded, and as whom.
+    fn target(&self, caller: &Caller, purpose: &str) -> LogTarget {
+        LogTarget {
+            log: self.log.clone(),
+            staff: caller.staff.clone(),
+            caller: caller.system.clone(),
+            purpose: purpose.into(),
+        }
     }
 
     /// The response to a call on `route`, counted and timed.
@@ -569,18 +580,22 @@ pub fn mode_name(mode: QueryMode) -> &'static str {
     }
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> Result<T, Refusal> {
-    let body = body.map_err(|r| {
+/// A request's body, or why it cannot be read.
+fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Refusal> {
+    body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "the request body is over the gateway's max_body_bytes",
+                "the request body is over the gateway's limit for this route (max_body_bytes, or max_upload_bytes for /v1/batch)",
             )
         } else {
             refuse(r.status(), r.body_text())
         }
-    })?;
-    serde_json::from_slice(&body).map_err(|e| {
+    })
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|e| {
         refuse(
             StatusCode::BAD_REQUEST,
             format!("the body is not the JSON this route takes: {e}"),
@@ -612,66 +627,65 @@ async fn check_route(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let result = check_call(&g, &headers, body).await;
+    let result = check_call(g.clone(), &headers, body).await;
     g.respond("/v1/check", started, result)
 }
 
+/// The query log could not record a call: nothing is answered.
+fn unrecorded(e: &anyhow::Error) -> Refusal {
+    tracing::error!("query log: {e:#}");
+    refuse(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the query log cannot record this now; nothing was answered",
+    )
+}
+
+/// Runs `work` as a task of its own: a caller that hangs up or times out
+/// does not cut it short, so what it asked the operator is recorded.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, Refusal>> + Send + 'static,
+) -> Result<T, Refusal> {
+    tokio::spawn(work)
+        .await
+        .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "the call failed"))?
+}
+
 async fn check_call(
-    g: &Gateway,
+    g: Arc<Gateway>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<CheckResponse, Refusal> {
     let caller = g.caller(headers)?;
-    let req: CheckRequest = parse(body)?;
+    let req: CheckRequest = parse(&body_of(body)?)?;
     let purpose = g.purpose(req.purpose.as_deref())?;
     let mode = g.mode(req.mode.as_deref())?;
-    let _slot = g.slot()?;
-    // The log record is made first: the request carries the commitment to it.
-    let mut record = LogRecord::now(
-        &caller.staff,
-        &caller.system,
-        &purpose,
-        mode_name(mode),
-        &req.name,
-        &req.id,
-        "",
-        "",
-    );
-    let commitment = psi_core::commitment::commit(&[record.entry()]);
-    record.commitment = hex::encode(commitment);
-    let session = g
-        .session_for(&purpose)
-        .await
-        .with_log_commitment(commitment);
-    let outcome = g
-        .within_timeout(g.check(&session, &req.name, &req.id, mode))
-        .await;
-    let request_id = session.request_ids().map(|(_, last)| last);
-    let error = match &outcome {
-        Ok(o) => o.reason().map(str::to_string),
-        Err(r) => Some(r.1.clone()),
-    };
-    record.result = outcome
-        .as_ref()
-        .map_or("error", CheckOutcome::result)
-        .into();
-    record.request_id = request_id.clone().unwrap_or_default();
-    if request_id.is_none() {
-        // Nothing reached the operator (an invalid pair is never sent):
-        // no request carried the commitment, so none is recorded.
-        record.commitment.clear();
-    }
-    // The answer leaves only once its log record is durable.
-    g.log(vec![record]).await?;
-    let outcome = outcome?;
-    let info = session.info();
-    Ok(CheckResponse {
-        result: outcome.result(),
-        error,
-        request_id,
-        registry_version: info.registry_version,
-        key_epoch: info.key_epoch,
+    let slot = g.slot()?;
+    detached(async move {
+        let _slot = slot;
+        let session = g.session_for(&purpose).await;
+        let target = g.target(&caller, &purpose);
+        let (outcome, request_id) = target
+            .check(&session, &req.name, &req.id, mode, |s| {
+                let g = &g;
+                let req = &req;
+                async move {
+                    g.within_timeout(g.check(&s, &req.name, &req.id, mode))
+                        .await
+                }
+            })
+            .await
+            .map_err(|e| unrecorded(&e))?;
+        let outcome = outcome?;
+        let info = session.info();
+        Ok(CheckResponse {
+            result: outcome.result(),
+            error: outcome.reason().map(str::to_string),
+            request_id,
+            registry_version: info.registry_version,
+            key_epoch: info.key_epoch,
+        })
     })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -703,23 +717,104 @@ struct BatchResponse {
     key_epoch: u64,
 }
 
+/// Where a file upload's purpose and mode are given: `?purpose=&mode=`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BatchQuery {
+    purpose: Option<String>,
+    mode: Option<String>,
+}
+
+/// The kinds of file `/v1/batch` takes, by `Content-Type`, and the file
+/// name their answers come back as.
+const UPLOADS: [(&str, &str); 2] = [
+    ("text/csv", "answers.csv"),
+    (
+        "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        "answers.xlsx",
+    ),
+];
+
 async fn batch_route(
     State(g): State<Arc<Gateway>>,
     headers: HeaderMap,
+    query: Result<Query<BatchQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let result = batch_call(&g, &headers, body).await;
-    g.respond("/v1/batch", started, result)
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let response = match content_type.as_deref() {
+        None | Some("application/json") => match batch_call(Arc::clone(&g), &headers, body).await
+        {
+            Ok(r) => json(StatusCode::OK, &r),
+            Err(refusal) => refusal.into_response(),
+        },
+        Some(kind) => match UPLOADS.iter().find(|(k, _)| *k == kind) {
+            Some(&(kind, file_name)) => {
+                upload_call(Arc::clone(&g), &headers, query, body, (kind, file_name))
+                    .await
+                    .unwrap_or_else(IntoResponse::into_response)
+            }
+            None => refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "/v1/batch takes application/json, text/csv or an .xlsx workbook ({}), not {kind}",
+                    UPLOADS[1].0
+                ),
+            )
+            .into_response(),
+        },
+    };
+    g.record("/v1/batch", response.status(), started);
+    response
+}
+
+/// Waits for detached `work` at most `limit`: past it the caller gets 504
+/// and the work goes on to record what it asked.
+async fn awaited<T: Send + 'static>(
+    limit: Duration,
+    work: impl std::future::Future<Output = Result<T, Refusal>> + Send + 'static,
+) -> Result<T, Refusal> {
+    tokio::time::timeout(limit, detached(work))
+        .await
+        .unwrap_or_else(|_| {
+            Err(refuse(
+                StatusCode::GATEWAY_TIMEOUT,
+                "no answer within the gateway's time limit for this call",
+            ))
+        })
+}
+
+/// A batch that failed after its input was accepted, as the status a
+/// caller acts on.
+fn batch_failed(e: &anyhow::Error) -> Refusal {
+    match e.downcast_ref::<crate::Error>() {
+        Some(e) if e.is_not_reached() => refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the operator's server cannot be reached now: {e}"),
+        ),
+        _ => refuse(StatusCode::BAD_GATEWAY, format!("{e:#}")),
+    }
 }
 
 async fn batch_call(
-    g: &Gateway,
+    g: Arc<Gateway>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<BatchResponse, Refusal> {
     let caller = g.caller(headers)?;
-    let req: BatchRequest = parse(body)?;
+    let body = body_of(body)?;
+    if body.len() > g.settings.max_body_bytes {
+        return Err(refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is over the gateway's max_body_bytes",
+        ));
+    }
+    let req: BatchRequest = parse(&body)?;
     if req.rows.is_empty() || req.rows.len() > g.settings.max_batch_rows {
         return Err(refuse(
             StatusCode::BAD_REQUEST,
@@ -732,99 +827,159 @@ async fn batch_call(
     }
     let purpose = g.purpose(req.purpose.as_deref())?;
     let mode = g.mode(req.mode.as_deref())?;
-    let _slot = g.slot()?;
-    // The rows' log records are made first: the batch's requests carry the
-    // commitment to all of them.
-    let mut records: Vec<LogRecord> = req
-        .rows
-        .iter()
-        .map(|r| {
-            LogRecord::now(
-                &caller.staff,
-                &caller.system,
-                &purpose,
-                mode_name(mode),
-                &r.name,
-                &r.id,
-                "",
-                "",
-            )
-        })
-        .collect();
-    let entries: Vec<_> = records.iter().map(LogRecord::entry).collect();
-    let commitment = psi_core::commitment::commit(&entries);
-    let session = g
-        .session_for(&purpose)
-        .await
-        .with_log_commitment(commitment);
-    let pairs: Vec<(&str, &str)> = req
-        .rows
-        .iter()
-        .map(|r| (r.name.as_str(), r.id.as_str()))
-        .collect();
-    let work = async {
-        match mode {
-            QueryMode::Pir => {
-                let mut out = Vec::with_capacity(pairs.len());
-                for (name, id) in &pairs {
-                    out.push(check(&session, name, id, mode).await?);
-                }
-                Ok((out, session.request_ids()))
-            }
-            _ => {
-                let opts = crate::batch::PairOptions {
-                    mode,
-                    ..crate::batch::PairOptions::default()
-                };
-                crate::batch::answer_pairs(&session, &pairs, &opts)
-                    .await
-                    .map(|(answers, summary)| (answers, summary.request_ids))
-                    .map_err(|e| crate::Error::Internal(format!("{e:#}")))
-            }
-        }
-    };
-    let (answers, request_ids) = match g.within_timeout(work).await {
-        Ok(a) => a,
-        Err(refusal) => {
-            // Asked but not answered: logged as errors all the same, with
-            // the commitment its requests may have carried (an opened
-            // group of errors that no request carried is no finding).
-            for record in &mut records {
-                record.result = "error".into();
-                record.commitment = hex::encode(commitment);
-            }
-            g.log(records).await?;
-            return Err(refusal);
-        }
-    };
-    // Each row's record names the batch's requests: FIRST..LAST.
-    let span = request_ids
-        .as_ref()
-        .map(|(f, l)| format!("{f}..{l}"))
-        .unwrap_or_default();
-    for (record, answer) in records.iter_mut().zip(&answers) {
-        record.result = answer.result().into();
-        record.request_id.clone_from(&span);
-        // Recorded when a request carried it (a batch of invalid rows
-        // sends none).
-        if request_ids.is_some() {
-            record.commitment = hex::encode(commitment);
-        }
-    }
-    g.log(records).await?;
-    let info = session.info();
-    Ok(BatchResponse {
-        results: answers
+    let slot = g.slot()?;
+    let limit = g.settings.request_timeout;
+    awaited(limit, async move {
+        let _slot = slot;
+        let session = g.session_for(&purpose).await;
+        let target = g.target(&caller, &purpose);
+        let pairs: Vec<(&str, &str)> = req
+            .rows
             .iter()
-            .map(|a| RowAnswer {
-                result: a.result(),
-                error: a.reason().map(str::to_string),
-            })
-            .collect(),
-        request_ids,
-        registry_version: info.registry_version,
-        key_epoch: info.key_epoch,
+            .map(|r| (r.name.as_str(), r.id.as_str()))
+            .collect();
+        let opts = crate::batch::PairOptions {
+            mode,
+            max_cache_age: g.settings.refresh_interval,
+            ..crate::batch::PairOptions::default()
+        };
+        let (answers, summary) =
+            crate::batch::answer_pairs_logged(&session, &pairs, &opts, Some(&target))
+                .await
+                .map_err(|e| batch_failed(&e))?;
+        Ok(BatchResponse {
+            results: answers
+                .iter()
+                .map(|a| RowAnswer {
+                    result: a.result(),
+                    error: a.reason().map(str::to_string),
+                })
+                .collect(),
+            request_ids: summary.request_ids,
+            registry_version: summary.registry_version,
+            key_epoch: summary.key_epoch,
+        })
     })
+    .await
+}
+
+/// A CSV or `.xlsx` upload, answered as `psi-client batch` answers a file
+/// (the same row contract: the input's columns plus `result` and `error`),
+/// every row in the query log, the answered file sent back.
+async fn upload_call(
+    g: Arc<Gateway>,
+    headers: &HeaderMap,
+    query: Result<Query<BatchQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+    (kind, file_name): (&'static str, &'static str),
+) -> Result<Response, Refusal> {
+    let caller = g.caller(headers)?;
+    let Query(query) = query.map_err(|r| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            format!("an upload's query is `?purpose=&mode=`: {}", r.body_text()),
+        )
+    })?;
+    let body = body_of(body)?;
+    let purpose = g.purpose(query.purpose.as_deref())?;
+    let mode = g.mode(query.mode.as_deref())?;
+    let slot = g.slot()?;
+    let limit = g.settings.upload_timeout;
+    let max_rows = g.settings.max_upload_rows;
+    awaited(limit, async move {
+        let _slot = slot;
+        let failed = |what: &str, e: std::io::Error| {
+            tracing::error!("upload: {what}: {e}");
+            refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the upload could not be stored",
+            )
+        };
+        // A private directory (0700), the upload in it 0600: it holds pairs.
+        let dir = tempfile::tempdir().map_err(|e| failed("a directory", e))?;
+        let extension = if kind == UPLOADS[0].0 { "csv" } else { "xlsx" };
+        let input = dir.path().join(format!("upload.{extension}"));
+        let output = dir.path().join(file_name);
+        write_private(&input, &body).map_err(|e| failed("writing", e))?;
+        drop(body);
+        let opts = crate::batch::BatchOptions {
+            input,
+            output: output.clone(),
+            mode,
+            chunk_rows: 4096,
+            file: crate::batch::FileFormat::default(),
+            chunks_in_flight: 2,
+            progress: false,
+            resume: false,
+            max_cache_age: g.settings.refresh_interval,
+            no_sync: false,
+        };
+        let rows = crate::batch::count_rows(&opts).await.map_err(|e| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                format!("the upload is not a batch file this gateway reads: {e:#}"),
+            )
+        })?;
+        if rows == 0 {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "the upload holds no rows under its header",
+            ));
+        }
+        if rows > max_rows {
+            return Err(refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("an upload holds at most max_upload_rows = {max_rows} rows, not {rows}"),
+            ));
+        }
+        let session = g.session_for(&purpose).await;
+        let target = g.target(&caller, &purpose);
+        let summary = crate::batch::run_logged(&session, &opts, Some(&target))
+            .await
+            .map_err(|e| batch_failed(&e))?;
+        // Opened before the directory goes: the answers are read from the
+        // open file, and nothing of the upload stays on disk.
+        let file = tokio::fs::File::open(&output)
+            .await
+            .map_err(|e| failed("reading the answers", e))?;
+        let mut response =
+            axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
+        let h = response.headers_mut();
+        let mut set = |name: &'static str, value: String| {
+            if let Ok(v) = value.parse() {
+                h.insert(name, v);
+            }
+        };
+        set("content-type", kind.to_string());
+        set(
+            "content-disposition",
+            format!("attachment; filename=\"{file_name}\""),
+        );
+        set("cache-control", "no-store".into());
+        set("x-psi-rows", summary.rows.to_string());
+        set(
+            "x-psi-registry-version",
+            summary.registry_version.to_string(),
+        );
+        set("x-psi-key-epoch", summary.key_epoch.to_string());
+        if let Some((first, last)) = &summary.request_ids {
+            set("x-psi-request-ids", format!("{first}..{last}"));
+        }
+        Ok(response)
+    })
+    .await
+}
+
+/// Writes `bytes` to a new file at `path`, mode 0600.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
 }
 
 #[derive(Serialize)]

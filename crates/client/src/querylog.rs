@@ -138,6 +138,95 @@ impl LogRecord {
     }
 }
 
+/// Where checks are recorded, and as whom: the log, the person asking, the
+/// calling system and the declared purpose.
+#[derive(Debug, Clone)]
+pub struct LogTarget {
+    /// The query log.
+    pub log: QueryLog,
+    /// Who asks (`--staff`, the gateway's `X-Staff-Id`).
+    pub staff: String,
+    /// The calling system (an API token's name, or the command).
+    pub caller: String,
+    /// The declared purpose.
+    pub purpose: String,
+}
+
+impl LogTarget {
+    /// The record of a check of (`name`, `id`) in `mode`, stamped now, its
+    /// answer not yet known.
+    #[must_use]
+    pub fn record(&self, mode: crate::QueryMode, name: &str, id: &str) -> LogRecord {
+        LogRecord::now(
+            &self.staff,
+            &self.caller,
+            &self.purpose,
+            crate::gateway::mode_name(mode),
+            name,
+            id,
+            "",
+            "",
+        )
+    }
+
+    /// Appends `records` durably (one transaction), off the async threads.
+    ///
+    /// # Errors
+    /// The log cannot be written (then none of them is).
+    pub async fn append(&self, records: Vec<LogRecord>) -> Result<()> {
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || log.append_all(&records).map(|_| ()))
+            .await
+            .context("the query log's writer")?
+    }
+
+    /// One check recorded: its record is made first, `ask` gets a session
+    /// whose requests carry the commitment to it, and the record (with the
+    /// answer, or `error` when `ask` failed) is durable before this
+    /// returns. Returns what `ask` returned and the operator's request id
+    /// (none when nothing was sent: an invalid pair).
+    ///
+    /// # Errors
+    /// The log cannot be written: then the answer must not be given.
+    pub async fn check<E, Fut>(
+        &self,
+        session: &crate::Session,
+        name: &str,
+        id: &str,
+        mode: crate::QueryMode,
+        ask: impl FnOnce(crate::Session) -> Fut,
+    ) -> Result<(
+        std::result::Result<crate::check::CheckOutcome, E>,
+        Option<String>,
+    )>
+    where
+        Fut: std::future::Future<Output = std::result::Result<crate::check::CheckOutcome, E>>,
+    {
+        let mut record = self.record(mode, name, id);
+        let commitment = psi_core::commitment::commit(&[record.entry()]);
+        let session = session
+            .with_own_request_ids()
+            .with_log_commitment(commitment);
+        let outcome = ask(session.clone()).await;
+        let request_id = session.request_ids().map(|(_, last)| last);
+        record.result = outcome
+            .as_ref()
+            .map_or("error", crate::check::CheckOutcome::result)
+            .into();
+        if let Some(id) = &request_id {
+            record.request_id.clone_from(id);
+        }
+        // Recorded when a request may have carried it: not for an invalid
+        // pair, which is never sent (a failed attempt that never reached
+        // the operator is no finding of `check-openings`).
+        if request_id.is_some() || outcome.is_err() {
+            record.commitment = hex::encode(commitment);
+        }
+        self.append(vec![record]).await?;
+        Ok((outcome, request_id))
+    }
+}
+
 /// An open query log. Cloning shares the connection; appends are serialised.
 #[derive(Clone)]
 pub struct QueryLog {

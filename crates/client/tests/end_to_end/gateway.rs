@@ -7,7 +7,7 @@ use super::common::*;
 use psi_client::gateway::{self, GatewaySettings, RunningGateway};
 use psi_client::querylog;
 
-/// One HTTP/1.1 exchange on a fresh connection: (status, body).
+/// One HTTP/1.1 exchange of JSON on a fresh connection: (status, body).
 async fn http(
     addr: std::net::SocketAddr,
     method: &str,
@@ -15,34 +15,59 @@ async fn http(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
+    let (status, _, body) = exchange(
+        addr,
+        method,
+        path,
+        headers,
+        "application/json",
+        body.as_bytes(),
+    )
+    .await;
+    (status, String::from_utf8_lossy(&body).to_string())
+}
+
+/// One HTTP/1.1 exchange on a fresh connection: (status, head, body).
+async fn exchange(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
         body.len()
     );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    req.push_str(body);
     stream.write_all(req.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status: u16 = text
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(raw.len());
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let body = raw.get(split + 4..).unwrap_or_default();
+    let status: u16 = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let body = if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
     {
         // Chunked: size lines in hex, each followed by that many bytes.
         let mut out = Vec::new();
-        let mut rest = body.as_bytes();
+        let mut rest = body;
         while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
             let size = String::from_utf8_lossy(&rest[..eol]).trim().to_string();
             let n = usize::from_str_radix(&size, 16).unwrap_or(0);
@@ -53,11 +78,11 @@ async fn http(
             out.extend_from_slice(&chunk[..n]);
             rest = chunk[n..].strip_prefix(b"\r\n").unwrap_or(&chunk[n..]);
         }
-        String::from_utf8_lossy(&out).to_string()
+        out
     } else {
-        body.to_string()
+        body.to_vec()
     };
-    (status, body)
+    (status, head, body)
 }
 
 fn value(body: &str) -> serde_json::Value {
@@ -110,6 +135,8 @@ async fn the_gateway_answers_every_row_and_logs_every_check() {
     let g = gateway(&f, |s| GatewaySettings {
         max_body_bytes: 4096,
         max_batch_rows: 50,
+        max_upload_bytes: 64 << 10,
+        max_upload_rows: 100,
         ..s
     })
     .await;
@@ -135,7 +162,7 @@ async fn the_gateway_answers_every_row_and_logs_every_check() {
         }
     }
     // Batches, as `psi-client batch` answers them.
-    for mode in ["sync", "bucket"] {
+    for mode in ["sync", "bucket", "pir"] {
         let rows: Vec<_> = queries()
             .iter()
             .map(|q| serde_json::json!({"name": q.name, "id": q.id}))
@@ -154,6 +181,133 @@ async fn the_gateway_answers_every_row_and_logs_every_check() {
         let want: Vec<&str> = queries().iter().map(|q| q.expected).collect();
         assert_eq!(got, want, "{mode}");
         logged += rows.len();
+    }
+
+    // Uploads: a CSV and a workbook answered as `psi-client batch` answers
+    // the same file, sent back as a file; every row logged.
+    let input = f.root.join("upload.csv");
+    let expected = write_queries(&input, 2);
+    let mut uploaded = Vec::new();
+    for mode in ["bucket", "sync"] {
+        let path = format!("/v1/batch?mode={mode}&purpose=aml-recheck");
+        let csv = std::fs::read(&input).unwrap();
+        let (status, head, body) = exchange(addr, "POST", &path, &auth, "text/csv", &csv).await;
+        assert_eq!(status, 200, "{head}{}", String::from_utf8_lossy(&body));
+        assert!(
+            head.contains("attachment; filename=\"answers.csv\""),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("x-psi-rows: {}", expected.len())),
+            "{head}"
+        );
+        let answers = f.root.join(format!("uploaded-{mode}.csv"));
+        std::fs::write(&answers, &body).unwrap();
+        let got: Vec<String> = read_output(&answers)
+            .iter()
+            .map(|r| r[4].to_string())
+            .collect();
+        assert_eq!(got, expected, "{mode}");
+        uploaded.push((mode, body));
+        logged += expected.len();
+    }
+    let workbook = f.root.join("upload.xlsx");
+    {
+        let mut book = rust_xlsxwriter::Workbook::new();
+        let sheet = book.add_worksheet();
+        sheet.write_string(0, 0, "姓名").unwrap();
+        sheet.write_string(0, 1, "身份证号").unwrap();
+        for (r, q) in queries().iter().enumerate() {
+            let r = u32::try_from(r).unwrap() + 1;
+            sheet.write_string(r, 0, q.name).unwrap();
+            sheet.write_string(r, 1, q.id).unwrap();
+        }
+        book.save(&workbook).unwrap();
+    }
+    let xlsx_type = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet";
+    let (status, head, body) = exchange(
+        addr,
+        "POST",
+        "/v1/batch?mode=pir",
+        &auth,
+        xlsx_type,
+        &std::fs::read(&workbook).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains(xlsx_type), "{head}");
+    let answered = f.root.join("answered.xlsx");
+    std::fs::write(&answered, body).unwrap();
+    let sheet = psi_files::xlsx::read(&answered, None).unwrap();
+    assert_eq!(sheet.header, ["姓名", "身份证号", "result", "error"]);
+    let got: Vec<String> = sheet.rows.iter().map(|r| r[2].text()).collect();
+    let want: Vec<&str> = queries().iter().map(|q| q.expected).collect();
+    assert_eq!(got, want);
+    logged += want.len();
+    // Uploads refused before anything is asked: nothing logged.
+    let too_many = f.root.join("too-many.csv");
+    write_queries(&too_many, 40);
+    let header_only = b"name,id\n".to_vec();
+    let uploads: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            "/v1/batch",
+            "text/csv",
+            std::fs::read(&too_many).unwrap(),
+            413,
+            "max_upload_rows",
+        ),
+        ("/v1/batch", "text/csv", header_only, 400, "no rows"),
+        (
+            "/v1/batch",
+            "text/csv",
+            b"who,what\n1,2\n".to_vec(),
+            400,
+            "name",
+        ),
+        (
+            "/v1/batch",
+            "text/csv",
+            b"name,id\n\xff\xfe\x00,1\n".to_vec(),
+            400,
+            "not a batch file",
+        ),
+        (
+            "/v1/batch",
+            "application/pdf",
+            b"%PDF".to_vec(),
+            415,
+            "text/csv",
+        ),
+        (
+            "/v1/batch?mode=fast",
+            "text/csv",
+            b"name,id\n".to_vec(),
+            400,
+            "mode",
+        ),
+        (
+            "/v1/batch?colour=red",
+            "text/csv",
+            b"name,id\n".to_vec(),
+            400,
+            "?purpose=&mode=",
+        ),
+        (
+            "/v1/batch",
+            "text/csv",
+            vec![b'x'; 70_000],
+            413,
+            "max_upload_bytes",
+        ),
+    ];
+    for (path, kind, body, status, says) in uploads {
+        let (got, head, text) = exchange(addr, "POST", path, &auth, kind, &body).await;
+        let text = String::from_utf8_lossy(&text);
+        assert_eq!(got, status, "{path} {kind}: {head}{text}");
+        assert!(
+            value(&text)["error"].as_str().unwrap().contains(says),
+            "{text}"
+        );
     }
 
     // Refusals: JSON errors with statuses a caller acts on; none logged.
@@ -335,6 +489,22 @@ async fn the_gateway_answers_every_row_and_logs_every_check() {
         "{err}"
     );
     assert!(psi_server::serving::audit::check_openings(&audit, "bank-b", &text).is_err());
+    // The uploads' answers are byte for byte those of `psi-client batch`
+    // over the same file (asked after the openings were checked: these
+    // requests are not in the query log).
+    let session = connect(&f.url, &f.root.join("batch-cache"), None)
+        .await
+        .unwrap();
+    for (mode, body) in uploaded {
+        let query_mode = match mode {
+            "sync" => QueryMode::Sync,
+            _ => QueryMode::Bucket,
+        };
+        let reference = f.root.join(format!("reference-{mode}.csv"));
+        let opts = options(&input, &reference, query_mode, 5);
+        psi_client::batch::run(&session, &opts).await.unwrap();
+        assert_eq!(body, std::fs::read(&reference).unwrap(), "{mode}");
+    }
     let db = rusqlite::Connection::open(&g.log).unwrap();
     let (staff, caller): (String, String) = db
         .query_row(
@@ -617,4 +787,63 @@ async fn the_gateway_rides_out_a_server_restart() {
     assert!(errors >= 1);
     querylog::verify(&g.log).unwrap();
     again.shutdown().await.unwrap();
+}
+
+/// `psi-client batch --query-log`: each chunk's requests carry the
+/// commitment to its rows' records, so the regulator's check of a batch's
+/// openings holds in every mode; a changed record is found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logged_batch_commits_to_each_chunk() {
+    let f = fixture(40).await;
+    let input = f.root.join("in.csv");
+    let expected = write_queries(&input, 2);
+    let target = querylog::LogTarget {
+        log: querylog::QueryLog::open(&f.root.join("log.sqlite")).unwrap(),
+        staff: "batch-clerk".into(),
+        caller: "psi-client batch".into(),
+        purpose: "kyc-onboarding".into(),
+    };
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let chunk_rows = 7;
+    for mode in [QueryMode::Sync, QueryMode::Bucket, QueryMode::Pir] {
+        let output = f.root.join(format!("out-{mode:?}.csv"));
+        let opts = options(&input, &output, mode, chunk_rows);
+        psi_client::batch::run_logged(&session, &opts, Some(&target))
+            .await
+            .unwrap();
+        let got: Vec<String> = read_output(&output)
+            .iter()
+            .map(|r| r[4].to_string())
+            .collect();
+        assert_eq!(got, expected, "{mode:?}");
+    }
+    let n = querylog::verify(&f.root.join("log.sqlite")).unwrap();
+    assert_eq!(n, 3 * expected.len() as u64);
+    let openings = querylog::open(&f.root.join("log.sqlite"), 0, i64::MAX).unwrap();
+    // One commitment a chunk that sent anything.
+    let chunks = expected.len().div_ceil(chunk_rows);
+    assert!(
+        openings.groups.len() <= 3 * chunks && openings.groups.len() >= 3 * (chunks - 1),
+        "{} groups for {chunks} chunks a mode",
+        openings.groups.len()
+    );
+    assert!(openings
+        .groups
+        .iter()
+        .all(|g| g.records.len() <= chunk_rows));
+    let text = serde_json::to_string(&openings).unwrap();
+    let audit = f.data_dir.join("audit.sqlite");
+    let ok = psi_server::serving::audit::check_openings(&audit, "local", &text).unwrap();
+    assert!(ok.requests >= openings.groups.len() as u64, "{ok:?}");
+    let mut changed = openings.clone();
+    changed.groups[3].records[1].id.push('1');
+    let err = psi_server::serving::audit::check_openings(
+        &audit,
+        "local",
+        &serde_json::to_string(&changed).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("group 4"), "{err}");
+    f.running.shutdown().await.unwrap();
 }
