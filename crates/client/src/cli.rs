@@ -274,7 +274,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = QueryMode::Bucket)]
         mode: QueryMode,
         /// Record the check in this query log (the institution's
-        /// hash-chained record of who asked about whom; mode 0600).
+        /// hash-chained record of who asked about whom): an SQLite file
+        /// (mode 0600) or a postgres:// URL.
         #[arg(long, env = "PSI_QUERY_LOG")]
         query_log: Option<PathBuf>,
         /// Who asks, for the query log.
@@ -338,8 +339,9 @@ pub enum Command {
         #[arg(long)]
         no_sync: bool,
         /// Record every row in this query log (the institution's
-        /// hash-chained record of who asked about whom; mode 0600), each
-        /// chunk before it is written to the output.
+        /// hash-chained record of who asked about whom: an SQLite file,
+        /// mode 0600, or a postgres:// URL), each chunk before it is
+        /// written to the output.
         #[arg(long, env = "PSI_QUERY_LOG")]
         query_log: Option<PathBuf>,
         /// Who runs the batch, for the query log.
@@ -382,8 +384,9 @@ pub struct GatewayArgs {
     /// demonstration on one machine only.
     #[arg(long)]
     insecure_no_auth: bool,
-    /// The query log (SQLite, mode 0600) [default: query-log.sqlite in the
-    /// cache directory].
+    /// The query log: an SQLite file (mode 0600) or a postgres:// URL
+    /// (gateways may share one) [default: query-log.sqlite in the cache
+    /// directory].
     #[arg(long, env = "PSI_QUERY_LOG")]
     query_log: Option<PathBuf>,
     /// Purposes callers may declare, comma-separated; the first is the
@@ -440,7 +443,7 @@ pub enum LogCommand {
     /// Walk the query log's hash chain: a changed, deleted or inserted
     /// record is named.
     Verify {
-        /// The query log.
+        /// The query log: an SQLite file or a postgres:// URL.
         #[arg(long, env = "PSI_QUERY_LOG")]
         log: PathBuf,
     },
@@ -449,7 +452,7 @@ pub enum LogCommand {
     /// the operator's audit chain (`psi-server audit check-openings`).
     /// The file holds the pairs asked about: it is written mode 0600.
     Open {
-        /// The query log.
+        /// The query log: an SQLite file or a postgres:// URL.
         #[arg(long, env = "PSI_QUERY_LOG")]
         log: PathBuf,
         /// From this time (RFC 3339, e.g. 2026-11-01T00:00:00Z).
@@ -464,7 +467,7 @@ pub enum LogCommand {
     },
     /// Remove records older than the retention period (the rest still verifies).
     Prune {
-        /// The query log.
+        /// The query log: an SQLite file or a postgres:// URL.
         #[arg(long, env = "PSI_QUERY_LOG")]
         log: PathBuf,
         /// Days kept [default: three years].
@@ -512,6 +515,16 @@ async fn connect_checked(options: ConnectOptions) -> Result<Session> {
 }
 
 /// Runs a parsed command and returns the process exit status.
+/// Runs blocking `work` (a query log in PostgreSQL is reached on a
+/// runtime of its own) off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .context("a blocking task")?
+}
+
 pub async fn run(cli: Cli) -> ExitCode {
     match run_inner(cli).await {
         Ok(code) => code,
@@ -539,7 +552,7 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
                 // opens it later).
                 Some(path) => {
                     let target = crate::querylog::LogTarget {
-                        log: crate::querylog::QueryLog::open(&path)?,
+                        log: crate::querylog::QueryLog::opened(&path).await?,
                         staff: staff.unwrap_or_else(|| "unnamed".into()),
                         caller: "psi-client check".into(),
                         purpose: session_purpose(&server)?,
@@ -590,7 +603,7 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
         } => {
             let log = match &query_log {
                 Some(path) => Some(batch::LogTarget {
-                    log: crate::querylog::QueryLog::open(path)?,
+                    log: crate::querylog::QueryLog::opened(path).await?,
                     staff: staff.clone().unwrap_or_else(|| "unnamed".into()),
                     caller: "psi-client batch".into(),
                     purpose: session_purpose(&server)?,
@@ -705,8 +718,9 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Log(LogCommand::Verify { log }) => {
-            let n = crate::querylog::verify(&log)?;
-            println!("{}: {n} records, the chain verifies", log.display());
+            let place = crate::querylog::place(&log);
+            let n = blocking(move || crate::querylog::verify(&log)).await?;
+            println!("{place}: {n} records, the chain verifies");
             Ok(ExitCode::SUCCESS)
         }
         Command::Log(LogCommand::Open {
@@ -719,7 +733,8 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
                 t.duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             };
-            let openings = crate::querylog::open(&log, ms(since), ms(until))?;
+            let (since, until) = (ms(since), ms(until));
+            let openings = blocking(move || crate::querylog::open(&log, since, until)).await?;
             let json = serde_json::to_vec_pretty(&openings)?;
             psi_files::atomic::write_atomically(&out, &json, 0o600)
                 .with_context(|| format!("writing {}", out.display()))?;
@@ -735,7 +750,8 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
             log,
             retention_days,
         }) => {
-            let n = crate::querylog::QueryLog::open(&log)?.prune(retention_days)?;
+            let n = blocking(move || crate::querylog::QueryLog::open(&log)?.prune(retention_days))
+                .await?;
             println!(
                 "removed {n} records older than {retention_days} days; the rest still verifies"
             );

@@ -86,14 +86,14 @@ fn page(purposes: &[String]) -> (String, String) {
 }
 
 /// The gateway's settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GatewaySettings {
     /// Where to listen (loopback by default).
     pub listen: SocketAddr,
     /// Callers by the SHA-256 (hex) of their token; `None`: no
     /// authentication (`--insecure-no-auth`, for a demonstration only).
     pub tokens: Option<HashMap<String, String>>,
-    /// The query log's path.
+    /// The query log: an SQLite file, or a PostgreSQL URL.
     pub query_log: PathBuf,
     /// Purposes a caller may declare; the first is the default.
     pub purposes: Vec<String>,
@@ -117,6 +117,28 @@ pub struct GatewaySettings {
     /// How often the session is renewed (rotations followed, a restarted
     /// server reached again).
     pub refresh_interval: Duration,
+}
+
+impl std::fmt::Debug for GatewaySettings {
+    /// Without the tokens' digests or the query log's URL (it may carry a
+    /// password).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewaySettings")
+            .field("listen", &self.listen)
+            .field("callers", &self.tokens.as_ref().map(HashMap::len))
+            .field("query_log", &crate::querylog::place(&self.query_log))
+            .field("purposes", &self.purposes)
+            .field("default_mode", &self.default_mode)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_batch_rows", &self.max_batch_rows)
+            .field("max_concurrent", &self.max_concurrent)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_upload_bytes", &self.max_upload_bytes)
+            .field("max_upload_rows", &self.max_upload_rows)
+            .field("upload_timeout", &self.upload_timeout)
+            .field("refresh_interval", &self.refresh_interval)
+            .finish()
+    }
 }
 
 impl GatewaySettings {
@@ -250,7 +272,7 @@ pub async fn start(options: ConnectOptions, settings: GatewaySettings) -> Result
         bail!("the gateway needs at least one allowed purpose");
     }
     let session = Session::connect_when_ready(options, Duration::from_secs(60)).await?;
-    let log = QueryLog::open(&settings.query_log)?;
+    let log = QueryLog::opened(&settings.query_log).await?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("binding {}", settings.listen))?;

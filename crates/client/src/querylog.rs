@@ -1,8 +1,9 @@
 //! The institution's query log: one record per check (time, staff id,
 //! calling system, purpose, the pair as given, the answer, the operator's
-//! request id), in an embedded SQLite database kept by the institution,
-//! mode 0600, hash-chained so that a record changed, deleted or inserted
-//! is found by [`verify`] (`psi-client log verify`).
+//! request id), kept by the institution in an embedded SQLite database
+//! (mode 0600) or in its PostgreSQL (`--query-log postgres://...`, shared
+//! by several gateways), hash-chained so that a record changed, deleted or
+//! inserted is found by [`verify`] (`psi-client log verify`).
 //!
 //! This log holds personal data (the pairs asked about): it is the
 //! institution's record of who asked about whom and why, which the law asks
@@ -20,7 +21,7 @@
 //! commitment, to check against the operator's chain
 //! (`psi-server audit check-openings`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -227,22 +228,48 @@ impl LogTarget {
     }
 }
 
+/// Whether `path` names a PostgreSQL database (`postgres://` or
+/// `postgresql://`) rather than an SQLite file.
+fn postgres_url(path: &Path) -> Option<&str> {
+    path.to_str()
+        .filter(|s| s.starts_with("postgres://") || s.starts_with("postgresql://"))
+}
+
+/// Where a log is, as messages name it: the file, or "the PostgreSQL query
+/// log" (a URL may carry a password; it is never echoed).
+#[must_use]
+pub fn place(path: &Path) -> String {
+    match postgres_url(path) {
+        Some(_) => "the PostgreSQL query log".into(),
+        None => format!("the query log {}", path.display()),
+    }
+}
+
+/// The database a log is kept in.
+enum Backend {
+    /// Embedded: one file, mode 0600.
+    Sqlite(Connection),
+    /// The institution's PostgreSQL (`--query-log postgres://...`): shared
+    /// by its gateways, kept and backed up with its other records.
+    Postgres(psi_pg::Pg),
+}
+
 /// An open query log. Cloning shares the connection; appends are serialised.
 #[derive(Clone)]
 pub struct QueryLog {
-    path: PathBuf,
-    db: Arc<Mutex<Connection>>,
+    place: String,
+    db: Arc<Mutex<Backend>>,
 }
 
 impl std::fmt::Debug for QueryLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueryLog")
-            .field("path", &self.path)
+            .field("place", &self.place)
             .finish()
     }
 }
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS querylog (
+const SQLITE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS querylog (
     seq INTEGER PRIMARY KEY,
     time_ms INTEGER NOT NULL,
     staff TEXT NOT NULL,
@@ -256,16 +283,51 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS querylog (
     salt BLOB NOT NULL,
     commitment TEXT NOT NULL,
     hash BLOB NOT NULL
-)";
+);
+CREATE TABLE IF NOT EXISTS querylog_anchor (seq INTEGER NOT NULL, hash BLOB NOT NULL)";
 
-impl QueryLog {
-    /// Opens (creating it, mode 0600) the log at `path`. A log whose last
-    /// record does not hash to itself is refused: appending would extend a
-    /// chain that no longer verifies.
-    ///
-    /// # Errors
-    /// An unreadable, damaged, or group- or world-readable file.
-    pub fn open(path: &Path) -> Result<Self> {
+const POSTGRES_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS querylog (
+    seq BIGINT PRIMARY KEY,
+    time_ms BIGINT NOT NULL,
+    staff TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    name TEXT NOT NULL,
+    id TEXT NOT NULL,
+    result TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    salt BYTEA NOT NULL,
+    commitment TEXT NOT NULL,
+    hash BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS querylog_anchor (seq BIGINT NOT NULL, hash BYTEA NOT NULL)";
+
+const COLUMNS: &str =
+    "seq, time_ms, staff, caller, purpose, mode, name, id, result, request_id, salt, commitment, hash";
+
+const INSERT: &str = "INSERT INTO querylog (seq, time_ms, staff, caller, purpose, mode, name, id, result, request_id, salt, commitment, hash)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+
+type Row = (i64, LogRecord, Vec<u8>);
+
+impl Backend {
+    /// Opens the log at `path` (a file, created 0600, or a PostgreSQL URL),
+    /// its tables created if missing; `create` false opens only a log that
+    /// exists, read-only when it is a file.
+    fn open(path: &Path, create: bool) -> Result<Self> {
+        if let Some(url) = postgres_url(path) {
+            let mut pg = psi_pg::Pg::connect(url, "the query log", psi_pg::Use::Maintenance)?;
+            if create {
+                pg.batch_execute(POSTGRES_SCHEMA)?;
+            }
+            return Ok(Self::Postgres(pg));
+        }
+        if !create {
+            let db = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .with_context(|| format!("opening the query log {}", path.display()))?;
+            return Ok(Self::Sqlite(db));
+        }
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
@@ -289,30 +351,266 @@ impl QueryLog {
             .with_context(|| format!("opening the query log {}", path.display()))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
-        db.execute_batch(SCHEMA)?;
+        db.execute_batch(SQLITE_SCHEMA)?;
+        Ok(Self::Sqlite(db))
+    }
+
+    /// The records `tail` selects (`ORDER BY ...`, `LIMIT ...`).
+    fn rows(&mut self, tail: &str) -> Result<Vec<Row>> {
+        let sql = format!("SELECT {COLUMNS} FROM querylog {tail}");
+        let salt = |b: Vec<u8>| b.try_into().unwrap_or([0u8; 32]);
+        match self {
+            Self::Sqlite(db) => {
+                let mut stmt = db.prepare(&sql)?;
+                let rows = stmt
+                    .query_map([], |r| {
+                        Ok((
+                            r.get(0)?,
+                            LogRecord {
+                                time_ms: r.get(1)?,
+                                staff: r.get(2)?,
+                                caller: r.get(3)?,
+                                purpose: r.get(4)?,
+                                mode: r.get(5)?,
+                                name: r.get(6)?,
+                                id: r.get(7)?,
+                                result: r.get(8)?,
+                                request_id: r.get(9)?,
+                                salt: salt(r.get(10)?),
+                                commitment: r.get(11)?,
+                            },
+                            r.get(12)?,
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<Vec<Row>>>()?;
+                Ok(rows)
+            }
+            Self::Postgres(pg) => {
+                let mut out = Vec::new();
+                pg.for_each_row(&sql, &[], |r| {
+                    out.push((
+                        r.try_get(0)?,
+                        LogRecord {
+                            time_ms: r.try_get(1)?,
+                            staff: r.try_get(2)?,
+                            caller: r.try_get(3)?,
+                            purpose: r.try_get(4)?,
+                            mode: r.try_get(5)?,
+                            name: r.try_get(6)?,
+                            id: r.try_get(7)?,
+                            result: r.try_get(8)?,
+                            request_id: r.try_get(9)?,
+                            salt: salt(r.try_get(10)?),
+                            commitment: r.try_get(11)?,
+                        },
+                        r.try_get(12)?,
+                    ));
+                    Ok(())
+                })?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// The last record removed by pruning, if any: where the chain starts.
+    fn anchor(&mut self) -> Result<Option<(i64, Vec<u8>)>> {
+        const SQL: &str = "SELECT seq, hash FROM querylog_anchor LIMIT 1";
+        match self {
+            Self::Sqlite(db) => Ok(db
+                .query_row(SQL, [], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                // A log never pruned, written before the table existed.
+                .unwrap_or(None)),
+            Self::Postgres(pg) => Ok(match pg.query_opt(SQL, &[])? {
+                Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
+                None => None,
+            }),
+        }
+    }
+
+    /// Appends `records` after the last one, in one transaction; returns
+    /// the last sequence number.
+    fn append(&mut self, records: &[LogRecord]) -> Result<i64> {
+        match self {
+            Self::Sqlite(db) => {
+                let tx = db.transaction()?;
+                let last: Option<(i64, Vec<u8>)> = tx
+                    .query_row(
+                        "SELECT seq, hash FROM querylog ORDER BY seq DESC LIMIT 1",
+                        [],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let (mut seq, mut prev) = last.unwrap_or((0, vec![0u8; 32]));
+                for record in records {
+                    seq += 1;
+                    let hash = record.hash(&prev, seq);
+                    tx.execute(
+                        INSERT,
+                        params![
+                            seq,
+                            record.time_ms,
+                            record.staff,
+                            record.caller,
+                            record.purpose,
+                            record.mode,
+                            record.name,
+                            record.id,
+                            record.result,
+                            record.request_id,
+                            record.salt.as_slice(),
+                            record.commitment,
+                            hash.as_slice()
+                        ],
+                    )?;
+                    prev = hash.to_vec();
+                }
+                tx.commit()?;
+                Ok(seq)
+            }
+            Self::Postgres(pg) => {
+                // Gateways sharing the database take turns at the chain's end.
+                pg.batch_execute("BEGIN; LOCK TABLE querylog IN EXCLUSIVE MODE")?;
+                let appended = (|| -> Result<i64> {
+                    let last = pg.query_opt(
+                        "SELECT seq, hash FROM querylog ORDER BY seq DESC LIMIT 1",
+                        &[],
+                    )?;
+                    let (mut seq, mut prev): (i64, Vec<u8>) = match last {
+                        Some(r) => (r.try_get(0)?, r.try_get(1)?),
+                        None => (0, vec![0u8; 32]),
+                    };
+                    for record in records {
+                        seq += 1;
+                        let hash = record.hash(&prev, seq).to_vec();
+                        let salt = record.salt.to_vec();
+                        pg.execute(
+                            INSERT,
+                            &[
+                                &seq,
+                                &record.time_ms,
+                                &record.staff,
+                                &record.caller,
+                                &record.purpose,
+                                &record.mode,
+                                &record.name,
+                                &record.id,
+                                &record.result,
+                                &record.request_id,
+                                &salt,
+                                &record.commitment,
+                                &hash,
+                            ],
+                        )?;
+                        prev = hash;
+                    }
+                    pg.batch_execute("COMMIT")?;
+                    Ok(seq)
+                })();
+                if appended.is_err() {
+                    let _ = pg.batch_execute("ROLLBACK");
+                }
+                appended
+            }
+        }
+    }
+
+    /// Removes the records before `cutoff_ms` from the chain's front,
+    /// keeping the last removed one's hash as the anchor; returns how many.
+    fn prune(&mut self, cutoff_ms: i64) -> Result<u64> {
+        const LAST_OLD: &str =
+            "SELECT seq, hash FROM querylog WHERE time_ms < $1 ORDER BY seq DESC LIMIT 1";
+        match self {
+            Self::Sqlite(db) => {
+                let tx = db.transaction()?;
+                let anchor: Option<(i64, Vec<u8>)> = tx
+                    .query_row(LAST_OLD, [cutoff_ms], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let Some((seq, hash)) = anchor else {
+                    return Ok(0);
+                };
+                tx.execute("DELETE FROM querylog_anchor", [])?;
+                tx.execute(
+                    "INSERT INTO querylog_anchor (seq, hash) VALUES ($1, $2)",
+                    params![seq, hash],
+                )?;
+                let n = tx.execute("DELETE FROM querylog WHERE seq <= $1", [seq])?;
+                tx.commit()?;
+                Ok(n as u64)
+            }
+            Self::Postgres(pg) => {
+                pg.batch_execute("BEGIN; LOCK TABLE querylog IN EXCLUSIVE MODE")?;
+                let pruned = (|| -> Result<u64> {
+                    let Some(r) = pg.query_opt(LAST_OLD, &[&cutoff_ms])? else {
+                        pg.batch_execute("COMMIT")?;
+                        return Ok(0);
+                    };
+                    let (seq, hash): (i64, Vec<u8>) = (r.try_get(0)?, r.try_get(1)?);
+                    pg.execute("DELETE FROM querylog_anchor", &[])?;
+                    pg.execute(
+                        "INSERT INTO querylog_anchor (seq, hash) VALUES ($1, $2)",
+                        &[&seq, &hash],
+                    )?;
+                    let n = pg.execute("DELETE FROM querylog WHERE seq <= $1", &[&seq])?;
+                    pg.batch_execute("COMMIT")?;
+                    Ok(n)
+                })();
+                if pruned.is_err() {
+                    let _ = pg.batch_execute("ROLLBACK");
+                }
+                pruned
+            }
+        }
+    }
+}
+
+impl QueryLog {
+    /// Opens the log at `path`: an SQLite file (created mode 0600) or a
+    /// PostgreSQL URL (`postgres://...`; TLS to a database off this host
+    /// as for the operator's audit trail). A log whose last record does
+    /// not hash to itself is refused: appending would extend a chain that
+    /// no longer verifies.
+    ///
+    /// Blocks (PostgreSQL is reached on a runtime of its own): call it off
+    /// async threads ([`QueryLog::opened`]).
+    ///
+    /// # Errors
+    /// An unreadable, damaged, or group- or world-readable file; an
+    /// unreachable or refusing database.
+    pub fn open(path: &Path) -> Result<Self> {
         let log = Self {
-            path: path.to_path_buf(),
-            db: Arc::new(Mutex::new(db)),
+            place: place(path),
+            db: Arc::new(Mutex::new(Backend::open(path, true)?)),
         };
         log.check_tail()?;
         Ok(log)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+    /// [`QueryLog::open`] from async code.
+    ///
+    /// # Errors
+    /// As [`QueryLog::open`].
+    pub async fn opened(path: &Path) -> Result<Self> {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || Self::open(&path))
+            .await
+            .context("opening the query log")?
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Backend> {
         self.db
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn check_tail(&self) -> Result<()> {
-        let db = self.lock();
-        let rows = read_rows(&db, "ORDER BY seq DESC LIMIT 2")?;
+        let rows = self.lock().rows("ORDER BY seq DESC LIMIT 2")?;
         if let Some((seq, record, hash)) = rows.first() {
             let prev = rows.get(1).map_or(vec![0u8; 32], |r| r.2.clone());
             if record.hash(&prev, *seq).as_slice() != hash.as_slice() {
                 bail!(
-                    "the query log {}: its last record ({seq}) was changed; `psi-client log verify` says more",
-                    self.path.display()
+                    "{}: its last record ({seq}) was changed; `psi-client log verify` says more",
+                    self.place
                 );
             }
         }
@@ -333,42 +631,9 @@ impl QueryLog {
     /// # Errors
     /// The database cannot be written (then none of them is).
     pub fn append_all(&self, records: &[LogRecord]) -> Result<i64> {
-        let mut db = self.lock();
-        let tx = db.transaction()?;
-        let last: Option<(i64, Vec<u8>)> = tx
-            .query_row(
-                "SELECT seq, hash FROM querylog ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let (mut seq, mut prev) = last.map_or((0, vec![0u8; 32]), |(s, h)| (s, h));
-        for record in records {
-            seq += 1;
-            let hash = record.hash(&prev, seq);
-            tx.execute(
-            "INSERT INTO querylog (seq, time_ms, staff, caller, purpose, mode, name, id, result, request_id, salt, commitment, hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-            params![
-                seq,
-                record.time_ms,
-                record.staff,
-                record.caller,
-                record.purpose,
-                record.mode,
-                record.name,
-                record.id,
-                record.result,
-                record.request_id,
-                record.salt.as_slice(),
-                record.commitment,
-                hash.as_slice()
-            ],
-            )?;
-            prev = hash.to_vec();
-        }
-        tx.commit()?;
-        Ok(seq)
+        self.lock()
+            .append(records)
+            .with_context(|| format!("appending to {}", self.place))
     }
 
     /// Removes the records older than `retention_days` from the front of
@@ -381,82 +646,21 @@ impl QueryLog {
         let cutoff = now_ms().saturating_sub(
             i64::try_from(retention_days.saturating_mul(86_400_000)).unwrap_or(i64::MAX),
         );
-        let mut db = self.lock();
-        let tx = db.transaction()?;
-        // The anchor: the hash of the last record removed, kept so the
-        // chain still verifies from there.
-        let anchor: Option<(i64, Vec<u8>)> = tx
-            .query_row(
-                "SELECT seq, hash FROM querylog WHERE time_ms < ?1 ORDER BY seq DESC LIMIT 1",
-                [cutoff],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((anchor_seq, anchor_hash)) = anchor else {
-            return Ok(0);
-        };
-        tx.execute_batch(
-            "CREATE TABLE IF NOT EXISTS querylog_anchor (seq INTEGER NOT NULL, hash BLOB NOT NULL)",
-        )?;
-        tx.execute("DELETE FROM querylog_anchor", [])?;
-        tx.execute(
-            "INSERT INTO querylog_anchor (seq, hash) VALUES (?1, ?2)",
-            params![anchor_seq, anchor_hash],
-        )?;
-        let n = tx.execute("DELETE FROM querylog WHERE seq <= ?1", [anchor_seq])?;
-        tx.commit()?;
-        Ok(n as u64)
+        self.lock().prune(cutoff)
     }
 }
 
-type Row = (i64, LogRecord, Vec<u8>);
-
-fn read_rows(db: &Connection, tail: &str) -> Result<Vec<Row>> {
-    let mut stmt = db.prepare(&format!(
-        "SELECT seq, time_ms, staff, caller, purpose, mode, name, id, result, request_id, salt, commitment, hash FROM querylog {tail}"
-    ))?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                LogRecord {
-                    time_ms: r.get(1)?,
-                    staff: r.get(2)?,
-                    caller: r.get(3)?,
-                    purpose: r.get(4)?,
-                    mode: r.get(5)?,
-                    name: r.get(6)?,
-                    id: r.get(7)?,
-                    result: r.get(8)?,
-                    request_id: r.get(9)?,
-                    salt: r.get::<_, Vec<u8>>(10)?.try_into().unwrap_or([0; 32]),
-                    commitment: r.get(11)?,
-                },
-                r.get(12)?,
-            ))
-        })?
-        .collect::<rusqlite::Result<Vec<Row>>>()?;
-    Ok(rows)
-}
-
-/// Walks the whole chain of the log at `path`; returns how many records it
-/// holds.
+/// Walks the whole chain of the log at `path` (a file or a PostgreSQL
+/// URL); returns how many records it holds. Blocks.
 ///
 /// # Errors
 /// The first record that was changed, or a gap (a record deleted or
 /// inserted), named by its sequence number.
 pub fn verify(path: &Path) -> Result<u64> {
-    let db = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .with_context(|| format!("opening the query log {}", path.display()))?;
-    let anchor: Option<(i64, Vec<u8>)> = db
-        .query_row("SELECT seq, hash FROM querylog_anchor LIMIT 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()
-        .unwrap_or(None);
-    let (mut expected_seq, mut prev) = anchor.map_or((1, vec![0u8; 32]), |(s, h)| (s + 1, h));
+    let mut db = Backend::open(path, false)?;
+    let (mut expected_seq, mut prev) = db.anchor()?.map_or((1, vec![0u8; 32]), |(s, h)| (s + 1, h));
     let mut n = 0;
-    for (seq, record, hash) in read_rows(&db, "ORDER BY seq")? {
+    for (seq, record, hash) in db.rows("ORDER BY seq")? {
         if seq != expected_seq {
             bail!("record {expected_seq} is missing (the next one is {seq}): records were deleted");
         }
@@ -547,11 +751,9 @@ impl OpenedRecord {
 /// A log whose chain does not verify.
 pub fn open(path: &Path, since_ms: i64, until_ms: i64) -> Result<Openings> {
     verify(path)?;
-    let db = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .with_context(|| format!("opening the query log {}", path.display()))?;
     let mut groups: Vec<OpenedGroup> = Vec::new();
     let mut in_period = std::collections::HashSet::new();
-    let rows = read_rows(&db, "ORDER BY seq")?;
+    let rows = Backend::open(path, false)?.rows("ORDER BY seq")?;
     for (_, r, _) in &rows {
         if !r.commitment.is_empty() && (since_ms..until_ms).contains(&r.time_ms) {
             in_period.insert(r.commitment.clone());

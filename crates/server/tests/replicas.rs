@@ -669,7 +669,7 @@ fn an_unresponsive_database_is_given_up_on_after_the_connect_timeout() {
         let _ = tx.send(AuditLog::open(AuditStore::parse(&url)).map(|_| ()));
     });
     let outcome = rx
-        .recv_timeout(psi_server::serving::pg::DEFAULT_CONNECT_TIMEOUT * 6)
+        .recv_timeout(psi_pg::DEFAULT_CONNECT_TIMEOUT * 6)
         .expect("the connection attempt gave up");
     let err = format!("{:#}", outcome.unwrap_err());
     assert!(

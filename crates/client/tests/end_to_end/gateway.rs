@@ -847,3 +847,86 @@ async fn a_logged_batch_commits_to_each_chunk() {
     assert!(err.contains("group 4"), "{err}");
     f.running.shutdown().await.unwrap();
 }
+
+/// The query log in the institution's PostgreSQL, shared by two gateways
+/// answering at once: one chain, every check in it, the regulator's check
+/// of its openings holds; a record changed in the database is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_log_in_postgresql_is_shared_by_two_gateways() {
+    use psi_testbed::{start_postgres, Durability};
+    let pg = match tokio::task::spawn_blocking(|| start_postgres(Durability::Volatile))
+        .await
+        .unwrap()
+    {
+        Ok(pg) => pg,
+        Err(why) => {
+            println!("SKIPPED: no PostgreSQL server could be started here: {why}");
+            return;
+        }
+    };
+    let url = pg.url.clone();
+    let sql = move |statement: &'static str| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            c.batch_execute(statement).unwrap();
+        })
+    };
+    sql("DROP TABLE IF EXISTS querylog, querylog_anchor")
+        .await
+        .unwrap();
+    let f = fixture(50).await;
+    let log = PathBuf::from(&pg.url);
+    let a = gateway(&f, |s| GatewaySettings {
+        query_log: log.clone(),
+        ..s
+    })
+    .await;
+    let b = gateway(&f, |s| GatewaySettings {
+        query_log: log.clone(),
+        ..s
+    })
+    .await;
+    let ask = |g: &Gateway, staff: &'static str| {
+        let addr = g.running.local_addr;
+        let bearer = format!("Bearer {}", g.token);
+        async move {
+            for q in queries() {
+                let body = serde_json::json!({"name": q.name, "id": q.id}).to_string();
+                let auth = [("Authorization", bearer.as_str()), ("X-Staff-Id", staff)];
+                let (status, text) = http(addr, "POST", "/v1/check", &auth, &body).await;
+                assert_eq!(status, 200, "{text}");
+                assert_eq!(value(&text)["result"], q.expected, "{}", q.what);
+            }
+        }
+    };
+    tokio::join!(ask(&a, "clerk-a"), ask(&b, "clerk-b"));
+    a.running.shutdown().await.unwrap();
+    b.running.shutdown().await.unwrap();
+    let checks = 2 * queries().len() as u64;
+    let path = log.clone();
+    let n = tokio::task::spawn_blocking(move || querylog::verify(&path))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, checks);
+    let path = log.clone();
+    let openings = tokio::task::spawn_blocking(move || querylog::open(&path, 0, i64::MAX))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = serde_json::to_string(&openings).unwrap();
+    let audit = f.data_dir.join("audit.sqlite");
+    psi_server::serving::audit::check_openings(&audit, "local", &text).unwrap();
+    sql("UPDATE querylog SET name = name || 'x' WHERE seq = 3")
+        .await
+        .unwrap();
+    let path = log.clone();
+    let err = tokio::task::spawn_blocking(move || querylog::verify(&path))
+        .await
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("record 3"), "{err}");
+    f.running.shutdown().await.unwrap();
+}

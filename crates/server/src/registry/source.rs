@@ -294,7 +294,7 @@ impl PgRows {
         let mut config: postgres::Config = url.parse().map_err(|e| {
             anyhow::anyhow!("the PostgreSQL URL of the registry source is malformed: {e}")
         })?;
-        let (tls, ssl_mode) = crate::serving::pg_tls::connector(
+        let (tls, ssl_mode) = psi_pg::tls::connector(
             config.get_hosts(),
             config.get_ssl_mode(),
             "the registry source",

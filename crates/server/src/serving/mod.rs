@@ -8,8 +8,9 @@
 //! - [`connection`], [`admission`]: every peer bounded: connections, streams,
 //!   bytes buffered, handshake/idle/body/answer/stream deadlines, cancelled
 //!   work stopped, and every refusal audited.
-//! - [`policy`], [`audit`], [`pg`]: per-institution modes, purposes, rates
-//!   and daily caps; the hash-chained audit trail; PostgreSQL connections.
+//! - [`policy`], [`audit`]: per-institution modes, purposes, rates
+//!   and daily caps; the hash-chained audit trail (PostgreSQL connections:
+//!   `psi_pg`).
 //! - [`metrics`]: Prometheus metrics on the admin address.
 //! - [`config`], [`serve`]: settings, mutual TLS and the server's life cycle.
 
@@ -19,8 +20,6 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod metrics;
-pub mod pg;
-pub mod pg_tls;
 pub mod pir;
 pub mod policy;
 pub mod serve;

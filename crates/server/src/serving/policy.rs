@@ -166,7 +166,7 @@ pub const QUOTA_CONNECTIONS: usize = 4;
 /// (opened when first needed, again after one is lost).
 struct SharedQuotas {
     url: String,
-    clients: Arc<[Mutex<Option<crate::serving::pg::Pg>>]>,
+    clients: Arc<[Mutex<Option<psi_pg::Pg>>]>,
 }
 
 const QUOTA_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS quota (
@@ -181,12 +181,8 @@ const QUOTA_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS quota (
 const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 impl SharedQuotas {
-    fn connect(url: &str) -> Result<crate::serving::pg::Pg> {
-        let mut c = crate::serving::pg::Pg::connect(
-            url,
-            "the shared quotas",
-            crate::serving::pg::Use::Serving,
-        )?;
+    fn connect(url: &str) -> Result<psi_pg::Pg> {
+        let mut c = psi_pg::Pg::connect(url, "the shared quotas", psi_pg::Use::Serving)?;
         // Replicas starting together would race to create the table.
         c.batch_execute("BEGIN")?;
         c.execute("SELECT pg_advisory_xact_lock(7365)", &[])?;
@@ -211,7 +207,7 @@ impl SharedQuotas {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         };
-        if slot.as_ref().is_none_or(crate::serving::pg::Pg::is_closed) {
+        if slot.as_ref().is_none_or(psi_pg::Pg::is_closed) {
             *slot = Some(Self::connect(&self.url).map_err(|e| {
                 tracing::error!("shared quotas: {e:#}");
                 ServiceError::Unavailable("the shared quota database is out of reach".into())

@@ -29,8 +29,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
-use crate::serving::pg::Use;
 pub use openings::{check_openings, OpeningsCheck};
+use psi_pg::Use;
 pub use store::AuditStore;
 use store::{Db, Val, ROW_COLUMNS};
 

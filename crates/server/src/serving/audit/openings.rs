@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::serving::audit::store::{Db, Val, ROW_COLUMNS};
 use crate::serving::audit::{verify, AuditStore};
-use crate::serving::pg::Use;
+use psi_pg::Use;
 
 /// The openings file (`psi-client log open`), as the institution gives it.
 #[derive(Debug, Deserialize)]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use super::Entry;
-use crate::serving::pg::{Pg, Use};
+use psi_pg::{Pg, Use};
 
 /// The advisory lock that serialises appends to one PostgreSQL chain (and
 /// its schema's creation) across replicas: "psiaudit" in ASCII.
@@ -399,7 +399,7 @@ fn unsigned(v: i64) -> u64 {
 }
 
 fn pg(e: tokio_postgres::Error) -> anyhow::Error {
-    anyhow::anyhow!("PostgreSQL: {}", crate::serving::pg::reason(&e))
+    anyhow::anyhow!("PostgreSQL: {}", psi_pg::reason(&e))
 }
 
 /// `$n` parameters as SQLite's numbered `?n`.

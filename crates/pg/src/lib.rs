@@ -13,6 +13,11 @@
 //! of time is dropped; the next use connects again.
 //!
 //! The URL is never echoed: it may carry a password.
+//!
+//! Shared by the operator's side (audit trail, quotas, `init --postgres`,
+//! the key holders' audit) and the institution's (its query log).
+
+pub mod tls;
 
 use std::time::Duration;
 
@@ -122,7 +127,7 @@ impl Pg {
             }
         };
         let (tls, ssl_mode) =
-            crate::serving::pg_tls::connector(config.get_hosts(), config.get_ssl_mode(), what)?;
+            crate::tls::connector(config.get_hosts(), config.get_ssl_mode(), what)?;
         config.ssl_mode(ssl_mode);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
