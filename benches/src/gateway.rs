@@ -2,7 +2,9 @@
 //! gateway (`psi-client serve`) over one keep-alive HTTP/1.1 connection,
 //! in each mode, against a server in the same process on loopback: checks
 //! per second and latency percentiles, every check logged in the query
-//! log (SQLite, synchronous FULL) before its answer.
+//! log (SQLite, synchronous FULL) before its answer; and what the
+//! commitment to the log records costs the operator (a request's bytes,
+//! the audit write, a check's latency), with and without it interleaved.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -32,6 +34,81 @@ pub struct GatewayResult {
     pub p50_ms: f64,
     /// 99th percentile, ms.
     pub p99_ms: f64,
+}
+
+/// What the commitment to the institution's log records costs.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommitmentCost {
+    /// The metadata a request carries: `x-psi-log-commitment` (20 bytes)
+    /// and 64 hex digits, before HTTP/2 header compression.
+    pub request_metadata_bytes: usize,
+    /// Audit appends timed, each way (one after another, each waiting
+    /// until durable: SQLite, synchronous FULL).
+    pub audit_appends: usize,
+    /// Median audit append without a commitment, us.
+    pub audit_append_p50_us_without: f64,
+    /// Median audit append with one, us.
+    pub audit_append_p50_us_with: f64,
+    /// Audit database bytes per record without commitments.
+    pub audit_bytes_per_record_without: f64,
+    /// With them.
+    pub audit_bytes_per_record_with: f64,
+    /// Bucket checks through the library timed, each way, interleaved.
+    pub checks: usize,
+    /// Median bucket check without a commitment, ms.
+    pub check_p50_ms_without: f64,
+    /// With one, ms.
+    pub check_p50_ms_with: f64,
+}
+
+/// The gateway's figures per mode and the commitment's cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct GatewayReport {
+    /// Single checks through the gateway, per mode.
+    pub modes: Vec<GatewayResult>,
+    /// The commitment's cost.
+    pub commitment: CommitmentCost,
+}
+
+/// A commitment's worth of random bytes (its cost does not depend on
+/// what it commits to).
+fn random_commitment() -> [u8; 32] {
+    let mut c = [0u8; 32];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut c);
+    c
+}
+
+/// Appends `n` audit records to a new database at `path`, each waiting
+/// until durable: the median append in us, and the file's bytes per record.
+async fn audit_appends(path: &Path, n: usize, commitment: bool) -> Result<(f64, f64)> {
+    use psi_server::serving::audit::{AuditLog, Entry};
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    let audit = AuditLog::open(path)?;
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut entry = Entry::now("bench-bank", "benchmark", "BucketQuery", "bucket");
+        entry.elements = 1;
+        if commitment {
+            entry.commitment = random_commitment()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+        }
+        let t = Instant::now();
+        audit.append(entry).await?;
+        times.push(t.elapsed());
+    }
+    drop(audit);
+    // The records in the main file and any still in the write-ahead log.
+    let bytes: u64 = ["", "-wal"]
+        .iter()
+        .filter_map(|s| std::fs::metadata(format!("{}{s}", path.display())).ok())
+        .map(|m| m.len())
+        .sum();
+    times.sort();
+    Ok((percentile(&times, 0.50) * 1000.0, bytes as f64 / n as f64))
 }
 
 /// One keep-alive HTTP/1.1 POST; the response's status and body.
@@ -74,7 +151,7 @@ fn post(stream: &mut TcpStream, path: &str, token: &str, body: &str) -> Result<(
 ///
 /// # Errors
 /// Any step failing, or a wrong answer.
-pub async fn run(dir: &Path, registry_size: u64, checks: usize) -> Result<Vec<GatewayResult>> {
+pub async fn run(dir: &Path, registry_size: u64, checks: usize) -> Result<GatewayReport> {
     std::fs::create_dir_all(dir)?;
     let csv = dir.join(format!("registry-{registry_size}.csv"));
     if !csv.exists() {
@@ -117,7 +194,9 @@ pub async fn run(dir: &Path, registry_size: u64, checks: usize) -> Result<Vec<Ga
         .take(checks)
         .collect();
     let token2 = token.clone();
+    let asked = people.clone();
     let results = tokio::task::spawn_blocking(move || -> Result<Vec<GatewayResult>> {
+        let people = asked;
         let mut out = Vec::new();
         for mode in ["sync", "bucket", "pir"] {
             let mut stream = TcpStream::connect(addr)?;
@@ -153,6 +232,66 @@ pub async fn run(dir: &Path, registry_size: u64, checks: usize) -> Result<Vec<Ga
     })
     .await??;
     running.shutdown().await?;
+
+    // The commitment's cost to a check: bucket checks through the library,
+    // with and without one, interleaved so that drift falls on both.
+    let session = psi_client::Session::connect(ConnectOptions {
+        server: format!("http://{}", server.local_addr),
+        pin_key: None,
+        pin_exact: false,
+        cache_dir: dir.join("gateway-commitment-cache"),
+        blinding: psi_core::Blinding::Additive,
+        concurrency: 4,
+        tls: None,
+        purpose: "benchmark".into(),
+    })
+    .await?;
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for (i, p) in people.iter().enumerate() {
+        let committed = i % 2 == 1;
+        let s = if committed {
+            session.with_log_commitment(random_commitment())
+        } else {
+            session.clone()
+        };
+        let t = Instant::now();
+        let outcome =
+            psi_client::check::check(&s, &p.name, p.id.as_str(), psi_client::QueryMode::Bucket)
+                .await?;
+        let took = t.elapsed();
+        anyhow::ensure!(
+            outcome == psi_client::check::CheckOutcome::Match,
+            "bucket: {outcome:?}"
+        );
+        if i > 0 {
+            if committed {
+                with.push(took)
+            } else {
+                without.push(took)
+            }
+        }
+    }
+    with.sort();
+    without.sort();
     server.shutdown().await?;
-    Ok(results)
+
+    let appends = checks.max(100) * 4;
+    let audit = dir.join("gateway-audit-cost.sqlite");
+    let (p50_without, bytes_without) = audit_appends(&audit, appends, false).await?;
+    let (p50_with, bytes_with) = audit_appends(&audit, appends, true).await?;
+    let commitment = CommitmentCost {
+        request_metadata_bytes: psi_proto::LOG_COMMITMENT_HEADER.len() + 64,
+        audit_appends: appends,
+        audit_append_p50_us_without: p50_without,
+        audit_append_p50_us_with: p50_with,
+        audit_bytes_per_record_without: bytes_without,
+        audit_bytes_per_record_with: bytes_with,
+        checks: with.len().min(without.len()),
+        check_p50_ms_without: percentile(&without, 0.50),
+        check_p50_ms_with: percentile(&with, 0.50),
+    };
+    Ok(GatewayReport {
+        modes: results,
+        commitment,
+    })
 }
