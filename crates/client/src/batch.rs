@@ -17,6 +17,7 @@ use psi_files::encoding::{self, Encoding, EncodingWriter, Utf8Reader};
 use rayon::prelude::*;
 
 use crate::check::CheckOutcome;
+use crate::querylog::LogTarget;
 use crate::session::Session;
 use crate::QueryMode;
 
@@ -572,8 +573,6 @@ struct Chunk {
     notes: Vec<Option<String>>,
     end_byte: u64,
 }
-
-pub use crate::querylog::LogTarget;
 
 /// Runs a batch. In sync mode the local tag set is refreshed first.
 ///

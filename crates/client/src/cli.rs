@@ -602,7 +602,7 @@ async fn run_inner(cli: Cli) -> Result<ExitCode> {
             staff,
         } => {
             let log = match &query_log {
-                Some(path) => Some(batch::LogTarget {
+                Some(path) => Some(crate::querylog::LogTarget {
                     log: crate::querylog::QueryLog::opened(path).await?,
                     staff: staff.clone().unwrap_or_else(|| "unnamed".into()),
                     caller: "psi-client batch".into(),

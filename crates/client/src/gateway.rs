@@ -8,6 +8,8 @@
 //!   of the session: answers are at most `refresh_interval` behind);
 //! - `POST /v1/batch`: `{rows: [{name, id}, ...], purpose?, mode?}` ->
 //!   `{results: [{result, error}], request_ids, registry_version, key_epoch}`;
+//!   or a CSV (`text/csv`) or `.xlsx` upload (`?purpose=&mode=`), answered
+//!   as `psi-client batch` answers the file and sent back as a file;
 //! - `GET /v1/status`, `GET /healthz`, `GET /metrics`, `GET /openapi.json`
 //!   (`docs/openapi.json`, checked against [`ROUTES`] by a test);
 //! - `GET /`: the front-desk page: one check at a time, PIR mode, the answer
@@ -17,8 +19,10 @@
 //! token's SHA-256 listed in the tokens file) and the person asking
 //! (`X-Staff-Id`); both are required unless the gateway runs with
 //! `--insecure-no-auth`. Every check is one record in the institution's
-//! query log ([`crate::querylog`]) before its answer is returned. Errors are
-//! JSON `{"error": "..."}` with a status a caller can act on.
+//! query log ([`crate::querylog`]) before its answer is returned, and its
+//! request carries the commitment to that record; a call runs to its end
+//! (and is recorded) even when its caller hangs up. Errors are JSON
+//! `{"error": "..."}` with a status a caller can act on.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
