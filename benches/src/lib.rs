@@ -3,8 +3,10 @@
 //! `psi-bench` ([`sweep`] points, [`costs`] per element beside the
 //! baselines, [`report`] tables, charts and BENCHMARKS.md), the attackers
 //! `psi-load --attack` runs beside its honest load ([`attack`]), and
-//! single-key against threshold mode end to end ([`threshold`]), and single
-//! checks through the institution's HTTP gateway ([`gateway`]).
+//! single-key against threshold mode end to end ([`threshold`]), single
+//! checks through the institution's HTTP gateway ([`gateway`]), and the
+//! LWE family's pass over a plain database against the read bandwidth
+//! ([`plainpass`]).
 
 // The benchmark harness: a run that cannot proceed stops with the reason.
 #![allow(
@@ -17,6 +19,7 @@
 pub mod attack;
 pub mod costs;
 pub mod gateway;
+pub mod plainpass;
 pub mod report;
 pub mod sweep;
 pub mod threshold;

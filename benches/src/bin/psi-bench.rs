@@ -13,6 +13,8 @@
 //! - `psi-bench threshold`: single-key against 2-of-3 key holders on one
 //!   registry: encoding, a sync-mode batch, single checks.
 //! - `psi-bench gateway`: single checks through the HTTP gateway.
+//! - `psi-bench plain-pass`: the LWE family's pass over a plain database
+//!   against the read bandwidth (issue #24).
 
 // The benchmark harness: a run that cannot proceed stops with the reason.
 #![allow(
@@ -82,6 +84,19 @@ enum Cmd {
         /// Working directory.
         #[arg(long, default_value = "target/psi-bench")]
         dir: PathBuf,
+    },
+    /// The LWE family's answer pass over a plain database (issue #24)
+    /// against a STREAM-like read-bandwidth probe in the same run.
+    PlainPass {
+        /// The database's size in MiB (2 bytes per 14 bits of items).
+        #[arg(long, default_value_t = 1024)]
+        database_mib: usize,
+        /// Passes timed per configuration (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Items patched in place after the build.
+        #[arg(long, default_value_t = 100_000)]
+        patched: usize,
     },
     /// Single-key against threshold mode (2-of-3 holders in this process).
     Threshold {
@@ -234,6 +249,15 @@ fn main() -> Result<()> {
                 checks,
             ))?;
             println!("{}", serde_json::to_string_pretty(&results)?);
+            Ok(())
+        }
+        Cmd::PlainPass {
+            database_mib,
+            reps,
+            patched,
+        } => {
+            let report = psi_bench::plainpass::run(database_mib, reps.max(1), patched)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
         Cmd::Threshold {

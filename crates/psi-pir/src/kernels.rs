@@ -6,8 +6,12 @@
 //! the transforms (every value stays below `4m < 2^30`), 32x32->64-bit
 //! products for the sums.
 //!
-//! The only `unsafe` of the crate: calling the AVX2 build after the CPU was
-//! seen to support it.
+//! The plain database's pass (the LWE family's answer, `plain`) is compiled
+//! three times: portable, AVX2 and AVX-512, the widest the CPU has chosen
+//! at run time.
+//!
+//! The only `unsafe` of the crate: calling the AVX2 or AVX-512 build after
+//! the CPU was seen to support it.
 
 #![allow(unsafe_code)]
 // Fixed-size arithmetic; callers assert the sizes, and the answer runs
@@ -179,6 +183,157 @@ with_avx2! {
             *s = [s00, s10, s01, s11];
         }
     }
+}
+
+/// Rows of a plain database passed at a time: the queries' slice of them
+/// (`PASS_CHUNK_ROWS` x 8 bytes each) stays in the core's L2 cache while
+/// every column of the chunk streams past, and a partial sum stays below
+/// `2^15 x (2^32 - 1) x (2^16 - 1) < 2^63`: no overflow, whatever the
+/// residues' and words' sizes.
+pub(crate) const PASS_CHUNK_ROWS: usize = 1 << 15;
+
+/// The instruction set a pass over a plain database is compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// The crate's target, whatever it is (the compiler's own vectors).
+    Portable,
+    /// AVX2: 4 lanes of 32x32->64-bit products.
+    Avx2,
+    /// AVX-512 (F): 8 lanes.
+    Avx512,
+}
+
+impl Kernel {
+    /// The widest this CPU runs.
+    #[must_use]
+    pub fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Self::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return Self::Avx2;
+            }
+        }
+        Self::Portable
+    }
+
+    /// Whether this CPU runs it.
+    #[must_use]
+    pub fn available(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+}
+
+/// The first pass of K queries over `columns` of a plain database held
+/// column by column (`rows` words each, from column `first`): for each
+/// column `j` and query `k`, `out[j][k]` gets `(sum_i lo(q_k[i]) d[i][j]
+/// mod p_lo) | (sum_i hi(q_k[i]) d[i][j] mod p_hi) << 32`, where a query
+/// word carries two residues (low and high 32 bits). Built for `kernel`,
+/// which the caller saw [`Kernel::available`].
+pub(crate) fn plain_pass<const K: usize>(
+    kernel: Kernel,
+    queries: [&[u64]; K],
+    db: &[u16],
+    rows: usize,
+    moduli: (u64, u64),
+    out: &mut [[u64; K]],
+) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 if Kernel::Avx512.available() => {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            unsafe { plain_pass_avx512(queries, db, rows, moduli, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 if Kernel::Avx2.available() => {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { plain_pass_avx2(queries, db, rows, moduli, out) }
+        }
+        _ => plain_pass_portable(queries, db, rows, moduli, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn plain_pass_avx512<const K: usize>(
+    queries: [&[u64]; K],
+    db: &[u16],
+    rows: usize,
+    moduli: (u64, u64),
+    out: &mut [[u64; K]],
+) {
+    plain_pass_portable(queries, db, rows, moduli, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn plain_pass_avx2<const K: usize>(
+    queries: [&[u64]; K],
+    db: &[u16],
+    rows: usize,
+    moduli: (u64, u64),
+    out: &mut [[u64; K]],
+) {
+    plain_pass_portable(queries, db, rows, moduli, out);
+}
+
+#[inline(always)]
+fn plain_pass_portable<const K: usize>(
+    queries: [&[u64]; K],
+    db: &[u16],
+    rows: usize,
+    (p_lo, p_hi): (u64, u64),
+    out: &mut [[u64; K]],
+) {
+    for acc in out.iter_mut() {
+        *acc = [0; K];
+    }
+    let mut start = 0;
+    while start < rows {
+        let end = rows.min(start + PASS_CHUNK_ROWS);
+        let qs: [&[u64]; K] = queries.map(|q| &q[start..end]);
+        for (j, acc) in out.iter_mut().enumerate() {
+            let column = &db[j * rows + start..j * rows + end];
+            let (lo, hi) = column_sums(qs, column);
+            for k in 0..K {
+                let (a_lo, a_hi) = (acc[k] & 0xffff_ffff, acc[k] >> 32);
+                let s_lo = (a_lo + lo[k] % p_lo) % p_lo;
+                let s_hi = (a_hi + hi[k] % p_hi) % p_hi;
+                acc[k] = s_lo | (s_hi << 32);
+            }
+        }
+        start = end;
+    }
+}
+
+/// One column's chunk against K queries' chunks: the low and high sums.
+#[inline(always)]
+fn column_sums<const K: usize>(qs: [&[u64]; K], column: &[u16]) -> ([u64; K], [u64; K]) {
+    let mut lo = [0u64; K];
+    let mut hi = [0u64; K];
+    let n = column.len();
+    // Equal lengths, said once: the loop's indexing needs no checks.
+    assert!(qs.iter().all(|q| q.len() == n));
+    for i in 0..n {
+        let d = u64::from(column[i]);
+        for k in 0..K {
+            let q = qs[k][i];
+            // Below 2^63 for a chunk (PASS_CHUNK_ROWS): never wraps.
+            lo[k] = lo[k].wrapping_add(u64::from(q as u32) * d);
+            hi[k] = hi[k].wrapping_add((q >> 32) * d);
+        }
+    }
+    (lo, hi)
 }
 
 #[cfg(test)]

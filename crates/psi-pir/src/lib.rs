@@ -7,6 +7,9 @@
 //! - [`item`]: an item's coding (fingerprints, checksum) and lookup.
 //! - [`server`]: the database, clients' public parameters, answers.
 //! - [`client`]: secret key, public parameters, queries, decoding.
+//! - [`plain`]: the plain database of the LWE family (YPIR+SP) and the
+//!   answer's pass over it at memory speed: the groundwork of PIR mode at
+//!   population scale, not serving yet.
 //!
 //! The scheme is Spiral (Menon and Wu, IEEE S&P 2022), through its authors'
 //! implementation `spiral-rs`, except the server's evaluation of a query
@@ -28,6 +31,7 @@ pub mod error;
 pub mod item;
 mod kernels;
 mod ntt;
+pub mod plain;
 pub mod server;
 pub mod shape;
 
