@@ -97,7 +97,6 @@ pub fn run(database_mib: usize, reps: usize, patched: usize) -> Result<PlainPass
     let rows = (database_mib << 20) / (2 * COLUMNS);
     let mut db = PlainDatabase::new(rows, COLUMNS)?;
     let item_len = db.item_bytes();
-    let mut item = vec![0u8; item_len];
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut fill = |item: &mut [u8]| {
         for b in item.iter_mut() {
@@ -107,17 +106,33 @@ pub fn run(database_mib: usize, reps: usize, patched: usize) -> Result<PlainPass
             *b = x as u8;
         }
     };
+    // Built as an update patches it: items in batches of a tile's rows.
+    let batch = 1 << 15;
+    let mut items = vec![0u8; batch * item_len];
     let t = Instant::now();
-    for row in 0..rows {
-        fill(&mut item);
-        db.set_item(row, &item)?;
+    for first in (0..rows).step_by(batch) {
+        let n = batch.min(rows - first);
+        fill(&mut items[..n * item_len]);
+        let refs: Vec<(usize, &[u8])> = items
+            .chunks_exact(item_len)
+            .take(n)
+            .enumerate()
+            .map(|(i, b)| (first + i, b))
+            .collect();
+        db.patch(&refs)?;
     }
     let build_seconds = t.elapsed().as_secs_f64();
+    drop(items);
+    // An update's changed items, scattered over the rows, in one patch.
+    let mut changed = vec![0u8; patched * item_len];
+    fill(&mut changed);
+    let refs: Vec<(usize, &[u8])> = changed
+        .chunks_exact(item_len)
+        .enumerate()
+        .map(|(k, b)| ((k * 7_919) % rows, b))
+        .collect();
     let t = Instant::now();
-    for k in 0..patched {
-        fill(&mut item);
-        db.set_item((k * 7_919) % rows, &item)?;
-    }
+    db.patch(&refs)?;
     let patch_seconds = t.elapsed().as_secs_f64();
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -4,11 +4,13 @@
 //! population scale (issue #24).
 //!
 //! The database is the items themselves, as words of [`WORD_BITS`] bits
-//! held in `u16`s (16/14 = 1.14 times the items' bytes), one item per row
-//! and stored column by column, so that the answer's pass reads it once,
-//! front to back, at memory speed. An item is patched in place
-//! ([`PlainDatabase::set_item`]): an update touches only the items it
-//! changes.
+//! held in `u16`s (16/14 = 1.14 times the items' bytes), one item per row.
+//! It is stored in tiles of `PASS_CHUNK_ROWS` rows (the last one shorter),
+//! each tile column by column, so that the answer's pass reads it once,
+//! front to back, at memory speed, while the queries' words for the tile
+//! stay in the core's cache. Items are patched in place
+//! ([`PlainDatabase::patch`], in memory order): an update touches only the
+//! items it changes.
 //!
 //! The pass ([`PlainDatabase::first_pass`]) multiplies the queries' vectors
 //! (one word per row, carrying two residues of the scheme's CRT modulus,
@@ -29,9 +31,7 @@
 use rayon::prelude::*;
 
 pub use crate::kernels::Kernel;
-use crate::kernels::plain_pass;
-#[cfg(test)]
-use crate::kernels::PASS_CHUNK_ROWS;
+use crate::kernels::{plain_pass, PASS_CHUNK_ROWS};
 use crate::{Error, Result};
 
 /// Bits of an item per database word (YPIR+SP's plaintext modulus 2^14).
@@ -40,11 +40,14 @@ pub const WORD_BITS: usize = 14;
 /// Queries answered by one pass over the database at most.
 pub const MAX_QUERIES_PER_PASS: usize = 4;
 
-/// Columns a thread takes at a time: enough to stream, few enough to
-/// share the work on any number of cores.
-const COLUMNS_PER_TASK: usize = 32;
+/// Columns of a tile a thread takes at a time: enough to stream, few
+/// enough to share a small database's work on any number of cores.
+const COLUMNS_PER_TASK: usize = 256;
 
-/// Items as rows of 14-bit words, stored column by column.
+/// Columns a patch writes at a time (a cache line of an item's words).
+const PATCH_COLUMNS: usize = 32;
+
+/// Items as rows of 14-bit words, in tiles of rows stored column by column.
 #[derive(Clone)]
 pub struct PlainDatabase {
     rows: usize,
@@ -97,6 +100,19 @@ impl PlainDatabase {
         self.columns * WORD_BITS / 8
     }
 
+    /// Tile `c`: its first row, its rows, and where its words start.
+    fn tile(&self, c: usize) -> (usize, usize, usize) {
+        let start = c * PASS_CHUNK_ROWS;
+        let len = PASS_CHUNK_ROWS.min(self.rows - start);
+        (start, len, start * self.columns)
+    }
+
+    /// Where the word of `row` in `column` is.
+    fn at(&self, row: usize, column: usize) -> usize {
+        let (start, len, offset) = self.tile(row / PASS_CHUNK_ROWS);
+        offset + column * len + (row - start)
+    }
+
     /// Bytes the database takes in memory.
     #[must_use]
     pub fn memory_bytes(&self) -> usize {
@@ -105,37 +121,69 @@ impl PlainDatabase {
 
     /// Writes item `row` (at most [`PlainDatabase::item_bytes`] bytes; the
     /// rest of the item is zero): bits in order, little-endian, 14 to a
-    /// word.
+    /// word. For many items, [`PlainDatabase::patch`] is faster.
     ///
     /// # Errors
     /// A row outside the database, or too many bytes.
     pub fn set_item(&mut self, row: usize, bytes: &[u8]) -> Result<()> {
-        if row >= self.rows {
-            return Err(Error::Item {
-                index: row,
-                items: self.rows,
-            });
-        }
-        if bytes.len() > self.item_bytes() {
-            return Err(Error::Length {
-                what: "an item",
-                got: bytes.len(),
-                want: self.item_bytes(),
-            });
-        }
-        let mut bits = 0u32;
-        let mut held = 0usize;
-        let mut bytes = bytes.iter();
-        for column in 0..self.columns {
-            while held < WORD_BITS {
-                bits |= u32::from(bytes.next().copied().unwrap_or(0)) << held;
-                held += 8;
+        self.patch(&[(row, bytes)])
+    }
+
+    /// Writes many items at once, as [`PlainDatabase::set_item`] would one
+    /// after the other (a row given twice keeps its last bytes), in memory
+    /// order: tile by tile, column by column, so an update's changed items
+    /// cost a few passes over the tiles they touch rather than a cache miss
+    /// per word. Nothing is written unless every item is valid.
+    ///
+    /// # Errors
+    /// A row outside the database, or an item of too many bytes.
+    pub fn patch(&mut self, items: &[(usize, &[u8])]) -> Result<()> {
+        for &(row, bytes) in items {
+            if row >= self.rows {
+                return Err(Error::Item {
+                    index: row,
+                    items: self.rows,
+                });
             }
-            let word = (bits & ((1 << WORD_BITS) - 1)) as u16;
-            bits >>= WORD_BITS;
-            held -= WORD_BITS;
-            if let Some(w) = self.words.get_mut(column * self.rows + row) {
-                *w = word;
+            if bytes.len() > self.item_bytes() {
+                return Err(Error::Length {
+                    what: "an item",
+                    got: bytes.len(),
+                    want: self.item_bytes(),
+                });
+            }
+        }
+        // The last bytes given for each row, in row order, as words.
+        let mut rows: Vec<(usize, &[u8])> = items.iter().rev().copied().collect();
+        rows.sort_by_key(|&(row, _)| row);
+        rows.dedup_by_key(|(row, _)| *row);
+        let columns = self.columns;
+        let mut words = vec![0u16; rows.len() * columns];
+        for (&(_, bytes), out) in rows.iter().zip(words.chunks_exact_mut(columns)) {
+            to_words(bytes, out);
+        }
+        let mut words = words.chunks_exact(columns);
+        for group in rows.chunk_by(|a, b| a.0 / PASS_CHUNK_ROWS == b.0 / PASS_CHUNK_ROWS) {
+            let group_words: Vec<&[u16]> = words.by_ref().take(group.len()).collect();
+            let (start, len, offset) =
+                self.tile(group.first().map_or(0, |g| g.0) / PASS_CHUNK_ROWS);
+            let tile = self
+                .words
+                .get_mut(offset..offset + len * columns)
+                .unwrap_or_default();
+            // Columns a few at a time: an item's words for them are one
+            // read, and each column's writes go front to back.
+            for (block, stored) in tile.chunks_mut(len * PATCH_COLUMNS).enumerate() {
+                let mut stored: Vec<&mut [u16]> = stored.chunks_exact_mut(len).collect();
+                let first = block * PATCH_COLUMNS;
+                for (&(row, _), item) in group.iter().zip(&group_words) {
+                    let item = item.get(first..).unwrap_or_default();
+                    for (column, &word) in stored.iter_mut().zip(item) {
+                        if let Some(w) = column.get_mut(row - start) {
+                            *w = word;
+                        }
+                    }
+                }
             }
         }
         Ok(())
@@ -156,7 +204,7 @@ impl PlainDatabase {
         let mut bits = 0u32;
         let mut held = 0usize;
         for column in 0..self.columns {
-            let word = self.words.get(column * self.rows + row).copied().unwrap_or(0);
+            let word = self.words.get(self.at(row, column)).copied().unwrap_or(0);
             bits |= u32::from(word) << held;
             held += WORD_BITS;
             while held >= 8 && out.len() < self.item_bytes() {
@@ -227,20 +275,62 @@ impl PlainDatabase {
     fn pass<const K: usize>(
         &self,
         queries: [&[u64]; K],
-        moduli: (u64, u64),
+        (p_lo, p_hi): (u64, u64),
         kernel: Kernel,
     ) -> Vec<Vec<u64>> {
-        let mut sums = vec![[0u64; K]; self.columns];
-        sums.par_chunks_mut(COLUMNS_PER_TASK)
-            .zip(self.words.par_chunks(COLUMNS_PER_TASK * self.rows))
-            .for_each(|(out, words)| plain_pass(kernel, queries, words, self.rows, moduli, out));
-        let mut out = vec![Vec::with_capacity(self.columns); K];
-        for s in &sums {
-            for (o, &v) in out.iter_mut().zip(s) {
-                o.push(v);
+        // Tasks in memory order (tile by tile, columns in blocks): each
+        // thread streams through its share of the database.
+        let tiles = self.rows.div_ceil(PASS_CHUNK_ROWS);
+        let blocks = self.columns.div_ceil(COLUMNS_PER_TASK);
+        let partial: Vec<Vec<[u64; K]>> = (0..tiles * blocks)
+            .into_par_iter()
+            .map(|task| {
+                let (c, b) = (task / blocks, task % blocks);
+                let (start, len, offset) = self.tile(c);
+                let first = b * COLUMNS_PER_TASK;
+                let end = self.columns.min(first + COLUMNS_PER_TASK);
+                let words = self
+                    .words
+                    .get(offset + first * len..offset + end * len)
+                    .unwrap_or_default();
+                let qs: [&[u64]; K] =
+                    queries.map(|q| q.get(start..start + len).unwrap_or_default());
+                let mut out = vec![[0u64; K]; end - first];
+                plain_pass(kernel, qs, words, len, (p_lo, p_hi), &mut out);
+                out
+            })
+            .collect();
+        let mut out = vec![vec![0u64; self.columns]; K];
+        for (task, sums) in partial.iter().enumerate() {
+            let first = (task % blocks) * COLUMNS_PER_TASK;
+            for (j, s) in sums.iter().enumerate() {
+                for (o, &v) in out.iter_mut().zip(s) {
+                    if let Some(acc) = o.get_mut(first + j) {
+                        let lo = ((*acc & 0xffff_ffff) + (v & 0xffff_ffff)) % p_lo;
+                        let hi = ((*acc >> 32) + (v >> 32)) % p_hi;
+                        *acc = lo | (hi << 32);
+                    }
+                }
             }
         }
         out
+    }
+}
+
+/// An item's bytes as words: bits in order, little-endian, 14 to a word;
+/// `out` is filled whole (zero words past the bytes).
+fn to_words(bytes: &[u8], out: &mut [u16]) {
+    let mut bits = 0u32;
+    let mut held = 0usize;
+    let mut bytes = bytes.iter();
+    for word in out {
+        while held < WORD_BITS {
+            bits |= u32::from(bytes.next().copied().unwrap_or(0)) << held;
+            held += 8;
+        }
+        *word = (bits & ((1 << WORD_BITS) - 1)) as u16;
+        bits >>= WORD_BITS;
+        held -= WORD_BITS;
     }
 }
 
@@ -268,12 +358,11 @@ mod tests {
             .map(|j| {
                 let (mut lo, mut hi) = (0u128, 0u128);
                 for (i, &w) in q.iter().enumerate() {
-                    let d = u128::from(db.words[j * db.rows + i]);
+                    let d = u128::from(db.words[db.at(i, j)]);
                     lo += u128::from(w & 0xffff_ffff) * d;
                     hi += u128::from(w >> 32) * d;
                 }
-                (lo % u128::from(MODULI.0)) as u64
-                    | ((hi % u128::from(MODULI.1)) as u64) << 32
+                (lo % u128::from(MODULI.0)) as u64 | ((hi % u128::from(MODULI.1)) as u64) << 32
             })
             .collect()
     }
@@ -300,19 +389,46 @@ mod tests {
     }
 
     #[test]
+    fn a_patch_writes_as_items_one_by_one_would() {
+        // Rows over three tiles, a row given twice (the last bytes win),
+        // items out of order.
+        let rows = 2 * PASS_CHUNK_ROWS + 5;
+        let mut patched = PlainDatabase::new(rows, 7).unwrap();
+        let mut one_by_one = patched.clone();
+        let items: Vec<(usize, Vec<u8>)> = [rows - 1, 3, PASS_CHUNK_ROWS, 3, 0, rows - 6]
+            .iter()
+            .enumerate()
+            .map(|(n, &row)| (row, vec![n as u8 * 41 + 7; 12 - n]))
+            .collect();
+        for (row, bytes) in &items {
+            one_by_one.set_item(*row, bytes).unwrap();
+        }
+        let refs: Vec<(usize, &[u8])> = items.iter().map(|(r, b)| (*r, b.as_slice())).collect();
+        patched.patch(&refs).unwrap();
+        assert_eq!(patched.words, one_by_one.words);
+        assert_eq!(patched.item(3).unwrap()[..9], [130; 9]);
+        // One bad item: nothing is written.
+        let before = patched.words.clone();
+        assert!(patched.patch(&[(1, &[9; 4]), (rows, &[1])]).is_err());
+        assert!(patched.patch(&[(1, &[9; 4]), (2, &[1; 13])]).is_err());
+        assert_eq!(patched.words, before);
+    }
+
+    #[test]
     fn every_kernel_sums_as_the_definition_does() {
         // Rows over one chunk, so partial sums are carried; columns not a
         // multiple of a task's.
-        let rows = PASS_CHUNK_ROWS + 77;
-        let mut db = PlainDatabase::new(rows, 45).unwrap();
+        let rows = 2 * PASS_CHUNK_ROWS + 77;
+        let mut db = PlainDatabase::new(rows, COLUMNS_PER_TASK + 45).unwrap();
         let mut x = 0x1234_5678_u64;
         for w in &mut db.words {
             x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
             *w = (x >> 50) as u16 & ((1 << WORD_BITS) - 1);
         }
         // The largest words, for the bounds.
-        for w in db.words.iter_mut().take(rows) {
-            *w = (1 << WORD_BITS) - 1;
+        for i in 0..rows {
+            let at = db.at(i, 0);
+            db.words[at] = (1 << WORD_BITS) - 1;
         }
         let qs: Vec<Vec<u64>> = (0..4).map(|s| query(rows, s + 11)).collect();
         let want: Vec<Vec<u64>> = qs.iter().map(|q| naive(&db, q)).collect();
@@ -345,7 +461,9 @@ mod tests {
             Err(Error::Coefficient { index: 9, .. })
         ));
         assert!(db.first_pass(&[], MODULI, Kernel::Portable).is_err());
-        assert!(db.first_pass(&[q.as_slice(); 5], MODULI, Kernel::Portable).is_err());
+        assert!(db
+            .first_pass(&[q.as_slice(); 5], MODULI, Kernel::Portable)
+            .is_err());
         assert!(db.first_pass(&[&q], (0, 7), Kernel::Portable).is_err());
     }
 }
