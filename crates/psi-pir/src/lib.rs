@@ -10,6 +10,8 @@
 //! - [`plain`]: the plain database of the LWE family (YPIR+SP) and the
 //!   answer's pass over it at memory speed: the groundwork of PIR mode at
 //!   population scale, not serving yet.
+//! - [`ypir`]: YPIR+SP's cryptography over that database (queries, the
+//!   hint, packing the answer, decoding), not serving yet.
 //!
 //! The scheme is Spiral (Menon and Wu, IEEE S&P 2022), through its authors'
 //! implementation `spiral-rs`, except the server's evaluation of a query
@@ -34,6 +36,7 @@ mod ntt;
 pub mod plain;
 pub mod server;
 pub mod shape;
+pub mod ypir;
 
 pub use client::PirClient;
 pub use error::{Error, Result};

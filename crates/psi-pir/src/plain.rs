@@ -113,6 +113,14 @@ impl PlainDatabase {
         offset + column * len + (row - start)
     }
 
+    /// The word of `row` in `column` (0 outside the database).
+    pub(crate) fn word(&self, row: usize, column: usize) -> u16 {
+        if row >= self.rows || column >= self.columns {
+            return 0;
+        }
+        self.words.get(self.at(row, column)).copied().unwrap_or(0)
+    }
+
     /// Bytes the database takes in memory.
     #[must_use]
     pub fn memory_bytes(&self) -> usize {
