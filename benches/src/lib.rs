@@ -6,7 +6,7 @@
 //! single-key against threshold mode end to end ([`threshold`]), single
 //! checks through the institution's HTTP gateway ([`gateway`]), and the
 //! LWE family's pass over a plain database against the read bandwidth
-//! ([`plainpass`]).
+//! ([`plainpass`]), and YPIR+SP over it ([`ypir`]).
 
 // The benchmark harness: a run that cannot proceed stops with the reason.
 #![allow(
@@ -23,6 +23,7 @@ pub mod plainpass;
 pub mod report;
 pub mod sweep;
 pub mod threshold;
+pub mod ypir;
 
 use psi_core::record::{CivilDate, IdNumber, Record};
 

@@ -89,30 +89,46 @@ fn probe(buf: &[u64], threads: usize, reps: usize) -> Result<f64> {
     Ok((buf.len() * 8) as f64 / median(times).as_secs_f64() / 1e9)
 }
 
-/// Runs it on a database of about `database_mib` MiB.
+/// Pseudo-random item bytes (xorshift), the same from run to run.
+#[derive(Debug)]
+pub struct Filler(u64);
+
+impl Default for Filler {
+    fn default() -> Self {
+        Self(0x9e37_79b9_7f4a_7c15)
+    }
+}
+
+impl Filler {
+    /// Fills `bytes`.
+    pub fn fill(&mut self, bytes: &mut [u8]) {
+        let x = &mut self.0;
+        for b in bytes.iter_mut() {
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            *b = *x as u8;
+        }
+    }
+}
+
+/// A database of about `database_mib` MiB of items of 2,048 words, rows a
+/// multiple of `psi_pir::ypir::RING`, filled as an update patches it (items
+/// in batches of 32,768); the seconds it took.
 ///
 /// # Errors
-/// A pass failing.
-pub fn run(database_mib: usize, reps: usize, patched: usize) -> Result<PlainPassReport> {
-    let rows = (database_mib << 20) / (2 * COLUMNS);
+/// A database too small for one block of rows.
+pub fn build(database_mib: usize, fill: &mut Filler) -> Result<(PlainDatabase, f64)> {
+    let ring = psi_pir::ypir::RING;
+    let rows = (database_mib << 20) / (2 * COLUMNS) / ring * ring;
     let mut db = PlainDatabase::new(rows, COLUMNS)?;
     let item_len = db.item_bytes();
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut fill = |item: &mut [u8]| {
-        for b in item.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-    };
-    // Built as an update patches it: items in batches of a tile's rows.
     let batch = 1 << 15;
     let mut items = vec![0u8; batch * item_len];
     let t = Instant::now();
     for first in (0..rows).step_by(batch) {
         let n = batch.min(rows - first);
-        fill(&mut items[..n * item_len]);
+        fill.fill(&mut items[..n * item_len]);
         let refs: Vec<(usize, &[u8])> = items
             .chunks_exact(item_len)
             .take(n)
@@ -121,11 +137,21 @@ pub fn run(database_mib: usize, reps: usize, patched: usize) -> Result<PlainPass
             .collect();
         db.patch(&refs)?;
     }
-    let build_seconds = t.elapsed().as_secs_f64();
-    drop(items);
+    Ok((db, t.elapsed().as_secs_f64()))
+}
+
+/// Runs it on a database of about `database_mib` MiB.
+///
+/// # Errors
+/// A pass failing.
+pub fn run(database_mib: usize, reps: usize, patched: usize) -> Result<PlainPassReport> {
+    let mut fill = Filler::default();
+    let (mut db, build_seconds) = build(database_mib, &mut fill)?;
+    let rows = db.rows();
+    let item_len = db.item_bytes();
     // An update's changed items, scattered over the rows, in one patch.
     let mut changed = vec![0u8; patched * item_len];
-    fill(&mut changed);
+    fill.fill(&mut changed);
     let refs: Vec<(usize, &[u8])> = changed
         .chunks_exact(item_len)
         .enumerate()

@@ -15,6 +15,8 @@
 //! - `psi-bench gateway`: single checks through the HTTP gateway.
 //! - `psi-bench plain-pass`: the LWE family's pass over a plain database
 //!   against the read bandwidth (issue #24).
+//! - `psi-bench ypir`: YPIR+SP's hint, keys, query, answer and decoding on
+//!   a plain database (issue #24).
 
 // The benchmark harness: a run that cannot proceed stops with the reason.
 #![allow(
@@ -97,6 +99,16 @@ enum Cmd {
         /// Items patched in place after the build.
         #[arg(long, default_value_t = 100_000)]
         patched: usize,
+    },
+    /// YPIR+SP (issue #24) on a plain database, in this process: hint,
+    /// keys, queries, answers on one thread and on all, decoding.
+    Ypir {
+        /// The database's size in MiB (2 bytes per 14 bits of items).
+        #[arg(long, default_value_t = 1024)]
+        database_mib: usize,
+        /// Checks timed (the medians are reported).
+        #[arg(long, default_value_t = 5)]
+        checks: usize,
     },
     /// Single-key against threshold mode (2-of-3 holders in this process).
     Threshold {
@@ -257,6 +269,14 @@ fn main() -> Result<()> {
             patched,
         } => {
             let report = psi_bench::plainpass::run(database_mib, reps.max(1), patched)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Cmd::Ypir {
+            database_mib,
+            checks,
+        } => {
+            let report = psi_bench::ypir::run(database_mib, checks)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }

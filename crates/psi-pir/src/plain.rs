@@ -113,6 +113,17 @@ impl PlainDatabase {
         offset + column * len + (row - start)
     }
 
+    /// The words of `column` for rows `first..first + len`, a run within
+    /// one tile (`PASS_CHUNK_ROWS` is a multiple of `len` and of `first`'s
+    /// alignment); empty outside the database.
+    pub(crate) fn column_run(&self, first: usize, len: usize, column: usize) -> &[u16] {
+        if len == 0 || first / PASS_CHUNK_ROWS != (first + len - 1) / PASS_CHUNK_ROWS {
+            return &[];
+        }
+        let at = self.at(first, column);
+        self.words.get(at..at + len).unwrap_or_default()
+    }
+
     /// The word of `row` in `column` (0 outside the database).
     pub(crate) fn word(&self, row: usize, column: usize) -> u16 {
         if row >= self.rows || column >= self.columns {
@@ -208,20 +219,8 @@ impl PlainDatabase {
                 items: self.rows,
             });
         }
-        let mut out = Vec::with_capacity(self.item_bytes());
-        let mut bits = 0u32;
-        let mut held = 0usize;
-        for column in 0..self.columns {
-            let word = self.words.get(self.at(row, column)).copied().unwrap_or(0);
-            bits |= u32::from(word) << held;
-            held += WORD_BITS;
-            while held >= 8 && out.len() < self.item_bytes() {
-                out.push(bits as u8);
-                bits >>= 8;
-                held -= 8;
-            }
-        }
-        Ok(out)
+        let words: Vec<u16> = (0..self.columns).map(|c| self.word(row, c)).collect();
+        Ok(from_words(&words, self.item_bytes()))
     }
 
     /// The answer's first pass for 1 to [`MAX_QUERIES_PER_PASS`] queries,
@@ -323,6 +322,25 @@ impl PlainDatabase {
         }
         out
     }
+}
+
+/// An item's first `len` bytes from its words, as [`to_words`] wrote them
+/// (fewer when the words hold fewer).
+#[must_use]
+pub fn from_words(words: &[u16], len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut bits = 0u32;
+    let mut held = 0usize;
+    for &word in words {
+        bits |= u32::from(word & ((1 << WORD_BITS) - 1)) << held;
+        held += WORD_BITS;
+        while held >= 8 && out.len() < len {
+            out.push(bits as u8);
+            bits >>= 8;
+            held -= 8;
+        }
+    }
+    out
 }
 
 /// An item's bytes as words: bits in order, little-endian, 14 to a word;

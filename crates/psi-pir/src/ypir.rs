@@ -33,7 +33,7 @@
 #![allow(clippy::indexing_slicing)]
 
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -46,7 +46,7 @@ use spiral_rs::poly::{automorph_alloc, PolyMatrix, PolyMatrixNTT, PolyMatrixRaw}
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
-use crate::plain::{PlainDatabase, WORD_BITS};
+use crate::plain::{from_words, PlainDatabase, WORD_BITS};
 
 /// The ring's dimension `n`: rows of a query block, columns of an answer
 /// group.
@@ -158,8 +158,9 @@ impl Hint {
                 let mut acc = PolyMatrixNTT::zero(p, 1, 1);
                 let mut d = PolyMatrixRaw::zero(p, 1, 1);
                 for (k, a) in conj_a.iter().enumerate() {
-                    for (t, x) in d.get_poly_mut(0, 0).iter_mut().enumerate() {
-                        *x = u64::from(db.word(k * RING + t, j));
+                    let words = db.column_run(k * RING, RING, j);
+                    for (x, &w) in d.get_poly_mut(0, 0).iter_mut().zip(words) {
+                        *x = u64::from(w);
                     }
                     acc = &acc + &(&d.ntt() * a);
                 }
@@ -185,16 +186,28 @@ fn blocks_of(rows: usize) -> Result<usize> {
 }
 
 /// The client's key-switching keys for the packing's automorphisms
-/// `X -> X^(2^l + 1)`, `l = 1..=11`: per automorphism `t`, three ring-LWE
-/// encryptions of `τ_t(s) B^i` (gadget base `B = 2^19`), NTT form.
+/// `X -> X^(2^l + 1)`, `l = 1..=11`: per automorphism, three ring-LWE
+/// encryptions `(a_i, b_i = a_i s + e_i + τ(s) B^i)` (gadget base
+/// `B = 2^19`) whose `a_i` come from the public seed ([`key_polys`]), so
+/// only the `b_i` are the client's (NTT form, 11 x 3 polynomials).
 pub struct PackingKeys {
-    keys: Vec<PolyMatrixNTT<'static>>,
+    b: Vec<[Vec<u64>; DIGITS]>,
 }
 
 impl fmt::Debug for PackingKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PackingKeys").finish_non_exhaustive()
     }
+}
+
+/// The keys' public halves `a_i` (NTT form), level by level, from the
+/// public seed (a ChaCha20 stream of its own).
+fn key_polys(seed: &[u8; 32]) -> Vec<PolyMatrixNTT<'static>> {
+    let mut rng = ChaCha20Rng::from_seed(*seed);
+    rng.set_stream(1);
+    (0..LEVELS)
+        .map(|_| PolyMatrixRaw::random_rng(params(), 1, DIGITS, &mut rng).ntt())
+        .collect()
 }
 
 /// An institution's side of YPIR+SP: its secret `s`.
@@ -226,42 +239,35 @@ impl YpirClient {
         s
     }
 
-    /// The packing keys, fresh randomness from `rng_seed`.
+    /// The packing keys under `public_seed` (the database's), fresh
+    /// errors from `rng_seed`.
     #[must_use]
-    pub fn packing_keys(&self, rng_seed: &[u8; 32]) -> PackingKeys {
+    pub fn packing_keys(&self, public_seed: &[u8; 32], rng_seed: &[u8; 32]) -> PackingKeys {
         let p = params();
         let mut rng = ChaCha20Rng::from_seed(*rng_seed);
         let dg = DiscreteGaussian::init(p.noise_width);
         let s = self.secret();
         let s_ntt = s.ntt();
         let gadget = build_gadget(p, 1, DIGITS).ntt();
-        let keys = (1..=LEVELS)
-            .map(|l| {
-                let t = (1 << l) + 1;
+        let b = key_polys(public_seed)
+            .iter()
+            .enumerate()
+            .map(|(level, a)| {
+                let t = (1 << (level + 1)) + 1;
                 let tau_s = automorph_alloc(&s, t).ntt();
-                let a = PolyMatrixRaw::random_rng(p, 1, DIGITS, &mut rng).ntt();
                 let e = PolyMatrixRaw::noise(p, 1, DIGITS, &dg, &mut rng).ntt();
-                // b = a s + e + τ(s) g, entry by entry.
-                let mut b = PolyMatrixNTT::zero(p, 1, DIGITS);
-                for i in 0..DIGITS {
-                    let mut ai = PolyMatrixNTT::zero(p, 1, 1);
-                    ai.get_poly_mut(0, 0).copy_from_slice(a.get_poly(0, i));
-                    let mut ei = PolyMatrixNTT::zero(p, 1, 1);
-                    ei.get_poly_mut(0, 0).copy_from_slice(e.get_poly(0, i));
-                    let mut gi = PolyMatrixNTT::zero(p, 1, 1);
-                    gi.get_poly_mut(0, 0).copy_from_slice(gadget.get_poly(0, i));
-                    let bi = &(&(&ai * &s_ntt) + &ei) + &(&tau_s * &gi);
-                    b.get_poly_mut(0, i).copy_from_slice(bi.get_poly(0, 0));
-                }
-                let mut key = PolyMatrixNTT::zero(p, 2, DIGITS);
-                for i in 0..DIGITS {
-                    key.get_poly_mut(0, i).copy_from_slice(a.get_poly(0, i));
-                    key.get_poly_mut(1, i).copy_from_slice(b.get_poly(0, i));
-                }
-                key
+                std::array::from_fn(|i| {
+                    let part = |m: &PolyMatrixNTT<'static>| {
+                        let mut one = PolyMatrixNTT::zero(p, 1, 1);
+                        one.get_poly_mut(0, 0).copy_from_slice(m.get_poly(0, i));
+                        one
+                    };
+                    let bi = &(&(&part(a) * &s_ntt) + &part(&e)) + &(&tau_s * &part(&gadget));
+                    bi.get_poly(0, 0).to_vec()
+                })
             })
             .collect();
-        PackingKeys { keys }
+        PackingKeys { b }
     }
 
     /// The query for `row` of a database of `rows` rows under
@@ -310,140 +316,323 @@ impl YpirClient {
         Ok(out)
     }
 
-    /// The row's words from the answer's group of columns (`2 x RING`
-    /// values mod q: the packed ciphertext's `a` then `b`).
+    /// The row's first `item_bytes` bytes from the answer: per group of
+    /// [`RING`] columns, `2 x RING` values mod q (the packed ciphertext's
+    /// `a` then `b`).
     ///
     /// # Errors
-    /// An answer of the wrong length or a value not below q.
-    pub fn decode(&self, answer: &[u64]) -> Result<Vec<u16>> {
+    /// A group of the wrong length, a value not below q, too few groups
+    /// for `item_bytes`.
+    pub fn decode(&self, answer: &[Vec<u64>], item_bytes: usize) -> Result<Vec<u8>> {
         let p = params();
-        if answer.len() != 2 * RING {
+        let want = (item_bytes * 8).div_ceil(WORD_BITS).div_ceil(RING);
+        if answer.len() != want {
             return Err(Error::Length {
-                what: "a YPIR+SP answer",
-                got: answer.len() * 8,
-                want: 2 * RING * 8,
+                what: "a YPIR+SP answer's groups",
+                got: answer.len(),
+                want,
             });
         }
-        if let Some(index) = answer.iter().position(|&x| x >= p.modulus) {
-            return Err(Error::Coefficient {
-                what: "a YPIR+SP answer",
-                index,
-            });
+        let s = self.secret().ntt();
+        let mut words = Vec::with_capacity(answer.len() * RING);
+        for group in answer {
+            if group.len() != 2 * RING {
+                return Err(Error::Length {
+                    what: "a YPIR+SP answer",
+                    got: group.len() * 8,
+                    want: 2 * RING * 8,
+                });
+            }
+            if let Some(index) = group.iter().position(|&x| x >= p.modulus) {
+                return Err(Error::Coefficient {
+                    what: "a YPIR+SP answer",
+                    index,
+                });
+            }
+            let mut a = PolyMatrixRaw::zero(p, 1, 1);
+            a.get_poly_mut(0, 0).copy_from_slice(&group[..RING]);
+            let a_s = (&a.ntt() * &s).raw();
+            words.extend(
+                group[RING..]
+                    .iter()
+                    .zip(a_s.get_poly(0, 0))
+                    .map(|(&b, &x)| {
+                        let m = (b + p.modulus - x) % p.modulus;
+                        (rescale(m, p.modulus, p.pt_modulus) % p.pt_modulus) as u16
+                    }),
+            );
         }
-        let mut a = PolyMatrixRaw::zero(p, 1, 1);
-        a.get_poly_mut(0, 0).copy_from_slice(&answer[..RING]);
-        let a_s = (&a.ntt() * &self.secret().ntt()).raw();
-        Ok(answer[RING..]
-            .iter()
-            .zip(a_s.get_poly(0, 0))
-            .map(|(&b, &x)| {
-                let m = (b + p.modulus - x) % p.modulus;
-                (rescale(m, p.modulus, p.pt_modulus) % p.pt_modulus) as u16
-            })
-            .collect())
+        Ok(from_words(&words, item_bytes))
     }
 }
 
-/// `X -> X^t` on a ciphertext (`α`, `β`), then back under `s` with the
-/// key for `t`: `α' = -K_a G^-1(τ(α))`, `β' = τ(β) - K_b G^-1(τ(α))`.
-fn automorph_switched(
-    ct: &PolyMatrixNTT<'static>,
-    t: usize,
-    key: &PolyMatrixNTT<'static>,
-) -> PolyMatrixNTT<'static> {
-    let p = params();
-    let tau = automorph_alloc(&ct.raw(), t);
-    let mut alpha = PolyMatrixRaw::zero(p, 1, 1);
-    alpha.get_poly_mut(0, 0).copy_from_slice(tau.get_poly(0, 0));
-    let mut digits = PolyMatrixRaw::zero(p, DIGITS, 1);
-    gadget_invert_rdim(&mut digits, &alpha, 1);
-    let switched = key * &digits.ntt();
-    let mut beta = PolyMatrixRaw::zero(p, 2, 1);
-    beta.get_poly_mut(1, 0).copy_from_slice(tau.get_poly(1, 0));
-    &beta.ntt() + &(-&switched.raw()).ntt()
+/// Values of a polynomial in NTT form: both residues, `2 x RING`.
+type Ntt = Vec<u64>;
+
+/// `X^(RING / 2^l)` in NTT form, `l = 1..=11`: the packing's shifts.
+fn shifts() -> &'static [Ntt] {
+    static SHIFTS: OnceLock<Vec<Ntt>> = OnceLock::new();
+    SHIFTS.get_or_init(|| {
+        (1..=LEVELS)
+            .map(|l| {
+                let mut r = PolyMatrixRaw::zero(params(), 1, 1);
+                r.get_poly_mut(0, 0)[RING >> l] = 1;
+                r.ntt().get_poly(0, 0).to_vec()
+            })
+            .collect()
+    })
 }
 
-/// Packs `cts[start + m 2^(11-l)]`, `m < 2^l`, (messages at coefficient
-/// 0) into one ciphertext with message `m` at coefficient `m n / 2^l`,
-/// times `2^l`.
-fn pack(
+/// For each level's automorphism `X -> X^(2^l + 1)`, where it sends each
+/// NTT slot: `τ(f)` at slot `i` is `f` at slot `table[i]` (the slots are
+/// the ring's roots; `X` evaluated there is the root itself, so the table
+/// is found by matching `root^t` among the roots).
+fn automorph_tables() -> &'static [Vec<usize>] {
+    static TABLES: OnceLock<Vec<Vec<usize>>> = OnceLock::new();
+    TABLES.get_or_init(|| {
+        let p = params();
+        let mut x = PolyMatrixRaw::zero(p, 1, 1);
+        x.get_poly_mut(0, 0)[1] = 1;
+        let roots = x.ntt().get_poly(0, 0).to_vec();
+        (1..=LEVELS)
+            .map(|l| {
+                let t = (1u64 << l) + 1;
+                let mut table = vec![0; 2 * RING];
+                for (k, m) in [MODULI.0, MODULI.1].into_iter().enumerate() {
+                    let part = &roots[k * RING..(k + 1) * RING];
+                    let slot: std::collections::HashMap<u64, usize> =
+                        part.iter().enumerate().map(|(i, &r)| (r, i)).collect();
+                    for (i, &r) in part.iter().enumerate() {
+                        let rt = spiral_rs::arith::exponentiate_uint_mod(r, t, m);
+                        table[k * RING + i] = k * RING + slot.get(&rt).copied().unwrap_or(0);
+                    }
+                }
+                table
+            })
+            .collect()
+    })
+}
+
+/// `out = a * b` slot by slot (NTT form).
+fn mul(a: &[u64], b: &[u64]) -> Ntt {
+    let (m0, m1) = MODULI;
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .map(|(i, (&x, &y))| (x * y) % if i < RING { m0 } else { m1 })
+        .collect()
+}
+
+/// `a + sign b` slot by slot (NTT form), `sign` 1 or -1.
+fn add(a: &[u64], b: &[u64], negate: bool) -> Ntt {
+    let (m0, m1) = MODULI;
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .map(|(i, (&x, &y))| {
+            let m = if i < RING { m0 } else { m1 };
+            if negate {
+                (x + m - y) % m
+            } else {
+                (x + y) % m
+            }
+        })
+        .collect()
+}
+
+/// What the answer needs of a database, computed once per database and
+/// public seed: the packing's `a` side, which depends on the hint and the
+/// keys' public halves only (YPIR's offline precomputation). For each
+/// group of [`RING`] columns, the packed ciphertext's `a` and, for every
+/// automorphism of the packing tree, the gadget digits of the `a` it
+/// switches (NTT form). The client's part of an answer is then the `b`
+/// side alone: a few products per node, no transform until the last.
+pub struct Precomputed {
+    columns: usize,
+    groups: Vec<Group>,
+}
+
+struct Group {
+    /// The packed ciphertext's `a` (coefficients mod q).
+    alpha: Vec<u64>,
+    /// Per node of the tree (`node_id`), the digits' NTTs.
+    digits: Vec<[Ntt; DIGITS]>,
+}
+
+impl fmt::Debug for Precomputed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Precomputed")
+            .field("columns", &self.columns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The node of level `l` (1..=11) whose first input is `start`
+/// (`start < 2^(11-l)`): levels below first, `2^11 - 1` in all.
+fn node_id(l: usize, start: usize) -> usize {
+    (1 << LEVELS) - (1 << (LEVELS + 1 - l)) + start
+}
+
+impl Precomputed {
+    /// From the database's hint and the public seed (the keys' `a`
+    /// halves); the work of about `RING` key switches per group, on all
+    /// threads.
+    #[must_use]
+    pub fn new(hint: &Hint, public_seed: &[u8; 32]) -> Self {
+        use rayon::prelude::*;
+        let key_a = key_polys(public_seed);
+        let groups = (0..hint.columns / RING)
+            .into_par_iter()
+            .map(|g| {
+                let p = params();
+                let leaves: Vec<PolyMatrixNTT<'static>> = (0..RING)
+                    .map(|i| {
+                        // Column j's LWE ciphertext as a ring one:
+                        // a = conj(H_j), so (a s)_0 = <H_j, s>.
+                        let mut a = PolyMatrixRaw::zero(p, 1, 1);
+                        conjugate(hint.column(g * RING + i), a.get_poly_mut(0, 0));
+                        a.ntt()
+                    })
+                    .collect();
+                let mut digits = vec![[Vec::new(), Vec::new(), Vec::new()]; RING - 1];
+                let found = Mutex::new(&mut digits);
+                let alpha = pack_alpha(LEVELS, 0, &leaves, &key_a, &found);
+                Group {
+                    alpha: alpha.raw().get_poly(0, 0).to_vec(),
+                    digits,
+                }
+            })
+            .collect();
+        Self {
+            columns: hint.columns,
+            groups,
+        }
+    }
+
+    /// Bytes held.
+    #[must_use]
+    pub fn memory_bytes(&self) -> usize {
+        self.groups.len() * (RING * 8 + (RING - 1) * DIGITS * 2 * RING * 8)
+    }
+}
+
+/// The `a` side of packing `leaves[start + m 2^(11-l)]`, `m < 2^l`, each
+/// automorphism's digits written to `digits` at its node: `a = a_even +
+/// y a_odd - K_a G^-1(τ(a_even - y a_odd))`.
+fn pack_alpha(
     l: usize,
     start: usize,
-    cts: &[PolyMatrixNTT<'static>],
-    keys: &PackingKeys,
-    y: &[PolyMatrixNTT<'static>],
+    leaves: &[PolyMatrixNTT<'static>],
+    key_a: &[PolyMatrixNTT<'static>],
+    digits: &Mutex<&mut Vec<[Ntt; DIGITS]>>,
 ) -> PolyMatrixNTT<'static> {
     if l == 0 {
-        return cts[start].clone();
+        return leaves[start].clone();
     }
+    let p = params();
     let step = 1 << (LEVELS - l);
-    let even = pack(l - 1, start, cts, keys, y);
-    let odd = pack(l - 1, start + step, cts, keys, y);
-    let y_odd = scale(&y[l - 1], &odd);
-    let minus = &even + &(-&y_odd.raw()).ntt();
-    let plus = &even + &y_odd;
-    &plus + &automorph_switched(&minus, (1 << l) + 1, &keys.keys[l - 1])
-}
-
-/// Both rows of `ct` times the polynomial `y` (1 x 1).
-fn scale(y: &PolyMatrixNTT<'static>, ct: &PolyMatrixNTT<'static>) -> PolyMatrixNTT<'static> {
-    let mut out = PolyMatrixNTT::zero(params(), 2, 1);
-    for r in 0..2 {
-        let mut c = PolyMatrixNTT::zero(params(), 1, 1);
-        c.get_poly_mut(0, 0).copy_from_slice(ct.get_poly(r, 0));
-        out.get_poly_mut(r, 0)
-            .copy_from_slice((y * &c).get_poly(0, 0));
+    let (even, odd) = if l > LEVELS - 4 {
+        rayon::join(
+            || pack_alpha(l - 1, start, leaves, key_a, digits),
+            || pack_alpha(l - 1, start + step, leaves, key_a, digits),
+        )
+    } else {
+        (
+            pack_alpha(l - 1, start, leaves, key_a, digits),
+            pack_alpha(l - 1, start + step, leaves, key_a, digits),
+        )
+    };
+    let y_odd = mul(&shifts()[l - 1], odd.get_poly(0, 0));
+    let minus = add(even.get_poly(0, 0), &y_odd, true);
+    let plus = add(even.get_poly(0, 0), &y_odd, false);
+    // τ(minus) in coefficients, cut into digits.
+    let mut m = PolyMatrixNTT::zero(p, 1, 1);
+    m.get_poly_mut(0, 0).copy_from_slice(&minus);
+    let tau = automorph_alloc(&m.raw(), (1 << l) + 1);
+    let mut d = PolyMatrixRaw::zero(p, DIGITS, 1);
+    gadget_invert_rdim(&mut d, &tau, 1);
+    let d = d.ntt();
+    let d: [Ntt; DIGITS] = std::array::from_fn(|i| d.get_poly(i, 0).to_vec());
+    let mut switched = vec![0; 2 * RING];
+    for (i, di) in d.iter().enumerate() {
+        switched = add(&switched, &mul(di, key_a[l - 1].get_poly(0, i)), false);
     }
+    digits
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)[node_id(l, start)] = d;
+    let mut out = PolyMatrixNTT::zero(p, 1, 1);
+    out.get_poly_mut(0, 0)
+        .copy_from_slice(&add(&plus, &switched, true));
     out
 }
 
+/// The `b` side of the same packing, from zero at the leaves (the pass's
+/// outputs are added at the root): `b = b_even + y b_odd + τ(b_even -
+/// y b_odd) - K_b G^-1(...)`, the digits precomputed, `τ` a permutation of
+/// the NTT's slots.
+fn pack_beta(l: usize, start: usize, group: &Group, key_b: &[[Vec<u64>; DIGITS]]) -> Ntt {
+    let mut out = vec![0; 2 * RING];
+    for (di, ki) in group.digits[node_id(l, start)].iter().zip(&key_b[l - 1]) {
+        out = add(&out, &mul(di, ki), true);
+    }
+    if l == 1 {
+        // Both halves are leaves, whose b is zero.
+        return out;
+    }
+    let step = 1 << (LEVELS - l);
+    let (even, odd) = if l > LEVELS - 4 {
+        rayon::join(
+            || pack_beta(l - 1, start, group, key_b),
+            || pack_beta(l - 1, start + step, group, key_b),
+        )
+    } else {
+        (
+            pack_beta(l - 1, start, group, key_b),
+            pack_beta(l - 1, start + step, group, key_b),
+        )
+    };
+    let y_odd = mul(&shifts()[l - 1], &odd);
+    let minus = add(&even, &y_odd, true);
+    let table = &automorph_tables()[l - 1];
+    let tau: Ntt = table.iter().map(|&i| minus[i]).collect();
+    add(&add(&add(&even, &y_odd, false), &tau, false), &out, false)
+}
+
 /// The server's answer to a query: the pass, then each group of `RING`
-/// columns packed; per group `2 x RING` values mod q (`a` then `b`).
+/// columns packed with the client's keys; per group `2 x RING` values mod
+/// q (`a` then `b`).
 ///
 /// # Errors
-/// A query of the wrong length or out of range; columns not whole groups.
+/// A query of the wrong length or out of range; a database that does not
+/// match its precomputation.
 pub fn answer(
     db: &PlainDatabase,
-    hint: &Hint,
+    pre: &Precomputed,
     query: &[u64],
     keys: &PackingKeys,
     kernel: crate::plain::Kernel,
 ) -> Result<Vec<Vec<u64>>> {
     blocks_of(db.rows())?;
-    if !db.columns().is_multiple_of(RING) || hint.columns != db.columns() {
-        return Err(Error::Shape(format!(
-            "YPIR+SP answers whole groups of {RING} columns, not {}",
-            db.columns()
-        )));
-    }
-    if keys.keys.len() != LEVELS {
-        return Err(Error::Shape("packing keys for 11 levels".into()));
+    if pre.columns != db.columns() || keys.b.len() != LEVELS {
+        return Err(Error::Shape(
+            "a YPIR+SP answer needs the database's precomputation and 11 levels of keys".into(),
+        ));
     }
     let pass = db.first_pass(&[query], MODULI, kernel)?;
     let c = &pass[0];
     let p = params();
     let q = p.modulus;
-    let y: Vec<PolyMatrixNTT<'static>> = (1..=LEVELS)
-        .map(|l| {
-            let mut r = PolyMatrixRaw::zero(p, 1, 1);
-            r.get_poly_mut(0, 0)[RING >> l] = 1;
-            r.ntt()
-        })
-        .collect();
-    (0..db.columns() / RING)
-        .map(|g| {
-            // Column j's LWE ciphertext as a ring one: α = conj(H_j) (so
-            // (α s)_0 = <H_j, s>), β = 0; the pass's c_j added after.
-            let cts: Vec<PolyMatrixNTT<'static>> = (0..RING)
-                .map(|i| {
-                    let mut ct = PolyMatrixRaw::zero(p, 2, 1);
-                    conjugate(hint.column(g * RING + i), ct.get_poly_mut(0, 0));
-                    ct.ntt()
-                })
-                .collect();
-            let packed = pack(LEVELS, 0, &cts, keys, &y).raw();
-            let mut out = packed.get_poly(0, 0).to_vec();
-            for (i, &b) in packed.get_poly(1, 0).iter().enumerate() {
+    pre.groups
+        .iter()
+        .enumerate()
+        .map(|(g, group)| {
+            let mut beta = PolyMatrixNTT::zero(p, 1, 1);
+            beta.get_poly_mut(0, 0)
+                .copy_from_slice(&pack_beta(LEVELS, 0, group, &keys.b));
+            let beta = beta.raw();
+            let mut out = group.alpha.clone();
+            for (i, &b) in beta.get_poly(0, 0).iter().enumerate() {
+                // The pass's c_j, times n as the packing multiplies.
                 let w = c[g * RING + i];
                 let cj = compose(w & 0xffff_ffff, w >> 32);
                 let n_cj = (u128::from(cj) * RING as u128 % u128::from(q)) as u64;
@@ -515,14 +704,14 @@ mod tests {
         db.patch(&refs).unwrap();
         let public = [9u8; 32];
         let hint = Hint::new(&db, &public).unwrap();
+        let pre = Precomputed::new(&hint, &public);
         let client = YpirClient::new(&[1u8; 32]);
-        let keys = client.packing_keys(&[2u8; 32]);
+        let keys = client.packing_keys(&public, &[2u8; 32]);
         for row in [0, RING + 5, rows - 1] {
             let query = client.query(row, rows, &public, &[row as u8; 32]).unwrap();
-            let answer = answer(&db, &hint, &query, &keys, Kernel::best()).unwrap();
-            let words = client.decode(&answer[0]).unwrap();
-            let want: Vec<u16> = (0..RING).map(|j| db.word(row, j)).collect();
-            assert_eq!(words, want, "row {row}");
+            let answer = answer(&db, &pre, &query, &keys, Kernel::best()).unwrap();
+            let item = client.decode(&answer, db.item_bytes()).unwrap();
+            assert_eq!(item, db.item(row).unwrap(), "row {row}");
         }
     }
 }
