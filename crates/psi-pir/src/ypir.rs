@@ -509,10 +509,13 @@ impl Precomputed {
         }
     }
 
+    /// Bytes held per group of columns.
+    pub const GROUP_BYTES: usize = RING * 8 + (RING - 1) * DIGITS * 2 * RING * 8;
+
     /// Bytes held.
     #[must_use]
     pub fn memory_bytes(&self) -> usize {
-        self.groups.len() * (RING * 8 + (RING - 1) * DIGITS * 2 * RING * 8)
+        self.groups.len() * Self::GROUP_BYTES
     }
 }
 
@@ -643,6 +646,477 @@ pub fn answer(
         .collect()
 }
 
+/// The scheme and parameter family, as `ServerInfo` names it.
+pub const SCHEME: &str = "ypir-sp-v1";
+
+/// Most rows (items) of a database: a query is 7 bytes a row, at most
+/// 1.75 MiB.
+pub const MAX_ROWS: usize = 1 << 18;
+
+/// Most groups of [`RING`] columns an item spans: an answer is 28 KiB a
+/// group, at most 1.75 MiB.
+pub const MAX_GROUPS: u16 = 64;
+
+/// Bytes of item one group of columns holds (2048 words of 14 bits).
+pub const GROUP_BYTES: usize = RING * WORD_BITS / 8;
+
+/// Bytes of a value mod q on the wire (q < 2^56), little-endian.
+pub const VALUE_BYTES: usize = 7;
+
+/// A YPIR+SP database's shape: public, advertised in `ServerInfo`.
+///
+/// Item `i` holds the fingerprints of buckets `i 2^bucket_shift ..
+/// (i+1) 2^bucket_shift - 1` and is a row of `groups x 3,584` bytes; there
+/// are `2^item_bits` items, in `max(2^item_bits, 2048)` rows (whole query
+/// blocks; the rows past the items are empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct YpirShape {
+    /// Items, as a power of two.
+    pub item_bits: u8,
+    /// Groups of [`RING`] columns per item.
+    pub groups: u16,
+    /// Buckets per item, as a power of two.
+    pub bucket_shift: u8,
+}
+
+impl YpirShape {
+    /// The shape for a registry whose buckets have `prefix_bits` bits, with
+    /// `load(shift)` the most entries any item would hold with `2^shift`
+    /// buckets per item: the fewest items of one group that hold the
+    /// fullest, or, when that would exceed [`MAX_ROWS`] items, `MAX_ROWS`
+    /// items of as many groups as the fullest needs.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when even [`MAX_GROUPS`] cannot hold the fullest
+    /// item, or prefix bits over 32.
+    pub fn for_registry(prefix_bits: u8, load: impl Fn(u8) -> usize) -> Result<Self> {
+        if prefix_bits > 32 {
+            return Err(Error::Shape(format!("{prefix_bits} bucket prefix bits")));
+        }
+        let most_bits = MAX_ROWS.trailing_zeros() as u8;
+        let one_group = crate::item::capacity(GROUP_BYTES);
+        // The most buckets per item that one group holds, at least enough
+        // to keep the items within MAX_ROWS.
+        let least = prefix_bits.saturating_sub(most_bits);
+        let mut shift = least;
+        while shift < prefix_bits && load(shift + 1) <= one_group {
+            shift += 1;
+        }
+        let most = load(shift);
+        let groups = (1..=MAX_GROUPS)
+            .find(|&g| crate::item::capacity(usize::from(g) * GROUP_BYTES) >= most)
+            .ok_or_else(|| {
+                Error::Shape(format!(
+                    "an item would hold {most} entries, more than {MAX_GROUPS} groups can"
+                ))
+            })?;
+        Ok(Self {
+            item_bits: prefix_bits - shift,
+            groups,
+            bucket_shift: shift,
+        })
+    }
+
+    /// Checks an advertised shape (a client does, before using it).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for anything out of range.
+    pub fn validate(&self) -> Result<()> {
+        if usize::from(self.item_bits) > MAX_ROWS.trailing_zeros() as usize
+            || !(1..=MAX_GROUPS).contains(&self.groups)
+            || u32::from(self.item_bits) + u32::from(self.bucket_shift) > 32
+        {
+            return Err(Error::Shape(format!(
+                "item_bits {} groups {} bucket_shift {}",
+                self.item_bits, self.groups, self.bucket_shift
+            )));
+        }
+        Ok(())
+    }
+
+    /// Items in the database.
+    #[must_use]
+    pub fn items(&self) -> usize {
+        1 << self.item_bits
+    }
+
+    /// Rows of the database (whole query blocks).
+    #[must_use]
+    pub fn rows(&self) -> usize {
+        self.items().max(RING)
+    }
+
+    /// The item that holds `bucket`.
+    #[must_use]
+    pub fn item_of(&self, bucket: u32) -> usize {
+        (u64::from(bucket) >> self.bucket_shift) as usize
+    }
+
+    /// Bytes of one item.
+    #[must_use]
+    pub fn item_bytes(&self) -> usize {
+        usize::from(self.groups) * GROUP_BYTES
+    }
+
+    /// The client's packing keys' length (uploaded once per epoch).
+    #[must_use]
+    pub fn keys_bytes(&self) -> usize {
+        LEVELS * DIGITS * RING * VALUE_BYTES
+    }
+
+    /// One query's length.
+    #[must_use]
+    pub fn query_bytes(&self) -> usize {
+        self.rows() * VALUE_BYTES
+    }
+
+    /// One answer's length.
+    #[must_use]
+    pub fn answer_bytes(&self) -> usize {
+        usize::from(self.groups) * 2 * RING * VALUE_BYTES
+    }
+
+    /// Bytes the server holds: the items in 16-bit words, and the
+    /// packing's precomputation (per group, the digits of 2,047 key
+    /// switches).
+    #[must_use]
+    pub fn database_bytes(&self) -> usize {
+        self.rows() * usize::from(self.groups) * RING * 2
+            + usize::from(self.groups) * Precomputed::GROUP_BYTES
+    }
+}
+
+/// The public seed of a key epoch's databases: the queries' `a` and the
+/// keys' public halves. Every replica derives the same.
+#[must_use]
+pub fn public_seed(epoch: u64) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"psi.v1.ypir.public");
+    h.update(epoch.to_be_bytes());
+    h.finalize().into()
+}
+
+/// Values mod q as 7-byte little-endian words.
+fn to_wire(values: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * VALUE_BYTES);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes()[..VALUE_BYTES]);
+    }
+    out
+}
+
+/// 7-byte words back to values, each checked below q; the length checked
+/// first.
+fn from_wire(bytes: &[u8], want: usize, what: &'static str) -> Result<Vec<u64>> {
+    if bytes.len() != want {
+        return Err(Error::Length {
+            what,
+            got: bytes.len(),
+            want,
+        });
+    }
+    let q = params().modulus;
+    bytes
+        .chunks_exact(VALUE_BYTES)
+        .enumerate()
+        .map(|(index, w)| {
+            let mut v = [0u8; 8];
+            v[..VALUE_BYTES].copy_from_slice(w);
+            let v = u64::from_le_bytes(v);
+            if v < q {
+                Ok(v)
+            } else {
+                Err(Error::Coefficient { what, index })
+            }
+        })
+        .collect()
+}
+
+/// A client's packing keys as the server keeps them.
+pub struct YpirKeys {
+    keys: PackingKeys,
+}
+
+impl fmt::Debug for YpirKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("YpirKeys").finish_non_exhaustive()
+    }
+}
+
+impl YpirKeys {
+    /// Parses a client's upload: exactly [`YpirShape::keys_bytes`] bytes,
+    /// every value below q (checked before any transform).
+    ///
+    /// # Errors
+    /// [`Error::Length`] or [`Error::Coefficient`].
+    pub fn parse(shape: YpirShape, bytes: &[u8]) -> Result<Self> {
+        let values = from_wire(bytes, shape.keys_bytes(), "YPIR+SP packing keys")?;
+        let p = params();
+        let mut polys = values.chunks_exact(RING).map(|c| {
+            let mut r = PolyMatrixRaw::zero(p, 1, 1);
+            r.get_poly_mut(0, 0).copy_from_slice(c);
+            r.ntt().get_poly(0, 0).to_vec()
+        });
+        let b = (0..LEVELS)
+            .map(|_| std::array::from_fn(|_| polys.next().unwrap_or_default()))
+            .collect();
+        Ok(Self {
+            keys: PackingKeys { b },
+        })
+    }
+
+    /// Bytes held.
+    #[must_use]
+    pub fn memory_bytes(&self) -> usize {
+        LEVELS * DIGITS * 2 * RING * 8
+    }
+}
+
+/// A YPIR+SP database: the items of a key epoch and its precomputation.
+pub struct YpirDatabase {
+    shape: YpirShape,
+    epoch: u64,
+    db: PlainDatabase,
+    pre: Precomputed,
+}
+
+impl fmt::Debug for YpirDatabase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("YpirDatabase")
+            .field("shape", &self.shape)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl YpirDatabase {
+    /// Builds the database of `shape` for key epoch `epoch`; `tags(i)`
+    /// gives the tags of item `i`.
+    ///
+    /// # Errors
+    /// [`Error::Overflow`] when an item does not fit the shape.
+    pub fn build(
+        shape: YpirShape,
+        epoch: u64,
+        tags: impl Fn(usize) -> Vec<u64> + Sync,
+    ) -> Result<Self> {
+        shape.validate()?;
+        let mut db = PlainDatabase::new(shape.rows(), usize::from(shape.groups) * RING)?;
+        let all: Vec<usize> = (0..shape.items()).collect();
+        write_items(&mut db, shape, epoch, &all, &tags)?;
+        Self::finish(shape, epoch, db)
+    }
+
+    fn finish(shape: YpirShape, epoch: u64, db: PlainDatabase) -> Result<Self> {
+        let seed = public_seed(epoch);
+        let hint = Hint::new(&db, &seed)?;
+        let pre = Precomputed::new(&hint, &seed);
+        Ok(Self {
+            shape,
+            epoch,
+            db,
+            pre,
+        })
+    }
+
+    /// This database with items `changed` coded afresh from `tags`: the
+    /// items patched in place (their cost), the hint and the packing's
+    /// precomputation made again (a pass over the database).
+    ///
+    /// # Errors
+    /// [`Error::Overflow`] when an item no longer fits, [`Error::Item`] for
+    /// an index outside the database.
+    pub fn patch(
+        &self,
+        changed: &[usize],
+        tags: impl Fn(usize) -> Vec<u64> + Sync,
+    ) -> Result<Self> {
+        let mut db = self.db.clone();
+        write_items(&mut db, self.shape, self.epoch, changed, &tags)?;
+        Self::finish(self.shape, self.epoch, db)
+    }
+
+    /// The shape.
+    #[must_use]
+    pub fn shape(&self) -> YpirShape {
+        self.shape
+    }
+
+    /// The key epoch its items are coded for.
+    #[must_use]
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Bytes held.
+    #[must_use]
+    pub fn bytes(&self) -> usize {
+        self.db.memory_bytes() + self.pre.memory_bytes()
+    }
+
+    /// The answer to a query: exactly [`YpirShape::query_bytes`], every
+    /// value below q (checked before any work).
+    ///
+    /// # Errors
+    /// [`Error::Length`] or [`Error::Coefficient`].
+    pub fn answer(&self, keys: &YpirKeys, query: &[u8]) -> Result<Vec<u8>> {
+        let values = from_wire(query, self.shape.query_bytes(), "a YPIR+SP query")?;
+        let words: Vec<u64> = values
+            .iter()
+            .map(|&v| (v % MODULI.0) | ((v % MODULI.1) << 32))
+            .collect();
+        let groups = answer(
+            &self.db,
+            &self.pre,
+            &words,
+            &keys.keys,
+            crate::plain::Kernel::best(),
+        )?;
+        Ok(to_wire(&groups.concat()))
+    }
+}
+
+/// Codes items `which` into `db`, in parallel, patched in one pass.
+fn write_items(
+    db: &mut PlainDatabase,
+    shape: YpirShape,
+    epoch: u64,
+    which: &[usize],
+    tags: &(impl Fn(usize) -> Vec<u64> + Sync),
+) -> Result<()> {
+    use rayon::prelude::*;
+    let items = shape.items();
+    if let Some(&bad) = which.iter().find(|&&i| i >= items) {
+        return Err(Error::Item { index: bad, items });
+    }
+    for chunk in which.chunks(1 << 15) {
+        let coded: Vec<(usize, Vec<u8>)> = chunk
+            .par_iter()
+            .map(|&i| {
+                Ok((
+                    i,
+                    crate::item::encode(&tags(i), i as u64, epoch, shape.item_bytes())?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let refs: Vec<(usize, &[u8])> = coded.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+        db.patch(&refs)?;
+    }
+    Ok(())
+}
+
+/// An institution's YPIR+SP client for one shape and key epoch.
+pub struct YpirPirClient {
+    shape: YpirShape,
+    seed: [u8; 32],
+    inner: YpirClient,
+}
+
+impl fmt::Debug for YpirPirClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("YpirPirClient")
+            .field("shape", &self.shape)
+            .finish_non_exhaustive()
+    }
+}
+
+impl YpirPirClient {
+    /// The client whose secret `seed` determines, for the databases of
+    /// key epoch `epoch` (whose public seed it derives).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for a shape out of range.
+    pub fn new(shape: YpirShape, epoch: u64, seed: &[u8; 32]) -> Result<Self> {
+        shape.validate()?;
+        Ok(Self {
+            shape,
+            seed: public_seed(epoch),
+            inner: YpirClient::new(seed),
+        })
+    }
+
+    /// The shape.
+    #[must_use]
+    pub fn shape(&self) -> YpirShape {
+        self.shape
+    }
+
+    /// The packing keys to upload (fresh errors each call).
+    #[must_use]
+    pub fn public_parameters(&self) -> Vec<u8> {
+        let keys = self.inner.packing_keys(&self.seed, &fresh_seed());
+        let p = params();
+        let values: Vec<u64> = keys
+            .b
+            .iter()
+            .flatten()
+            .flat_map(|ntt| {
+                let mut m = PolyMatrixNTT::zero(p, 1, 1);
+                m.get_poly_mut(0, 0).copy_from_slice(ntt);
+                m.raw().get_poly(0, 0).to_vec()
+            })
+            .collect();
+        to_wire(&values)
+    }
+
+    /// A query for the item holding `bucket` (fresh errors each call).
+    ///
+    /// # Errors
+    /// [`Error::Item`] when the bucket lies outside the database.
+    pub fn query(&self, bucket: u32) -> Result<Vec<u8>> {
+        let index = self.item_of(bucket)?;
+        let words = self
+            .inner
+            .query(index, self.shape.rows(), &self.seed, &fresh_seed())?;
+        let q = params().modulus;
+        let values: Vec<u64> = words
+            .iter()
+            .map(|&w| compose(w & 0xffff_ffff, w >> 32) % q)
+            .collect();
+        Ok(to_wire(&values))
+    }
+
+    fn item_of(&self, bucket: u32) -> Result<usize> {
+        let index = self.shape.item_of(bucket);
+        let items = self.shape.items();
+        if index >= items {
+            return Err(Error::Item { index, items });
+        }
+        Ok(index)
+    }
+
+    /// The sorted fingerprints of the item holding `bucket`, from the
+    /// server's answer, checked against its checksum.
+    ///
+    /// # Errors
+    /// [`Error::Length`] for an answer of the wrong length,
+    /// [`Error::Coefficient`] for a value not below q, [`Error::Integrity`]
+    /// when it does not decrypt to the item asked.
+    pub fn decode(&self, bucket: u32, epoch: u64, answer: &[u8]) -> Result<Vec<u64>> {
+        let index = self.item_of(bucket)?;
+        let values = from_wire(answer, self.shape.answer_bytes(), "a YPIR+SP answer")?;
+        let groups: Vec<Vec<u64>> = values.chunks_exact(2 * RING).map(<[u64]>::to_vec).collect();
+        let bytes = self.inner.decode(&groups, self.shape.item_bytes())?;
+        crate::item::decode(&bytes, index as u64, epoch)
+    }
+
+    /// Whether `tag` is in an item decoded by [`YpirPirClient::decode`].
+    #[must_use]
+    pub fn contains(&self, fingerprints: &[u64], tag: u64) -> bool {
+        crate::item::contains(fingerprints, tag, self.shape.item_bytes())
+    }
+}
+
+/// 32 bytes from the operating system's generator, for a query's or the
+/// keys' errors.
+fn fresh_seed() -> [u8; 32] {
+    use rand::RngCore;
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut seed);
+    seed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -712,6 +1186,133 @@ mod tests {
             let answer = answer(&db, &pre, &query, &keys, Kernel::best()).unwrap();
             let item = client.decode(&answer, db.item_bytes()).unwrap();
             assert_eq!(item, db.item(row).unwrap(), "row {row}");
+        }
+    }
+
+    #[test]
+    fn shapes_hold_the_fullest_item_within_the_limits() {
+        // Uniform buckets of 6 entries: one group of 3,584 bytes holds
+        // capacity(3584) entries.
+        let cap = crate::item::capacity(GROUP_BYTES);
+        let load = |per: usize| move |shift: u8| per << shift;
+        // A tiny registry: one item.
+        let s = YpirShape::for_registry(0, load(6)).unwrap();
+        assert_eq!((s.items(), s.rows(), s.groups), (1, RING, 1));
+        // Items as full as one group allows.
+        let s = YpirShape::for_registry(16, load(6)).unwrap();
+        assert!(load(6)(s.bucket_shift) <= cap && load(6)(s.bucket_shift + 1) > cap);
+        assert_eq!(s.groups, 1);
+        // 2^31 entries: MAX_ROWS items of several groups.
+        let s = YpirShape::for_registry(28, load(8)).unwrap();
+        assert_eq!(s.items(), MAX_ROWS);
+        assert!(s.groups > 1 && s.groups <= MAX_GROUPS);
+        assert!(crate::item::capacity(s.item_bytes()) >= load(8)(s.bucket_shift));
+        assert!(s.query_bytes() <= 2_000_000 && s.validate().is_ok());
+        // Beyond MAX_GROUPS: refused.
+        assert!(YpirShape::for_registry(32, load(64)).is_err());
+        assert!(YpirShape::for_registry(33, load(1)).is_err());
+        let bad = YpirShape {
+            item_bits: 19,
+            groups: 1,
+            bucket_shift: 0,
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    fn small() -> (YpirShape, YpirDatabase, YpirPirClient, YpirKeys) {
+        // 2^12 items of one bucket each; item i holds tags i<<40 and a few.
+        let shape = YpirShape {
+            item_bits: 12,
+            groups: 1,
+            bucket_shift: 0,
+        };
+        let tags = |i: usize| vec![(i as u64) << 40, (i as u64 + 7) << 44, 0xdead_beef];
+        let db = YpirDatabase::build(shape, 5, tags).unwrap();
+        let client = YpirPirClient::new(shape, 5, &[4; 32]).unwrap();
+        let keys = YpirKeys::parse(shape, &client.public_parameters()).unwrap();
+        (shape, db, client, keys)
+    }
+
+    #[test]
+    fn a_bucket_is_found_through_the_wire_and_a_patch_is_seen() {
+        let (shape, db, client, keys) = small();
+        for bucket in [0u32, 1, 2_049, 4_095] {
+            let query = client.query(bucket).unwrap();
+            assert_eq!(query.len(), shape.query_bytes());
+            let answer = db.answer(&keys, &query).unwrap();
+            assert_eq!(answer.len(), shape.answer_bytes());
+            let fps = client.decode(bucket, 5, &answer).unwrap();
+            assert!(client.contains(&fps, u64::from(bucket) << 40));
+            assert!(!client.contains(&fps, u64::from(bucket + 1) << 40));
+            // Another epoch's checksum: an error, not "no match".
+            assert!(matches!(
+                client.decode(bucket, 6, &answer),
+                Err(Error::Integrity)
+            ));
+        }
+        assert!(client.query(4_096).is_err());
+        // Item 9 changes; the others stay.
+        let patched = db
+            .patch(&[9], |i| {
+                vec![if i == 9 { 77 << 40 } else { (i as u64) << 40 }]
+            })
+            .unwrap();
+        let answer = patched.answer(&keys, &client.query(9).unwrap()).unwrap();
+        let fps = client.decode(9, 5, &answer).unwrap();
+        assert!(client.contains(&fps, 77 << 40) && !client.contains(&fps, 9 << 40));
+    }
+
+    #[test]
+    fn hostile_bytes_are_refused_and_a_tampered_answer_is_an_error() {
+        let (shape, db, client, keys) = small();
+        let query = client.query(3).unwrap();
+        assert!(matches!(
+            db.answer(&keys, &query[1..]),
+            Err(Error::Length { .. })
+        ));
+        let mut high = query.clone();
+        high[7 * 10..7 * 11].copy_from_slice(&[0xff; 7]);
+        assert!(matches!(
+            db.answer(&keys, &high),
+            Err(Error::Coefficient { index: 10, .. })
+        ));
+        let upload = client.public_parameters();
+        assert!(matches!(
+            YpirKeys::parse(shape, &upload[..upload.len() - 7]),
+            Err(Error::Length { .. })
+        ));
+        let mut high = upload.clone();
+        high[..7].copy_from_slice(&[0xff; 7]);
+        assert!(matches!(
+            YpirKeys::parse(shape, &high),
+            Err(Error::Coefficient { index: 0, .. })
+        ));
+        // A value of the answer changed by more than the noise (its top
+        // byte), on either side: an error. (Low bits are within the noise
+        // and decode to the same item.)
+        let answer = db.answer(&keys, &query).unwrap();
+        for value in [0, 5, RING, RING + 13, 2 * RING - 1] {
+            let at = value * VALUE_BYTES + 6;
+            let mut bad = answer.clone();
+            bad[at] ^= 0x08;
+            assert!(client.decode(3, 5, &bad).is_err(), "value {value}");
+        }
+        assert!(client.decode(3, 5, &answer[1..]).is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoders(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40_000)) {
+            let shape = YpirShape { item_bits: 0, groups: 1, bucket_shift: 0 };
+            let client = YpirPirClient::new(shape, 1, &[2; 32]).unwrap();
+            // Stretched to the exact length, as a peer could send.
+            let answer: Vec<u8> = bytes.iter().copied().cycle().take(shape.answer_bytes()).collect();
+            proptest::prop_assert!(client.decode(0, 1, &bytes).is_err());
+            if answer.len() == shape.answer_bytes() {
+                proptest::prop_assert!(client.decode(0, 1, &answer).is_err());
+            }
+            let _ = YpirKeys::parse(shape, &bytes);
         }
     }
 }
