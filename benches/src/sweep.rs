@@ -33,6 +33,10 @@ pub struct PointSpec {
     pub blinding: String,
     /// Single bucket-mode checks to time.
     pub checks: usize,
+    /// PIR mode's scheme (`--pir-scheme`: `auto`, `spiral`, `ypir`);
+    /// empty: the server's default.
+    #[serde(default)]
+    pub pir_scheme: String,
 }
 
 /// What was measured.
@@ -96,6 +100,9 @@ pub struct PointResult {
     /// PIR mode: bytes the server holds for the database.
     #[serde(default)]
     pub pir_database_bytes: u64,
+    /// PIR mode: the scheme the server chose (`PirInfo.scheme`).
+    #[serde(default)]
+    pub pir_scheme: String,
     /// PIR mode: building the database from the loaded index, seconds.
     #[serde(default)]
     pub pir_build_seconds: f64,
@@ -344,10 +351,12 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
             .arg(&data)
             // PIR mode's database only where it is measured: the other
             // modes' memory figures stay those of the index and tag set.
-            .args(if spec.mode == "pir" {
+            .args(if spec.mode != "pir" {
+                vec!["--pir-max-database-bytes", "0"]
+            } else if spec.pir_scheme.is_empty() {
                 Vec::new()
             } else {
-                vec!["--pir-max-database-bytes", "0"]
+                vec!["--pir-scheme", spec.pir_scheme.as_str()]
             })
             .arg("--audit-db")
             .arg(cache.path().join("audit.sqlite"))
@@ -482,8 +491,15 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
         let snap = psi_server::serving::snapshot::Snapshot::load(&data)?;
         let rss = status_bytes("self", "VmRSS:");
         let t = Instant::now();
-        let db = psi_server::serving::pir::database_for(&snap, None, usize::MAX, usize::MAX)?
-            .context("no PIR database for this registry")?;
+        let choice = if spec.pir_scheme.is_empty() {
+            psi_pir::SchemeChoice::default()
+        } else {
+            spec.pir_scheme.parse()?
+        };
+        let db =
+            psi_server::serving::pir::database_for(&snap, None, usize::MAX, usize::MAX, choice)?
+                .context("no PIR database for this registry")?;
+        r.pir_scheme = db.shape().scheme().to_string();
         r.pir_build_seconds = t.elapsed().as_secs_f64();
         r.pir_database_bytes = db.bytes() as u64;
         r.pir_build_rss_bytes = status_bytes("self", "VmRSS:").saturating_sub(rss);

@@ -618,6 +618,7 @@ fn sweep(args: &SweepArgs) -> Result<()> {
                 client_threads: max_threads,
                 blinding: "additive".into(),
                 checks,
+                pir_scheme: String::new(),
             });
         }
         specs.push(PointSpec {
@@ -628,6 +629,7 @@ fn sweep(args: &SweepArgs) -> Result<()> {
             client_threads: max_threads,
             blinding: "additive".into(),
             checks: pir_checks,
+            pir_scheme: String::new(),
         });
     }
     for &t in args.threads.iter().filter(|&&t| t != max_threads) {
@@ -639,6 +641,7 @@ fn sweep(args: &SweepArgs) -> Result<()> {
             client_threads: t,
             blinding: "additive".into(),
             checks,
+            pir_scheme: String::new(),
         });
     }
     specs.push(PointSpec {
@@ -649,6 +652,7 @@ fn sweep(args: &SweepArgs) -> Result<()> {
         client_threads: max_threads,
         blinding: "multiplicative".into(),
         checks,
+        pir_scheme: String::new(),
     });
 
     let om_sizes: Vec<u64> = sizes

@@ -6,39 +6,48 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use psi_pir::{PirClient, Shape};
+use psi_pir::ypir::YpirShape;
+use psi_pir::{PirShape, SchemeClient, Shape};
 use psi_proto::v1::PirInfo;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 
-/// The shape a server advertises, checked.
+/// The shape a server advertises, checked: a scheme this client speaks,
+/// its shape in range, and the lengths it says matching the shape's.
 ///
 /// # Errors
 /// An unknown scheme or a shape out of range.
-pub fn shape_of(info: &PirInfo) -> Result<Shape> {
-    if info.scheme != psi_pir::shape::SCHEME {
-        return Err(Error::Unsupported(format!(
-            "the server's PIR scheme `{}` is not one this client speaks ({})",
-            info.scheme,
-            psi_pir::shape::SCHEME
-        )));
-    }
+pub fn shape_of(info: &PirInfo) -> Result<PirShape> {
     let narrow = |v: u32, what: &str| -> Result<u8> {
         u8::try_from(v)
             .map_err(|_| Error::Invalid(format!("the server's PIR {what} {v} is out of range")))
     };
-    let shape = Shape {
-        nu1: narrow(info.nu1, "nu1")?,
-        nu2: narrow(info.nu2, "nu2")?,
-        instances: u16::try_from(info.instances).map_err(|_| {
-            Error::Invalid(format!(
-                "the server's PIR instances {} is out of range",
-                info.instances
-            ))
-        })?,
-        bucket_shift: narrow(info.bucket_shift, "bucket_shift")?,
+    let wide = |v: u32, what: &str| -> Result<u16> {
+        u16::try_from(v)
+            .map_err(|_| Error::Invalid(format!("the server's PIR {what} {v} is out of range")))
+    };
+    let shape = if info.scheme == psi_pir::shape::SCHEME {
+        PirShape::Spiral(Shape {
+            nu1: narrow(info.nu1, "nu1")?,
+            nu2: narrow(info.nu2, "nu2")?,
+            instances: wide(info.instances, "instances")?,
+            bucket_shift: narrow(info.bucket_shift, "bucket_shift")?,
+        })
+    } else if info.scheme == psi_pir::ypir::SCHEME {
+        PirShape::Ypir(YpirShape {
+            item_bits: narrow(info.item_bits, "item_bits")?,
+            groups: wide(info.groups, "groups")?,
+            bucket_shift: narrow(info.bucket_shift, "bucket_shift")?,
+        })
+    } else {
+        return Err(Error::Unsupported(format!(
+            "the server's PIR scheme `{}` is not one this client speaks ({}, {})",
+            info.scheme,
+            psi_pir::shape::SCHEME,
+            psi_pir::ypir::SCHEME
+        )));
     };
     shape
         .validate()
@@ -62,7 +71,7 @@ pub fn shape_of(info: &PirInfo) -> Result<Shape> {
 /// never the seed.
 pub struct PirState {
     /// The scheme's client (its secret key from the seed).
-    pub client: Arc<PirClient>,
+    pub client: Arc<SchemeClient>,
     /// The id of the public parameters the server holds, if registered.
     pub keys_id: Option<Vec<u8>>,
     /// The key epoch they were made for.
@@ -88,21 +97,28 @@ impl PirState {
     ///
     /// # Errors
     /// An unreadable or unwritable seed file.
-    pub fn open(cache_dir: &Path, server_key: &str, epoch: u64, shape: Shape) -> Result<Self> {
+    pub fn open(cache_dir: &Path, server_key: &str, epoch: u64, shape: PirShape) -> Result<Self> {
         let master = master_seed(&cache_dir.join(format!("pir-{server_key}.seed")))?;
-        // A secret key per epoch and dimensions, from the one seed.
+        // A secret key per epoch and scheme (Spiral: and dimensions), from
+        // the one seed.
         let mut h = Sha256::new();
         h.update(b"psi.v1.pir.seed");
         h.update(master.as_slice());
         h.update(epoch.to_be_bytes());
-        h.update([shape.nu1, shape.nu2]);
+        let keys_for = match shape {
+            PirShape::Spiral(s) => {
+                h.update([s.nu1, s.nu2]);
+                format!("{}x{}", s.nu1, s.nu2)
+            }
+            PirShape::Ypir(_) => {
+                h.update(psi_pir::ypir::SCHEME.as_bytes());
+                "ypir".to_string()
+            }
+        };
         let mut seed = Zeroizing::new([0u8; 32]);
         seed.copy_from_slice(&h.finalize());
-        let client = Arc::new(new_client(shape, &seed)?);
-        let id_path = cache_dir.join(format!(
-            "pir-{server_key}-e{epoch}-{}x{}.id",
-            shape.nu1, shape.nu2
-        ));
+        let client = Arc::new(new_client(shape, epoch, &seed)?);
+        let id_path = cache_dir.join(format!("pir-{server_key}-e{epoch}-{keys_for}.id"));
         let keys_id = std::fs::read(&id_path).ok().filter(|id| id.len() == 16);
         Ok(Self {
             client,
@@ -114,11 +130,12 @@ impl PirState {
     }
 
     /// Work that makes fresh public parameters for this state's secret key
-    /// (about a second of CPU: run it off the async threads).
+    /// (Spiral: about a second of CPU; run it off the async threads).
     pub fn public_parameters_task(&self) -> impl FnOnce() -> Result<Vec<u8>> + Send + 'static {
         let shape = self.client.shape();
         let seed = self.seed.clone();
-        move || Ok(new_client(shape, &seed)?.public_parameters())
+        let epoch = self.epoch;
+        move || Ok(new_client(shape, epoch, &seed)?.public_parameters())
     }
 
     /// Records the id the server gave the public parameters.
@@ -133,8 +150,9 @@ impl PirState {
     }
 }
 
-fn new_client(shape: Shape, seed: &[u8; 32]) -> Result<PirClient> {
-    PirClient::new(shape, seed).map_err(|e| Error::Internal(format!("making PIR keys: {e}")))
+fn new_client(shape: PirShape, epoch: u64, seed: &[u8; 32]) -> Result<SchemeClient> {
+    SchemeClient::new(shape, epoch, seed)
+        .map_err(|e| Error::Internal(format!("making PIR keys: {e}")))
 }
 
 /// The 32-byte secret in `path`, made (mode 0600) if absent.
@@ -199,12 +217,12 @@ mod tests {
     #[test]
     fn the_state_never_shows_its_seed() {
         let dir = tempfile::tempdir().unwrap();
-        let shape = psi_pir::Shape {
+        let shape = PirShape::Spiral(psi_pir::Shape {
             nu1: 7,
             nu2: 2,
             instances: 1,
             bucket_shift: 0,
-        };
+        });
         let state = PirState::open(dir.path(), "abcd", 1, shape).unwrap();
         let shown = format!("{state:?}");
         let seed_hex = hex::encode(state.seed.as_slice());

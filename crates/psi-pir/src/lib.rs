@@ -10,8 +10,9 @@
 //! - [`plain`]: the plain database of the LWE family (YPIR+SP) and the
 //!   answer's pass over it at memory speed: the groundwork of PIR mode at
 //!   population scale, not serving yet.
-//! - [`ypir`]: YPIR+SP's cryptography over that database (queries, the
-//!   hint, packing the answer, decoding), not serving yet.
+//! - [`ypir`]: the scheme YPIR+SP over that database (queries, the hint,
+//!   packing the answer, decoding), for large registries.
+//! - [`scheme`]: both schemes behind one face, the one the server chose.
 //!
 //! The scheme is Spiral (Menon and Wu, IEEE S&P 2022), through its authors'
 //! implementation `spiral-rs`, except the server's evaluation of a query
@@ -34,12 +35,14 @@ pub mod item;
 mod kernels;
 mod ntt;
 pub mod plain;
+pub mod scheme;
 pub mod server;
 pub mod shape;
 pub mod ypir;
 
 pub use client::PirClient;
 pub use error::{Error, Result};
+pub use scheme::{PirDatabase, PirKeys, PirShape, SchemeChoice, SchemeClient};
 pub use server::{Database, Keys};
 pub use shape::Shape;
 

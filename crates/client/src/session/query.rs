@@ -330,15 +330,20 @@ impl Session {
     async fn pir_setup(
         &self,
         state: &mut crate::pir::PirState,
-        shape: psi_pir::Shape,
+        shape: psi_pir::PirShape,
     ) -> Result<()> {
         let started = std::time::Instant::now();
         let pp = on_cpu(state.public_parameters_task()).await??;
+        let (nu1, nu2) = match shape {
+            psi_pir::PirShape::Spiral(s) => (s.nu1.into(), s.nu2.into()),
+            psi_pir::PirShape::Ypir(_) => (0, 0),
+        };
         let message = PirSetupRequest {
             key_epoch: self.info.key_epoch,
-            nu1: shape.nu1.into(),
-            nu2: shape.nu2.into(),
+            nu1,
+            nu2,
             public_parameters: pp,
+            scheme: shape.scheme().to_string(),
         };
         let response = self
             .ask("registering PIR public parameters", || {

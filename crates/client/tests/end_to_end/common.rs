@@ -54,6 +54,23 @@ pub async fn start(data_dir: &Path, port: u16) -> Running {
 }
 
 pub async fn start_with_policy(data_dir: &Path, port: u16, policy: Option<&str>) -> Running {
+    start_with(data_dir, port, policy, test_limits()).await
+}
+
+/// The limits of the tests' servers: `max_batch` 64, the rest default.
+pub fn test_limits() -> Limits {
+    Limits {
+        max_batch: 64,
+        ..Limits::default()
+    }
+}
+
+pub async fn start_with(
+    data_dir: &Path,
+    port: u16,
+    policy: Option<&str>,
+    limits: Limits,
+) -> Running {
     let policy = policy.map(|text| {
         let path = data_dir.join("policy.toml");
         std::fs::write(&path, text).unwrap();
@@ -62,10 +79,7 @@ pub async fn start_with_policy(data_dir: &Path, port: u16, policy: Option<&str>)
     });
     serve::start(ServeConfig {
         listen: format!("127.0.0.1:{port}").parse().unwrap(),
-        limits: Limits {
-            max_batch: 64,
-            ..Limits::default()
-        },
+        limits,
         reload_interval: Duration::from_millis(50),
         policy,
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -106,6 +120,10 @@ pub struct Fixture {
 }
 
 pub async fn fixture(extra: usize) -> Fixture {
+    fixture_with(extra, test_limits()).await
+}
+
+pub async fn fixture_with(extra: usize, limits: Limits) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let csv = root.join("registry.csv");
@@ -115,7 +133,7 @@ pub async fn fixture(extra: usize) -> Fixture {
         registry::init_guarded(&Source::csv(&csv), &data_dir, false, &LENIENT, None).unwrap();
     assert_eq!(report.counts.accepted, (registered().len() + extra) as u64);
     assert_eq!(report.counts.rejected_total(), 2);
-    let running = start(&data_dir, 0).await;
+    let running = start_with(&data_dir, 0, None, limits).await;
     let url = format!("http://{}", running.local_addr);
     Fixture {
         _dir: dir,

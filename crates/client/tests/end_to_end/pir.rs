@@ -147,6 +147,7 @@ async fn malformed_pir_requests_are_refused_and_the_server_stays_up() {
         nu1: info.nu1,
         nu2,
         public_parameters: bytes,
+        scheme: String::new(),
     };
     let keys_bytes = info.keys_bytes as usize;
     for (req, want) in [
@@ -182,7 +183,7 @@ async fn malformed_pir_requests_are_refused_and_the_server_stays_up() {
     );
     // Register real parameters, then send malformed queries under them.
     let shape = psi_client::pir::shape_of(&info).unwrap();
-    let mut client = psi_pir::PirClient::new(shape, &[5; 32]).unwrap();
+    let mut client = psi_pir::SchemeClient::new(shape, epoch, &[5; 32]).unwrap();
     let keys_id = raw
         .pir_setup(with_purpose(setup(info.nu2, client.public_parameters())))
         .await
@@ -310,7 +311,7 @@ async fn pir_limits_hold_concurrent_answers_and_the_database_size() {
     let info = session.info().pir.clone().unwrap();
     let epoch = session.info().key_epoch;
     let shape = psi_client::pir::shape_of(&info).unwrap();
-    let mut client = psi_pir::PirClient::new(shape, &[8; 32]).unwrap();
+    let mut client = psi_pir::SchemeClient::new(shape, epoch, &[8; 32]).unwrap();
     let raw = MatchClient::connect(url.clone())
         .await
         .unwrap()
@@ -322,6 +323,7 @@ async fn pir_limits_hold_concurrent_answers_and_the_database_size() {
             nu1: info.nu1,
             nu2: info.nu2,
             public_parameters: client.public_parameters(),
+            scheme: String::new(),
         }))
         .await
         .unwrap()
@@ -360,4 +362,144 @@ async fn pir_limits_hold_concurrent_answers_and_the_database_size() {
     .await;
     assert!(both.into_iter().all(|a| a.unwrap() == CheckOutcome::Match));
     running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ypir_sp_answers_every_row_like_the_other_modes_through_an_update_and_a_rotation() {
+    let f = fixture_with(
+        3000,
+        Limits {
+            pir_scheme: psi_pir::SchemeChoice::Ypir,
+            ..test_limits()
+        },
+    )
+    .await;
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let info = session.info().pir.clone().expect("PIR mode offered");
+    assert_eq!(info.scheme, psi_pir::ypir::SCHEME);
+    // A registry this small has few buckets (each a whole item's worth):
+    // items of several groups.
+    assert_eq!((info.nu1, info.nu2), (0, 0));
+    assert!(info.groups >= 1 && info.query_bytes <= 2_000_000);
+    assert_eq!(info.answer_bytes, u64::from(info.groups) * 2 * 2048 * 7);
+
+    // Every kind of row: the same answers in all three modes.
+    let input = f.root.join("queries.csv");
+    let expected = write_queries(&input, 1);
+    for mode in [QueryMode::Pir, QueryMode::Bucket, QueryMode::Sync] {
+        let output = f.root.join(format!("out-{mode:?}.csv"));
+        batch::run(&session, &options(&input, &output, mode, 8))
+            .await
+            .unwrap();
+        let got: Vec<String> = read_output(&output)
+            .iter()
+            .map(|r| r[4].to_string())
+            .collect();
+        assert_eq!(got, expected, "{mode:?}");
+    }
+
+    // An update: the database patched, the answers follow.
+    let (new_name, new_id) = newcomer();
+    let pairs = [
+        ("张伟", "11010519491231002X"),
+        (new_name.as_str(), new_id.as_str()),
+    ];
+    let add = f.root.join("add.csv");
+    let remove = f.root.join("remove.csv");
+    write_pairs(&add, &[pairs[1]]);
+    write_pairs(&remove, &[pairs[0]]);
+    registry::update_guarded(
+        Some(&Source::csv(&add)),
+        Some(&Source::csv(&remove)),
+        &f.data_dir,
+        false,
+        &LENIENT,
+    )
+    .unwrap();
+    let session = reconnect_at(&session, 2).await;
+    for mode in [QueryMode::Pir, QueryMode::Bucket] {
+        assert_eq!(
+            answers(&session, &pairs, mode).await,
+            [CheckOutcome::NoMatch, CheckOutcome::Match],
+            "{mode:?}"
+        );
+    }
+
+    // A rotation: a new epoch's database and public seed; the client's
+    // keys are made again for it.
+    registry::rotate_key(&f.data_dir, Duration::ZERO, false).unwrap();
+    let mut session = session;
+    for _ in 0..200 {
+        session = session.reconnect().await.unwrap();
+        if session.info().key_epoch == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(session.info().key_epoch, 2);
+    assert_eq!(
+        answers(&session, &pairs, QueryMode::Pir).await,
+        [CheckOutcome::NoMatch, CheckOutcome::Match]
+    );
+
+    // Hostile bytes: refused with INVALID_ARGUMENT, the server answers on.
+    let info = session.info().pir.clone().unwrap();
+    let epoch = session.info().key_epoch;
+    let mut raw = MatchClient::connect(f.url.clone())
+        .await
+        .unwrap()
+        .max_encoding_message_size(64 << 20);
+    let setup = |scheme: &str, bytes: Vec<u8>| PirSetupRequest {
+        key_epoch: epoch,
+        public_parameters: bytes,
+        scheme: scheme.to_string(),
+        ..Default::default()
+    };
+    let keys_bytes = info.keys_bytes as usize;
+    for (req, want) in [
+        (setup("", vec![0; keys_bytes]), "scheme"),
+        (setup(&info.scheme, vec![0; keys_bytes - 7]), "bytes"),
+        (setup(&info.scheme, vec![0xff; keys_bytes]), "out of range"),
+    ] {
+        let e = raw.pir_setup(with_purpose(req)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{want}: {e:?}");
+        assert!(e.message().contains(want), "{}", e.message());
+    }
+    let shape = psi_client::pir::shape_of(&info).unwrap();
+    let mut client = psi_pir::SchemeClient::new(shape, epoch, &[6; 32]).unwrap();
+    let keys_id = raw
+        .pir_setup(with_purpose(setup(
+            &info.scheme,
+            client.public_parameters(),
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .keys_id;
+    let good = psi_proto::pack([&curve25519_dalek_basepoint()]);
+    let query_bytes = info.query_bytes as usize;
+    let mut out_of_range = vec![0u8; query_bytes];
+    out_of_range[7..14].copy_from_slice(&[0xff; 7]);
+    for (q, want) in [
+        (vec![0; query_bytes - 1], "bytes"),
+        (out_of_range, "out of range"),
+    ] {
+        let e = raw
+            .pir_query(with_purpose(PirQueryRequest {
+                key_epoch: epoch,
+                keys_id: keys_id.clone(),
+                blinded_elements: good.clone(),
+                queries: vec![q],
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{want}: {e:?}");
+        assert!(e.message().contains(want), "{}", e.message());
+    }
+    assert_eq!(
+        answers(&session, &pairs, QueryMode::Pir).await,
+        [CheckOutcome::NoMatch, CheckOutcome::Match]
+    );
+    f.running.shutdown().await.unwrap();
 }

@@ -128,13 +128,13 @@ fn body_limit(path: &str, limits: &crate::serving::service::Limits) -> (usize, S
         // 32 bytes per element and at most 5 per packed bucket number.
         "/psi.v1.Match/BucketQuery" => batch("max_bucket_batch", limits.max_bucket_batch, 32 + 5),
         "/psi.v1.Match/SyncTagSet" => message(),
-        // The public parameters (6-7.9 MB), whole.
+        // The public parameters (Spiral's 6-7.9 MB, YPIR+SP's 0.5 MB), whole.
         "/psi.v1.Match/PirSetup" => message(),
         // Per element: 32 bytes, one query, and their framing.
         "/psi.v1.Match/PirQuery" => batch(
             "pir_max_batch",
             limits.pir_max_batch,
-            32 + psi_pir::shape::QUERY_BYTES + 8,
+            32 + psi_pir::scheme::MAX_QUERY_BYTES + 8,
         ),
         _ => (SMALL_BODY, "a request without a payload".to_string()),
     }

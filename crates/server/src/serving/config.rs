@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// [default: 4294967296].
     #[arg(long, env = "PSI_PIR_MAX_DATABASE_BYTES")]
     pub pir_max_database_bytes: Option<usize>,
+    /// PIR scheme: `spiral`, `ypir` (YPIR+SP), or `auto`, the one whose
+    /// database takes less memory for the registry [default: auto].
+    #[arg(long, env = "PSI_PIR_SCHEME")]
+    pub pir_scheme: Option<String>,
     /// At least 2^N shards in the sync tag set: more shards make a re-sync
     /// of a changed set finer-grained and its manifest larger (0 to 20)
     /// [default: 0, by the registry's size: 2^11 to 2^12 entries a shard].
@@ -303,6 +307,7 @@ struct FileConfig {
     pir_max_concurrent: Option<usize>,
     pir_keys_cache_bytes: Option<usize>,
     pir_max_database_bytes: Option<usize>,
+    pir_scheme: Option<String>,
     tagset_min_shard_bits: Option<u8>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -398,7 +403,7 @@ impl ServeArgs {
             Some(path) => FileConfig::read(path)?,
             None => FileConfig::default(),
         };
-        let limits = self.limits(&file);
+        let limits = self.limits(&file)?;
         check_limits(&limits)?;
         let data_dir = self
             .data_dir
@@ -491,9 +496,16 @@ impl ServeArgs {
     }
 
     /// The limits: each from the flag (or environment), else the file, else the default.
-    fn limits(&self, file: &FileConfig) -> Limits {
+    fn limits(&self, file: &FileConfig) -> Result<Limits> {
         let defaults = Limits::default();
-        Limits {
+        let pir_scheme = match self.pir_scheme.clone().or(file.pir_scheme.clone()) {
+            Some(text) => text
+                .parse()
+                .map_err(|e| anyhow::anyhow!("pir_scheme: {e}"))?,
+            None => defaults.pir_scheme,
+        };
+        Ok(Limits {
+            pir_scheme,
             max_batch: self
                 .max_batch
                 .or(file.max_batch)
@@ -530,7 +542,7 @@ impl ServeArgs {
                 .tagset_min_shard_bits
                 .or(file.tagset_min_shard_bits)
                 .unwrap_or(defaults.tagset_min_shard_bits),
-        }
+        })
     }
 }
 

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use psi_core::bucket::BucketIndex;
-use psi_pir::{Database, Keys, Shape};
+use psi_pir::{PirDatabase, PirKeys, PirShape, SchemeChoice};
 use sha2::{Digest, Sha256};
 
 use crate::serving::error::ServiceError;
@@ -24,9 +24,9 @@ pub const KEYS_ID_BYTES: usize = 16;
 pub const KEYS_PER_INSTITUTION: usize = 4;
 
 /// The tags of item `i`: its buckets' tags.
-fn item_tags(index: &BucketIndex, shape: Shape, i: usize) -> Vec<u64> {
-    let first = (i as u64) << shape.bucket_shift;
-    let last = ((i as u64 + 1) << shape.bucket_shift).min(index.bucket_count() as u64);
+fn item_tags(index: &BucketIndex, shape: PirShape, i: usize) -> Vec<u64> {
+    let first = (i as u64) << shape.bucket_shift();
+    let last = ((i as u64 + 1) << shape.bucket_shift()).min(index.bucket_count() as u64);
     (first..last)
         .filter_map(|b| index.bucket(u32::try_from(b).ok()?))
         .flat_map(|run| run.to_vec())
@@ -50,10 +50,11 @@ fn fullest(index: &BucketIndex, shift: u8) -> usize {
     most
 }
 
-/// The PIR database for `snap`, from `prev`'s when only some items
-/// changed; `None` when PIR mode is off (`max_bytes` 0), the database
-/// would exceed `max_bytes`, or a client's public parameters would not fit
-/// in a message of `max_message_bytes` (both logged).
+/// The PIR database for `snap` under the scheme `choice` picks, from
+/// `prev`'s when only some items changed; `None` when PIR mode is off
+/// (`max_bytes` 0), the database would exceed `max_bytes`, or a client's
+/// public parameters would not fit in a message of `max_message_bytes`
+/// (both logged).
 ///
 /// # Errors
 /// An item that overflows the shape chosen for it (cannot happen: the
@@ -63,12 +64,13 @@ pub fn database_for(
     prev: Option<&Snapshot>,
     max_bytes: usize,
     max_message_bytes: usize,
-) -> anyhow::Result<Option<Arc<Database>>> {
+    choice: SchemeChoice,
+) -> anyhow::Result<Option<Arc<PirDatabase>>> {
     if max_bytes == 0 {
         return Ok(None);
     }
     let index = &snap.index;
-    let shape = match Shape::for_registry(index.prefix_bits(), |s| fullest(index, s)) {
+    let shape = match PirShape::for_registry(choice, index.prefix_bits(), |s| fullest(index, s)) {
         Ok(shape) => shape,
         Err(e) => {
             tracing::warn!("PIR mode off for this registry: {e}");
@@ -116,13 +118,14 @@ pub fn database_for(
                 );
                 return Ok(Some(Arc::new(patched)));
             }
-            Database::build(shape, snap.epoch, tags)?
+            PirDatabase::build(shape, snap.epoch, tags)?
         }
-        None => Database::build(shape, snap.epoch, tags)?,
+        None => PirDatabase::build(shape, snap.epoch, tags)?,
     };
     tracing::info!(
+        scheme = shape.scheme(),
         items = shape.items(),
-        instances = shape.instances,
+        item_bytes = shape.item_bytes(),
         bytes = db.bytes(),
         ms = started.elapsed().as_millis() as u64,
         "PIR database built"
@@ -131,7 +134,7 @@ pub fn database_for(
 }
 
 /// Items whose buckets differ between two indexes of the same prefix bits.
-fn changed_items(before: &BucketIndex, after: &BucketIndex, shape: Shape) -> Vec<usize> {
+fn changed_items(before: &BucketIndex, after: &BucketIndex, shape: PirShape) -> Vec<usize> {
     let mut items: Vec<usize> = (0..after.bucket_count())
         .filter_map(|b| u32::try_from(b).ok())
         .filter(|&b| {
@@ -157,7 +160,7 @@ pub fn keys_id(bytes: &[u8]) -> [u8; KEYS_ID_BYTES] {
 }
 
 struct Cached {
-    keys: Arc<Keys>,
+    keys: Arc<PirKeys>,
     bytes: usize,
     last_used: u64,
 }
@@ -210,7 +213,7 @@ impl KeysCache {
         &self,
         institution: &str,
         id: [u8; KEYS_ID_BYTES],
-        keys: Keys,
+        keys: PirKeys,
     ) -> Result<(), ServiceError> {
         let bytes = keys.memory_bytes();
         if bytes > self.max_bytes {
@@ -246,7 +249,7 @@ impl KeysCache {
 
     /// The keys `institution` uploaded under `id`, if still held.
     #[must_use]
-    pub fn get(&self, institution: &str, id: &[u8]) -> Option<Arc<Keys>> {
+    pub fn get(&self, institution: &str, id: &[u8]) -> Option<Arc<PirKeys>> {
         let id: [u8; KEYS_ID_BYTES] = id.try_into().ok()?;
         let mut e = self.lock();
         e.clock += 1;
@@ -281,18 +284,18 @@ fn evict_oldest(e: &mut Entries, institution: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use psi_pir::PirClient;
+    use psi_pir::SchemeClient;
 
-    fn keys(shape: Shape, seed: u8) -> (Keys, [u8; KEYS_ID_BYTES]) {
-        let pp = PirClient::new(shape, &[seed; 32])
+    fn keys(shape: PirShape, seed: u8) -> (PirKeys, [u8; KEYS_ID_BYTES]) {
+        let pp = SchemeClient::new(shape, 1, &[seed; 32])
             .unwrap()
             .public_parameters();
-        (Keys::parse(shape, &pp).unwrap(), keys_id(&pp))
+        (PirKeys::parse(shape, 1, &pp).unwrap(), keys_id(&pp))
     }
 
     #[test]
     fn the_cache_is_bounded_per_institution_and_in_bytes() {
-        let shape = Shape::for_registry(0, |_| 1).unwrap();
+        let shape = PirShape::for_registry(SchemeChoice::Spiral, 0, |_| 1).unwrap();
         let (k, _) = keys(shape, 1);
         let one = k.memory_bytes();
         let cache = KeysCache::new(3 * one);

@@ -274,6 +274,7 @@ async fn load(
             prev.as_deref(),
             limits.pir_max_database_bytes,
             limits.max_message_bytes,
+            limits.pir_scheme,
         )?;
         Ok(next)
     })

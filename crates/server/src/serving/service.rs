@@ -53,6 +53,8 @@ pub struct Limits {
     /// Largest PIR database built; a registry that needs more serves
     /// without PIR mode. 0: no PIR mode.
     pub pir_max_database_bytes: usize,
+    /// Which PIR scheme serves (`auto`: the smaller database).
+    pub pir_scheme: psi_pir::SchemeChoice,
     /// At least `2^tagset_min_shard_bits` shards in the sync tag set (0:
     /// by the registry's size; at most 20).
     pub tagset_min_shard_bits: u8,
@@ -69,6 +71,7 @@ impl Default for Limits {
             pir_max_concurrent: 2,
             pir_keys_cache_bytes: 1 << 30,
             pir_max_database_bytes: 4 << 30,
+            pir_scheme: psi_pir::SchemeChoice::Auto,
             tagset_min_shard_bits: 0,
         }
     }
@@ -598,18 +601,28 @@ impl Match for MatchService {
             },
             pir: snap.pir.as_ref().map(|db| {
                 let shape = db.shape();
-                PirInfo {
-                    scheme: psi_pir::shape::SCHEME.to_string(),
-                    nu1: shape.nu1.into(),
-                    nu2: shape.nu2.into(),
-                    instances: shape.instances.into(),
-                    bucket_shift: shape.bucket_shift.into(),
+                let mut info = PirInfo {
+                    scheme: shape.scheme().to_string(),
+                    bucket_shift: shape.bucket_shift().into(),
                     fingerprint_bits: shape.fingerprint_bits(),
                     keys_bytes: shape.keys_bytes() as u64,
                     query_bytes: shape.query_bytes() as u64,
                     answer_bytes: shape.answer_bytes() as u64,
                     max_batch: to_u32(limits.pir_max_batch),
+                    ..PirInfo::default()
+                };
+                match shape {
+                    psi_pir::PirShape::Spiral(s) => {
+                        info.nu1 = s.nu1.into();
+                        info.nu2 = s.nu2.into();
+                        info.instances = s.instances.into();
+                    }
+                    psi_pir::PirShape::Ypir(s) => {
+                        info.item_bits = s.item_bits.into();
+                        info.groups = s.groups.into();
+                    }
                 }
+                info
             }),
             tag_bits: snap.tagset.header().params.tag_bits.into(),
             key_history: snap
@@ -795,7 +808,7 @@ impl MatchService {
         })
     }
 
-    fn pir_database(snap: &Snapshot) -> Result<Arc<psi_pir::Database>, ServiceError> {
+    fn pir_database(snap: &Snapshot) -> Result<Arc<psi_pir::PirDatabase>, ServiceError> {
         snap.pir.clone().ok_or_else(|| {
             ServiceError::InvalidArgument(
                 "this server does not offer PIR mode (see ServerInfo.modes)".into(),
@@ -811,16 +824,30 @@ impl MatchService {
         let institution = institution.ok_or(ServiceError::Unauthenticated)?;
         let snap = self.snapshot_for(req.key_epoch)?;
         let shape = Self::pir_database(&snap)?.shape();
-        if (req.nu1, req.nu2) != (shape.nu1.into(), shape.nu2.into()) {
+        let scheme = if req.scheme.is_empty() {
+            psi_pir::shape::SCHEME
+        } else {
+            req.scheme.as_str()
+        };
+        if scheme != shape.scheme() {
             return Err(ServiceError::InvalidArgument(format!(
-                "public parameters for dimensions ({}, {}); the database has ({}, {}): fetch ServerInfo",
-                req.nu1, req.nu2, shape.nu1, shape.nu2
+                "public parameters for the PIR scheme `{scheme}`; the database is `{}`: fetch ServerInfo",
+                shape.scheme()
             )));
+        }
+        if let psi_pir::PirShape::Spiral(shape) = shape {
+            if (req.nu1, req.nu2) != (shape.nu1.into(), shape.nu2.into()) {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "public parameters for dimensions ({}, {}); the database has ({}, {}): fetch ServerInfo",
+                    req.nu1, req.nu2, shape.nu1, shape.nu2
+                )));
+            }
         }
         // Checked before any work: the exact length, then every coefficient.
         let bytes = req.public_parameters;
         let id = crate::serving::pir::keys_id(&bytes);
-        let keys = on_cpu(move |_| psi_pir::Keys::parse(shape, &bytes))
+        let epoch = snap.epoch;
+        let keys = on_cpu(move |_| psi_pir::PirKeys::parse(shape, epoch, &bytes))
             .await?
             .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         self.state.pir_keys.insert(&institution, id, keys)?;
@@ -866,7 +893,7 @@ impl MatchService {
             .state
             .pir_keys
             .get(&institution, &req.keys_id)
-            .filter(|k| k.shape().same_keys(&db.shape()))
+            .filter(|k| k.serve(&db))
             .ok_or(ServiceError::PirKeysUnknown)?;
         let _slot = Arc::clone(&self.state.pir_slots)
             .try_acquire_owned()

@@ -36,7 +36,7 @@ pub struct Snapshot {
     pub history: Vec<KeyStep>,
     /// The PIR database derived from the index (PIR mode), when offered:
     /// set by the server after loading (see `crate::serving::pir::database_for`).
-    pub pir: Option<std::sync::Arc<psi_pir::Database>>,
+    pub pir: Option<std::sync::Arc<psi_pir::PirDatabase>>,
     /// The base index file it was loaded from, as the manifest named it.
     base: Option<Entry>,
     /// The tag set has at least `2^min_shard_bits` shards (a setting).
