@@ -422,3 +422,30 @@ impl SchemeClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_takes_the_smaller_database_and_a_choice_is_kept() {
+        // About 2x10^4 entries: Spiral's 32 MiB beat YPIR+SP's fixed
+        // precomputation.
+        let small = |s: u8| 20usize << s;
+        let auto = PirShape::for_registry(SchemeChoice::Auto, 10, small).unwrap();
+        assert!(matches!(auto, PirShape::Spiral(_)), "{auto:?}");
+        let forced = PirShape::for_registry(SchemeChoice::Ypir, 10, small).unwrap();
+        assert!(matches!(forced, PirShape::Ypir(_)));
+        assert!(forced.database_bytes() > auto.database_bytes());
+        // About 10^8: YPIR+SP's plain items are smaller.
+        let large = |s: u8| 24usize << s;
+        let auto = PirShape::for_registry(SchemeChoice::Auto, 22, large).unwrap();
+        assert!(matches!(auto, PirShape::Ypir(_)), "{auto:?}");
+        let spiral = PirShape::for_registry(SchemeChoice::Spiral, 22, large).unwrap();
+        assert!(spiral.database_bytes() > 3 * auto.database_bytes());
+        assert_eq!(auto.scheme(), crate::ypir::SCHEME);
+        // Keys of one scheme never serve the other.
+        assert!(!auto.same_keys(&spiral) && auto.same_keys(&auto));
+        assert!("sealpir".parse::<SchemeChoice>().is_err());
+    }
+}

@@ -413,14 +413,15 @@ fn automorph_tables() -> &'static [Vec<usize>] {
     })
 }
 
-/// `out = a * b` slot by slot (NTT form).
-fn mul(a: &[u64], b: &[u64]) -> Ntt {
-    let (m0, m1) = MODULI;
-    a.iter()
-        .zip(b)
-        .enumerate()
-        .map(|(i, (&x, &y))| (x * y) % if i < RING { m0 } else { m1 })
-        .collect()
+/// `out = a * b` slot by slot (NTT form; the slots' values below 2^28).
+fn mul<T: Copy + Into<u64>>(a: &[T], b: &[u64]) -> Ntt {
+    let mut out = Vec::with_capacity(2 * RING);
+    for (k, m) in [MODULI.0, MODULI.1].into_iter().enumerate() {
+        let range = k * RING..(k + 1) * RING;
+        let (a, b) = (&a[range.clone()], &b[range]);
+        out.extend(a.iter().zip(b).map(|(&x, &y)| (x.into() * y) % m));
+    }
+    out
 }
 
 /// `a + sign b` slot by slot (NTT form), `sign` 1 or -1.
@@ -455,8 +456,9 @@ pub struct Precomputed {
 struct Group {
     /// The packed ciphertext's `a` (coefficients mod q).
     alpha: Vec<u64>,
-    /// Per node of the tree (`node_id`), the digits' NTTs.
-    digits: Vec<[Ntt; DIGITS]>,
+    /// Per node of the tree (`node_id`), the digits' NTTs (values below
+    /// 2^28, held in 32 bits).
+    digits: Vec<[Vec<u32>; DIGITS]>,
 }
 
 impl fmt::Debug for Precomputed {
@@ -510,7 +512,7 @@ impl Precomputed {
     }
 
     /// Bytes held per group of columns.
-    pub const GROUP_BYTES: usize = RING * 8 + (RING - 1) * DIGITS * 2 * RING * 8;
+    pub const GROUP_BYTES: usize = RING * 8 + (RING - 1) * DIGITS * 2 * RING * 4;
 
     /// Bytes held.
     #[must_use]
@@ -527,7 +529,7 @@ fn pack_alpha(
     start: usize,
     leaves: &[PolyMatrixNTT<'static>],
     key_a: &[PolyMatrixNTT<'static>],
-    digits: &Mutex<&mut Vec<[Ntt; DIGITS]>>,
+    digits: &Mutex<&mut Vec<[Vec<u32>; DIGITS]>>,
 ) -> PolyMatrixNTT<'static> {
     if l == 0 {
         return leaves[start].clone();
@@ -555,7 +557,12 @@ fn pack_alpha(
     let mut d = PolyMatrixRaw::zero(p, DIGITS, 1);
     gadget_invert_rdim(&mut d, &tau, 1);
     let d = d.ntt();
-    let d: [Ntt; DIGITS] = std::array::from_fn(|i| d.get_poly(i, 0).to_vec());
+    let d: [Vec<u32>; DIGITS] = std::array::from_fn(|i| {
+        d.get_poly(i, 0)
+            .iter()
+            .map(|&x| u32::try_from(x).unwrap_or(0))
+            .collect()
+    });
     let mut switched = vec![0; 2 * RING];
     for (i, di) in d.iter().enumerate() {
         switched = add(&switched, &mul(di, key_a[l - 1].get_poly(0, i)), false);

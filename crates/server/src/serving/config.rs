@@ -703,6 +703,21 @@ mod tests {
             ..base.clone()
         })
         .contains("pir_keys_cache_bytes"));
+        // The scheme: auto unless said; a name not known is refused.
+        assert_eq!(cfg.limits.pir_scheme, psi_pir::SchemeChoice::Auto);
+        let ypir = ServeArgs {
+            pir_scheme: Some("ypir".into()),
+            ..base.clone()
+        };
+        assert_eq!(
+            ypir.resolve().unwrap().limits.pir_scheme,
+            psi_pir::SchemeChoice::Ypir
+        );
+        assert!(err(ServeArgs {
+            pir_scheme: Some("simplepir".into()),
+            ..base.clone()
+        })
+        .contains("pir_scheme"));
         // Messages too small for PIR's public parameters: the server starts
         // without PIR mode (see pir::database_for), it does not refuse.
         assert!(ServeArgs {
