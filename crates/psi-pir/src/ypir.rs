@@ -152,19 +152,33 @@ impl Hint {
             })
             .collect();
         let columns = db.columns();
+        // Sums of up to 128 products below 2^56 fit 64 bits unreduced
+        // (MAX_ROWS / RING = 128 blocks); more are reduced every 128.
+        const UNREDUCED: usize = 128;
         let values: Vec<u64> = (0..columns)
             .into_par_iter()
             .flat_map_iter(|j| {
-                let mut acc = PolyMatrixNTT::zero(p, 1, 1);
-                let mut d = PolyMatrixRaw::zero(p, 1, 1);
+                let mut acc = vec![0u64; 2 * RING];
+                let mut sum = PolyMatrixNTT::zero(p, 1, 1);
+                let mut d = vec![0u64; 2 * RING];
+                let mut coeffs = vec![0i32; RING];
                 for (k, a) in conj_a.iter().enumerate() {
                     let words = db.column_run(k * RING, RING, j);
-                    for (x, &w) in d.get_poly_mut(0, 0).iter_mut().zip(words) {
-                        *x = u64::from(w);
+                    for (c, &w) in coeffs.iter_mut().zip(words) {
+                        *c = i32::from(w);
                     }
-                    acc = &acc + &(&d.ntt() * a);
+                    crate::ntt::forward_signed(p, &mut d, &coeffs);
+                    crate::kernels::multiply_add(&mut acc, &d, a.get_poly(0, 0));
+                    if (k + 1) % UNREDUCED == 0 || k + 1 == conj_a.len() {
+                        let out = sum.get_poly_mut(0, 0);
+                        for (i, (o, x)) in out.iter_mut().zip(acc.iter_mut()).enumerate() {
+                            let m = if i < RING { MODULI.0 } else { MODULI.1 };
+                            *o = (*o + *x % m) % m;
+                            *x = 0;
+                        }
+                    }
                 }
-                acc.raw().get_poly(0, 0).to_vec()
+                sum.raw().get_poly(0, 0).to_vec()
             })
             .collect();
         Ok(Self { columns, values })
@@ -973,13 +987,18 @@ impl YpirDatabase {
             .iter()
             .map(|&v| (v % MODULI.0) | ((v % MODULI.1) << 32))
             .collect();
-        let groups = answer(
-            &self.db,
-            &self.pre,
-            &words,
-            &keys.keys,
-            crate::plain::Kernel::best(),
-        )?;
+        // The scheme's code (spiral-rs's ring arithmetic among it) under
+        // catch_unwind: a fault refuses this request, nothing more.
+        let groups = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            answer(
+                &self.db,
+                &self.pre,
+                &words,
+                &keys.keys,
+                crate::plain::Kernel::best(),
+            )
+        }))
+        .map_err(|_| Error::Scheme)??;
         Ok(to_wire(&groups.concat()))
     }
 }
