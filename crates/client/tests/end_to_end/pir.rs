@@ -15,24 +15,7 @@ async fn pir_mode_answers_like_the_other_modes_and_the_operator_learns_nothing_o
     assert_eq!(info.scheme, psi_pir::shape::SCHEME);
     assert!(info.fingerprint_bits >= 43);
 
-    // Every kind of row (formatting variants, non-members, invalid rows):
-    // the same answers in all three modes.
-    let input = f.root.join("queries.csv");
-    let expected = write_queries(&input, 1);
-    let mut results = Vec::new();
-    for mode in [QueryMode::Pir, QueryMode::Bucket, QueryMode::Sync] {
-        let output = f.root.join(format!("out-{mode:?}.csv"));
-        batch::run(&session, &options(&input, &output, mode, 8))
-            .await
-            .unwrap();
-        let got: Vec<String> = read_output(&output)
-            .iter()
-            .map(|r| r[4].to_string())
-            .collect();
-        assert_eq!(got, expected, "{mode:?}");
-        results.push(got);
-    }
-    assert_eq!(results[0], results[1]);
+    let expected = every_row_alike_in_three_modes(&f, &session).await;
 
     // The audit trail: PIR requests say `pir` and their element count. The
     // public parameters went up once for this institution and epoch.
@@ -52,78 +35,7 @@ async fn pir_mode_answers_like_the_other_modes_and_the_operator_learns_nothing_o
         .sum();
     assert_eq!(asked, valid_rows);
 
-    // Two checks of different pairs (a member, a non-member) leave records
-    // that differ only in time and request id; nothing in the export,
-    // the metrics or the records depends on the pair asked.
-    let before = audit_records(&audit_db).len();
-    let member = check(&session, "张伟", "11010519491231002X", QueryMode::Pir)
-        .await
-        .unwrap();
-    let other = Generator::new(999, psi_core::CivilDate::today())
-        .unwrap()
-        .next()
-        .unwrap();
-    let stranger = check(&session, &other.name, &other.id, QueryMode::Pir)
-        .await
-        .unwrap();
-    assert_eq!(
-        (member, stranger),
-        (CheckOutcome::Match, CheckOutcome::NoMatch)
-    );
-    let after = audit_records(&audit_db);
-    assert_eq!(after.len(), before + 2);
-    let strip = |r: &serde_json::Value| {
-        let mut r = r.as_object().unwrap().clone();
-        let keys: Vec<String> = r.keys().cloned().collect();
-        assert_eq!(
-            keys,
-            [
-                "commitment",
-                "elements",
-                "hash",
-                "institution",
-                "key_epoch",
-                "method",
-                "mode",
-                "outcome",
-                "purpose",
-                "registry_version",
-                "request_id",
-                "seq",
-                "time"
-            ],
-            "an audit record holds these fields and nothing else"
-        );
-        // No log commitment was sent here (and one would be salted).
-        assert_eq!(r["commitment"], "");
-        for k in ["hash", "request_id", "seq", "time"] {
-            r.remove(k);
-        }
-        r
-    };
-    assert_eq!(strip(&after[before]), strip(&after[before + 1]));
-    let mut export = Vec::new();
-    psi_server::serving::audit::export(
-        &audit_db,
-        &Default::default(),
-        psi_server::serving::audit::Format::Csv,
-        &mut export,
-    )
-    .unwrap();
-    let metrics = metrics_text(&f.running).await;
-    for text in [String::from_utf8(export).unwrap(), metrics.clone()] {
-        for (name, id) in registered()
-            .into_iter()
-            .chain([(other.name.as_str(), other.id.as_str())])
-        {
-            assert!(!text.contains(name) && !text.contains(&id[..17]), "{name}");
-        }
-    }
-    assert!(
-        metrics
-            .contains(r#"psi_elements_total{method="PirQuery",institution="local",outcome="ok"}"#),
-        "{metrics}"
-    );
+    the_audit_trail_says_nothing_of_the_pair(&f, &session).await;
     f.running.shutdown().await.unwrap();
 }
 
@@ -383,20 +295,8 @@ async fn ypir_sp_answers_every_row_like_the_other_modes_through_an_update_and_a_
     assert!(info.groups >= 1 && info.query_bytes <= 2_000_000);
     assert_eq!(info.answer_bytes, u64::from(info.groups) * 2 * 2048 * 7);
 
-    // Every kind of row: the same answers in all three modes.
-    let input = f.root.join("queries.csv");
-    let expected = write_queries(&input, 1);
-    for mode in [QueryMode::Pir, QueryMode::Bucket, QueryMode::Sync] {
-        let output = f.root.join(format!("out-{mode:?}.csv"));
-        batch::run(&session, &options(&input, &output, mode, 8))
-            .await
-            .unwrap();
-        let got: Vec<String> = read_output(&output)
-            .iter()
-            .map(|r| r[4].to_string())
-            .collect();
-        assert_eq!(got, expected, "{mode:?}");
-    }
+    every_row_alike_in_three_modes(&f, &session).await;
+    the_audit_trail_says_nothing_of_the_pair(&f, &session).await;
 
     // An update: the database patched, the answers follow.
     let (new_name, new_id) = newcomer();
@@ -502,4 +402,99 @@ async fn ypir_sp_answers_every_row_like_the_other_modes_through_an_update_and_a_
         [CheckOutcome::NoMatch, CheckOutcome::Match]
     );
     f.running.shutdown().await.unwrap();
+}
+
+/// Every kind of row (formatting variants, non-members, invalid rows): the
+/// same answers in PIR, bucket and sync mode; the answers expected.
+async fn every_row_alike_in_three_modes(f: &Fixture, session: &Session) -> Vec<&'static str> {
+    let input = f.root.join("queries.csv");
+    let expected = write_queries(&input, 1);
+    for mode in [QueryMode::Pir, QueryMode::Bucket, QueryMode::Sync] {
+        let output = f.root.join(format!("out-{mode:?}.csv"));
+        batch::run(session, &options(&input, &output, mode, 8))
+            .await
+            .unwrap();
+        let got: Vec<String> = read_output(&output)
+            .iter()
+            .map(|r| r[4].to_string())
+            .collect();
+        assert_eq!(got, expected, "{mode:?}");
+    }
+    expected
+}
+
+/// Two PIR checks of different pairs (a member, a non-member) leave audit
+/// records that differ only in time and request id; nothing in the
+/// export, the metrics or the records depends on the pair asked.
+async fn the_audit_trail_says_nothing_of_the_pair(f: &Fixture, session: &Session) {
+    let audit_db = f.data_dir.join(psi_server::serving::audit::AUDIT_FILE);
+    let before = audit_records(&audit_db).len();
+    let member = check(session, "张伟", "11010519491231002X", QueryMode::Pir)
+        .await
+        .unwrap();
+    let other = Generator::new(999, psi_core::CivilDate::today())
+        .unwrap()
+        .next()
+        .unwrap();
+    let stranger = check(session, &other.name, &other.id, QueryMode::Pir)
+        .await
+        .unwrap();
+    assert_eq!(
+        (member, stranger),
+        (CheckOutcome::Match, CheckOutcome::NoMatch)
+    );
+    let after = audit_records(&audit_db);
+    assert_eq!(after.len(), before + 2);
+    let strip = |r: &serde_json::Value| {
+        let mut r = r.as_object().unwrap().clone();
+        let keys: Vec<String> = r.keys().cloned().collect();
+        assert_eq!(
+            keys,
+            [
+                "commitment",
+                "elements",
+                "hash",
+                "institution",
+                "key_epoch",
+                "method",
+                "mode",
+                "outcome",
+                "purpose",
+                "registry_version",
+                "request_id",
+                "seq",
+                "time"
+            ],
+            "an audit record holds these fields and nothing else"
+        );
+        // No log commitment was sent here (and one would be salted).
+        assert_eq!(r["commitment"], "");
+        for k in ["hash", "request_id", "seq", "time"] {
+            r.remove(k);
+        }
+        r
+    };
+    assert_eq!(strip(&after[before]), strip(&after[before + 1]));
+    let mut export = Vec::new();
+    psi_server::serving::audit::export(
+        &audit_db,
+        &Default::default(),
+        psi_server::serving::audit::Format::Csv,
+        &mut export,
+    )
+    .unwrap();
+    let metrics = metrics_text(&f.running).await;
+    for text in [String::from_utf8(export).unwrap(), metrics.clone()] {
+        for (name, id) in registered()
+            .into_iter()
+            .chain([(other.name.as_str(), other.id.as_str())])
+        {
+            assert!(!text.contains(name) && !text.contains(&id[..17]), "{name}");
+        }
+    }
+    assert!(
+        metrics
+            .contains(r#"psi_elements_total{method="PirQuery",institution="local",outcome="ok"}"#),
+        "{metrics}"
+    );
 }
