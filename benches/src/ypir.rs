@@ -1,59 +1,57 @@
-//! `psi-bench ypir`: YPIR+SP (`psi_pir::ypir`) on a plain database of a
-//! given size, in this process: the hint's build, the client's keys and
-//! query, the server's answer (the pass, then the packing) on one thread
-//! and on all of them, decoding, and the bytes each would take on the wire
-//! (values mod q at 7 bytes, the keys' `a` halves from a public seed).
+//! `psi-bench ypir`: YPIR+SP (`psi_pir::ypir`) through the API the server
+//! and client use, on a database of `2^item_bits` items of one group
+//! (3,584 bytes) filled with fingerprints: building it (items, hint,
+//! precomputation), the client's keys and queries, the server's answers
+//! (the first after the keys arrive packs their `b` sides; later ones
+//! reuse them; four queries share a pass), decoding, and the bytes on the
+//! wire.
 
-use std::hint::black_box;
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
-use psi_pir::plain::Kernel;
-use psi_pir::ypir::{answer, Hint, Precomputed, YpirClient, MODULI, RING};
+use psi_pir::ypir::{YpirDatabase, YpirKeys, YpirPirClient, YpirShape};
 use serde::Serialize;
 
-use crate::plainpass::{build, Filler};
-
-/// Bytes of a value mod q (56 bits) on the wire.
-const VALUE_BYTES: usize = 7;
+/// Fingerprints per item: 3,200 bytes of a 3,584-byte item, as a bucket
+/// of a registry at 8 bytes per entry fills it.
+const TAGS_PER_ITEM: u64 = 400;
 
 /// The run's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct YpirReport {
     /// Items (rows).
     pub rows: usize,
-    /// Bytes the database takes in memory.
+    /// Entries (fingerprints) in all.
+    pub entries: u64,
+    /// Bytes the server holds (items and precomputation).
     pub database_bytes: u64,
-    /// Building it from items, s.
+    /// Building it from tags: items coded, hint, precomputation, s.
     pub build_seconds: f64,
-    /// The hint `D^T A` (all threads), s.
-    pub hint_seconds: f64,
-    /// The packing's precomputation from the hint (all threads), s.
-    pub precompute_seconds: f64,
-    /// Bytes the precomputation holds (the hint itself is not kept).
-    pub precomputed_bytes: u64,
+    /// Re-coding 1% of the items, with the hint and precomputation made
+    /// again, s.
+    pub patch_one_percent_seconds: f64,
     /// The client's packing keys, s.
     pub keys_seconds: f64,
-    /// Their bytes on the wire (the `b` halves), once per session.
+    /// Their bytes on the wire, once per key epoch.
     pub keys_bytes: u64,
     /// Making a query, s (median).
     pub query_seconds: f64,
     /// A query's bytes on the wire.
     pub query_bytes: u64,
-    /// Threads the answers below ran on.
+    /// Threads the server's work ran on.
     pub threads: usize,
-    /// The answer's pass alone on all threads, s (median).
-    pub pass_seconds: f64,
-    /// The whole answer (pass and packing) on one thread, s (median).
-    pub answer_seconds_one_thread: f64,
-    /// On all threads, s (median).
-    pub answer_seconds_all_threads: f64,
+    /// The first answer after the keys arrive (packing their `b` sides), s.
+    pub first_answer_seconds: f64,
+    /// Later answers, one query a request, s (median).
+    pub answer_seconds: f64,
+    /// Four queries in one request (one pass), per query, s (median).
+    pub answer_of_four_seconds_per_query: f64,
     /// An answer's bytes on the wire.
     pub answer_bytes: u64,
     /// Decoding it, s (median).
     pub decode_seconds: f64,
-    /// Checks whose decoded item equalled the database's row.
-    pub decoded_right: usize,
+    /// Checks whose decoded item held the tag asked.
+    pub found: usize,
     /// Checks made.
     pub checks: usize,
 }
@@ -63,84 +61,90 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs it on a database of about `database_mib` MiB, `checks` checks of
-/// spread-out rows.
+fn tag(item: u64, k: u64) -> u64 {
+    (item * TAGS_PER_ITEM + k + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Runs it on `2^item_bits` items (18: the shape of ~10^8 entries), with
+/// `checks` checks of spread-out items.
 ///
 /// # Errors
-/// A step failing, or a decoded item differing from its row.
-pub fn run(database_mib: usize, checks: usize) -> Result<YpirReport> {
-    let (db, build_seconds) = build(database_mib, &mut Filler::default())?;
-    let rows = db.rows();
-    let public = [7u8; 32];
+/// A step failing, or a decoded item without the tag asked.
+pub fn run(item_bits: u8, checks: usize) -> Result<YpirReport> {
+    let shape = YpirShape {
+        item_bits,
+        groups: 1,
+        bucket_shift: 0,
+    };
+    let tags = |i: usize| (0..TAGS_PER_ITEM).map(|k| tag(i as u64, k)).collect();
     let t = Instant::now();
-    let hint = Hint::new(&db, &public)?;
-    let hint_seconds = t.elapsed().as_secs_f64();
+    let db = YpirDatabase::build(shape, 1, tags)?;
+    let build_seconds = t.elapsed().as_secs_f64();
+    let changed: Vec<usize> = (0..shape.items()).step_by(100).collect();
     let t = Instant::now();
-    let pre = Precomputed::new(&hint, &public);
-    let precompute_seconds = t.elapsed().as_secs_f64();
+    let patched = db.patch(&changed, |i| {
+        (0..TAGS_PER_ITEM).map(|k| tag(i as u64, k + 7)).collect()
+    })?;
+    let patch_one_percent_seconds = t.elapsed().as_secs_f64();
+    drop(patched);
 
-    let client = YpirClient::new(&[1u8; 32]);
+    let client = YpirPirClient::new(shape, 1, &[1u8; 32])?;
     let t = Instant::now();
-    let keys = client.packing_keys(&public, &[2u8; 32]);
+    let upload = client.public_parameters();
     let keys_seconds = t.elapsed().as_secs_f64();
+    let keys = YpirKeys::parse(shape, &upload)?;
 
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
-    let kernel = Kernel::best();
-    let (mut query_s, mut pass_s, mut one_s, mut all_s, mut decode_s) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut decoded_right = 0;
-    let mut answer_bytes = 0;
-    for c in 0..checks.max(1) {
-        let row = (c * 104_729 + 17) % rows;
+    let buckets: Vec<u32> = (0..checks.max(4))
+        .map(|c| ((c * 104_729 + 17) % shape.items()) as u32)
+        .collect();
+    let (mut query_s, mut answer_s, mut decode_s) = (Vec::new(), Vec::new(), Vec::new());
+    let mut queries = Vec::new();
+    for &b in &buckets {
         let t = Instant::now();
-        let query = client.query(row, rows, &public, &[c as u8; 32])?;
+        queries.push(client.query(b)?);
         query_s.push(t.elapsed().as_secs_f64());
-
+    }
+    let t = Instant::now();
+    let first = db.answer(&keys, &queries[0])?;
+    let first_answer_seconds = t.elapsed().as_secs_f64();
+    let mut found = 0;
+    for (q, &b) in queries.iter().zip(&buckets) {
         let t = Instant::now();
-        black_box(db.first_pass(&[&query], MODULI, kernel)?);
-        pass_s.push(t.elapsed().as_secs_f64());
-
+        let answer = db.answer(&keys, q)?;
+        answer_s.push(t.elapsed().as_secs_f64());
+        ensure!(b != buckets[0] || answer == first, "answers differ");
         let t = Instant::now();
-        let reply = one.install(|| answer(&db, &pre, &query, &keys, kernel))?;
-        one_s.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        let reply_all = answer(&db, &pre, &query, &keys, kernel)?;
-        all_s.push(t.elapsed().as_secs_f64());
-        ensure!(reply == reply_all, "the answer depends on the threads");
-        answer_bytes = reply.iter().map(|g| g.len() * VALUE_BYTES).sum::<usize>();
-
-        let t = Instant::now();
-        let item = client.decode(&reply, db.item_bytes())?;
+        let fps = client.decode(b, 1, &answer)?;
         decode_s.push(t.elapsed().as_secs_f64());
-        if item == db.item(row)? {
-            decoded_right += 1;
+        if client.contains(&fps, tag(u64::from(b), 0)) {
+            found += 1;
         }
     }
-    ensure!(
-        decoded_right == checks.max(1),
-        "{} of {} checks decoded a wrong item",
-        checks.max(1) - decoded_right,
-        checks.max(1)
-    );
+    ensure!(found == buckets.len(), "{found} of {} found", buckets.len());
+    let mut four_s = Vec::new();
+    for chunk in queries.chunks_exact(4) {
+        let refs: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+        let t = Instant::now();
+        db.answer_many(&keys, &refs)?;
+        four_s.push(t.elapsed().as_secs_f64() / 4.0);
+    }
     Ok(YpirReport {
-        rows,
-        database_bytes: db.memory_bytes() as u64,
+        rows: shape.rows(),
+        entries: shape.items() as u64 * TAGS_PER_ITEM,
+        database_bytes: db.bytes() as u64,
         build_seconds,
-        hint_seconds,
-        precompute_seconds,
-        precomputed_bytes: pre.memory_bytes() as u64,
+        patch_one_percent_seconds,
         keys_seconds,
-        keys_bytes: (11 * 3 * RING * VALUE_BYTES) as u64,
+        keys_bytes: upload.len() as u64,
         query_seconds: median(query_s),
-        query_bytes: (rows * VALUE_BYTES) as u64,
-        threads,
-        pass_seconds: median(pass_s),
-        answer_seconds_one_thread: median(one_s),
-        answer_seconds_all_threads: median(all_s),
-        answer_bytes: answer_bytes as u64,
+        query_bytes: queries[0].len() as u64,
+        threads: rayon::current_num_threads(),
+        first_answer_seconds,
+        answer_seconds: median(answer_s),
+        answer_of_four_seconds_per_query: median(four_s),
+        answer_bytes: first.len() as u64,
         decode_seconds: median(decode_s),
-        decoded_right,
-        checks: checks.max(1),
+        found,
+        checks: buckets.len(),
     })
 }

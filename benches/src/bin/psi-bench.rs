@@ -15,8 +15,8 @@
 //! - `psi-bench gateway`: single checks through the HTTP gateway.
 //! - `psi-bench plain-pass`: the LWE family's pass over a plain database
 //!   against the read bandwidth (issue #24).
-//! - `psi-bench ypir`: YPIR+SP's hint, keys, query, answer and decoding on
-//!   a plain database (issue #24).
+//! - `psi-bench ypir`: YPIR+SP's build, patch, keys, queries, answers and
+//!   decoding through the server's and client's API (issue #24).
 
 // The benchmark harness: a run that cannot proceed stops with the reason.
 #![allow(
@@ -100,14 +100,14 @@ enum Cmd {
         #[arg(long, default_value_t = 100_000)]
         patched: usize,
     },
-    /// YPIR+SP (issue #24) on a plain database, in this process: hint,
-    /// keys, queries, answers on one thread and on all, decoding.
+    /// YPIR+SP (issue #24) through the server's and client's API, in this
+    /// process: build, patch, keys, queries, answers, decoding.
     Ypir {
-        /// The database's size in MiB (2 bytes per 14 bits of items).
-        #[arg(long, default_value_t = 1024)]
-        database_mib: usize,
-        /// Checks timed (the medians are reported).
-        #[arg(long, default_value_t = 5)]
+        /// Items as a power of two (18: 1 GiB, the shape of ~10^8 entries).
+        #[arg(long, default_value_t = 18)]
+        item_bits: u8,
+        /// Checks timed (the medians are reported; at least 4).
+        #[arg(long, default_value_t = 8)]
         checks: usize,
     },
     /// Single-key against threshold mode (2-of-3 holders in this process).
@@ -272,11 +272,8 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
-        Cmd::Ypir {
-            database_mib,
-            checks,
-        } => {
-            let report = psi_bench::ypir::run(database_mib, checks)?;
+        Cmd::Ypir { item_bits, checks } => {
+            let report = psi_bench::ypir::run(item_bits, checks)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }

@@ -264,15 +264,18 @@ impl PirDatabase {
         }
     }
 
-    /// The answer to `query` with `keys`.
+    /// The answers to one client's `queries` with `keys`, every query
+    /// checked before any work (YPIR+SP: up to four share a pass).
     ///
     /// # Errors
     /// Keys of the other scheme, and the schemes' own checks.
-    pub fn answer(&self, keys: &PirKeys, query: &[u8]) -> Result<Vec<u8>> {
+    pub fn answer_many(&self, keys: &PirKeys, queries: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
         match (self, keys) {
-            (Self::Spiral(d), PirKeys::Spiral(k)) => d.answer(k, query),
+            (Self::Spiral(d), PirKeys::Spiral(k)) => {
+                queries.iter().map(|q| d.answer(k, q)).collect()
+            }
             (Self::Ypir(d), PirKeys::Ypir { keys, epoch }) if *epoch == d.epoch() => {
-                d.answer(keys, query)
+                d.answer_many(keys, queries)
             }
             _ => Err(Error::Shape(
                 "public parameters made for another scheme or key epoch".into(),

@@ -622,6 +622,57 @@ fn pack_beta(l: usize, start: usize, group: &Group, key_b: &[[Vec<u64>; DIGITS]]
     add(&add(&add(&even, &y_odd, false), &tau, false), &out, false)
 }
 
+/// The packed ciphertexts' `b` sides before the pass's outputs are added:
+/// they depend on the client's keys and the precomputation only (the
+/// leaves' `b` are zero), so they are computed once per keys and database
+/// and serve every query (`YpirKeys` keeps them). Coefficients mod q, per
+/// group.
+fn packed_b(pre: &Precomputed, keys: &PackingKeys) -> Vec<Vec<u64>> {
+    let p = params();
+    pre.groups
+        .iter()
+        .map(|group| {
+            let mut beta = PolyMatrixNTT::zero(p, 1, 1);
+            beta.get_poly_mut(0, 0)
+                .copy_from_slice(&pack_beta(LEVELS, 0, group, &keys.b));
+            beta.raw().get_poly(0, 0).to_vec()
+        })
+        .collect()
+}
+
+/// One query's answer from the pass's outputs `c` (CRT words, one per
+/// column): per group, the packed `a`, then the packed `b` plus `n c_j`
+/// at coefficient `j` (the packing multiplies each message by `n`).
+fn finish(pre: &Precomputed, b: &[Vec<u64>], c: &[u64]) -> Vec<Vec<u64>> {
+    let q = params().modulus;
+    pre.groups
+        .iter()
+        .zip(b)
+        .enumerate()
+        .map(|(g, (group, b))| {
+            let mut out = group.alpha.clone();
+            for (i, &b) in b.iter().enumerate() {
+                let w = c[g * RING + i];
+                let cj = compose(w & 0xffff_ffff, w >> 32);
+                let n_cj = (u128::from(cj) * RING as u128 % u128::from(q)) as u64;
+                out.push((b + n_cj) % q);
+            }
+            out
+        })
+        .collect()
+}
+
+/// Checks that `pre` and `keys` go with `db`.
+fn check_answerable(db: &PlainDatabase, pre: &Precomputed, keys: &PackingKeys) -> Result<()> {
+    blocks_of(db.rows())?;
+    if pre.columns != db.columns() || keys.b.len() != LEVELS {
+        return Err(Error::Shape(
+            "a YPIR+SP answer needs the database's precomputation and 11 levels of keys".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The server's answer to a query: the pass, then each group of `RING`
 /// columns packed with the client's keys; per group `2 x RING` values mod
 /// q (`a` then `b`).
@@ -636,35 +687,9 @@ pub fn answer(
     keys: &PackingKeys,
     kernel: crate::plain::Kernel,
 ) -> Result<Vec<Vec<u64>>> {
-    blocks_of(db.rows())?;
-    if pre.columns != db.columns() || keys.b.len() != LEVELS {
-        return Err(Error::Shape(
-            "a YPIR+SP answer needs the database's precomputation and 11 levels of keys".into(),
-        ));
-    }
+    check_answerable(db, pre, keys)?;
     let pass = db.first_pass(&[query], MODULI, kernel)?;
-    let c = &pass[0];
-    let p = params();
-    let q = p.modulus;
-    pre.groups
-        .iter()
-        .enumerate()
-        .map(|(g, group)| {
-            let mut beta = PolyMatrixNTT::zero(p, 1, 1);
-            beta.get_poly_mut(0, 0)
-                .copy_from_slice(&pack_beta(LEVELS, 0, group, &keys.b));
-            let beta = beta.raw();
-            let mut out = group.alpha.clone();
-            for (i, &b) in beta.get_poly(0, 0).iter().enumerate() {
-                // The pass's c_j, times n as the packing multiplies.
-                let w = c[g * RING + i];
-                let cj = compose(w & 0xffff_ffff, w >> 32);
-                let n_cj = (u128::from(cj) * RING as u128 % u128::from(q)) as u64;
-                out.push((b + n_cj) % q);
-            }
-            Ok(out)
-        })
-        .collect()
+    Ok(finish(pre, &packed_b(pre, keys), &pass[0]))
 }
 
 /// The scheme and parameter family, as `ServerInfo` names it.
@@ -854,10 +879,16 @@ fn from_wire(bytes: &[u8], want: usize, what: &'static str) -> Result<Vec<u64>> 
         .collect()
 }
 
-/// A client's packing keys as the server keeps them.
+/// A client's packing keys as the server keeps them, with the packed `b`
+/// sides for the last database they answered (`packed_b`): the first
+/// query after a database change computes them, the others reuse them.
 pub struct YpirKeys {
     keys: PackingKeys,
+    packed: Mutex<Option<(u64, PackedB)>>,
 }
+
+/// The packed `b` sides of a database's groups for one client's keys.
+type PackedB = std::sync::Arc<Vec<Vec<u64>>>;
 
 impl fmt::Debug for YpirKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -884,13 +915,31 @@ impl YpirKeys {
             .collect();
         Ok(Self {
             keys: PackingKeys { b },
+            packed: Mutex::new(None),
         })
     }
 
-    /// Bytes held.
+    /// Bytes held (the packed `b` sides of up to [`MAX_GROUPS`] groups
+    /// counted).
     #[must_use]
     pub fn memory_bytes(&self) -> usize {
-        LEVELS * DIGITS * 2 * RING * 8
+        LEVELS * DIGITS * 2 * RING * 8 + usize::from(MAX_GROUPS) * RING * 8
+    }
+
+    /// The packed `b` sides for `db`, computed on first use.
+    fn packed_for(&self, db: &YpirDatabase) -> PackedB {
+        let mut held = self
+            .packed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*held {
+            Some((id, b)) if *id == db.id => std::sync::Arc::clone(b),
+            _ => {
+                let b = std::sync::Arc::new(packed_b(&db.pre, &self.keys));
+                *held = Some((db.id, std::sync::Arc::clone(&b)));
+                b
+            }
+        }
     }
 }
 
@@ -900,6 +949,8 @@ pub struct YpirDatabase {
     epoch: u64,
     db: PlainDatabase,
     pre: Precomputed,
+    /// Unique in the process: what keys' cached packings are for.
+    id: u64,
 }
 
 impl fmt::Debug for YpirDatabase {
@@ -933,11 +984,13 @@ impl YpirDatabase {
         let seed = public_seed(epoch);
         let hint = Hint::new(&db, &seed)?;
         let pre = Precomputed::new(&hint, &seed);
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(Self {
             shape,
             epoch,
             db,
             pre,
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -982,24 +1035,45 @@ impl YpirDatabase {
     /// # Errors
     /// [`Error::Length`] or [`Error::Coefficient`].
     pub fn answer(&self, keys: &YpirKeys, query: &[u8]) -> Result<Vec<u8>> {
-        let values = from_wire(query, self.shape.query_bytes(), "a YPIR+SP query")?;
-        let words: Vec<u64> = values
+        let mut answers = self.answer_many(keys, &[query])?;
+        answers.pop().ok_or(Error::Scheme)
+    }
+
+    /// The answers to several queries of one client, every one checked
+    /// before any work; up to [`crate::plain::MAX_QUERIES_PER_PASS`] share
+    /// a pass over the database.
+    ///
+    /// # Errors
+    /// [`Error::Length`] or [`Error::Coefficient`] for any query.
+    pub fn answer_many(&self, keys: &YpirKeys, queries: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
+        let words: Vec<Vec<u64>> = queries
             .iter()
-            .map(|&v| (v % MODULI.0) | ((v % MODULI.1) << 32))
-            .collect();
+            .map(|q| {
+                let values = from_wire(q, self.shape.query_bytes(), "a YPIR+SP query")?;
+                Ok(values
+                    .iter()
+                    .map(|&v| (v % MODULI.0) | ((v % MODULI.1) << 32))
+                    .collect())
+            })
+            .collect::<Result<_>>()?;
+        check_answerable(&self.db, &self.pre, &keys.keys)?;
         // The scheme's code (spiral-rs's ring arithmetic among it) under
         // catch_unwind: a fault refuses this request, nothing more.
-        let groups = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            answer(
-                &self.db,
-                &self.pre,
-                &words,
-                &keys.keys,
-                crate::plain::Kernel::best(),
-            )
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let b = keys.packed_for(self);
+            let mut out = Vec::with_capacity(words.len());
+            for chunk in words.chunks(crate::plain::MAX_QUERIES_PER_PASS) {
+                let refs: Vec<&[u64]> = chunk.iter().map(Vec::as_slice).collect();
+                let pass = self
+                    .db
+                    .first_pass(&refs, MODULI, crate::plain::Kernel::best())?;
+                for c in &pass {
+                    out.push(to_wire(&finish(&self.pre, &b, c).concat()));
+                }
+            }
+            Ok(out)
         }))
-        .map_err(|_| Error::Scheme)??;
-        Ok(to_wire(&groups.concat()))
+        .map_err(|_| Error::Scheme)?
     }
 }
 
@@ -1277,6 +1351,25 @@ mod tests {
             ));
         }
         assert!(client.query(4_096).is_err());
+        // Three queries in one call share a pass and answer as one by one
+        // (the packed b sides come from the keys' cache the second time).
+        let queries: Vec<Vec<u8>> = [7u32, 8, 4_000]
+            .iter()
+            .map(|&b| client.query(b).unwrap())
+            .collect();
+        let refs: Vec<&[u8]> = queries.iter().map(Vec::as_slice).collect();
+        let many = db.answer_many(&keys, &refs).unwrap();
+        for ((q, a), bucket) in queries.iter().zip(&many).zip([7u32, 8, 4_000]) {
+            assert_eq!(*a, db.answer(&keys, q).unwrap());
+            let fps = client.decode(bucket, 5, a).unwrap();
+            assert!(client.contains(&fps, u64::from(bucket) << 40));
+        }
+        let mut bad = refs.clone();
+        bad[2] = &refs[2][1..];
+        assert!(matches!(
+            db.answer_many(&keys, &bad),
+            Err(Error::Length { .. })
+        ));
         // Item 9 changes; the others stay.
         let patched = db
             .patch(&[9], |i| {

@@ -911,11 +911,14 @@ impl MatchService {
         let queries = req.queries;
         let answers = on_cpu(move |stop| {
             let mut answers = Vec::with_capacity(queries.len());
-            for q in &queries {
+            // A pass's worth of queries at a time (YPIR+SP answers up to
+            // four with one read of its database).
+            for chunk in queries.chunks(psi_pir::plain::MAX_QUERIES_PER_PASS) {
                 if stop() {
                     return Err(ServiceError::Core(psi_core::Error::Cancelled));
                 }
-                answers.push(db.answer(&keys, q).map_err(|e| match e {
+                let refs: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+                answers.extend(db.answer_many(&keys, &refs).map_err(|e| match e {
                     psi_pir::Error::Scheme => {
                         ServiceError::InvalidArgument("the PIR query could not be processed".into())
                     }
