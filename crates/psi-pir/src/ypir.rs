@@ -1419,6 +1419,67 @@ mod tests {
         assert!(client.decode(3, 5, &answer[1..]).is_err());
     }
 
+    /// Known answer (docs/vectors/ypir-sp.json): from fixed seeds, the
+    /// keys, a query and its answer are fixed bytes.
+    #[test]
+    fn known_answer() {
+        use sha2::{Digest, Sha256};
+        let hex = |b: &[u8]| -> String { b.iter().map(|x| format!("{x:02x}")).collect() };
+        let shape = YpirShape {
+            item_bits: 11,
+            groups: 1,
+            bucket_shift: 0,
+        };
+        let db = YpirDatabase::build(shape, 1, |i| vec![(i as u64) << 40, 0x0123_4567_89ab_cdef])
+            .unwrap();
+        let seed = public_seed(1);
+        let client = YpirClient::new(&[1; 32]);
+        let keys = client.packing_keys(&seed, &[2; 32]);
+        let p = params();
+        let upload: Vec<u64> = keys
+            .b
+            .iter()
+            .flatten()
+            .flat_map(|ntt| {
+                let mut m = PolyMatrixNTT::zero(p, 1, 1);
+                m.get_poly_mut(0, 0).copy_from_slice(ntt);
+                m.raw().get_poly(0, 0).to_vec()
+            })
+            .collect();
+        let upload = to_wire(&upload);
+        let words = client.query(1_234, shape.rows(), &seed, &[3; 32]).unwrap();
+        let values: Vec<u64> = words
+            .iter()
+            .map(|&w| compose(w & 0xffff_ffff, w >> 32))
+            .collect();
+        let query = to_wire(&values);
+        let answer = db
+            .answer(&YpirKeys::parse(shape, &upload).unwrap(), &query)
+            .unwrap();
+        let got = [
+            hex(&seed),
+            hex(&Sha256::digest(&upload)),
+            hex(&Sha256::digest(&query)),
+            hex(&Sha256::digest(&answer)),
+        ];
+        let published = include_str!("../../../docs/vectors/ypir-sp.json");
+        for (what, digest) in ["public_seed", "keys", "query", "answer"].iter().zip(&got) {
+            assert!(
+                published.contains(digest.as_str()),
+                "{what}: {digest} is not in docs/vectors/ypir-sp.json"
+            );
+        }
+        // And the answer decodes to item 1234.
+        let groups: Vec<Vec<u64>> = from_wire(&answer, shape.answer_bytes(), "answer")
+            .unwrap()
+            .chunks_exact(2 * RING)
+            .map(<[u64]>::to_vec)
+            .collect();
+        let item = client.decode(&groups, shape.item_bytes()).unwrap();
+        let fps = crate::item::decode(&item, 1_234, 1).unwrap();
+        assert!(crate::item::contains(&fps, 1_234 << 40, shape.item_bytes()));
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
         #[test]
