@@ -37,7 +37,6 @@ use std::sync::{Mutex, OnceLock};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
-use spiral_rs::arith::rescale;
 use spiral_rs::discrete_gaussian::DiscreteGaussian;
 use spiral_rs::gadget::{build_gadget, gadget_invert_rdim};
 use spiral_rs::number_theory::invert_uint_mod;
@@ -331,14 +330,15 @@ impl YpirClient {
     }
 
     /// The row's first `item_bytes` bytes from the answer: per group of
-    /// [`RING`] columns, `2 x RING` values mod q (the packed ciphertext's
-    /// `a` then `b`).
+    /// [`RING`] columns, `RING` values `a | b << 28` (the packed
+    /// ciphertext switched to moduli 2^28 and 2^20).
     ///
     /// # Errors
-    /// A group of the wrong length, a value not below q, too few groups
+    /// A group of the wrong length, a value over 48 bits, too few groups
     /// for `item_bytes`.
     pub fn decode(&self, answer: &[Vec<u64>], item_bytes: usize) -> Result<Vec<u8>> {
         let p = params();
+        let q = p.modulus;
         let want = (item_bytes * 8).div_ceil(WORD_BITS).div_ceil(RING);
         if answer.len() != want {
             return Err(Error::Length {
@@ -350,31 +350,38 @@ impl YpirClient {
         let s = self.secret().ntt();
         let mut words = Vec::with_capacity(answer.len() * RING);
         for group in answer {
-            if group.len() != 2 * RING {
+            if group.len() != RING {
                 return Err(Error::Length {
                     what: "a YPIR+SP answer",
-                    got: group.len() * 8,
-                    want: 2 * RING * 8,
+                    got: group.len() * SWITCHED_BYTES,
+                    want: RING * SWITCHED_BYTES,
                 });
             }
-            if let Some(index) = group.iter().position(|&x| x >= p.modulus) {
+            if let Some(index) = group.iter().position(|&x| x >> (A_BITS + B_BITS) != 0) {
                 return Err(Error::Coefficient {
                     what: "a YPIR+SP answer",
                     index,
                 });
             }
+            // a s over the integers (|a| < 2^28, s small: well below q/2),
+            // then mod 2^28 and scaled to 2^20.
             let mut a = PolyMatrixRaw::zero(p, 1, 1);
-            a.get_poly_mut(0, 0).copy_from_slice(&group[..RING]);
+            for (x, &v) in a.get_poly_mut(0, 0).iter_mut().zip(group) {
+                *x = v & ((1 << A_BITS) - 1);
+            }
             let a_s = (&a.ntt() * &s).raw();
-            words.extend(
-                group[RING..]
-                    .iter()
-                    .zip(a_s.get_poly(0, 0))
-                    .map(|(&b, &x)| {
-                        let m = (b + p.modulus - x) % p.modulus;
-                        (rescale(m, p.modulus, p.pt_modulus) % p.pt_modulus) as u16
-                    }),
-            );
+            words.extend(group.iter().zip(a_s.get_poly(0, 0)).map(|(&v, &x)| {
+                let centred = if x > q / 2 {
+                    i128::from(x) - i128::from(q)
+                } else {
+                    i128::from(x)
+                };
+                let a_s = centred.rem_euclid(1 << A_BITS) as u64;
+                let t = (a_s + (1 << (A_BITS - B_BITS - 1))) >> (A_BITS - B_BITS);
+                let m = ((v >> A_BITS) + (1 << B_BITS) - t) & ((1 << B_BITS) - 1);
+                let shift = B_BITS - WORD_BITS as u32;
+                (((m + (1 << (shift - 1))) >> shift) & ((1 << WORD_BITS) - 1)) as u16
+            }));
         }
         Ok(from_words(&words, item_bytes))
     }
@@ -640,9 +647,24 @@ fn packed_b(pre: &Precomputed, keys: &PackingKeys) -> Vec<Vec<u64>> {
         .collect()
 }
 
+/// Bits of the answer's `a` coefficients after modulus switching.
+const A_BITS: u32 = 28;
+
+/// Bits of the answer's `b` coefficients after modulus switching.
+const B_BITS: u32 = 20;
+
+/// `round(x 2^bits / q) mod 2^bits`: `x` mod q switched to modulus 2^bits.
+fn switch(x: u64, bits: u32) -> u64 {
+    let q = u128::from(params().modulus);
+    let scaled = ((u128::from(x) << bits) + q / 2) / q;
+    (scaled as u64) & ((1 << bits) - 1)
+}
+
 /// One query's answer from the pass's outputs `c` (CRT words, one per
-/// column): per group, the packed `a`, then the packed `b` plus `n c_j`
-/// at coefficient `j` (the packing multiplies each message by `n`).
+/// column): per group, the packed ciphertext (`a`, and `b` plus `n c_j` at
+/// coefficient `j`: the packing multiplies each message by `n`), switched
+/// from q to 2^28 (`a`) and 2^20 (`b`), one value `a | b << 28` a
+/// coefficient (YPIR's modulus switching).
 fn finish(pre: &Precomputed, b: &[Vec<u64>], c: &[u64]) -> Vec<Vec<u64>> {
     let q = params().modulus;
     pre.groups
@@ -650,14 +672,18 @@ fn finish(pre: &Precomputed, b: &[Vec<u64>], c: &[u64]) -> Vec<Vec<u64>> {
         .zip(b)
         .enumerate()
         .map(|(g, (group, b))| {
-            let mut out = group.alpha.clone();
-            for (i, &b) in b.iter().enumerate() {
-                let w = c[g * RING + i];
-                let cj = compose(w & 0xffff_ffff, w >> 32);
-                let n_cj = (u128::from(cj) * RING as u128 % u128::from(q)) as u64;
-                out.push((b + n_cj) % q);
-            }
-            out
+            group
+                .alpha
+                .iter()
+                .zip(b)
+                .enumerate()
+                .map(|(i, (&a, &b))| {
+                    let w = c[g * RING + i];
+                    let cj = compose(w & 0xffff_ffff, w >> 32);
+                    let n_cj = (u128::from(cj) * RING as u128 % u128::from(q)) as u64;
+                    switch(a, A_BITS) | switch((b + n_cj) % q, B_BITS) << A_BITS
+                })
+                .collect()
         })
         .collect()
 }
@@ -708,6 +734,10 @@ pub const GROUP_BYTES: usize = RING * WORD_BITS / 8;
 
 /// Bytes of a value mod q on the wire (q < 2^56), little-endian.
 pub const VALUE_BYTES: usize = 7;
+
+/// Bytes of an answer's coefficient on the wire: `a` (28 bits) and `b`
+/// (20 bits) after modulus switching, `a | b << 28` little-endian.
+pub const SWITCHED_BYTES: usize = 6;
 
 /// A YPIR+SP database's shape: public, advertised in `ServerInfo`.
 ///
@@ -819,7 +849,7 @@ impl YpirShape {
     /// One answer's length.
     #[must_use]
     pub fn answer_bytes(&self) -> usize {
-        usize::from(self.groups) * 2 * RING * VALUE_BYTES
+        usize::from(self.groups) * RING * SWITCHED_BYTES
     }
 
     /// Bytes the server holds: the items in 16-bit words, and the
@@ -845,9 +875,14 @@ pub fn public_seed(epoch: u64) -> [u8; 32] {
 
 /// Values mod q as 7-byte little-endian words.
 fn to_wire(values: &[u64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * VALUE_BYTES);
+    to_bytes(values, VALUE_BYTES)
+}
+
+/// Values as `width`-byte little-endian words.
+fn to_bytes(values: &[u64], width: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * width);
     for v in values {
-        out.extend_from_slice(&v.to_le_bytes()[..VALUE_BYTES]);
+        out.extend_from_slice(&v.to_le_bytes()[..width]);
     }
     out
 }
@@ -855,6 +890,18 @@ fn to_wire(values: &[u64]) -> Vec<u8> {
 /// 7-byte words back to values, each checked below q; the length checked
 /// first.
 fn from_wire(bytes: &[u8], want: usize, what: &'static str) -> Result<Vec<u64>> {
+    from_bytes(bytes, want, what, VALUE_BYTES, params().modulus)
+}
+
+/// `width`-byte words back to values, each checked below `bound`; the
+/// length checked first.
+fn from_bytes(
+    bytes: &[u8],
+    want: usize,
+    what: &'static str,
+    width: usize,
+    bound: u64,
+) -> Result<Vec<u64>> {
     if bytes.len() != want {
         return Err(Error::Length {
             what,
@@ -862,15 +909,14 @@ fn from_wire(bytes: &[u8], want: usize, what: &'static str) -> Result<Vec<u64>> 
             want,
         });
     }
-    let q = params().modulus;
     bytes
-        .chunks_exact(VALUE_BYTES)
+        .chunks_exact(width)
         .enumerate()
         .map(|(index, w)| {
             let mut v = [0u8; 8];
-            v[..VALUE_BYTES].copy_from_slice(w);
+            v[..width].copy_from_slice(w);
             let v = u64::from_le_bytes(v);
-            if v < q {
+            if v < bound {
                 Ok(v)
             } else {
                 Err(Error::Coefficient { what, index })
@@ -1068,7 +1114,7 @@ impl YpirDatabase {
                     .db
                     .first_pass(&refs, MODULI, crate::plain::Kernel::best())?;
                 for c in &pass {
-                    out.push(to_wire(&finish(&self.pre, &b, c).concat()));
+                    out.push(to_bytes(&finish(&self.pre, &b, c).concat(), SWITCHED_BYTES));
                 }
             }
             Ok(out)
@@ -1195,8 +1241,14 @@ impl YpirPirClient {
     /// when it does not decrypt to the item asked.
     pub fn decode(&self, bucket: u32, epoch: u64, answer: &[u8]) -> Result<Vec<u64>> {
         let index = self.item_of(bucket)?;
-        let values = from_wire(answer, self.shape.answer_bytes(), "a YPIR+SP answer")?;
-        let groups: Vec<Vec<u64>> = values.chunks_exact(2 * RING).map(<[u64]>::to_vec).collect();
+        let values = from_bytes(
+            answer,
+            self.shape.answer_bytes(),
+            "a YPIR+SP answer",
+            SWITCHED_BYTES,
+            1 << (A_BITS + B_BITS),
+        )?;
+        let groups: Vec<Vec<u64>> = values.chunks_exact(RING).map(<[u64]>::to_vec).collect();
         let bytes = self.inner.decode(&groups, self.shape.item_bytes())?;
         crate::item::decode(&bytes, index as u64, epoch)
     }
@@ -1406,14 +1458,18 @@ mod tests {
             YpirKeys::parse(shape, &high),
             Err(Error::Coefficient { index: 0, .. })
         ));
-        // A value of the answer changed by more than the noise (its top
-        // byte), on either side: an error. (Low bits are within the noise
-        // and decode to the same item.)
+        // A coefficient of the answer changed by more than the noise, in
+        // its a (bits 24-27) or its b (bits 40-47): an error. (Low bits of
+        // b are within the noise and decode to the same item.)
         let answer = db.answer(&keys, &query).unwrap();
-        for value in [0, 5, RING, RING + 13, 2 * RING - 1] {
-            let at = value * VALUE_BYTES + 6;
+        for (value, byte, bit) in [
+            (0, 3, 0x04),
+            (5, 5, 0x10),
+            (RING - 1, 5, 0x80),
+            (700, 3, 0x01),
+        ] {
             let mut bad = answer.clone();
-            bad[at] ^= 0x08;
+            bad[value * SWITCHED_BYTES + byte] ^= bit;
             assert!(client.decode(3, 5, &bad).is_err(), "value {value}");
         }
         assert!(client.decode(3, 5, &answer[1..]).is_err());
@@ -1470,11 +1526,17 @@ mod tests {
             );
         }
         // And the answer decodes to item 1234.
-        let groups: Vec<Vec<u64>> = from_wire(&answer, shape.answer_bytes(), "answer")
-            .unwrap()
-            .chunks_exact(2 * RING)
-            .map(<[u64]>::to_vec)
-            .collect();
+        let groups: Vec<Vec<u64>> = from_bytes(
+            &answer,
+            shape.answer_bytes(),
+            "answer",
+            SWITCHED_BYTES,
+            1 << 48,
+        )
+        .unwrap()
+        .chunks_exact(RING)
+        .map(<[u64]>::to_vec)
+        .collect();
         let item = client.decode(&groups, shape.item_bytes()).unwrap();
         let fps = crate::item::decode(&item, 1_234, 1).unwrap();
         assert!(crate::item::contains(&fps, 1_234 << 40, shape.item_bytes()));
