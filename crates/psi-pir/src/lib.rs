@@ -8,21 +8,23 @@
 //! - [`server`]: the database, clients' public parameters, answers.
 //! - [`client`]: secret key, public parameters, queries, decoding.
 //! - [`plain`]: the plain database of the LWE family (YPIR+SP) and the
-//!   answer's pass over it at memory speed: the groundwork of PIR mode at
-//!   population scale, not serving yet.
+//!   answer's pass over it at memory speed.
 //! - [`ypir`]: the scheme YPIR+SP over that database (queries, the hint,
 //!   packing the answer, decoding), for large registries.
 //! - [`scheme`]: both schemes behind one face, the one the server chose.
 //!
-//! The scheme is Spiral (Menon and Wu, IEEE S&P 2022), through its authors'
+//! Two schemes: Spiral (Menon and Wu, IEEE S&P 2022), through its authors'
 //! implementation `spiral-rs`, except the server's evaluation of a query
-//! (`answer`: the same inputs and a decodable answer, a fifth of the time;
-//! its NTTs in `ntt`, its hot loops in `kernels`, which has the crate's one
-//! `unsafe`: calling their AVX2 build). Everything that reaches it from a peer is
-//! checked here first (exact lengths, every coefficient below the modulus);
-//! its code runs under `catch_unwind` besides, so a fault in it refuses one
-//! request instead of ending the server. Bytes in, bytes out: no I/O. See
-//! `docs/PROTOCOL.md`, "PIR mode".
+//! (`answer`: the same inputs and a decodable answer, a fifth of the time),
+//! for small registries; and YPIR+SP (Menon and Wu, USENIX Security 2024),
+//! ours on spiral-rs's ring arithmetic, for large ones. Their NTTs are in
+//! `ntt`, their hot loops in `kernels`, which has the crate's only
+//! `unsafe` (calling the AVX2 and AVX-512 builds, the VNNI kernel's
+//! loads). Everything that reaches them from a peer is checked here first
+//! (exact lengths, every coefficient below the modulus); their code runs
+//! under `catch_unwind` besides, so a fault refuses one request instead of
+//! ending the server. Bytes in, bytes out: no I/O. See `docs/PROTOCOL.md`,
+//! "PIR mode".
 
 // The scheme's serialisation is the machine's byte order; ours is little-endian.
 #[cfg(target_endian = "big")]

@@ -1,7 +1,7 @@
 //! The plain database of the LWE PIR family (SimplePIR, Henzinger et al.,
 //! USENIX Security 2023; YPIR and YPIR+SP, Menon and Wu, USENIX Security
-//! 2024), and the answer's pass over it: the groundwork of PIR mode at
-//! population scale (issue #24).
+//! 2024), and the answer's pass over it: the core of PIR mode at
+//! population scale.
 //!
 //! The database is the items themselves, as words of [`WORD_BITS`] bits
 //! held in `u16`s (16/14 = 1.14 times the items' bytes), one item per row.
@@ -20,13 +20,9 @@
 //! splits the columns across rayon's threads, and runs the widest kernel
 //! the CPU has (AVX-512, AVX2, or the portable build: `kernels`).
 //!
-//! What YPIR+SP adds on top, and is not built yet: queries generated as
-//! ring-LWE encryptions from a public seed, the server's precomputed hint
-//! (the database times the queries' public part) and the packing of the
-//! pass's outputs into ring-LWE ciphertexts with the client's key-switching
-//! keys, so that the client downloads no hint. Until then nothing serves
-//! from this database; the benchmarks measure the pass against the
-//! machine's read bandwidth.
+//! `ypir` builds YPIR+SP on it: queries as ring-LWE encryptions from a
+//! public seed, the hint, and the pass's outputs packed into ring-LWE
+//! ciphertexts, so that the client downloads no hint.
 
 use rayon::prelude::*;
 

@@ -1,8 +1,8 @@
 //! YPIR+SP (Menon and Wu, "YPIR: High-Throughput Single-Server PIR with
 //! Silent Preprocessing", USENIX Security 2024, section 4.6): SimplePIR's
 //! plain database and one pass over it, its answer packed into ring-LWE
-//! ciphertexts so that the client downloads no hint. The scheme's
-//! cryptography, no I/O; not serving yet (issue #24).
+//! ciphertexts so that the client downloads no hint: PIR mode's scheme for
+//! large registries (`scheme` picks it). No I/O.
 //!
 //! - The client's query is a ring-LWE encryption, block by block of
 //!   [`RING`] rows, of the one-hot vector of the row it wants, scaled by
@@ -20,13 +20,20 @@
 //!   `log n` levels, each adding an automorphism `X -> X^(2^l + 1)` whose
 //!   key-switching key the client made), which multiplies the messages by
 //!   `n`: the client decrypts `Δ D[row][j] + noise` at coefficient `j`.
+//!   The keys' `a` halves come from the public seed, so the packing's `a`
+//!   side and every key switch's digits are computed once per database
+//!   ([`Precomputed`]); its `b` side depends on the client's keys and the
+//!   database only and is kept with the keys ([`YpirKeys`]): a query costs
+//!   the pass.
+//! - The answer is switched to moduli 2^28 (`a`) and 2^20 (`b`): 12 KiB a
+//!   group.
 //!
 //! Parameters as YPIR's `params_for_scenario_simplepir`: ring dimension
 //! 2048, `q` the product of the CRT primes 268369921 and 249561089 (about
 //! 2^56), plaintext modulus `p = 2^14`, secret and errors from the discrete
 //! Gaussian of width 16.042421 (σ = 6.4), key-switching gadget of 3 digits
-//! (base 2^19). The answer is sent at full modulus here (32 KiB per group);
-//! YPIR's modulus switching to 2^20 and 2^28 (12 KiB) is not built yet.
+//! (base 2^19). docs/PROTOCOL.md ("PIR mode at population scale") has the
+//! shape rule, the wire and the noise margin.
 
 // Fixed-size ring arithmetic: every length is the ring's or checked on
 // entry (the query by the pass, the answer by its length).
