@@ -1162,7 +1162,8 @@ fn write_items(
 /// An institution's YPIR+SP client for one shape and key epoch.
 pub struct YpirPirClient {
     shape: YpirShape,
-    seed: [u8; 32],
+    /// The key epoch's public seed.
+    public: [u8; 32],
     inner: YpirClient,
 }
 
@@ -1184,7 +1185,7 @@ impl YpirPirClient {
         shape.validate()?;
         Ok(Self {
             shape,
-            seed: public_seed(epoch),
+            public: public_seed(epoch),
             inner: YpirClient::new(seed),
         })
     }
@@ -1198,7 +1199,13 @@ impl YpirPirClient {
     /// The packing keys to upload (fresh errors each call).
     #[must_use]
     pub fn public_parameters(&self) -> Vec<u8> {
-        let keys = self.inner.packing_keys(&self.seed, &fresh_seed());
+        self.public_parameters_from(&fresh_seed())
+    }
+
+    /// The packing keys with errors from `rng_seed`, on the wire: the `b`
+    /// halves' coefficients, 7 bytes each.
+    fn public_parameters_from(&self, rng_seed: &[u8; 32]) -> Vec<u8> {
+        let keys = self.inner.packing_keys(&self.public, rng_seed);
         let p = params();
         let values: Vec<u64> = keys
             .b
@@ -1218,14 +1225,19 @@ impl YpirPirClient {
     /// # Errors
     /// [`Error::Item`] when the bucket lies outside the database.
     pub fn query(&self, bucket: u32) -> Result<Vec<u8>> {
+        self.query_from(bucket, &fresh_seed())
+    }
+
+    /// The query with errors from `rng_seed`, on the wire: a value mod q
+    /// per row, 7 bytes each.
+    fn query_from(&self, bucket: u32, rng_seed: &[u8; 32]) -> Result<Vec<u8>> {
         let index = self.item_of(bucket)?;
         let words = self
             .inner
-            .query(index, self.shape.rows(), &self.seed, &fresh_seed())?;
-        let q = params().modulus;
+            .query(index, self.shape.rows(), &self.public, rng_seed)?;
         let values: Vec<u64> = words
             .iter()
-            .map(|&w| compose(w & 0xffff_ffff, w >> 32) % q)
+            .map(|&w| compose(w & 0xffff_ffff, w >> 32))
             .collect();
         Ok(to_wire(&values))
     }
@@ -1496,26 +1508,9 @@ mod tests {
         let db = YpirDatabase::build(shape, 1, |i| vec![(i as u64) << 40, 0x0123_4567_89ab_cdef])
             .unwrap();
         let seed = public_seed(1);
-        let client = YpirClient::new(&[1; 32]);
-        let keys = client.packing_keys(&seed, &[2; 32]);
-        let p = params();
-        let upload: Vec<u64> = keys
-            .b
-            .iter()
-            .flatten()
-            .flat_map(|ntt| {
-                let mut m = PolyMatrixNTT::zero(p, 1, 1);
-                m.get_poly_mut(0, 0).copy_from_slice(ntt);
-                m.raw().get_poly(0, 0).to_vec()
-            })
-            .collect();
-        let upload = to_wire(&upload);
-        let words = client.query(1_234, shape.rows(), &seed, &[3; 32]).unwrap();
-        let values: Vec<u64> = words
-            .iter()
-            .map(|&w| compose(w & 0xffff_ffff, w >> 32))
-            .collect();
-        let query = to_wire(&values);
+        let client = YpirPirClient::new(shape, 1, &[1; 32]).unwrap();
+        let upload = client.public_parameters_from(&[2; 32]);
+        let query = client.query_from(1_234, &[3; 32]).unwrap();
         let answer = db
             .answer(&YpirKeys::parse(shape, &upload).unwrap(), &query)
             .unwrap();
@@ -1533,20 +1528,8 @@ mod tests {
             );
         }
         // And the answer decodes to item 1234.
-        let groups: Vec<Vec<u64>> = from_bytes(
-            &answer,
-            shape.answer_bytes(),
-            "answer",
-            SWITCHED_BYTES,
-            1 << 48,
-        )
-        .unwrap()
-        .chunks_exact(RING)
-        .map(<[u64]>::to_vec)
-        .collect();
-        let item = client.decode(&groups, shape.item_bytes()).unwrap();
-        let fps = crate::item::decode(&item, 1_234, 1).unwrap();
-        assert!(crate::item::contains(&fps, 1_234 << 40, shape.item_bytes()));
+        let fps = client.decode(1_234, 1, &answer).unwrap();
+        assert!(client.contains(&fps, 1_234 << 40));
     }
 
     proptest::proptest! {
