@@ -69,12 +69,7 @@ impl PirClient {
     }
 
     fn item_of(&self, bucket: u32) -> Result<usize> {
-        let index = self.shape.item_of(bucket);
-        let items = self.shape.items();
-        if index >= items {
-            return Err(Error::Item { index, items });
-        }
-        Ok(index)
+        item::within(self.shape.item_of(bucket), self.shape.items())
     }
 
     /// The sorted fingerprints of the item holding `bucket`, from the

@@ -48,6 +48,17 @@ fn ceil_log2(n: usize) -> u32 {
     }
 }
 
+/// `index` if it names one of `items` items.
+///
+/// # Errors
+/// [`Error::Item`] otherwise (a bucket outside the database).
+pub(crate) fn within(index: usize, items: usize) -> Result<usize> {
+    if index >= items {
+        return Err(Error::Item { index, items });
+    }
+    Ok(index)
+}
+
 /// A tag's fingerprint of `f` bits.
 #[must_use]
 pub fn fingerprint(tag: u64, f: u32) -> u64 {
