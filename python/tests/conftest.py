@@ -56,7 +56,7 @@ def run(*args, **kwargs) -> subprocess.CompletedProcess:
 class Server:
     """`psi-server serve` with TLS; stopped at the end of the session."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, serve_args=()):
         self.root = root
         server = binary("psi-server")
         registry = root / "registry.csv"
@@ -76,7 +76,7 @@ class Server:
             [
                 str(server), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(self.data),
                 "--tls-cert", str(self.ca / "server.pem"), "--tls-key", str(self.ca / "server.key"),
-                "--client-ca", str(self.ca / "ca.pem"),
+                "--client-ca", str(self.ca / "ca.pem"), *serve_args,
             ],
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -124,6 +124,15 @@ class Server:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("psi")
     s = Server(root)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def ypir_server(tmp_path_factory):
+    """The same registry served with PIR mode's YPIR+SP scheme."""
+    root = tmp_path_factory.mktemp("psi-ypir")
+    s = Server(root, serve_args=("--pir-scheme", "ypir"))
     yield s
     s.stop()
 

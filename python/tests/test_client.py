@@ -20,6 +20,15 @@ def test_check_answers_every_row_right(client, mode):
         assert (answer.error is not None) == (expected == "invalid"), what
 
 
+def test_pir_checks_through_ypir_sp_answer_every_row_right(ypir_server, tmp_path):
+    # A server whose PIR mode is YPIR+SP: the package speaks it unchanged.
+    client = ypir_server.client(cache_dir=tmp_path / "cache")
+    for what, name, id_, expected in QUERIES:
+        assert client.check(name, id_, mode="pir").result == expected, what
+    rows = PAIRS * 2
+    assert [a.result for a in client.batch(rows, mode="pir")] == EXPECTED * 2
+
+
 @pytest.mark.parametrize("mode", ["bucket", "sync"])
 def test_batch_gives_the_clis_answers(server, client, tmp_path, mode):
     # Enough rows for several requests, in order.
