@@ -331,7 +331,7 @@ impl PirKeys {
     #[must_use]
     pub fn serve(&self, db: &PirDatabase) -> bool {
         match (self, db) {
-            (Self::Spiral(k), PirDatabase::Spiral(d)) => k.shape().same_keys(&d.shape()),
+            (Self::Spiral(k), _) => PirShape::Spiral(k.shape()).same_keys(&db.shape()),
             (Self::Ypir { epoch, .. }, PirDatabase::Ypir(d)) => *epoch == d.epoch(),
             _ => false,
         }

@@ -97,9 +97,11 @@ fn params() -> &'static Params {
 
 /// `x mod q` from its residues (Garner).
 fn compose(lo: u64, hi: u64) -> u64 {
+    // `m0^-1 mod m1`, found once (a query composes one value a row).
+    static INVERSE: OnceLock<u64> = OnceLock::new();
     let p = params();
     let (m0, m1) = MODULI;
-    let inv = invert_uint_mod(m0 % m1, m1).unwrap_or(0);
+    let inv = *INVERSE.get_or_init(|| invert_uint_mod(m0 % m1, m1).unwrap_or(0));
     let lo1 = lo % m1;
     let diff = (hi + m1 - lo1) % m1;
     let k = (u128::from(diff) * u128::from(inv) % u128::from(m1)) as u64;
