@@ -54,14 +54,22 @@ fn three_versions(root: &Path) -> PathBuf {
     d
 }
 
+/// Copies a directory tree with its files' and directories' modes, in
+/// this process: a child process (`cp`) would inherit, between its fork
+/// and its exec, the lock file another test's writer holds, and that
+/// writer's next lock would find it taken.
 fn copy_dir(from: &Path, to: &Path) {
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    std::fs::create_dir(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+    std::fs::set_permissions(to, std::fs::metadata(from).unwrap().permissions()).unwrap();
 }
 
 fn manifest(d: &Path) -> Manifest {
