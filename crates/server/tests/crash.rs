@@ -149,13 +149,7 @@ struct Case {
 /// Copies the prepared `from` tree to a fresh `to`.
 fn fresh_copy(from: &Path, to: &Path) {
     let _ = std::fs::remove_dir_all(to);
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    psi_testbed::copy_dir(from, to);
 }
 
 fn args_in(root: &Path, args: &[&str]) -> Vec<String> {

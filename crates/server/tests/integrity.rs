@@ -54,24 +54,6 @@ fn three_versions(root: &Path) -> PathBuf {
     d
 }
 
-/// Copies a directory tree with its files' and directories' modes, in
-/// this process: a child process (`cp`) would inherit, between its fork
-/// and its exec, the lock file another test's writer holds, and that
-/// writer's next lock would find it taken.
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-    std::fs::set_permissions(to, std::fs::metadata(from).unwrap().permissions()).unwrap();
-}
-
 fn manifest(d: &Path) -> Manifest {
     Manifest::read(d).unwrap().unwrap()
 }
@@ -111,7 +93,7 @@ fn a_damaged_or_missing_delta_is_refused_never_skipped() {
     ];
     for (i, (what, file, damage)) in damages.into_iter().enumerate() {
         let d = tmp.path().join(format!("case-{i}"));
-        copy_dir(&good, &d);
+        psi_testbed::copy_dir(&good, &d);
         damage(&d.join(file.strip_prefix(&good).unwrap()));
         let err = format!("{:#}", Snapshot::load(&d).unwrap_err());
         assert!(err.contains("delta"), "{what}: {err}");
@@ -173,7 +155,7 @@ fn what_a_killed_init_wrote_is_never_served_nor_built_on() {
     // are on disk (made here by running it on a copy and taking every file
     // but the manifest), the manifest is the first init's.
     let copy = tmp.path().join("copy");
-    copy_dir(&d, &copy);
+    psi_testbed::copy_dir(&d, &copy);
     registry::init(&csv(&tmp.path().join("b.csv"), 100..300), &copy, false).unwrap();
     for name in manifest(&copy).names() {
         if !d.join(name).exists() {
@@ -259,7 +241,7 @@ fn a_running_server_keeps_serving_when_a_committed_version_is_damaged() {
     // An update committed elsewhere whose delta arrives damaged: the new
     // manifest is seen, the load refused, the old version kept.
     let copy = tmp.path().join("copy");
-    copy_dir(&d, &copy);
+    psi_testbed::copy_dir(&d, &copy);
     let add = csv(&tmp.path().join("add.csv"), 300..310);
     registry::update(Some(&add), None, &copy, false).unwrap();
     let m = manifest(&copy);

@@ -45,6 +45,25 @@ pub fn wait_for(what: &str, patience: Duration, mut done: impl FnMut() -> bool) 
     }
 }
 
+/// Copies the directory tree `from` to a new `to`, with its files' and
+/// directories' modes, in this process. A child process (`cp -a`) would
+/// inherit, between its fork and its exec, every file this test process has
+/// open, among them the lock file of a data directory another test's
+/// writer holds; that writer's next lock would then find it taken.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+    std::fs::set_permissions(to, std::fs::metadata(from).unwrap().permissions()).unwrap();
+}
+
 /// The body of `GET path` on `127.0.0.1:port` (HTTP/1.0), if it answered.
 #[must_use]
 pub fn http_get(port: u16, path: &str) -> Option<String> {
