@@ -9,7 +9,10 @@
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
-use psi_pir::ypir::{YpirDatabase, YpirKeys, YpirPirClient, YpirShape};
+use psi_pir::plain::PlainDatabase;
+use psi_pir::ypir::{
+    public_seed, Hint, Precomputed, YpirDatabase, YpirKeys, YpirPirClient, YpirShape,
+};
 use serde::Serialize;
 
 /// Fingerprints per item: 3,200 bytes of a 3,584-byte item, as a bucket
@@ -27,9 +30,16 @@ pub struct YpirReport {
     pub database_bytes: u64,
     /// Building it from tags: items coded, hint, precomputation, s.
     pub build_seconds: f64,
-    /// Re-coding 1% of the items, with the hint and precomputation made
-    /// again, s.
+    /// An update re-coding 1% of the items (items, hint, precomputation), s.
     pub patch_one_percent_seconds: f64,
+    /// The same for 0.1% of the items, s.
+    pub patch_tenth_percent_seconds: f64,
+    /// The hint made from the database, s.
+    pub hint_seconds: f64,
+    /// The hint patched for so many changed rows, s: `(rows, seconds)`.
+    pub hint_patch_seconds: Vec<(usize, f64)>,
+    /// The packing's precomputation from the hint, s.
+    pub precompute_seconds: f64,
     /// The client's packing keys, s.
     pub keys_seconds: f64,
     /// Their bytes on the wire, once per key epoch.
@@ -87,6 +97,14 @@ pub fn run(item_bits: u8, checks: usize) -> Result<YpirReport> {
     })?;
     let patch_one_percent_seconds = t.elapsed().as_secs_f64();
     drop(patched);
+    let changed: Vec<usize> = (0..shape.items()).step_by(1000).collect();
+    let t = Instant::now();
+    let patched = db.patch(&changed, |i| {
+        (0..TAGS_PER_ITEM).map(|k| tag(i as u64, k + 7)).collect()
+    })?;
+    let patch_tenth_percent_seconds = t.elapsed().as_secs_f64();
+    drop(patched);
+    let (hint_seconds, hint_patch_seconds, precompute_seconds) = hint_costs(shape)?;
 
     let client = YpirPirClient::new(shape, 1, &[1u8; 32])?;
     let t = Instant::now();
@@ -134,6 +152,10 @@ pub fn run(item_bits: u8, checks: usize) -> Result<YpirReport> {
         database_bytes: db.bytes() as u64,
         build_seconds,
         patch_one_percent_seconds,
+        patch_tenth_percent_seconds,
+        hint_seconds,
+        hint_patch_seconds,
+        precompute_seconds,
         keys_seconds,
         keys_bytes: upload.len() as u64,
         query_seconds: median(query_s),
@@ -147,4 +169,49 @@ pub fn run(item_bits: u8, checks: usize) -> Result<YpirReport> {
         found,
         checks: buckets.len(),
     })
+}
+
+/// Seconds: the hint made, patched for so many rows, the precomputation.
+type HintCosts = (f64, Vec<(usize, f64)>, f64);
+
+/// The hint made whole, patched for 64 to 4,096 changed rows, and the
+/// precomputation: what decides `psi_pir::ypir::hint_patch_rows`.
+fn hint_costs(shape: YpirShape) -> Result<HintCosts> {
+    let seed = public_seed(1);
+    let mut old = PlainDatabase::new(shape.rows(), psi_pir::ypir::RING)?;
+    let items: Vec<Vec<u8>> = (0..shape.rows())
+        .map(|i| {
+            (0..old.item_bytes())
+                .map(|b| (i * 31 + b * 7) as u8)
+                .collect()
+        })
+        .collect();
+    let refs: Vec<(usize, &[u8])> = items
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (i, b.as_slice()))
+        .collect();
+    old.patch(&refs)?;
+    let t = Instant::now();
+    let hint = Hint::new(&old, &seed)?;
+    let hint_seconds = t.elapsed().as_secs_f64();
+    let mut patches = Vec::new();
+    for changed in [64, 256, 1024, 4096] {
+        let rows: Vec<usize> = (0..changed).map(|c| c * shape.rows() / changed).collect();
+        let mut new = old.clone();
+        let fresh: Vec<u8> = vec![0x5a; new.item_bytes()];
+        new.patch(
+            &rows
+                .iter()
+                .map(|&r| (r, fresh.as_slice()))
+                .collect::<Vec<_>>(),
+        )?;
+        let mut patched = hint.clone();
+        let t = Instant::now();
+        patched.patch(&old, &new, &rows, &seed)?;
+        patches.push((changed, t.elapsed().as_secs_f64()));
+    }
+    let t = Instant::now();
+    drop(Precomputed::new(&hint, &seed));
+    Ok((hint_seconds, patches, t.elapsed().as_secs_f64()))
 }

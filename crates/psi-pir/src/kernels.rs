@@ -11,9 +11,13 @@
 //! at run time; for one query on a CPU with AVX-512 VNNI, a hand-written
 //! kernel (`column_sums_vnni`) multiplies 16-bit limbs with `vpdpwssd`.
 //!
+//! `matrix_product` is `matrixmultiply`'s `dgemm` behind a safe face (the
+//! YPIR+SP hint's patch).
+//!
 //! The only `unsafe` of the crate: calling the AVX2 or AVX-512 build after
-//! the CPU was seen to support it, and that kernel's unaligned loads of
-//! 64 bytes from slices just taken with that length.
+//! the CPU was seen to support it, that kernel's unaligned loads of 64
+//! bytes from slices just taken with that length, and `dgemm` on slices
+//! whose lengths were checked against the strides it is given.
 
 #![allow(unsafe_code)]
 // Fixed-size arithmetic; callers assert the sizes, and the answer runs
@@ -234,6 +238,52 @@ impl Kernel {
             _ => false,
         }
     }
+}
+
+/// `c = a b` in `f64`: `a` is `m x k` stored column by column (`a[i + m
+/// l]`), `b` is `k x n` with row `l` from `b[l * b_row]`, `c` is `m x n`
+/// column by column. `None` (nothing written) when a slice is shorter than
+/// its matrix.
+pub(crate) fn matrix_product(
+    (m, k, n): (usize, usize, usize),
+    a: &[f64],
+    (b, b_row): (&[f64], usize),
+    c: &mut [f64],
+) -> Option<()> {
+    let b_needs = match k {
+        0 => 0,
+        k => (k - 1).checked_mul(b_row)?.checked_add(n)?,
+    };
+    let fits = a.len() >= m.checked_mul(k)?
+        && c.len() >= m.checked_mul(n)?
+        && n <= b_row
+        && b.len() >= b_needs
+        && isize::try_from(m.max(b_row)).is_ok();
+    if !fits {
+        return None;
+    }
+    // SAFETY: dgemm reads a[i + m l] (i < m, l < k), b[l b_row + j]
+    // (j < n), writes c[i + m j]: all within the lengths checked above;
+    // the strides fit isize (checked).
+    unsafe {
+        matrixmultiply::dgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            1,
+            m as isize,
+            b.as_ptr(),
+            b_row as isize,
+            1,
+            0.0,
+            c.as_mut_ptr(),
+            1,
+            m as isize,
+        );
+    }
+    Some(())
 }
 
 /// The first pass of K queries over a tile of a plain database held
@@ -480,6 +530,22 @@ fn column_sums_vnni<const C: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matrix_product_is_the_definition_and_refuses_short_slices() {
+        // a 3 x 2 (column by column), b 2 x 2 read from rows of 3.
+        let a = [1.0, 2.0, 3.0, -4.0, 5.0, -6.0];
+        let b = [7.0, -8.0, 99.0, 9.0, 10.0];
+        let mut c = [0.0; 6];
+        matrix_product((3, 2, 2), &a, (&b, 3), &mut c).unwrap();
+        assert_eq!(c, [-29.0, 59.0, -33.0, -48.0, 34.0, -84.0]);
+        let mut short = [0.0; 5];
+        assert!(matrix_product((3, 2, 2), &a, (&b, 3), &mut short).is_none());
+        assert!(matrix_product((3, 2, 2), &a[..5], (&b, 3), &mut c).is_none());
+        assert!(matrix_product((3, 2, 2), &a, (&b[..4], 3), &mut c).is_none());
+        assert!(matrix_product((3, 2, 4), &a, (&b, 3), &mut [0.0; 12]).is_none());
+        assert_eq!(short, [0.0; 5]);
+    }
 
     #[test]
     fn the_avx2_build_agrees_with_the_portable_one() {

@@ -128,6 +128,7 @@ fn public_polys(seed: &[u8; 32], blocks: usize) -> Vec<PolyMatrixRaw<'static>> {
 
 /// The database's hint `H = D^T A` for one public seed: `RING` values mod
 /// q per column, column by column.
+#[derive(Clone)]
 pub struct Hint {
     columns: usize,
     values: Vec<u64>,
@@ -195,7 +196,125 @@ impl Hint {
     fn column(&self, j: usize) -> &[u64] {
         &self.values[j * RING..(j + 1) * RING]
     }
+
+    /// Bytes held.
+    #[must_use]
+    pub fn memory_bytes(&self) -> usize {
+        self.values.len() * 8
+    }
+
+    /// The hint of `new`, which differs from `old` (this hint's database)
+    /// in `rows` only: row `r` of block `k` at `t` adds `δ_rj` times row
+    /// `r` of `A` (`a_k X^l`'s coefficient `t`, `l = 0..n`) to column `j`,
+    /// so `ΔH = A_rows^T Δ`, a matrix product of `n x R x columns` per CRT
+    /// prime, against [`Hint::new`]'s `columns x blocks` NTTs. The products
+    /// run in `f64`, exact: `|δ| < 2^14` times a residue below 2^28 is
+    /// below 2^42, and [`HINT_PATCH_CHUNK`] of them sum below 2^52.
+    ///
+    /// # Errors
+    /// `old` and `new` of other shapes than this hint's, a row outside them.
+    pub fn patch(
+        &mut self,
+        old: &PlainDatabase,
+        new: &PlainDatabase,
+        rows: &[usize],
+        public_seed: &[u8; 32],
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let (height, columns) = (new.rows(), self.columns);
+        if (old.rows(), old.columns()) != (height, columns) || new.columns() != columns {
+            return Err(Error::Shape(format!(
+                "a hint of {columns} columns patched from {} x {} to {height} x {} words",
+                old.rows(),
+                old.columns(),
+                new.columns()
+            )));
+        }
+        if let Some(&bad) = rows.iter().find(|&&r| r >= height) {
+            return Err(Error::Item {
+                index: bad,
+                items: height,
+            });
+        }
+        let mut rows = rows.to_vec();
+        rows.sort_unstable();
+        rows.dedup();
+        let a = public_polys(public_seed, blocks_of(height)?);
+        let q = params().modulus;
+        for chunk in rows.chunks(HINT_PATCH_CHUNK) {
+            // A's rows for the changed rows, per prime: column r of an
+            // n x R matrix.
+            let a_rows: [Vec<f64>; 2] = [MODULI.0, MODULI.1].map(|m| {
+                let mut out = vec![0f64; RING * chunk.len()];
+                for (&r, col) in chunk.iter().zip(out.chunks_exact_mut(RING)) {
+                    let (a, t) = (a[r / RING].get_poly(0, 0), r % RING);
+                    for (l, o) in col.iter_mut().enumerate() {
+                        let v = if l <= t {
+                            a[t - l]
+                        } else {
+                            (q - a[RING + t - l]) % q
+                        };
+                        *o = (v % m) as f64;
+                    }
+                }
+                out
+            });
+            // Δ, R x columns, row by row.
+            let mut delta = vec![0f64; chunk.len() * columns];
+            for (&r, out) in chunk.iter().zip(delta.chunks_exact_mut(columns)) {
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = f64::from(new.word(r, j)) - f64::from(old.word(r, j));
+                }
+            }
+            const TASK_COLUMNS: usize = 128;
+            self.values
+                .par_chunks_mut(RING * TASK_COLUMNS)
+                .enumerate()
+                .try_for_each(|(task, values)| {
+                    let first = task * TASK_COLUMNS;
+                    let width = values.len() / RING;
+                    let [lo, hi] = [&a_rows[0], &a_rows[1]].map(|a_rows| {
+                        let mut out = vec![0f64; RING * width];
+                        let done = crate::kernels::matrix_product(
+                            (RING, chunk.len(), width),
+                            a_rows,
+                            (delta.get(first..).unwrap_or_default(), columns),
+                            &mut out,
+                        );
+                        done.map(|()| out)
+                    });
+                    let (Some(lo), Some(hi)) = (lo, hi) else {
+                        return Err(Error::Scheme);
+                    };
+                    for ((v, &lo), &hi) in values.iter_mut().zip(&lo).zip(&hi) {
+                        let lo = (lo as i64).rem_euclid(MODULI.0 as i64) as u64;
+                        let hi = (hi as i64).rem_euclid(MODULI.1 as i64) as u64;
+                        *v = (*v + compose(lo, hi)) % q;
+                    }
+                    Ok(())
+                })?;
+        }
+        Ok(())
+    }
 }
+
+/// Changed rows up to which patching a database's hint is faster than
+/// making it again: [`Hint::patch`] costs `n` multiply-adds per changed
+/// row and column, [`Hint::new`] an NTT per block of `n` rows and column.
+/// Measured (`psi-bench ypir`, BENCHMARKS.md): they cost the same at ~45
+/// changed rows a block (2^18 rows: 1.69 s made, 1.26 s patched for 4,096
+/// rows; 2^15 rows: 0.31 s, 0.29 s for 1,024).
+#[must_use]
+pub fn hint_patch_rows(rows: usize) -> usize {
+    rows / RING * PATCH_ROWS_PER_BLOCK
+}
+
+/// See [`hint_patch_rows`].
+const PATCH_ROWS_PER_BLOCK: usize = 40;
+
+/// Changed rows a hint patch multiplies at once: the most whose `f64`
+/// sums stay exact ([`Hint::patch`]).
+const HINT_PATCH_CHUNK: usize = 1 << 10;
 
 /// Rows as whole query blocks.
 fn blocks_of(rows: usize) -> Result<usize> {
@@ -1003,6 +1122,8 @@ pub struct YpirDatabase {
     shape: YpirShape,
     epoch: u64,
     db: PlainDatabase,
+    /// Kept to be patched ([`Hint::patch`]).
+    hint: Hint,
     pre: Precomputed,
     /// Unique in the process: what keys' cached packings are for.
     id: u64,
@@ -1032,26 +1153,29 @@ impl YpirDatabase {
         let mut db = PlainDatabase::new(shape.rows(), usize::from(shape.groups) * RING)?;
         let all: Vec<usize> = (0..shape.items()).collect();
         write_items(&mut db, shape, epoch, &all, &tags)?;
-        Self::finish(shape, epoch, db)
+        let hint = Hint::new(&db, &public_seed(epoch))?;
+        Ok(Self::finish(shape, epoch, db, hint))
     }
 
-    fn finish(shape: YpirShape, epoch: u64, db: PlainDatabase) -> Result<Self> {
-        let seed = public_seed(epoch);
-        let hint = Hint::new(&db, &seed)?;
-        let pre = Precomputed::new(&hint, &seed);
+    fn finish(shape: YpirShape, epoch: u64, db: PlainDatabase, hint: Hint) -> Self {
+        let pre = Precomputed::new(&hint, &public_seed(epoch));
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        Ok(Self {
+        Self {
             shape,
             epoch,
             db,
+            hint,
             pre,
             id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        })
+        }
     }
 
     /// This database with items `changed` coded afresh from `tags`: the
-    /// items patched in place (their cost), the hint and the packing's
-    /// precomputation made again (a pass over the database).
+    /// items patched in place, the hint patched for the changed rows
+    /// ([`Hint::patch`]; made again from the database when more than
+    /// [`hint_patch_rows`] changed, where that is faster), and the packing's
+    /// precomputation made again (a fixed cost per group: it is not linear
+    /// in the hint, docs/PROTOCOL.md).
     ///
     /// # Errors
     /// [`Error::Overflow`] when an item no longer fits, [`Error::Item`] for
@@ -1063,7 +1187,18 @@ impl YpirDatabase {
     ) -> Result<Self> {
         let mut db = self.db.clone();
         write_items(&mut db, self.shape, self.epoch, changed, &tags)?;
-        Self::finish(self.shape, self.epoch, db)
+        let mut rows = changed.to_vec();
+        rows.sort_unstable();
+        rows.dedup();
+        let seed = public_seed(self.epoch);
+        let hint = if rows.len() <= hint_patch_rows(db.rows()) {
+            let mut hint = self.hint.clone();
+            hint.patch(&self.db, &db, &rows, &seed)?;
+            hint
+        } else {
+            Hint::new(&db, &seed)?
+        };
+        Ok(Self::finish(self.shape, self.epoch, db, hint))
     }
 
     /// The shape.
@@ -1081,7 +1216,7 @@ impl YpirDatabase {
     /// Bytes held.
     #[must_use]
     pub fn bytes(&self) -> usize {
-        self.db.memory_bytes() + self.pre.memory_bytes()
+        self.db.memory_bytes() + self.hint.memory_bytes() + self.pre.memory_bytes()
     }
 
     /// The answer to a query: exactly [`YpirShape::query_bytes`], every
@@ -1325,6 +1460,50 @@ mod tests {
     }
 
     #[test]
+    fn a_patched_hint_is_the_hint_of_the_patched_database() {
+        // Two blocks, 130 columns (a task of 128 and one of 2); rows at
+        // both ends of both blocks, one given twice, words going up and
+        // down by up to 2^14 - 1.
+        let (rows, columns) = (2 * RING, 130);
+        let mut old = PlainDatabase::new(rows, columns).unwrap();
+        let full = vec![0xffu8; old.item_bytes()];
+        for r in (0..rows).step_by(3) {
+            old.set_item(r, &full).unwrap();
+        }
+        for r in (1..rows).step_by(5) {
+            old.set_item(r, &[(r * 11) as u8, (r >> 2) as u8, 0x33, 0x7e])
+                .unwrap();
+        }
+        let seed = [9u8; 32];
+        let mut hint = Hint::new(&old, &seed).unwrap();
+        let before = hint.values.clone();
+        let changed = [0, 3, 700, RING - 1, RING, RING + 1, 2 * RING - 1, 3];
+        let mut new = old.clone();
+        for &r in &changed {
+            let bytes: Vec<u8> = (0..old.item_bytes())
+                .map(|i| if r % 2 == 0 { 0 } else { (i * 37 + r) as u8 })
+                .collect();
+            new.set_item(r, &bytes).unwrap();
+        }
+        hint.patch(&old, &new, &changed, &seed).unwrap();
+        assert_ne!(hint.values, before);
+        assert!(hint.values == Hint::new(&new, &seed).unwrap().values);
+        // Nothing changed: the same hint; a row outside, or databases of
+        // another shape: refused.
+        hint.patch(&new, &new, &[5], &seed).unwrap();
+        assert!(hint.values == Hint::new(&new, &seed).unwrap().values);
+        assert!(matches!(
+            hint.patch(&old, &new, &[rows], &seed),
+            Err(Error::Item { .. })
+        ));
+        let other = PlainDatabase::new(rows, columns + 1).unwrap();
+        assert!(matches!(
+            hint.patch(&old, &other, &[0], &seed),
+            Err(Error::Shape(_))
+        ));
+    }
+
+    #[test]
     fn a_query_answered_and_decoded_gives_the_row() {
         let rows = 2 * RING;
         let mut db = PlainDatabase::new(rows, RING).unwrap();
@@ -1447,6 +1626,19 @@ mod tests {
         let answer = patched.answer(&keys, &client.query(9).unwrap()).unwrap();
         let fps = client.decode(9, 5, &answer).unwrap();
         assert!(client.contains(&fps, 77 << 40) && !client.contains(&fps, 9 << 40));
+        // A few items: the hint was patched, and is the patched items'.
+        let remade = |db: &YpirDatabase| Hint::new(&db.db, &public_seed(5)).unwrap().values;
+        assert!(1 <= hint_patch_rows(shape.rows()));
+        assert!(patched.hint.values == remade(&patched));
+        // More than hint_patch_rows: the hint made again, the same way.
+        let many: Vec<usize> = (0..=hint_patch_rows(shape.rows())).map(|i| 3 * i).collect();
+        let repatched = patched
+            .patch(&many, |i| vec![((i as u64) << 40) ^ (1 << 39)])
+            .unwrap();
+        assert!(repatched.hint.values == remade(&repatched));
+        let answer = repatched.answer(&keys, &client.query(30).unwrap()).unwrap();
+        let fps = client.decode(30, 5, &answer).unwrap();
+        assert!(client.contains(&fps, (30 << 40) ^ (1 << 39)));
     }
 
     #[test]
