@@ -44,7 +44,7 @@ pub mod ypir;
 
 pub use client::PirClient;
 pub use error::{Error, Result};
-pub use scheme::{PirDatabase, PirKeys, PirShape, SchemeChoice, SchemeClient};
+pub use scheme::{PirDatabase, PirKeys, PirShape, PreparedQuery, SchemeChoice, SchemeClient};
 pub use server::{Database, Keys};
 pub use shape::Shape;
 

@@ -270,18 +270,101 @@ impl PirDatabase {
     /// # Errors
     /// Keys of the other scheme, and the schemes' own checks.
     pub fn answer_many(&self, keys: &PirKeys, queries: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
-        match (self, keys) {
-            (Self::Spiral(d), PirKeys::Spiral(k)) => {
-                queries.iter().map(|q| d.answer(k, q)).collect()
-            }
-            (Self::Ypir(d), PirKeys::Ypir { keys, epoch }) if *epoch == d.epoch() => {
-                d.answer_many(keys, queries)
-            }
-            _ => Err(Error::Shape(
-                "public parameters made for another scheme or key epoch".into(),
-            )),
+        let prepared: Vec<PreparedQuery> = queries
+            .iter()
+            .map(|q| self.prepare(keys, q))
+            .collect::<Result<_>>()?;
+        let jobs: Vec<(&PirKeys, &PreparedQuery)> = prepared.iter().map(|q| (keys, q)).collect();
+        self.answer_prepared(&jobs).into_iter().collect()
+    }
+
+    /// Queries one pass over the database answers at most: YPIR+SP's
+    /// [`crate::plain::MAX_QUERIES_PER_PASS`], Spiral's one.
+    #[must_use]
+    pub fn queries_per_pass(&self) -> usize {
+        match self {
+            Self::Spiral(_) => 1,
+            Self::Ypir(_) => crate::plain::MAX_QUERIES_PER_PASS,
         }
     }
+
+    /// `query` checked against this database and `keys` (its length; for
+    /// YPIR+SP every value too), ready for [`PirDatabase::answer_prepared`].
+    ///
+    /// # Errors
+    /// Keys of the other scheme or key epoch, and the schemes' own checks.
+    pub fn prepare(&self, keys: &PirKeys, query: &[u8]) -> Result<PreparedQuery> {
+        match (self, keys) {
+            (Self::Spiral(d), PirKeys::Spiral(_)) => {
+                let want = d.shape().query_bytes();
+                if query.len() != want {
+                    return Err(Error::Length {
+                        what: "a Spiral query",
+                        got: query.len(),
+                        want,
+                    });
+                }
+                Ok(PreparedQuery::Spiral(query.to_vec()))
+            }
+            (Self::Ypir(d), PirKeys::Ypir { keys, epoch }) if *epoch == d.epoch() => {
+                d.prepare(keys, query).map(PreparedQuery::Ypir)
+            }
+            _ => Err(other_keys()),
+        }
+    }
+
+    /// The answers to prepared queries of any clients, each with its
+    /// client's keys, in order, one result each. YPIR+SP answers up to
+    /// [`crate::plain::MAX_QUERIES_PER_PASS`] with one pass over its
+    /// database; Spiral answers them one by one.
+    #[must_use]
+    pub fn answer_prepared(&self, jobs: &[(&PirKeys, &PreparedQuery)]) -> Vec<Result<Vec<u8>>> {
+        match self {
+            Self::Spiral(d) => jobs
+                .iter()
+                .map(|job| match job {
+                    (PirKeys::Spiral(k), PreparedQuery::Spiral(q)) => d.answer(k, q),
+                    _ => Err(other_keys()),
+                })
+                .collect(),
+            Self::Ypir(d) => {
+                let ypir: Vec<(&YpirKeys, &crate::ypir::PreparedQuery)> = jobs
+                    .iter()
+                    .filter_map(|job| match job {
+                        (PirKeys::Ypir { keys, .. }, PreparedQuery::Ypir(q)) => Some((keys, q)),
+                        _ => None,
+                    })
+                    .collect();
+                let mut answers = match d.answer_prepared(&ypir) {
+                    Ok(answers) => answers.into_iter().map(Ok).collect(),
+                    Err(e) => vec![Err(e); ypir.len()],
+                }
+                .into_iter();
+                jobs.iter()
+                    .map(|job| match job {
+                        (PirKeys::Ypir { .. }, PreparedQuery::Ypir(_)) => {
+                            answers.next().unwrap_or(Err(Error::Scheme))
+                        }
+                        _ => Err(other_keys()),
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+fn other_keys() -> Error {
+    Error::Shape("public parameters made for another scheme or key epoch".into())
+}
+
+/// A query checked by [`PirDatabase::prepare`].
+#[derive(Debug)]
+pub enum PreparedQuery {
+    /// Spiral's bytes, of the right length (their values are checked as
+    /// each is answered alone).
+    Spiral(Vec<u8>),
+    /// YPIR+SP's words, every value checked.
+    Ypir(crate::ypir::PreparedQuery),
 }
 
 /// A client's public parameters as the server keeps them.

@@ -1236,34 +1236,71 @@ impl YpirDatabase {
     /// # Errors
     /// [`Error::Length`] or [`Error::Coefficient`] for any query.
     pub fn answer_many(&self, keys: &YpirKeys, queries: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
-        let words: Vec<Vec<u64>> = queries
+        let prepared: Vec<PreparedQuery> = queries
             .iter()
-            .map(|q| {
-                let values = from_wire(q, self.shape.query_bytes(), "a YPIR+SP query")?;
-                Ok(values
-                    .iter()
-                    .map(|&v| (v % MODULI.0) | ((v % MODULI.1) << 32))
-                    .collect())
-            })
+            .map(|q| self.prepare(keys, q))
             .collect::<Result<_>>()?;
+        let jobs: Vec<(&YpirKeys, &PreparedQuery)> = prepared.iter().map(|q| (keys, q)).collect();
+        self.answer_prepared(&jobs)
+    }
+
+    /// `query` checked (exactly [`YpirShape::query_bytes`], every value
+    /// below q) against this database and `keys`: ready for a pass, which
+    /// it may share with other clients' queries ([`YpirDatabase::answer_prepared`]).
+    ///
+    /// # Errors
+    /// [`Error::Length`] or [`Error::Coefficient`]; keys that do not fit
+    /// the database.
+    pub fn prepare(&self, keys: &YpirKeys, query: &[u8]) -> Result<PreparedQuery> {
+        let values = from_wire(query, self.shape.query_bytes(), "a YPIR+SP query")?;
         check_answerable(&self.db, &self.pre, &keys.keys)?;
+        Ok(PreparedQuery {
+            words: values
+                .iter()
+                .map(|&v| (v % MODULI.0) | ((v % MODULI.1) << 32))
+                .collect(),
+        })
+    }
+
+    /// The answers to prepared queries of any clients, each with its
+    /// client's keys, in order: up to [`crate::plain::MAX_QUERIES_PER_PASS`]
+    /// share a pass over the database, then each is packed with its keys.
+    ///
+    /// # Errors
+    /// [`Error::Scheme`] when the scheme's code faults (caught: nothing
+    /// else is affected).
+    pub fn answer_prepared(&self, jobs: &[(&YpirKeys, &PreparedQuery)]) -> Result<Vec<Vec<u8>>> {
         // The scheme's code (spiral-rs's ring arithmetic among it) under
-        // catch_unwind: a fault refuses this request, nothing more.
+        // catch_unwind: a fault refuses these queries, nothing more.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let b = keys.packed_for(self);
-            let mut out = Vec::with_capacity(words.len());
-            for chunk in words.chunks(crate::plain::MAX_QUERIES_PER_PASS) {
-                let refs: Vec<&[u64]> = chunk.iter().map(Vec::as_slice).collect();
+            let mut out = Vec::with_capacity(jobs.len());
+            for chunk in jobs.chunks(crate::plain::MAX_QUERIES_PER_PASS) {
+                let refs: Vec<&[u64]> = chunk.iter().map(|(_, q)| q.words.as_slice()).collect();
                 let pass = self
                     .db
                     .first_pass(&refs, MODULI, crate::plain::Kernel::best())?;
-                for c in &pass {
+                for ((keys, _), c) in chunk.iter().zip(&pass) {
+                    let b = keys.packed_for(self);
                     out.push(to_bytes(&finish(&self.pre, &b, c).concat(), SWITCHED_BYTES));
                 }
             }
             Ok(out)
         }))
         .map_err(|_| Error::Scheme)?
+    }
+}
+
+/// A query checked by [`YpirDatabase::prepare`]: one word a row, its two
+/// residues in the low and high 32 bits.
+pub struct PreparedQuery {
+    words: Vec<u64>,
+}
+
+impl fmt::Debug for PreparedQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreparedQuery")
+            .field("rows", &self.words.len())
+            .finish_non_exhaustive()
     }
 }
 

@@ -71,6 +71,8 @@ pub struct Metrics {
     snapshot_load_failures: Counter,
     holder_answers: Family<HolderLabels, Counter>,
     holder_latency: Family<HolderIndexLabels, Histogram>,
+    pir_passes: Counter,
+    pir_pass_queries: Counter,
 }
 
 impl Default for Metrics {
@@ -98,6 +100,18 @@ impl Default for Metrics {
             "holder_duration_seconds",
             "Threshold mode: time from asking a key holder to its verified answer, by holder",
             holder_latency.clone(),
+        );
+        let pir_passes = Counter::default();
+        let pir_pass_queries = Counter::default();
+        registry.register(
+            "pir_passes",
+            "PIR mode: passes over the database (YPIR+SP answers up to four queries, of any requests, with one pass; Spiral one)",
+            pir_passes.clone(),
+        );
+        registry.register(
+            "pir_pass_queries",
+            "PIR mode: queries answered by those passes (over psi_pir_passes_total: queries a pass)",
+            pir_pass_queries.clone(),
         );
         registry.register(
             "snapshot_load_failures",
@@ -155,11 +169,19 @@ impl Default for Metrics {
             snapshot_load_failures,
             holder_answers,
             holder_latency,
+            pir_passes,
+            pir_pass_queries,
         }
     }
 }
 
 impl Metrics {
+    /// Counts a pass over the PIR database answering `queries` queries.
+    pub fn pir_pass(&self, queries: usize) {
+        self.pir_passes.inc();
+        self.pir_pass_queries.inc_by(queries as u64);
+    }
+
     /// Counts a committed version that failed to load.
     pub fn snapshot_load_failed(&self) {
         self.snapshot_load_failures.inc();

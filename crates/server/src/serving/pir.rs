@@ -1,17 +1,21 @@
 //! PIR mode on the server: the database derived from the served bucket
 //! index (patched item by item on an update, rebuilt on a rotation or a
 //! new shape), the bounded cache of institutions' public parameters, and
-//! the bound on concurrent answers.
+//! the queue of queries waiting for a pass over the database ([`Passes`]:
+//! concurrent requests' queries share passes).
 //!
 //! The database is a pure function of the published index and key epoch,
 //! so it is never stored: every replica derives the same one when it loads
 //! a snapshot, and it can never disagree with the other modes' answers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use psi_core::bucket::BucketIndex;
-use psi_pir::{PirDatabase, PirKeys, PirShape, SchemeChoice};
+use psi_pir::{PirDatabase, PirKeys, PirShape, PreparedQuery, SchemeChoice};
+use tokio::sync::oneshot;
+
+use crate::serving::metrics::Metrics;
 use sha2::{Digest, Sha256};
 
 use crate::serving::error::ServiceError;
@@ -281,6 +285,142 @@ fn evict_oldest(e: &mut Entries, institution: Option<&str>) {
     }
 }
 
+/// A query's answer, or why the scheme could not make it.
+pub type PassAnswer = oneshot::Receiver<psi_pir::Result<Vec<u8>>>;
+
+/// Queries of concurrent `PirQuery` requests waiting for a pass over their
+/// PIR database. One pass runs at a time, on rayon's pool (the pass itself
+/// spreads over every core); the queries that arrive while it runs wait
+/// and share the next one, up to `PirDatabase::queries_per_pass` of them
+/// on the same database (YPIR+SP: four; Spiral answers one at a time),
+/// whatever request or institution they come from (each is packed with
+/// its own client's keys). A query arriving at an idle server
+/// starts its pass at once. Queries whose request was cancelled or timed
+/// out are dropped unanswered. How many can wait is bounded by the
+/// requests admitted (`pir_max_concurrent`) times their queries
+/// (`pir_max_batch`).
+#[derive(Debug)]
+pub struct Passes {
+    state: Mutex<Waiting>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    jobs: VecDeque<PassJob>,
+    /// A drainer is taking jobs.
+    running: bool,
+}
+
+impl std::fmt::Debug for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waiting")
+            .field("jobs", &self.jobs.len())
+            .field("running", &self.running)
+            .finish()
+    }
+}
+
+struct PassJob {
+    db: Arc<PirDatabase>,
+    keys: Arc<PirKeys>,
+    query: PreparedQuery,
+    reply: oneshot::Sender<psi_pir::Result<Vec<u8>>>,
+}
+
+impl Passes {
+    /// An empty queue counting its passes in `metrics`.
+    #[must_use]
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            state: Mutex::new(Waiting::default()),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `queries`, prepared against `db` and `keys`; their answers
+    /// arrive, in order, on the receivers returned.
+    pub fn submit(
+        self: &Arc<Self>,
+        db: &Arc<PirDatabase>,
+        keys: &Arc<PirKeys>,
+        queries: Vec<PreparedQuery>,
+    ) -> Vec<PassAnswer> {
+        let mut answers = Vec::with_capacity(queries.len());
+        let start = {
+            let mut waiting = self.lock();
+            for query in queries {
+                let (reply, answer) = oneshot::channel();
+                waiting.jobs.push_back(PassJob {
+                    db: Arc::clone(db),
+                    keys: Arc::clone(keys),
+                    query,
+                    reply,
+                });
+                answers.push(answer);
+            }
+            !std::mem::replace(&mut waiting.running, true)
+        };
+        if start {
+            let passes = Arc::clone(self);
+            rayon::spawn(move || passes.drain());
+        }
+        answers
+    }
+
+    /// Runs passes until no query waits.
+    fn drain(&self) {
+        while let Some(jobs) = self.next_pass() {
+            let Some(db) = jobs.first().map(|j| Arc::clone(&j.db)) else {
+                continue;
+            };
+            let pairs: Vec<(&PirKeys, &PreparedQuery)> =
+                jobs.iter().map(|j| (&*j.keys, &j.query)).collect();
+            let answers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                db.answer_prepared(&pairs)
+            }))
+            .unwrap_or_else(|_| {
+                tracing::error!("a PIR pass panicked (its queries refused, still serving)");
+                vec![Err(psi_pir::Error::Scheme); pairs.len()]
+            });
+            drop(pairs);
+            self.metrics.pir_pass(jobs.len());
+            for (job, answer) in jobs.into_iter().zip(answers) {
+                let _ = job.reply.send(answer);
+            }
+        }
+    }
+
+    /// The next pass's queries: the oldest one still awaited and as many
+    /// more on its database as one pass answers, in the order they came; `None`, the drainer stopping, when none waits.
+    fn next_pass(&self) -> Option<Vec<PassJob>> {
+        let mut waiting = self.lock();
+        waiting.jobs.retain(|j| !j.reply.is_closed());
+        let Some(first) = waiting.jobs.pop_front() else {
+            waiting.running = false;
+            return None;
+        };
+        let most = first.db.queries_per_pass();
+        let mut jobs = vec![first];
+        let mut i = 0;
+        while jobs.len() < most && i < waiting.jobs.len() {
+            let same = waiting
+                .jobs
+                .get(i)
+                .is_some_and(|j| jobs.first().is_some_and(|f| Arc::ptr_eq(&j.db, &f.db)));
+            match same.then(|| waiting.jobs.remove(i)).flatten() {
+                Some(job) => jobs.push(job),
+                None => i += 1,
+            }
+        }
+        Some(jobs)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,5 +465,65 @@ mod tests {
         let tiny = KeysCache::new(one - 1);
         let (k, id) = keys(shape, 3);
         assert!(tiny.insert("x", id, k).is_err());
+    }
+
+    #[test]
+    fn queries_of_several_requests_share_passes_and_cancelled_ones_are_dropped() {
+        // A YPIR+SP database of 2^11 items, one bucket each; another one
+        // like it (as after an update).
+        let shape = PirShape::Ypir(psi_pir::ypir::YpirShape {
+            item_bits: 11,
+            groups: 1,
+            bucket_shift: 0,
+        });
+        let tags = |i: usize| vec![(i as u64 + 1) << 40];
+        let db = Arc::new(PirDatabase::build(shape, 1, tags).unwrap());
+        let other = Arc::new(PirDatabase::build(shape, 1, tags).unwrap());
+        let mut clients: Vec<SchemeClient> = (0..2u8)
+            .map(|s| SchemeClient::new(shape, 1, &[s; 32]).unwrap())
+            .collect();
+        let keys: Vec<Arc<PirKeys>> = clients
+            .iter_mut()
+            .map(|c| Arc::new(PirKeys::parse(shape, 1, &c.public_parameters()).unwrap()))
+            .collect();
+        let metrics = Arc::new(Metrics::default());
+        let passes = Arc::new(Passes::new(Arc::clone(&metrics)));
+        // A pass is running: what is submitted now waits for the next.
+        passes.lock().running = true;
+        let ask = |c: usize, db: &Arc<PirDatabase>, buckets: &[u32]| {
+            let queries = buckets
+                .iter()
+                .map(|&b| db.prepare(&keys[c], &clients[c].query(b).unwrap()).unwrap())
+                .collect();
+            passes.submit(db, &keys[c], queries)
+        };
+        let first = ask(0, &db, &[3, 700, 2047]);
+        let on_other = ask(0, &other, &[5]);
+        let second = ask(1, &db, &[9, 10]);
+        drop(ask(1, &db, &[11]));
+        passes.drain();
+        // One pass for the first request's three and the second's first
+        // query, one for the other database's, one for the second's last;
+        // the cancelled query is not answered.
+        let rendered = metrics.render();
+        assert!(rendered.contains("psi_pir_passes_total 3"), "{rendered}");
+        assert!(
+            rendered.contains("psi_pir_pass_queries_total 6"),
+            "{rendered}"
+        );
+        let asked = [(0, 3u32), (0, 700), (0, 2047), (0, 5), (1, 9), (1, 10)];
+        for (mut answer, (c, bucket)) in first.into_iter().chain(on_other).chain(second).zip(asked)
+        {
+            let answer = answer.try_recv().unwrap().unwrap();
+            let fps = clients[c].decode(bucket, 1, &answer).unwrap();
+            assert!(
+                clients[c].contains(&fps, (u64::from(bucket) + 1) << 40),
+                "{bucket}"
+            );
+        }
+        assert!(
+            !passes.lock().running,
+            "the drainer stopped with nothing left"
+        );
     }
 }

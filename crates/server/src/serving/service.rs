@@ -90,6 +90,7 @@ pub struct State {
     in_flight: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
     pir_keys: crate::serving::pir::KeysCache,
     pir_slots: Arc<tokio::sync::Semaphore>,
+    passes: Arc<crate::serving::pir::Passes>,
     holders: Option<Arc<HolderPool>>,
 }
 
@@ -113,10 +114,11 @@ impl State {
             mutual_tls,
             audit,
             enforcer,
-            metrics,
+            metrics: Arc::clone(&metrics),
             in_flight: std::sync::Mutex::new(std::collections::HashMap::new()),
             pir_keys: crate::serving::pir::KeysCache::new(limits.pir_keys_cache_bytes),
             pir_slots: Arc::new(tokio::sync::Semaphore::new(limits.pir_max_concurrent)),
+            passes: Arc::new(crate::serving::pir::Passes::new(metrics.clone())),
             holders: None,
         }
     }
@@ -908,26 +910,30 @@ impl MatchService {
             .evaluate_blinded(&snap, blinded, req.combines_partials)
             .await?
             .into_fields()?;
-        let queries = req.queries;
-        let answers = on_cpu(move |stop| {
-            let mut answers = Vec::with_capacity(queries.len());
-            // A pass's worth of queries at a time (YPIR+SP answers up to
-            // four with one read of its database).
-            for chunk in queries.chunks(psi_pir::plain::MAX_QUERIES_PER_PASS) {
-                if stop() {
-                    return Err(ServiceError::Core(psi_core::Error::Cancelled));
-                }
-                let refs: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
-                answers.extend(db.answer_many(&keys, &refs).map_err(|e| match e {
-                    psi_pir::Error::Scheme => {
-                        ServiceError::InvalidArgument("the PIR query could not be processed".into())
-                    }
-                    other => ServiceError::InvalidArgument(other.to_string()),
-                })?);
+        let refused = |e: psi_pir::Error| match e {
+            psi_pir::Error::Scheme => {
+                ServiceError::InvalidArgument("the PIR query could not be processed".into())
             }
-            Ok::<_, ServiceError>(answers)
-        })
-        .await??;
+            other => ServiceError::InvalidArgument(other.to_string()),
+        };
+        // Every query checked before any is queued; then they share passes
+        // with other requests' queries (dropped unanswered if this request
+        // is cancelled).
+        let prepared = req
+            .queries
+            .iter()
+            .map(|q| db.prepare(&keys, q))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(refused)?;
+        let mut answers = Vec::with_capacity(prepared.len());
+        for answer in self.state.passes.submit(&db, &keys, prepared) {
+            answers.push(
+                answer
+                    .await
+                    .map_err(|_| ServiceError::Internal)?
+                    .map_err(refused)?,
+            );
+        }
         Ok(PirQueryResponse {
             key_epoch: snap.epoch,
             registry_version: snap.index.registry_version(),
