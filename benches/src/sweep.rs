@@ -113,6 +113,14 @@ pub struct PointResult {
     /// start, connection and pinning included).
     #[serde(default)]
     pub cli_check_p50_ms: f64,
+    /// PIR mode: single checks a second with eight in flight at once (the
+    /// server answers concurrent requests' queries with shared passes).
+    #[serde(default)]
+    pub pir_concurrent_checks_per_second: f64,
+    /// PIR mode: queries a pass over the database answered in that run
+    /// (the server's `psi_pir_pass_queries_total` over `psi_pir_passes_total`).
+    #[serde(default)]
+    pub pir_concurrent_queries_per_pass: f64,
 }
 
 /// CPU seconds (user + system) of a process, from `/proc/PID/stat`.
@@ -338,6 +346,9 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
         .local_addr()?
         .port();
     let listen = format!("127.0.0.1:{port}");
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let server = ServerProcess(
         Command::new(server_binary()?)
             .args([
@@ -360,6 +371,7 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
             })
             .arg("--audit-db")
             .arg(cache.path().join("audit.sqlite"))
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .env("RAYON_NUM_THREADS", spec.server_threads.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -479,6 +491,34 @@ pub async fn run_point(dir: &Path, spec: &PointSpec) -> Result<PointResult> {
     r.check_server_cpu_ms = (cpu_seconds(&pid)? - server_cpu) * 1e3 / spec.checks.max(1) as f64;
     if mode == QueryMode::Pir {
         r.cli_check_p50_ms = cli_checks(&relay_addr.to_string(), cache.path(), &people, 10)?;
+        use futures::StreamExt;
+        let passes = || -> Result<(f64, f64)> {
+            let text = psi_testbed::http_get(admin_port, "/metrics").context("no metrics")?;
+            let value = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            Ok((
+                value("psi_pir_passes_total "),
+                value("psi_pir_pass_queries_total "),
+            ))
+        };
+        let before = passes()?;
+        let t = Instant::now();
+        let outcomes: Vec<_> = futures::stream::iter(people.iter().take(spec.checks))
+            .map(|p| check(&session, &p.name, &p.id, single))
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        for outcome in outcomes {
+            if outcome? != CheckOutcome::Match {
+                bail!("a registered person did not match");
+            }
+        }
+        r.pir_concurrent_checks_per_second = spec.checks as f64 / t.elapsed().as_secs_f64();
+        let after = passes()?;
+        r.pir_concurrent_queries_per_pass = (after.1 - before.1) / (after.0 - before.0).max(1.0);
     }
     r.check_p50_ms = percentile(&latencies, 0.50);
     r.check_p95_ms = percentile(&latencies, 0.95);

@@ -298,6 +298,10 @@ impl Hint {
     }
 }
 
+/// Bytes of a group's hint: `RING` values mod q for each of its `RING`
+/// columns.
+const HINT_GROUP_BYTES: usize = RING * RING * 8;
+
 /// Changed rows up to which patching a database's hint is faster than
 /// making it again: [`Hint::patch`] costs `n` multiply-adds per changed
 /// row and column, [`Hint::new`] an NTT per block of `n` rows and column.
@@ -986,7 +990,7 @@ impl YpirShape {
     #[must_use]
     pub fn database_bytes(&self) -> usize {
         self.rows() * usize::from(self.groups) * RING * 2
-            + usize::from(self.groups) * Precomputed::GROUP_BYTES
+            + usize::from(self.groups) * (HINT_GROUP_BYTES + Precomputed::GROUP_BYTES)
     }
 }
 
@@ -1620,6 +1624,7 @@ mod tests {
     #[test]
     fn a_bucket_is_found_through_the_wire_and_a_patch_is_seen() {
         let (shape, db, client, keys) = small();
+        assert_eq!(db.bytes(), shape.database_bytes());
         for bucket in [0u32, 1, 2_049, 4_095] {
             let query = client.query(bucket).unwrap();
             assert_eq!(query.len(), shape.query_bytes());
