@@ -47,7 +47,8 @@ pub struct ServeArgs {
     /// Most elements per PirQuery request [default: 4, at most 64].
     #[arg(long, env = "PSI_PIR_MAX_BATCH")]
     pub pir_max_batch: Option<usize>,
-    /// PIR answers computed at once, server-wide [default: 2].
+    /// PirQuery requests admitted at once, server-wide; their queries share
+    /// passes over the PIR database, one pass at a time [default: 8].
     #[arg(long, env = "PSI_PIR_MAX_CONCURRENT")]
     pub pir_max_concurrent: Option<usize>,
     /// Bytes of institutions' PIR public parameters kept in memory
@@ -680,7 +681,7 @@ mod tests {
                 cfg.limits.pir_keys_cache_bytes,
                 cfg.limits.pir_max_database_bytes
             ),
-            (4, 2, 1 << 30, 4 << 30)
+            (4, 8, 1 << 30, 4 << 30)
         );
         let err = |args: ServeArgs| args.resolve().unwrap_err().to_string();
         assert!(err(ServeArgs {

@@ -44,8 +44,9 @@ pub struct Limits {
     /// Elements per `PirQuery` request (each costs a pass over the PIR
     /// database).
     pub pir_max_batch: usize,
-    /// PIR answers computed at once, server-wide; more are refused with
-    /// RESOURCE_EXHAUSTED and a retry delay.
+    /// `PirQuery` requests admitted at once, server-wide (their queries
+    /// wait for passes, one pass at a time, shared: `pir::Passes`); more
+    /// are refused with RESOURCE_EXHAUSTED and a retry delay.
     pub pir_max_concurrent: usize,
     /// Bytes of institutions' PIR public parameters kept (least recently
     /// used evicted first).
@@ -68,7 +69,7 @@ impl Default for Limits {
             max_message_bytes: 16 << 20,
             max_concurrent_per_institution: 16,
             pir_max_batch: 4,
-            pir_max_concurrent: 2,
+            pir_max_concurrent: 8,
             pir_keys_cache_bytes: 1 << 30,
             pir_max_database_bytes: 4 << 30,
             pir_scheme: psi_pir::SchemeChoice::Auto,
@@ -901,7 +902,7 @@ impl MatchService {
             .try_acquire_owned()
             .map_err(|_| ServiceError::QuotaExhausted {
                 what: format!(
-                    "{} PIR answers are being computed (pir_max_concurrent)",
+                    "{} PIR requests are being answered (pir_max_concurrent)",
                     self.state.limits.pir_max_concurrent
                 ),
                 retry_after: std::time::Duration::from_millis(500),
