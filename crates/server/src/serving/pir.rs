@@ -13,12 +13,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use psi_core::bucket::BucketIndex;
 use psi_pir::{PirDatabase, PirKeys, PirShape, PreparedQuery, SchemeChoice};
+use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
-use crate::serving::metrics::Metrics;
-use sha2::{Digest, Sha256};
-
 use crate::serving::error::ServiceError;
+use crate::serving::metrics::Metrics;
 use crate::serving::snapshot::Snapshot;
 
 /// Bytes of a public parameters' id.
@@ -294,8 +293,8 @@ pub type PassAnswer = oneshot::Receiver<psi_pir::Result<Vec<u8>>>;
 /// and share the next one, up to `PirDatabase::queries_per_pass` of them
 /// on the same database (YPIR+SP: four; Spiral answers one at a time),
 /// whatever request or institution they come from (each is packed with
-/// its own client's keys). A query arriving at an idle server
-/// starts its pass at once. Queries whose request was cancelled or timed
+/// its own client's keys). A query arriving at an idle server starts its
+/// pass at once. Queries whose request was cancelled or timed
 /// out are dropped unanswered. How many can wait is bounded by the
 /// requests admitted (`pir_max_concurrent`) times their queries
 /// (`pir_max_batch`).
@@ -396,7 +395,8 @@ impl Passes {
     }
 
     /// The next pass's queries: the oldest one still awaited and as many
-    /// more on its database as one pass answers, in the order they came; `None`, the drainer stopping, when none waits.
+    /// more on its database as one pass answers, in the order they came;
+    /// `None`, the drainer stopping, when none waits.
     fn next_pass(&self) -> Option<Vec<PassJob>> {
         let mut waiting = self.lock();
         waiting.jobs.retain(|j| !j.reply.is_closed());
