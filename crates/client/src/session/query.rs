@@ -222,30 +222,38 @@ impl Session {
         let shape = crate::pir::shape_of(info)?;
         let max = (info.max_batch as usize).max(1);
         let p = u8::try_from(self.info.bucket_prefix_bits).unwrap_or(32);
-        let mut state = self.pir.lock().await;
-        if state
-            .as_ref()
-            .is_none_or(|s| s.client.shape() != shape || s.epoch != self.info.key_epoch)
-        {
-            let dir = self.options.cache_dir.clone();
-            let key = self.server_key_prefix();
-            let epoch = self.info.key_epoch;
-            *state =
-                Some(on_cpu(move || crate::pir::PirState::open(&dir, &key, epoch, shape)).await??);
-        }
-        let state = state
-            .as_mut()
-            .ok_or_else(|| Error::Internal("PIR state missing".into()))?;
+        // The state is locked only to open it and to find or register the
+        // keys: concurrent checks of this session (the gateway's callers, a
+        // batch's chunks) make queries and wait for answers side by side,
+        // and the server may answer them with one pass.
+        let client = {
+            let mut state = self.pir.lock().await;
+            if state
+                .as_ref()
+                .is_none_or(|s| s.client.shape() != shape || s.epoch != self.info.key_epoch)
+            {
+                let dir = self.options.cache_dir.clone();
+                let key = self.server_key_prefix();
+                let epoch = self.info.key_epoch;
+                *state = Some(
+                    on_cpu(move || crate::pir::PirState::open(&dir, &key, epoch, shape)).await??,
+                );
+            }
+            state
+                .as_ref()
+                .map(|s| Arc::clone(&s.client))
+                .ok_or_else(|| Error::Internal("PIR state missing".into()))?
+        };
         let mut answers = Answers::with_capacity(records.len());
         for chunk in records.chunks(max) {
             let inputs: Vec<Vec<u8>> = chunk.iter().map(Record::encode).collect();
             let buckets: Vec<u32> = chunk.iter().map(|r| r.bucket(p)).collect();
-            let client = Arc::clone(&state.client);
             let asked = buckets.clone();
+            let query_client = Arc::clone(&client);
             let queries = on_cpu(move || {
                 asked
                     .iter()
-                    .map(|&b| client.query(b))
+                    .map(|&b| query_client.query(b))
                     .collect::<psi_pir::Result<Vec<_>>>()
             })
             .await?
@@ -258,14 +266,10 @@ impl Session {
                 queries,
                 combines_partials: true,
             };
-            let mut setups = 0;
+            let (mut resent, mut forget) = (0, None);
             let response = loop {
-                let Some(id) = state.keys_id.clone() else {
-                    self.pir_setup(state, shape).await?;
-                    setups += 1;
-                    continue;
-                };
-                message.keys_id = id;
+                let id = self.pir_keys_id(&client, shape, forget.take()).await?;
+                message.keys_id = id.clone();
                 let sent = self
                     .ask("PIR query", || {
                         let mut grpc = self.grpc.clone();
@@ -274,9 +278,10 @@ impl Session {
                     })
                     .await;
                 match sent {
-                    Err(Error::PirKeysUnknown { .. }) if setups < 2 => {
+                    Err(Error::PirKeysUnknown { .. }) if resent < 2 => {
                         tracing::info!("the server no longer holds this client's PIR parameters; sending them again");
-                        state.keys_id = None;
+                        resent += 1;
+                        forget = Some(id);
                     }
                     other => break other?,
                 }
@@ -298,7 +303,7 @@ impl Session {
                     buckets.len()
                 )));
             }
-            let client = Arc::clone(&state.client);
+            let decode_client = Arc::clone(&client);
             let epoch = response.key_epoch;
             let response_version = response.registry_version;
             let tags: Vec<u64> = outputs.iter().map(|o| o.tag().0).collect();
@@ -308,8 +313,8 @@ impl Session {
                     .zip(&response.answers)
                     .zip(&tags)
                     .map(|((&b, answer), &tag)| {
-                        let fps = client.decode(b, epoch, answer)?;
-                        Ok(client.contains(&fps, tag))
+                        let fps = decode_client.decode(b, epoch, answer)?;
+                        Ok(decode_client.contains(&fps, tag))
                     })
                     .collect::<psi_pir::Result<Vec<bool>>>()
             })
@@ -324,6 +329,37 @@ impl Session {
             answers.found.extend(found);
         }
         Ok(answers)
+    }
+
+    /// The id of `client`'s public parameters at the server, registering
+    /// them first when the server holds none of this state's, or when it
+    /// said it no longer holds `forget` (the id a query was refused with;
+    /// another check may have registered them again meanwhile).
+    async fn pir_keys_id(
+        &self,
+        client: &Arc<psi_pir::SchemeClient>,
+        shape: psi_pir::PirShape,
+        forget: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
+        let mut state = self.pir.lock().await;
+        let state = state
+            .as_mut()
+            .filter(|s| Arc::ptr_eq(&s.client, client))
+            .ok_or_else(|| {
+                Error::Internal(
+                    "the PIR state changed during the check (a key rotation): ask again".into(),
+                )
+            })?;
+        if forget.is_some() && state.keys_id == forget {
+            state.keys_id = None;
+        }
+        if state.keys_id.is_none() {
+            self.pir_setup(state, shape).await?;
+        }
+        state
+            .keys_id
+            .clone()
+            .ok_or_else(|| Error::Internal("PIR public parameters not registered".into()))
     }
 
     /// Registers this client's public parameters with the server.

@@ -499,3 +499,44 @@ async fn the_audit_trail_says_nothing_of_the_pair(f: &Fixture, session: &Session
         "{metrics}"
     );
 }
+
+/// A session's PIR checks run side by side: its PIR state is locked only
+/// to find or register the public parameters. After a restart the server
+/// holds none of them; concurrent checks then register them again once,
+/// and the server may answer their queries with shared passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_concurrent_checks_register_again_once_after_a_restart() {
+    let limits = Limits {
+        pir_scheme: psi_pir::SchemeChoice::Ypir,
+        ..test_limits()
+    };
+    let f = fixture_with(3000, limits).await;
+    let port = f.running.local_addr.port();
+    let session = connect(&f.url, &f.root.join("cache"), None).await.unwrap();
+    let people: Vec<(&str, &str)> = psi_testbed::fixture::registered()
+        .into_iter()
+        .take(6)
+        .collect();
+    let checks = |session| {
+        futures::future::join_all(
+            people
+                .iter()
+                .map(move |(name, id)| check(session, name, id, QueryMode::Pir)),
+        )
+    };
+    for outcome in checks(&session).await {
+        assert_eq!(outcome.unwrap(), CheckOutcome::Match);
+    }
+    f.running.shutdown().await.unwrap();
+    let again = start_with(&f.data_dir, port, None, limits).await;
+    for outcome in checks(&session).await {
+        assert_eq!(outcome.unwrap(), CheckOutcome::Match);
+    }
+    again.shutdown().await.unwrap();
+    let audit_db = f.data_dir.join(psi_server::serving::audit::AUDIT_FILE);
+    let setups = audit_records(&audit_db)
+        .iter()
+        .filter(|r| r["method"] == "PirSetup")
+        .count();
+    assert_eq!(setups, 2, "once before the restart, once after");
+}
