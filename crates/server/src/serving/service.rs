@@ -907,25 +907,31 @@ impl MatchService {
                 ),
                 retry_after: std::time::Duration::from_millis(500),
             })?;
-        let (evaluated_elements, proof, partials) = self
-            .evaluate_blinded(&snap, blinded, req.combines_partials)
-            .await?
-            .into_fields()?;
         let refused = |e: psi_pir::Error| match e {
             psi_pir::Error::Scheme => {
                 ServiceError::InvalidArgument("the PIR query could not be processed".into())
             }
             other => ServiceError::InvalidArgument(other.to_string()),
         };
-        // Every query checked before any is queued; then they share passes
-        // with other requests' queries (dropped unanswered if this request
-        // is cancelled).
-        let prepared = req
-            .queries
-            .iter()
-            .map(|q| db.prepare(&keys, q))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(refused)?;
+        // Every query checked (each value below the modulus) before the
+        // evaluation and before any is queued; then they share passes with
+        // other requests' queries (dropped unanswered if this request is
+        // cancelled).
+        let prepared = {
+            let (db, keys, queries) = (Arc::clone(&db), Arc::clone(&keys), req.queries);
+            on_cpu(move |_| {
+                queries
+                    .iter()
+                    .map(|q| db.prepare(&keys, q))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?
+            .map_err(refused)?
+        };
+        let (evaluated_elements, proof, partials) = self
+            .evaluate_blinded(&snap, blinded, req.combines_partials)
+            .await?
+            .into_fields()?;
         let mut answers = Vec::with_capacity(prepared.len());
         for answer in self.state.passes.submit(&db, &keys, prepared) {
             answers.push(
