@@ -1,6 +1,8 @@
-//! The server's work per PIR query (issue #11): one answer at the shapes a
-//! registry of 10^6 and 10^7 entries gets, on one thread (the CPU a check
-//! costs) and on the machine's pool (its latency).
+//! The server's work per PIR query (issues #11 and #24): one answer at the
+//! shapes a registry of 10^6 and 10^7 entries gets, on one thread (the CPU
+//! a check costs) and on the machine's pool (its latency), by Spiral
+//! (spiral-rs's own `process_query`, the outside baseline, and this
+//! crate's evaluation, on the same database) and by YPIR+SP.
 //!
 //! `cargo bench --bench pir`
 
@@ -14,6 +16,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use psi_bench::single_thread_pool;
+use psi_pir::ypir::{YpirDatabase, YpirKeys, YpirPirClient, YpirShape};
 use psi_pir::{Database, Keys, PirClient, Shape};
 use std::hint::black_box;
 use std::time::Duration;
@@ -71,6 +74,74 @@ fn answer(c: &mut Criterion) {
         g.bench_function(format!("{name}/pool"), |b| {
             b.iter(|| db.answer(&keys, black_box(&query)).expect("answer"))
         });
+        let theirs = db.answer_by_spiral_rs(&keys, &query).expect("answer");
+        client.decode(3, 1, &theirs).expect("decodes");
+        g.bench_function(format!("{name}/spiral_rs/one_thread"), |b| {
+            b.iter(|| {
+                one.install(|| {
+                    db.answer_by_spiral_rs(&keys, black_box(&query))
+                        .expect("answer")
+                })
+            })
+        });
+        g.bench_function(format!("{name}/spiral_rs/pool"), |b| {
+            b.iter(|| {
+                db.answer_by_spiral_rs(&keys, black_box(&query))
+                    .expect("answer")
+            })
+        });
+    }
+    g.finish();
+}
+
+/// The YPIR+SP shapes `psi-server` derives for the same registries
+/// (BENCHMARKS.md "Beside Spiral at 10^6 and 10^7").
+fn ypir_shapes() -> [(&'static str, YpirShape); 2] {
+    [
+        (
+            "1e6",
+            YpirShape {
+                item_bits: 9,
+                groups: 4,
+                bucket_shift: 0,
+            },
+        ),
+        (
+            "1e7",
+            YpirShape {
+                item_bits: 13,
+                groups: 3,
+                bucket_shift: 0,
+            },
+        ),
+    ]
+}
+
+/// One YPIR+SP answer (the pass, `n c_j`, modulus switching), a client's
+/// packed `b` sides already made (its first query after a database change
+/// makes them).
+fn ypir_answer(c: &mut Criterion) {
+    let one = single_thread_pool();
+    let mut g = c.benchmark_group("ypir_answer");
+    for (name, shape) in ypir_shapes() {
+        let fill = psi_pir::item::capacity(shape.item_bytes()) * 9 / 10;
+        let db = YpirDatabase::build(shape, 1, |i| {
+            (0..fill as u64)
+                .map(|k| (i as u64 * 1_000_003 + k).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                .collect()
+        })
+        .expect("database");
+        let client = YpirPirClient::new(shape, 1, &[5; 32]).expect("client");
+        let keys = YpirKeys::parse(shape, &client.public_parameters()).expect("keys");
+        let query = client.query(3).expect("query");
+        let a = db.answer(&keys, &query).expect("answer");
+        client.decode(3, 1, &a).expect("decodes");
+        g.bench_function(format!("{name}/one_thread"), |b| {
+            b.iter(|| one.install(|| db.answer(&keys, black_box(&query)).expect("answer")))
+        });
+        g.bench_function(format!("{name}/pool"), |b| {
+            b.iter(|| db.answer(&keys, black_box(&query)).expect("answer"))
+        });
     }
     g.finish();
 }
@@ -85,6 +156,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = answer
+    targets = answer, ypir_answer
 }
 criterion_main!(benches);

@@ -163,6 +163,29 @@ impl Database {
         }))
         .unwrap_or(Err(Error::Scheme))
     }
+
+    /// The answer computed by spiral-rs's own `process_query` on this very
+    /// database, checked as [`Database::answer`] checks: the outside
+    /// baseline `cargo bench --bench pir` measures ours against. The
+    /// server never calls it.
+    ///
+    /// # Errors
+    /// As [`Database::answer`].
+    #[doc(hidden)]
+    pub fn answer_by_spiral_rs(&self, keys: &Keys, query: &[u8]) -> Result<Vec<u8>> {
+        if !keys.shape.same_keys(&self.shape) {
+            return Err(Error::Shape(
+                "the public parameters were made for other dimensions".into(),
+            ));
+        }
+        let params = self.shape.params();
+        check_words("PIR query", query, params.query_bytes(), params.modulus)?;
+        catch_unwind(AssertUnwindSafe(|| {
+            let q = Query::deserialize(params, query);
+            spiral_rs::server::process_query(params, &keys.public, &q, self.words.as_slice())
+        }))
+        .map_err(|_| Error::Scheme)
+    }
 }
 
 /// One item's bytes as the scheme's plaintext polynomials (a byte per

@@ -35,6 +35,10 @@ fn answers_hold_the_item_asked_and_nothing_is_lost() {
             assert!(client.contains(&fps, t));
         }
         assert!(!client.contains(&fps, 0x0123_4567_89ab_cdef));
+        // spiral-rs's own evaluation (the benchmarks' baseline) answers
+        // the same item.
+        let theirs = db.answer_by_spiral_rs(&keys, &query).expect("answer");
+        assert_eq!(client.decode(bucket, 3, &theirs).expect("decode"), fps);
     }
 }
 
