@@ -20,7 +20,7 @@
 //! ours on spiral-rs's ring arithmetic, for large ones. Their NTTs are in
 //! `ntt`, their hot loops in `kernels`, which has the crate's only
 //! `unsafe` (calling the AVX2 and AVX-512 builds, the VNNI kernel's
-//! loads). Everything that reaches them from a peer is checked here first
+//! loads, `dgemm` on slices checked against its strides). Everything that reaches them from a peer is checked here first
 //! (exact lengths, every coefficient below the modulus); their code runs
 //! under `catch_unwind` besides, so a fault refuses one request instead of
 //! ending the server. Bytes in, bytes out: no I/O. See `docs/PROTOCOL.md`,

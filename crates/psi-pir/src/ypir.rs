@@ -306,7 +306,7 @@ const HINT_GROUP_BYTES: usize = RING * RING * 8;
 /// making it again: [`Hint::patch`] costs `n` multiply-adds per changed
 /// row and column, [`Hint::new`] an NTT per block of `n` rows and column.
 /// Measured (`psi-bench ypir`, BENCHMARKS.md): they cost the same at ~45
-/// changed rows a block (2^18 rows: 1.69 s made, 1.26 s patched for 4,096
+/// changed rows a block (2^18 rows: 1.62 s made, 1.24 s patched for 4,096
 /// rows; 2^15 rows: 0.31 s, 0.29 s for 1,024).
 #[must_use]
 pub fn hint_patch_rows(rows: usize) -> usize {
