@@ -46,15 +46,17 @@ fn shapes() -> [(&'static str, Shape); 2] {
     ]
 }
 
+/// Pseudo-random tags for item `i`, `fill` of them.
+fn tags(i: usize, fill: usize) -> Vec<u64> {
+    (0..fill as u64)
+        .map(|k| (i as u64 * 1_000_003 + k).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect()
+}
+
 /// Items filled to 90% of their capacity with pseudo-random tags.
 fn database(shape: Shape) -> Database {
     let fill = shape.capacity() * 9 / 10;
-    Database::build(shape, 1, |i| {
-        (0..fill as u64)
-            .map(|k| (i as u64 * 1_000_003 + k).wrapping_mul(0x9e37_79b9_7f4a_7c15))
-            .collect()
-    })
-    .expect("database")
+    Database::build(shape, 1, |i| tags(i, fill)).expect("database")
 }
 
 fn answer(c: &mut Criterion) {
@@ -68,27 +70,14 @@ fn answer(c: &mut Criterion) {
         // The answer is right before it is timed.
         let a = db.answer(&keys, &query).expect("answer");
         client.decode(3, 1, &a).expect("decodes");
-        g.bench_function(format!("{name}/one_thread"), |b| {
-            b.iter(|| one.install(|| db.answer(&keys, black_box(&query)).expect("answer")))
-        });
-        g.bench_function(format!("{name}/pool"), |b| {
-            b.iter(|| db.answer(&keys, black_box(&query)).expect("answer"))
+        on_one_and_pool(&mut g, &one, name, || {
+            db.answer(&keys, black_box(&query)).expect("answer")
         });
         let theirs = db.answer_by_spiral_rs(&keys, &query).expect("answer");
         client.decode(3, 1, &theirs).expect("decodes");
-        g.bench_function(format!("{name}/spiral_rs/one_thread"), |b| {
-            b.iter(|| {
-                one.install(|| {
-                    db.answer_by_spiral_rs(&keys, black_box(&query))
-                        .expect("answer")
-                })
-            })
-        });
-        g.bench_function(format!("{name}/spiral_rs/pool"), |b| {
-            b.iter(|| {
-                db.answer_by_spiral_rs(&keys, black_box(&query))
-                    .expect("answer")
-            })
+        on_one_and_pool(&mut g, &one, &format!("{name}/spiral_rs"), || {
+            db.answer_by_spiral_rs(&keys, black_box(&query))
+                .expect("answer")
         });
     }
     g.finish();
@@ -125,25 +114,31 @@ fn ypir_answer(c: &mut Criterion) {
     let mut g = c.benchmark_group("ypir_answer");
     for (name, shape) in ypir_shapes() {
         let fill = psi_pir::item::capacity(shape.item_bytes()) * 9 / 10;
-        let db = YpirDatabase::build(shape, 1, |i| {
-            (0..fill as u64)
-                .map(|k| (i as u64 * 1_000_003 + k).wrapping_mul(0x9e37_79b9_7f4a_7c15))
-                .collect()
-        })
-        .expect("database");
+        let db = YpirDatabase::build(shape, 1, |i| tags(i, fill)).expect("database");
         let client = YpirPirClient::new(shape, 1, &[5; 32]).expect("client");
         let keys = YpirKeys::parse(shape, &client.public_parameters()).expect("keys");
         let query = client.query(3).expect("query");
         let a = db.answer(&keys, &query).expect("answer");
         client.decode(3, 1, &a).expect("decodes");
-        g.bench_function(format!("{name}/one_thread"), |b| {
-            b.iter(|| one.install(|| db.answer(&keys, black_box(&query)).expect("answer")))
-        });
-        g.bench_function(format!("{name}/pool"), |b| {
-            b.iter(|| db.answer(&keys, black_box(&query)).expect("answer"))
+        on_one_and_pool(&mut g, &one, name, || {
+            db.answer(&keys, black_box(&query)).expect("answer")
         });
     }
     g.finish();
+}
+
+/// Times `answer` as `NAME/one_thread` (inside `one`: its CPU) and
+/// `NAME/pool` (on the machine's pool: its latency).
+fn on_one_and_pool(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    one: &rayon::ThreadPool,
+    name: &str,
+    answer: impl Fn() -> Vec<u8> + Sync,
+) {
+    g.bench_function(format!("{name}/one_thread"), |b| {
+        b.iter(|| one.install(&answer))
+    });
+    g.bench_function(format!("{name}/pool"), |b| b.iter(&answer));
 }
 
 fn config() -> Criterion {

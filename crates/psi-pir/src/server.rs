@@ -149,19 +149,10 @@ impl Database {
     /// [`Error::Shape`] for keys made for other dimensions, [`Error::Scheme`]
     /// if the scheme's code fails anyway.
     pub fn answer(&self, keys: &Keys, query: &[u8]) -> Result<Vec<u8>> {
-        if !keys.shape.same_keys(&self.shape) {
-            return Err(Error::Shape(
-                "the public parameters were made for other dimensions".into(),
-            ));
-        }
-        let params = self.shape.params();
-        check_words("PIR query", query, params.query_bytes(), params.modulus)?;
-        catch_unwind(AssertUnwindSafe(|| {
-            let q = Query::deserialize(params, query);
+        self.checked(keys, query, |params, q| {
             let ct = q.ct.as_ref().ok_or(Error::Scheme)?;
             answer::answer(params, &keys.public, ct, self.words.as_slice())
-        }))
-        .unwrap_or(Err(Error::Scheme))
+        })
     }
 
     /// The answer computed by spiral-rs's own `process_query` on this very
@@ -173,6 +164,24 @@ impl Database {
     /// As [`Database::answer`].
     #[doc(hidden)]
     pub fn answer_by_spiral_rs(&self, keys: &Keys, query: &[u8]) -> Result<Vec<u8>> {
+        self.checked(keys, query, |params, q| {
+            Ok(spiral_rs::server::process_query(
+                params,
+                &keys.public,
+                q,
+                self.words.as_slice(),
+            ))
+        })
+    }
+
+    /// `evaluate` on `query` once the keys' dimensions, the query's length
+    /// and every coefficient were checked, under `catch_unwind`.
+    fn checked(
+        &self,
+        keys: &Keys,
+        query: &[u8],
+        evaluate: impl FnOnce(&'static Params, &Query<'static>) -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
         if !keys.shape.same_keys(&self.shape) {
             return Err(Error::Shape(
                 "the public parameters were made for other dimensions".into(),
@@ -181,10 +190,9 @@ impl Database {
         let params = self.shape.params();
         check_words("PIR query", query, params.query_bytes(), params.modulus)?;
         catch_unwind(AssertUnwindSafe(|| {
-            let q = Query::deserialize(params, query);
-            spiral_rs::server::process_query(params, &keys.public, &q, self.words.as_slice())
+            evaluate(params, &Query::deserialize(params, query))
         }))
-        .map_err(|_| Error::Scheme)
+        .unwrap_or(Err(Error::Scheme))
     }
 }
 
