@@ -91,7 +91,7 @@ fn ypir_shapes() -> [(&'static str, YpirShape); 2] {
             "1e6",
             YpirShape {
                 item_bits: 9,
-                groups: 4,
+                columns: 4 * 2048,
                 bucket_shift: 0,
             },
         ),
@@ -99,7 +99,7 @@ fn ypir_shapes() -> [(&'static str, YpirShape); 2] {
             "1e7",
             YpirShape {
                 item_bits: 13,
-                groups: 3,
+                columns: 3 * 2048,
                 bucket_shift: 0,
             },
         ),

@@ -83,7 +83,7 @@ fn tag(item: u64, k: u64) -> u64 {
 pub fn run(item_bits: u8, checks: usize) -> Result<YpirReport> {
     let shape = YpirShape {
         item_bits,
-        groups: 1,
+        columns: 2048,
         bucket_shift: 0,
     };
     let tags = |i: usize| (0..TAGS_PER_ITEM).map(|k| tag(i as u64, k)).collect();

@@ -29,6 +29,16 @@ pub enum Error {
         /// The server's words.
         message: String,
     },
+    /// The server's PIR shape changed (a registry update) since the one the
+    /// queries were made for: read `ServerInfo` again and make them anew
+    /// (`Session::pir_check` does, by itself).
+    #[error("{what}: the server's PIR shape changed ({message})")]
+    PirShapeChanged {
+        /// The exchange refused.
+        what: String,
+        /// The server's words.
+        message: String,
+    },
     /// The server presents an older key epoch than the one pinned: a
     /// replica behind a rotation. Another replica may be ahead.
     #[error(transparent)]
@@ -142,6 +152,9 @@ impl Error {
         };
         if status.metadata().get(psi_proto::PIR_KEYS_HEADER).is_some() {
             return Self::PirKeysUnknown { what, message };
+        }
+        if status.metadata().get(psi_proto::PIR_SHAPE_HEADER).is_some() {
+            return Self::PirShapeChanged { what, message };
         }
         if let Some(cause) = std::error::Error::source(status) {
             return Self::Transport {

@@ -28,6 +28,22 @@ pub fn shape_of(info: &PirInfo) -> Result<PirShape> {
         u16::try_from(v)
             .map_err(|_| Error::Invalid(format!("the server's PIR {what} {v} is out of range")))
     };
+    let ypir = || -> Result<YpirShape> {
+        let shape = YpirShape {
+            item_bits: narrow(info.item_bits, "item_bits")?,
+            columns: info.item_columns,
+            bucket_shift: narrow(info.bucket_shift, "bucket_shift")?,
+        };
+        if shape.groups() != info.groups as usize {
+            return Err(Error::Invalid(format!(
+                "the server says a PIR item spans {} groups; its {} columns make {}",
+                info.groups,
+                info.item_columns,
+                shape.groups()
+            )));
+        }
+        Ok(shape)
+    };
     let shape = if info.scheme == psi_pir::shape::SCHEME {
         PirShape::Spiral(Shape {
             nu1: narrow(info.nu1, "nu1")?,
@@ -36,11 +52,7 @@ pub fn shape_of(info: &PirInfo) -> Result<PirShape> {
             bucket_shift: narrow(info.bucket_shift, "bucket_shift")?,
         })
     } else if info.scheme == psi_pir::ypir::SCHEME {
-        PirShape::Ypir(YpirShape {
-            item_bits: narrow(info.item_bits, "item_bits")?,
-            groups: wide(info.groups, "groups")?,
-            bucket_shift: narrow(info.bucket_shift, "bucket_shift")?,
-        })
+        PirShape::Ypir(ypir()?)
     } else {
         return Err(Error::Unsupported(format!(
             "the server's PIR scheme `{}` is not one this client speaks ({}, {})",

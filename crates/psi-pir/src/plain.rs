@@ -328,6 +328,9 @@ pub fn from_words(words: &[u16], len: usize) -> Vec<u8> {
     let mut bits = 0u32;
     let mut held = 0usize;
     for &word in words {
+        if out.len() == len {
+            break;
+        }
         bits |= u32::from(word & ((1 << WORD_BITS) - 1)) << held;
         held += WORD_BITS;
         while held >= 8 && out.len() < len {
@@ -408,6 +411,12 @@ mod tests {
             Err(Error::Length { .. })
         ));
         assert!(PlainDatabase::new(0, 4).is_err());
+        // An item's first bytes from more words than it needs (a partial
+        // group's answer is decoded whole): the rest is ignored.
+        let mut words = vec![0u16; 4096];
+        to_words(&a, &mut words);
+        assert_eq!(from_words(&words, 15), a);
+        assert_eq!(from_words(&words, 4), a[..4]);
     }
 
     #[test]

@@ -85,6 +85,35 @@ impl PirShape {
         }
     }
 
+    /// The shape's id (`PirInfo.shape_id`): the first 8 bytes of
+    /// `SHA-256("psi.v1.pir.shape" || scheme || dimensions)`, the dimensions
+    /// as big-endian `u32`s (Spiral: nu1, nu2, instances, bucket_shift;
+    /// YPIR+SP: item_bits, item_columns, bucket_shift). A query names the
+    /// shape it was made for, so that a server whose shape changed with
+    /// an update can say so instead of answering it.
+    #[must_use]
+    pub fn id(&self) -> [u8; 8] {
+        use sha2::{Digest, Sha256};
+        let dims: Vec<u32> = match self {
+            Self::Spiral(s) => vec![
+                s.nu1.into(),
+                s.nu2.into(),
+                s.instances.into(),
+                s.bucket_shift.into(),
+            ],
+            Self::Ypir(s) => vec![s.item_bits.into(), s.columns, s.bucket_shift.into()],
+        };
+        let mut h = Sha256::new();
+        h.update(b"psi.v1.pir.shape");
+        h.update(self.scheme().as_bytes());
+        for d in dims {
+            h.update(d.to_be_bytes());
+        }
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&h.finalize()[..8]);
+        id
+    }
+
     /// Checks an advertised shape.
     ///
     /// # Errors

@@ -298,9 +298,8 @@ impl Hint {
     }
 }
 
-/// Bytes of a group's hint: `RING` values mod q for each of its `RING`
-/// columns.
-const HINT_GROUP_BYTES: usize = RING * RING * 8;
+/// Bytes of a column's hint: `RING` values mod q.
+const HINT_COLUMN_BYTES: usize = RING * 8;
 
 /// Changed rows up to which patching a database's hint is faster than
 /// making it again: [`Hint::patch`] costs `n` multiply-adds per changed
@@ -597,10 +596,12 @@ fn add(a: &[u64], b: &[u64], negate: bool) -> Ntt {
 /// What the answer needs of a database, computed once per database and
 /// public seed: the packing's `a` side, which depends on the hint and the
 /// keys' public halves only (YPIR's offline precomputation). For each
-/// group of [`RING`] columns, the packed ciphertext's `a` and, for every
-/// automorphism of the packing tree, the gadget digits of the `a` it
-/// switches (NTT form). The client's part of an answer is then the `b`
-/// side alone: a few products per node, no transform until the last.
+/// group of [`RING`] columns (the last one's missing columns zero), the
+/// packed ciphertext's `a` and, for every automorphism of the packing
+/// tree, the `a` it switches (coefficients mod q: 16 KiB a node, a third
+/// of its gadget digits' NTTs, which a client's `b` sides derive from it
+/// once per keys and database). A query's answer is then the pass and the
+/// client's `b` sides.
 pub struct Precomputed {
     columns: usize,
     groups: Vec<Group>,
@@ -609,9 +610,9 @@ pub struct Precomputed {
 struct Group {
     /// The packed ciphertext's `a` (coefficients mod q).
     alpha: Vec<u64>,
-    /// Per node of the tree (`node_id`), the digits' NTTs (values below
-    /// 2^28, held in 32 bits).
-    digits: Vec<[Vec<u32>; DIGITS]>,
+    /// Per node of the tree (`node_id`), the `a` its key switch cuts into
+    /// digits (coefficients mod q).
+    switched: Vec<Vec<u64>>,
 }
 
 impl fmt::Debug for Precomputed {
@@ -636,25 +637,28 @@ impl Precomputed {
     pub fn new(hint: &Hint, public_seed: &[u8; 32]) -> Self {
         use rayon::prelude::*;
         let key_a = key_polys(public_seed);
-        let groups = (0..hint.columns / RING)
+        let groups = (0..hint.columns.div_ceil(RING))
             .into_par_iter()
             .map(|g| {
                 let p = params();
-                let leaves: Vec<PolyMatrixNTT<'static>> = (0..RING)
-                    .map(|i| {
+                let leaves: Vec<PolyMatrixNTT<'static>> = (g * RING..(g + 1) * RING)
+                    .map(|j| {
                         // Column j's LWE ciphertext as a ring one:
-                        // a = conj(H_j), so (a s)_0 = <H_j, s>.
+                        // a = conj(H_j), so (a s)_0 = <H_j, s>; zero past
+                        // the last column.
                         let mut a = PolyMatrixRaw::zero(p, 1, 1);
-                        conjugate(hint.column(g * RING + i), a.get_poly_mut(0, 0));
+                        if j < hint.columns {
+                            conjugate(hint.column(j), a.get_poly_mut(0, 0));
+                        }
                         a.ntt()
                     })
                     .collect();
-                let mut digits = vec![[Vec::new(), Vec::new(), Vec::new()]; RING - 1];
-                let found = Mutex::new(&mut digits);
+                let mut switched = vec![Vec::new(); RING - 1];
+                let found = Mutex::new(&mut switched);
                 let alpha = pack_alpha(LEVELS, 0, &leaves, &key_a, &found);
                 Group {
                     alpha: alpha.raw().get_poly(0, 0).to_vec(),
-                    digits,
+                    switched,
                 }
             })
             .collect();
@@ -665,7 +669,7 @@ impl Precomputed {
     }
 
     /// Bytes held per group of columns.
-    pub const GROUP_BYTES: usize = RING * 8 + (RING - 1) * DIGITS * 2 * RING * 4;
+    pub const GROUP_BYTES: usize = RING * 8 + (RING - 1) * RING * 8;
 
     /// Bytes held.
     #[must_use]
@@ -675,14 +679,14 @@ impl Precomputed {
 }
 
 /// The `a` side of packing `leaves[start + m 2^(11-l)]`, `m < 2^l`, each
-/// automorphism's digits written to `digits` at its node: `a = a_even +
-/// y a_odd - K_a G^-1(τ(a_even - y a_odd))`.
+/// automorphism's switched `a` written to `switched` at its node: `a =
+/// a_even + y a_odd - K_a G^-1(τ(a_even - y a_odd))`.
 fn pack_alpha(
     l: usize,
     start: usize,
     leaves: &[PolyMatrixNTT<'static>],
     key_a: &[PolyMatrixNTT<'static>],
-    digits: &Mutex<&mut Vec<[Vec<u32>; DIGITS]>>,
+    switched: &Mutex<&mut Vec<Vec<u64>>>,
 ) -> PolyMatrixNTT<'static> {
     if l == 0 {
         return leaves[start].clone();
@@ -691,13 +695,13 @@ fn pack_alpha(
     let step = 1 << (LEVELS - l);
     let (even, odd) = if l > LEVELS - 4 {
         rayon::join(
-            || pack_alpha(l - 1, start, leaves, key_a, digits),
-            || pack_alpha(l - 1, start + step, leaves, key_a, digits),
+            || pack_alpha(l - 1, start, leaves, key_a, switched),
+            || pack_alpha(l - 1, start + step, leaves, key_a, switched),
         )
     } else {
         (
-            pack_alpha(l - 1, start, leaves, key_a, digits),
-            pack_alpha(l - 1, start + step, leaves, key_a, digits),
+            pack_alpha(l - 1, start, leaves, key_a, switched),
+            pack_alpha(l - 1, start + step, leaves, key_a, switched),
         )
     };
     let y_odd = mul(&shifts()[l - 1], odd.get_poly(0, 0));
@@ -707,35 +711,46 @@ fn pack_alpha(
     let mut m = PolyMatrixNTT::zero(p, 1, 1);
     m.get_poly_mut(0, 0).copy_from_slice(&minus);
     let tau = automorph_alloc(&m.raw(), (1 << l) + 1);
+    let d = digits_of(tau.get_poly(0, 0));
+    let mut key_switched = vec![0; 2 * RING];
+    for (i, di) in d.iter().enumerate() {
+        key_switched = add(&key_switched, &mul(di, key_a[l - 1].get_poly(0, i)), false);
+    }
+    switched
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)[node_id(l, start)] =
+        tau.get_poly(0, 0).to_vec();
+    let mut out = PolyMatrixNTT::zero(p, 1, 1);
+    out.get_poly_mut(0, 0)
+        .copy_from_slice(&add(&plus, &key_switched, true));
+    out
+}
+
+/// The gadget digits `G^-1(v)` of `v` (coefficients mod q), in NTT form
+/// (values below 2^28, held in 32 bits).
+fn digits_of(v: &[u64]) -> [Vec<u32>; DIGITS] {
+    let p = params();
+    let mut c = PolyMatrixRaw::zero(p, 1, 1);
+    c.get_poly_mut(0, 0).copy_from_slice(v);
     let mut d = PolyMatrixRaw::zero(p, DIGITS, 1);
-    gadget_invert_rdim(&mut d, &tau, 1);
+    gadget_invert_rdim(&mut d, &c, 1);
     let d = d.ntt();
-    let d: [Vec<u32>; DIGITS] = std::array::from_fn(|i| {
+    std::array::from_fn(|i| {
         d.get_poly(i, 0)
             .iter()
             .map(|&x| u32::try_from(x).unwrap_or(0))
             .collect()
-    });
-    let mut switched = vec![0; 2 * RING];
-    for (i, di) in d.iter().enumerate() {
-        switched = add(&switched, &mul(di, key_a[l - 1].get_poly(0, i)), false);
-    }
-    digits
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)[node_id(l, start)] = d;
-    let mut out = PolyMatrixNTT::zero(p, 1, 1);
-    out.get_poly_mut(0, 0)
-        .copy_from_slice(&add(&plus, &switched, true));
-    out
+    })
 }
 
 /// The `b` side of the same packing, from zero at the leaves (the pass's
 /// outputs are added at the root): `b = b_even + y b_odd + τ(b_even -
-/// y b_odd) - K_b G^-1(...)`, the digits precomputed, `τ` a permutation of
-/// the NTT's slots.
+/// y b_odd) - K_b G^-1(...)`, the switched `a` precomputed, `τ` a
+/// permutation of the NTT's slots.
 fn pack_beta(l: usize, start: usize, group: &Group, key_b: &[[Vec<u64>; DIGITS]]) -> Ntt {
     let mut out = vec![0; 2 * RING];
-    for (di, ki) in group.digits[node_id(l, start)].iter().zip(&key_b[l - 1]) {
+    let digits = digits_of(&group.switched[node_id(l, start)]);
+    for (di, ki) in digits.iter().zip(&key_b[l - 1]) {
         out = add(&out, &mul(di, ki), true);
     }
     if l == 1 {
@@ -810,7 +825,8 @@ fn finish(pre: &Precomputed, b: &[Vec<u64>], c: &[u64]) -> Vec<Vec<u64>> {
                 .zip(b)
                 .enumerate()
                 .map(|(i, (&a, &b))| {
-                    let w = c[g * RING + i];
+                    // The pass has no output past the last column.
+                    let w = c.get(g * RING + i).copied().unwrap_or(0);
                     let cj = compose(w & 0xffff_ffff, w >> 32);
                     let n_cj = (u128::from(cj) * RING as u128 % u128::from(q)) as u64;
                     switch(a, A_BITS) | switch((b + n_cj) % q, B_BITS) << A_BITS
@@ -857,12 +873,24 @@ pub const SCHEME: &str = "ypir-sp-v1";
 /// 1.75 MiB.
 pub const MAX_ROWS: usize = 1 << 18;
 
-/// Most groups of [`RING`] columns an item spans: an answer is 28 KiB a
-/// group, at most 1.75 MiB.
+/// Most groups of [`RING`] columns an item spans: an answer is 12 KiB a
+/// group, at most 768 KiB.
 pub const MAX_GROUPS: u16 = 64;
 
 /// Bytes of item one group of columns holds (2048 words of 14 bits).
 pub const GROUP_BYTES: usize = RING * WORD_BITS / 8;
+
+/// An item's columns are a multiple of this (112 bytes): its last group
+/// holds only the columns the fullest item needs, and the shape changes
+/// only when the fullest item grows past such a step.
+pub const COLUMN_STEP: u32 = 64;
+
+/// Rows from which a database keeps its hint to patch it on an update:
+/// there the hint (16 KiB a column) is at most 1/16 of the items (2 bytes
+/// a row and column), and an update of a few thousand entries touches few
+/// enough rows for a patch to pay ([`hint_patch_rows`]). Smaller databases
+/// make it again from the items.
+pub const KEEP_HINT_ROWS: usize = 1 << 17;
 
 /// Bytes of a value mod q on the wire (q < 2^56), little-endian.
 pub const VALUE_BYTES: usize = 7;
@@ -874,15 +902,18 @@ pub const SWITCHED_BYTES: usize = 6;
 /// A YPIR+SP database's shape: public, advertised in `ServerInfo`.
 ///
 /// Item `i` holds the fingerprints of buckets `i 2^bucket_shift ..
-/// (i+1) 2^bucket_shift - 1` and is a row of `groups x 3,584` bytes; there
-/// are `2^item_bits` items, in `max(2^item_bits, 2048)` rows (whole query
-/// blocks; the rows past the items are empty).
+/// (i+1) 2^bucket_shift - 1` and is a row of `columns` words of 14 bits
+/// (`columns x 14 / 8` bytes); there are `2^item_bits` items, in
+/// `max(2^item_bits, 2048)` rows (whole query blocks; the rows past the
+/// items are empty). The columns are answered in groups of [`RING`], the
+/// last one partial when `columns` is not a multiple of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct YpirShape {
     /// Items, as a power of two.
     pub item_bits: u8,
-    /// Groups of [`RING`] columns per item.
-    pub groups: u16,
+    /// Words per item: a multiple of [`COLUMN_STEP`], at most
+    /// [`MAX_GROUPS`] x [`RING`].
+    pub columns: u32,
     /// Buckets per item, as a power of two.
     pub bucket_shift: u8,
 }
@@ -892,7 +923,8 @@ impl YpirShape {
     /// `load(shift)` the most entries any item would hold with `2^shift`
     /// buckets per item: the fewest items of one group that hold the
     /// fullest, or, when that would exceed [`MAX_ROWS`] items, `MAX_ROWS`
-    /// items of as many groups as the fullest needs.
+    /// items; their columns the fewest (in steps of [`COLUMN_STEP`]) that
+    /// hold the fullest.
     ///
     /// # Errors
     /// [`Error::Shape`] when even [`MAX_GROUPS`] cannot hold the fullest
@@ -911,8 +943,10 @@ impl YpirShape {
             shift += 1;
         }
         let most = load(shift);
-        let groups = (1..=MAX_GROUPS)
-            .find(|&g| crate::item::capacity(usize::from(g) * GROUP_BYTES) >= most)
+        let most_columns = u32::from(MAX_GROUPS) * RING as u32;
+        let columns = (1..=most_columns / COLUMN_STEP)
+            .map(|k| k * COLUMN_STEP)
+            .find(|&c| crate::item::capacity(words_bytes(c)) >= most)
             .ok_or_else(|| {
                 Error::Shape(format!(
                     "an item would hold {most} entries, more than {MAX_GROUPS} groups can"
@@ -920,7 +954,7 @@ impl YpirShape {
             })?;
         Ok(Self {
             item_bits: prefix_bits - shift,
-            groups,
+            columns,
             bucket_shift: shift,
         })
     }
@@ -931,12 +965,13 @@ impl YpirShape {
     /// [`Error::Shape`] for anything out of range.
     pub fn validate(&self) -> Result<()> {
         if usize::from(self.item_bits) > MAX_ROWS.trailing_zeros() as usize
-            || !(1..=MAX_GROUPS).contains(&self.groups)
+            || !(COLUMN_STEP..=u32::from(MAX_GROUPS) * RING as u32).contains(&self.columns)
+            || !self.columns.is_multiple_of(COLUMN_STEP)
             || u32::from(self.item_bits) + u32::from(self.bucket_shift) > 32
         {
             return Err(Error::Shape(format!(
-                "item_bits {} groups {} bucket_shift {}",
-                self.item_bits, self.groups, self.bucket_shift
+                "item_bits {} columns {} bucket_shift {}",
+                self.item_bits, self.columns, self.bucket_shift
             )));
         }
         Ok(())
@@ -960,10 +995,16 @@ impl YpirShape {
         (u64::from(bucket) >> self.bucket_shift) as usize
     }
 
+    /// Groups of [`RING`] columns: packed ciphertexts of an answer.
+    #[must_use]
+    pub fn groups(&self) -> usize {
+        (self.columns as usize).div_ceil(RING)
+    }
+
     /// Bytes of one item.
     #[must_use]
     pub fn item_bytes(&self) -> usize {
-        usize::from(self.groups) * GROUP_BYTES
+        words_bytes(self.columns)
     }
 
     /// The client's packing keys' length (uploaded once per epoch).
@@ -981,17 +1022,33 @@ impl YpirShape {
     /// One answer's length.
     #[must_use]
     pub fn answer_bytes(&self) -> usize {
-        usize::from(self.groups) * RING * SWITCHED_BYTES
+        self.groups() * RING * SWITCHED_BYTES
     }
 
-    /// Bytes the server holds: the items in 16-bit words, and the
-    /// packing's precomputation (per group, the digits of 2,047 key
-    /// switches).
+    /// Whether the database keeps its hint ([`KEEP_HINT_ROWS`]).
+    #[must_use]
+    pub fn keeps_hint(&self) -> bool {
+        self.rows() >= KEEP_HINT_ROWS
+    }
+
+    /// Bytes the server holds: the items in 16-bit words, the packing's
+    /// precomputation (per group, the `a` switched at each of 2,047 nodes),
+    /// and the hint where it is kept.
     #[must_use]
     pub fn database_bytes(&self) -> usize {
-        self.rows() * usize::from(self.groups) * RING * 2
-            + usize::from(self.groups) * (HINT_GROUP_BYTES + Precomputed::GROUP_BYTES)
+        let columns = self.columns as usize;
+        let hint = if self.keeps_hint() {
+            columns * HINT_COLUMN_BYTES
+        } else {
+            0
+        };
+        self.rows() * columns * 2 + self.groups() * Precomputed::GROUP_BYTES + hint
     }
+}
+
+/// Bytes `columns` words of 14 bits hold (whole bytes).
+fn words_bytes(columns: u32) -> usize {
+    columns as usize * WORD_BITS / 8
 }
 
 /// The public seed of a key epoch's databases: the queries' `a` and the
@@ -1126,8 +1183,9 @@ pub struct YpirDatabase {
     shape: YpirShape,
     epoch: u64,
     db: PlainDatabase,
-    /// Kept to be patched ([`Hint::patch`]).
-    hint: Hint,
+    /// Kept to be patched ([`Hint::patch`]) where the shape keeps it
+    /// ([`YpirShape::keeps_hint`]).
+    hint: Option<Hint>,
     pre: Precomputed,
     /// Unique in the process: what keys' cached packings are for.
     id: u64,
@@ -1153,33 +1211,46 @@ impl YpirDatabase {
         epoch: u64,
         tags: impl Fn(usize) -> Vec<u64> + Sync,
     ) -> Result<Self> {
+        Self::build_keeping(shape, epoch, tags, shape.keeps_hint())
+    }
+
+    /// [`YpirDatabase::build`], keeping the hint or not whatever the shape
+    /// says (tests patch the hints of small databases).
+    fn build_keeping(
+        shape: YpirShape,
+        epoch: u64,
+        tags: impl Fn(usize) -> Vec<u64> + Sync,
+        keep_hint: bool,
+    ) -> Result<Self> {
         shape.validate()?;
-        let mut db = PlainDatabase::new(shape.rows(), usize::from(shape.groups) * RING)?;
+        let mut db = PlainDatabase::new(shape.rows(), shape.columns as usize)?;
         let all: Vec<usize> = (0..shape.items()).collect();
         write_items(&mut db, shape, epoch, &all, &tags)?;
         let hint = Hint::new(&db, &public_seed(epoch))?;
-        Ok(Self::finish(shape, epoch, db, hint))
+        Ok(Self::finish(shape, epoch, db, hint, keep_hint))
     }
 
-    fn finish(shape: YpirShape, epoch: u64, db: PlainDatabase, hint: Hint) -> Self {
+    /// The database with its precomputation from `hint`, which it keeps
+    /// when `keep_hint`.
+    fn finish(shape: YpirShape, epoch: u64, db: PlainDatabase, hint: Hint, keep_hint: bool) -> Self {
         let pre = Precomputed::new(&hint, &public_seed(epoch));
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Self {
             shape,
             epoch,
             db,
-            hint,
+            hint: keep_hint.then_some(hint),
             pre,
             id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
     /// This database with items `changed` coded afresh from `tags`: the
-    /// items patched in place, the hint patched for the changed rows
-    /// ([`Hint::patch`]; made again from the database when more than
-    /// [`hint_patch_rows`] changed, where that is faster), and the packing's
-    /// precomputation made again (a fixed cost per group: it is not linear
-    /// in the hint, docs/PROTOCOL.md).
+    /// items patched in place, the hint patched for the changed rows where
+    /// it is kept ([`Hint::patch`]; made again from the database when more
+    /// than [`hint_patch_rows`] changed, where that is faster, or when it
+    /// is not kept), and the packing's precomputation made again (a fixed
+    /// cost per group: it is not linear in the hint, docs/PROTOCOL.md).
     ///
     /// # Errors
     /// [`Error::Overflow`] when an item no longer fits, [`Error::Item`] for
@@ -1195,14 +1266,21 @@ impl YpirDatabase {
         rows.sort_unstable();
         rows.dedup();
         let seed = public_seed(self.epoch);
-        let hint = if rows.len() <= hint_patch_rows(db.rows()) {
-            let mut hint = self.hint.clone();
-            hint.patch(&self.db, &db, &rows, &seed)?;
-            hint
-        } else {
-            Hint::new(&db, &seed)?
+        let hint = match &self.hint {
+            Some(kept) if rows.len() <= hint_patch_rows(db.rows()) => {
+                let mut hint = kept.clone();
+                hint.patch(&self.db, &db, &rows, &seed)?;
+                hint
+            }
+            _ => Hint::new(&db, &seed)?,
         };
-        Ok(Self::finish(self.shape, self.epoch, db, hint))
+        Ok(Self::finish(
+            self.shape,
+            self.epoch,
+            db,
+            hint,
+            self.hint.is_some(),
+        ))
     }
 
     /// The shape.
@@ -1220,7 +1298,9 @@ impl YpirDatabase {
     /// Bytes held.
     #[must_use]
     pub fn bytes(&self) -> usize {
-        self.db.memory_bytes() + self.hint.memory_bytes() + self.pre.memory_bytes()
+        self.db.memory_bytes()
+            + self.hint.as_ref().map_or(0, Hint::memory_bytes)
+            + self.pre.memory_bytes()
     }
 
     /// The answer to a query: exactly [`YpirShape::query_bytes`], every
@@ -1583,39 +1663,59 @@ mod tests {
         // capacity(3584) entries.
         let cap = crate::item::capacity(GROUP_BYTES);
         let load = |per: usize| move |shift: u8| per << shift;
-        // A tiny registry: one item.
+        // The fewest columns, in steps, that hold the fullest item.
+        let fits = |s: &YpirShape, most: usize| {
+            crate::item::capacity(s.item_bytes()) >= most
+                && (s.columns == COLUMN_STEP
+                    || crate::item::capacity(words_bytes(s.columns - COLUMN_STEP)) < most)
+        };
+        // A tiny registry: one item of one step.
         let s = YpirShape::for_registry(0, load(6)).unwrap();
-        assert_eq!((s.items(), s.rows(), s.groups), (1, RING, 1));
-        // Items as full as one group allows.
+        assert_eq!((s.items(), s.rows(), s.groups()), (1, RING, 1));
+        assert_eq!(s.columns, COLUMN_STEP);
+        assert!(!s.keeps_hint());
+        // Items as full as one group allows, in as few columns as hold them.
         let s = YpirShape::for_registry(16, load(6)).unwrap();
         assert!(load(6)(s.bucket_shift) <= cap && load(6)(s.bucket_shift + 1) > cap);
-        assert_eq!(s.groups, 1);
-        // 2^31 entries: MAX_ROWS items of several groups.
+        assert!(fits(&s, load(6)(s.bucket_shift)));
+        assert_eq!(s.groups(), 1);
+        // 2^31 entries: MAX_ROWS items of several groups, the last partial.
         let s = YpirShape::for_registry(28, load(8)).unwrap();
         assert_eq!(s.items(), MAX_ROWS);
-        assert!(s.groups > 1 && s.groups <= MAX_GROUPS);
-        assert!(crate::item::capacity(s.item_bytes()) >= load(8)(s.bucket_shift));
+        assert!(s.groups() > 1 && s.groups() <= usize::from(MAX_GROUPS));
+        assert!(fits(&s, load(8)(s.bucket_shift)));
+        assert!(s.keeps_hint());
         assert!(s.query_bytes() <= 2_000_000 && s.validate().is_ok());
-        // Beyond MAX_GROUPS: refused.
+        assert_eq!(s.answer_bytes(), s.groups() * RING * SWITCHED_BYTES);
+        // At MAX_GROUPS: taken; beyond: refused.
+        let full = crate::item::capacity(usize::from(MAX_GROUPS) * GROUP_BYTES);
+        let s = YpirShape::for_registry(18, |_| full).unwrap();
+        assert_eq!(s.groups(), usize::from(MAX_GROUPS));
+        assert_eq!(s.columns, u32::from(MAX_GROUPS) * RING as u32);
+        assert!(YpirShape::for_registry(18, |_| full + 1).is_err());
         assert!(YpirShape::for_registry(32, load(64)).is_err());
         assert!(YpirShape::for_registry(33, load(1)).is_err());
-        let bad = YpirShape {
-            item_bits: 19,
-            groups: 1,
-            bucket_shift: 0,
-        };
-        assert!(bad.validate().is_err());
+        for (item_bits, columns) in [(19, 64), (0, 0), (0, 100), (0, 64 * 2048 + 64)] {
+            let bad = YpirShape {
+                item_bits,
+                columns,
+                bucket_shift: 0,
+            };
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 
     fn small() -> (YpirShape, YpirDatabase, YpirPirClient, YpirKeys) {
-        // 2^12 items of one bucket each; item i holds tags i<<40 and a few.
+        // 2^12 items of one bucket each; item i holds tags i<<40 and a few;
+        // a group and two steps of columns (the second group partial), the
+        // hint kept to be patched.
         let shape = YpirShape {
             item_bits: 12,
-            groups: 1,
+            columns: RING as u32 + 2 * COLUMN_STEP,
             bucket_shift: 0,
         };
         let tags = |i: usize| vec![(i as u64) << 40, (i as u64 + 7) << 44, 0xdead_beef];
-        let db = YpirDatabase::build(shape, 5, tags).unwrap();
+        let db = YpirDatabase::build_keeping(shape, 5, tags, true).unwrap();
         let client = YpirPirClient::new(shape, 5, &[4; 32]).unwrap();
         let keys = YpirKeys::parse(shape, &client.public_parameters()).unwrap();
         (shape, db, client, keys)
@@ -1624,7 +1724,9 @@ mod tests {
     #[test]
     fn a_bucket_is_found_through_the_wire_and_a_patch_is_seen() {
         let (shape, db, client, keys) = small();
-        assert_eq!(db.bytes(), shape.database_bytes());
+        assert_eq!(shape.groups(), 2);
+        let hint_bytes = shape.columns as usize * HINT_COLUMN_BYTES;
+        assert_eq!(db.bytes(), shape.database_bytes() + hint_bytes);
         for bucket in [0u32, 1, 2_049, 4_095] {
             let query = client.query(bucket).unwrap();
             assert_eq!(query.len(), shape.query_bytes());
@@ -1670,15 +1772,26 @@ mod tests {
         assert!(client.contains(&fps, 77 << 40) && !client.contains(&fps, 9 << 40));
         // A few items: the hint was patched, and is the patched items'.
         let remade = |db: &YpirDatabase| Hint::new(&db.db, &public_seed(5)).unwrap().values;
+        let kept = |db: &YpirDatabase| db.hint.as_ref().map(|h| h.values.clone());
         assert!(1 <= hint_patch_rows(shape.rows()));
-        assert!(patched.hint.values == remade(&patched));
+        assert!(kept(&patched) == Some(remade(&patched)));
         // More than hint_patch_rows: the hint made again, the same way.
         let many: Vec<usize> = (0..=hint_patch_rows(shape.rows())).map(|i| 3 * i).collect();
         let repatched = patched
             .patch(&many, |i| vec![((i as u64) << 40) ^ (1 << 39)])
             .unwrap();
-        assert!(repatched.hint.values == remade(&repatched));
+        assert!(kept(&repatched) == Some(remade(&repatched)));
         let answer = repatched.answer(&keys, &client.query(30).unwrap()).unwrap();
+        let fps = client.decode(30, 5, &answer).unwrap();
+        assert!(client.contains(&fps, (30 << 40) ^ (1 << 39)));
+        // Built as the shape says (this one keeps no hint), a patch makes
+        // the hint again and answers the same.
+        assert!(!shape.keeps_hint());
+        let lean = YpirDatabase::build(shape, 5, |i| vec![(i as u64) << 40]).unwrap();
+        assert!(lean.hint.is_none() && lean.bytes() == shape.database_bytes());
+        let lean = lean.patch(&[30], |_| vec![(30 << 40) ^ (1 << 39)]).unwrap();
+        assert!(lean.hint.is_none());
+        let answer = lean.answer(&keys, &client.query(30).unwrap()).unwrap();
         let fps = client.decode(30, 5, &answer).unwrap();
         assert!(client.contains(&fps, (30 << 40) ^ (1 << 39)));
     }
@@ -1733,7 +1846,7 @@ mod tests {
         let hex = |b: &[u8]| -> String { b.iter().map(|x| format!("{x:02x}")).collect() };
         let shape = YpirShape {
             item_bits: 11,
-            groups: 1,
+            columns: RING as u32,
             bucket_shift: 0,
         };
         let db = YpirDatabase::build(shape, 1, |i| vec![(i as u64) << 40, 0x0123_4567_89ab_cdef])
@@ -1767,7 +1880,7 @@ mod tests {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
         #[test]
         fn arbitrary_bytes_never_panic_the_decoders(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40_000)) {
-            let shape = YpirShape { item_bits: 0, groups: 1, bucket_shift: 0 };
+            let shape = YpirShape { item_bits: 0, columns: RING as u32, bucket_shift: 0 };
             let client = YpirPirClient::new(shape, 1, &[2; 32]).unwrap();
             // Stretched to the exact length, as a peer could send.
             let answer: Vec<u8> = bytes.iter().copied().cycle().take(shape.answer_bytes()).collect();

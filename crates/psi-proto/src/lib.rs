@@ -45,6 +45,11 @@ pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 /// evicted, a restart, or made for other dimensions). Value: `unknown`.
 pub const PIR_KEYS_HEADER: &str = "x-psi-pir-keys";
 
+/// Metadata of a `PirQuery` refusal whose cure is reading `ServerInfo`
+/// again: the server's PIR shape changed (an update) since the one the
+/// request's `shape_id` names. Value: `changed`.
+pub const PIR_SHAPE_HEADER: &str = "x-psi-pir-shape";
+
 /// Request metadata: the institution's commitment to the entries of its
 /// own query log that the request answers (`psi_core::commitment`; 64 hex
 /// digits), kept in the operator's audit record.

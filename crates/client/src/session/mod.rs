@@ -78,6 +78,9 @@ pub struct Session {
     pub pinned: Pinned,
     /// PIR mode's state, made on first use.
     pir: Arc<tokio::sync::Mutex<Option<crate::pir::PirState>>>,
+    /// The PIR shape as last read: `ServerInfo.pir` at connection, read
+    /// again when the server says it changed (an update).
+    pir_info: Arc<std::sync::RwLock<Option<psi_proto::v1::PirInfo>>>,
     /// The ids of the requests the server answered (shared with the
     /// sessions that follow this one through a rotation).
     request_ids: Arc<RequestIds>,
@@ -322,6 +325,7 @@ impl Session {
         };
         let core = Arc::new(Client::new(Mode::Voprf, pk));
         let committee = committee_of(&pk, &info)?;
+        let pir_info = Arc::new(std::sync::RwLock::new(info.pir.clone()));
         Ok(Self {
             grpc,
             info,
@@ -330,6 +334,7 @@ impl Session {
             options,
             pinned,
             pir: Arc::default(),
+            pir_info,
             request_ids: Arc::default(),
             log_commitment: None,
         })

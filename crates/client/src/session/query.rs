@@ -214,13 +214,74 @@ impl Session {
     /// A server without PIR mode, RPC failures, a stale epoch, a proof or
     /// an answer that does not verify.
     pub async fn pir_check(&self, records: &[Record]) -> Result<Answers> {
+        let max = {
+            let info = self.pir_info()?;
+            (info.max_batch as usize).max(1)
+        };
+        let mut answers = Answers::with_capacity(records.len());
+        for chunk in records.chunks(max) {
+            // An update may change the database's shape: the server refuses
+            // queries made for the old one, and they are made again for the
+            // new one (twice at most: a replica behind may still serve the
+            // old shape once).
+            let mut reread = 0;
+            let (found, version) = loop {
+                match self.pir_chunk(chunk).await {
+                    Err(Error::PirShapeChanged { .. }) if reread < 2 => {
+                        reread += 1;
+                        self.reread_pir_info().await?;
+                    }
+                    other => break other?,
+                }
+            };
+            answers.answered_by(version);
+            answers.found.extend(found);
+        }
+        Ok(answers)
+    }
+
+    /// The PIR shape as last read.
+    fn pir_info(&self) -> Result<psi_proto::v1::PirInfo> {
+        self.pir_info
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| Error::Unsupported(format!("the server does not offer PIR mode (ServerInfo lists {:?}); use --mode bucket or sync", self.info.modes)))
+    }
+
+    /// Reads `ServerInfo.pir` again after the server said its shape
+    /// changed; a server at another key or epoch is a rotation, for the
+    /// caller to follow.
+    async fn reread_pir_info(&self) -> Result<()> {
         let info = self
-            .info
-            .pir
-            .as_ref()
-            .ok_or_else(|| Error::Unsupported(format!("the server does not offer PIR mode (ServerInfo lists {:?}); use --mode bucket or sync", self.info.modes)))?;
-        let shape = crate::pir::shape_of(info)?;
-        let max = (info.max_batch as usize).max(1);
+            .ask("reading ServerInfo again (the PIR shape changed)", || {
+                let mut grpc = self.grpc.clone();
+                async move { grpc.get_server_info(psi_proto::v1::GetServerInfoRequest {}).await }
+            })
+            .await?;
+        if info.public_key != self.info.public_key || info.key_epoch != self.info.key_epoch {
+            return Err(Error::StaleEpoch {
+                what: "PIR query".into(),
+                message: format!(
+                    "the server is at key epoch {}, this session at {}",
+                    info.key_epoch, self.info.key_epoch
+                ),
+            });
+        }
+        tracing::info!("the server's PIR shape changed (a registry update); queries are made for the new one");
+        *self
+            .pir_info
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = info.pir;
+        Ok(())
+    }
+
+    /// One request's worth of records under the PIR shape as last read:
+    /// whether each is in the registry, and the registry version that
+    /// answered.
+    async fn pir_chunk(&self, chunk: &[Record]) -> Result<(Vec<bool>, u64)> {
+        let info = self.pir_info()?;
+        let shape = crate::pir::shape_of(&info)?;
         let p = u8::try_from(self.info.bucket_prefix_bits).unwrap_or(32);
         // The state is locked only to open it and to find or register the
         // keys: concurrent checks of this session (the gateway's callers, a
@@ -244,91 +305,87 @@ impl Session {
                 .map(|s| Arc::clone(&s.client))
                 .ok_or_else(|| Error::Internal("PIR state missing".into()))?
         };
-        let mut answers = Answers::with_capacity(records.len());
-        for chunk in records.chunks(max) {
-            let inputs: Vec<Vec<u8>> = chunk.iter().map(Record::encode).collect();
-            let buckets: Vec<u32> = chunk.iter().map(|r| r.bucket(p)).collect();
-            let asked = buckets.clone();
-            let query_client = Arc::clone(&client);
-            let queries = on_cpu(move || {
-                asked
-                    .iter()
-                    .map(|&b| query_client.query(b))
-                    .collect::<psi_pir::Result<Vec<_>>>()
-            })
-            .await?
-            .map_err(|e| Error::Internal(format!("making a PIR query: {e}")))?;
-            let (inputs, blind_state, blinded) = self.blind(inputs).await?;
-            let mut message = PirQueryRequest {
-                key_epoch: self.info.key_epoch,
-                keys_id: Vec::new(),
-                blinded_elements: pack(blinded.iter().map(|b| &b.0)),
-                queries,
-                combines_partials: true,
-            };
-            let (mut resent, mut forget) = (0, None);
-            let response = loop {
-                let id = self.pir_keys_id(&client, shape, forget.take()).await?;
-                message.keys_id = id.clone();
-                let sent = self
-                    .ask("PIR query", || {
-                        let mut grpc = self.grpc.clone();
-                        let request = self.request(message.clone());
-                        async move { grpc.pir_query(request).await }
-                    })
-                    .await;
-                match sent {
-                    Err(Error::PirKeysUnknown { .. }) if resent < 2 => {
-                        tracing::info!("the server no longer holds this client's PIR parameters; sending them again");
-                        resent += 1;
-                        forget = Some(id);
-                    }
-                    other => break other?,
+        let inputs: Vec<Vec<u8>> = chunk.iter().map(Record::encode).collect();
+        let buckets: Vec<u32> = chunk.iter().map(|r| r.bucket(p)).collect();
+        let asked = buckets.clone();
+        let query_client = Arc::clone(&client);
+        let queries = on_cpu(move || {
+            asked
+                .iter()
+                .map(|&b| query_client.query(b))
+                .collect::<psi_pir::Result<Vec<_>>>()
+        })
+        .await?
+        .map_err(|e| Error::Internal(format!("making a PIR query: {e}")))?;
+        let (inputs, blind_state, blinded) = self.blind(inputs).await?;
+        let mut message = PirQueryRequest {
+            key_epoch: self.info.key_epoch,
+            keys_id: Vec::new(),
+            blinded_elements: pack(blinded.iter().map(|b| &b.0)),
+            queries,
+            combines_partials: true,
+            shape_id: info.shape_id.clone(),
+        };
+        let (mut resent, mut forget) = (0, None);
+        let response = loop {
+            let id = self.pir_keys_id(&client, shape, forget.take()).await?;
+            message.keys_id = id.clone();
+            let sent = self
+                .ask("PIR query", || {
+                    let mut grpc = self.grpc.clone();
+                    let request = self.request(message.clone());
+                    async move { grpc.pir_query(request).await }
+                })
+                .await;
+            match sent {
+                Err(Error::PirKeysUnknown { .. }) if resent < 2 => {
+                    tracing::info!("the server no longer holds this client's PIR parameters; sending them again");
+                    resent += 1;
+                    forget = Some(id);
                 }
-            };
-            let outputs = self
-                .finalize(
-                    blind_state,
-                    inputs,
-                    response.key_epoch,
-                    &response.evaluated_elements,
-                    &response.proof,
-                    &response.partials,
-                )
-                .await?;
-            if response.answers.len() != buckets.len() {
-                return Err(Error::Invalid(format!(
-                    "the server sent {} PIR answers for {} queries",
-                    response.answers.len(),
-                    buckets.len()
-                )));
+                other => break other?,
             }
-            let decode_client = Arc::clone(&client);
-            let epoch = response.key_epoch;
-            let response_version = response.registry_version;
-            let tags: Vec<u64> = outputs.iter().map(|o| o.tag().0).collect();
-            let found = on_cpu(move || {
-                buckets
-                    .iter()
-                    .zip(&response.answers)
-                    .zip(&tags)
-                    .map(|((&b, answer), &tag)| {
-                        let fps = decode_client.decode(b, epoch, answer)?;
-                        Ok(decode_client.contains(&fps, tag))
-                    })
-                    .collect::<psi_pir::Result<Vec<bool>>>()
-            })
-            .await?
-            .map_err(|e| {
-                Error::invalid(
-                    "reading the server's PIR answer (nothing is concluded from it)",
-                    e,
-                )
-            })?;
-            answers.answered_by(response_version);
-            answers.found.extend(found);
+        };
+        let outputs = self
+            .finalize(
+                blind_state,
+                inputs,
+                response.key_epoch,
+                &response.evaluated_elements,
+                &response.proof,
+                &response.partials,
+            )
+            .await?;
+        if response.answers.len() != buckets.len() {
+            return Err(Error::Invalid(format!(
+                "the server sent {} PIR answers for {} queries",
+                response.answers.len(),
+                buckets.len()
+            )));
         }
-        Ok(answers)
+        let decode_client = Arc::clone(&client);
+        let epoch = response.key_epoch;
+        let version = response.registry_version;
+        let tags: Vec<u64> = outputs.iter().map(|o| o.tag().0).collect();
+        let found = on_cpu(move || {
+            buckets
+                .iter()
+                .zip(&response.answers)
+                .zip(&tags)
+                .map(|((&b, answer), &tag)| {
+                    let fps = decode_client.decode(b, epoch, answer)?;
+                    Ok(decode_client.contains(&fps, tag))
+                })
+                .collect::<psi_pir::Result<Vec<bool>>>()
+        })
+        .await?
+        .map_err(|e| {
+            Error::invalid(
+                "reading the server's PIR answer (nothing is concluded from it)",
+                e,
+            )
+        })?;
+        Ok((found, version))
     }
 
     /// The id of `client`'s public parameters at the server, registering

@@ -46,12 +46,16 @@ pub enum ServiceError {
     /// A protocol step rejected the request's content.
     #[error(transparent)]
     Core(#[from] psi_core::Error),
-    /// The answer was ready only after the request's deadline (the
-    /// client's, or `request_timeout`): the client has given up on it.
     /// The PIR public parameters a query names are not held (never sent,
     /// evicted, a restart, or made for other dimensions): send them again.
     #[error("the PIR public parameters this query names are not held here (evicted, restarted, or for other dimensions); send them again with PirSetup")]
     PirKeysUnknown,
+    /// The queries were made for another PIR shape than the database's
+    /// (an update changed it): read ServerInfo again.
+    #[error("the PIR database's shape changed since these queries were made (a registry update); read ServerInfo again and make them anew")]
+    PirShapeChanged,
+    /// The answer was ready only after the request's deadline (the
+    /// client's, or `request_timeout`): the client has given up on it.
     #[error("no answer within the request's deadline")]
     DeadlineExceeded,
     /// Threshold mode, and a request from a client that does not say it
@@ -71,6 +75,7 @@ impl ServiceError {
             ServiceError::Loading | ServiceError::Unavailable(_) => Code::Unavailable,
             ServiceError::StaleEpoch { .. }
             | ServiceError::PirKeysUnknown
+            | ServiceError::PirShapeChanged
             | ServiceError::ThresholdMode => Code::FailedPrecondition,
             ServiceError::Core(psi_core::Error::Cancelled) => Code::Cancelled,
             ServiceError::InvalidArgument(_) | ServiceError::Core(_) => Code::InvalidArgument,
@@ -90,6 +95,12 @@ impl From<ServiceError> for Status {
             status.metadata_mut().insert(
                 psi_proto::PIR_KEYS_HEADER,
                 tonic::metadata::MetadataValue::from_static("unknown"),
+            );
+        }
+        if let ServiceError::PirShapeChanged = &e {
+            status.metadata_mut().insert(
+                psi_proto::PIR_SHAPE_HEADER,
+                tonic::metadata::MetadataValue::from_static("changed"),
             );
         }
         if let ServiceError::QuotaExhausted { retry_after, .. } = &e {

@@ -473,7 +473,7 @@ mod tests {
         // like it (as after an update).
         let shape = PirShape::Ypir(psi_pir::ypir::YpirShape {
             item_bits: 11,
-            groups: 1,
+            columns: 2048,
             bucket_shift: 0,
         });
         let tags = |i: usize| vec![(i as u64 + 1) << 40];

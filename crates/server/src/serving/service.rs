@@ -622,9 +622,11 @@ impl Match for MatchService {
                     }
                     psi_pir::PirShape::Ypir(s) => {
                         info.item_bits = s.item_bits.into();
-                        info.groups = s.groups.into();
+                        info.groups = u32::try_from(s.groups()).unwrap_or(u32::MAX);
+                        info.item_columns = s.columns;
                     }
                 }
+                info.shape_id = shape.id().to_vec();
                 info
             }),
             tag_bits: snap.tagset.header().params.tag_bits.into(),
@@ -879,6 +881,9 @@ impl MatchService {
                 req.queries.len(),
                 blinded.len()
             )));
+        }
+        if !req.shape_id.is_empty() && req.shape_id != db.shape().id() {
+            return Err(ServiceError::PirShapeChanged);
         }
         let want = db.shape().query_bytes();
         if let Some((i, q)) = req
