@@ -326,6 +326,33 @@ async fn ypir_sp_answers_every_row_like_the_other_modes_through_an_update_and_a_
         );
     }
 
+    // An update that fills the items past their columns changes the shape.
+    // A session that read the old one is refused (x-psi-pir-shape), reads
+    // ServerInfo again by itself and answers right.
+    let before = session.info().pir.clone().unwrap();
+    let more: Vec<(String, String)> = Generator::new(777, psi_core::CivilDate::today())
+        .unwrap()
+        .take(3000)
+        .map(|p| (p.name, p.id))
+        .collect();
+    let more: Vec<(&str, &str)> = more.iter().map(|(n, i)| (n.as_str(), i.as_str())).collect();
+    write_pairs(&add, &more);
+    registry::update_guarded(Some(&Source::csv(&add)), None, &f.data_dir, false, &LENIENT)
+        .unwrap();
+    let after = reconnect_at(&session, 3).await.info().pir.clone().unwrap();
+    assert!(after.item_columns > before.item_columns, "{before:?} {after:?}");
+    assert_ne!(after.shape_id, before.shape_id);
+    assert_eq!(session.info().pir.as_ref(), Some(&before));
+    assert_eq!(
+        answers(&session, &[pairs[0], pairs[1], more[0], more[2999]], QueryMode::Pir).await,
+        [
+            CheckOutcome::NoMatch,
+            CheckOutcome::Match,
+            CheckOutcome::Match,
+            CheckOutcome::Match
+        ]
+    );
+
     // A rotation: a new epoch's database and public seed; the client's
     // keys are made again for it.
     registry::rotate_key(&f.data_dir, Duration::ZERO, false).unwrap();
@@ -398,6 +425,20 @@ async fn ypir_sp_answers_every_row_like_the_other_modes_through_an_update_and_a_
         assert_eq!(e.code(), Code::InvalidArgument, "{want}: {e:?}");
         assert!(e.message().contains(want), "{}", e.message());
     }
+    // Queries naming another shape: refused, saying the shape changed.
+    let e = raw
+        .pir_query(with_purpose(PirQueryRequest {
+            key_epoch: epoch,
+            keys_id: keys_id.clone(),
+            blinded_elements: good.clone(),
+            queries: vec![client.query(0).unwrap()],
+            shape_id: before.shape_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.metadata().get(psi_proto::PIR_SHAPE_HEADER).is_some());
     assert_eq!(
         answers(&session, &pairs, QueryMode::Pir).await,
         [CheckOutcome::NoMatch, CheckOutcome::Match]
