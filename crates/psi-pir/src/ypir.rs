@@ -45,7 +45,7 @@ use std::sync::{Mutex, OnceLock};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use spiral_rs::discrete_gaussian::DiscreteGaussian;
-use spiral_rs::gadget::{build_gadget, gadget_invert_rdim};
+use spiral_rs::gadget::build_gadget;
 use spiral_rs::number_theory::invert_uint_mod;
 use spiral_rs::params::Params;
 use spiral_rs::poly::{automorph_alloc, PolyMatrix, PolyMatrixNTT, PolyMatrixRaw};
@@ -727,19 +727,22 @@ fn pack_alpha(
 }
 
 /// The gadget digits `G^-1(v)` of `v` (coefficients mod q), in NTT form
-/// (values below 2^28, held in 32 bits).
+/// (values below 2^28, held in 32 bits): spiral-rs's `gadget_invert_rdim`
+/// and `ntt`, on our transforms (a client's packed `b` sides make 6,141 a
+/// group).
 fn digits_of(v: &[u64]) -> [Vec<u32>; DIGITS] {
     let p = params();
-    let mut c = PolyMatrixRaw::zero(p, 1, 1);
-    c.get_poly_mut(0, 0).copy_from_slice(v);
-    let mut d = PolyMatrixRaw::zero(p, DIGITS, 1);
-    gadget_invert_rdim(&mut d, &c, 1);
-    let d = d.ntt();
+    let bits = spiral_rs::gadget::get_bits_per(p, DIGITS);
+    let mask = (1u64 << bits) - 1;
+    let mut coeffs = vec![0i32; RING];
+    let mut ntt = vec![0u64; 2 * RING];
     std::array::from_fn(|i| {
-        d.get_poly(i, 0)
-            .iter()
-            .map(|&x| u32::try_from(x).unwrap_or(0))
-            .collect()
+        for (c, &x) in coeffs.iter_mut().zip(v) {
+            // A digit below 2^19: far below either prime.
+            *c = ((x >> (i * bits)) & mask) as i32;
+        }
+        crate::ntt::forward_signed(p, &mut ntt, &coeffs);
+        ntt.iter().map(|&x| x as u32).collect()
     })
 }
 
@@ -1232,7 +1235,13 @@ impl YpirDatabase {
 
     /// The database with its precomputation from `hint`, which it keeps
     /// when `keep_hint`.
-    fn finish(shape: YpirShape, epoch: u64, db: PlainDatabase, hint: Hint, keep_hint: bool) -> Self {
+    fn finish(
+        shape: YpirShape,
+        epoch: u64,
+        db: PlainDatabase,
+        hint: Hint,
+        keep_hint: bool,
+    ) -> Self {
         let pre = Precomputed::new(&hint, &public_seed(epoch));
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Self {
@@ -1654,6 +1663,25 @@ mod tests {
             let answer = answer(&db, &pre, &query, &keys, Kernel::best()).unwrap();
             let item = client.decode(&answer, db.item_bytes()).unwrap();
             assert_eq!(item, db.item(row).unwrap(), "row {row}");
+        }
+    }
+
+    #[test]
+    fn digits_are_spiral_rs_gadget_inverse_transformed() {
+        use rand::RngCore;
+        let p = params();
+        let mut rng = ChaCha20Rng::from_seed([7; 32]);
+        let mut v: Vec<u64> = (0..RING).map(|_| rng.next_u64() % p.modulus).collect();
+        v[0] = p.modulus - 1;
+        v[1] = 0;
+        let mut c = PolyMatrixRaw::zero(p, 1, 1);
+        c.get_poly_mut(0, 0).copy_from_slice(&v);
+        let mut d = PolyMatrixRaw::zero(p, DIGITS, 1);
+        spiral_rs::gadget::gadget_invert_rdim(&mut d, &c, 1);
+        let d = d.ntt();
+        for (i, got) in digits_of(&v).iter().enumerate() {
+            let want: Vec<u32> = d.get_poly(i, 0).iter().map(|&x| x as u32).collect();
+            assert!(*got == want, "digit {i}");
         }
     }
 

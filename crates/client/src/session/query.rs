@@ -256,7 +256,10 @@ impl Session {
         let info = self
             .ask("reading ServerInfo again (the PIR shape changed)", || {
                 let mut grpc = self.grpc.clone();
-                async move { grpc.get_server_info(psi_proto::v1::GetServerInfoRequest {}).await }
+                async move {
+                    grpc.get_server_info(psi_proto::v1::GetServerInfoRequest {})
+                        .await
+                }
             })
             .await?;
         if info.public_key != self.info.public_key || info.key_epoch != self.info.key_epoch {
@@ -268,7 +271,9 @@ impl Session {
                 ),
             });
         }
-        tracing::info!("the server's PIR shape changed (a registry update); queries are made for the new one");
+        tracing::info!(
+            "the server's PIR shape changed (a registry update); queries are made for the new one"
+        );
         *self
             .pir_info
             .write()

@@ -337,14 +337,21 @@ async fn ypir_sp_answers_every_row_like_the_other_modes_through_an_update_and_a_
         .collect();
     let more: Vec<(&str, &str)> = more.iter().map(|(n, i)| (n.as_str(), i.as_str())).collect();
     write_pairs(&add, &more);
-    registry::update_guarded(Some(&Source::csv(&add)), None, &f.data_dir, false, &LENIENT)
-        .unwrap();
+    registry::update_guarded(Some(&Source::csv(&add)), None, &f.data_dir, false, &LENIENT).unwrap();
     let after = reconnect_at(&session, 3).await.info().pir.clone().unwrap();
-    assert!(after.item_columns > before.item_columns, "{before:?} {after:?}");
+    assert!(
+        after.item_columns > before.item_columns,
+        "{before:?} {after:?}"
+    );
     assert_ne!(after.shape_id, before.shape_id);
     assert_eq!(session.info().pir.as_ref(), Some(&before));
     assert_eq!(
-        answers(&session, &[pairs[0], pairs[1], more[0], more[2999]], QueryMode::Pir).await,
+        answers(
+            &session,
+            &[pairs[0], pairs[1], more[0], more[2999]],
+            QueryMode::Pir
+        )
+        .await,
         [
             CheckOutcome::NoMatch,
             CheckOutcome::Match,
