@@ -83,7 +83,8 @@ fn answer(c: &mut Criterion) {
     g.finish();
 }
 
-/// The YPIR+SP shapes `psi-server` derives for the same registries
+/// The YPIR+SP shapes `psi-server` derives for the same registries (their
+/// columns from the fullest item of `psi-bench`'s registries)
 /// (BENCHMARKS.md "Beside Spiral at 10^6 and 10^7").
 fn ypir_shapes() -> [(&'static str, YpirShape); 2] {
     [
@@ -91,7 +92,7 @@ fn ypir_shapes() -> [(&'static str, YpirShape); 2] {
             "1e6",
             YpirShape {
                 item_bits: 9,
-                columns: 4 * 2048,
+                columns: 6_592,
                 bucket_shift: 0,
             },
         ),
@@ -99,7 +100,7 @@ fn ypir_shapes() -> [(&'static str, YpirShape); 2] {
             "1e7",
             YpirShape {
                 item_bits: 13,
-                columns: 3 * 2048,
+                columns: 4_160,
                 bucket_shift: 0,
             },
         ),
