@@ -21,10 +21,11 @@
 //!   key-switching key the client made), which multiplies the messages by
 //!   `n`: the client decrypts `Δ D[row][j] + noise` at coefficient `j`.
 //!   The keys' `a` halves come from the public seed, so the packing's `a`
-//!   side and every key switch's digits are computed once per database
-//!   ([`Precomputed`]); its `b` side depends on the client's keys and the
-//!   database only and is kept with the keys ([`YpirKeys`]): a query costs
-//!   the pass.
+//!   side, and the `a` each key switch cuts into digits, are computed once
+//!   per database ([`Precomputed`]); its `b` side depends on the client's
+//!   keys and the database only and is kept with the keys ([`YpirKeys`]):
+//!   a query costs the pass. A group's missing columns (the last group of
+//!   an item that is not a multiple of `n` words) are zero ciphertexts.
 //! - The answer is switched to moduli 2^28 (`a`) and 2^20 (`b`): 12 KiB a
 //!   group.
 //!
