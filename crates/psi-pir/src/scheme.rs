@@ -109,8 +109,9 @@ impl PirShape {
         for d in dims {
             h.update(d.to_be_bytes());
         }
+        let digest = h.finalize();
         let mut id = [0u8; 8];
-        id.copy_from_slice(&h.finalize()[..8]);
+        id.copy_from_slice(digest.get(..8).unwrap_or(&[0; 8]));
         id
     }
 
@@ -562,5 +563,23 @@ mod tests {
         // Keys of one scheme never serve the other.
         assert!(!auto.same_keys(&spiral) && auto.same_keys(&auto));
         assert!("sealpir".parse::<SchemeChoice>().is_err());
+    }
+
+    #[test]
+    fn a_shapes_id_names_its_scheme_and_every_dimension() {
+        let ypir = |item_bits, columns, bucket_shift| {
+            PirShape::Ypir(crate::ypir::YpirShape {
+                item_bits,
+                columns,
+                bucket_shift,
+            })
+        };
+        let base = ypir(16, 5_184, 0);
+        assert_eq!(base.id(), ypir(16, 5_184, 0).id());
+        for other in [ypir(16, 5_248, 0), ypir(17, 5_184, 0), ypir(16, 5_184, 1)] {
+            assert_ne!(base.id(), other.id(), "{other:?}");
+        }
+        let spiral = PirShape::for_registry(SchemeChoice::Spiral, 10, |s| 20usize << s).unwrap();
+        assert_ne!(spiral.id(), base.id());
     }
 }
