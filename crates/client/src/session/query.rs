@@ -205,14 +205,17 @@ impl Session {
 
     /// PIR mode: whether each record is in the registry; the server learns
     /// neither the records nor their buckets. The first check under a key
-    /// epoch registers this client's public parameters (6-7.9 MB, once);
-    /// each record then costs one query (16 KiB) and one answer (20 KiB per
-    /// 8 KiB instance). An answer that fails its integrity check is an
-    /// error, never a "no match".
+    /// epoch registers this client's public parameters (Spiral 6-7.9 MB,
+    /// YPIR+SP 473 KB, once); each record then costs one query and one
+    /// answer (Spiral 16 KiB and 20 KiB per 8 KiB instance; YPIR+SP 7 bytes
+    /// a row and 12 KiB a group). When an update has changed the server's
+    /// PIR shape, `ServerInfo` is read again and the queries made anew. An
+    /// answer that fails its integrity check is an error, never a "no
+    /// match".
     ///
     /// # Errors
     /// A server without PIR mode, RPC failures, a stale epoch, a proof or
-    /// an answer that does not verify.
+    /// an answer that does not verify, a shape that keeps changing.
     pub async fn pir_check(&self, records: &[Record]) -> Result<Answers> {
         let max = {
             let info = self.pir_info()?;
